@@ -1,0 +1,60 @@
+"""The base experiment: a 4-layer, d_model 256 byte-level LM with multi-head attention.
+
+Every other config overrides a few fields of this one, and every config is checked
+against this schema when it is loaded (unknown keys and wrong types are errors).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict(dict(
+        vocab_size=256,          # byte-level by default; a BPE tokenizer sets its own size
+        d_model=256,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=8,          # == num_heads: MHA; 1: MQA; in between: GQA
+        head_dim=32,             # num_heads * head_dim == d_model
+        mlp_dim=1024,            # SwiGLU hidden width
+        match_mha_params=False,  # widen the MLP so parameters equal MHA's (Shazeer 2019)
+        tie_embeddings=True,
+        attention_impl="einsum",  # einsum | xla | cudnn (jax.nn.dot_product_attention)
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        max_seq_len=1024,
+        dtype="float32",         # compute dtype; parameters stay float32
+        remat=False,             # recompute each layer's activations in the backward pass
+    ))
+
+    config.train = ml_collections.ConfigDict(dict(
+        steps=2000,
+        batch_size=16,
+        seq_len=256,
+        learning_rate=1e-3,
+        min_learning_rate_ratio=0.1,  # cosine decays to this fraction of the peak
+        warmup_steps=100,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        grad_accum=1,
+        seed=0,
+        log_every=20,
+        eval_every=200,
+        eval_batches=16,
+    ))
+
+    config.data = ml_collections.ConfigDict(dict(
+        path="",              # local text file or folder; '' and no hf_name: CPython's docs
+        hf_name="",           # Hugging Face hub dataset, e.g. 'wikitext'
+        hf_config="",         # e.g. 'wikitext-103-raw-v1'
+        tokenizer="byte",     # byte | bpe
+        bpe_vocab_size=1024,
+        heldout_fraction=0.1,
+    ))
+
+    config.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3))
+
+    # Device mesh; -1 fills the devices the other axes leave.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return config

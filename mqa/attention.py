@@ -1,0 +1,129 @@
+"""Multi-head, grouped-query and multi-query attention: one code path, one knob.
+
+`num_kv_heads` key/value heads serve `num_heads` query heads in groups of
+`group = num_heads // num_kv_heads`: query head `h` reads K/V head `h // group`.
+`num_kv_heads == num_heads` is MHA, `1` is MQA (Shazeer 2019), anything between is GQA
+(Ainslie et al. 2023). Dimension letters used below:
+
+  b batch, t query position, s key position, k K/V head, g query head within its group,
+  d head dimension, h query head (= k * group + g), m model dimension.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mqa.config import ModelConfig
+from mqa.kv_cache import KVCache
+from mqa.rope import apply_rope
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+           q_offset: jax.Array | int | None = None) -> jax.Array:
+    """Softmax attention with K/V heads shared by groups of query heads.
+
+    Args:
+      q: [batch, q_len, num_heads, head_dim].
+      k, v: [batch, kv_len, num_kv_heads, head_dim]; num_kv_heads divides num_heads.
+      causal: query i attends to keys at positions <= its own.
+      q_offset: position of the first query among the keys (may be traced). Defaults to
+        kv_len - q_len: the queries are the last q_len positions (the decoding convention).
+    Returns:
+      [batch, q_len, num_heads, head_dim] in q's dtype. Logits and softmax are float32.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)             # split heads into (k, g)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(d))
+    if causal:
+        logits = jnp.where(causal_mask(t, k.shape[1], q_offset), logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int | None = None) -> jax.Array:
+    """bool [q_len, kv_len]: True where query t (at position q_offset + t) may see key s."""
+    if q_offset is None:
+        q_offset = kv_len - q_len
+    q_pos = q_offset + jnp.arange(q_len)
+    return jnp.arange(kv_len)[None, :] <= q_pos[:, None]
+
+
+def attend_jax(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+               q_offset: jax.Array | int | None = None, implementation: str | None = None
+               ) -> jax.Array:
+    """`attend` through `jax.nn.dot_product_attention` (XLA, or cuDNN's fused kernel on GPU).
+
+    Same arguments and result as `attend`; GQA is handled natively by JAX.
+    """
+    t, s = q.shape[1], k.shape[1]
+    if not causal:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    top_aligned = t == s and (q_offset is None or isinstance(q_offset, int) and q_offset == 0)
+    if top_aligned:  # JAX's is_causal aligns query 0 with key 0
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    mask = causal_mask(t, s, q_offset)[None, None]  # [1, 1, q_len, kv_len]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+AttentionFn = Callable[..., jax.Array]
+
+
+def attention_fn(impl: str) -> AttentionFn:
+    """The attention core named by `model.attention_impl`."""
+    impls = {
+        "einsum": attend,
+        "xla": functools.partial(attend_jax, implementation="xla"),
+        "cudnn": functools.partial(attend_jax, implementation="cudnn"),
+    }
+    if impl not in impls:
+        raise ValueError(f"model.attention_impl={impl!r} is not one of: {', '.join(impls)}")
+    return impls[impl]
+
+
+class Attention(nnx.Module):
+    """Query/key/value/output projections, rotary embeddings, and an optional KV cache.
+
+    Weights: q [m, num_heads, d], k and v [m, num_kv_heads, d], out [num_heads, d, m].
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+        init = nnx.initializers.normal(stddev=m ** -0.5)
+        out_init = nnx.initializers.normal(stddev=(h * d) ** -0.5 / (2 * config.num_layers) ** 0.5)
+        self.q = nnx.Param(init(rngs.params(), (m, h, d)))
+        self.k = nnx.Param(init(rngs.params(), (m, kv, d)))
+        self.v = nnx.Param(init(rngs.params(), (m, kv, d)))
+        self.out = nnx.Param(out_init(rngs.params(), (h, d, m)))
+        self.config = config
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """x: [batch, seq, m]; positions: int [seq]. With a one-layer cache, the new keys
+        and values are written at `cache.index` and the queries attend to everything
+        written so far. Returns ([batch, seq, m], the updated cache or None)."""
+        dtype = jnp.dtype(self.config.dtype)
+        x = x.astype(dtype)
+        q = jnp.einsum("btm,mhd->bthd", x, self.q[...].astype(dtype))
+        k = jnp.einsum("btm,mkd->btkd", x, self.k[...].astype(dtype))
+        v = jnp.einsum("btm,mkd->btkd", x, self.v[...].astype(dtype))
+        q = apply_rope(q, positions, self.config.rope_theta)
+        k = apply_rope(k, positions, self.config.rope_theta)
+        core = attention_fn(self.config.attention_impl)
+        if cache is None:
+            out = core(q, k, v, causal=True, q_offset=0)
+        else:
+            start = (0, cache.index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+            out = core(q, k_all.astype(dtype), v_all.astype(dtype), causal=True,
+                       q_offset=cache.index)
+            cache = KVCache(k_all, v_all, cache.index + x.shape[1])
+        return jnp.einsum("bthd,hdm->btm", out, self.out[...].astype(dtype)), cache

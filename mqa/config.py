@@ -1,0 +1,224 @@
+"""Experiment configs: loading, command-line style overrides, and validation.
+
+A config is an `ml_collections.ConfigDict` returned by `get_config()` in a file under
+`configs/`. Every config is checked against the schema of `configs/default.py` when it is
+loaded, so a typo or an impossible shape fails at once with one line that names the value
+and what would be valid, not deep inside JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import pathlib
+from typing import Any, Iterable
+
+import ml_collections
+
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16")
+TOKENIZERS = ("byte", "bpe")
+
+# Fields that must be >= 1.
+_POSITIVE = (
+    "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
+    "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.max_seq_len",
+    "train.steps", "train.batch_size", "train.seq_len", "train.log_every",
+    "train.eval_every", "train.grad_accum", "checkpoint.every", "checkpoint.keep",
+)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message is one line naming the value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model's hyperparameters as a hashable value (static under `jax.jit`)."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    tie_embeddings: bool = True
+    attention_impl: str = "einsum"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 1024
+    dtype: str = "float32"
+    remat: bool = False
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_config(cls, model_config: Any, **overrides) -> "ModelConfig":
+        """Builds from `config.model` (a ConfigDict or mapping).
+
+        With `match_mha_params=True` the MLP is widened so the parameter count equals that
+        of the same model with `num_kv_heads == num_heads` (Shazeer 2019).
+        """
+        values = dict(model_config)
+        values.update(overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in values.items() if k in names})
+        if values.get("match_mha_params"):
+            from mqa import accounting  # accounting depends on this module
+            config = dataclasses.replace(config, mlp_dim=accounting.mlp_dim_matching_mha(config))
+        return config
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The schema every config is checked against: `configs/default.py`."""
+    return load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py",
+                            validate_config=False)
+
+
+def load_config_file(path: str | pathlib.Path, overrides: Iterable[str] = (), *,
+                     validate_config: bool = True) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a config file and applies `"a.b=value"` overrides.
+
+    The same as `--config=PATH --config.a.b=value` on the command line, for tests and tools.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_mqa_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except (TypeError, AttributeError, KeyError, ValueError) as error:  # e.g. a mistyped field
+        raise ConfigError(f"{path}: {_one_line(error)}") from None
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like 'section.field=value'")
+        _set_from_string(config, name.strip(), text.strip())
+    if validate_config:
+        validate(config)
+    return config
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _set_from_string(config: ml_collections.ConfigDict, name: str, text: str) -> None:
+    parent, _, field = name.rpartition(".")
+    node = config
+    for part in filter(None, parent.split(".")):
+        if part not in node:
+            raise ConfigError(_unknown_key_message(name, node))
+        node = node[part]
+    if field not in node:
+        raise ConfigError(_unknown_key_message(name, node))
+    old = node[field]
+    if isinstance(old, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{name}={text!r} must be a bool: true or false")
+        value = text.lower() in ("true", "1")
+    elif isinstance(old, (int, float)):
+        try:
+            value = type(old)(float(text)) if isinstance(old, float) else int(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r} must be {type(old).__name__}") from None
+    elif isinstance(old, (list, tuple)):
+        value = [v.strip() for v in text.strip("[]").split(",") if v.strip()]
+    else:
+        value = text
+    node[field] = value
+
+
+def _unknown_key_message(name: str, node: Any) -> str:
+    valid = sorted(node.keys()) if hasattr(node, "keys") else []
+    close = difflib.get_close_matches(name.rpartition(".")[2], valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {name!r}{hint}; valid keys here: {', '.join(valid)}"
+
+
+def _check_schema(config: Any, schema: Any, prefix: str = "") -> None:
+    """Unknown keys and wrong types against the default config."""
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(_unknown_key_message(name, schema))
+        value, expected = config[key], schema[key]
+        if isinstance(expected, ml_collections.ConfigDict):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                raise ConfigError(f"{name} must be a section with keys {', '.join(sorted(expected))}")
+            _check_schema(value, expected, name + ".")
+        elif not _same_kind(value, expected):
+            raise ConfigError(f"{name}={value!r} has type {type(value).__name__}; "
+                              f"expected {type(expected).__name__} like the default {expected!r}")
+
+
+def _same_kind(value: Any, expected: Any) -> bool:
+    if isinstance(expected, bool):
+        return isinstance(value, bool)
+    if isinstance(expected, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(expected, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    if isinstance(expected, dict):
+        return isinstance(value, dict)
+    return isinstance(value, type(expected))
+
+
+def _get(config: Any, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks a full experiment config; raises `ConfigError` naming the first bad value."""
+    _check_schema(config, default_config())
+    for name in _POSITIVE:
+        try:
+            value = _get(config, name)
+        except KeyError:
+            continue
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1")
+    m = config.model
+    if m.num_heads % m.num_kv_heads:
+        valid = [k for k in range(1, m.num_heads + 1) if m.num_heads % k == 0]
+        raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads="
+                          f"{m.num_heads}; valid: {', '.join(map(str, valid))}")
+    if m.num_heads * m.head_dim != m.d_model:
+        hint = (f"; set model.head_dim={m.d_model // m.num_heads}"
+                if m.d_model % m.num_heads == 0 else "")
+        raise ConfigError(f"model.num_heads={m.num_heads} x model.head_dim={m.head_dim} = "
+                          f"{m.num_heads * m.head_dim} must equal model.d_model={m.d_model}{hint}")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even (rotary embeddings rotate pairs)")
+    _check_choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
+    _check_choice("model.dtype", m.dtype, DTYPES)
+    _check_choice("data.tokenizer", config.data.tokenizer, TOKENIZERS)
+    if config.train.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={config.train.seq_len} exceeds model.max_seq_len="
+                          f"{m.max_seq_len}; use at most {m.max_seq_len} or raise model.max_seq_len")
+    if not 0.0 < config.data.heldout_fraction < 1.0:
+        raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction} must be in (0, 1)")
+    mesh = {k: config.mesh[k] for k in ("data", "fsdp", "tensor")}
+    for axis, size in mesh.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}={size} must be >= 1, or -1 to fill the remaining devices")
+    if sum(size == -1 for size in mesh.values()) > 1:
+        raise ConfigError(f"at most one mesh axis may be -1, got {mesh}")
+    return config
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(valid)}")

@@ -1,0 +1,29 @@
+"""Rotary position embeddings (Su et al. 2021), in the "rotate half" layout.
+
+Dimension i of the first half of each head is paired with dimension i of the second half,
+the layout of Hugging Face's Llama, so its checkpoints load without permuting weights.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotates each (x[i], x[i + d/2]) pair by `position * theta**(-2i/d)`.
+
+    Args:
+      x: [batch, seq, heads, head_dim], head_dim even.
+      positions: int [seq] or [batch, seq], the absolute position of each token.
+    Returns:
+      [batch, seq, heads, head_dim] in x's dtype (the rotation is computed in float32).
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)   # [half]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq        # [(batch,) seq, half]
+    if angles.ndim == 2:
+        angles = angles[None]
+    cos = jnp.cos(angles)[:, :, None, :]                                # [batch, seq, 1, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
