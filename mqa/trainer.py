@@ -1,0 +1,230 @@
+"""The training loop: data, mesh, state, checkpoints, evaluation and logging for one run.
+
+`train(config, workdir)` is what `train.py` calls. Everything a run keeps is in the workdir:
+
+  config.json      the resolved config (read back by re-runs and eval.py)
+  data/            token cache and tokenizer
+  checkpoints/     orbax checkpoints of the train state
+  metrics.jsonl    one JSON object per logged step; TensorBoard events in tensorboard/
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import pathlib
+import signal
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mqa import accounting, data, hardware, sharding
+from mqa.checkpoint import Checkpointer, abstract_like
+from mqa.config import ConfigError, ModelConfig, validate
+from mqa.metrics import MetricsWriter, Progress
+from mqa.model import Transformer
+from mqa.training import TrainState, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of the step named in the message was written."""
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+    """Creates the workdir, or says in one line why it cannot be used."""
+    path = pathlib.Path(workdir).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise ConfigError(f"workdir {str(workdir)!r} is not writable: {error.strerror}") from None
+    return path
+
+
+def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
+    path = workdir / "config.json"
+    return ml_collections.ConfigDict(json.loads(path.read_text())) if path.exists() else None
+
+
+def _check_resumable(config, workdir: pathlib.Path) -> None:
+    """A workdir with checkpoints only continues with the model and data it was trained on."""
+    old = saved_config(workdir)
+    if old is None or not (workdir / "checkpoints").exists():
+        return
+    for section in ("model", "data"):
+        for key, value in config[section].items():
+            if old[section].get(key, value) != value:
+                raise ConfigError(
+                    f"workdir {str(workdir)!r} was trained with {section}.{key}="
+                    f"{old[section][key]!r}, not {value!r}; use a new --workdir to change it")
+
+
+def _resolve_vocab(config, tokenizer) -> None:
+    if tokenizer.name == "bpe" and config.model.vocab_size != tokenizer.vocab_size:
+        print(f"model.vocab_size set to {tokenizer.vocab_size}, the BPE tokenizer's size")
+        config.model.vocab_size = tokenizer.vocab_size
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                          f"{tokenizer.name} tokenizer's {tokenizer.vocab_size} tokens")
+
+
+def _check_batch(config, mesh) -> None:
+    dp = sharding.data_parallel_size(mesh)
+    batch, accum = config.train.batch_size, config.train.grad_accum
+    if batch % (dp * accum):
+        raise ConfigError(
+            f"train.batch_size={batch} must be divisible by the data-parallel size "
+            f"(mesh.data x mesh.fsdp = {dp}) x train.grad_accum={accum} = {dp * accum}")
+
+
+def _local_rows(batch_sharding, global_shape) -> slice:
+    """The rows of a global batch that this process's devices hold."""
+    index_map = batch_sharding.addressable_devices_indices_map(global_shape)
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [global_shape[0] if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    return slice(min(starts), max(stops))
+
+
+def _global_batch(local: np.ndarray, batch_sharding, global_shape) -> jax.Array:
+    return jax.make_array_from_process_local_data(batch_sharding, local, global_shape)
+
+
+def evaluate(params, eval_step, corpus: data.Corpus, config, batch_sharding) -> dict:
+    """Held-out loss (nats/token), perplexity and bits per byte on the first
+    `train.eval_batches` batches of non-overlapping held-out windows."""
+    batch_size, seq_len = config.train.batch_size, config.train.seq_len
+    windows = data.eval_windows(corpus.heldout, seq_len)[: config.train.eval_batches * batch_size]
+    shape = (batch_size, seq_len + 1)
+    rows = _local_rows(batch_sharding, shape)
+    weight_sharding = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(
+        sharding.BATCH_AXES))
+    loss_sum, tokens = 0.0, 0.0
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start:start + batch_size]
+        weights = np.zeros(batch_size, np.float32)
+        weights[: len(chunk)] = 1.0
+        chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), seq_len + 1), np.int32)])
+        out = eval_step(params, _global_batch(chunk[rows], batch_sharding, shape),
+                        _global_batch(weights[rows], weight_sharding, (batch_size,)))
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = loss_sum / tokens
+    bytes_per_token = corpus.heldout_bytes / len(corpus.heldout)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+            "eval_bits_per_byte": loss / math.log(2) / bytes_per_token, "eval_tokens": int(tokens)}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the final held-out metrics."""
+    validate(config)
+    workdir = prepare_workdir(workdir)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    _check_batch(config, mesh)
+    train_cfg = config.train
+    corpus = data.load_corpus(config.data, workdir / "data", min_tokens=train_cfg.seq_len + 1)
+    _resolve_vocab(config, corpus.tokenizer)
+    _check_resumable(config, workdir)
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    model_config = ModelConfig.from_config(config.model)
+    if is_main:
+        print(f"data: {corpus.source}; {len(corpus.train):,} train / {len(corpus.heldout):,} "
+              f"held-out tokens")
+        print(f"model: {accounting.param_count(model_config):,} parameters, "
+              f"{model_config.num_heads} query heads, {model_config.num_kv_heads} KV heads; "
+              f"mesh {dict(mesh.shape)}")
+
+    # Parameters and optimizer state, created directly in their shardings.
+    optimizer = make_optimizer(train_cfg)
+
+    def init_state() -> TrainState:
+        params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(train_cfg.seed)))[1]
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    abstract_state = jax.eval_shape(init_state)
+    state_shardings = sharding.tree_shardings(abstract_state, mesh)
+    state = jax.jit(init_state, out_shardings=state_shardings)()
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(abstract_like(state))
+        if is_main:
+            print(f"resumed from step {int(state.step)} in {checkpointer.directory}")
+    start_step = int(state.step)
+    writer.drop_after(start_step)
+
+    schedule = learning_rate_schedule(train_cfg)
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(graphdef, optimizer, schedule, train_cfg.grad_accum),
+                         in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)),
+                         donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef))
+    batch_shape = (train_cfg.batch_size, train_cfg.seq_len + 1)
+    rows = _local_rows(batch_sharding, batch_shape)
+    flops_per_token = accounting.flops_per_token(model_config, train_cfg.seq_len)
+    peak = hardware.peak_flops(model_config.dtype)
+
+    def batch_at(step: int) -> jax.Array:
+        local = data.train_batch(corpus.train, step, seed=train_cfg.seed,
+                                 batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len,
+                                 rows=rows)
+        return _global_batch(local, batch_sharding, batch_shape)
+
+    preempted = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    progress = Progress(start_step, train_cfg.steps, enabled=is_main)
+    last_eval = None
+    try:
+        timer_step, timer = start_step, time.perf_counter()
+        for step in range(start_step, train_cfg.steps):
+            state, metrics = train_step(state, batch_at(step))
+            done = step + 1
+            if step == start_step:  # leave compilation out of the throughput
+                jax.block_until_ready(state)
+                timer_step, timer = done, time.perf_counter()
+            row = {}
+            if done % train_cfg.log_every == 0 or done == train_cfg.steps:
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - timer
+                if done > timer_step:
+                    tokens_per_sec = (done - timer_step) * math.prod(batch_shape[:1]) * train_cfg.seq_len / elapsed
+                    row.update(tokens_per_sec=tokens_per_sec,
+                               mfu=tokens_per_sec * flops_per_token / peak)
+                timer_step, timer = done, time.perf_counter()
+            if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
+                last_eval = evaluate(state.params, eval_step, corpus, config, batch_sharding)
+                row.update(last_eval)
+                timer = time.perf_counter()  # evaluation time is not training throughput
+            if row:
+                writer.write(done, row)
+                progress.update(done, row)
+            if done % config.checkpoint.every == 0 or done == train_cfg.steps or preempted:
+                checkpointer.save(state)
+            if preempted:
+                checkpointer.wait()
+                raise Preempted(f"SIGTERM: saved a checkpoint at step {done} in "
+                                f"{checkpointer.directory}; run the same command to resume")
+        checkpointer.wait()
+        if last_eval is None:  # nothing left to train: report the restored model
+            last_eval = evaluate(state.params, eval_step, corpus, config, batch_sharding)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        progress.close()
+        checkpointer.close()
+        writer.close()
+    if is_main:
+        print(f"held-out perplexity {last_eval['eval_perplexity']:.4f} "
+              f"(loss {last_eval['eval_loss']:.4f} nats/token, "
+              f"{last_eval['eval_bits_per_byte']:.4f} bits/byte) at step {int(state.step)}")
+    return {"step": int(state.step), **last_eval}

@@ -1,0 +1,104 @@
+"""The train and eval steps: pure functions of (state, batch) pytrees, jitted once.
+
+`TrainState` holds everything a step changes (step counter, parameters, optimizer state);
+the model's structure (`nnx.GraphDef`) is static and closed over, so no Python object is
+traversed per step. The loop, checkpoints and logging live in `mqa/trainer.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Batch = jax.Array  # int32 [batch, seq_len + 1]: inputs are [:, :-1], targets [:, 1:]
+
+
+class TrainState(NamedTuple):
+    step: jax.Array        # int32 scalar: optimizer updates applied so far
+    params: nnx.State      # float32 parameters, as `nnx.split(model, nnx.Param)` gives them
+    opt_state: Any         # the optax state for `params`
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, cosine decay to `min_learning_rate_ratio` of it."""
+    peak, warmup = train_config.learning_rate, train_config.warmup_steps
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(train_config.steps, warmup + 1),  # optax counts warmup in decay_steps
+        end_value=peak * train_config.min_learning_rate_ratio)
+
+
+def decay_mask(params: nnx.State) -> Any:
+    """True for the weights AdamW decays: everything except the RMSNorm scales."""
+    def decays(path, _):
+        return not any(getattr(key, "key", None) == "scale" for key in path)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+    """AdamW (b2 = 0.95) with global-norm gradient clipping and the schedule above."""
+    return optax.chain(
+        optax.clip_by_global_norm(train_config.grad_clip),
+        optax.adamw(learning_rate_schedule(train_config), b1=0.9, b2=0.95,
+                    weight_decay=train_config.weight_decay, mask=decay_mask),
+    )
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood in nats. logits [b, t, v] float32, targets [b, t]."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum: int = 1
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+
+    With `grad_accum > 1` the batch is split into that many microbatches whose gradients
+    are averaged; row j goes to microbatch j % grad_accum, so every device keeps its rows.
+    """
+
+    def loss_fn(params, batch):
+        logits = nnx.merge(graphdef, params)(batch[:, :-1])
+        return jnp.mean(cross_entropy(logits, batch[:, 1:]))
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        if grad_accum == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        else:
+            micro = batch.reshape(-1, grad_accum, batch.shape[-1]).swapaxes(0, 1)
+
+            def accumulate(total, microbatch):
+                loss, grads = jax.value_and_grad(loss_fn)(state.params, microbatch)
+                return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, Batch, jax.Array], dict]:
+    """Returns `eval_step(params, batch, weights) -> {"loss_sum", "tokens"}`.
+
+    weights: float32 [batch], 0 for padding rows, so a short last batch still evaluates.
+    """
+
+    def eval_step(params: nnx.State, batch: Batch, weights: jax.Array) -> dict:
+        logits = nnx.merge(graphdef, params)(batch[:, :-1])
+        nll = cross_entropy(logits, batch[:, 1:])                        # [b, t]
+        return {"loss_sum": jnp.sum(nll * weights[:, None]),
+                "tokens": jnp.sum(weights) * nll.shape[1]}
+
+    return eval_step
