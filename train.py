@@ -8,6 +8,7 @@ Running the same command again resumes from the newest checkpoint in the workdir
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
+import os
 import sys
 
 import jax
@@ -49,5 +50,22 @@ def main(argv):
         sys.exit(143)
 
 
+def parse_flags(argv):
+    """absl's parser, with a bad --config override reported in one line, not a traceback."""
+    for arg in argv[1:]:
+        if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):
+            sys.exit(f"error: config file {arg.split('=', 1)[1]!r} does not exist")
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+        while error.args and isinstance(error.args[0], BaseException):
+            error = error.args[0]  # config_flags wraps the KeyError of an unknown field
+        message = str(error.args[0]) if error.args else str(error)
+        words = " ".join(message.replace("'", "").split())
+        culprit = next((arg for arg in argv[1:] if words.split()[0] in arg), None)
+        where = f" in {culprit}" if culprit and culprit not in words else ""
+        sys.exit(f"error: invalid command line{where}: {words}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
