@@ -1,11 +1,15 @@
-"""Checkpoints of the train state with orbax: async saves, keep the newest few, resume.
+"""Checkpoints with orbax: async saves, keep the newest few, resume, load parameters alone.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a
-process killed mid-save leaves no checkpoint that `latest_step` would pick up.
+Each step directory `checkpoints/<step>/` holds two items: `params` (the model) and, for
+training checkpoints, `optimizer` (the step counter and optimizer state). Evaluation,
+decoding and conversion read `params` alone. Orbax writes a step into a temporary
+directory and renames it when complete, so a process killed mid-save leaves nothing that
+`latest_step` would pick up.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import jax
@@ -15,34 +19,69 @@ from mqa.training import TrainState
 
 
 class Checkpointer:
-    """`WORKDIR/checkpoints/<step>/`, the newest `keep` kept. The caller decides when to save."""
+    """`<directory>/<step>/`, the newest `keep` kept. The caller decides when to save."""
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int):
+    def __init__(self, directory: str | pathlib.Path, *, keep: int | None = None,
+                 read_only: bool = False):
         self.directory = pathlib.Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+            max_to_keep=keep, enable_async_checkpointing=not read_only, create=not read_only,
+            read_only=read_only, cleanup_tmp_directories=not read_only,
+            **({"save_interval_steps": 0} if read_only else {}))
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:  # orbax warns that a read-only manager is read-only
+            absl_logger.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
 
     def save(self, state: TrainState) -> None:
         """Starts an async save of `state` under its step; `wait` blocks until written."""
         step = int(state.step)
         if step not in self._manager.all_steps():
-            self._manager.save(step, args=ocp.args.StandardSave(_as_tree(state)), force=True)
+            self._manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                optimizer=ocp.args.StandardSave({"step": state.step,
+                                                 "opt_state": state.opt_state})))
+
+    def save_params(self, step: int, params) -> None:
+        """Saves parameters alone (converted or uptrained models); blocks until written."""
+        self._manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        self.wait()
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> TrainState:
-        """Restores `step` (default: the newest) into the shapes and shardings given.
-
-        abstract_state: a `TrainState` of `jax.ShapeDtypeStruct`s with shardings.
-        """
+        """Restores a training checkpoint (default: the newest) into the shapes and
+        shardings of `abstract_state`, a `TrainState` of `jax.ShapeDtypeStruct`s."""
         step = self.latest_step() if step is None else step
-        tree = self._manager.restore(step, args=ocp.args.StandardRestore(_as_tree(abstract_state)))
-        return TrainState(**tree)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            optimizer=ocp.args.StandardRestore({"step": abstract_state.step,
+                                                "opt_state": abstract_state.opt_state})))
+        return TrainState(restored.optimizer["step"], restored.params,
+                          restored.optimizer["opt_state"])
+
+    def restore_params(self, abstract_params, step: int | None = None):
+        """Restores the `params` item alone into the shapes and shardings given."""
+        step = self.latest_step() if step is None else step
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))
+        return restored.params
+
+    def item_metadata(self, step: int, item: str):
+        """The stored tree of shapes and dtypes of one item (`params` or `optimizer`)."""
+        handler = ocp.StandardCheckpointHandler()
+        return handler.metadata(self.directory / str(step) / item)
+
+    def has_optimizer_state(self, step: int) -> bool:
+        return (self.directory / str(step) / "optimizer").is_dir()
 
     def wait(self) -> None:
         """Blocks until any async save has been written completely."""
@@ -50,10 +89,6 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
-
-
-def _as_tree(state: TrainState) -> dict:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
 def abstract_like(tree):

@@ -3,7 +3,8 @@
 `train(config, workdir)` is what `train.py` calls. Everything a run keeps is in the workdir:
 
   config.json      the resolved config (read back by re-runs and eval.py)
-  data/            token cache and tokenizer
+  tokenizer.json   the tokenizer (byte or BPE)
+  data/            cached token ids
   checkpoints/     orbax checkpoints of the train state
   metrics.jsonl    one JSON object per logged step; TensorBoard events in tensorboard/
 """
@@ -134,6 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     _check_resumable(config, workdir)
     if is_main:
         (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+        corpus.tokenizer.save(workdir)  # load_model and eval.py read WORKDIR/tokenizer.json
     model_config = ModelConfig.from_config(config.model)
     if is_main:
         print(f"data: {corpus.source}; {len(corpus.train):,} train / {len(corpus.heldout):,} "

@@ -39,9 +39,8 @@ def losses(workdir):
 
 
 def final_params(workdir, step):
-    tree = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step)
-                                              / "default")
-    return tree["params"]
+    return ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step)
+                                              / "params")
 
 
 def free_port():
