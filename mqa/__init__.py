@@ -1,6 +1,7 @@
 """mqa: multi-query, grouped-query and multi-head attention language models in JAX."""
 
 from mqa.attention import Attention, attend, attend_jax, attention_fn
+from mqa.decode import generate
 from mqa.config import ConfigError, ModelConfig, load_config_file, validate
 from mqa.kv_cache import KVCache, init_cache
 from mqa.loading import CheckpointError, LoadedModel, load_model

@@ -64,7 +64,11 @@ class ByteTokenizer:
 
 
 class BpeTokenizer:
-    """Byte-level BPE from the `tokenizers` library: lossless on UTF-8 text, ids 0..vocab_size-1."""
+    """Byte-level BPE from the `tokenizers` library: lossless on UTF-8 text, ids 0..vocab_size-1.
+
+    Also wraps any other `tokenizers` vocabulary (e.g. a converted Llama's SentencePiece-style
+    "▁the", "<0x0A>"): then decoding is the library's own decoder, see decode_bytes.
+    """
 
     name = "bpe"
 
@@ -72,9 +76,12 @@ class BpeTokenizer:
         self._tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
         byte_of_char = {char: byte for byte, char in enumerate(_byte_level_chars())}
-        self._token_bytes = [
-            bytes(byte_of_char[char] for char in tokenizer.id_to_token(i)) for i in range(self.vocab_size)
-        ]
+        tokens = [tokenizer.id_to_token(i) for i in range(self.vocab_size)]
+        byte_level = isinstance(tokenizer.decoder, tokenizers.decoders.ByteLevel) and all(
+            token is not None and all(char in byte_of_char for char in token) for token in tokens
+        )
+        # The bytes each token stands for; None when the vocabulary is not byte-level.
+        self._token_bytes = [bytes(byte_of_char[char] for char in token) for token in tokens] if byte_level else None
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BpeTokenizer:
@@ -96,16 +103,23 @@ class BpeTokenizer:
         if isinstance(text, bytes):
             text = _decode_utf8(text, "bytes given to the BPE tokenizer")
         pieces = list(_line_chunks(text))
-        ids = [
+        ids = [  # add_special_tokens=False: no BOS per piece from a converted model's tokenizer
             np.asarray(encoding.ids, dtype=np.int32)
             for i in range(0, len(pieces), 64)  # a few MB per call keeps memory flat on large corpora
-            for encoding in self._tokenizer.encode_batch(pieces[i : i + 64])
+            for encoding in self._tokenizer.encode_batch(pieces[i : i + 64], add_special_tokens=False)
         ]
         return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
 
     def decode_bytes(self, ids) -> bytes:
-        """int [n] -> the exact bytes the tokens stand for (may split a multi-byte character)."""
-        return b"".join(self._token_bytes[i] for i in _checked_ids(ids, self.vocab_size).tolist())
+        """int [n] -> the exact bytes the tokens stand for (may split a multi-byte character).
+
+        For a vocabulary that is not byte-level this is best effort: the library's decoded text
+        as UTF-8, exact for whole texts; a piece of a multi-byte character becomes U+FFFD.
+        """
+        ids = _checked_ids(ids, self.vocab_size).tolist()
+        if self._token_bytes is None:
+            return self._tokenizer.decode(ids, skip_special_tokens=False).encode("utf-8")
+        return b"".join(self._token_bytes[i] for i in ids)
 
     def decode(self, ids) -> str:
         """int [n] -> text; bytes that are not valid UTF-8 become U+FFFD."""

@@ -1,0 +1,275 @@
+"""Converts checkpoints made elsewhere into mqa workdirs.
+
+  python -m mqa.convert hf-llama --src DIR --workdir OUT
+
+reads a local Hugging Face Llama-architecture checkpoint (config.json and *.safetensors,
+sharded or not; MHA, GQA or MQA; tied or untied embeddings) and writes a workdir that
+`mqa.load_model(OUT)` and the evaluation tools read: OUT/config.json (a full experiment
+config), OUT/checkpoints/0/params, and OUT/tokenizer.json when the source has one. Weights
+are read with safetensors' numpy API and cast to float32, so conversion needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so bf16 safetensors load
+import numpy as np
+import safetensors
+import tokenizers
+from flax import nnx
+
+from mqa import data
+from mqa.checkpoint import Checkpointer
+from mqa.config import ConfigError, ModelConfig, default_config, validate
+from mqa.model import Transformer
+
+
+class ConvertError(ValueError):
+    """The source cannot be converted; the message is one line naming the value."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def hf_llama_config(hf: dict) -> ml_collections.ConfigDict:
+    """A Hugging Face LlamaConfig (config.json as a dict) -> a validated experiment config.
+
+    Fields other than the model's keep their defaults; train.seq_len is capped at the
+    model's max_seq_len.
+    """
+    _check_supported(hf)
+    heads = _field(hf, "num_attention_heads")
+    hidden = _field(hf, "hidden_size")
+    head_dim = hf.get("head_dim") or hidden // heads
+    if heads * head_dim != hidden:
+        raise ConvertError(f"config.json head_dim={head_dim} x num_attention_heads={heads} = "
+                           f"{heads * head_dim} must equal hidden_size={hidden}; mqa requires "
+                           "num_heads * head_dim == d_model")
+    config = default_config()
+    config.model.update(dict(
+        vocab_size=_field(hf, "vocab_size"),
+        d_model=hidden,
+        num_layers=_field(hf, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        mlp_dim=_field(hf, "intermediate_size"),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_theta=_rope_theta(hf),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+    ))
+    config.train.seq_len = min(config.train.seq_len, config.model.max_seq_len)
+    return validate(config)
+
+
+def _check_supported(hf: dict) -> None:
+    """Rejects Llama variants whose computation mqa's model does not reproduce."""
+    if hf.get("model_type") != "llama":
+        raise ConvertError(f"config.json model_type={hf.get('model_type')!r} is not supported; "
+                           "valid: 'llama'")
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ConvertError(f"config.json hidden_act={hf['hidden_act']!r} is not supported; "
+                           "valid: 'silu' (SwiGLU)")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            raise ConvertError(f"config.json {field}={hf[field]!r} is not supported; valid: false "
+                               "(mqa's projections have no biases)")
+
+
+def _rope_theta(hf: dict) -> float:
+    """theta of plain RoPE; scaled variants (linear, dynamic, llama3, yarn, ...) are errors.
+
+    transformers < 5 writes rope_theta and rope_scaling (null for plain RoPE); 5 and later
+    write rope_parameters = {"rope_type": "default", "rope_theta": ...}.
+    """
+    scaling = hf.get("rope_scaling")
+    if scaling is not None and not (isinstance(scaling, dict) and _rope_type(scaling) == "default"):
+        raise ConvertError(f"config.json rope_scaling={scaling!r} is not supported; valid: null "
+                           "(plain RoPE)")
+    parameters = hf.get("rope_parameters") or {}
+    if _rope_type(parameters) not in ("default", None):
+        raise ConvertError(f"config.json rope_parameters={parameters!r} is not supported; valid: "
+                           "rope_type 'default' (plain RoPE)")
+    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _rope_type(rope: dict) -> str | None:
+    return rope.get("rope_type", rope.get("type"))
+
+
+def _field(hf: dict, name: str):
+    if name not in hf:
+        raise ConvertError(f"config.json has no {name!r}; a Llama config needs it")
+    return hf[name]
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+class SafetensorsCheckpoint:
+    """The tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
+
+    def __init__(self, src: pathlib.Path):
+        index = src / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: src / file for name, file in weight_map.items()}
+            for file in sorted(set(self.files.values())):
+                if not file.is_file():
+                    raise ConvertError(f"{index} lists shard {file.name!r}, which is missing")
+        else:
+            self.files = {}
+            for file in sorted(src.glob("*.safetensors")):
+                with safetensors.safe_open(file, framework="numpy") as f:
+                    self.files.update(dict.fromkeys(f.keys(), file))
+        if not self.files:
+            raise ConvertError(f"{str(src)!r} has no *.safetensors weights; re-save the model "
+                               "with save_pretrained(..., safe_serialization=True)")
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor `name` as float32, after checking it has `shape`."""
+        if name not in self.files:
+            raise ConvertError(f"tensor {name!r} is missing from the checkpoint")
+        with safetensors.safe_open(self.files[name], framework="numpy") as f:
+            tensor = f.get_tensor(name)
+        if tensor.shape != shape:
+            raise ConvertError(f"tensor {name!r} has shape {tensor.shape}; config.json implies {shape}")
+        return tensor.astype(np.float32)
+
+
+def hf_llama_params(checkpoint: SafetensorsCheckpoint, config: ModelConfig) -> nnx.State:
+    """The HF weights in mqa's layout, as the `nnx.State` that `nnx.split(Transformer)` gives.
+
+    HF projections are stored [out, in] (y = x @ W.T); ours are [in, ...] with heads split
+    out, and each block parameter is stacked along a leading [num_layers] axis.
+    """
+    v, m, f = config.vocab_size, config.d_model, config.mlp_dim
+    h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    per_layer = {  # ours: (HF tensor in model.layers.{i}, its shape, HF -> ours)
+        "blocks.attention.q": ("self_attn.q_proj.weight", (h * d, m), lambda w: w.T.reshape(m, h, d)),
+        "blocks.attention.k": ("self_attn.k_proj.weight", (kv * d, m), lambda w: w.T.reshape(m, kv, d)),
+        "blocks.attention.v": ("self_attn.v_proj.weight", (kv * d, m), lambda w: w.T.reshape(m, kv, d)),
+        "blocks.attention.out": ("self_attn.o_proj.weight", (m, h * d), lambda w: w.T.reshape(h, d, m)),
+        "blocks.attention_norm.scale": ("input_layernorm.weight", (m,), lambda w: w),
+        "blocks.mlp_norm.scale": ("post_attention_layernorm.weight", (m,), lambda w: w),
+        "blocks.mlp.gate": ("mlp.gate_proj.weight", (f, m), np.transpose),
+        "blocks.mlp.up": ("mlp.up_proj.weight", (f, m), np.transpose),
+        "blocks.mlp.down": ("mlp.down_proj.weight", (m, f), np.transpose),
+    }
+    arrays = {
+        ours: np.stack([transform(checkpoint.get(f"model.layers.{i}.{suffix}", shape))
+                        for i in range(config.num_layers)])
+        for ours, (suffix, shape, transform) in per_layer.items()
+    }
+    arrays["embed"] = checkpoint.get("model.embed_tokens.weight", (v, m))
+    arrays["final_norm.scale"] = checkpoint.get("model.norm.weight", (m,))
+    if not config.tie_embeddings:
+        arrays["unembed"] = checkpoint.get("lm_head.weight", (v, m)).T
+
+    used = {f"model.layers.{i}.{suffix}" for i in range(config.num_layers)
+            for suffix, _, _ in per_layer.values()}
+    used |= {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}  # lm_head: tied copy
+    unused = sorted(name for name in checkpoint.names() - used if not name.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise ConvertError(f"tensor {unused[0]!r} ({len(unused)} unexpected in all) has no place in a "
+                           "plain Llama; this converter does not handle that variant")
+    return _fill(config, arrays)
+
+
+def _fill(config: ModelConfig, arrays: dict[str, np.ndarray]) -> nnx.State:
+    """The Transformer's parameter State with each leaf taken from arrays[dotted name]."""
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    _, state = nnx.split(abstract)
+
+    def leaf(path, expected):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        if arrays[name].shape != expected.shape:  # a bug here, not in the input: shapes were checked
+            raise ConvertError(f"converted {name} has shape {arrays[name].shape}; the model "
+                               f"expects {expected.shape}")
+        return jnp.asarray(arrays[name], expected.dtype)
+
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(leaf, state.to_pure_dict()))
+    return state
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+def convert_hf_llama(src: str | pathlib.Path, workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Writes the workdir for the HF Llama checkpoint in `src`; returns its config."""
+    src, workdir = pathlib.Path(src).expanduser(), pathlib.Path(workdir).expanduser()
+    if not (src / "config.json").is_file():
+        what = "does not exist" if not src.exists() else "has no config.json"
+        raise ConvertError(f"--src {str(src)!r} {what}; give a Hugging Face model directory "
+                           "with config.json and *.safetensors")
+    try:
+        hf = json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as error:
+        raise ConvertError(f"{src / 'config.json'} is not valid JSON: {error}") from None
+    config = hf_llama_config(hf)
+    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+        raise ConvertError(f"--workdir {str(workdir)!r} already holds a workdir; give a new or "
+                           "empty directory")
+    model_config = ModelConfig.from_config(config.model)
+    params = hf_llama_params(SafetensorsCheckpoint(src), model_config)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpointer(workdir / "checkpoints")
+    checkpoints.save_params(0, params)
+    checkpoints.close()
+    _copy_tokenizer(src, workdir, model_config.vocab_size)
+    (workdir / "config.json").write_text(config.to_json(indent=2))  # last: marks a complete workdir
+    return config
+
+
+def _copy_tokenizer(src: pathlib.Path, workdir: pathlib.Path, vocab_size: int) -> None:
+    path = src / data.TOKENIZER_FILE
+    if not path.is_file():
+        print(f"note: {str(src)!r} has no {data.TOKENIZER_FILE}; the workdir has no tokenizer")
+        return
+    try:
+        tokenizer = data.BpeTokenizer(tokenizers.Tokenizer.from_file(str(path)))
+    except Exception as error:  # the tokenizers library reports bad files in many ways
+        raise ConvertError(f"{path} cannot be read by the tokenizers library: "
+                           f"{' '.join(str(error).split())[:200]}") from None
+    if tokenizer.vocab_size > vocab_size:
+        print(f"note: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+              f"{vocab_size}; ids from {vocab_size} on have no embedding")
+    shutil.copyfile(path, workdir / data.TOKENIZER_FILE)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mqa.convert", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    hf_llama = commands.add_parser(
+        "hf-llama", help="a Hugging Face Llama checkpoint (config.json + *.safetensors)")
+    hf_llama.add_argument("--src", required=True, help="the Hugging Face model directory")
+    hf_llama.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
+    args = parser.parse_args(argv)
+    try:
+        config = convert_hf_llama(args.src, args.workdir)  # the only command so far
+    except (ConvertError, ConfigError, data.DataError) as error:
+        sys.exit(f"error: {error}")
+    m = config.model
+    print(f"converted {args.src} -> {args.workdir}: {m.num_layers} layers, d_model {m.d_model}, "
+          f"{m.num_heads} query / {m.num_kv_heads} key-value heads, vocab {m.vocab_size}, "
+          f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
+
+
+if __name__ == "__main__":
+    main()

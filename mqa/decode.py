@@ -1,0 +1,90 @@
+"""Autoregressive generation with the KV cache: one prefill, then one cached step per token.
+
+The whole generation (prefill, the token loop, sampling) is a single jitted computation:
+the loop is a `lax.scan`, so each new token costs no Python and no extra dispatch, and the
+cache lives in the loop's carry, where XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mqa.kv_cache import init_cache
+from mqa.loading import LoadedModel
+
+
+def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+    """Picks one token per row. logits: float32 [batch, vocab] -> int32 [batch].
+
+    temperature 0 is greedy (argmax). Otherwise logits / temperature, restricted to the
+    `top_k` most likely tokens and/or the smallest set whose probability reaches `top_p`.
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # The smallest logit still needed to reach top_p (the most likely token always stays).
+        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
+                                             "top_k", "top_p"))
+def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top_k, top_p):
+    model = nnx.merge(graphdef, params)
+    batch, prompt_len = prompt.shape
+    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+    sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
+    logits, cache = model.step(prompt, cache)
+    keys = jax.random.split(key, max_new_tokens)
+    first = sample(logits[:, -1], keys[0])
+
+    def decode_one(carry, step_key):
+        token, cache = carry
+        logits, cache = model.step(token[:, None], cache)
+        next_token = sample(logits[:, -1], step_key)
+        return (next_token, cache), next_token
+
+    _, rest = jax.lax.scan(decode_one, (first, cache), keys[1:])
+    return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
+
+
+def generate(model: LoadedModel, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> np.ndarray:
+    """Continues each prompt by `max_new_tokens` tokens.
+
+    prompt_tokens: int [batch, prompt_len] (or [prompt_len]).
+    Returns int32 [batch, prompt_len + max_new_tokens]: the prompts and their continuations.
+    """
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    prompt = prompt[None] if prompt.ndim == 1 else prompt
+    total = prompt.shape[1] + max_new_tokens
+    limit = model.model_config.max_seq_len
+    if prompt.shape[1] < 1 or max_new_tokens < 1:
+        raise ValueError(f"need a non-empty prompt and max_new_tokens >= 1, got prompt length "
+                         f"{prompt.shape[1]} and max_new_tokens={max_new_tokens}")
+    if total > limit:
+        raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens={max_new_tokens} = "
+                         f"{total} exceeds model.max_seq_len={limit}")
+    if temperature < 0 or (top_k is not None and not 1 <= top_k <= model.model_config.vocab_size) \
+            or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"invalid sampling settings temperature={temperature}, top_k={top_k}, "
+                         f"top_p={top_p}; need temperature >= 0, 1 <= top_k <= vocab size, "
+                         "0 < top_p <= 1")
+    out = _generate(model.graphdef, model.params, prompt, jax.random.key(seed),
+                    max_new_tokens=max_new_tokens, temperature=float(temperature),
+                    top_k=top_k, top_p=top_p)
+    return np.asarray(out)

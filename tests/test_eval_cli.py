@@ -1,0 +1,82 @@
+"""eval.py end to end on a freshly trained tiny run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mqa
+from mqa import trainer
+from mqa.config import load_config_file
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    config = load_config_file(REPO / "configs" / "tiny.py",
+                              ["train.steps=40", "train.eval_every=40", "checkpoint.every=20"])
+    trainer.train(config, workdir)
+    return workdir
+
+
+def eval_py(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_eval_prints_json_last(run, tmp_path):
+    result = eval_py(f"--workdir={run}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(metrics) == {"loss", "perplexity", "bits_per_byte", "tokens"}
+    assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]), rel=1e-6)
+    assert metrics["loss"] < np.log(256)  # better than uniform over bytes
+
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man\n" * 20)
+    result = eval_py(f"--workdir={run}", f"--text={text}", "--stride=16")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["tokens"] > 0.8 * len(text.read_bytes())
+
+
+@pytest.mark.slow
+def test_earlier_step_and_python_api_agree(run):
+    model = mqa.load_model(run, step=20)
+    assert model.step == 20 and model.model_config.num_kv_heads == 2
+    assert mqa.load_model(run / "checkpoints" / "20").step == 20
+    assert mqa.load_model(run).step == 40
+
+
+@pytest.mark.slow
+def test_sample_prints_a_continuation(run):
+    result = eval_py(f"--workdir={run}", "--sample", "--prompt=The ", "--max_new_tokens=30",
+                     "--temperature=0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The ") and len(result.stdout) >= 30
+
+
+@pytest.mark.slow
+def test_kv_heads_override_that_does_not_fit_is_one_line(run):
+    result = eval_py(f"--workdir={run}", "--config.model.num_kv_heads=1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "blocks.attention.k" in line and "(2, 64, 1, 16)" in line
+
+
+@pytest.mark.slow
+def test_workdir_without_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(load_config_file(REPO / "configs" / "tiny.py").to_json())
+    result = eval_py(f"--workdir={tmp_path}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "has no checkpoint" in result.stderr.strip().splitlines()[-1]
+    with pytest.raises(mqa.CheckpointError, match="does not exist"):
+        mqa.load_model(tmp_path / "nowhere")
