@@ -53,6 +53,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     try:
         model = load_model(FLAGS.workdir, step=FLAGS.step, overrides=config_overrides())
+        if model.tokenizer is None and (FLAGS.sample or FLAGS.text):
+            raise DataError(f"{model.path} has no tokenizer.json, so text cannot be encoded; "
+                            "copy the model's tokenizer.json there")
         if FLAGS.sample:
             prompt = model.tokenizer.encode(FLAGS.prompt.encode().decode("unicode_escape"))
             out = decode.generate(model, prompt, FLAGS.max_new_tokens,
@@ -73,6 +76,11 @@ def main(argv):
                                             else raw.decode("utf-8"))
             bytes_per_token, source = len(raw) / max(len(tokens), 1), str(path)
         else:
+            if model.tokenizer is None or model.tokenizer.name != model.config.data.tokenizer:
+                raise DataError(
+                    f"the held-out split is tokenized with data.tokenizer="
+                    f"{model.config.data.tokenizer!r}, which is not this model's tokenizer "
+                    f"({getattr(model.tokenizer, 'name', None)!r}); evaluate with --text=FILE")
             corpus = data.load_corpus(model.config.data, model.path / "data", min_tokens=seq_len + 1)
             tokens, source = corpus.heldout, f"held-out split of {corpus.source}"
             bytes_per_token = corpus.heldout_bytes / len(corpus.heldout)

@@ -24,12 +24,14 @@ from mqa.rope import apply_rope
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-           q_offset: jax.Array | int | None = None) -> jax.Array:
+           q_offset: jax.Array | int | None = None, kv_layout: str = "bskd") -> jax.Array:
     """Softmax attention with K/V heads shared by groups of query heads.
 
     Args:
       q: [batch, q_len, num_heads, head_dim].
-      k, v: [batch, kv_len, num_kv_heads, head_dim]; num_kv_heads divides num_heads.
+      k, v: [batch, kv_len, num_kv_heads, head_dim] ("bskd"), or with kv_layout="bksd"
+        [batch, num_kv_heads, kv_len, head_dim], the KV cache's layout, in which each
+        head's keys are contiguous. num_kv_heads divides num_heads.
       causal: query i attends to keys at positions <= its own.
       q_offset: position of the first query among the keys (may be traced). Defaults to
         kv_len - q_len: the queries are the last q_len positions (the decoding convention).
@@ -37,14 +39,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       [batch, q_len, num_heads, head_dim] in q's dtype. Logits and softmax are float32.
     """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads, kv_len = k.shape[kv_layout.index("k")], k.shape[kv_layout.index("s")]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)             # split heads into (k, g)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(d))
     if causal:
-        logits = jnp.where(causal_mask(t, k.shape[1], q_offset), logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(causal_mask(t, kv_len, q_offset), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -57,12 +59,14 @@ def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int | None = None
 
 
 def attend_jax(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-               q_offset: jax.Array | int | None = None, implementation: str | None = None
-               ) -> jax.Array:
+               q_offset: jax.Array | int | None = None, kv_layout: str = "bskd",
+               implementation: str | None = None) -> jax.Array:
     """`attend` through `jax.nn.dot_product_attention` (XLA, or cuDNN's fused kernel on GPU).
 
     Same arguments and result as `attend`; GQA is handled natively by JAX.
     """
+    if kv_layout == "bksd":  # JAX takes [batch, kv_len, heads, head_dim]
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     t, s = q.shape[1], k.shape[1]
     if not causal:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
@@ -119,11 +123,13 @@ class Attention(nnx.Module):
         core = attention_fn(self.config.attention_impl)
         if cache is None:
             out = core(q, k, v, causal=True, q_offset=0)
-        else:
-            start = (0, cache.index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+        else:  # the cache is [batch, kv_heads, max_len, d]; write the new positions in place
+            start = (0, 0, cache.index, 0)
+            k_all = jax.lax.dynamic_update_slice(
+                cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(
+                cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), start)
             out = core(q, k_all.astype(dtype), v_all.astype(dtype), causal=True,
-                       q_offset=cache.index)
+                       q_offset=cache.index, kv_layout="bksd")
             cache = KVCache(k_all, v_all, cache.index + x.shape[1])
         return jnp.einsum("bthd,hdm->btm", out, self.out[...].astype(dtype)), cache

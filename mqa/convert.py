@@ -168,6 +168,14 @@ def hf_llama_params(checkpoint: SafetensorsCheckpoint, config: ModelConfig) -> n
         "blocks.mlp.up": ("mlp.up_proj.weight", (f, m), np.transpose),
         "blocks.mlp.down": ("mlp.down_proj.weight", (m, f), np.transpose),
     }
+    layer_names = {f"model.layers.{i}.{suffix}" for i in range(config.num_layers)
+                   for suffix, _, _ in per_layer.values()}
+    known = layer_names | {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    unknown = sorted(n for n in checkpoint.names() - known if not n.endswith("rotary_emb.inv_freq"))
+    if unknown:
+        raise ConvertError(f"tensor {unknown[0]!r} ({len(unknown)} unexpected in all) has no place "
+                           "in a plain Llama; this converter does not handle that variant")
+
     arrays = {
         ours: np.stack([transform(checkpoint.get(f"model.layers.{i}.{suffix}", shape))
                         for i in range(config.num_layers)])
@@ -175,16 +183,8 @@ def hf_llama_params(checkpoint: SafetensorsCheckpoint, config: ModelConfig) -> n
     }
     arrays["embed"] = checkpoint.get("model.embed_tokens.weight", (v, m))
     arrays["final_norm.scale"] = checkpoint.get("model.norm.weight", (m,))
-    if not config.tie_embeddings:
+    if not config.tie_embeddings:  # when tied, transformers ignores a stored lm_head; so do we
         arrays["unembed"] = checkpoint.get("lm_head.weight", (v, m)).T
-
-    used = {f"model.layers.{i}.{suffix}" for i in range(config.num_layers)
-            for suffix, _, _ in per_layer.values()}
-    used |= {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}  # lm_head: tied copy
-    unused = sorted(name for name in checkpoint.names() - used if not name.endswith("rotary_emb.inv_freq"))
-    if unused:
-        raise ConvertError(f"tensor {unused[0]!r} ({len(unused)} unexpected in all) has no place in a "
-                           "plain Llama; this converter does not handle that variant")
     return _fill(config, arrays)
 
 
@@ -200,7 +200,7 @@ def _fill(config: ModelConfig, arrays: dict[str, np.ndarray]) -> nnx.State:
                                f"expects {expected.shape}")
         return jnp.asarray(arrays[name], expected.dtype)
 
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(leaf, state.to_pure_dict()))
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(leaf, nnx.to_pure_dict(state)))
     return state
 
 

@@ -48,13 +48,14 @@ def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top
     batch, prompt_len = prompt.shape
     cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
     sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits, cache = model.step(prompt, cache)
+    layers = model.layer_params()  # sliced once, outside the token loop
+    logits, cache = model.step(prompt, cache, layers)
     keys = jax.random.split(key, max_new_tokens)
     first = sample(logits[:, -1], keys[0])
 
     def decode_one(carry, step_key):
         token, cache = carry
-        logits, cache = model.step(token[:, None], cache)
+        logits, cache = model.step(token[:, None], cache, layers)
         next_token = sample(logits[:, -1], step_key)
         return (next_token, cache), next_token
 

@@ -27,7 +27,8 @@ class LoadedModel:
     """Parameters, structure and tokenizer of a model, ready for evaluation and decoding.
 
     `model(tokens)` maps int32 [batch, seq] to float32 logits [batch, seq, vocab] with a
-    jitted pure function of (params, tokens).
+    jitted pure function of (params, tokens). `tokenizer` is None for a workdir without
+    tokenizer.json (a converted checkpoint that came without one).
     """
 
     config: ml_collections.ConfigDict       # the run's full experiment config
@@ -103,7 +104,8 @@ def load_model(path: str | pathlib.Path, *, step: int | None = None,
     except Exception as error:  # orbax reports damage in many ways; name the step
         raise CheckpointError(f"checkpoint step {step} in {str(workdir / 'checkpoints')!r} "
                               f"could not be read: {' '.join(str(error).split())[:300]}") from None
-    tokenizer = data.load_tokenizer(workdir)
+    has_tokenizer = (workdir / data.TOKENIZER_FILE).is_file()
+    tokenizer = data.load_tokenizer(workdir) if has_tokenizer else None
     return LoadedModel(config, model_config, graphdef, params, tokenizer, step, workdir)
 
 

@@ -2,9 +2,10 @@
 
 Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> SwiGLU MLP -> residual),
 rotary position embeddings, tied or untied embeddings. The blocks' parameters are stacked
-along a leading layer axis and run with `jax.lax.scan`, so compile time does not grow with
-depth. `__call__` (training, evaluation) and `step` (prefill and one-token decoding with a
-KV cache) run the same blocks with the same weights.
+along a leading layer axis. `__call__` (training, evaluation) runs them with `jax.lax.scan`,
+so compile time does not grow with depth; `step` (prefill and one-token decoding with a KV
+cache) runs the same blocks with the same weights layer by layer, so that each layer's
+cache buffer is updated in place inside a compiled decoding loop.
 """
 
 from __future__ import annotations
@@ -91,34 +92,46 @@ class Transformer(nnx.Module):
         logits, _ = self._forward(tokens, jnp.arange(tokens.shape[1]), None)
         return logits
 
-    def step(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def step(self, tokens: jax.Array, cache: KVCache,
+             layers: tuple[nnx.State, ...] | None = None) -> tuple[jax.Array, KVCache]:
         """Extends a cached sequence: the prompt at prefill, one token per decode step.
 
         tokens: int32 [batch, new]; cache: `KVCache` with `cache.index + new <= max_len`.
+        layers: `self.layer_params()`, computed once outside a decoding loop so that the
+          loop does not slice every layer's weights out of the stack at every token.
         Returns (float32 logits [batch, new, vocab], the cache with `new` more positions).
         """
         positions = cache.index + jnp.arange(tokens.shape[1])
-        return self._forward(tokens, positions, cache)
+        return self._forward(tokens, positions, cache, layers)
 
-    def _forward(self, tokens, positions, cache):
+    def layer_params(self) -> tuple[nnx.State, ...]:
+        """Each layer's parameters, sliced out of the stacked blocks."""
+        _, stacked = nnx.split(self.blocks)
+        return tuple(jax.tree.map(lambda a, i=i: a[i], stacked)
+                     for i in range(self.config.num_layers))
+
+    def _forward(self, tokens, positions, cache, layers=None):
         dtype = jnp.dtype(self.config.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        graphdef, layers = nnx.split(self.blocks)
+        graphdef, stacked = nnx.split(self.blocks)
+        if cache is None:  # training and evaluation: scan the stacked layers
+            def layer(x, params):
+                return nnx.merge(graphdef, params)(x, positions)[0], None
 
-        def layer(x, scanned):
-            params, k, v = scanned
-            layer_cache = None if cache is None else KVCache(k, v, cache.index)
-            x, layer_cache = nnx.merge(graphdef, params)(x, positions, layer_cache)
-            return x, None if cache is None else (layer_cache.k, layer_cache.v)
-
-        if self.config.remat:
-            layer = jax.checkpoint(layer)
-        kv = (None, None) if cache is None else (cache.k, cache.v)
-        x, new_kv = jax.lax.scan(layer, x, (layers, *kv))
+            if self.config.remat:
+                layer = jax.checkpoint(layer)
+            x, _ = jax.lax.scan(layer, x, stacked)
+        else:  # prefill and decoding: each layer updates its own cache buffer in place
+            new_k, new_v = [], []
+            for i, params in enumerate(layers or self.layer_params()):
+                block = nnx.merge(graphdef, params)
+                x, layer_cache = block(x, positions, KVCache(cache.k[i], cache.v[i], cache.index))
+                new_k.append(layer_cache.k)
+                new_v.append(layer_cache.v)
         x = self.final_norm(x)
         unembed = self.embed[...].T if self.config.tie_embeddings else self.unembed[...]
         logits = jnp.einsum("btm,mv->btv", x, unembed.astype(dtype),
                             preferred_element_type=jnp.float32)
         if cache is None:
             return logits, None
-        return logits, KVCache(*new_kv, cache.index + tokens.shape[1])
+        return logits, KVCache(tuple(new_k), tuple(new_v), cache.index + tokens.shape[1])

@@ -50,6 +50,15 @@ def test_explicit_query_offset(impl, q_offset):
     assert rel_error(traced, expected) < 1e-5
 
 
+@pytest.mark.parametrize("impl", [attend, attend_jax])
+def test_cache_layout_gives_the_same_result(impl):
+    """K/V as [batch, kv_heads, kv_len, d] (the KV cache's layout) give the same attention."""
+    q, k, v = random_qkv(6, 2, 3, 9, seed=8)
+    expected = attention_loops(q, k, v, q_offset=4)
+    out = impl(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), q_offset=4, kv_layout="bksd")
+    assert rel_error(out, expected) < 1e-5
+
+
 @pytest.mark.parametrize("impl", ["einsum", "xla"])
 @pytest.mark.parametrize("heads,kv_heads", HEADS)
 def test_bfloat16_inputs(impl, heads, kv_heads):
