@@ -1,0 +1,239 @@
+"""Decoding speed and KV-cache memory by number of key/value heads.
+
+  python benchmarks/decode.py                      # the full grid, with transformers
+  python benchmarks/decode.py --contexts=2048 --batches=8 --no-hf
+
+One model (4 layers, d_model 256, 8 query heads, SwiGLU 1024, float32) with
+num_kv_heads in {8, 4, 2, 1}, decoded at several context lengths and batch sizes. Each
+point times cached decoding steps exactly as `mqa.generate` runs them (a compiled
+`lax.scan` of `Transformer.step` with the layer weights sliced once and the cache donated),
+starting from a cache already holding `context` tokens. Next to each time: the bytes the
+step must read (all weights + the whole KV-cache buffer) and the "memory floor", those
+bytes over the machine's read bandwidth measured in the same run. Optionally the same
+shapes through Hugging Face transformers (`LlamaForCausalLM.generate`, PyTorch, CPU).
+
+Writes benchmarks/results/decode.{csv,json,png} and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mqa import accounting  # noqa: E402
+from mqa.config import ModelConfig  # noqa: E402
+from mqa.kv_cache import cache_nbytes, init_cache  # noqa: E402
+from mqa.model import Transformer  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+MODEL = ModelConfig(vocab_size=256, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8,
+                    head_dim=32, mlp_dim=1024, max_seq_len=65536)
+
+
+def machine() -> str:
+    """The processor and accelerator, in words (no host names)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = jax.devices()[0]
+    return (f"{cpu}, {os.cpu_count()} cores; {jax.device_count()} {device.platform} "
+            f"device(s) ({device.device_kind})")
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def read_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
+    """Bytes/s of a jitted full reduction over a float32 array larger than the caches."""
+    x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    return x.nbytes / median_seconds(lambda: total(x).block_until_ready(), repeats)
+
+
+def time_decode_step(config: ModelConfig, batch: int, context: int, steps: int,
+                     repeats: int) -> tuple[float, int]:
+    """Median seconds per cached decoding step, and the cache buffer's bytes."""
+    graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def decode(params, cache, token):
+        model = nnx.merge(graphdef, params)
+        layers = model.layer_params()
+
+        def one(carry, _):
+            token, cache = carry
+            logits, cache = model.step(token[:, None], cache, layers)
+            return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), None
+
+        (token, cache), _ = jax.lax.scan(one, (token, cache), None, length=steps)
+        return token, cache
+
+    cache = init_cache(config, batch, context + steps)
+    nbytes = cache_nbytes(cache)
+    token = jnp.zeros((batch,), jnp.int32)
+    state = {"cache": cache, "token": token}
+
+    def run():
+        state["token"], cache = decode(params, state["cache"]._replace(index=jnp.int32(context)),
+                                       state["token"])
+        state["cache"] = cache
+        jax.block_until_ready(state["token"])
+
+    run()  # compile
+    return median_seconds(run, repeats) / steps, nbytes
+
+
+def time_transformers(config: ModelConfig, batch: int, context: int, steps: int) -> float | None:
+    """Seconds per decoding step of `LlamaForCausalLM.generate` with the same shapes."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model,
+        intermediate_size=config.mlp_dim, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_seq_len, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+    prompt = torch.randint(0, config.vocab_size, (batch, context))
+    settings = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def generate(new):
+        with torch.no_grad():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                           max_new_tokens=new, min_new_tokens=new, **settings)
+
+    generate(2)  # warm up
+    short = median_seconds(lambda: generate(1), 2)
+    long = median_seconds(lambda: generate(steps + 1), 2)
+    return (long - short) / steps
+
+
+def plot(rows: list[dict], path: pathlib.Path, batch: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for kv in sorted({r["num_kv_heads"] for r in rows}, reverse=True):
+        points = sorted((r["context"], r) for r in rows
+                        if r["num_kv_heads"] == kv and r["batch"] == batch)
+        contexts = [c for c, _ in points]
+        speed.plot(contexts, [r["tokens_per_sec"] for _, r in points], "o-", label=f"kv={kv}")
+        memory.plot(contexts, [r["kv_cache_bytes"] / 2 ** 20 for _, r in points], "o-",
+                    label=f"kv={kv}")
+    for axis, title, label in ((speed, f"decoding, batch {batch}", "tokens/s"),
+                               (memory, f"KV cache, batch {batch}", "MiB")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("context (tokens)")
+        axis.set_ylabel(label)
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    fig.suptitle("8 query heads, 4 layers, d_model 256, float32 (MHA: kv=8, MQA: kv=1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    parser.add_argument("--kv_heads", type=ints, default=[8, 4, 2, 1])
+    parser.add_argument("--contexts", type=ints, default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--batches", type=ints, default=[1, 8])
+    parser.add_argument("--steps", type=int, default=32, help="decoding steps per timing")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time transformers at --hf_context and --hf_batch")
+    parser.add_argument("--hf_context", type=int, default=2048)
+    parser.add_argument("--hf_batch", type=int, default=8)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (jitted sum over 256 MiB)")
+    rows = []
+    for batch in args.batches:
+        for context in args.contexts:
+            for kv in args.kv_heads:
+                config = dataclasses.replace(MODEL, num_kv_heads=kv)
+                seconds, cache_bytes = time_decode_step(config, batch, context, args.steps,
+                                                        args.repeats)
+                weight_bytes = accounting.param_count(config) * 4
+                floor = (weight_bytes + cache_bytes) / bandwidth
+                row = dict(num_kv_heads=kv, batch=batch, context=context,
+                           step_ms=seconds * 1e3, steps_per_sec=1 / seconds,
+                           tokens_per_sec=batch / seconds,
+                           kv_cache_bytes=accounting.kv_cache_bytes(config, batch, context),
+                           bytes_read_per_step=weight_bytes + cache_bytes,
+                           floor_ms=floor * 1e3, fraction_of_floor=floor / seconds)
+                if args.hf and context == args.hf_context and batch == args.hf_batch:
+                    hf = time_transformers(config, batch, context, args.steps)
+                    if hf is not None:
+                        row.update(hf_step_ms=hf * 1e3, hf_tokens_per_sec=batch / hf)
+                rows.append(row)
+                print(f"kv={kv} batch={batch} context={context}: {row['step_ms']:.2f} ms/step, "
+                      f"{row['fraction_of_floor']:.0%} of the memory floor", flush=True)
+
+    mha = {(r["batch"], r["context"]): r for r in rows if r["num_kv_heads"] == MODEL.num_heads}
+    for r in rows:
+        base = mha.get((r["batch"], r["context"]))
+        if base:
+            r["speedup_vs_mha"] = base["step_ms"] / r["step_ms"]
+            r["bytes_ratio_vs_mha"] = base["bytes_read_per_step"] / r["bytes_read_per_step"]
+
+    header = (f"{'kv':>3} {'batch':>5} {'context':>7} {'ms/step':>8} {'tok/s':>8} "
+              f"{'KV MiB':>8} {'floor':>6} {'vs MHA':>7} {'bytes':>6} {'HF tok/s':>9}")
+    print("\n" + header)
+    for r in rows:
+        hf = f"{r['hf_tokens_per_sec']:9.0f}" if "hf_tokens_per_sec" in r else f"{'':>9}"
+        print(f"{r['num_kv_heads']:>3} {r['batch']:>5} {r['context']:>7} {r['step_ms']:8.2f} "
+              f"{r['tokens_per_sec']:8.0f} {r['kv_cache_bytes'] / 2 ** 20:8.1f} "
+              f"{r['fraction_of_floor']:6.0%} {r.get('speedup_vs_mha', float('nan')):6.2f}x "
+              f"{r.get('bytes_ratio_vs_mha', float('nan')):5.2f}x {hf}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
+                    if k in rows[0] else 100)
+    with (args.out / "decode.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                machine=machine(),
+                jax=jax.__version__, read_bandwidth_bytes_per_sec=bandwidth,
+                model=dataclasses.asdict(MODEL), command=" ".join(sys.argv), rows=rows)
+    (args.out / "decode.json").write_text(json.dumps(meta, indent=2) + "\n")
+    plot(rows, args.out / "decode.png", batch=max(args.batches))
+    print(f"\nwrote {args.out / 'decode.csv'}, decode.json and decode.png")
+
+
+if __name__ == "__main__":
+    main()
