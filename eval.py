@@ -86,13 +86,20 @@ def main(argv):
             bytes_per_token = corpus.heldout_bytes / len(corpus.heldout)
         print(f"evaluating step {model.step} of {model.path} on {source} "
               f"({len(tokens):,} tokens, windows of {seq_len}"
-              f"{f', stride {FLAGS.stride}' if FLAGS.stride else ''})", file=sys.stderr)
+              f"{f', stride {FLAGS.stride}' if FLAGS.stride else ''})", file=sys.__stderr__)
         result = evaluation.evaluate_tokens(
             model, tokens, seq_len=seq_len, stride=FLAGS.stride, batch_size=FLAGS.batch_size,
             bytes_per_token=bytes_per_token, progress=sys.stderr.isatty())
         print(json.dumps(result))
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
-        sys.exit(f"error: {' '.join(str(error).split())}")
+        fail(str(error))
+
+
+def fail(message: str) -> None:
+    """Prints one error line and exits at once: a failed checkpoint read can leave orbax
+    reads pending, whose complaints at interpreter shutdown would bury the message."""
+    print(f"error: {' '.join(message.split())}", file=sys.__stderr__, flush=True)
+    os._exit(2)
 
 
 def parse_flags(argv):

@@ -43,11 +43,18 @@ def main(argv):
                 raise ConfigError(f"no --config given and {str(workdir / 'config.json')!r} "
                                   "does not exist; pass --config=configs/NAME.py")
         trainer.train(config, FLAGS.workdir)
-    except (ConfigError, DataError) as error:
-        sys.exit(f"error: {error}")
+    except (ConfigError, DataError, trainer.NonFiniteLoss) as error:
+        fail(str(error))
     except trainer.Preempted as stop:
         print(stop, file=sys.stderr)
         sys.exit(143)
+
+
+def fail(message: str) -> None:
+    """Prints one error line and exits at once: a failed checkpoint read can leave orbax
+    reads pending, whose complaints at interpreter shutdown would bury the message."""
+    print(f"error: {' '.join(message.split())}", file=sys.__stderr__, flush=True)
+    os._exit(2)
 
 
 def parse_flags(argv):

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
         log_every=20,
         eval_every=200,
         eval_batches=16,
+        max_nonfinite_steps=10,  # stop after this many updates in a row skipped for NaN/inf
     ))
 
     config.data = ml_collections.ConfigDict(dict(

@@ -9,13 +9,34 @@ directory and renames it when complete, so a process killed mid-save leaves noth
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
 import pathlib
+import sys
 
 import jax
 import orbax.checkpoint as ocp
 
 from mqa.training import TrainState
+
+
+@contextlib.contextmanager
+def _quiet_if_damaged():
+    """When a read fails, orbax's background reads print tracebacks to stderr, during the
+    read and long after the exception reached us. Hold stderr back while reading: pass it
+    on if the read succeeds; once one has failed, send Python's stderr to nowhere. The
+    caller reports the damage in one line on `sys.__stderr__`."""
+    real, held = sys.stderr, io.StringIO()
+    sys.stderr = held
+    try:
+        yield
+    except Exception:
+        sys.stderr = open(os.devnull, "w")
+        raise
+    sys.stderr = real
+    real.write(held.getvalue())
 
 
 class Checkpointer:
@@ -36,6 +57,10 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         finally:
             absl_logger.setLevel(level)
+
+    def reload(self) -> None:
+        """Re-reads which steps exist (after a step directory was moved away)."""
+        self._manager.reload()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -61,18 +86,20 @@ class Checkpointer:
         """Restores a training checkpoint (default: the newest) into the shapes and
         shardings of `abstract_state`, a `TrainState` of `jax.ShapeDtypeStruct`s."""
         step = self.latest_step() if step is None else step
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            optimizer=ocp.args.StandardRestore({"step": abstract_state.step,
-                                                "opt_state": abstract_state.opt_state})))
+        with _quiet_if_damaged():
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                optimizer=ocp.args.StandardRestore({"step": abstract_state.step,
+                                                    "opt_state": abstract_state.opt_state})))
         return TrainState(restored.optimizer["step"], restored.params,
                           restored.optimizer["opt_state"])
 
     def restore_params(self, abstract_params, step: int | None = None):
         """Restores the `params` item alone into the shapes and shardings given."""
         step = self.latest_step() if step is None else step
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))
+        with _quiet_if_damaged():
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params)))
         return restored.params
 
     def item_metadata(self, step: int, item: str):

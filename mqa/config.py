@@ -25,7 +25,8 @@ _POSITIVE = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
     "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.max_seq_len",
     "train.steps", "train.batch_size", "train.seq_len", "train.log_every",
-    "train.eval_every", "train.grad_accum", "checkpoint.every", "checkpoint.keep",
+    "train.eval_every", "train.grad_accum", "train.max_nonfinite_steps", "checkpoint.every",
+    "checkpoint.keep",
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -80,10 +81,17 @@ def load_model(path: str | pathlib.Path, *, step: int | None = None,
             raise ConfigError(f"unknown config key {name!r}")
         config[section][field] = value
     validate(config)
-    model_config = ModelConfig.from_config(config.model)
-
     checkpoints = Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+        return _load(workdir, path_step, step, config, checkpoints)
+    finally:
+        checkpoints.close()
+
+
+def _load(workdir, path_step, step, config, checkpoints: Checkpointer) -> LoadedModel:
+    model_config = ModelConfig.from_config(config.model)
     steps = checkpoints.all_steps()
+    chosen = step is not None or path_step is not None  # else the newest intact one
     step = step if step is not None else path_step if path_step is not None else (
         steps[-1] if steps else None)
     if step is None:
@@ -99,11 +107,23 @@ def load_model(path: str | pathlib.Path, *, step: int | None = None,
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           abstract_params)
-    try:
-        params = checkpoints.restore_params(target, step)
-    except Exception as error:  # orbax reports damage in many ways; name the step
-        raise CheckpointError(f"checkpoint step {step} in {str(workdir / 'checkpoints')!r} "
-                              f"could not be read: {' '.join(str(error).split())[:300]}") from None
+    # The step asked for, or else the newest checkpoint that reads, naming damaged ones.
+    candidates = [step] if chosen else [s for s in reversed(steps) if s <= step]
+    for candidate in candidates:
+        try:
+            params = checkpoints.restore_params(target, candidate)
+            step = candidate
+            break
+        except Exception as error:  # orbax reports damage in many ways; name the step
+            reason = " ".join(str(error).split())[:200]
+            if chosen:
+                raise CheckpointError(f"checkpoint step {candidate} in "
+                                      f"{str(workdir / 'checkpoints')!r} is damaged: {reason}") from None
+            print(f"warning: checkpoint step {candidate} in {str(workdir / 'checkpoints')!r} is "
+                  f"damaged ({reason}); falling back to the previous one", file=sys.__stderr__)
+    else:
+        raise CheckpointError(f"no checkpoint in {str(workdir / 'checkpoints')!r} can be read "
+                              f"(steps {steps})")
     has_tokenizer = (workdir / data.TOKENIZER_FILE).is_file()
     tokenizer = data.load_tokenizer(workdir) if has_tokenizer else None
     return LoadedModel(config, model_config, graphdef, params, tokenizer, step, workdir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import sys
@@ -41,7 +42,7 @@ class MetricsWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         for name, value in row.items():
-            if name != "step" and isinstance(value, (int, float)):
+            if name != "step" and isinstance(value, (int, float)):  # None: not finite
                 self._tensorboard.add_scalar(name, value, step)
 
     def close(self) -> None:
@@ -50,8 +51,11 @@ class MetricsWriter:
 
 
 def _plain(value):
+    """Python numbers; NaN and infinities become null (strict JSON has neither)."""
     value = value.item() if hasattr(value, "item") else value
-    return round(value, 6) if isinstance(value, float) else value
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    return value
 
 
 class Progress:

@@ -15,8 +15,11 @@ import functools
 import json
 import math
 import os
+import sys
 import pathlib
+import fcntl
 import signal
+import socket
 import tempfile
 import time
 
@@ -36,6 +39,33 @@ from mqa.training import TrainState, learning_rate_schedule, make_eval_step, mak
 
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint of the step named in the message was written."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient; one line."""
+
+
+class WorkdirLock:
+    """An exclusive lock on WORKDIR/.lock, released when the process ends however it ends."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path = workdir / ".lock"
+        self._file = self.path.open("a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            owner = self._file.read().strip() or "another process"
+            self._file.close()
+            raise ConfigError(f"workdir {str(workdir)!r} is in use by {owner}; wait for it to "
+                              "finish or use another --workdir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"process {os.getpid()} on {socket.gethostname()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()  # closing drops the lock
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
@@ -127,6 +157,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     validate(config)
     workdir = prepare_workdir(workdir)
     is_main = jax.process_index() == 0
+    lock = WorkdirLock(workdir) if is_main else None  # the other hosts share process 0's run
+    try:
+        return _train(config, workdir, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def restore_newest_intact(checkpointer: Checkpointer, abstract_state: TrainState,
+                          is_main: bool) -> TrainState | None:
+    """The newest checkpoint that restores. Damaged ones are named and moved aside to
+    WORKDIR/damaged_checkpoints/ (kept, not deleted), so the run can save that step again."""
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            return checkpointer.restore(abstract_state, step)
+        except Exception as error:  # missing or truncated files surface in many forms
+            if is_main:
+                reason = " ".join(str(error).split())[:200]
+                aside = checkpointer.directory.parent / "damaged_checkpoints" / f"{step}-{time.time_ns()}"
+                aside.parent.mkdir(exist_ok=True)
+                (checkpointer.directory / str(step)).rename(aside)
+                print(f"warning: checkpoint step {step} in {checkpointer.directory} is damaged "
+                      f"({reason}); moved it to {aside} and fell back to the previous one",
+                      file=sys.__stderr__)
+            checkpointer.reload()
+    return None
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bool) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     _check_batch(config, mesh)
     train_cfg = config.train
@@ -158,8 +217,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
     writer = MetricsWriter(workdir, enabled=is_main)
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(abstract_like(state))
+    if checkpointer.all_steps():
+        restored = restore_newest_intact(checkpointer, abstract_like(state), is_main)
+        if restored is None:
+            raise ConfigError(f"no checkpoint in {checkpointer.directory} can be read "
+                              f"(steps {checkpointer.all_steps()}); move them away to start over")
+        state = restored
         if is_main:
             print(f"resumed from step {int(state.step)} in {checkpointer.directory}")
     start_step = int(state.step)
@@ -187,11 +250,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     progress = Progress(start_step, train_cfg.steps, enabled=is_main)
     last_eval = None
+    skipped_in_a_row, previous = 0, None
     try:
         timer_step, timer = start_step, time.perf_counter()
         for step in range(start_step, train_cfg.steps):
             state, metrics = train_step(state, batch_at(step))
             done = step + 1
+            for flag_step, flag in ([previous] if previous else []):  # one step behind
+                skipped_in_a_row = skipped_in_a_row + 1 if int(flag) else 0
+                if skipped_in_a_row >= train_cfg.max_nonfinite_steps:
+                    raise NonFiniteLoss(
+                        f"the loss or gradient was not finite at steps {flag_step - skipped_in_a_row + 1}"
+                        f"-{flag_step} ({skipped_in_a_row} in a row, train.max_nonfinite_steps="
+                        f"{train_cfg.max_nonfinite_steps}); stopped at step {flag_step}; the last "
+                        f"checkpoint (step {checkpointer.latest_step()}) is intact; lower "
+                        "train.learning_rate or check the data")
+            previous = (done, metrics["skipped"])
             if step == start_step:  # leave compilation out of the throughput
                 jax.block_until_ready(state)
                 timer_step, timer = done, time.perf_counter()

@@ -80,10 +80,17 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
             loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": schedule(state.step)}
+        # A non-finite loss or gradient skips the update: parameters and optimizer state
+        # stay as they were, and the step counter (and so the data) moves on.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                   "skipped": jnp.logical_not(finite).astype(jnp.int32)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step

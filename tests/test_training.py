@@ -93,3 +93,23 @@ def test_eval_step_ignores_padding_rows():
                        jnp.array([1, 1, 1, 1, 0, 0, 0, 0], jnp.float32))
     np.testing.assert_allclose(full["loss_sum"], padded["loss_sum"], rtol=1e-6)
     assert float(padded["tokens"]) == 4 * 16
+
+
+def test_non_finite_loss_skips_the_update():
+    """A NaN in the loss leaves parameters and optimizer state exactly as they were."""
+    graphdef, state, step, batch = setup()
+    state, _ = step(state, batch)  # one normal update, so the optimizer state is non-trivial
+    def poison(path, x):  # a NaN in the embedding row of the first input token
+        first = getattr(path[0], "key", None) == "embed"
+        return x.at[batch[0, 0], 0].set(jnp.nan) if first else x
+
+    poisoned = jax.tree_util.tree_map_with_path(poison, state.params)
+    before = TrainState(state.step, poisoned, state.opt_state)
+    after, metrics = step(before, batch)
+    assert int(metrics["skipped"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    assert int(after.step) == int(before.step) + 1
+    for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
+                    jax.tree.leaves((after.params, after.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    _, metrics = step(state, batch)
+    assert int(metrics["skipped"]) == 0
