@@ -38,23 +38,32 @@ def assert_same_params(a, b):
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_to_the_same_run(tmp_path):
-    """Checkpoints every step, so kills land during saves too; two kills, then the resume."""
+    """Checkpoints every step, so kills land during saves too. The first kill comes once
+    step N has been saved, two more at random moments of the resumed runs; the same
+    command then finishes 2N steps exactly as a run that was never interrupted."""
     args = ["--config=configs/tiny.py", "--config.train.steps=40", "--config.train.log_every=1",
             "--config.train.eval_every=1000", "--config.checkpoint.every=1",
             "--config.checkpoint.keep=2"]
     run_train(tmp_path / "straight", *args)
-    straight = losses(tmp_path / "straight")
-    rng = random.Random(0)
     workdir = tmp_path / "killed"
-    for trial in range(2):
+    proc = start_train(workdir, *args)
+    deadline = time.time() + 240
+    while not (workdir / "checkpoints" / "20").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rng = random.Random(0)
+    for _ in range(2):
         proc = start_train(workdir, *args)
-        wait_for_rows(workdir, proc, rows=len(losses(workdir)) + 1 if workdir.exists() else 1)
-        time.sleep(rng.uniform(0.0, 0.6))
+        wait_for_rows(workdir, proc, rows=len(losses(workdir)) + 1)
+        time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert len(losses(workdir)) < 40, "the run finished before the last kill"
-    run_train(workdir, *args)
-    assert losses(workdir) == straight
+    result = run_train(workdir, *args)
+    assert "resumed from step" in result.stdout
+    assert losses(workdir) == losses(tmp_path / "straight")  # every step logged once, same values
     assert_same_params(final_params(workdir, 40), final_params(tmp_path / "straight", 40))
 
 
@@ -98,29 +107,38 @@ def damage(step_dir: pathlib.Path, how: str) -> None:
         (params / "manifest.ocdbt").unlink()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["truncated", "missing"])
-def test_damaged_checkpoint_is_named_and_the_previous_one_used(tmp_path, how):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run with checkpoints at steps 20 and 40, and its command-line arguments."""
     args = ["--config=configs/tiny.py", "--config.train.steps=40", "--config.checkpoint.every=20",
             "--config.train.eval_every=40"]
-    run_train(tmp_path / "run", *args)
-    shutil.copytree(tmp_path / "run", tmp_path / "intact")
-    damage(tmp_path / "run" / "checkpoints" / "40", how)
+    workdir = tmp_path_factory.mktemp("trained")
+    run_train(workdir, *args)
+    return workdir, args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_damaged_checkpoint_is_named_and_the_previous_one_used(trained, tmp_path, how):
+    intact, args = trained
+    run = tmp_path / "run"
+    shutil.copytree(intact, run)
+    damage(run / "checkpoints" / "40", how)
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     evaluate = lambda *a: subprocess.run([sys.executable, "eval.py", *a], cwd=REPO, env=env,  # noqa: E731
                                          capture_output=True, text=True, timeout=300)
-    explicit = evaluate(f"--workdir={tmp_path / 'run'}", "--step=40")
+    explicit = evaluate(f"--workdir={run}", "--step=40")
     assert_one_line_error(explicit, "checkpoint step 40", "is damaged")
-    fallback = evaluate(f"--workdir={tmp_path / 'run'}")
+    fallback = evaluate(f"--workdir={run}")
     assert fallback.returncode == 0, fallback.stderr
     assert "checkpoint step 40" in fallback.stderr and "damaged" in fallback.stderr
     assert "evaluating step 20" in fallback.stderr
 
-    resumed = run_train(tmp_path / "run", *args)
+    resumed = run_train(run, *args)
     assert "checkpoint step 40" in resumed.stderr and "resumed from step 20" in resumed.stdout
-    assert list((tmp_path / "run" / "damaged_checkpoints").iterdir())  # kept, not deleted
-    assert_same_params(final_params(tmp_path / "run", 40), final_params(tmp_path / "intact", 40))
+    assert list((run / "damaged_checkpoints").iterdir())  # kept, not deleted
+    assert_same_params(final_params(run, 40), final_params(intact, 40))
 
 
 @pytest.mark.slow

@@ -1,11 +1,9 @@
 """The pure train/eval steps: gradient accumulation, schedule, weight decay, loss."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
