@@ -123,7 +123,7 @@ class Attention(nnx.Module):
         core = attention_fn(self.config.attention_impl)
         if cache is None:
             out = core(q, k, v, causal=True, q_offset=0)
-        else:  # the cache is [batch, kv_heads, max_len, d]; write the new positions in place
+        else:  # the cache is [batch, kv_heads, max_len, d]; write the new positions into it
             start = (0, 0, cache.index, 0)
             k_all = jax.lax.dynamic_update_slice(
                 cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), start)

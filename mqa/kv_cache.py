@@ -17,7 +17,7 @@ class KVCache(NamedTuple):
 
     k, v: for the whole model, a tuple of num_layers arrays [batch, num_kv_heads, max_len,
       head_dim]; inside one layer, that layer's array. Separate buffers per layer let each
-      decoding step write its new keys and values in place and read each layer's cache
+      decoding step write its new keys and values into its own buffer and read each layer's cache
       without first copying it out of a stacked array, and with each head's positions
       contiguous, the attention products read the cache as it lies (with the head axis
       after the position axis, XLA on CPU transposed the whole cache every step: 2.3x

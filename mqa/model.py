@@ -4,8 +4,8 @@ Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> SwiGLU MLP -> resi
 rotary position embeddings, tied or untied embeddings. The blocks' parameters are stacked
 along a leading layer axis. `__call__` (training, evaluation) runs them with `jax.lax.scan`,
 so compile time does not grow with depth; `step` (prefill and one-token decoding with a KV
-cache) runs the same blocks with the same weights layer by layer, so that each layer's
-cache buffer is updated in place inside a compiled decoding loop.
+cache) runs the same blocks with the same weights layer by layer, each layer writing its
+own cache buffer, so a compiled decoding loop never copies one stacked cache array.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class Transformer(nnx.Module):
             if self.config.remat:
                 layer = jax.checkpoint(layer)
             x, _ = jax.lax.scan(layer, x, stacked)
-        else:  # prefill and decoding: each layer updates its own cache buffer in place
+        else:  # prefill and decoding: each layer updates its own cache buffer
             new_k, new_v = [], []
             for i, params in enumerate(layers or self.layer_params()):
                 block = nnx.merge(graphdef, params)
