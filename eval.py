@@ -11,7 +11,6 @@ is reported in one line.
 """
 
 import json
-import os
 import pathlib
 import sys
 
@@ -19,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mqa import data, decode, evaluation
+from mqa.cli import fail, parse_flags
 from mqa.config import ConfigError, default_config
 from mqa.data import DataError
 from mqa.loading import CheckpointError, load_model
@@ -93,23 +93,6 @@ def main(argv):
         print(json.dumps(result))
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
         fail(str(error))
-
-
-def fail(message: str) -> None:
-    """Prints one error line and exits at once: a failed checkpoint read can leave orbax
-    reads pending, whose complaints at interpreter shutdown would bury the message."""
-    print(f"error: {' '.join(message.split())}", file=sys.__stderr__, flush=True)
-    os._exit(2)
-
-
-def parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        while error.args and isinstance(error.args[0], BaseException):
-            error = error.args[0]
-        message = str(error.args[0]) if error.args else str(error)
-        sys.exit(f"error: invalid command line: {' '.join(message.replace(chr(39), '').split())}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Running the same command again resumes from the newest checkpoint in the workdir
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
-import os
 import sys
 
 import jax
@@ -16,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mqa import trainer
+from mqa.cli import fail, parse_flags
 from mqa.config import ConfigError
 from mqa.data import DataError
 
@@ -48,30 +48,6 @@ def main(argv):
     except trainer.Preempted as stop:
         print(stop, file=sys.stderr)
         sys.exit(143)
-
-
-def fail(message: str) -> None:
-    """Prints one error line and exits at once: a failed checkpoint read can leave orbax
-    reads pending, whose complaints at interpreter shutdown would bury the message."""
-    print(f"error: {' '.join(message.split())}", file=sys.__stderr__, flush=True)
-    os._exit(2)
-
-
-def parse_flags(argv):
-    """absl's parser, with a bad --config override reported in one line, not a traceback."""
-    for arg in argv[1:]:
-        if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):
-            sys.exit(f"error: config file {arg.split('=', 1)[1]!r} does not exist")
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        while error.args and isinstance(error.args[0], BaseException):
-            error = error.args[0]  # config_flags wraps the KeyError of an unknown field
-        message = str(error.args[0]) if error.args else str(error)
-        words = " ".join(message.replace("'", "").split())
-        culprit = next((arg for arg in argv[1:] if words.split()[0] in arg), None)
-        where = f" in {culprit}" if culprit and culprit not in words else ""
-        sys.exit(f"error: invalid command line{where}: {words}")
 
 
 if __name__ == "__main__":
