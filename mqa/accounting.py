@@ -6,8 +6,6 @@ building them; tests check them against the parameters a built model really has.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 
 from mqa.config import ModelConfig
@@ -67,7 +65,3 @@ def mlp_dim_matching_mha(config: ModelConfig) -> int:
     saved = 2 * config.d_model * config.head_dim * (config.num_heads - config.num_kv_heads)
     return config.mlp_dim + round(saved / (3 * config.d_model))
 
-
-def mha_equivalent(config: ModelConfig) -> ModelConfig:
-    """The same model with one K/V head per query head."""
-    return dataclasses.replace(config, num_kv_heads=config.num_heads)

@@ -107,9 +107,6 @@ class Checkpointer:
         handler = ocp.StandardCheckpointHandler()
         return handler.metadata(self.directory / str(step) / item)
 
-    def has_optimizer_state(self, step: int) -> bool:
-        return (self.directory / str(step) / "optimizer").is_dir()
-
     def wait(self) -> None:
         """Blocks until any async save has been written completely."""
         self._manager.wait_until_finished()

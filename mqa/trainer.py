@@ -273,7 +273,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - timer
                 if done > timer_step:
-                    tokens_per_sec = (done - timer_step) * math.prod(batch_shape[:1]) * train_cfg.seq_len / elapsed
+                    tokens_per_sec = (done - timer_step) * train_cfg.batch_size * train_cfg.seq_len / elapsed
                     row.update(tokens_per_sec=tokens_per_sec,
                                mfu=tokens_per_sec * flops_per_token / peak)
                 timer_step, timer = done, time.perf_counter()
