@@ -24,18 +24,22 @@ from mqa.training import TrainState
 
 @contextlib.contextmanager
 def _quiet_if_damaged():
-    """When a read fails, orbax's background reads print tracebacks to stderr, during the
-    read and long after the exception reached us. Hold stderr back while reading: pass it
-    on if the read succeeds; once one has failed, send Python's stderr to nowhere. The
-    caller reports the damage in one line on `sys.__stderr__`."""
+    """When a read fails, orbax's background reads complain on stderr, during the read and
+    long after the exception reached us: tracebacks printed by Python, and "exception was
+    never retrieved" records from the `asyncio` logger. Hold both back while reading: pass
+    stderr on if the read succeeds; once one has failed, send Python's stderr to nowhere
+    and silence the asyncio logger. The caller reports the damage in one line on
+    `sys.__stderr__`."""
     real, held = sys.stderr, io.StringIO()
-    sys.stderr = held
+    asyncio_logger = logging.getLogger("asyncio")
+    was_disabled = asyncio_logger.disabled
+    sys.stderr, asyncio_logger.disabled = held, True
     try:
         yield
     except Exception:
         sys.stderr = open(os.devnull, "w")
         raise
-    sys.stderr = real
+    sys.stderr, asyncio_logger.disabled = real, was_disabled
     real.write(held.getvalue())
 
 
@@ -105,7 +109,8 @@ class Checkpointer:
     def item_metadata(self, step: int, item: str):
         """The stored tree of shapes and dtypes of one item (`params` or `optimizer`)."""
         handler = ocp.StandardCheckpointHandler()
-        return handler.metadata(self.directory / str(step) / item)
+        with _quiet_if_damaged():
+            return handler.metadata(self.directory / str(step) / item)
 
     def wait(self) -> None:
         """Blocks until any async save has been written completely."""
