@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_layers=4,
         num_heads=8,
         num_kv_heads=8,          # == num_heads: MHA; 1: MQA; in between: GQA
+        kv_share_every=1,        # layers per group sharing one K/V (Brandon et al. 2024); 1: off
         head_dim=32,             # num_heads * head_dim == d_model
         mlp_dim=1024,            # SwiGLU hidden width
         match_mha_params=False,  # widen the MLP so parameters equal MHA's (Shazeer 2019)
@@ -43,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
         eval_every=200,
         eval_batches=16,
         max_nonfinite_steps=10,  # stop after this many updates in a row skipped for NaN/inf
+        init_from="",            # workdir or checkpoint to start from (uptraining); '': random
     ))
 
     config.data = ml_collections.ConfigDict(dict(
