@@ -21,24 +21,21 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import pathlib
 import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mqa import accounting  # noqa: E402
 from mqa.config import ModelConfig  # noqa: E402
-from mqa.kv_cache import cache_nbytes, init_cache  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
+from mqa.timing import decode_step_seconds, median_seconds  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODEL = ModelConfig(vocab_size=256, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8,
@@ -58,15 +55,6 @@ def machine() -> str:
             f"device(s) ({device.device_kind})")
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def read_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
     """Bytes/s of a jitted full reduction over a float32 array larger than the caches."""
     x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
@@ -77,35 +65,10 @@ def read_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
 
 def time_decode_step(config: ModelConfig, batch: int, context: int, steps: int,
                      repeats: int) -> tuple[float, int]:
-    """Median seconds per cached decoding step, and the cache buffer's bytes."""
+    """Median seconds per cached decoding step of a randomly initialized model, and the
+    cache buffer's bytes."""
     graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
-
-    @functools.partial(jax.jit, donate_argnums=1)
-    def decode(params, cache, token):
-        model = nnx.merge(graphdef, params)
-        layers = model.layer_params()
-
-        def one(carry, _):
-            token, cache = carry
-            logits, cache = model.step(token[:, None], cache, layers)
-            return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), None
-
-        (token, cache), _ = jax.lax.scan(one, (token, cache), None, length=steps)
-        return token, cache
-
-    cache = init_cache(config, batch, context + steps)
-    nbytes = cache_nbytes(cache)
-    token = jnp.zeros((batch,), jnp.int32)
-    state = {"cache": cache, "token": token}
-
-    def run():
-        state["token"], cache = decode(params, state["cache"]._replace(index=jnp.int32(context)),
-                                       state["token"])
-        state["cache"] = cache
-        jax.block_until_ready(state["token"])
-
-    run()  # compile
-    return median_seconds(run, repeats) / steps, nbytes
+    return decode_step_seconds(graphdef, params, config, batch, context, steps, repeats)
 
 
 def time_transformers(config: ModelConfig, batch: int, context: int, steps: int) -> float | None:

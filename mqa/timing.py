@@ -1,0 +1,64 @@
+"""Timing decoding: cached steps exactly as `mqa.generate` runs them, medians of repeats.
+
+Shared by `benchmarks/decode.py` (random weights) and `sweep.py` (each point's trained
+weights): a compiled `lax.scan` of `Transformer.step` with the layer weights sliced once
+and the cache donated, starting from a cache that already holds `context` tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mqa.config import ModelConfig
+from mqa.kv_cache import cache_nbytes, init_cache
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall-clock seconds of `repeats` calls of `fn`."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def decode_step_seconds(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig,
+                        batch: int, context: int, steps: int, repeats: int) -> tuple[float, int]:
+    """Median seconds per cached decoding step of `batch` sequences at `context` tokens,
+    and the cache buffer's bytes. Compiles first; `context + steps` must fit
+    `config.max_seq_len`."""
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def decode(params, cache, token):
+        model = nnx.merge(graphdef, params)
+        layers = model.layer_params()
+
+        def one(carry, _):
+            token, cache = carry
+            logits, cache = model.step(token[:, None], cache, layers)
+            return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), None
+
+        (token, cache), _ = jax.lax.scan(one, (token, cache), None, length=steps)
+        return token, cache
+
+    cache = init_cache(config, batch, context + steps)
+    nbytes = cache_nbytes(cache)
+    token = jnp.zeros((batch,), jnp.int32)
+    state = {"cache": cache, "token": token}
+
+    def run():
+        state["token"], cache = decode(params, state["cache"]._replace(index=jnp.int32(context)),
+                                       state["token"])
+        state["cache"] = cache
+        jax.block_until_ready(state["token"])
+
+    run()  # compile
+    return median_seconds(run, repeats) / steps, nbytes
