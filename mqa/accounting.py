@@ -12,9 +12,11 @@ from mqa.config import ModelConfig
 
 
 def attention_params(config: ModelConfig) -> int:
-    """One layer's q, k, v and output projections (no biases)."""
+    """All layers' q, k, v and output projections (no biases); with cross-layer sharing
+    only `num_kv_layers` layers have k and v."""
     m, d = config.d_model, config.head_dim
-    return m * d * (2 * config.num_heads + 2 * config.num_kv_heads)
+    return m * d * (2 * config.num_heads * config.num_layers
+                    + 2 * config.num_kv_heads * config.num_kv_layers)
 
 
 def mlp_params(config: ModelConfig) -> int:
@@ -24,8 +26,8 @@ def mlp_params(config: ModelConfig) -> int:
 
 def param_count(config: ModelConfig, *, embeddings: bool = True) -> int:
     """Total parameters; `embeddings=False` leaves out the (un)embedding matrices."""
-    per_layer = attention_params(config) + mlp_params(config) + 2 * config.d_model  # + 2 norms
-    total = config.num_layers * per_layer + config.d_model  # + final norm
+    per_layer = mlp_params(config) + 2 * config.d_model  # + 2 norms
+    total = attention_params(config) + config.num_layers * per_layer + config.d_model  # + final norm
     if embeddings:
         total += config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
     return total
@@ -47,7 +49,7 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True)
 def kv_cache_bytes_per_token(config: ModelConfig, dtype=None) -> int:
     """Bytes of keys and values cached per token, over all layers."""
     itemsize = jnp.dtype(dtype or config.dtype).itemsize
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+    return 2 * config.num_kv_layers * config.num_kv_heads * config.head_dim * itemsize
 
 
 def kv_cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype=None) -> int:
@@ -56,12 +58,16 @@ def kv_cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype=Non
 
 
 def mlp_dim_matching_mha(config: ModelConfig) -> int:
-    """The SwiGLU width that gives this model as many parameters as its MHA version.
+    """The SwiGLU width that gives this model as many parameters as its MHA version
+    (`num_kv_heads == num_heads`, no cross-layer sharing).
 
-    Fewer K/V heads save `2 * d_model * head_dim * (num_heads - num_kv_heads)` parameters
-    per layer; Shazeer (2019) spends them on a wider feed-forward layer. Rounded to the
-    nearest width, so the counts agree within `1.5 * d_model` per layer.
+    Fewer K/V heads, and fewer layers with K/V, save `2 * d_model * head_dim *
+    (num_layers * num_heads - num_kv_layers * num_kv_heads)` parameters; Shazeer (2019)
+    spends them on a wider feed-forward layer. Rounded to the nearest width, so the counts
+    agree within `1.5 * d_model` per layer.
     """
-    saved = 2 * config.d_model * config.head_dim * (config.num_heads - config.num_kv_heads)
-    return config.mlp_dim + round(saved / (3 * config.d_model))
+    c = config
+    saved = 2 * c.d_model * c.head_dim * (c.num_layers * c.num_heads
+                                          - c.num_kv_layers * c.num_kv_heads)
+    return c.mlp_dim + round(saved / (3 * c.d_model * c.num_layers))
 

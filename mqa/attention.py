@@ -96,40 +96,57 @@ class Attention(nnx.Module):
     """Query/key/value/output projections, rotary embeddings, and an optional KV cache.
 
     Weights: q [m, num_heads, d], k and v [m, num_kv_heads, d], out [num_heads, d, m].
+    With cross-layer KV sharing (Brandon et al. 2024) only the first layer of each group
+    has k and v (`owns_kv`); the others attend to the keys and values it computed.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, owns_kv: bool = True):
         m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
         init = nnx.initializers.normal(stddev=m ** -0.5)
         out_init = nnx.initializers.normal(stddev=(h * d) ** -0.5 / (2 * config.num_layers) ** 0.5)
         self.q = nnx.Param(init(rngs.params(), (m, h, d)))
-        self.k = nnx.Param(init(rngs.params(), (m, kv, d)))
-        self.v = nnx.Param(init(rngs.params(), (m, kv, d)))
+        if owns_kv:
+            self.k = nnx.Param(init(rngs.params(), (m, kv, d)))
+            self.v = nnx.Param(init(rngs.params(), (m, kv, d)))
         self.out = nnx.Param(out_init(rngs.params(), (h, d, m)))
+        self.owns_kv = owns_kv
         self.config = config
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
-        """x: [batch, seq, m]; positions: int [seq]. With a one-layer cache, the new keys
-        and values are written at `cache.index` and the queries attend to everything
-        written so far. Returns ([batch, seq, m], the updated cache or None)."""
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                 shared_kv: tuple[jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array]]:
+        """x: [batch, seq, m]; positions: int [seq].
+
+        cache: this layer's (or its KV group's) cache. A layer that owns K/V writes the new
+          keys and values at `cache.index`, and the queries attend to everything written.
+        shared_kv: the (keys, values) returned by the group's first layer, for a layer
+          without K/V: [batch, seq, kv_heads, d] each, or with a cache the whole updated
+          cache buffers [batch, kv_heads, max_len, d] (`cache.index` is then the index
+          before this step).
+        Returns ([batch, seq, m], the updated cache or None, the (keys, values) attended to).
+        """
         dtype = jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
-        q = jnp.einsum("btm,mhd->bthd", x, self.q[...].astype(dtype))
-        k = jnp.einsum("btm,mkd->btkd", x, self.k[...].astype(dtype))
-        v = jnp.einsum("btm,mkd->btkd", x, self.v[...].astype(dtype))
-        q = apply_rope(q, positions, self.config.rope_theta)
-        k = apply_rope(k, positions, self.config.rope_theta)
+        q = apply_rope(jnp.einsum("btm,mhd->bthd", x, self.q[...].astype(dtype)), positions,
+                       self.config.rope_theta)
+        if shared_kv is not None:
+            k, v = shared_kv
+        else:
+            k = jnp.einsum("btm,mkd->btkd", x, self.k[...].astype(dtype))
+            v = jnp.einsum("btm,mkd->btkd", x, self.v[...].astype(dtype))
+            k = apply_rope(k, positions, self.config.rope_theta)
+            if cache is not None:  # the cache is [batch, kv_heads, max_len, d]: write the new
+                start = (0, 0, cache.index, 0)  # positions into it
+                k = jax.lax.dynamic_update_slice(
+                    cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), start)
+                v = jax.lax.dynamic_update_slice(
+                    cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), start)
         core = attention_fn(self.config.attention_impl)
         if cache is None:
             out = core(q, k, v, causal=True, q_offset=0)
-        else:  # the cache is [batch, kv_heads, max_len, d]; write the new positions into it
-            start = (0, 0, cache.index, 0)
-            k_all = jax.lax.dynamic_update_slice(
-                cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(
-                cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), start)
-            out = core(q, k_all.astype(dtype), v_all.astype(dtype), causal=True,
-                       q_offset=cache.index, kv_layout="bksd")
-            cache = KVCache(k_all, v_all, cache.index + x.shape[1])
-        return jnp.einsum("bthd,hdm->btm", out, self.out[...].astype(dtype)), cache
+        else:
+            out = core(q, k.astype(dtype), v.astype(dtype), causal=True, q_offset=cache.index,
+                       kv_layout="bksd")
+            if shared_kv is None:
+                cache = KVCache(k, v, cache.index + x.shape[1])
+        return jnp.einsum("bthd,hdm->btm", out, self.out[...].astype(dtype)), cache, (k, v)

@@ -23,7 +23,8 @@ TOKENIZERS = ("byte", "bpe")
 # Fields that must be >= 1.
 _POSITIVE = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
-    "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.max_seq_len",
+    "model.num_kv_heads", "model.kv_share_every", "model.head_dim", "model.mlp_dim",
+    "model.max_seq_len",
     "train.steps", "train.batch_size", "train.seq_len", "train.log_every",
     "train.eval_every", "train.grad_accum", "train.max_nonfinite_steps", "checkpoint.every",
     "checkpoint.keep",
@@ -45,6 +46,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     mlp_dim: int
+    kv_share_every: int = 1
     tie_embeddings: bool = True
     attention_impl: str = "einsum"
     rope_theta: float = 10000.0
@@ -57,6 +59,11 @@ class ModelConfig:
     def group_size(self) -> int:
         """Query heads that share one key/value head."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers that compute (and cache) keys and values: one per `kv_share_every`."""
+        return self.num_layers // self.kv_share_every
 
     @classmethod
     def from_config(cls, model_config: Any, **overrides) -> "ModelConfig":
@@ -196,6 +203,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         valid = [k for k in range(1, m.num_heads + 1) if m.num_heads % k == 0]
         raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads="
                           f"{m.num_heads}; valid: {', '.join(map(str, valid))}")
+    if m.num_layers % m.kv_share_every:
+        valid = [k for k in range(1, m.num_layers + 1) if m.num_layers % k == 0]
+        raise ConfigError(f"model.kv_share_every={m.kv_share_every} must divide model.num_layers="
+                          f"{m.num_layers}; valid: {', '.join(map(str, valid))}")
     if m.num_heads * m.head_dim != m.d_model:
         hint = (f"; set model.head_dim={m.d_model // m.num_heads}"
                 if m.d_model % m.num_heads == 0 else "")

@@ -6,6 +6,8 @@ along a leading layer axis. `__call__` (training, evaluation) runs them with `ja
 so compile time does not grow with depth; `step` (prefill and one-token decoding with a KV
 cache) runs the same blocks with the same weights layer by layer, each layer writing its
 own cache buffer, so a compiled decoding loop never copies one stacked cache array.
+With cross-layer KV sharing (`kv_share_every` > 1) the scan steps over groups of layers
+whose first layer computes, and caches, the keys and values the others reuse.
 """
 
 from __future__ import annotations
@@ -52,36 +54,51 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One pre-norm Transformer layer."""
+    """One pre-norm Transformer layer; `owns_kv=False` for a layer that reuses the K/V of
+    its group's first layer (cross-layer KV sharing)."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, owns_kv: bool = True):
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attention = Attention(config, rngs=rngs)
+        self.attention = Attention(config, rngs=rngs, owns_kv=owns_kv)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
-        """x: [batch, seq, m] -> ([batch, seq, m], this layer's updated cache or None)."""
-        h, cache = self.attention(self.attention_norm(x), positions, cache)
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                 shared_kv: tuple[jax.Array, jax.Array] | None = None):
+        """x: [batch, seq, m] -> ([batch, seq, m], the updated cache or None, the (keys,
+        values) attended to); see `Attention.__call__`."""
+        h, cache, kv = self.attention(self.attention_norm(x), positions, cache, shared_kv)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return x + self.mlp(self.mlp_norm(x)), cache, kv
+
+
+def _stacked_blocks(config: ModelConfig, count: int, rngs: nnx.Rngs, owns_kv: bool) -> Block:
+    """`count` Blocks whose parameters are stacked along a leading axis."""
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(config, rngs=rngs, owns_kv=owns_kv)
+
+    return make(rngs)
 
 
 class Transformer(nnx.Module):
-    """The language model. tokens: int32 [batch, seq] -> logits float32 [batch, seq, vocab]."""
+    """The language model. tokens: int32 [batch, seq] -> logits float32 [batch, seq, vocab].
+
+    The layers form `num_kv_layers` groups of `kv_share_every` consecutive layers: group g
+    is `blocks[g]`, which computes keys and values, then `shared_blocks[g * (s - 1) + j]`
+    for j < s - 1, which attend to them. Without sharing (s = 1) every layer is in `blocks`.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed = nnx.Param(nnx.initializers.normal(stddev=0.02)(
             rngs.params(), (config.vocab_size, config.d_model)))
-
-        @nnx.split_rngs(splits=config.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(config, rngs=rngs)
-
-        self.blocks = stacked_blocks(rngs)  # every parameter has a leading [num_layers] axis
+        # Every parameter of these has a leading layer axis.
+        self.blocks = _stacked_blocks(config, config.num_kv_layers, rngs, owns_kv=True)
+        if config.kv_share_every > 1:
+            self.shared_blocks = _stacked_blocks(
+                config, config.num_layers - config.num_kv_layers, rngs, owns_kv=False)
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         if not config.tie_embeddings:
             self.unembed = nnx.Param(nnx.initializers.normal(stddev=config.d_model ** -0.5)(
@@ -93,7 +110,7 @@ class Transformer(nnx.Module):
         return logits
 
     def step(self, tokens: jax.Array, cache: KVCache,
-             layers: tuple[nnx.State, ...] | None = None) -> tuple[jax.Array, KVCache]:
+             layers: tuple | None = None) -> tuple[jax.Array, KVCache]:
         """Extends a cached sequence: the prompt at prefill, one token per decode step.
 
         tokens: int32 [batch, new]; cache: `KVCache` with `cache.index + new <= max_len`.
@@ -104,30 +121,48 @@ class Transformer(nnx.Module):
         positions = cache.index + jnp.arange(tokens.shape[1])
         return self._forward(tokens, positions, cache, layers)
 
-    def layer_params(self) -> tuple[nnx.State, ...]:
-        """Each layer's parameters, sliced out of the stacked blocks."""
-        _, stacked = nnx.split(self.blocks)
-        return tuple(jax.tree.map(lambda a, i=i: a[i], stacked)
-                     for i in range(self.config.num_layers))
+    def layer_params(self) -> tuple[tuple[nnx.State, tuple[nnx.State, ...]], ...]:
+        """Per KV group: (its first layer's parameters, the other layers' parameters),
+        sliced out of the stacked blocks."""
+        groups, per_group = self.config.num_kv_layers, self.config.kv_share_every - 1
+        first = nnx.state(self.blocks)
+        shared = nnx.state(self.shared_blocks) if per_group else None
+        take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+        return tuple((take(first, g), tuple(take(shared, g * per_group + j)
+                                            for j in range(per_group)))
+                     for g in range(groups))
 
     def _forward(self, tokens, positions, cache, layers=None):
         dtype = jnp.dtype(self.config.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        graphdef, stacked = nnx.split(self.blocks)
-        if cache is None:  # training and evaluation: scan the stacked layers
-            def layer(x, params):
-                return nnx.merge(graphdef, params)(x, positions)[0], None
+        per_group = self.config.kv_share_every - 1
+        graphdef = nnx.graphdef(self.blocks)
+        shared_graphdef = nnx.graphdef(self.shared_blocks) if per_group else None
+        if cache is None:  # training and evaluation: scan the stacked layers, a group a step
+            def group(x, params):
+                first, shared = params
+                x, _, kv = nnx.merge(graphdef, first)(x, positions)
+                for j in range(per_group):
+                    layer = nnx.merge(shared_graphdef, jax.tree.map(lambda a: a[j], shared))
+                    x, _, _ = layer(x, positions, shared_kv=kv)
+                return x, None
 
             if self.config.remat:
-                layer = jax.checkpoint(layer)
-            x, _ = jax.lax.scan(layer, x, stacked)
-        else:  # prefill and decoding: each layer updates its own cache buffer
+                group = jax.checkpoint(group)
+            shared = None
+            if per_group:  # [groups * per_group, ...] -> [groups, per_group, ...]
+                shared = jax.tree.map(lambda a: a.reshape(-1, per_group, *a.shape[1:]),
+                                      nnx.state(self.shared_blocks))
+            x, _ = jax.lax.scan(group, x, (nnx.state(self.blocks), shared))
+        else:  # prefill and decoding: each group updates its own cache buffer
             new_k, new_v = [], []
-            for i, params in enumerate(layers or self.layer_params()):
-                block = nnx.merge(graphdef, params)
-                x, layer_cache = block(x, positions, KVCache(cache.k[i], cache.v[i], cache.index))
-                new_k.append(layer_cache.k)
-                new_v.append(layer_cache.v)
+            for g, (first, shared) in enumerate(layers or self.layer_params()):
+                group_cache = KVCache(cache.k[g], cache.v[g], cache.index)
+                x, updated, kv = nnx.merge(graphdef, first)(x, positions, group_cache)
+                for params in shared:
+                    x, _, _ = nnx.merge(shared_graphdef, params)(x, positions, group_cache, kv)
+                new_k.append(updated.k)
+                new_v.append(updated.v)
         x = self.final_norm(x)
         unembed = self.embed[...].T if self.config.tie_embeddings else self.unembed[...]
         logits = jnp.einsum("btm,mv->btv", x, unembed.astype(dtype),
