@@ -1,4 +1,4 @@
-"""Converts checkpoints made elsewhere into mqa workdirs.
+"""Converts checkpoints made elsewhere, or with other K/V heads, into mqa workdirs.
 
   python -m mqa.convert hf-llama --src DIR --workdir OUT
 
@@ -7,11 +7,17 @@ sharded or not; MHA, GQA or MQA; tied or untied embeddings) and writes a workdir
 `mqa.load_model(OUT)` and the evaluation tools read: OUT/config.json (a full experiment
 config), OUT/checkpoints/0/params, and OUT/tokenizer.json when the source has one. Weights
 are read with safetensors' numpy API and cast to float32, so conversion needs no torch.
+
+  python -m mqa.convert uptrain --src RUN --num_kv_heads K --workdir OUT [--init mean]
+
+turns a workdir of ours (MHA or GQA) into one with K key/value heads, as the starting point
+of uptraining (Ainslie et al. 2023): `train.py --config.train.init_from=OUT`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -26,9 +32,10 @@ import safetensors
 import tokenizers
 from flax import nnx
 
-from mqa import data
+from mqa import accounting, data
 from mqa.checkpoint import Checkpointer
 from mqa.config import ConfigError, ModelConfig, default_config, validate
+from mqa.loading import CheckpointError, load_model
 from mqa.model import Transformer
 
 
@@ -219,26 +226,37 @@ def convert_hf_llama(src: str | pathlib.Path, workdir: str | pathlib.Path) -> ml
     except json.JSONDecodeError as error:
         raise ConvertError(f"{src / 'config.json'} is not valid JSON: {error}") from None
     config = hf_llama_config(hf)
-    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
-        raise ConvertError(f"--workdir {str(workdir)!r} already holds a workdir; give a new or "
-                           "empty directory")
+    _check_new_workdir(workdir)
     model_config = ModelConfig.from_config(config.model)
     params = hf_llama_params(SafetensorsCheckpoint(src), model_config)
+    _write_workdir(workdir, config, params, _checked_tokenizer(src, model_config.vocab_size))
+    return config
 
+
+def _check_new_workdir(workdir: pathlib.Path) -> None:
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise ConvertError(f"--workdir {str(workdir)!r} is not empty: it already holds a workdir "
+                           "or other files; give a new or empty directory")
+
+
+def _write_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, params: nnx.State,
+                   tokenizer: pathlib.Path | None) -> None:
+    """OUT/checkpoints/0/params, a copy of the tokenizer file if any, then OUT/config.json."""
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpointer(workdir / "checkpoints")
     checkpoints.save_params(0, params)
     checkpoints.close()
-    _copy_tokenizer(src, workdir, model_config.vocab_size)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, workdir / data.TOKENIZER_FILE)
     (workdir / "config.json").write_text(config.to_json(indent=2))  # last: marks a complete workdir
-    return config
 
 
-def _copy_tokenizer(src: pathlib.Path, workdir: pathlib.Path, vocab_size: int) -> None:
+def _checked_tokenizer(src: pathlib.Path, vocab_size: int) -> pathlib.Path | None:
+    """src/tokenizer.json if it is there, after checking the tokenizers library reads it."""
     path = src / data.TOKENIZER_FILE
     if not path.is_file():
         print(f"note: {str(src)!r} has no {data.TOKENIZER_FILE}; the workdir has no tokenizer")
-        return
+        return None
     try:
         tokenizer = data.BpeTokenizer(tokenizers.Tokenizer.from_file(str(path)))
     except Exception as error:  # the tokenizers library reports bad files in many ways
@@ -247,7 +265,94 @@ def _copy_tokenizer(src: pathlib.Path, workdir: pathlib.Path, vocab_size: int) -
     if tokenizer.vocab_size > vocab_size:
         print(f"note: the tokenizer has {tokenizer.vocab_size} ids but the model only "
               f"{vocab_size}; ids from {vocab_size} on have no embedding")
-    shutil.copyfile(path, workdir / data.TOKENIZER_FILE)
+    return path
+
+
+# ----------------------------------------------------------------------------- uptraining
+
+KV_INITS = ("mean", "first", "random")
+KV_PROJECTIONS = ("blocks.attention.k", "blocks.attention.v")
+
+
+def pool_kv_heads(kernel: np.ndarray, num_kv_heads: int, init: str) -> np.ndarray:
+    """K or V projections [..., src_kv_heads, head_dim] -> [..., num_kv_heads, head_dim].
+
+    Group g holds source heads g*r ... g*r+r-1 (r = src_kv_heads / num_kv_heads), the query
+    heads of which all read new head g; `init` "mean" averages them (in float64), "first"
+    keeps head g*r.
+    """
+    *lead, heads, head_dim = kernel.shape
+    groups = kernel.reshape(*lead, num_kv_heads, heads // num_kv_heads, head_dim)
+    if init == "first":
+        return groups[..., 0, :]
+    return groups.astype(np.float64).mean(axis=-2).astype(kernel.dtype)
+
+
+def uptrain_params(params: nnx.State, source: ModelConfig, num_kv_heads: int, init: str,
+                   seed: int = 0) -> nnx.State:
+    """The source model's parameters with K/V projections [layers, m, src_kv_heads, d]
+    turned into [layers, m, num_kv_heads, d] (with cross-layer KV sharing: the `blocks`
+    that own K/V, [num_kv_layers, ...]); every other parameter is copied unchanged.
+
+    init: "mean" or "first" (see `pool_kv_heads`), or "random": K and V as a fresh
+    Transformer with the new shapes initialises them (`nnx.Rngs(seed)`).
+    """
+    target = dataclasses.replace(source, num_kv_heads=num_kv_heads)
+    arrays = _dotted_arrays(params)
+    if init == "random":
+        fresh = _dotted_arrays(nnx.split(Transformer(target, rngs=nnx.Rngs(seed)))[1])
+        arrays.update({name: fresh[name] for name in KV_PROJECTIONS})
+    else:
+        arrays.update({name: pool_kv_heads(arrays[name], num_kv_heads, init)
+                       for name in KV_PROJECTIONS})
+    return _fill(target, arrays)
+
+
+def _dotted_arrays(params: nnx.State) -> dict[str, np.ndarray]:
+    """{"blocks.attention.k": array, ...}: the leaves of a parameter State by dotted name."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params))}
+
+
+def uptrain_config(config: ml_collections.ConfigDict, source: ModelConfig,
+                   num_kv_heads: int) -> ml_collections.ConfigDict:
+    """The source's experiment config with `num_kv_heads`; a widened MLP
+    (match_mha_params) is written out as its explicit mlp_dim so the shapes stay the source's."""
+    src_kv = source.num_kv_heads
+    valid = [k for k in range(1, src_kv + 1) if src_kv % k == 0]
+    if num_kv_heads not in valid:
+        why = ("exceeds" if num_kv_heads > src_kv else "does not divide" if num_kv_heads > 0
+               else "must be >= 1 and divide")
+        raise ConvertError(f"--num_kv_heads {num_kv_heads} {why} the source's model.num_kv_heads="
+                           f"{src_kv}; valid: {', '.join(map(str, valid))}")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.num_kv_heads = num_kv_heads
+    if config.model.match_mha_params:
+        config.model.update(mlp_dim=source.mlp_dim, match_mha_params=False)
+    return validate(config)
+
+
+def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path, num_kv_heads: int,
+                    init: str = "mean", step: int | None = None) -> str:
+    """Writes the model in `src` (a workdir or checkpoint of ours; `step`: default the
+    newest) with `num_kv_heads` K/V heads as a new workdir; returns a one-line summary."""
+    workdir = pathlib.Path(workdir).expanduser()
+    _check_new_workdir(workdir)
+    source = load_model(src, step=step)
+    config = uptrain_config(source.config, source.model_config, num_kv_heads)
+    params = uptrain_params(source.params, source.model_config, num_kv_heads, init,
+                            seed=config.train.seed)
+    tokenizer = source.path / data.TOKENIZER_FILE
+    _write_workdir(workdir, config, params, tokenizer if tokenizer.is_file() else None)
+
+    before, after = source.model_config, ModelConfig.from_config(config.model)
+    group = before.num_kv_heads // num_kv_heads
+    how = {"mean": f"mean-pooled in groups of {group}", "first": f"first head of each group of {group}",
+           "random": "re-initialised"}[init]
+    return (f"uptrained {src} (step {source.step}) -> {workdir}: K/V heads {before.num_kv_heads} -> "
+            f"{num_kv_heads} ({how}); parameters {accounting.param_count(before):,} -> "
+            f"{accounting.param_count(after):,}; KV cache {accounting.kv_cache_bytes_per_token(before):,}"
+            f" -> {accounting.kv_cache_bytes_per_token(after):,} bytes/token")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -260,11 +365,23 @@ def main(argv: list[str] | None = None) -> None:
         "hf-llama", help="a Hugging Face Llama checkpoint (config.json + *.safetensors)")
     hf_llama.add_argument("--src", required=True, help="the Hugging Face model directory")
     hf_llama.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
+    uptrain = commands.add_parser(
+        "uptrain", help="a workdir of ours with fewer K/V heads, to uptrain (MHA -> GQA/MQA)")
+    uptrain.add_argument("--src", required=True, help="the workdir or checkpoint directory to convert")
+    uptrain.add_argument("--num_kv_heads", required=True, type=int,
+                         help="K/V heads of the result; must divide the source's")
+    uptrain.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
+    uptrain.add_argument("--init", choices=KV_INITS, default="mean",
+                         help="new K/V heads: mean-pool each group, its first head, or random")
+    uptrain.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
     args = parser.parse_args(argv)
     try:
-        config = convert_hf_llama(args.src, args.workdir)  # the only command so far
-    except (ConvertError, ConfigError, data.DataError) as error:
-        sys.exit(f"error: {error}")
+        if args.command == "uptrain":
+            print(convert_uptrain(args.src, args.workdir, args.num_kv_heads, args.init, args.step))
+            return
+        config = convert_hf_llama(args.src, args.workdir)
+    except (ConvertError, ConfigError, CheckpointError, data.DataError) as error:
+        sys.exit(f"error: {' '.join(str(error).split())}")
     m = config.model
     print(f"converted {args.src} -> {args.workdir}: {m.num_layers} layers, d_model {m.d_model}, "
           f"{m.num_heads} query / {m.num_kv_heads} key-value heads, vocab {m.vocab_size}, "

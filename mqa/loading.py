@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -70,26 +71,55 @@ def load_model(path: str | pathlib.Path, *, step: int | None = None,
     overrides: config changes, e.g. {"model.attention_impl": "xla"}; a change that alters
     the parameters' shapes is reported as a mismatch with the checkpoint.
     """
+    with _open_checkpoints(path) as (workdir, path_step, checkpoints):
+        config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+        for name, value in (overrides or {}).items():
+            section, _, field = name.partition(".")
+            if section not in config or field not in config[section]:
+                raise ConfigError(f"unknown config key {name!r}")
+            config[section][field] = value
+        validate(config)
+        model_config = ModelConfig.from_config(config.model)
+        abstract_model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
+        graphdef, abstract_params = nnx.split(abstract_model)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                              abstract_params)
+        params, step = _restore(workdir, checkpoints, path_step, step, target)
+    has_tokenizer = (workdir / data.TOKENIZER_FILE).is_file()
+    tokenizer = data.load_tokenizer(workdir) if has_tokenizer else None
+    return LoadedModel(config, model_config, graphdef, params, tokenizer, step, workdir)
+
+
+def restore_params(path: str | pathlib.Path, abstract_params) -> tuple[Any, pathlib.Path, int]:
+    """The parameters of a workdir's newest checkpoint, or of the checkpoint directory given,
+    restored into the shapes and shardings of `abstract_params` (an `nnx.State` of
+    `jax.ShapeDtypeStruct`s, checked against the stored shapes first).
+
+    Returns (params, the workdir, the step restored). For `train.init_from` (uptraining).
+    """
+    with _open_checkpoints(path) as (workdir, path_step, checkpoints):
+        params, step = _restore(workdir, checkpoints, path_step, None, abstract_params)
+    return params, workdir, step
+
+
+@contextlib.contextmanager
+def _open_checkpoints(path: str | pathlib.Path):
+    """Yields (workdir, the step the path names or None, its read-only Checkpointer)."""
     path = pathlib.Path(path).expanduser().resolve()
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist")
     workdir, path_step = _find_workdir(path)
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    for name, value in (overrides or {}).items():
-        section, _, field = name.partition(".")
-        if section not in config or field not in config[section]:
-            raise ConfigError(f"unknown config key {name!r}")
-        config[section][field] = value
-    validate(config)
     checkpoints = Checkpointer(workdir / "checkpoints", read_only=True)
     try:
-        return _load(workdir, path_step, step, config, checkpoints)
+        yield workdir, path_step, checkpoints
     finally:
         checkpoints.close()
 
 
-def _load(workdir, path_step, step, config, checkpoints: Checkpointer) -> LoadedModel:
-    model_config = ModelConfig.from_config(config.model)
+def _restore(workdir, checkpoints: Checkpointer, path_step, step, target) -> tuple[Any, int]:
+    """Restores `step`, the path's step, or else the newest intact one into `target`
+    (shapes checked first); returns (params, the step restored)."""
     steps = checkpoints.all_steps()
     chosen = step is not None or path_step is not None  # else the newest intact one
     step = step if step is not None else path_step if path_step is not None else (
@@ -101,12 +131,7 @@ def _load(workdir, path_step, step, config, checkpoints: Checkpointer) -> Loaded
         raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint at step {step}; "
                               f"it has steps {steps}")
 
-    abstract_model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    _check_shapes(checkpoints, step, abstract_params, workdir)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract_params)
+    _check_shapes(checkpoints, step, target, workdir)
     # The step asked for, or else the newest checkpoint that reads, naming damaged ones.
     candidates = [step] if chosen else [s for s in reversed(steps) if s <= step]
     for candidate in candidates:
@@ -124,13 +149,12 @@ def _load(workdir, path_step, step, config, checkpoints: Checkpointer) -> Loaded
     else:
         raise CheckpointError(f"no checkpoint in {str(workdir / 'checkpoints')!r} can be read "
                               f"(steps {steps})")
-    has_tokenizer = (workdir / data.TOKENIZER_FILE).is_file()
-    tokenizer = data.load_tokenizer(workdir) if has_tokenizer else None
-    return LoadedModel(config, model_config, graphdef, params, tokenizer, step, workdir)
+    return params, step
 
 
 def _check_shapes(checkpoints: Checkpointer, step: int, abstract_params, workdir) -> None:
-    """Compares the checkpoint's stored shapes with the config's, naming the first mismatch."""
+    """Compares the checkpoint's stored parameters and shapes with the config's, naming the
+    first mismatch (a parameter only one side has, e.g. `unembed`, or a shape)."""
     try:
         metadata = checkpoints.item_metadata(step, "params")
     except Exception:
@@ -139,6 +163,14 @@ def _check_shapes(checkpoints: Checkpointer, step: int, abstract_params, workdir
         return
     stored = {_names(p): tuple(m.shape) for p, m in
               jax.tree_util.tree_leaves_with_path(metadata) if hasattr(m, "shape")}
+    expected = {_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    if expected != stored.keys():
+        key = min(expected ^ stored.keys())
+        needed = key in expected
+        raise CheckpointError(
+            f"checkpoint step {step} in {str(workdir)!r} {'has no' if needed else 'has'} "
+            f"{'.'.join(key[:-1])}, which the config {'needs' if needed else 'does not have'}: the "
+            "config (e.g. model.tie_embeddings) does not match what was trained")
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
         key = _names(path)
         if key in stored and stored[key] != tuple(leaf.shape):

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mqa import accounting, data, hardware, sharding
+from mqa import accounting, data, hardware, loading, sharding
 from mqa.checkpoint import Checkpointer, abstract_like
 from mqa.config import ConfigError, ModelConfig, validate
 from mqa.metrics import MetricsWriter, Progress
@@ -84,9 +84,10 @@ def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
 
 
 def _check_resumable(config, workdir: pathlib.Path) -> None:
-    """A workdir with checkpoints only continues with the model and data it was trained on."""
+    """A workdir with checkpoints only continues with the model and data it was trained on
+    (one whose run failed before its first checkpoint, e.g. on a bad init_from, may change)."""
     old = saved_config(workdir)
-    if old is None or not (workdir / "checkpoints").exists():
+    if old is None or not any((workdir / "checkpoints").glob("[0-9]*")):
         return
     for section in ("model", "data"):
         for key, value in config[section].items():
@@ -184,6 +185,20 @@ def restore_newest_intact(checkpointer: Checkpointer, abstract_state: TrainState
     return None
 
 
+def init_params_from(path: str, abstract_params, is_main: bool) -> nnx.State:
+    """`train.init_from`'s parameters (a workdir's newest checkpoint, or the checkpoint
+    directory named) in the shapes and shardings of `abstract_params`. The step counter and
+    optimizer state still start fresh."""
+    try:
+        params, source, step = loading.restore_params(path, abstract_params)
+    except loading.CheckpointError as error:
+        raise ConfigError(f"train.init_from: {error}") from None
+    if is_main:
+        print(f"initialised the parameters from step {step} of {source} (train.init_from); "
+              "step counter and optimizer state start fresh")
+    return params
+
+
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bool) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     _check_batch(config, mesh)
@@ -224,6 +239,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
         state = restored
         if is_main:
             print(f"resumed from step {int(state.step)} in {checkpointer.directory}")
+    elif train_cfg.init_from:  # uptraining; AdamW's fresh state (zeros) fits any values
+        state = state._replace(params=init_params_from(train_cfg.init_from,
+                                                       abstract_like(state.params), is_main))
     start_step = int(state.step)
     writer.drop_after(start_step)
 
