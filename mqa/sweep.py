@@ -1,0 +1,164 @@
+"""A sweep: fields and their values, expanded into points (the cartesian product).
+
+A sweep config is a training config plus a `sweep` field that maps dotted field names to
+lists of values, written either with dotted keys or as nested sections:
+
+  config.sweep = ml_collections.ConfigDict({"model.num_kv_heads": [8, 4, 2, 1]},
+                                           allow_dotted_keys=True)
+  config.sweep = {"model": {"num_kv_heads": (8, 4, 2, 1)}}   # the same sweep
+
+`ConfigDict` keeps keys sorted, so the points come in a stable order: fields sorted by
+name, the first field outermost, each field's values in the order listed. Each point is
+the training config (the `sweep` field removed) with its values set, validated like any
+training config, and is named from its values for its sub-workdir:
+`num_kv_heads=8`, or `num_kv_heads=8__seed=0` for several fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+
+from mqa.config import ConfigError, _set_from_string, validate
+
+SWEEP_FIELD = "sweep"
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One run of a sweep: its sub-workdir name, its swept values and its full config."""
+
+    name: str
+    values: dict[str, Any]                  # dotted field name -> value, in sweep order
+    config: ml_collections.ConfigDict       # a validated training config
+
+
+def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A deep copy of `config` without its `sweep` field: what `mqa.config.validate` accepts."""
+    values = json.loads(config.to_json())
+    values.pop(SWEEP_FIELD, None)
+    return ml_collections.ConfigDict(values)
+
+
+def sweep_fields(config: ml_collections.ConfigDict) -> dict[str, list]:
+    """The config's `sweep` field flattened to {dotted name: [values]} ({} if absent)."""
+    if SWEEP_FIELD not in config:
+        return {}
+    fields = {}
+
+    def flatten(node: Any, prefix: str) -> None:
+        if isinstance(node, (ml_collections.ConfigDict, Mapping)):
+            for key in node.keys():
+                flatten(node[key], f"{prefix}.{key}" if prefix else key)
+            return
+        if not isinstance(node, (list, tuple)):
+            raise ConfigError(f"sweep field {prefix!r} must be a list of values, got {node!r}")
+        fields[prefix] = list(node)
+
+    flatten(config[SWEEP_FIELD], "")
+    return fields
+
+
+def parse_sweep_flags(items: Iterable[str], config: ml_collections.ConfigDict) -> dict[str, list]:
+    """`["model.num_kv_heads=8,4,2,1", "train.seed=0,1"]` -> {name: [typed values]}.
+
+    Each value is read as `--config.NAME=VALUE` would read it (the type of the config's
+    current value), so a misspelled name or a bad value is a one-line `ConfigError`.
+    """
+    base = training_config(config)
+    fields = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"--sweep={item!r} must look like 'section.field=value,value,...'")
+        values = []
+        for value_text in filter(None, (v.strip() for v in text.split(","))):
+            scratch = ml_collections.ConfigDict(base.to_dict())
+            _set_from_string(scratch, name, value_text)
+            values.append(_get(scratch, name))
+        fields[name] = values
+    return fields
+
+
+def points(config: ml_collections.ConfigDict, fields: Mapping[str, list]) -> list[Point]:
+    """The cartesian product of `fields` over `config`, each point's config validated.
+
+    Raises `ConfigError` naming the point and the value for the first invalid point, so a
+    sweep stops before training anything.
+    """
+    if not fields:
+        raise ConfigError("no sweep: add a `sweep` field to the config, e.g. "
+                          "{'model.num_kv_heads': [8, 4, 2, 1]}, or pass "
+                          "--sweep=model.num_kv_heads=8,4,2,1")
+    for name, values in fields.items():
+        if not values:
+            raise ConfigError(f"sweep field {name!r} has no values")
+    base = training_config(config)
+    names = list(fields)
+    result = []
+    for combination in itertools.product(*(fields[name] for name in names)):
+        values = dict(zip(names, combination))
+        point_config = ml_collections.ConfigDict(base.to_dict())
+        for name, value in values.items():
+            _set(point_config, name, value)
+        label = point_name(values)
+        try:
+            validate(point_config)
+        except ConfigError as error:
+            raise ConfigError(f"sweep point {label}: {error}") from None
+        result.append(Point(label, values, point_config))
+    if len({p.name for p in result}) < len(result):
+        raise ConfigError(f"sweep values give duplicate point names: {[p.name for p in result]}")
+    return result
+
+
+def point_name(values: Mapping[str, Any]) -> str:
+    """{"model.num_kv_heads": 8, "train.seed": 0} -> "num_kv_heads=8__seed=0".
+
+    Each field is named by its last part, or in full where two fields share that part.
+    Characters that cannot be in a folder name become "_".
+    """
+    last = [name.rpartition(".")[2] for name in values]
+    parts = []
+    for name, short in zip(values, last):
+        label = short if last.count(short) == 1 else name
+        parts.append(f"{label}={_format_value(values[name])}")
+    return "__".join(parts)
+
+
+def _format_value(value: Any) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return "".join(c if c.isalnum() or c in "-_.+=" else "_" for c in text) or "_"
+
+
+def _get(config: Any, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """Sets a dotted field; a section that does not exist is created, so that `validate`
+    names the unknown key with the valid ones."""
+    parent, _, field = dotted.rpartition(".")
+    node = config
+    for part in filter(None, parent.split(".")):
+        if part not in node:
+            node[part] = ml_collections.ConfigDict()
+        node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"sweep field {dotted!r}: {part!r} is a value, not a section")
+    if isinstance(node.get(field), ml_collections.ConfigDict):
+        raise ConfigError(f"sweep field {dotted!r} is a section; name a field in it, e.g. "
+                          f"{dotted}.{next(iter(node[field].keys()), 'FIELD')}")
+    try:
+        node[field] = value
+    except TypeError:  # ConfigDict keeps a field's type
+        raise ConfigError(f"sweep field {dotted}={value!r} has type {type(value).__name__}; "
+                          f"expected {type(node[field]).__name__} like {node[field]!r}") from None
