@@ -18,13 +18,8 @@ Writes benchmarks/results/decode.{csv,json,png} and prints a table.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import datetime
-import json
-import os
 import pathlib
-import platform
 import sys
 
 import jax
@@ -36,23 +31,10 @@ from mqa import accounting  # noqa: E402
 from mqa.config import ModelConfig  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
 from mqa.timing import decode_step_seconds, median_seconds  # noqa: E402
+from benchmarks.common import RESULTS, write_results  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODEL = ModelConfig(vocab_size=256, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8,
                     head_dim=32, mlp_dim=1024, max_seq_len=65536)
-
-
-def machine() -> str:
-    """The processor and accelerator, in words (no host names)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = jax.devices()[0]
-    return (f"{cpu}, {os.cpu_count()} cores; {jax.device_count()} {device.platform} "
-            f"device(s) ({device.device_kind})")
 
 
 def read_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
@@ -182,18 +164,8 @@ def main(argv=None) -> None:
               f"{r['fraction_of_floor']:6.0%} {r.get('speedup_vs_mha', float('nan')):6.2f}x "
               f"{r.get('bytes_ratio_vs_mha', float('nan')):5.2f}x {hf}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
-                    if k in rows[0] else 100)
-    with (args.out / "decode.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                machine=machine(),
-                jax=jax.__version__, read_bandwidth_bytes_per_sec=bandwidth,
-                model=dataclasses.asdict(MODEL), command=" ".join(sys.argv), rows=rows)
-    (args.out / "decode.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_results(args.out, "decode", rows, read_bandwidth_bytes_per_sec=bandwidth,
+                  model=dataclasses.asdict(MODEL))
     plot(rows, args.out / "decode.png", batch=max(args.batches))
     print(f"\nwrote {args.out / 'decode.csv'}, decode.json and decode.png")
 

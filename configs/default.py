@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
         mlp_dim=1024,            # SwiGLU hidden width
         match_mha_params=False,  # widen the MLP so parameters equal MHA's (Shazeer 2019)
         tie_embeddings=True,
-        attention_impl="einsum",  # einsum | xla | cudnn (jax.nn.dot_product_attention)
+        attention_impl="einsum",  # einsum | blockwise (linear memory) | xla | cudnn
         rope_theta=10000.0,
         norm_eps=1e-5,
         max_seq_len=1024,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -77,13 +78,27 @@ def attend_jax(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+    """Contracts x's last `contract` axes with w's first ones, as one 2-D matmul.
+
+    x: [..., *w.shape[:contract]]; w: [*in, *out] -> [..., *out]. Written as
+    [tokens, in] @ [in, out]: XLA on CPU ran the weight gradient of the 3-D einsum
+    through a slow transposing copy.
+    """
+    lead, w_in, w_out = x.shape[:-contract], w.shape[:contract], w.shape[contract:]
+    y = x.reshape(-1, math.prod(w_in)) @ w.reshape(math.prod(w_in), math.prod(w_out))
+    return y.reshape(*lead, *w_out)
+
+
 AttentionFn = Callable[..., jax.Array]
 
 
 def attention_fn(impl: str) -> AttentionFn:
     """The attention core named by `model.attention_impl`."""
+    from mqa.blockwise import attend_blockwise  # it builds on `attend`
     impls = {
         "einsum": attend,
+        "blockwise": attend_blockwise,
         "xla": functools.partial(attend_jax, implementation="xla"),
         "cudnn": functools.partial(attend_jax, implementation="cudnn"),
     }
@@ -127,13 +142,12 @@ class Attention(nnx.Module):
         """
         dtype = jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
-        q = apply_rope(jnp.einsum("btm,mhd->bthd", x, self.q[...].astype(dtype)), positions,
-                       self.config.rope_theta)
+        q = apply_rope(dense(x, self.q[...].astype(dtype)), positions, self.config.rope_theta)
         if shared_kv is not None:
             k, v = shared_kv
         else:
-            k = jnp.einsum("btm,mkd->btkd", x, self.k[...].astype(dtype))
-            v = jnp.einsum("btm,mkd->btkd", x, self.v[...].astype(dtype))
+            k = dense(x, self.k[...].astype(dtype))  # [batch, seq, kv_heads, d]
+            v = dense(x, self.v[...].astype(dtype))
             k = apply_rope(k, positions, self.config.rope_theta)
             if cache is not None:  # the cache is [batch, kv_heads, max_len, d]: write the new
                 start = (0, 0, cache.index, 0)  # positions into it
@@ -149,4 +163,4 @@ class Attention(nnx.Module):
                        kv_layout="bksd")
             if shared_kv is None:
                 cache = KVCache(k, v, cache.index + x.shape[1])
-        return jnp.einsum("bthd,hdm->btm", out, self.out[...].astype(dtype)), cache, (k, v)
+        return dense(out, self.out[...].astype(dtype), contract=2), cache, (k, v)

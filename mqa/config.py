@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "blockwise", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 TOKENIZERS = ("byte", "bpe")
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mqa.attention import Attention
+from mqa.attention import Attention, dense
 from mqa.config import ModelConfig
 from mqa.kv_cache import KVCache
 
@@ -48,9 +48,9 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        gate = jnp.einsum("btm,mf->btf", x, self.gate[...].astype(self.dtype))
-        up = jnp.einsum("btm,mf->btf", x, self.up[...].astype(self.dtype))
-        return jnp.einsum("btf,fm->btm", jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
+        gate = dense(x, self.gate[...].astype(self.dtype))
+        up = dense(x, self.up[...].astype(self.dtype))
+        return dense(jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
 
 
 class Block(nnx.Module):

@@ -1,0 +1,151 @@
+"""Blockwise (flash-style) causal attention whose memory grows linearly with length.
+
+`attend` materialises the [heads, seq, seq] score matrix, and its gradient keeps it:
+quadratic memory. Here queries and keys go in blocks of `block` positions with an online
+softmax (Rabe & Staats 2021; Dao et al. 2022), blocks above the causal diagonal are never
+computed, and a `custom_vjp` recomputes each block's scores in the backward pass from the
+saved log-sum-exp, so what is kept is O(seq) per head: q, k, v, the output and one float
+per query. Same grouped einsums as `attend`: K/V are not repeated for the query groups.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mqa.attention import attend
+
+
+def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                     q_offset: jax.Array | int | None = None, kv_layout: str = "bskd",
+                     block: int = 256) -> jax.Array:
+    """`attend`'s arguments and result. Full causal self-attention (training, evaluation,
+    q_len == kv_len from position 0) runs blockwise; anything else (cached decoding, a
+    non-causal call) is handed to `attend`, whose memory is then q_len x kv_len."""
+    t, s = q.shape[1], k.shape[1] if kv_layout == "bskd" else k.shape[2]
+    if not (causal and kv_layout == "bskd" and t == s and isinstance(q_offset, int)
+            and q_offset == 0):
+        return attend(q, k, v, causal=causal, q_offset=q_offset, kv_layout=kv_layout)
+    b, _, h, d = q.shape
+    kv = k.shape[2]
+    block = min(block, t)
+    pad = -t % block  # padded keys come after every query, so causality masks them
+    q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+    q = q.reshape(b, t + pad, kv, h // kv, d)
+    out = _flash(q, k, v, block)
+    return out[:, :t].reshape(b, t, h, d)
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    """[b, n * block, ...] -> [n, b, block, ...]."""
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x: jax.Array) -> jax.Array:
+    """[n, b, block, ...] -> [b, n * block, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _scores(qi, kj, i, j, block):
+    """Scaled, causally masked scores of query block i against key block j.
+    qi: [b, block, k, g, d], kj: [b, block, k, d] -> float32 [b, k, g, block, block]."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", qi, kj, preferred_element_type=jnp.float32)
+    scores = scores * qi.shape[-1] ** -0.5
+    visible = (j * block + jnp.arange(block))[None, :] <= (i * block + jnp.arange(block))[:, None]
+    return jnp.where(visible, scores, -jnp.inf)
+
+
+def _key_block(x, j, block):
+    return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
+
+
+def _forward(q, k, v, block):
+    """q: [b, t, k, g, d]; k, v: [b, t, k, d] -> (out like q, log-sum-exp [b, k, g, t])."""
+    b, _, kv, g, d = q.shape
+
+    def query_block(args):
+        i, qi = args
+
+        def key_block(j, carry):
+            running_max, total, acc = carry
+            scores = _scores(qi, _key_block(k, j, block), i, j, block)
+            new_max = jnp.maximum(running_max, scores.max(-1))
+            p = jnp.exp(scores - new_max[..., None])
+            rescale = jnp.exp(running_max - new_max)
+            acc = acc * rescale[..., None] + jnp.einsum(
+                "bkgts,bskd->bkgtd", p.astype(v.dtype), _key_block(v, j, block),
+                preferred_element_type=jnp.float32)
+            return new_max, total * rescale + p.sum(-1), acc
+
+        init = (jnp.full((b, kv, g, block), -jnp.inf, jnp.float32),
+                jnp.zeros((b, kv, g, block), jnp.float32),
+                jnp.zeros((b, kv, g, block, d), jnp.float32))
+        running_max, total, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
+        out = (acc / total[..., None]).transpose(0, 3, 1, 2, 4)  # [b, block, k, g, d]
+        return out.astype(q.dtype), running_max + jnp.log(total)
+
+    q_blocks = _blocks(q, block)
+    out, lse = jax.lax.map(query_block, (jnp.arange(q_blocks.shape[0]), q_blocks))
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kv, g, -1)  # [n, b, k, g, blk] -> [b, k, g, t]
+    return _unblocks(out), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, block):
+    return _forward(q, k, v, block)[0]
+
+
+def _flash_fwd(q, k, v, block):
+    out, lse = _forward(q, k, v, block)
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(block, residuals, d_out):
+    """Recomputes each visible block's probabilities from the saved log-sum-exp: one pass
+    over query blocks for dq, one over key blocks for dk and dv."""
+    q, k, v, out, lse = residuals
+    n = q.shape[1] // block
+    scale = q.shape[-1] ** -0.5
+    # delta_t = sum_d dout * out: the softmax Jacobian's correction term, [b, k, g, t]
+    delta = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+    def probs_and_dscores(i, j):
+        """softmax probabilities and d(loss)/d(scores) of block (i, j), float32."""
+        qi, kj, vj = _key_block(q, i, block), _key_block(k, j, block), _key_block(v, j, block)
+        lse_i = jax.lax.dynamic_slice_in_dim(lse, i * block, block, axis=3)
+        delta_i = jax.lax.dynamic_slice_in_dim(delta, i * block, block, axis=3)
+        p = jnp.exp(_scores(qi, kj, i, j, block) - lse_i[..., None])
+        dp = jnp.einsum("btkgd,bskd->bkgts", _key_block(d_out, i, block), vj,
+                        preferred_element_type=jnp.float32)
+        return p, p * (dp - delta_i[..., None])
+
+    def dq_block(i):
+        def key_block(j, dq):
+            _, ds = probs_and_dscores(i, j)
+            return dq + jnp.einsum("bkgts,bskd->btkgd", ds, _key_block(k, j, block),
+                                   preferred_element_type=jnp.float32)
+        zeros = jnp.zeros(q.shape[:1] + (block,) + q.shape[2:], jnp.float32)
+        return jax.lax.fori_loop(0, i + 1, key_block, zeros) * scale
+
+    def dkv_block(j):
+        def query_block(i, carry):
+            dk, dv = carry
+            p, ds = probs_and_dscores(i, j)
+            d_out_i = _key_block(d_out, i, block)
+            dv = dv + jnp.einsum("bkgts,btkgd->bskd", p, d_out_i, preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum("bkgts,btkgd->bskd", ds, _key_block(q, i, block),
+                                 preferred_element_type=jnp.float32)
+            return dk, dv
+        zeros = jnp.zeros(k.shape[:1] + (block,) + k.shape[2:], jnp.float32)
+        dk, dv = jax.lax.fori_loop(j, n, query_block, (zeros, zeros))
+        return dk * scale, dv
+
+    dq = _unblocks(jax.lax.map(dq_block, jnp.arange(n)))
+    dk, dv = jax.lax.map(dkv_block, jnp.arange(n))
+    return (dq.astype(q.dtype), _unblocks(dk).astype(k.dtype), _unblocks(dv).astype(v.dtype))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
