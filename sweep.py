@@ -127,7 +127,7 @@ def main(argv):
     except (ConfigError, DataError, CheckpointError, trainer.NonFiniteLoss) as error:
         fail(str(error))
     except trainer.Preempted as stop:
-        print(f"{stop}; run the same sweep command to resume", file=sys.stderr)
+        print(stop, file=sys.stderr)
         sys.exit(143)
     print("\n" + table)
     print(f"wrote {FLAGS.workdir}/results.csv, results.md, eval_loss.png, "
