@@ -9,8 +9,8 @@ float32) on configs/default.py's model (4 layers, d_model 256, 8 heads, SwiGLU 1
 16 x 256) for each `num_kv_heads`, next to the same model in PyTorch (benchmarks/
 torch_model.py), eager and `torch.compile`d. The three are timed in alternating rounds,
 so they see the same machine load; medians of the per-step times. MFU is the model's
-matmul FLOPs (`accounting.flops_per_token`) per second over the machine's float32 matmul
-rate measured in the same run.
+matmul FLOPs (`accounting.flops_per_token`) per second over the machine's matmul rate
+in the model's dtype: measured in the same run on CPU, the data sheet's on a known GPU.
 
 `compile`: seconds to lower and compile the train step for 1 to 12 layers (the layers are
 scanned, so it should stay flat). `memory`: XLA's buffer assignment for one train step
@@ -66,11 +66,13 @@ def random_batch(config) -> np.ndarray:
 
 def throughput(args) -> list[dict]:
     """Tokens/s of JAX, torch eager and torch.compile, timed in alternating rounds."""
-    matmul = hardware.measured_matmul_flops("float32")
-    print(f"float32 matmul rate: {matmul / 1e9:.0f} GFLOP/s (1024 x 1024, jitted)")
     rows = []
     for kv in args.kv_heads:
         config, model_config = experiment([f"model.num_kv_heads={kv}", *args.override])
+        ceiling = hardware.peak_flops(model_config.dtype)
+        if not rows:
+            print(f"MFU against {ceiling / 1e12:.3g} TFLOP/s {model_config.dtype} "
+                  f"({'data sheet' if jax.devices()[0].platform == 'gpu' else 'measured matmul'})")
         batch = random_batch(config)
         runners, first_step = {}, {}
 
@@ -100,7 +102,7 @@ def throughput(args) -> list[dict]:
         for name, samples in times.items():
             seconds = float(np.median(samples))
             rows.append(dict(num_kv_heads=kv, impl=name, step_ms=seconds * 1e3,
-                             tokens_per_sec=tokens / seconds, mfu=flops / seconds / matmul,
+                             tokens_per_sec=tokens / seconds, mfu=flops / seconds / ceiling,
                              first_step_s=first_step[name], steps_timed=len(samples)))
         eager = next((r for r in rows if r["num_kv_heads"] == kv and r["impl"] == "torch_eager"),
                      None)

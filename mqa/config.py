@@ -24,7 +24,7 @@ TOKENIZERS = ("byte", "bpe")
 _POSITIVE = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
     "model.num_kv_heads", "model.kv_share_every", "model.head_dim", "model.mlp_dim",
-    "model.max_seq_len",
+    "model.max_seq_len", "model.scan_unroll",
     "train.steps", "train.batch_size", "train.seq_len", "train.log_every",
     "train.eval_every", "train.grad_accum", "train.max_nonfinite_steps", "checkpoint.every",
     "checkpoint.keep",
@@ -54,6 +54,7 @@ class ModelConfig:
     max_seq_len: int = 1024
     dtype: str = "float32"
     remat: bool = False
+    scan_unroll: int = 1
 
     @property
     def group_size(self) -> int:

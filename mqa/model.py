@@ -153,7 +153,8 @@ class Transformer(nnx.Module):
             if per_group:  # [groups * per_group, ...] -> [groups, per_group, ...]
                 shared = jax.tree.map(lambda a: a.reshape(-1, per_group, *a.shape[1:]),
                                       nnx.state(self.shared_blocks))
-            x, _ = jax.lax.scan(group, x, (nnx.state(self.blocks), shared))
+            x, _ = jax.lax.scan(group, x, (nnx.state(self.blocks), shared),
+                                unroll=self.config.scan_unroll)
         else:  # prefill and decoding: each group updates its own cache buffer
             new_k, new_v = [], []
             for g, (first, shared) in enumerate(layers or self.layer_params()):

@@ -153,3 +153,8 @@ def test_parameter_count_matches_model_and_hand_count(num_kv_heads, tie_embeddin
     embeddings = 64 * 32 * (1 if tie_embeddings else 2)
     hand = 2 * (q_and_out + k_and_v + mlp + norms) + 32 + embeddings
     assert actual == hand == accounting.param_count(config)
+
+
+def test_scan_unroll_changes_nothing_but_the_compiled_loop():
+    toks = tokens()
+    np.testing.assert_allclose(make(scan_unroll=2)(toks), make()(toks), rtol=1e-6, atol=1e-6)
