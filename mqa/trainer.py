@@ -298,7 +298,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
             if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
                 last_eval = evaluate(state.params, eval_step, corpus, config, batch_sharding)
                 row.update(last_eval)
-                timer = time.perf_counter()  # evaluation time is not training throughput
+                timer_step, timer = done, time.perf_counter()  # evaluation is not training
             if row:
                 writer.write(done, row)
                 progress.update(done, row)
