@@ -76,14 +76,12 @@ def throughput(args) -> list[dict]:
         batch = random_batch(config)
         runners, first_step = {}, {}
 
-        state_box = {}
-        step, state_box["state"] = jax_step(config, model_config)
-
-        def run_jax():
-            state_box["state"], metrics = step(state_box["state"], batch)
-            metrics["loss"].block_until_ready()
-
-        runners["jax"] = run_jax
+        runners["jax"] = jax_runner(config, model_config, batch)
+        for variant in args.jax_variant:  # NAME:field=value,field=value
+            name, _, overrides = variant.partition(":")
+            v_config, v_model = experiment([f"model.num_kv_heads={kv}", *args.override,
+                                            *overrides.split(",")])
+            runners[f"jax_{name}"] = jax_runner(v_config, v_model, batch)
         if args.torch:
             runners.update(torch_runners(config, model_config, batch, args.torch_compile))
         for name, run in runners.items():  # the first step compiles
@@ -113,6 +111,18 @@ def throughput(args) -> list[dict]:
     return rows
 
 
+def jax_runner(config, model_config, batch):
+    """A function that runs one train step (on its own state) and waits for it."""
+    step, state = jax_step(config, model_config)
+    box = [state]
+
+    def run():
+        box[0], metrics = step(box[0], batch)
+        metrics["loss"].block_until_ready()
+
+    return run
+
+
 def torch_runners(config, model_config, batch, compile_too: bool) -> dict:
     import torch
 
@@ -133,11 +143,11 @@ def torch_runners(config, model_config, batch, compile_too: bool) -> dict:
 
 def print_rows(rows: list[dict], header: bool = True) -> None:
     if header:
-        print(f"\n{'kv':>3} {'impl':<14} {'ms/step':>8} {'tokens/s':>9} {'MFU':>6} "
+        print(f"\n{'kv':>3} {'impl':<16} {'ms/step':>8} {'tokens/s':>9} {'MFU':>6} "
               f"{'vs eager':>8} {'1st step s':>10}")
     for r in rows:
         ratio = f"{r['vs_torch_eager']:7.2f}x" if "vs_torch_eager" in r else f"{'':>8}"
-        print(f"{r['num_kv_heads']:>3} {r['impl']:<14} {r['step_ms']:8.0f} "
+        print(f"{r['num_kv_heads']:>3} {r['impl']:<16} {r['step_ms']:8.0f} "
               f"{r['tokens_per_sec']:9.0f} {r['mfu']:6.1%} {ratio} {r['first_step_s']:10.1f}",
               flush=True)
 
@@ -185,6 +195,9 @@ def main(argv=None) -> None:
     parser.add_argument("--kv_heads", type=ints, default=[8, 2, 1])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jax_variant", action="append", default=[],
+                        help="an extra JAX row, NAME:field=value,...; e.g. "
+                        "unroll2:model.scan_unroll=2")
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--layers", type=ints, default=[1, 2, 4, 8, 12])
