@@ -8,8 +8,9 @@ point: with 8 K/V heads nothing is widened, so it is the plain MHA model). For e
 --kv_heads K and --inits method this converts it (`python -m mqa.convert uptrain`) and
 trains --fraction of the source's steps more from it; for each K it also trains the
 K-head model (MLP not widened: the uptrained shapes) from scratch for the source's number
-of steps. Every run goes through sweep.py, so each is resumable, evaluated on the same
-held-out split and timed decoding the same way. Writes WORKDIR/uptrain.{csv,md,json}
+of steps. Every run goes through sweep.py, so each is resumable and timed decoding the
+same way, and every model, the converted ones before training too, is evaluated by
+eval.py on the whole held-out split. Writes WORKDIR/uptrain.{csv,md,json}
 and benchmarks/results/uptrain.{csv,md,json}.
 """
 
@@ -34,21 +35,34 @@ def run(*args: str) -> None:
 
 
 def train(workdir: pathlib.Path, kv_heads: int, overrides: list[str]) -> dict:
-    """One single-point sweep.py run (K heads, MLP not widened); its result.json."""
+    """One single-point sweep.py run (K heads, MLP not widened): its decoding speed and
+    eval.py's metrics of its final model."""
     run("sweep.py", f"--config={CONFIG}", f"--workdir={workdir}",
         f"--sweep=model.num_kv_heads={kv_heads}", "--config.model.match_mha_params=false",
         *overrides)
-    return json.loads((workdir / f"num_kv_heads={kv_heads}" / "result.json").read_text())
+    point = workdir / f"num_kv_heads={kv_heads}"
+    return {**json.loads((point / "result.json").read_text()), **evaluate(point)}
+
+
+def evaluate(workdir: pathlib.Path) -> dict:
+    """eval.py's held-out metrics of a workdir (its last line is one JSON object)."""
+    print("+ eval.py", f"--workdir={workdir}", flush=True)
+    done = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}"], cwd=REPO,
+                          check=True, capture_output=True, text=True)
+    metrics = json.loads(done.stdout.strip().splitlines()[-1])
+    return {f"eval_{k}": v for k, v in metrics.items()}
 
 
 def row(name: str, kv_heads: int, steps: int, result: dict) -> dict:
     return dict(run=name, num_kv_heads=kv_heads, train_steps=steps,
                 eval_loss=result["eval_loss"], eval_perplexity=result["eval_perplexity"],
                 eval_bits_per_byte=result["eval_bits_per_byte"],
-                decode_tokens_per_sec=result["decode"]["tokens_per_sec"])
+                decode_tokens_per_sec=(result.get("decode") or {}).get("tokens_per_sec"))
 
 
 def _format(column: str, value) -> str:
+    if value is None:
+        return ""
     if column == "decode_tokens_per_sec":
         return f"{value:,.0f}"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -68,7 +82,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup_steps", type=int, default=5)
     args = parser.parse_args(argv)
 
-    source = json.loads((args.mha / "result.json").read_text())
+    source = {**json.loads((args.mha / "result.json").read_text()), **evaluate(args.mha)}
     steps = source["step"]
     up_steps = max(1, round(args.fraction * steps))
     rows = [row("MHA (source)", 8, steps, source)]
@@ -78,6 +92,7 @@ def main(argv=None) -> None:
             if not (init_dir / "checkpoints").exists():
                 run("-m", "mqa.convert", "uptrain", "--src", str(args.mha), "--num_kv_heads",
                     str(kv), "--init", init, "--workdir", str(init_dir))
+            rows.append(row(f"converted ({init}), not trained", kv, steps, evaluate(init_dir)))
             result = train(args.workdir / f"uptrained_kv{kv}_{init}", kv, [
                 f"--config.train.init_from={init_dir}", f"--config.train.steps={up_steps}",
                 f"--config.train.warmup_steps={args.warmup_steps}",
