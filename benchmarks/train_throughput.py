@@ -7,8 +7,10 @@
 `throughput`: the train step `train.py` runs (the same `make_train_step`, AdamW, clipping,
 float32) on configs/default.py's model (4 layers, d_model 256, 8 heads, SwiGLU 1024, batch
 16 x 256) for each `num_kv_heads`, next to the same model in PyTorch (benchmarks/
-torch_model.py), eager and `torch.compile`d. The three are timed in alternating rounds,
-so they see the same machine load; medians of the per-step times. MFU is the model's
+torch_model.py), eager and `torch.compile`d. They are timed in alternating rounds, so
+they see the same machine load, with a pause at each switch (PyTorch's and XLA's worker
+threads spin for a while after their work, which slowed whichever ran next by up to
+20%); medians of the per-step times. MFU is the model's
 matmul FLOPs (`accounting.flops_per_token`) per second over the machine's matmul rate
 in the model's dtype: measured in the same run on CPU, the data sheet's on a known GPU.
 
@@ -91,6 +93,7 @@ def throughput(args) -> list[dict]:
         times = {name: [] for name in runners}
         for _ in range(args.rounds):
             for name, run in runners.items():
+                time.sleep(1.0)  # let the previous runner's spinning worker threads go idle
                 for _ in range(args.steps):
                     start = time.perf_counter()
                     run()

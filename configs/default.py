@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
         match_mha_params=False,  # widen the MLP so parameters equal MHA's (Shazeer 2019)
         tie_embeddings=True,
         attention_impl="einsum",  # einsum | blockwise (linear memory) | xla | cudnn
+        attention_block=128,     # blockwise attention's block length
         rope_theta=10000.0,
         norm_eps=1e-5,
         max_seq_len=1024,

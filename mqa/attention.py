@@ -93,12 +93,13 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 AttentionFn = Callable[..., jax.Array]
 
 
-def attention_fn(impl: str) -> AttentionFn:
-    """The attention core named by `model.attention_impl`."""
+def attention_fn(impl: str, block: int = 128) -> AttentionFn:
+    """The attention core named by `model.attention_impl`; `block` (`model.attention_block`)
+    is the blockwise one's block length."""
     from mqa.blockwise import attend_blockwise  # it builds on `attend`
     impls = {
         "einsum": attend,
-        "blockwise": attend_blockwise,
+        "blockwise": functools.partial(attend_blockwise, block=block),
         "xla": functools.partial(attend_jax, implementation="xla"),
         "cudnn": functools.partial(attend_jax, implementation="cudnn"),
     }
@@ -155,7 +156,7 @@ class Attention(nnx.Module):
                     cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), start)
                 v = jax.lax.dynamic_update_slice(
                     cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), start)
-        core = attention_fn(self.config.attention_impl)
+        core = attention_fn(self.config.attention_impl, self.config.attention_block)
         if cache is None:
             out = core(q, k, v, causal=True, q_offset=0)
         else:

@@ -20,7 +20,7 @@ from mqa.attention import attend
 
 def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                      q_offset: jax.Array | int | None = None, kv_layout: str = "bskd",
-                     block: int = 256) -> jax.Array:
+                     block: int = 128) -> jax.Array:
     """`attend`'s arguments and result. Full causal self-attention (training, evaluation,
     q_len == kv_len from position 0) runs blockwise; anything else (cached decoding, a
     non-causal call) is handed to `attend`, whose memory is then q_len x kv_len."""

@@ -24,7 +24,7 @@ TOKENIZERS = ("byte", "bpe")
 _POSITIVE = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
     "model.num_kv_heads", "model.kv_share_every", "model.head_dim", "model.mlp_dim",
-    "model.max_seq_len", "model.scan_unroll",
+    "model.max_seq_len", "model.scan_unroll", "model.attention_block",
     "train.steps", "train.batch_size", "train.seq_len", "train.log_every",
     "train.eval_every", "train.grad_accum", "train.max_nonfinite_steps", "checkpoint.every",
     "checkpoint.keep",
@@ -49,6 +49,7 @@ class ModelConfig:
     kv_share_every: int = 1
     tie_embeddings: bool = True
     attention_impl: str = "einsum"
+    attention_block: int = 128
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 1024

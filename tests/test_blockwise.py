@@ -1,13 +1,10 @@
 """Blockwise attention: same values and gradients as `attend`, memory linear in length."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mqa import blockwise
 from mqa.attention import attend
 from mqa.blockwise import attend_blockwise
 from reference import attention_loops
@@ -59,10 +56,8 @@ def test_decoding_calls_fall_back_to_attend():
                                   attend(q, k_cache, v_cache, **args))
 
 
-def test_model_with_blockwise_attention_matches_einsum_and_decodes(monkeypatch):
-    monkeypatch.setattr(blockwise, "attend_blockwise",
-                        functools.partial(blockwise.attend_blockwise, block=8))  # 3 blocks
-    model = make(attention_impl="blockwise", num_kv_heads=2)
+def test_model_with_blockwise_attention_matches_einsum_and_decodes():
+    model = make(attention_impl="blockwise", attention_block=8, num_kv_heads=2)  # 3 blocks
     einsum_model = make(num_kv_heads=2)  # same seed, same parameters
     toks = tokens(length=20)
     assert max_rel(model(toks), einsum_model(toks)) < 1e-5
