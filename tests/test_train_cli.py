@@ -79,11 +79,12 @@ def test_tiny_config_learns_below_unigram_entropy(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_heads,kv_share_every,meshes", [
     (4, 1, [("data", "tensor")]),                       # MHA
-    (1, 1, [("data", "tensor"), ("fsdp", "tensor")]),   # MQA: its one K/V head is replicated
-    (1, 2, [("fsdp", "tensor")]),                       # MQA with cross-layer K/V sharing
+    # MQA, its one K/V head replicated, with cross-layer K/V sharing (shared_blocks)
+    (1, 2, [("data", "tensor"), ("fsdp", "tensor")]),
 ])
 def test_four_devices_match_one(tmp_path, kv_heads, kv_share_every, meshes):
-    """2 x 2 meshes over 4 simulated devices train like one device, for MHA and MQA."""
+    """2 x 2 meshes over 4 simulated devices train like one device, for MHA and for MQA
+    with cross-layer K/V sharing."""
     args = ["--config=configs/tiny.py", f"--config.model.num_kv_heads={kv_heads}",
             f"--config.model.kv_share_every={kv_share_every}", *SHORT]
     run_train(tmp_path / "one", *args, devices=1)
