@@ -125,7 +125,6 @@ class Attention(nnx.Module):
             self.k = nnx.Param(init(rngs.params(), (m, kv, d)))
             self.v = nnx.Param(init(rngs.params(), (m, kv, d)))
         self.out = nnx.Param(out_init(rngs.params(), (h, d, m)))
-        self.owns_kv = owns_kv
         self.config = config
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,

@@ -58,7 +58,8 @@ def _scores(qi, kj, i, j, block):
     return jnp.where(visible, scores, -jnp.inf)
 
 
-def _key_block(x, j, block):
+def _block(x, j, block):
+    """Block j of x [b, t, ...] along t: [b, block, ...] (a traced j is fine)."""
     return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
 
 
@@ -71,12 +72,12 @@ def _forward(q, k, v, block):
 
         def key_block(j, carry):
             running_max, total, acc = carry
-            scores = _scores(qi, _key_block(k, j, block), i, j, block)
+            scores = _scores(qi, _block(k, j, block), i, j, block)
             new_max = jnp.maximum(running_max, scores.max(-1))
             p = jnp.exp(scores - new_max[..., None])
             rescale = jnp.exp(running_max - new_max)
             acc = acc * rescale[..., None] + jnp.einsum(
-                "bkgts,bskd->bkgtd", p.astype(v.dtype), _key_block(v, j, block),
+                "bkgts,bskd->bkgtd", p.astype(v.dtype), _block(v, j, block),
                 preferred_element_type=jnp.float32)
             return new_max, total * rescale + p.sum(-1), acc
 
@@ -114,18 +115,18 @@ def _flash_bwd(block, residuals, d_out):
 
     def probs_and_dscores(i, j):
         """softmax probabilities and d(loss)/d(scores) of block (i, j), float32."""
-        qi, kj, vj = _key_block(q, i, block), _key_block(k, j, block), _key_block(v, j, block)
+        qi, kj, vj = _block(q, i, block), _block(k, j, block), _block(v, j, block)
         lse_i = jax.lax.dynamic_slice_in_dim(lse, i * block, block, axis=3)
         delta_i = jax.lax.dynamic_slice_in_dim(delta, i * block, block, axis=3)
         p = jnp.exp(_scores(qi, kj, i, j, block) - lse_i[..., None])
-        dp = jnp.einsum("btkgd,bskd->bkgts", _key_block(d_out, i, block), vj,
+        dp = jnp.einsum("btkgd,bskd->bkgts", _block(d_out, i, block), vj,
                         preferred_element_type=jnp.float32)
         return p, p * (dp - delta_i[..., None])
 
     def dq_block(i):
         def key_block(j, dq):
             _, ds = probs_and_dscores(i, j)
-            return dq + jnp.einsum("bkgts,bskd->btkgd", ds, _key_block(k, j, block),
+            return dq + jnp.einsum("bkgts,bskd->btkgd", ds, _block(k, j, block),
                                    preferred_element_type=jnp.float32)
         zeros = jnp.zeros(q.shape[:1] + (block,) + q.shape[2:], jnp.float32)
         return jax.lax.fori_loop(0, i + 1, key_block, zeros) * scale
@@ -134,9 +135,9 @@ def _flash_bwd(block, residuals, d_out):
         def query_block(i, carry):
             dk, dv = carry
             p, ds = probs_and_dscores(i, j)
-            d_out_i = _key_block(d_out, i, block)
+            d_out_i = _block(d_out, i, block)
             dv = dv + jnp.einsum("bkgts,btkgd->bskd", p, d_out_i, preferred_element_type=jnp.float32)
-            dk = dk + jnp.einsum("bkgts,btkgd->bskd", ds, _key_block(q, i, block),
+            dk = dk + jnp.einsum("bkgts,btkgd->bskd", ds, _block(q, i, block),
                                  preferred_element_type=jnp.float32)
             return dk, dv
         zeros = jnp.zeros(k.shape[:1] + (block,) + k.shape[2:], jnp.float32)
