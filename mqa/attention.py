@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mqa.config import ModelConfig
-from mqa.kv_cache import KVCache
+from mqa.kv_cache import KVCache, cache_axes, to_cache_axes
 from mqa.rope import apply_rope
 
 
@@ -30,9 +30,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
     Args:
       q: [batch, q_len, num_heads, head_dim].
-      k, v: [batch, kv_len, num_kv_heads, head_dim] ("bskd"), or with kv_layout="bksd"
-        [batch, num_kv_heads, kv_len, head_dim], the KV cache's layout, in which each
-        head's keys are contiguous. num_kv_heads divides num_heads.
+      k, v: [batch, kv_len, num_kv_heads, head_dim] ("bskd"), or laid out as the KV cache
+        (`kv_cache.cache_axes`): "bksd", [batch, num_kv_heads, kv_len, head_dim], with
+        the batch and head axes left out where they have size 1 ("bsd" for MQA).
+        num_kv_heads divides num_heads.
       causal: query i attends to keys at positions <= its own.
       q_offset: position of the first query among the keys (may be traced). Defaults to
         kv_len - q_len: the queries are the last q_len positions (the decoding convention).
@@ -40,15 +41,39 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       [batch, q_len, num_heads, head_dim] in q's dtype. Logits and softmax are float32.
     """
     b, t, h, d = q.shape
-    kv_heads, kv_len = k.shape[kv_layout.index("k")], k.shape[kv_layout.index("s")]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)             # split heads into (k, g)
-    logits = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32)
+    size = dict(zip(kv_layout, k.shape))
+    kv_heads, kv_len = size.get("k", 1), size["s"]
+    size.update(b=b, t=t, k=kv_heads, g=h // kv_heads, d=d)
+    q_axes = "".join(c for c in "btkgd" if c in kv_layout or c in "tgd")  # as the keys
+    q = q.reshape([size[c] for c in q_axes])                   # split heads into (k, g)
+    score_axes = q_axes.replace("t", "").replace("gd", "gts")  # [b][k]gts
+    f32 = dict(preferred_element_type=jnp.float32)
+    logits = ordered_einsum(f"{kv_layout},{q_axes}->{score_axes}", k, q, **f32)  # keys on the left
     logits = logits / jnp.sqrt(jnp.float32(d))
     if causal:
         logits = jnp.where(causal_mask(t, kv_len, q_offset), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = ordered_einsum(f"{score_axes},{kv_layout}->{q_axes}", probs, v, **f32)  # values on the right
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def ordered_einsum(spec: str, x: jax.Array, y: jax.Array, **kwargs) -> jax.Array:
+    """The two-operand einsum `spec` as one dot_general with `x` as its left operand.
+
+    `jnp.einsum` may swap the operands, and on CPU the order decides what XLA copies: it
+    reads keys [positions, head_dim] as they lie only as the left operand of the scores
+    (keys @ queries^T), and values only as the right operand of the output (probs @ values);
+    otherwise it transposes the whole KV cache at every decoding step.
+    """
+    inputs, out = spec.split("->")
+    xs, ys = inputs.split(",")
+    batch = [c for c in xs if c in ys and c in out]
+    summed = [c for c in xs if c in ys and c not in out]
+    dims = (([xs.index(c) for c in summed], [ys.index(c) for c in summed]),
+            ([xs.index(c) for c in batch], [ys.index(c) for c in batch]))
+    result = jax.lax.dot_general(x, y, dims, **kwargs)
+    axes = batch + [c for c in xs if c not in ys] + [c for c in ys if c not in xs]
+    return jnp.transpose(result, [axes.index(c) for c in out])
 
 
 def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int | None = None) -> jax.Array:
@@ -66,8 +91,9 @@ def attend_jax(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
     Same arguments and result as `attend`; GQA is handled natively by JAX.
     """
-    if kv_layout == "bksd":  # JAX takes [batch, kv_len, heads, head_dim]
-        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    if kv_layout != "bskd":  # a cache layout; JAX takes [batch, kv_len, heads, head_dim]
+        b, d = q.shape[0], q.shape[-1]
+        k, v = (jnp.swapaxes(a.reshape(b, -1, a.shape[-2], d), 1, 2) for a in (k, v))
     t, s = q.shape[1], k.shape[1]
     if not causal:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
@@ -149,18 +175,19 @@ class Attention(nnx.Module):
             k = dense(x, self.k[...].astype(dtype))  # [batch, seq, kv_heads, d]
             v = dense(x, self.v[...].astype(dtype))
             k = apply_rope(k, positions, self.config.rope_theta)
-            if cache is not None:  # the cache is [batch, kv_heads, max_len, d]: write the new
-                start = (0, 0, cache.index, 0)  # positions into it
+            if cache is not None:  # write the new positions into the cache
+                axes = cache_axes(x.shape[0], self.config.num_kv_heads)
+                start = tuple(cache.index if c == "s" else 0 for c in axes)
                 k = jax.lax.dynamic_update_slice(
-                    cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), start)
+                    cache.k, to_cache_axes(k, axes).astype(cache.k.dtype), start)
                 v = jax.lax.dynamic_update_slice(
-                    cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), start)
+                    cache.v, to_cache_axes(v, axes).astype(cache.v.dtype), start)
         core = attention_fn(self.config.attention_impl, self.config.attention_block)
         if cache is None:
             out = core(q, k, v, causal=True, q_offset=0)
         else:
             out = core(q, k.astype(dtype), v.astype(dtype), causal=True, q_offset=cache.index,
-                       kv_layout="bksd")
+                       kv_layout=cache_axes(x.shape[0], self.config.num_kv_heads))
             if shared_kv is None:
                 cache = KVCache(k, v, cache.index + x.shape[1])
         return dense(out, self.out[...].astype(dtype), contract=2), cache, (k, v)

@@ -2,9 +2,8 @@
 
 The whole generation (prefill, the token loop, sampling) is a single jitted computation:
 the loop is a `lax.scan`, so each new token costs no Python and no extra dispatch, and the
-cache lives in the loop's carry, written with `dynamic_update_slice`. (On CPU, XLA 0.10
-still copies each layer's key cache inside the step when a K/V head serves several query
-heads: see the README's decoding section.)
+cache lives in the loop's carry, written in place with `dynamic_update_slice` and read as
+it lies (tests/test_decode.py checks the compiled loop for copies of it).
 """
 
 from __future__ import annotations

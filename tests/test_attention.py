@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mqa.attention import attend, attend_jax, attention_fn
+from mqa.attention import attend, attend_jax, attention_fn, ordered_einsum
+from mqa.kv_cache import cache_axes, to_cache_axes
 from tests.reference import attention_loops
 
 # (num_heads, num_kv_heads): MHA, GQA, MQA
@@ -51,12 +52,30 @@ def test_explicit_query_offset(impl, q_offset):
 
 
 @pytest.mark.parametrize("impl", [attend, attend_jax])
-def test_cache_layout_gives_the_same_result(impl):
-    """K/V as [batch, kv_heads, kv_len, d] (the KV cache's layout) give the same attention."""
-    q, k, v = random_qkv(6, 2, 3, 9, seed=8)
+@pytest.mark.parametrize("batch,kv_heads", [(2, 2), (1, 2), (2, 1), (1, 1)])
+def test_cache_layout_gives_the_same_result(impl, batch, kv_heads):
+    """K/V laid out as the KV cache ([batch, kv_heads, kv_len, d] without size-1 axes: "bksd",
+    "ksd", "bsd", "sd") give the same attention."""
+    q, k, v = random_qkv(6, kv_heads, 3, 9, seed=8, batch=batch)
     expected = attention_loops(q, k, v, q_offset=4)
-    out = impl(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), q_offset=4, kv_layout="bksd")
-    assert rel_error(out, expected) < 1e-5
+    layout = cache_axes(batch, kv_heads)
+    assert len(layout) == 2 + (batch > 1) + (kv_heads > 1)
+    k, v = to_cache_axes(k, layout), to_cache_axes(v, layout)
+    assert rel_error(impl(q, k, v, q_offset=4, kv_layout=layout), expected) < 1e-5
+
+
+@pytest.mark.parametrize("spec", ["bksd,bkgd->bkgs", "bkgs,bksd->bkgd", "ij,jk->ik", "bij,bkj->bki"])
+def test_ordered_einsum_is_einsum_with_the_left_operand_kept(spec):
+    (xs, ys), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    rng = np.random.default_rng(3)
+    size = dict(b=2, k=3, s=5, g=4, d=6, i=2, j=3)
+    x, y = (jnp.asarray(rng.standard_normal([size[c] for c in axes]), jnp.float32)
+            for axes in (xs, ys))
+    np.testing.assert_allclose(ordered_einsum(spec, x, y), jnp.einsum(spec, x, y), rtol=1e-5,
+                               atol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda x, y: ordered_einsum(spec, x, y))(x, y).jaxpr
+    dot = next(e for e in jaxpr.eqns if e.primitive.name == "dot_general")
+    assert dot.invars[0] is jaxpr.invars[0]  # x stays the left operand
 
 
 @pytest.mark.parametrize("impl", ["einsum", "xla"])

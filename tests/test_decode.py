@@ -1,6 +1,7 @@
 """Generation with the KV cache against full-sequence recomputation; sampling; evaluation."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from flax import nnx
 
 from mqa import data
 from mqa.config import ModelConfig, default_config
-from mqa.decode import generate, sample_token
+from mqa.decode import _generate, generate, sample_token
 from mqa.evaluation import evaluate_tokens, scored_positions
 from mqa.loading import LoadedModel
 from mqa.model import Transformer
@@ -91,3 +92,41 @@ def test_evaluation_matches_a_direct_computation():
     assert result["loss"] == pytest.approx(nll.mean(), rel=1e-5)
     assert result["perplexity"] == pytest.approx(np.exp(nll.mean()), rel=1e-5)
     assert result["bits_per_byte"] == pytest.approx(nll.mean() / np.log(2), rel=1e-5)
+
+
+
+def cache_copies_in_loops(hlo: str, cache_dims: list[int]) -> list[str]:
+    """Instructions inside compiled while-loop bodies that copy or transpose an array with
+    the cache buffer's elements (its dimensions other than 1, in any order)."""
+    bodies = set(re.findall(r"body=%?([\w.-]+)", hlo))
+    wanted = sorted(d for d in cache_dims if d > 1)
+    found = []
+    for block in re.split(r"\n(?=\S)", hlo):  # computations start at column 0
+        if block.split(" ")[0].lstrip("%") not in bodies:
+            continue
+        for line in block.splitlines()[1:]:
+            match = re.match(r"\s*(?:ROOT )?%([\w.-]+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(", line)
+            if not match:
+                continue
+            name, dims, op = match.groups()
+            moves = op in ("copy", "transpose") or name.startswith(("copy", "transpose"))
+            if moves and sorted(int(d) for d in dims.split(",") if d and int(d) > 1) == wanted:
+                found.append(line.strip()[:100])
+    return found
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_the_decoding_loop_updates_the_cache_in_place(num_kv_heads, batch):
+    """Compiled generation never copies or transposes a cache buffer inside the token loop:
+    each step writes one position and reads each buffer as it lies, the memory traffic that
+    bounds decoding. (XLA on CPU copied the MQA cache three times per layer and step when the
+    buffer had a size-1 axis, and transposed it when the values were a matmul's left operand.)"""
+    model = loaded(num_kv_heads=num_kv_heads)
+    prompt = jnp.zeros((batch, 4), jnp.int32)
+    hlo = _generate.lower(model.graphdef, model.params, prompt, jax.random.key(0),
+                          max_new_tokens=12, temperature=0.0, top_k=None,
+                          top_p=None).compile().as_text()
+    assert "while(" in hlo and "dynamic-update-slice" in hlo
+    copies = cache_copies_in_loops(hlo, [batch, num_kv_heads, 16, CONFIG.head_dim])
+    assert not copies, f"cache copied in the token loop: {copies}"

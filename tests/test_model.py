@@ -127,7 +127,8 @@ def test_mqa_cache_is_one_over_num_heads_of_mha():
     caches = {kv: init_cache(dataclasses.replace(BASE, num_kv_heads=kv), 3, 32) for kv in KV_HEADS}
     for kv, cache in caches.items():
         assert len(cache.k) == len(cache.v) == BASE.num_layers
-        assert all(k.shape == (3, kv, 32, BASE.head_dim) for k in cache.k + cache.v)
+        shape = (3, kv, 32, BASE.head_dim) if kv > 1 else (3, 32, BASE.head_dim)  # no size-1 axis
+        assert all(k.shape == shape for k in cache.k + cache.v)
         assert cache_nbytes(cache) * BASE.num_heads == cache_nbytes(caches[4]) * kv
         assert cache_nbytes(cache) == accounting.kv_cache_bytes(
             dataclasses.replace(BASE, num_kv_heads=kv), batch_size=3, context=32)
