@@ -3,6 +3,7 @@
   python benchmarks/train_throughput.py                    # tokens/s: JAX vs torch eager/compile
   python benchmarks/train_throughput.py --mode=compile     # first-step compile time vs layers
   python benchmarks/train_throughput.py --mode=memory      # peak step memory vs sequence length
+  python benchmarks/train_throughput.py --mode=profile     # where the JAX step's time goes
 
 `throughput`: the train step `train.py` runs (the same `make_train_step`, AdamW, clipping,
 float32) on configs/default.py's model (4 layers, d_model 256, 8 heads, SwiGLU 1024, batch
@@ -17,9 +18,12 @@ in the model's dtype: measured in the same run on CPU, the data sheet's on a kno
 `compile`: seconds to lower and compile the train step for 1 to 12 layers (the layers are
 scanned, so it should stay flat). `memory`: XLA's buffer assignment for one train step
 (arguments, outputs and temporaries; exact for the compiled program) at batch 1 for
-growing sequence lengths, for each `model.attention_impl` asked for.
+growing sequence lengths, for each `model.attention_impl` asked for. `profile`: the JAX
+step under `jax.profiler`, its time added up by kind of XLA thunk (benchmarks/
+xla_profile.py) for the base config and each `--jax_variant`.
 
-Writes benchmarks/results/train_{throughput,compile,memory}.{csv,json} and prints a table.
+Writes benchmarks/results/train_{throughput,compile,memory,profile}.{csv,json} and prints
+a table.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
+from benchmarks.xla_profile import CATEGORIES, profile_thunks  # noqa: E402
 from mqa import accounting, hardware  # noqa: E402
 from mqa.config import ModelConfig, load_config_file  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
@@ -190,10 +195,44 @@ def memory(args) -> list[dict]:
     return rows
 
 
+def profile(args) -> list[dict]:
+    """Thunk time by category for the base config and each --jax_variant (first kv_heads)."""
+    rows = []
+    variants = [("jax", "")] + [tuple(v.partition(":")[::2]) for v in args.jax_variant]
+    for name, overrides in variants:
+        config, model_config = experiment([f"model.num_kv_heads={args.kv_heads[0]}",
+                                           *args.override, *filter(None, overrides.split(","))])
+        batch = random_batch(config)
+        step, state = jax_step(config, model_config)
+        hlo = step.lower(state, batch).compile().as_text()
+        box = [state]
+
+        def run():
+            box[0], metrics = step(box[0], batch)
+            metrics["loss"].block_until_ready()
+
+        run()
+        run()
+        result = profile_thunks(run, hlo, repeats=args.steps)
+        rows.append(dict(variant=name, num_kv_heads=args.kv_heads[0], wall_ms=result["wall_ms"],
+                         idle_ms=result["wall_ms"] - result["covered_ms"],
+                         thunk_ms=result["thunk_ms"], concurrency=result["concurrency"],
+                         **{f"{c}_ms": result["by_category"][c] for c in CATEGORIES}))
+        print(f"\n{name}: step {result['wall_ms']:.0f} ms, no thunk running for "
+              f"{rows[-1]['idle_ms']:.0f} ms, {result['concurrency']:.2f} thunks at once on average")
+        for c in CATEGORIES:
+            ms = result["by_category"][c]
+            print(f"  {c:<16} {ms:7.0f} ms {ms / result['thunk_ms']:6.1%}")
+        print("  costliest instructions:")
+        for t in result["top"][:8]:
+            print(f"    {t['ms']:6.1f} ms  {t['instruction']:<36} {t['shape']:<24} {t['category']}")
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    parser.add_argument("--mode", choices=["throughput", "compile", "memory"],
+    parser.add_argument("--mode", choices=["throughput", "compile", "memory", "profile"],
                         default="throughput")
     parser.add_argument("--kv_heads", type=ints, default=[8, 2, 1])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
@@ -210,10 +249,10 @@ def main(argv=None) -> None:
                         help="a config override for every point, e.g. model.dtype=bfloat16")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
-    measure = {"throughput": throughput, "compile": compile_times, "memory": memory}[args.mode]
+    measure = {"throughput": throughput, "compile": compile_times, "memory": memory,
+               "profile": profile}[args.mode]
     rows = measure(args)
-    name = {"throughput": "train_throughput", "compile": "train_compile",
-            "memory": "train_memory"}[args.mode]
+    name = f"train_{args.mode}"
     write_results(args.out, name, rows, overrides=args.override)
     print(f"\nwrote {args.out / name}.csv and .json")
 
