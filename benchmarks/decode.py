@@ -2,6 +2,7 @@
 
   python benchmarks/decode.py                      # the full grid, with transformers
   python benchmarks/decode.py --contexts=2048 --batches=8 --no-hf
+  python benchmarks/decode.py --profile           # where a step's time goes, by kind of op
 
 One model (4 layers, d_model 256, 8 query heads, SwiGLU 1024, float32) with
 num_kv_heads in {8, 4, 2, 1}, decoded at several context lengths and batch sizes. Each
@@ -12,7 +13,9 @@ step must read (all weights + the whole KV-cache buffer) and the "memory floor",
 bytes over the machine's read bandwidth measured in the same run. Optionally the same
 shapes through Hugging Face transformers (`LlamaForCausalLM.generate`, PyTorch, CPU).
 
-Writes benchmarks/results/decode.{csv,json,png} and prints a table.
+Writes benchmarks/results/decode.{csv,json,png} and prints a table. With --profile, instead
+profiles the steps at the first context and batch asked for, by kind of XLA thunk
+(benchmarks/xla_profile.py), and writes decode_profile.{csv,json}.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mqa import accounting  # noqa: E402
 from mqa.config import ModelConfig  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
-from mqa.timing import decode_step_seconds, median_seconds  # noqa: E402
+from mqa.timing import decode_loop, decode_step_seconds, median_seconds  # noqa: E402
 from benchmarks.common import RESULTS, write_results  # noqa: E402
+from benchmarks.xla_profile import CATEGORIES, profile_thunks  # noqa: E402
 
 MODEL = ModelConfig(vocab_size=256, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8,
                     head_dim=32, mlp_dim=1024, max_seq_len=65536)
@@ -81,6 +85,26 @@ def time_transformers(config: ModelConfig, batch: int, context: int, steps: int)
     return (long - short) / steps
 
 
+def profile(args) -> list[dict]:
+    """Per-step thunk time by category for each num_kv_heads, at the first context and batch."""
+    batch, context, rows = args.batches[0], args.contexts[0], []
+    for kv in args.kv_heads:
+        config = dataclasses.replace(MODEL, num_kv_heads=kv)
+        graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+        run, hlo, _ = decode_loop(graphdef, params, config, batch, context, args.steps)
+        run()
+        result = profile_thunks(run, hlo(), repeats=args.repeats)
+        per_step = lambda ms: ms / args.steps  # noqa: E731
+        rows.append(dict(num_kv_heads=kv, batch=batch, context=context,
+                         step_ms=per_step(result["wall_ms"]),
+                         idle_ms=per_step(result["wall_ms"] - result["covered_ms"]),
+                         thunks_at_once=result["concurrency"],
+                         **{f"{c}_ms": per_step(result["by_category"][c]) for c in CATEGORIES}))
+        print(f"kv={kv}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()
+                                      if k.endswith("_ms") or k == "thunks_at_once"), flush=True)
+    return rows
+
+
 def plot(rows: list[dict], path: pathlib.Path, batch: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -119,8 +143,16 @@ def main(argv=None) -> None:
                         help="also time transformers at --hf_context and --hf_batch")
     parser.add_argument("--hf_context", type=int, default=2048)
     parser.add_argument("--hf_batch", type=int, default=8)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the steps by kind of XLA thunk instead of timing the grid")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.profile:
+        if argv is None and "--contexts" not in " ".join(sys.argv):
+            args.contexts, args.batches = [2048], [8]  # the issue's target point
+        write_results(args.out, "decode_profile", profile(args), model=dataclasses.asdict(MODEL))
+        print(f"\nwrote {args.out / 'decode_profile'}.csv and .json")
+        return
 
     bandwidth = read_bandwidth()
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (jitted sum over 256 MiB)")

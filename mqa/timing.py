@@ -30,11 +30,12 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return float(np.median(times))
 
 
-def decode_step_seconds(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig,
-                        batch: int, context: int, steps: int, repeats: int) -> tuple[float, int]:
-    """Median seconds per cached decoding step of `batch` sequences at `context` tokens,
-    and the cache buffer's bytes. Compiles first; `context + steps` must fit
-    `config.max_seq_len`."""
+def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, batch: int,
+                context: int, steps: int) -> tuple[Callable[[], None], Callable[[], str], int]:
+    """(run, hlo, cache bytes): `run()` decodes `steps` cached steps of `batch` sequences
+    from a cache holding `context` tokens, waiting for the result (the cache is donated and
+    reused by the next call); `hlo()` is the compiled loop's HLO text. `context + steps`
+    must fit `config.max_seq_len`."""
 
     @functools.partial(jax.jit, donate_argnums=1)
     def decode(params, cache, token):
@@ -51,14 +52,24 @@ def decode_step_seconds(graphdef: nnx.GraphDef, params: nnx.State, config: Model
 
     cache = init_cache(config, batch, context + steps)
     nbytes = cache_nbytes(cache)
-    token = jnp.zeros((batch,), jnp.int32)
-    state = {"cache": cache, "token": token}
+    state = {"cache": cache, "token": jnp.zeros((batch,), jnp.int32)}
 
     def run():
-        state["token"], cache = decode(params, state["cache"]._replace(index=jnp.int32(context)),
-                                       state["token"])
-        state["cache"] = cache
+        state["token"], state["cache"] = decode(
+            params, state["cache"]._replace(index=jnp.int32(context)), state["token"])
         jax.block_until_ready(state["token"])
 
+    def hlo():
+        return decode.lower(params, state["cache"], state["token"]).compile().as_text()
+
+    return run, hlo, nbytes
+
+
+def decode_step_seconds(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig,
+                        batch: int, context: int, steps: int, repeats: int) -> tuple[float, int]:
+    """Median seconds per cached decoding step of `batch` sequences at `context` tokens,
+    and the cache buffer's bytes. Compiles first; `context + steps` must fit
+    `config.max_seq_len`."""
+    run, _, nbytes = decode_loop(graphdef, params, config, batch, context, steps)
     run()  # compile
     return median_seconds(run, repeats) / steps, nbytes
