@@ -12,6 +12,21 @@ import time
 import tqdm
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported lazily and without PyTorch: tensorboardX
+    imports torch whenever it is installed (2-3 s at every start here), only to accept
+    torch tensors, and this writes Python floats."""
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to `WORKDIR/metrics.jsonl` and mirrors the
     numbers to TensorBoard (`WORKDIR/tensorboard`). Only process 0 writes."""
@@ -21,8 +36,7 @@ class MetricsWriter:
         self.enabled = enabled
         self._tensorboard = None
         if enabled:
-            from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
-            self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+            self._tensorboard = _summary_writer()(str(pathlib.Path(workdir) / "tensorboard"))
 
     def drop_after(self, step: int) -> None:
         """Forgets rows past `step`: a resumed run re-does those steps and logs them again."""

@@ -1,5 +1,6 @@
 """Shared test fixtures: the repository root and the shared data folder beside it."""
 
+import os
 import pathlib
 
 import jax
@@ -11,6 +12,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent JAX compilation cache shared by the session's train.py, eval.py and
+    sweep.py subprocesses, which compile the same tiny programs many times (a tiny
+    train.py run: 15 s cold, 5 s from the cache). Subprocesses inherit the environment."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 
 @pytest.fixture
