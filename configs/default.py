@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
         max_seq_len=1024,
         dtype="float32",         # compute dtype; parameters stay float32
         remat=False,             # recompute each layer's activations in the backward pass
-        scan_unroll=1,           # layers (groups) per scan iteration; num_layers: unrolled
+        scan_unroll=4,           # layers (groups) per scan iteration; >= num_layers: unrolled
     ))
 
     config.train = ml_collections.ConfigDict(dict(

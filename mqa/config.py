@@ -110,7 +110,7 @@ def load_config_file(path: str | pathlib.Path, overrides: Iterable[str] = (), *,
         name, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like 'section.field=value'")
-        _set_from_string(config, name.strip(), text.strip())
+        set_from_string(config, name.strip(), text.strip())
     if validate_config:
         validate(config)
     return config
@@ -120,7 +120,10 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _set_from_string(config: ml_collections.ConfigDict, name: str, text: str) -> None:
+def set_from_string(config: ml_collections.ConfigDict, name: str, text: str) -> None:
+    """Sets `config`'s field `name` ("section.field") from command-line `text`, parsed as
+    the field's current type; an unknown field or a value of the wrong type is a
+    ConfigError naming it."""
     parent, _, field = name.rpartition(".")
     node = config
     for part in filter(None, parent.split(".")):

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import ml_collections
 
-from mqa.config import ConfigError, _set_from_string, validate
+from mqa.config import ConfigError, set_from_string, validate
 
 SWEEP_FIELD = "sweep"
 
@@ -79,7 +79,7 @@ def parse_sweep_flags(items: Iterable[str], config: ml_collections.ConfigDict) -
         values = []
         for value_text in filter(None, (v.strip() for v in text.split(","))):
             scratch = ml_collections.ConfigDict(base.to_dict())
-            _set_from_string(scratch, name, value_text)
+            set_from_string(scratch, name, value_text)
             values.append(_get(scratch, name))
         fields[name] = values
     return fields
