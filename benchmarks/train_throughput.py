@@ -61,7 +61,7 @@ def jax_step(config, model_config):
     graphdef, params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)))
     optimizer = make_optimizer(config.train)
     step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(config.train)),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=hardware.train_compiler_options())
     return step, TrainState(np.int32(0), params, optimizer.init(params))
 
 

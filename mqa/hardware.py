@@ -1,4 +1,5 @@
-"""The peak matmul rate that model FLOPs utilisation (MFU) is measured against."""
+"""The peak matmul rate that model FLOPs utilisation (MFU) is measured against, and the
+XLA options the train step is compiled with on this machine."""
 
 from __future__ import annotations
 
@@ -42,3 +43,25 @@ def peak_flops(dtype: str = "float32") -> float:
     if device.platform == "cpu":
         return measured_matmul_flops(dtype) * jax.process_count()
     return measured_matmul_flops(dtype) * jax.device_count()
+
+
+# XLA's CPU backend hands matmuls and elementwise chains to YNNPACK ("YNN fusions") by
+# default. For the train step, XLA's own kernels were 6-11% faster here (the default
+# config, 2 EPYC cores; benchmarks/train_throughput.py, side-by-side runs), so the train
+# step turns them off. Decoding is left alone: there it was faster for some shapes and
+# slower for others.
+_CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=None)
+def train_compiler_options() -> dict | None:
+    """`compiler_options` for jitting the train step: YNNPACK fusions off on CPU, nothing
+    elsewhere, and nothing where this JAX does not know the (experimental) option."""
+    if jax.devices()[0].platform != "cpu":
+        return None
+    try:
+        probe = jax.jit(lambda x: x + 1, compiler_options=_CPU_TRAIN_OPTIONS)
+        probe(jnp.zeros(2)).block_until_ready()
+    except Exception:  # noqa: BLE001 - an unknown option: compile as XLA's default
+        return None
+    return dict(_CPU_TRAIN_OPTIONS)

@@ -250,7 +250,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
     train_step = jax.jit(make_train_step(graphdef, optimizer, schedule, train_cfg.grad_accum),
                          in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, sharding.replicated(mesh)),
-                         donate_argnums=0)
+                         donate_argnums=0, compiler_options=hardware.train_compiler_options())
     eval_step = jax.jit(make_eval_step(graphdef))
     batch_shape = (train_cfg.batch_size, train_cfg.seq_len + 1)
     rows = _local_rows(batch_sharding, batch_shape)
