@@ -56,12 +56,14 @@ def experiment(overrides: list[str]):
     return config, ModelConfig.from_config(config.model)
 
 
-def jax_step(config, model_config):
-    """(the jitted train step with its state donated, a fresh state) as train.py makes them."""
+def jax_step(config, model_config, xla_defaults: bool = False):
+    """(the jitted train step with its state donated, a fresh state) as train.py makes them,
+    or with XLA's default compiler options if `xla_defaults`."""
     graphdef, params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)))
     optimizer = make_optimizer(config.train)
+    options = None if xla_defaults else hardware.train_compiler_options()
     step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(config.train)),
-                   donate_argnums=0, compiler_options=hardware.train_compiler_options())
+                   donate_argnums=0, compiler_options=options)
     return step, TrainState(np.int32(0), params, optimizer.init(params))
 
 
@@ -196,14 +198,18 @@ def memory(args) -> list[dict]:
 
 
 def profile(args) -> list[dict]:
-    """Thunk time by category for the base config and each --jax_variant (first kv_heads)."""
+    """Thunk time by category for the base config and each --jax_variant (first kv_heads).
+
+    Compiled with XLA's default options (YNNPACK fusions on), not train.py's: XLA's own
+    matmul thunks return before their thread-pool work ends, so the trace would count
+    their time as "no thunk running"."""
     rows = []
     variants = [("jax", "")] + [tuple(v.partition(":")[::2]) for v in args.jax_variant]
     for name, overrides in variants:
         config, model_config = experiment([f"model.num_kv_heads={args.kv_heads[0]}",
                                            *args.override, *filter(None, overrides.split(","))])
         batch = random_batch(config)
-        step, state = jax_step(config, model_config)
+        step, state = jax_step(config, model_config, xla_defaults=True)
         hlo = step.lower(state, batch).compile().as_text()
         box = [state]
 
