@@ -39,6 +39,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
         kv_len - q_len: the queries are the last q_len positions (the decoding convention).
     Returns:
       [batch, q_len, num_heads, head_dim] in q's dtype. Logits and softmax are float32.
+
+    The two products, for keys as in training ("bskd") and an MQA cache ("bsd"):
+      scores  "bskd,btkgd->bkgts"   "bsd,btgd->bgts"    (keys on the left)
+      output  "bkgts,bskd->btkgd"   "bgts,bsd->btgd"    (values on the right)
     """
     b, t, h, d = q.shape
     size = dict(zip(kv_layout, k.shape))
@@ -48,12 +52,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     q = q.reshape([size[c] for c in q_axes])                   # split heads into (k, g)
     score_axes = q_axes.replace("t", "").replace("gd", "gts")  # [b][k]gts
     f32 = dict(preferred_element_type=jnp.float32)
-    logits = ordered_einsum(f"{kv_layout},{q_axes}->{score_axes}", k, q, **f32)  # keys on the left
+    logits = ordered_einsum(f"{kv_layout},{q_axes}->{score_axes}", k, q, **f32)
     logits = logits / jnp.sqrt(jnp.float32(d))
     if causal:
         logits = jnp.where(causal_mask(t, kv_len, q_offset), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = ordered_einsum(f"{score_axes},{kv_layout}->{q_axes}", probs, v, **f32)  # values on the right
+    out = ordered_einsum(f"{score_axes},{kv_layout}->{q_axes}", probs, v, **f32)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
