@@ -9,8 +9,9 @@ instructions compute, read from the compiled HLO text:
 - "matmul 2-D": dots whose operands are matrices (projections, MLP, logits; `dense`);
 - "matmul batched": dots with batch dimensions (the attention products);
 - "copy/transpose": copies, transposes and fusions XLA named after them;
-- "scan slicing": dynamic slices and updates (the layer scan reading its stacked weights
-  and writing its stacked residuals) and the broadcasts that zero-fill those stacks;
+- "scan slicing": dynamic slices and updates (in training, the layer scan reading its
+  stacked weights and writing its stacked residuals, and the broadcasts that zero-fill
+  those stacks; in decoding, the KV-cache writes);
 - "reduction": fusions that reduce (softmax, norms, loss);
 - "elementwise": every other fusion.
 
