@@ -135,8 +135,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     parser.add_argument("--kv_heads", type=ints, default=[8, 4, 2, 1])
-    parser.add_argument("--contexts", type=ints, default=[256, 512, 1024, 2048, 4096])
-    parser.add_argument("--batches", type=ints, default=[1, 8])
+    parser.add_argument("--contexts", type=ints,
+                        help="default 256,512,1024,2048,4096; with --profile, 2048")
+    parser.add_argument("--batches", type=ints, help="default 1,8; with --profile, 8")
     parser.add_argument("--steps", type=int, default=32, help="decoding steps per timing")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
@@ -147,9 +148,10 @@ def main(argv=None) -> None:
                         help="profile the steps by kind of XLA thunk instead of timing the grid")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
+    # --profile looks at one point, by default the target: context 2048, batch 8
+    args.contexts = args.contexts or ([2048] if args.profile else [256, 512, 1024, 2048, 4096])
+    args.batches = args.batches or ([8] if args.profile else [1, 8])
     if args.profile:
-        if argv is None and "--contexts" not in " ".join(sys.argv):
-            args.contexts, args.batches = [2048], [8]  # the target point
         write_results(args.out, "decode_profile", profile(args), model=dataclasses.asdict(MODEL))
         print(f"\nwrote {args.out / 'decode_profile'}.csv and .json")
         return

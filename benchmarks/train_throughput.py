@@ -85,12 +85,12 @@ def throughput(args) -> list[dict]:
         batch = random_batch(config)
         runners, first_step = {}, {}
 
-        runners["jax"] = jax_runner(config, model_config, batch)
+        runners["jax"], _ = jax_runner(config, model_config, batch)
         for variant in args.jax_variant:  # NAME:field=value,field=value
             name, _, overrides = variant.partition(":")
             v_config, v_model = experiment([f"model.num_kv_heads={kv}", *args.override,
                                             *overrides.split(",")])
-            runners[f"jax_{name}"] = jax_runner(v_config, v_model, batch)
+            runners[f"jax_{name}"], _ = jax_runner(v_config, v_model, batch)
         if args.torch:
             runners.update(torch_runners(config, model_config, batch, args.torch_compile))
         for name, run in runners.items():  # the first step compiles
@@ -121,16 +121,17 @@ def throughput(args) -> list[dict]:
     return rows
 
 
-def jax_runner(config, model_config, batch):
-    """A function that runs one train step (on its own state) and waits for it."""
-    step, state = jax_step(config, model_config)
+def jax_runner(config, model_config, batch, xla_defaults: bool = False):
+    """(run, hlo): `run()` runs one train step (on its own state) and waits for it; `hlo()`
+    is the compiled step's HLO text."""
+    step, state = jax_step(config, model_config, xla_defaults)
     box = [state]
 
     def run():
         box[0], metrics = step(box[0], batch)
         metrics["loss"].block_until_ready()
 
-    return run
+    return run, lambda: step.lower(box[0], batch).compile().as_text()
 
 
 def torch_runners(config, model_config, batch, compile_too: bool) -> dict:
@@ -208,18 +209,10 @@ def profile(args) -> list[dict]:
     for name, overrides in variants:
         config, model_config = experiment([f"model.num_kv_heads={args.kv_heads[0]}",
                                            *args.override, *filter(None, overrides.split(","))])
-        batch = random_batch(config)
-        step, state = jax_step(config, model_config, xla_defaults=True)
-        hlo = step.lower(state, batch).compile().as_text()
-        box = [state]
-
-        def run():
-            box[0], metrics = step(box[0], batch)
-            metrics["loss"].block_until_ready()
-
+        run, hlo = jax_runner(config, model_config, random_batch(config), xla_defaults=True)
         run()
         run()
-        result = profile_thunks(run, hlo, repeats=args.steps)
+        result = profile_thunks(run, hlo(), repeats=args.steps)
         rows.append(dict(variant=name, num_kv_heads=args.kv_heads[0], wall_ms=result["wall_ms"],
                          idle_ms=result["wall_ms"] - result["covered_ms"],
                          thunk_ms=result["thunk_ms"], concurrency=result["concurrency"],

@@ -172,6 +172,7 @@ class Attention(nnx.Module):
         """
         dtype = jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
+        axes = cache_axes(x.shape[0], self.config.num_kv_heads)  # the cache buffers' layout
         q = apply_rope(dense(x, self.q[...].astype(dtype)), positions, self.config.rope_theta)
         if shared_kv is not None:
             k, v = shared_kv
@@ -180,7 +181,6 @@ class Attention(nnx.Module):
             v = dense(x, self.v[...].astype(dtype))
             k = apply_rope(k, positions, self.config.rope_theta)
             if cache is not None:  # write the new positions into the cache
-                axes = cache_axes(x.shape[0], self.config.num_kv_heads)
                 start = tuple(cache.index if c == "s" else 0 for c in axes)
                 k = jax.lax.dynamic_update_slice(
                     cache.k, to_cache_axes(k, axes).astype(cache.k.dtype), start)
@@ -191,7 +191,7 @@ class Attention(nnx.Module):
             out = core(q, k, v, causal=True, q_offset=0)
         else:
             out = core(q, k.astype(dtype), v.astype(dtype), causal=True, q_offset=cache.index,
-                       kv_layout=cache_axes(x.shape[0], self.config.num_kv_heads))
+                       kv_layout=axes)
             if shared_kv is None:
                 cache = KVCache(k, v, cache.index + x.shape[1])
         return dense(out, self.out[...].astype(dtype), contract=2), cache, (k, v)
