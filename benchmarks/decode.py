@@ -1,7 +1,7 @@
 """Decoding speed and KV-cache memory by number of key/value heads.
 
   python benchmarks/decode.py                      # the full grid, with transformers
-  python benchmarks/decode.py --contexts=2048 --batches=8 --no-hf
+  python benchmarks/decode.py --contexts=2048 --batches=8 --no-hf --no-torch
   python benchmarks/decode.py --profile           # where a step's time goes, by kind of op
 
 One model (4 layers, d_model 256, 8 query heads, SwiGLU 1024, float32) with
@@ -10,8 +10,11 @@ point times cached decoding steps exactly as `mqa.generate` runs them (a compile
 `lax.scan` of `Transformer.step` with the layer weights sliced once and the cache donated),
 starting from a cache already holding `context` tokens. Next to each time: the bytes the
 step must read (all weights + the whole KV-cache buffer) and the "memory floor", those
-bytes over the machine's read bandwidth measured in the same run. Optionally the same
-shapes through Hugging Face transformers (`LlamaForCausalLM.generate`, PyTorch, CPU).
+bytes over the machine's read bandwidth measured in the same run. Beside each point, the
+same model and weights decoded by the loop one would write by hand in PyTorch (eager, a
+preallocated cache written in place, grouped heads without repeated K/V;
+benchmarks/torch_model.py), and at one point Hugging Face transformers
+(`LlamaForCausalLM.generate`, PyTorch, CPU): what a user would otherwise reach for.
 
 Writes benchmarks/results/decode.{csv,json,png} and prints a table. With --profile, instead
 profiles the steps at the first context and batch asked for, by kind of XLA thunk
@@ -24,6 +27,7 @@ import argparse
 import dataclasses
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +53,18 @@ def read_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
     return x.nbytes / median_seconds(lambda: total(x).block_until_ready(), repeats)
 
 
-def time_decode_step(config: ModelConfig, batch: int, context: int, steps: int,
-                     repeats: int) -> tuple[float, int]:
-    """Median seconds per cached decoding step of a randomly initialized model, and the
-    cache buffer's bytes."""
-    graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
-    return decode_step_seconds(graphdef, params, config, batch, context, steps, repeats)
+def time_torch(config: ModelConfig, params: nnx.State, batch: int, context: int, steps: int,
+               repeats: int) -> float | None:
+    """Median seconds per step of the hand-written PyTorch decoding loop with the same
+    weights, or None without PyTorch."""
+    try:
+        from benchmarks.torch_model import TorchTransformer, load_jax_params, make_decode_loop
+    except ImportError:
+        return None
+    model = load_jax_params(TorchTransformer(config), params).eval()
+    run, _, _ = make_decode_loop(model, batch, context, steps)
+    run()  # warm up
+    return median_seconds(run, repeats) / steps
 
 
 def time_transformers(config: ModelConfig, batch: int, context: int, steps: int) -> float | None:
@@ -140,6 +150,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=ints, help="default 1,8; with --profile, 8")
     parser.add_argument("--steps", type=int, default=32, help="decoding steps per timing")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the hand-written PyTorch loop at every point")
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                         help="also time transformers at --hf_context and --hf_batch")
     parser.add_argument("--hf_context", type=int, default=2048)
@@ -163,8 +175,9 @@ def main(argv=None) -> None:
         for context in args.contexts:
             for kv in args.kv_heads:
                 config = dataclasses.replace(MODEL, num_kv_heads=kv)
-                seconds, cache_bytes = time_decode_step(config, batch, context, args.steps,
-                                                        args.repeats)
+                graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+                seconds, cache_bytes = decode_step_seconds(graphdef, params, config, batch,
+                                                           context, args.steps, args.repeats)
                 weight_bytes = accounting.param_count(config) * 4
                 floor = (weight_bytes + cache_bytes) / bandwidth
                 row = dict(num_kv_heads=kv, batch=batch, context=context,
@@ -173,13 +186,24 @@ def main(argv=None) -> None:
                            kv_cache_bytes=accounting.kv_cache_bytes(config, batch, context),
                            bytes_read_per_step=weight_bytes + cache_bytes,
                            floor_ms=floor * 1e3, fraction_of_floor=floor / seconds)
+                if args.torch:
+                    time.sleep(1.0)  # let XLA's spinning worker threads go idle first
+                    torch_seconds = time_torch(config, params, batch, context, args.steps,
+                                               args.repeats)
+                    time.sleep(1.0)  # and PyTorch's, before XLA runs again
+                    if torch_seconds is not None:
+                        row.update(torch_step_ms=torch_seconds * 1e3,
+                                   torch_tokens_per_sec=batch / torch_seconds)
                 if args.hf and context == args.hf_context and batch == args.hf_batch:
                     hf = time_transformers(config, batch, context, args.steps)
                     if hf is not None:
                         row.update(hf_step_ms=hf * 1e3, hf_tokens_per_sec=batch / hf)
                 rows.append(row)
+                torch_note = (f", PyTorch {row['torch_step_ms']:.2f}" if "torch_step_ms" in row
+                              else "")
                 print(f"kv={kv} batch={batch} context={context}: {row['step_ms']:.2f} ms/step, "
-                      f"{row['fraction_of_floor']:.0%} of the memory floor", flush=True)
+                      f"{row['fraction_of_floor']:.0%} of the memory floor{torch_note}",
+                      flush=True)
 
     mha = {(r["batch"], r["context"]): r for r in rows if r["num_kv_heads"] == MODEL.num_heads}
     for r in rows:
@@ -189,14 +213,16 @@ def main(argv=None) -> None:
             r["bytes_ratio_vs_mha"] = base["bytes_read_per_step"] / r["bytes_read_per_step"]
 
     header = (f"{'kv':>3} {'batch':>5} {'context':>7} {'ms/step':>8} {'tok/s':>8} "
-              f"{'KV MiB':>8} {'floor':>6} {'vs MHA':>7} {'bytes':>6} {'HF tok/s':>9}")
+              f"{'KV MiB':>8} {'floor':>6} {'vs MHA':>7} {'bytes':>6} {'PT tok/s':>9} "
+              f"{'HF tok/s':>9}")
     print("\n" + header)
     for r in rows:
         hf = f"{r['hf_tokens_per_sec']:9.0f}" if "hf_tokens_per_sec" in r else f"{'':>9}"
+        pt = f"{r['torch_tokens_per_sec']:9.0f}" if "torch_tokens_per_sec" in r else f"{'':>9}"
         print(f"{r['num_kv_heads']:>3} {r['batch']:>5} {r['context']:>7} {r['step_ms']:8.2f} "
               f"{r['tokens_per_sec']:8.0f} {r['kv_cache_bytes'] / 2 ** 20:8.1f} "
               f"{r['fraction_of_floor']:6.0%} {r.get('speedup_vs_mha', float('nan')):6.2f}x "
-              f"{r.get('bytes_ratio_vs_mha', float('nan')):5.2f}x {hf}")
+              f"{r.get('bytes_ratio_vs_mha', float('nan')):5.2f}x {pt} {hf}")
 
     write_results(args.out, "decode", rows, read_bandwidth_bytes_per_sec=bandwidth,
                   model=dataclasses.asdict(MODEL))
