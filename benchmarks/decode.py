@@ -8,7 +8,9 @@ One model (4 layers, d_model 256, 8 query heads, SwiGLU 1024, float32) with
 num_kv_heads in {8, 4, 2, 1}, decoded at several context lengths and batch sizes. Each
 point times cached decoding steps exactly as `mqa.generate` runs them (a compiled
 `lax.scan` of `Transformer.step` with the layer weights sliced once and the cache donated),
-starting from a cache already holding `context` tokens. Next to each time: the bytes the
+starting from a cache already holding `context` tokens; at each context and batch, all the
+variants are timed in alternating rounds, so that the shared machine's load falls on all
+of them alike. Next to each time: the bytes the
 step must read (all weights + the whole KV-cache buffer) and the "memory floor", those
 bytes over the machine's read bandwidth measured in the same run. Beside each point, the
 same model and weights decoded by the loop one would write by hand in PyTorch (eager, a
@@ -28,16 +30,18 @@ import dataclasses
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mqa import accounting  # noqa: E402
 from mqa.config import ModelConfig  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
-from mqa.timing import decode_loop, decode_step_seconds, median_seconds  # noqa: E402
+from mqa.timing import decode_loop, median_seconds  # noqa: E402
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.xla_profile import CATEGORIES, profile_thunks  # noqa: E402
 
@@ -53,10 +57,10 @@ def read_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
     return x.nbytes / median_seconds(lambda: total(x).block_until_ready(), repeats)
 
 
-def time_torch(config: ModelConfig, params: nnx.State, batch: int, context: int, steps: int,
-               repeats: int) -> float | None:
-    """Median seconds per step of the hand-written PyTorch decoding loop with the same
-    weights, or None without PyTorch."""
+def torch_runner(config: ModelConfig, params: nnx.State, batch: int, context: int,
+                 steps: int) -> Callable[[], object] | None:
+    """The hand-written PyTorch decoding loop with the same weights, warmed up; None
+    without PyTorch."""
     try:
         from benchmarks.torch_model import TorchTransformer, load_jax_params, make_decode_loop
     except ImportError:
@@ -64,7 +68,37 @@ def time_torch(config: ModelConfig, params: nnx.State, batch: int, context: int,
     model = load_jax_params(TorchTransformer(config), params).eval()
     run, _, _ = make_decode_loop(model, batch, context, steps)
     run()  # warm up
-    return median_seconds(run, repeats) / steps
+    return run
+
+
+def time_point(batch: int, context: int, args) -> dict[int, dict]:
+    """Per num_kv_heads: seconds per step of mqa's loop and of the PyTorch loop, and the
+    cache buffer's bytes. Every variant is compiled first, then all are timed in
+    alternating rounds, so that the machine's load at the time falls on all of them alike;
+    PyTorch and XLA take turns with a pause between (a runtime's spinning worker threads
+    otherwise slow whichever runs next)."""
+    runners, points = {}, {}
+    for kv in args.kv_heads:
+        config = dataclasses.replace(MODEL, num_kv_heads=kv)
+        graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+        run, _, cache_bytes = decode_loop(graphdef, params, config, batch, context, args.steps)
+        run()  # compile
+        runners[("jax", kv)] = run
+        points[kv] = dict(cache_bytes=cache_bytes)
+        if args.torch and (pytorch := torch_runner(config, params, batch, context, args.steps)):
+            runners[("torch", kv)] = pytorch
+    times = {key: [] for key in runners}
+    for _ in range(args.repeats):
+        for kind in ("jax", "torch"):
+            for (name, kv), run in runners.items():
+                if name == kind:
+                    start = time.perf_counter()
+                    run()
+                    times[(name, kv)].append(time.perf_counter() - start)
+            time.sleep(1.0)
+    for (name, kv), samples in times.items():
+        points[kv][name] = float(np.median(samples)) / args.steps
+    return points
 
 
 def time_transformers(config: ModelConfig, batch: int, context: int, steps: int) -> float | None:
@@ -173,11 +207,10 @@ def main(argv=None) -> None:
     rows = []
     for batch in args.batches:
         for context in args.contexts:
+            points = time_point(batch, context, args)
             for kv in args.kv_heads:
                 config = dataclasses.replace(MODEL, num_kv_heads=kv)
-                graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
-                seconds, cache_bytes = decode_step_seconds(graphdef, params, config, batch,
-                                                           context, args.steps, args.repeats)
+                seconds, cache_bytes = points[kv]["jax"], points[kv]["cache_bytes"]
                 weight_bytes = accounting.param_count(config) * 4
                 floor = (weight_bytes + cache_bytes) / bandwidth
                 row = dict(num_kv_heads=kv, batch=batch, context=context,
@@ -186,14 +219,9 @@ def main(argv=None) -> None:
                            kv_cache_bytes=accounting.kv_cache_bytes(config, batch, context),
                            bytes_read_per_step=weight_bytes + cache_bytes,
                            floor_ms=floor * 1e3, fraction_of_floor=floor / seconds)
-                if args.torch:
-                    time.sleep(1.0)  # let XLA's spinning worker threads go idle first
-                    torch_seconds = time_torch(config, params, batch, context, args.steps,
-                                               args.repeats)
-                    time.sleep(1.0)  # and PyTorch's, before XLA runs again
-                    if torch_seconds is not None:
-                        row.update(torch_step_ms=torch_seconds * 1e3,
-                                   torch_tokens_per_sec=batch / torch_seconds)
+                if "torch" in points[kv]:
+                    row.update(torch_step_ms=points[kv]["torch"] * 1e3,
+                               torch_tokens_per_sec=batch / points[kv]["torch"])
                 if args.hf and context == args.hf_context and batch == args.hf_batch:
                     hf = time_transformers(config, batch, context, args.steps)
                     if hf is not None:
