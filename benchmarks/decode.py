@@ -26,6 +26,7 @@ profiles the steps at the first context and batch asked for, by kind of XLA thun
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import pathlib
 import sys
@@ -72,37 +73,43 @@ def torch_runner(config: ModelConfig, params: nnx.State, batch: int, context: in
 
 
 def time_point(batch: int, context: int, args) -> dict[int, dict]:
-    """Per num_kv_heads: seconds per step of mqa's loop and of the PyTorch loop, and the
-    cache buffer's bytes. Every variant is compiled first, then all are timed in
-    alternating rounds, so that the machine's load at the time falls on all of them alike;
-    PyTorch and XLA take turns with a pause between (a runtime's spinning worker threads
-    otherwise slow whichever runs next)."""
+    """Per num_kv_heads: seconds per step of mqa's loop ("jax"), of the PyTorch loop
+    ("torch") and, at --hf_context and --hf_batch, of transformers ("hf"); and the cache
+    buffer's bytes ("cache_bytes"). Every variant is compiled or warmed up first, then all
+    are timed in alternating rounds, so that the machine's load at the time falls on all of
+    them alike; PyTorch and XLA take turns with a pause between (a runtime's spinning
+    worker threads otherwise slow whichever runs next)."""
+    with_hf = args.hf and context == args.hf_context and batch == args.hf_batch
     runners, points = {}, {}
     for kv in args.kv_heads:
         config = dataclasses.replace(MODEL, num_kv_heads=kv)
         graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
         run, _, cache_bytes = decode_loop(graphdef, params, config, batch, context, args.steps)
         run()  # compile
-        runners[("jax", kv)] = run
+        runners[("jax", kv)] = timed(run)
         points[kv] = dict(cache_bytes=cache_bytes)
         if args.torch and (pytorch := torch_runner(config, params, batch, context, args.steps)):
-            runners[("torch", kv)] = pytorch
+            runners[("torch", kv)] = timed(pytorch)
+        if with_hf and (hf := transformers_runner(config, batch, context, args.steps)):
+            runners[("hf", kv)] = hf
     times = {key: [] for key in runners}
     for _ in range(args.repeats):
-        for kind in ("jax", "torch"):
-            for (name, kv), run in runners.items():
+        for kind in ("jax", "torch", "hf"):
+            for (name, kv), seconds in runners.items():
                 if name == kind:
-                    start = time.perf_counter()
-                    run()
-                    times[(name, kv)].append(time.perf_counter() - start)
+                    times[(name, kv)].append(seconds())
             time.sleep(1.0)
     for (name, kv), samples in times.items():
         points[kv][name] = float(np.median(samples)) / args.steps
     return points
 
 
-def time_transformers(config: ModelConfig, batch: int, context: int, steps: int) -> float | None:
-    """Seconds per decoding step of `LlamaForCausalLM.generate` with the same shapes."""
+def transformers_runner(config: ModelConfig, batch: int, context: int,
+                        steps: int) -> Callable[[], float] | None:
+    """`LlamaForCausalLM.generate` on the same shapes (its own random weights), or None
+    without transformers: a call returns the seconds `generate` takes for `steps` new
+    tokens after a prompt of `context` tokens whose first `context - 1` are already in its
+    KV cache (prefilled once; each call decodes from a fresh copy, made before timing)."""
     try:
         import torch
         import transformers
@@ -116,17 +123,29 @@ def time_transformers(config: ModelConfig, batch: int, context: int, steps: int)
         max_position_embeddings=config.max_seq_len, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(hf_config).eval()
     prompt = torch.randint(0, config.vocab_size, (batch, context))
-    settings = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        prefilled = model(prompt[:, :-1], use_cache=True).past_key_values
 
-    def generate(new):
+    def run() -> float:
+        cache = copy.deepcopy(prefilled)
+        start = time.perf_counter()
         with torch.no_grad():
             model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                           max_new_tokens=new, min_new_tokens=new, **settings)
+                           past_key_values=cache, max_new_tokens=steps, min_new_tokens=steps,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+        return time.perf_counter() - start
 
-    generate(2)  # warm up
-    short = median_seconds(lambda: generate(1), 2)
-    long = median_seconds(lambda: generate(steps + 1), 2)
-    return (long - short) / steps
+    run()  # warm up
+    return run
+
+
+def timed(run: Callable[[], object]) -> Callable[[], float]:
+    """`run` as a callable returning the seconds it took."""
+    def seconds() -> float:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+    return seconds
 
 
 def profile(args) -> list[dict]:
@@ -222,10 +241,9 @@ def main(argv=None) -> None:
                 if "torch" in points[kv]:
                     row.update(torch_step_ms=points[kv]["torch"] * 1e3,
                                torch_tokens_per_sec=batch / points[kv]["torch"])
-                if args.hf and context == args.hf_context and batch == args.hf_batch:
-                    hf = time_transformers(config, batch, context, args.steps)
-                    if hf is not None:
-                        row.update(hf_step_ms=hf * 1e3, hf_tokens_per_sec=batch / hf)
+                if "hf" in points[kv]:
+                    row.update(hf_step_ms=points[kv]["hf"] * 1e3,
+                               hf_tokens_per_sec=batch / points[kv]["hf"])
                 rows.append(row)
                 torch_note = (f", PyTorch {row['torch_step_ms']:.2f}" if "torch_step_ms" in row
                               else "")
