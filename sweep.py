@@ -8,9 +8,9 @@ The config's `sweep` field (or the --sweep flags, which replace it) lists the va
 each field; the points are their cartesian product. Every --config.* override applies to
 every point. Each point is an ordinary resumable training run in WORKDIR/<point name>
 (e.g. WORKDIR/num_kv_heads=8), trained in this process one after another; running the
-same command again skips finished points and resumes an interrupted one. Then each
-point's final model is timed decoding (--decode_batch sequences at --decode_context
-tokens), and the sweep writes:
+same command again skips finished points and resumes an interrupted one. Then the points'
+final models are timed decoding side by side (--decode_batch sequences at
+--decode_context tokens, in alternating rounds), and the sweep writes:
 
   WORKDIR/results.csv, results.md   a row per point (columns: mqa/sweep_results.py)
   WORKDIR/eval_loss.png             held-out loss against num_kv_heads (or the first field)
@@ -32,7 +32,7 @@ from mqa.config import ConfigError, ModelConfig
 from mqa.data import DataError
 from mqa.loading import CheckpointError, load_model
 from mqa.sweep import Point, parse_sweep_flags, points, sweep_fields
-from mqa.timing import decode_step_seconds
+from mqa.timing import alternating_medians, decode_loop, timed
 
 DECODE_STEPS = 32    # cached decoding steps per timing
 DECODE_REPEATS = 5   # timings per point; the median is reported
@@ -63,20 +63,29 @@ def train_point(point: Point, point_dir, label: str) -> dict:
     return result
 
 
-def time_decoding(point_dir, label: str, context: int, batch: int) -> dict:
-    """Decoding tokens/s of the point's final model: compiled first, median of repeats."""
-    model = load_model(point_dir)
-    limit = model.model_config.max_seq_len - DECODE_STEPS
-    used = min(context, limit)
-    if used < context:
-        print(f"{label}: decode context {context} capped to {limit} (model.max_seq_len="
-              f"{model.model_config.max_seq_len} minus {DECODE_STEPS} timed steps)")
-    seconds, _ = decode_step_seconds(model.graphdef, model.params, model.model_config, batch,
-                                     used, DECODE_STEPS, DECODE_REPEATS)
-    print(f"{label}: decoding {batch / seconds:,.0f} tokens/s (batch {batch}, context {used})",
-          flush=True)
-    return {"context": used, "batch": batch, "steps": DECODE_STEPS,
-            "tokens_per_sec": batch / seconds, "requested_context": context}
+def time_decoding(point_dirs: dict[str, object], context: int, batch: int) -> dict[str, dict]:
+    """Decoding tokens/s of each point's final model, by point name: every model compiled
+    first, then all timed side by side in alternating rounds (median of DECODE_REPEATS)."""
+    runs, used = {}, {}
+    for name, point_dir in point_dirs.items():
+        model = load_model(point_dir)
+        limit = model.model_config.max_seq_len - DECODE_STEPS
+        used[name] = min(context, limit)
+        if used[name] < context:
+            print(f"{name}: decode context {context} capped to {limit} (model.max_seq_len="
+                  f"{model.model_config.max_seq_len} minus {DECODE_STEPS} timed steps)")
+        run, _, _ = decode_loop(model.graphdef, model.params, model.model_config, batch,
+                                used[name], DECODE_STEPS)
+        run()  # compile
+        runs[name] = timed(run)
+    results = {}
+    for name, seconds in alternating_medians(runs, DECODE_REPEATS).items():
+        tokens_per_sec = batch * DECODE_STEPS / seconds
+        print(f"{name}: decoding {tokens_per_sec:,.0f} tokens/s (batch {batch}, context "
+              f"{used[name]})", flush=True)
+        results[name] = {"context": used[name], "batch": batch, "steps": DECODE_STEPS,
+                         "tokens_per_sec": tokens_per_sec, "requested_context": context}
+    return results
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
@@ -85,17 +94,22 @@ def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
     plan = points(config, fields)  # every point validated before anything trains
     workdir = trainer.prepare_workdir(workdir)
     print(f"sweep: {len(plan)} points in {workdir}: {', '.join(p.name for p in plan)}", flush=True)
+    results = {point.name: train_point(point, workdir / point.name,
+                                       f"[{index}/{len(plan)}] {point.name}")
+               for index, point in enumerate(plan, 1)}
+    # Decoding speeds are compared across points, so they are measured together: when any
+    # point lacks a timing at these settings (a new or resumed point), all are re-timed.
+    wanted = (FLAGS.decode_context, FLAGS.decode_batch)
+    timed_as = lambda result: tuple((result.get("decode") or {}).get(key)  # noqa: E731
+                                    for key in ("requested_context", "batch"))
+    if any(timed_as(result) != wanted for result in results.values()):
+        timings = time_decoding({point.name: workdir / point.name for point in plan}, *wanted)
+        for point in plan:
+            results[point.name]["decode"] = timings[point.name]
+            sweep_results.write_result(workdir / point.name, results[point.name])
     rows, curves = [], {}
-    for index, point in enumerate(plan, 1):
-        point_dir = workdir / point.name
-        label = f"[{index}/{len(plan)}] {point.name}"
-        result = train_point(point, point_dir, label)
-        decode = result.get("decode") or {}
-        if (decode.get("requested_context"), decode.get("batch")) != (FLAGS.decode_context,
-                                                                       FLAGS.decode_batch):
-            result["decode"] = time_decoding(point_dir, label, FLAGS.decode_context,
-                                             FLAGS.decode_batch)
-            sweep_results.write_result(point_dir, result)
+    for point in plan:
+        point_dir, result = workdir / point.name, results[point.name]
         model_config = ModelConfig.from_config(trainer.saved_config(point_dir).model)
         rows.append(sweep_results.table_row(point, result, model_config))
         curves[point.name] = sweep_results.loss_curves(sweep_results.read_metrics(point_dir))

@@ -35,14 +35,13 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mqa import accounting  # noqa: E402
 from mqa.config import ModelConfig  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
-from mqa.timing import decode_loop, median_seconds  # noqa: E402
+from mqa.timing import alternating_medians, decode_loop, median_seconds, timed  # noqa: E402
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.xla_profile import CATEGORIES, profile_thunks  # noqa: E402
 
@@ -92,15 +91,9 @@ def time_point(batch: int, context: int, args) -> dict[int, dict]:
             runners[("torch", kv)] = timed(pytorch)
         if with_hf and (hf := transformers_runner(config, batch, context, args.steps)):
             runners[("hf", kv)] = hf
-    times = {key: [] for key in runners}
-    for _ in range(args.repeats):
-        for kind in ("jax", "torch", "hf"):
-            for (name, kv), seconds in runners.items():
-                if name == kind:
-                    times[(name, kv)].append(seconds())
-            time.sleep(1.0)
-    for (name, kv), samples in times.items():
-        points[kv][name] = float(np.median(samples)) / args.steps
+    medians = alternating_medians(runners, args.repeats, group=lambda key: key[0], pause=1.0)
+    for (name, kv), seconds in medians.items():
+        points[kv][name] = seconds / args.steps
     return points
 
 
@@ -137,15 +130,6 @@ def transformers_runner(config: ModelConfig, batch: int, context: int,
 
     run()  # warm up
     return run
-
-
-def timed(run: Callable[[], object]) -> Callable[[], float]:
-    """`run` as a callable returning the seconds it took."""
-    def seconds() -> float:
-        start = time.perf_counter()
-        run()
-        return time.perf_counter() - start
-    return seconds
 
 
 def profile(args) -> list[dict]:

@@ -2,14 +2,16 @@
 
 Shared by `benchmarks/decode.py` (random weights) and `sweep.py` (each point's trained
 weights): a compiled `lax.scan` of `Transformer.step` with the layer weights sliced once
-and the cache donated, starting from a cache that already holds `context` tokens.
+and the cache donated, starting from a cache that already holds `context` tokens. Variants
+that are compared are timed in alternating rounds (`alternating_medians`): on a shared,
+noisy machine a burst of load then falls on all of them, not on whichever ran at the time.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Callable
+from typing import Callable, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,33 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def timed(fn: Callable[[], object]) -> Callable[[], float]:
+    """`fn` as a callable that returns the wall-clock seconds it took."""
+    def seconds() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return seconds
+
+
+def alternating_medians(runs: dict[Hashable, Callable[[], float]], repeats: int, *,
+                        group: Callable[[Hashable], object] = lambda key: None,
+                        pause: float = 0.0) -> dict[Hashable, float]:
+    """The median of `repeats` results of each run (each returns the seconds it measured;
+    see `timed`). Every round calls every run once, group after group in the order of
+    their first key (`group(key)`), sleeping `pause` seconds after each group: runtimes
+    whose worker threads spin after work (XLA's, PyTorch's) would otherwise slow the next."""
+    order = list(dict.fromkeys(group(key) for key in runs))
+    samples = {key: [] for key in runs}
+    for _ in range(repeats):
+        for name in order:
+            for key, run in runs.items():
+                if group(key) == name:
+                    samples[key].append(run())
+            time.sleep(pause)
+    return {key: float(np.median(values)) for key, values in samples.items()}
 
 
 def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, batch: int,
@@ -63,13 +92,3 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, 
         return decode.lower(params, state["cache"], state["token"]).compile().as_text()
 
     return run, hlo, nbytes
-
-
-def decode_step_seconds(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig,
-                        batch: int, context: int, steps: int, repeats: int) -> tuple[float, int]:
-    """Median seconds per cached decoding step of `batch` sequences at `context` tokens,
-    and the cache buffer's bytes. Compiles first; `context + steps` must fit
-    `config.max_seq_len`."""
-    run, _, nbytes = decode_loop(graphdef, params, config, batch, context, steps)
-    run()  # compile
-    return median_seconds(run, repeats) / steps, nbytes

@@ -154,3 +154,10 @@ def test_tiny_sweep_end_to_end_and_rerun_skips(tmp_path):
     assert time.time() - start < first_run / 2
     with (tmp_path / "results.csv").open() as f:
         assert list(csv.DictReader(f)) == rows
+
+    # Other decode settings: both points are timed again, side by side; nothing retrains.
+    third = run_sweep(tmp_path, *TINY, "--sweep=model.num_kv_heads=2,1", "--decode_context=32")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert third.stdout.count("skipped") == 2 and third.stdout.count("decoding") == 2
+    with (tmp_path / "results.csv").open() as f:
+        assert [int(row["decode_context"]) for row in csv.DictReader(f)] == [32, 32]
