@@ -13,8 +13,10 @@ K/V in memory, under `torch.inference_mode`.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from flax import nnx
 from torch import nn
 
 from mqa.config import ModelConfig
@@ -115,11 +117,9 @@ class TorchTransformer(nn.Module):
 
 
 def load_jax_params(model: TorchTransformer, params) -> TorchTransformer:
-    """Copies `nnx.state(mqa_model, nnx.Param)` (tied embeddings, no K/V sharing) into
-    `model`. mqa keeps [in, heads, head_dim] kernels stacked over layers; torch's Linear
-    keeps [out, in]."""
-    import numpy as np
-    from flax import nnx
+    """Copies an mqa model's parameters (its state from `nnx.split`, or `nnx.state(model,
+    nnx.Param)`; tied embeddings, no K/V sharing) into `model`. mqa keeps [in, heads,
+    head_dim] kernels stacked over layers; torch's Linear keeps [out, in]."""
     value = lambda array: torch.from_numpy(np.array(array))  # noqa: E731
     params = nnx.to_pure_dict(params)
     blocks = params["blocks"]
