@@ -157,13 +157,20 @@ def plot(rows: list[dict], path: pathlib.Path, batch: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    with_torch = all("torch_tokens_per_sec" in r for r in rows)
     for kv in sorted({r["num_kv_heads"] for r in rows}, reverse=True):
         points = sorted((r["context"], r) for r in rows
                         if r["num_kv_heads"] == kv and r["batch"] == batch)
         contexts = [c for c, _ in points]
-        speed.plot(contexts, [r["tokens_per_sec"] for _, r in points], "o-", label=f"kv={kv}")
+        line, = speed.plot(contexts, [r["tokens_per_sec"] for _, r in points], "o-",
+                           label=f"kv={kv}")
+        if with_torch:
+            speed.plot(contexts, [r["torch_tokens_per_sec"] for _, r in points], "--",
+                       color=line.get_color(), alpha=0.6)
         memory.plot(contexts, [r["kv_cache_bytes"] / 2 ** 20 for _, r in points], "o-",
                     label=f"kv={kv}")
+    if with_torch:
+        speed.plot([], [], "--", color="gray", label="dashed: the PyTorch loop")
     for axis, title, label in ((speed, f"decoding, batch {batch}", "tokens/s"),
                                (memory, f"KV cache, batch {batch}", "MiB")):
         axis.set_xscale("log", base=2)
@@ -172,7 +179,7 @@ def plot(rows: list[dict], path: pathlib.Path, batch: int) -> None:
         axis.set_ylabel(label)
         axis.set_title(title)
         axis.grid(True, alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize="small")
     fig.suptitle("8 query heads, 4 layers, d_model 256, float32 (MHA: kv=8, MQA: kv=1)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
