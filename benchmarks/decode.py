@@ -185,6 +185,25 @@ def plot(rows: list[dict], path: pathlib.Path, batch: int) -> None:
     fig.savefig(path, dpi=120)
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """One-line errors (argparse's, exit status 2) for values the model cannot decode."""
+    for kv in args.kv_heads:
+        if kv < 1 or MODEL.num_heads % kv:
+            parser.error(f"--kv_heads: {kv} must divide the model's {MODEL.num_heads} query "
+                         f"heads (one of 1, 2, 4, 8)")
+    for name in ("steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)} must be at least 1")
+    for name, values in (("contexts", args.contexts), ("batches", args.batches)):
+        for value in values or ():
+            if value < 1:
+                parser.error(f"--{name}: {value} must be at least 1")
+    for context in args.contexts or ():
+        if context + args.steps > MODEL.max_seq_len:
+            parser.error(f"--contexts: {context} plus --steps={args.steps} exceeds the model's "
+                         f"max_seq_len={MODEL.max_seq_len}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
@@ -204,6 +223,7 @@ def main(argv=None) -> None:
                         help="profile the steps by kind of XLA thunk instead of timing the grid")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
+    check_args(parser, args)
     # --profile looks at one point, by default the issue's target: context 2048, batch 8
     args.contexts = args.contexts or ([2048] if args.profile else [256, 512, 1024, 2048, 4096])
     args.batches = args.batches or ([8] if args.profile else [1, 8])

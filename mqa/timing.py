@@ -24,12 +24,8 @@ from mqa.kv_cache import cache_nbytes, init_cache
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall-clock seconds of `repeats` calls of `fn`."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    seconds = timed(fn)
+    return float(np.median([seconds() for _ in range(repeats)]))
 
 
 def timed(fn: Callable[[], object]) -> Callable[[], float]:

@@ -58,27 +58,3 @@ def test_the_torch_decoding_loop_gives_mqas_greedy_tokens(num_kv_heads):
     got = np.concatenate([prompt, first[:, None].numpy(), run(first).numpy()], axis=1)
     np.testing.assert_array_equal(got, expected)
 
-
-@pytest.mark.slow
-def test_the_decode_benchmark_runs_and_reports_every_loop(tmp_path, capsys):
-    pytest.importorskip("transformers")
-    import json
-
-    from benchmarks import decode
-    from mqa import accounting
-    decode.main(["--contexts=32", "--batches=2", "--kv_heads=8,1", "--steps=2", "--repeats=1",
-                 "--hf_context=32", "--hf_batch=2", "--out", str(tmp_path)])
-    result = json.loads((tmp_path / "decode.json").read_text())
-    mha, mqa_row = result["rows"]
-    assert (mha["num_kv_heads"], mqa_row["num_kv_heads"]) == (8, 1)
-    # The cache shrinks by the number of heads; the bytes each step reads add the weights.
-    assert mha["kv_cache_bytes"] == 8 * mqa_row["kv_cache_bytes"]
-    weights = accounting.param_count(dataclasses.replace(decode.MODEL, num_kv_heads=1)) * 4
-    assert mqa_row["bytes_read_per_step"] > weights + mqa_row["kv_cache_bytes"]
-    assert mha["speedup_vs_mha"] == 1.0
-    assert mqa_row["speedup_vs_mha"] == pytest.approx(mha["step_ms"] / mqa_row["step_ms"])
-    assert all(r["step_ms"] > 0 and r["torch_step_ms"] > 0 and r["hf_step_ms"] > 0
-               for r in result["rows"])
-    assert (tmp_path / "decode.csv").exists() and (tmp_path / "decode.png").exists()
-    printed = capsys.readouterr().out
-    assert "PT tok/s" in printed and "HF tok/s" in printed
