@@ -117,14 +117,14 @@ def transformers_runner(config: ModelConfig, batch: int, context: int,
     model = transformers.LlamaForCausalLM(hf_config).eval()
     prompt = torch.randint(0, config.vocab_size, (batch, context))
     with torch.no_grad():
-        prefilled = model(prompt[:, :-1], use_cache=True).past_key_values
+        prefilled = model(prompt[:, :-1], use_cache=True).cache
 
     def run() -> float:
         cache = copy.deepcopy(prefilled)
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                           past_key_values=cache, max_new_tokens=steps, min_new_tokens=steps,
+                           cache=cache, max_new_tokens=steps, min_new_tokens=steps,
                            do_sample=False, pad_token_id=0, eos_token_id=None)
         return time.perf_counter() - start
 

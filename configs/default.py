@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
         seed=0,
         log_every=20,
         eval_every=200,
-        eval_batches=16,
+        eval_batches=16,         # batches of held-out windows scored at each evaluation
+        final_eval_tokens=1_000_000,  # held-out tokens scored at the end (all of a smaller split)
         max_nonfinite_steps=10,  # stop after this many updates in a row skipped for NaN/inf
         init_from="",            # workdir or checkpoint to start from (uptraining); '': random
     ))

@@ -3,7 +3,7 @@
   python sweep.py --config=configs/sweep_kv_heads.py --workdir=runs/kv_sweep
 
 A 4-layer, d_model 96 byte-level LM with 8 query heads of 12 dimensions on
-tinyshakespeare (../shared/data/tinyshakespeare.txt beside the repository), its SwiGLU
+tinyshakespeare (data/tinyshakespeare.txt, shipped with the repository), its SwiGLU
 widened where K/V heads are removed so every point has exactly the parameters of the MHA
 model (Shazeer 2019): each K/V head removed frees 2 x 12 x d_model weights per layer, 8
 SwiGLU units of 3 x d_model. Sized so the four points train (350 steps of 16 x 256
@@ -18,7 +18,7 @@ import ml_collections
 
 from configs import default
 
-TINYSHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TINYSHAKESPEARE = pathlib.Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 
 
 def get_config():

@@ -26,7 +26,8 @@ _POSITIVE = (
     "model.num_kv_heads", "model.kv_share_every", "model.head_dim", "model.mlp_dim",
     "model.max_seq_len", "model.scan_unroll", "model.attention_block",
     "train.steps", "train.batch_size", "train.seq_len", "train.log_every",
-    "train.eval_every", "train.grad_accum", "train.max_nonfinite_steps", "checkpoint.every",
+    "train.eval_every", "train.eval_batches", "train.final_eval_tokens", "train.grad_accum",
+    "train.max_nonfinite_steps", "checkpoint.every",
     "checkpoint.keep",
 )
 

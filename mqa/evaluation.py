@@ -1,18 +1,28 @@
-"""Perplexity of a loaded model on a token stream: non-overlapping or sliding windows."""
+"""Held-out loss over windows of a token stream: the one windowing that `eval.py`,
+`mqa.load_model` users and the trainer's evaluations (periodic and final) all share.
+
+A stream of n tokens is cut into windows of `seq_len + 1` tokens (`data.eval_windows`):
+non-overlapping by default, or every `stride` tokens, in which case each window scores only
+the `stride` targets no earlier window scored. Windows are scored `batch_size` at a time,
+the last batch padded with rows that weigh nothing, so one compiled shape serves them all.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from flax import nnx
 
 from mqa import data
 from mqa.loading import LoadedModel
-from mqa.training import cross_entropy
+from mqa.training import make_eval_step
+
+# (windows int32 [batch, seq_len + 1], weights float32 [batch, seq_len]) -> (nll sum, weight sum)
+BatchNll = Callable[[np.ndarray, np.ndarray], tuple[float, float]]
 
 
 def scored_positions(num_windows: int, seq_len: int, stride: int) -> np.ndarray:
@@ -28,25 +38,20 @@ def scored_positions(num_windows: int, seq_len: int, stride: int) -> np.ndarray:
     return mask
 
 
-def evaluate_tokens(model: LoadedModel, tokens: np.ndarray, *, seq_len: int,
-                    stride: int | None = None, batch_size: int = 8, bytes_per_token: float = 1.0,
-                    progress: bool = True) -> dict:
-    """Loss (nats/token), perplexity and bits per byte of `tokens` (int [n]).
+def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batch_size: int,
+                  stride: int | None = None, max_windows: int | None = None,
+                  bytes_per_token: float = 1.0, progress: bool = False) -> dict:
+    """{"loss" (nats/token), "perplexity", "bits_per_byte", "tokens" (targets scored)}.
 
-    stride: None (= seq_len) for non-overlapping windows; smaller for a sliding window in
-    which every scored token sees at least seq_len - stride tokens of context.
+    tokens: int [n]. max_windows: score only the first this many windows (None: all).
+    batch_nll: scores one padded batch (see `BatchNll`); the trainer's shards it over its
+    mesh, `evaluate_tokens`' runs a loaded model.
     """
     stride = seq_len if stride is None else stride
     windows = data.eval_windows(np.asarray(tokens), seq_len, stride=stride)  # [n, seq_len + 1]
     mask = scored_positions(len(windows), seq_len, stride)
-    graphdef = model.graphdef
-
-    @jax.jit
-    def batch_nll(params, batch, weights):
-        logits = nnx.merge(graphdef, params)(batch[:, :-1])
-        nll = cross_entropy(logits, batch[:, 1:])
-        return jnp.sum(nll * weights), jnp.sum(weights)
-
+    if max_windows is not None:
+        windows, mask = windows[:max_windows], mask[:max_windows]
     loss_sum, count = 0.0, 0.0
     starts = range(0, len(windows), batch_size)
     for start in tqdm.tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
@@ -55,10 +60,27 @@ def evaluate_tokens(model: LoadedModel, tokens: np.ndarray, *, seq_len: int,
         if pad:  # keep one compiled shape; padded rows weigh nothing
             chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])
             weights = np.concatenate([weights, np.zeros((pad, seq_len), bool)])
-        nll, n = batch_nll(model.params, jnp.asarray(chunk, jnp.int32),
-                           jnp.asarray(weights, jnp.float32))
+        nll, n = batch_nll(chunk.astype(np.int32), weights.astype(np.float32))
         loss_sum += float(nll)
         count += float(n)
     loss = loss_sum / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "bits_per_byte": loss / math.log(2) / bytes_per_token, "tokens": int(count)}
+
+
+def evaluate_tokens(model: LoadedModel, tokens: np.ndarray, *, seq_len: int,
+                    stride: int | None = None, batch_size: int = 8, bytes_per_token: float = 1.0,
+                    progress: bool = True) -> dict:
+    """`held_out_loss` of a loaded model on `tokens` (int [n]), on this process's devices.
+
+    stride: None (= seq_len) for non-overlapping windows; smaller for a sliding window in
+    which every scored token sees at least seq_len - stride tokens of context.
+    """
+    eval_step = jax.jit(make_eval_step(model.graphdef))
+
+    def batch_nll(windows: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+        out = eval_step(model.params, jnp.asarray(windows), jnp.asarray(weights))
+        return float(out["loss_sum"]), float(out["tokens"])
+
+    return held_out_loss(batch_nll, tokens, seq_len=seq_len, batch_size=batch_size,
+                         stride=stride, bytes_per_token=bytes_per_token, progress=progress)

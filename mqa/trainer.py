@@ -28,12 +28,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mqa import accounting, data, hardware, loading, sharding
+from mqa import accounting, data, evaluation, hardware, loading, sharding
 from mqa.checkpoint import Checkpointer, abstract_like
 from mqa.config import ConfigError, ModelConfig, validate
 from mqa.metrics import MetricsWriter, Progress
 from mqa.model import Transformer
 from mqa.training import TrainState, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
+
+
+# Held-out tokens the final evaluation scores when a saved config predates the field.
+DEFAULT_FINAL_EVAL_TOKENS = 1_000_000
 
 
 class Preempted(Exception):
@@ -127,29 +131,31 @@ def _global_batch(local: np.ndarray, batch_sharding, global_shape) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharding, local, global_shape)
 
 
-def evaluate(params, eval_step, corpus: data.Corpus, config, batch_sharding) -> dict:
-    """Held-out loss (nats/token), perplexity and bits per byte on the first
-    `train.eval_batches` batches of non-overlapping held-out windows."""
+def evaluate(params, eval_step, corpus: data.Corpus, config, batch_sharding, *,
+             max_windows: int | None) -> dict:
+    """Held-out loss (nats/token), perplexity and bits per byte over the first
+    `max_windows` non-overlapping held-out windows (None: all), windowed and scored by
+    `evaluation.held_out_loss` as eval.py does; each host feeds only its rows."""
     batch_size, seq_len = config.train.batch_size, config.train.seq_len
-    windows = data.eval_windows(corpus.heldout, seq_len)[: config.train.eval_batches * batch_size]
     shape = (batch_size, seq_len + 1)
     rows = _local_rows(batch_sharding, shape)
-    weight_sharding = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(
-        sharding.BATCH_AXES))
-    loss_sum, tokens = 0.0, 0.0
-    for start in range(0, len(windows), batch_size):
-        chunk = windows[start:start + batch_size]
-        weights = np.zeros(batch_size, np.float32)
-        weights[: len(chunk)] = 1.0
-        chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), seq_len + 1), np.int32)])
-        out = eval_step(params, _global_batch(chunk[rows], batch_sharding, shape),
-                        _global_batch(weights[rows], weight_sharding, (batch_size,)))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    loss = loss_sum / tokens
-    bytes_per_token = corpus.heldout_bytes / len(corpus.heldout)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
-            "eval_bits_per_byte": loss / math.log(2) / bytes_per_token, "eval_tokens": int(tokens)}
+
+    def batch_nll(windows: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+        out = eval_step(params, _global_batch(windows[rows], batch_sharding, shape),
+                        _global_batch(weights[rows], batch_sharding, (batch_size, seq_len)))
+        return float(out["loss_sum"]), float(out["tokens"])
+
+    result = evaluation.held_out_loss(
+        batch_nll, corpus.heldout, seq_len=seq_len, batch_size=batch_size,
+        max_windows=max_windows, bytes_per_token=corpus.heldout_bytes / len(corpus.heldout))
+    return {f"eval_{key}": value for key, value in result.items()}
+
+
+def final_eval_windows(config) -> int:
+    """How many held-out windows the final evaluation scores: `train.final_eval_tokens`
+    worth (at least one)."""
+    tokens = config.train.get("final_eval_tokens", DEFAULT_FINAL_EVAL_TOKENS)
+    return max(1, tokens // config.train.seq_len)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -252,6 +258,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
                          out_shardings=(state_shardings, sharding.replicated(mesh)),
                          donate_argnums=0, compiler_options=hardware.train_compiler_options())
     eval_step = jax.jit(make_eval_step(graphdef))
+    periodic_windows = train_cfg.eval_batches * train_cfg.batch_size
+    final_windows = final_eval_windows(config)
     batch_shape = (train_cfg.batch_size, train_cfg.seq_len + 1)
     rows = _local_rows(batch_sharding, batch_shape)
     flops_per_token = accounting.flops_per_token(model_config, train_cfg.seq_len)
@@ -296,8 +304,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
                                mfu=tokens_per_sec * flops_per_token / peak)
                 timer_step, timer = done, time.perf_counter()
             if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
-                last_eval = evaluate(state.params, eval_step, corpus, config, batch_sharding)
-                row.update(last_eval)
+                # The same held-out windows at every evaluation, so the curve compares like
+                # with like; the final one also scores the whole split (final_eval_tokens).
+                row.update(evaluate(state.params, eval_step, corpus, config, batch_sharding,
+                                    max_windows=periodic_windows))
+                if done == train_cfg.steps:
+                    last_eval = evaluate(state.params, eval_step, corpus, config,
+                                         batch_sharding, max_windows=final_windows)
+                    row.update({f"final_{key}": value for key, value in last_eval.items()})
                 timer_step, timer = done, time.perf_counter()  # evaluation is not training
             if row:
                 writer.write(done, row)
@@ -310,7 +324,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
                                 f"{checkpointer.directory}; run the same command to resume")
         checkpointer.wait()
         if last_eval is None:  # nothing left to train: report the restored model
-            last_eval = evaluate(state.params, eval_step, corpus, config, batch_sharding)
+            last_eval = evaluate(state.params, eval_step, corpus, config, batch_sharding,
+                                 max_windows=final_windows)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         progress.close()
@@ -319,5 +334,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
     if is_main:
         print(f"held-out perplexity {last_eval['eval_perplexity']:.4f} "
               f"(loss {last_eval['eval_loss']:.4f} nats/token, "
-              f"{last_eval['eval_bits_per_byte']:.4f} bits/byte) at step {int(state.step)}")
+              f"{last_eval['eval_bits_per_byte']:.4f} bits/byte) at step {int(state.step)}, "
+              f"over {last_eval['eval_tokens']:,} held-out tokens")
     return {"step": int(state.step), **last_eval}

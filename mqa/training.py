@@ -99,13 +99,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, Batch, jax.Array], dict]:
     """Returns `eval_step(params, batch, weights) -> {"loss_sum", "tokens"}`.
 
-    weights: float32 [batch], 0 for padding rows, so a short last batch still evaluates.
+    batch: int32 [batch, seq_len + 1]; weights: float32 [batch, seq_len], how much each
+    target counts (0 for padding rows and for targets a sliding window does not score).
     """
 
     def eval_step(params: nnx.State, batch: Batch, weights: jax.Array) -> dict:
         logits = nnx.merge(graphdef, params)(batch[:, :-1])
         nll = cross_entropy(logits, batch[:, 1:])                        # [b, t]
-        return {"loss_sum": jnp.sum(nll * weights[:, None]),
-                "tokens": jnp.sum(weights) * nll.shape[1]}
+        return {"loss_sum": jnp.sum(nll * weights), "tokens": jnp.sum(weights)}
 
     return eval_step

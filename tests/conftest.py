@@ -1,4 +1,4 @@
-"""Shared test fixtures: the repository root and the shared data folder beside it."""
+"""Shared test fixtures: the repository root, its shipped corpora and a compilation cache."""
 
 import os
 import pathlib
@@ -11,7 +11,7 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "data"  # corpora the repository ships (data/SOURCES.md)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,7 +25,7 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture
 def shakespeare_path() -> pathlib.Path:
-    path = SHARED_DATA / "tinyshakespeare.txt"
+    path = DATA / "tinyshakespeare.txt"
     if not path.is_file():
         pytest.skip(f"{path} not present")
     return path

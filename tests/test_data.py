@@ -10,7 +10,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from mqa import data
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 NON_ASCII = "naïve café, Ελληνικά, 日本語, emoji 🙂, tabs\tand\r\nCRLF, NUL \x00, soft\u00adhyphen, nbsp\u00a0."
 
 

@@ -21,8 +21,11 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = load_config_file(REPO / "configs" / "tiny.py",
                               ["train.steps=40", "train.eval_every=40", "checkpoint.every=20"])
-    trainer.train(config, workdir)
+    run_result.update(trainer.train(config, workdir))
     return workdir
+
+
+run_result = {}  # what trainer.train returned for the module's run
 
 
 def eval_py(*args):
@@ -46,6 +49,26 @@ def test_eval_prints_json_last(run, tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["tokens"] > 0.8 * len(text.read_bytes())
+
+
+@pytest.mark.slow
+def test_final_evaluation_is_eval_py_on_the_whole_held_out_split(run):
+    """The trainer's final numbers and eval.py's come from the same windowing: every
+    held-out window, each target scored once. Periodic evaluations score the first
+    train.eval_batches batches only."""
+    result = eval_py(f"--workdir={run}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    corpus_tokens = len(np.load(next((run / "data").rglob("heldout.npy"))))
+    seq_len = 64  # configs/tiny.py
+    assert metrics["tokens"] == (corpus_tokens - 1) // seq_len * seq_len
+    assert run_result["eval_tokens"] == metrics["tokens"]
+    assert run_result["eval_loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+    assert run_result["eval_bits_per_byte"] == pytest.approx(metrics["bits_per_byte"], rel=1e-5)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [row for row in rows if "eval_loss" in row][-1]
+    assert last["eval_tokens"] == 8 * 16 * seq_len                      # eval_batches x batch
+    assert last["final_eval_loss"] == pytest.approx(run_result["eval_loss"], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -83,14 +83,27 @@ def test_norm_scales_are_not_decayed():
     assert any("attention/q" in k for k in flat)
 
 
-def test_eval_step_ignores_padding_rows():
+def test_eval_step_weighs_each_target():
+    """Padding rows weigh nothing; a target's weight scales its loss (a sliding window's
+    unscored targets have weight 0)."""
     graphdef, state, _, batch = setup()
     eval_step = jax.jit(make_eval_step(graphdef))
-    full = eval_step(state.params, batch[:4], jnp.ones(4))
+    seq_len = batch.shape[1] - 1
+    full = eval_step(state.params, batch[:4], jnp.ones((4, seq_len)))
     padded = eval_step(state.params, jnp.concatenate([batch[:4], jnp.zeros_like(batch[:4])]),
-                       jnp.array([1, 1, 1, 1, 0, 0, 0, 0], jnp.float32))
+                       jnp.repeat(jnp.array([1, 1, 1, 1, 0, 0, 0, 0], jnp.float32)[:, None],
+                                  seq_len, axis=1))
     np.testing.assert_allclose(full["loss_sum"], padded["loss_sum"], rtol=1e-6)
-    assert float(padded["tokens"]) == 4 * 16
+    assert float(padded["tokens"]) == 4 * seq_len
+    # The loss of one target, by hand from the logits: weight it alone.
+    logits = np.asarray(nnx.merge(graphdef, state.params)(batch[:1, :-1]), np.float64)[0, 3]
+    target = int(batch[0, 4])
+    expected = np.log(np.sum(np.exp(logits - logits.max()))) + logits.max() - logits[target]
+    one = np.zeros((4, seq_len), np.float32)
+    one[0, 3] = 1.0
+    only = eval_step(state.params, batch[:4], jnp.asarray(one))
+    np.testing.assert_allclose(float(only["loss_sum"]), expected, rtol=1e-5)
+    assert float(only["tokens"]) == 1.0
 
 
 def test_non_finite_loss_skips_the_update():
