@@ -1,25 +1,37 @@
-"""Train one model per point of a sweep (e.g. over model.num_kv_heads) and tabulate them.
+"""Train one model per point of a sweep (e.g. over model.num_kv_heads and seeds) and
+tabulate them with error bars.
 
-  python sweep.py --config=configs/sweep_kv_heads.py --workdir=runs/kv_sweep
+  python sweep.py --config=configs/sweep_kv_heads.py --workdir=runs/kv_sweep --seeds=4
   python sweep.py --config=configs/tiny.py --workdir=runs/tiny_sweep \
-      --sweep=model.num_kv_heads=2,1 --sweep=train.seed=0,1 --config.train.steps=100
+      --sweep=model.num_kv_heads=2,1 --seeds=3 --baseline=model.num_kv_heads=2
 
 The config's `sweep` field (or the --sweep flags, which replace it) lists the values of
-each field; the points are their cartesian product. Every --config.* override applies to
-every point. Each point is an ordinary resumable training run in WORKDIR/<point name>
-(e.g. WORKDIR/num_kv_heads=8), trained in this process one after another; running the
-same command again skips finished points and resumes an interrupted one. Then the points'
-final models are timed decoding side by side (--decode_batch sequences at
---decode_context tokens, in alternating rounds), and the sweep writes:
+each field; the points are their cartesian product, with train.seed = 0..N-1 as one more
+field under --seeds=N. A point without its seed is a *configuration*. Every --config.*
+override applies to every point. Each point is an ordinary resumable training run in
+WORKDIR/<point name> (e.g. WORKDIR/num_kv_heads=8__seed=0), trained in this process one
+after another, seed 0 of every configuration first, so that an interrupted sweep leaves
+complete seed pairs; running the same command again skips finished points and resumes an
+interrupted one. Then every configuration's train step and decoding (--decode_batch
+sequences at --decode_context tokens) are timed side by side in alternating rounds, and
+the sweep writes:
 
-  WORKDIR/results.csv, results.md   a row per point (columns: mqa/sweep_results.py)
-  WORKDIR/eval_loss.png             held-out loss against num_kv_heads (or the first field)
+  WORKDIR/results.csv, results.md   a row per configuration: held-out loss and bits per
+                                    byte as mean, sd and 95% interval over seeds, and the
+                                    seed-paired difference against --baseline with its
+                                    interval (columns: mqa/sweep_results.py)
+  WORKDIR/results_by_seed.csv       a row per point (configuration and seed)
+  WORKDIR/speeds.json               the side-by-side timings, per configuration
+  WORKDIR/eval_loss.png             held-out loss (mean, 95% interval) against num_kv_heads
+                                    (or the first field); eval_loss_diff.png the paired
+                                    difference against the baseline
   WORKDIR/decode_tokens_per_sec.png decoding tokens/s against the same field
   WORKDIR/loss_curves.png           train and held-out loss against step, all points
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import ml_collections
@@ -31,11 +43,14 @@ from mqa.cli import fail, parse_flags
 from mqa.config import ConfigError, ModelConfig
 from mqa.data import DataError
 from mqa.loading import CheckpointError, load_model
-from mqa.sweep import Point, parse_sweep_flags, points, sweep_fields
-from mqa.timing import alternating_medians, decode_loop, timed
+from mqa.sweep import (POINTS_FIELD, SEED_FIELD, Point, parse_sweep_flags, points,
+                       sweep_fields, with_seeds)
+from mqa.timing import alternating_medians, decode_loop, timed, train_loop
 
 DECODE_STEPS = 32    # cached decoding steps per timing
-DECODE_REPEATS = 5   # timings per point; the median is reported
+TRAIN_STEPS = 3      # train steps per timing
+TIMING_ROUNDS = 5    # alternating rounds; the median is reported
+SPEEDS_FILE = "speeds.json"
 
 config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/sweep_*.py), or "
                                 "any training config together with --sweep.")
@@ -43,6 +58,10 @@ flags.DEFINE_string("workdir", None, "Directory for the sweep: one sub-workdir p
                     required=True)
 flags.DEFINE_multi_string("sweep", [], "FIELD=V1,V2,... (repeat for more fields); replaces the "
                           "config's sweep field, e.g. --sweep=model.num_kv_heads=8,4,2,1")
+flags.DEFINE_integer("seeds", None, "Train every configuration with train.seed = 0..N-1 and "
+                     "report means, intervals and seed-paired differences.")
+flags.DEFINE_multi_string("baseline", [], "FIELD=VALUE (repeat for more fields): the "
+                          "configuration the others are compared with; default: the first.")
 flags.DEFINE_integer("decode_context", 1024, "Tokens in the KV cache while timing decoding "
                      f"(capped at model.max_seq_len - {DECODE_STEPS}).", lower_bound=1)
 flags.DEFINE_integer("decode_batch", 8, "Sequences decoded at once while timing.", lower_bound=1)
@@ -63,65 +82,137 @@ def train_point(point: Point, point_dir, label: str) -> dict:
     return result
 
 
-def time_decoding(point_dirs: dict[str, object], context: int, batch: int) -> dict[str, dict]:
-    """Decoding tokens/s of each point's final model, by point name: every model compiled
-    first, then all timed side by side in alternating rounds (median of DECODE_REPEATS)."""
-    runs, used = {}, {}
-    for name, point_dir in point_dirs.items():
-        model = load_model(point_dir)
+def time_speeds(representatives: dict[str, Point], workdir, context: int,
+                batch: int) -> dict[str, dict]:
+    """Train-step and decoding tokens/s of each configuration, by name: every train step
+    and decoding loop compiled first (decoding with the trained weights of the
+    configuration's first point), then all timed side by side in alternating rounds."""
+    runs, used, tokens = {}, {}, {}
+    for name, point in representatives.items():
+        train_run, tokens[name] = train_loop(point.config, TRAIN_STEPS)
+        train_run()  # compile
+        runs[("train", name)] = timed(train_run)
+        model = load_model(workdir / point.name)
         limit = model.model_config.max_seq_len - DECODE_STEPS
         used[name] = min(context, limit)
         if used[name] < context:
             print(f"{name}: decode context {context} capped to {limit} (model.max_seq_len="
                   f"{model.model_config.max_seq_len} minus {DECODE_STEPS} timed steps)")
-        run, _, _ = decode_loop(model.graphdef, model.params, model.model_config, batch,
-                                used[name], DECODE_STEPS)
-        run()  # compile
-        runs[name] = timed(run)
-    results = {}
-    for name, seconds in alternating_medians(runs, DECODE_REPEATS).items():
-        tokens_per_sec = batch * DECODE_STEPS / seconds
-        print(f"{name}: decoding {tokens_per_sec:,.0f} tokens/s (batch {batch}, context "
-              f"{used[name]})", flush=True)
-        results[name] = {"context": used[name], "batch": batch, "steps": DECODE_STEPS,
-                         "tokens_per_sec": tokens_per_sec, "requested_context": context}
-    return results
+        decode_run, _, _ = decode_loop(model.graphdef, model.params, model.model_config, batch,
+                                       used[name], DECODE_STEPS)
+        decode_run()  # compile
+        runs[("decode", name)] = timed(decode_run)
+    medians = alternating_medians(runs, TIMING_ROUNDS)
+    speeds = {}
+    for name, point in representatives.items():
+        train_rate = tokens[name] / medians[("train", name)]
+        decode_rate = batch * DECODE_STEPS / medians[("decode", name)]
+        print(f"{name}: training {train_rate:,.0f} tokens/s, decoding {decode_rate:,.0f} "
+              f"tokens/s (batch {batch}, context {used[name]})", flush=True)
+        speeds[name] = {"train_tokens_per_sec": train_rate,
+                        "config": sweep_results.config_snapshot(point),
+                        "decode": {"context": used[name], "batch": batch, "steps": DECODE_STEPS,
+                                   "tokens_per_sec": decode_rate, "requested_context": context}}
+    return speeds
+
+
+def measured_speeds(plan: list[Point], workdir, context: int, batch: int) -> dict[str, dict]:
+    """The configurations' speeds from WORKDIR/speeds.json, all re-timed side by side when
+    any configuration is new, was trained with another config, or the decode settings
+    differ: speeds are only compared when they were measured together."""
+    representatives = {}
+    for point in plan:
+        representatives.setdefault(point.configuration, point)
+    path = workdir / SPEEDS_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    current = all(
+        name in saved and saved[name]["config"] == sweep_results.config_snapshot(point)
+        and (saved[name]["decode"]["requested_context"], saved[name]["decode"]["batch"])
+        == (context, batch) for name, point in representatives.items())
+    if current:
+        return saved
+    speeds = time_speeds(representatives, workdir, context, batch)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(speeds, indent=2) + "\n")
+    tmp.replace(path)
+    return speeds
+
+
+def baseline_configuration(plan: list[Point], items: list[str], config) -> str:
+    """The configuration --baseline names (FIELD=VALUE pairs, read like --sweep values),
+    or the first one; one line naming the choices when it is not a configuration."""
+    if not items:
+        return plan[0].configuration
+    wanted = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise ConfigError(f"--baseline={item!r} must look like 'section.field=value'")
+        if name.strip() == POINTS_FIELD:
+            wanted[POINTS_FIELD] = text.strip()
+            continue
+        wanted.update({key: values[0] for key, values in
+                       parse_sweep_flags([item], config).items()})
+    matches = []
+    for point in plan:
+        values = {key: value["name"] if key == POINTS_FIELD else value
+                  for key, value in point.values.items()}
+        if all(key in values and values[key] == value for key, value in wanted.items()):
+            if point.configuration not in matches:
+                matches.append(point.configuration)
+    if len(matches) != 1:
+        configurations = list(dict.fromkeys(point.configuration for point in plan))
+        what = "matches no configuration" if not matches else f"matches {len(matches)} configurations"
+        raise ConfigError(f"--baseline {' '.join(items)} {what}; the configurations are: "
+                          f"{', '.join(configurations)}")
+    return matches[0]
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
     """Trains and times every point, writes the tables and figures; returns the markdown."""
     fields = parse_sweep_flags(FLAGS.sweep, config) if FLAGS.sweep else sweep_fields(config)
+    if FLAGS.seeds is not None:
+        fields = with_seeds(fields, FLAGS.seeds)
     plan = points(config, fields)  # every point validated before anything trains
+    baseline = baseline_configuration(plan, FLAGS.baseline, config)
     workdir = trainer.prepare_workdir(workdir)
-    print(f"sweep: {len(plan)} points in {workdir}: {', '.join(p.name for p in plan)}", flush=True)
+    # Seed-major order: every configuration's seed 0, then seed 1, ...
+    order = sorted(plan, key=lambda point: point.seed)
+    print(f"sweep: {len(plan)} points in {workdir}: {', '.join(p.name for p in order)}", flush=True)
     results = {point.name: train_point(point, workdir / point.name,
                                        f"[{index}/{len(plan)}] {point.name}")
-               for index, point in enumerate(plan, 1)}
-    # Decoding speeds are compared across points, so they are measured together: when any
-    # point lacks a timing at these settings (a new or resumed point), all are re-timed.
-    wanted = (FLAGS.decode_context, FLAGS.decode_batch)
-    timed_as = lambda result: tuple((result.get("decode") or {}).get(key)  # noqa: E731
-                                    for key in ("requested_context", "batch"))
-    if any(timed_as(result) != wanted for result in results.values()):
-        timings = time_decoding({point.name: workdir / point.name for point in plan}, *wanted)
-        for point in plan:
-            results[point.name]["decode"] = timings[point.name]
-            sweep_results.write_result(workdir / point.name, results[point.name])
-    rows, curves = [], {}
+               for index, point in enumerate(order, 1)}
+    speeds = measured_speeds(plan, workdir, FLAGS.decode_context, FLAGS.decode_batch)
+    seed_rows, curves = [], {}
     for point in plan:
         point_dir, result = workdir / point.name, results[point.name]
         model_config = ModelConfig.from_config(trainer.saved_config(point_dir).model)
-        rows.append(sweep_results.table_row(point, result, model_config))
+        seed_rows.append(sweep_results.seed_row(point, result, model_config,
+                                                speeds[point.configuration]))
         curves[point.name] = sweep_results.loss_curves(sweep_results.read_metrics(point_dir))
+    rows = sweep_results.configuration_rows(seed_rows, baseline)
 
-    columns = sweep_results.table_columns(fields)
+    columns = sweep_results.configuration_columns(fields)
     table = sweep_results.markdown_table(rows, columns)
     sweep_results.write_csv(rows, columns, workdir / "results.csv")
-    (workdir / "results.md").write_text(table)
-    x = "num_kv_heads" if "model.num_kv_heads" in fields else next(iter(fields))
-    series = [name for name in fields if name not in ("model.num_kv_heads", x)]
-    sweep_plots.plot_metric(rows, x, "eval_loss", series, workdir / "eval_loss.png",
-                            ylabel="held-out loss (nats/token)", title="held-out loss")
+    sweep_results.write_csv(seed_rows, sweep_results.seed_columns(fields),
+                            workdir / "results_by_seed.csv")
+    (workdir / "results.md").write_text(
+        f"Baseline: {baseline}. Means over seeds with 95% t intervals (half-widths); "
+        "differences are seed-paired against the baseline; resolved: the difference's "
+        "interval excludes zero.\n\n" + table)
+    swept = [name for name in fields if name != SEED_FIELD]
+    x = ("num_kv_heads" if "model.num_kv_heads" in swept
+         else "configuration" if not swept or swept[0] == POINTS_FIELD else swept[0])
+    series = [name for name in swept if name not in ("model.num_kv_heads", x, POINTS_FIELD)]
+    sweep_plots.plot_metric(rows, x, "eval_loss_mean", series, workdir / "eval_loss.png",
+                            error="eval_loss_ci95", ylabel="held-out loss (nats/token)",
+                            title=f"held-out loss, mean and 95% interval over "
+                            f"{'/'.join(sorted({str(r['n']) for r in rows}))} seeds")
+    sweep_plots.plot_metric(rows, x, "eval_loss_diff", series, workdir / "eval_loss_diff.png",
+                            error="eval_loss_diff_ci95", zero_line=True,
+                            ylabel="difference in held-out loss (nats/token)",
+                            title=f"seed-paired difference against {baseline}, 95% interval")
     sweep_plots.plot_metric(rows, x, "decode_tokens_per_sec", series,
                             workdir / "decode_tokens_per_sec.png", ylabel="tokens/s",
                             title=f"decoding, batch {FLAGS.decode_batch}, context "
@@ -144,8 +235,8 @@ def main(argv):
         print(stop, file=sys.stderr)
         sys.exit(143)
     print("\n" + table)
-    print(f"wrote {FLAGS.workdir}/results.csv, results.md, eval_loss.png, "
-          "decode_tokens_per_sec.png and loss_curves.png")
+    print(f"wrote {FLAGS.workdir}/results.csv, results.md, results_by_seed.csv, eval_loss.png, "
+          "eval_loss_diff.png, decode_tokens_per_sec.png and loss_curves.png")
 
 
 if __name__ == "__main__":

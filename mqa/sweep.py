@@ -7,11 +7,23 @@ lists of values, written either with dotted keys or as nested sections:
                                            allow_dotted_keys=True)
   config.sweep = {"model": {"num_kv_heads": (8, 4, 2, 1)}}   # the same sweep
 
+Configurations that are not a cartesian product are listed by name under `points`, each
+a mapping of dotted fields to values; they combine with any other swept field:
+
+  config.sweep = {"points": [{"name": "MHA", "model.num_kv_heads": 8},
+                             {"name": "MQA+CLA2", "model.num_kv_heads": 1,
+                              "model.kv_share_every": 2}]}
+
 `ConfigDict` keeps keys sorted, so the points come in a stable order: fields sorted by
 name, the first field outermost, each field's values in the order listed. Each point is
 the training config (the `sweep` field removed) with its values set, validated like any
 training config, and is named from its values for its sub-workdir:
-`num_kv_heads=8`, or `num_kv_heads=8__seed=0` for several fields.
+`num_kv_heads=8`, or `num_kv_heads=8__seed=0` for several fields (`MHA__seed=0` with
+named points).
+
+Seeds are a field like any other (`train.seed`); `with_seeds` adds it. A point's
+*configuration* is its values without the seed: the statistics compare configurations
+over seeds (`mqa.statistics`).
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ import ml_collections
 from mqa.config import ConfigError, set_from_string, validate
 
 SWEEP_FIELD = "sweep"
+POINTS_FIELD = "points"  # a list of named configurations: {"name": ..., "model.x": ...}
+SEED_FIELD = "train.seed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +49,15 @@ class Point:
     name: str
     values: dict[str, Any]                  # dotted field name -> value, in sweep order
     config: ml_collections.ConfigDict       # a validated training config
+
+    @property
+    def configuration(self) -> str:
+        """The name of the point's values without its seed: what seeds are averaged over."""
+        return configuration_name(self.values)
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.train.seed)
 
 
 def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -51,6 +74,9 @@ def sweep_fields(config: ml_collections.ConfigDict) -> dict[str, list]:
     fields = {}
 
     def flatten(node: Any, prefix: str) -> None:
+        if prefix == POINTS_FIELD:
+            fields[POINTS_FIELD] = _named_points(node)
+            return
         if isinstance(node, (ml_collections.ConfigDict, Mapping)):
             for key in node.keys():
                 flatten(node[key], f"{prefix}.{key}" if prefix else key)
@@ -61,6 +87,38 @@ def sweep_fields(config: ml_collections.ConfigDict) -> dict[str, list]:
 
     flatten(config[SWEEP_FIELD], "")
     return fields
+
+
+def _named_points(node: Any) -> list[dict]:
+    """The `points` sweep field checked: a list of mappings, each with a unique "name"."""
+    if not isinstance(node, (list, tuple)) or not node:
+        raise ConfigError(f"sweep field 'points' must be a non-empty list of "
+                          f"{{'name': ..., 'section.field': value}} mappings, got {node!r}")
+    named = []
+    for item in node:
+        item = dict(item.items()) if hasattr(item, "items") else item
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise ConfigError(f"each sweep point needs a non-empty 'name' and its fields, got {item!r}")
+        named.append(item)
+    names = [item["name"] for item in named]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"sweep point names must be unique, got {names}")
+    return named
+
+
+def with_seeds(fields: Mapping[str, list], seeds: int) -> dict[str, list]:
+    """`fields` with `train.seed` swept over 0..seeds-1 (the innermost field), in place of
+    any `train.seed` values the sweep lists."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds={seeds} must be >= 1 (the number of seeds per configuration)")
+    return {**{name: values for name, values in fields.items() if name != SEED_FIELD},
+            SEED_FIELD: list(range(seeds))}
+
+
+def configuration_name(values: Mapping[str, Any]) -> str:
+    """A point's name without its seed ("config" when only seeds are swept)."""
+    rest = {name: value for name, value in values.items() if name != SEED_FIELD}
+    return point_name(rest) if rest else "config"
 
 
 def parse_sweep_flags(items: Iterable[str], config: ml_collections.ConfigDict) -> dict[str, list]:
@@ -105,7 +163,12 @@ def points(config: ml_collections.ConfigDict, fields: Mapping[str, list]) -> lis
         values = dict(zip(names, combination))
         point_config = ml_collections.ConfigDict(base.to_dict())
         for name, value in values.items():
-            _set(point_config, name, value)
+            if name == POINTS_FIELD:
+                for field, field_value in value.items():
+                    if field != "name":
+                        _set(point_config, field, field_value)
+            else:
+                _set(point_config, name, value)
         label = point_name(values)
         try:
             validate(point_config)
@@ -126,6 +189,9 @@ def point_name(values: Mapping[str, Any]) -> str:
     last = [name.rpartition(".")[2] for name in values]
     parts = []
     for name, short in zip(values, last):
+        if name == POINTS_FIELD:
+            parts.append(_format_value(values[name]["name"]))
+            continue
         label = short if last.count(short) == 1 else name
         parts.append(f"{label}={_format_value(values[name])}")
     return "__".join(parts)

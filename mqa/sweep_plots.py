@@ -13,9 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_metric(rows: list[dict], x: str, y: str, series: list[str], path: pathlib.Path,
-                *, ylabel: str, title: str) -> None:
+                *, ylabel: str, title: str, error: str | None = None,
+                zero_line: bool = False) -> None:
     """`y` against `x` (columns of the table's rows), one line per combination of the
-    `series` columns (the other swept fields). Numeric x on a log2 axis when positive."""
+    `series` columns (the other swept fields), with `error` (a column of half-widths, e.g.
+    95% intervals) as error bars where it has a value. Numeric x on a log2 axis when
+    positive; other x (configuration names) as categories in table order."""
     fig, axis = plt.subplots(figsize=(6, 4))
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -26,12 +29,17 @@ def plot_metric(rows: list[dict], x: str, y: str, series: list[str], path: pathl
         if numeric:
             members.sort(key=lambda r: r[x])
         label = ", ".join(f"{s.rpartition('.')[2]}={v}" for s, v in zip(series, key)) or None
-        axis.plot([r[x] if numeric else str(r[x]) for r in members], [r[y] for r in members],
-                  "o-", label=label)
+        bars = [r.get(error) or 0.0 for r in members] if error else None
+        axis.errorbar([r[x] if numeric else str(r[x]) for r in members], [r[y] for r in members],
+                      yerr=bars, fmt="o-" if numeric else "o", capsize=4, label=label)
+    if zero_line:
+        axis.axhline(0.0, color="grey", linewidth=0.8)
     if numeric and all(r[x] > 0 for r in rows):
         axis.set_xscale("log", base=2)
         ticks = sorted({r[x] for r in rows})
         axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    if not numeric:
+        axis.tick_params(axis="x", labelrotation=20)
     axis.set_xlabel(x)
     axis.set_ylabel(ylabel)
     axis.set_title(title)

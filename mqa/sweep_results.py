@@ -1,12 +1,17 @@
-"""A sweep's results: each point's result.json, its metrics, and the table of all points.
+"""A sweep's results: each point's result.json, its metrics, and the tables of all points.
 
 `POINT_DIR/result.json` is written when a point's training has finished:
 
   {"name", "values", "config"  (the point's training config, as trained),
-   "step", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_tokens",
-   "train_tokens_per_sec", "decode": {"context", "batch", "steps", "tokens_per_sec"}}
+   "step", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_tokens"
+   (the final evaluation, over the whole held-out split), "train_tokens_per_sec"
+   (logged while it trained)}
 
-The table has one row per point with the columns of `table_columns`.
+Speeds are measured per configuration, side by side, and kept in `WORKDIR/speeds.json`.
+Two tables: `results_by_seed.csv` has a row per point (`seed_row`, `SEED_COLUMNS`);
+`results.csv` / `results.md` a row per configuration (`configuration_rows`), with each
+held-out metric's mean, sample sd and 95% interval over seeds, and its seed-paired
+difference against the baseline configuration with that difference's interval.
 """
 
 from __future__ import annotations
@@ -18,24 +23,29 @@ import statistics
 from typing import Any, Iterable
 
 from mqa import accounting
+from mqa import statistics as stats
 from mqa.config import ModelConfig
-from mqa.sweep import Point
+from mqa.sweep import POINTS_FIELD, SEED_FIELD, Point
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
-# Always in the table after the swept fields: (column, markdown format).
-METRIC_COLUMNS = {
-    "num_kv_heads": "{:d}",
-    "mlp_dim": "{:d}",
-    "params": "{:,d}",
-    "kv_cache_bytes_per_token": "{:,d}",
-    "train_tokens_per_sec": "{:,.0f}",
-    "eval_loss": "{:.4f}",
-    "eval_perplexity": "{:.3f}",
-    "eval_bits_per_byte": "{:.4f}",
-    "decode_context": "{:d}",
-    "decode_tokens_per_sec": "{:,.0f}",
+SUMMARIZED = ("eval_loss", "eval_bits_per_byte")  # held-out metrics summarised over seeds
+# Columns after the swept fields, with their markdown formats.
+MODEL_COLUMNS = {"num_kv_heads": "{:d}", "mlp_dim": "{:d}", "params": "{:,d}",
+                 "kv_cache_bytes_per_token": "{:,d}"}
+SPEED_COLUMNS = {"train_tokens_per_sec": "{:,.0f}", "decode_context": "{:d}",
+                 "decode_tokens_per_sec": "{:,.0f}"}
+SEED_COLUMNS = {"seed": "{:d}", **MODEL_COLUMNS, "eval_loss": "{:.4f}",
+                "eval_perplexity": "{:.3f}", "eval_bits_per_byte": "{:.4f}",
+                "eval_tokens": "{:,d}", **SPEED_COLUMNS}
+CONFIGURATION_COLUMNS = {
+    **MODEL_COLUMNS, "n": "{:d}",
+    **{f"{metric}{suffix}": style for metric in SUMMARIZED for suffix, style in (
+        ("_mean", "{:.4f}"), ("_sd", "{:.4f}"), ("_ci95", "{:.4f}"), ("_diff", "{:+.4f}"),
+        ("_diff_ci95", "{:.4f}"), ("_diff_resolved", "{}"))},
+    **SPEED_COLUMNS,
 }
+METRIC_COLUMNS = {**SEED_COLUMNS, **CONFIGURATION_COLUMNS}
 
 
 def config_snapshot(point: Point) -> dict:
@@ -93,28 +103,71 @@ def new_result(point: Point, trained: dict, metrics: list[dict]) -> dict:
             **trained, "train_tokens_per_sec": median_train_tokens_per_sec(metrics)}
 
 
-def table_columns(fields: Iterable[str]) -> list[str]:
-    """"point", the swept fields (but `model.num_kv_heads`, always a column), the metrics."""
-    swept = [name for name in fields if name != "model.num_kv_heads"]
-    return ["point", *swept, *METRIC_COLUMNS]
+def swept_columns(fields: Iterable[str]) -> list[str]:
+    """The swept fields shown as columns: all but the seed and `model.num_kv_heads`
+    (always a column of its own)."""
+    return [name for name in fields if name not in ("model.num_kv_heads", SEED_FIELD)]
 
 
-def table_row(point: Point, result: dict, model_config: ModelConfig) -> dict[str, Any]:
-    """One row of the table. model_config: the point's model as trained (from its
-    config.json, so a BPE tokenizer's vocabulary size counts)."""
+def seed_columns(fields: Iterable[str]) -> list[str]:
+    """Columns of results_by_seed.csv: the point, its configuration, the swept fields,
+    the seed, the model's sizes, its final held-out metrics and its configuration's speeds."""
+    return ["point", "configuration", *swept_columns(fields), *SEED_COLUMNS]
+
+
+def configuration_columns(fields: Iterable[str]) -> list[str]:
+    """Columns of results.csv / results.md."""
+    return ["configuration", *swept_columns(fields), *CONFIGURATION_COLUMNS]
+
+
+def seed_row(point: Point, result: dict, model_config: ModelConfig, speeds: dict) -> dict[str, Any]:
+    """One row of results_by_seed.csv. model_config: the point's model as trained (from
+    its config.json, so a BPE tokenizer's vocabulary size counts); speeds: its
+    configuration's side-by-side timings (`sweep.py`'s speeds.json entry)."""
+    values = {name: value["name"] if name == POINTS_FIELD else value
+              for name, value in point.values.items() if name != SEED_FIELD}
+    decode = speeds.get("decode") or {}
     return {
-        "point": point.name, **point.values,
+        "point": point.name, "configuration": point.configuration, **values,
+        "seed": point.seed,
         "num_kv_heads": model_config.num_kv_heads,
         "mlp_dim": model_config.mlp_dim,
         "params": accounting.param_count(model_config),
         "kv_cache_bytes_per_token": accounting.kv_cache_bytes_per_token(model_config),
-        "train_tokens_per_sec": result.get("train_tokens_per_sec"),
-        "eval_loss": result["eval_loss"],
-        "eval_perplexity": result["eval_perplexity"],
-        "eval_bits_per_byte": result["eval_bits_per_byte"],
-        "decode_context": (result.get("decode") or {}).get("context"),
-        "decode_tokens_per_sec": (result.get("decode") or {}).get("tokens_per_sec"),
+        **{key: result[key] for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte",
+                                        "eval_tokens")},
+        "train_tokens_per_sec": speeds.get("train_tokens_per_sec"),
+        "decode_context": decode.get("context"),
+        "decode_tokens_per_sec": decode.get("tokens_per_sec"),
     }
+
+
+def configuration_rows(seed_rows: list[dict], baseline: str) -> list[dict[str, Any]]:
+    """One row per configuration (in order of first appearance) summarising its seeds,
+    with paired differences against the configuration named `baseline`."""
+    groups: dict[str, list[dict]] = {}
+    for row in seed_rows:
+        groups.setdefault(row["configuration"], []).append(row)
+    if baseline not in groups:
+        raise ValueError(f"baseline {baseline!r} is not one of the configurations {list(groups)}")
+    by_seed = {name: {metric: {r["seed"]: r[metric] for r in rows} for metric in SUMMARIZED}
+               for name, rows in groups.items()}
+    table = []
+    for name, rows in groups.items():
+        first = rows[0]
+        row = {key: value for key, value in first.items()
+               if key not in SEED_COLUMNS or key in MODEL_COLUMNS or key in SPEED_COLUMNS}
+        row.pop("point", None)
+        row["n"] = len(rows)
+        for metric in SUMMARIZED:
+            summary = stats.summarize([r[metric] for r in rows])
+            diff = stats.paired_difference(by_seed[name][metric], by_seed[baseline][metric])
+            row.update({f"{metric}_mean": summary["mean"], f"{metric}_sd": summary["sd"],
+                        f"{metric}_ci95": summary["ci95"], f"{metric}_diff": diff["mean"],
+                        f"{metric}_diff_ci95": diff["ci95"],
+                        f"{metric}_diff_resolved": diff["resolved"]})
+        table.append(row)
+    return table
 
 
 def write_csv(rows: list[dict], columns: list[str], path: pathlib.Path) -> None:
@@ -129,11 +182,13 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def cell(column: str, value: Any) -> str:
         if value is None:
             return ""
+        if isinstance(value, bool):
+            return "yes" if value else "no"
         if column in METRIC_COLUMNS:
             return METRIC_COLUMNS[column].format(value)
         return str(value).lower() if isinstance(value, bool) else str(value)
 
-    align = ["---" if c == "point" else "---:" for c in columns]
+    align = ["---" if c in ("point", "configuration") else "---:" for c in columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"

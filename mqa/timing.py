@@ -1,8 +1,10 @@
-"""Timing decoding: cached steps exactly as `mqa.generate` runs them, medians of repeats.
+"""Timing training and decoding side by side: medians over alternating rounds.
 
-Shared by `benchmarks/decode.py` (random weights) and `sweep.py` (each point's trained
-weights): a compiled `lax.scan` of `Transformer.step` with the layer weights sliced once
-and the cache donated, starting from a cache that already holds `context` tokens. Variants
+Decoding is timed with cached steps exactly as `mqa.generate` runs them, shared by
+`benchmarks/decode.py` (random weights) and `sweep.py` (each point's trained weights): a
+compiled `lax.scan` of `Transformer.step` with the layer weights sliced once and the cache
+donated, starting from a cache that already holds `context` tokens. Training is timed with
+the train step `train.py` compiles (`train_loop`), on one device. Variants
 that are compared are timed in alternating rounds (`alternating_medians`): on a shared,
 noisy machine a burst of load then falls on all of them, not on whichever ran at the time.
 """
@@ -18,8 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mqa import hardware
 from mqa.config import ModelConfig
 from mqa.kv_cache import cache_nbytes, init_cache
+from mqa.model import Transformer
+from mqa.training import TrainState, learning_rate_schedule, make_optimizer, make_train_step
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -88,3 +93,27 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, 
         return decode.lower(params, state["cache"], state["token"]).compile().as_text()
 
     return run, hlo, nbytes
+
+
+def train_loop(config, steps: int) -> tuple[Callable[[], None], int]:
+    """(run, tokens): `run()` takes `steps` train steps of `config` (a training config:
+    its model, optimizer, batch size and sequence length) exactly as `train.py` compiles
+    them, on one device, from freshly initialised parameters and a fixed random batch,
+    waiting for the result; `tokens` is how many tokens one call trains on."""
+    model_config = ModelConfig.from_config(config.model)
+    train = config.train
+    optimizer = make_optimizer(train)
+    graphdef, params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)))
+    step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(train),
+                                   train.grad_accum),
+                   donate_argnums=0, compiler_options=hardware.train_compiler_options())
+    batch = jax.random.randint(jax.random.key(0), (train.batch_size, train.seq_len + 1), 0,
+                               model_config.vocab_size, jnp.int32)
+    state = {"train": TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))}
+
+    def run():
+        for _ in range(steps):
+            state["train"], _ = step(state["train"], batch)
+        jax.block_until_ready(state["train"])
+
+    return run, steps * train.batch_size * train.seq_len

@@ -2,29 +2,39 @@
 
 import csv
 import json
+import re
 import os
 import subprocess
 import sys
 import time
 
 import ml_collections
+import numpy as np
 import pytest
+import scipy.stats
 
 from mqa import accounting
 from mqa.config import ConfigError, ModelConfig, load_config_file
-from mqa.sweep import parse_sweep_flags, point_name, points, sweep_fields, training_config
+from mqa.sweep import (parse_sweep_flags, point_name, points, sweep_fields, training_config,
+                       with_seeds)
 from tests.test_train_cli import REPO, assert_one_line_error
 
 # configs/tiny.py with 4 query heads of 12 dimensions: removing K/V heads frees a multiple
 # of 3 * d_model parameters per layer, so match_mha_params gives exactly equal counts.
 TINY = ["--config=configs/tiny.py", "--config.model.d_model=48", "--config.model.head_dim=12",
         "--config.model.mlp_dim=144", "--config.model.match_mha_params=true",
-        "--config.train.steps=20", "--config.train.log_every=5", "--config.train.eval_every=10",
-        "--config.train.eval_batches=2", "--config.checkpoint.every=10",
-        "--decode_batch=2", "--decode_context=64"]
-EXPECTED_COLUMNS = ["point", "num_kv_heads", "mlp_dim", "params", "kv_cache_bytes_per_token",
-                    "train_tokens_per_sec", "eval_loss", "eval_perplexity",
-                    "eval_bits_per_byte", "decode_context", "decode_tokens_per_sec"]
+        "--config.train.steps=10", "--config.train.log_every=5", "--config.train.eval_every=10",
+        "--config.train.eval_batches=2", "--config.train.final_eval_tokens=4096",
+        "--config.checkpoint.every=10", "--decode_batch=2", "--decode_context=64"]
+SUMMARY = [f"{metric}_{part}" for metric in ("eval_loss", "eval_bits_per_byte")
+           for part in ("mean", "sd", "ci95", "diff", "diff_ci95", "diff_resolved")]
+EXPECTED_COLUMNS = ["configuration", "num_kv_heads", "mlp_dim", "params",
+                    "kv_cache_bytes_per_token", "n", *SUMMARY, "train_tokens_per_sec",
+                    "decode_context", "decode_tokens_per_sec"]
+EXPECTED_SEED_COLUMNS = ["point", "configuration", "seed", "num_kv_heads", "mlp_dim", "params",
+                         "kv_cache_bytes_per_token", "eval_loss", "eval_perplexity",
+                         "eval_bits_per_byte", "eval_tokens", "train_tokens_per_sec",
+                         "decode_context", "decode_tokens_per_sec"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -104,60 +114,144 @@ def test_bad_sweep_flag_and_field_are_one_line_errors(tmp_path):
     assert not (tmp_path / "b").exists()  # nothing trained or created
 
 
-def test_sweep_config_finds_tinyshakespeare_from_anywhere(shakespeare_path):
+def test_named_points_combine_with_seeds():
+    config = tiny_config()
+    config.sweep = ml_collections.ConfigDict({"points": [
+        {"name": "MHA", "model.num_kv_heads": 4},
+        {"name": "MQA+CLA2", "model.num_kv_heads": 1, "model.kv_share_every": 2}]})
+    fields = with_seeds(sweep_fields(config), 2)
+    plan = points(config, fields)
+    assert [p.name for p in plan] == ["MHA__seed=0", "MHA__seed=1", "MQA+CLA2__seed=0",
+                                      "MQA+CLA2__seed=1"]
+    assert [p.configuration for p in plan] == ["MHA", "MHA", "MQA+CLA2", "MQA+CLA2"]
+    assert [(p.config.model.num_kv_heads, p.config.model.kv_share_every, p.seed) for p in plan] \
+        == [(4, 1, 0), (4, 1, 1), (1, 2, 0), (1, 2, 1)]
+
+
+@pytest.mark.parametrize("sweep,fragment", [
+    ({"points": []}, "non-empty list"),
+    ({"points": [{"model.num_kv_heads": 1}]}, "needs a non-empty 'name'"),
+    ({"points": [{"name": "a", "model.num_kv_heads": 1}, {"name": "a", "model.num_kv_heads": 2}]},
+     "unique"),
+    ({"points": [{"name": "a", "model.num_kv_heads": 3}]}, "sweep point a: model.num_kv_heads=3"),
+])
+def test_bad_named_points_are_one_line_errors(sweep, fragment):
+    config = tiny_config()
+    config.sweep = ml_collections.ConfigDict(sweep)
+    with pytest.raises(ConfigError) as error:
+        points(config, sweep_fields(config))
+    assert fragment in str(error.value)
+
+
+def test_seeds_replace_a_seed_field_and_must_be_positive():
+    assert with_seeds({"train.seed": [5, 6], "model.num_kv_heads": [2]}, 3) == {
+        "model.num_kv_heads": [2], "train.seed": [0, 1, 2]}
+    for bad in (0, -2):
+        with pytest.raises(ConfigError, match=f"--seeds={bad} must be >= 1"):
+            with_seeds({"model.num_kv_heads": [2]}, bad)
+
+
+def test_bad_seeds_and_baseline_are_one_line_errors(tmp_path):
+    for index, seeds in enumerate(("0", "-2")):
+        result = run_sweep(tmp_path / f"s{index}", *TINY, "--sweep=model.num_kv_heads=2,1",
+                           f"--seeds={seeds}")
+        assert_one_line_error(result, f"--seeds={seeds} must be >= 1")
+    result = run_sweep(tmp_path / "b", *TINY, "--sweep=model.num_kv_heads=2,1",
+                       "--baseline=model.num_kv_heads=4")
+    assert_one_line_error(result, "--baseline model.num_kv_heads=4 matches no configuration",
+                          "num_kv_heads=2, num_kv_heads=1")
+    result = run_sweep(tmp_path / "c", *TINY, "--sweep=model.num_kv_heads=2,1",
+                       "--baseline=model.num_kv_head=2")
+    assert_one_line_error(result, "model.num_kv_head", "did you mean 'num_kv_heads'")
+    assert not any((tmp_path / name).exists() for name in ("s0", "s1", "b", "c"))
+
+
+def test_sweep_config_reads_the_shipped_corpus(shakespeare_path):
     config = load_config_file(REPO / "configs" / "sweep_kv_heads.py", validate_config=False)
     assert config.data.path == str(shakespeare_path.resolve())
     plan = points(config, sweep_fields(config))
-    assert [p.config.model.num_kv_heads for p in plan] == [8, 4, 2, 1]
-    counts = {accounting.param_count(ModelConfig.from_config(p.config.model)) for p in plan}
-    assert len(counts) == 1  # match_mha_params: equal parameter counts
+    configurations = list(dict.fromkeys(p.configuration for p in plan))
+    assert configurations == ["MHA", "GQA-4", "GQA-2", "MQA", "MQA+CLA2"]
+    models = {p.configuration: ModelConfig.from_config(p.config.model) for p in plan}
+    assert [(m.num_kv_heads, m.kv_share_every) for m in models.values()] == [
+        (8, 1), (4, 1), (2, 1), (1, 1), (1, 2)]
+    assert len({accounting.param_count(m) for m in models.values()}) == 1  # match_mha_params
+    assert len(plan) == 5 * len({p.seed for p in plan}) and len({p.seed for p in plan}) >= 2
+
+
+def read_csv(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow
-def test_tiny_sweep_end_to_end_and_rerun_skips(tmp_path):
+def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path):
+    """Two configurations x three seeds: each table row summarises its per-seed rows
+    (checked with scipy), a re-run trains and times nothing, and another baseline or
+    other decode settings only recompute what they change."""
+    sweep = [*TINY, "--sweep=model.num_kv_heads=2,1", "--seeds=3"]
     start = time.time()
-    result = run_sweep(tmp_path, *TINY, "--sweep=model.num_kv_heads=2,1")
+    result = run_sweep(tmp_path, *sweep)
     assert result.returncode == 0, result.stdout + result.stderr
     first_run = time.time() - start
-    names = ["num_kv_heads=2", "num_kv_heads=1"]
+    names = [f"num_kv_heads={kv}__seed={seed}" for kv in (2, 1) for seed in range(3)]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(names)
-    for name in names:
-        saved = json.loads((tmp_path / name / "result.json").read_text())
-        assert saved["step"] == 20 and (tmp_path / name / "checkpoints" / "20").is_dir()
+    trained = re.findall(r"\] (\S+): training in", result.stdout)  # seed-major order
+    assert trained == [f"num_kv_heads={kv}__seed={seed}" for seed in range(3) for kv in (2, 1)]
 
-    with (tmp_path / "results.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    by_seed = read_csv(tmp_path / "results_by_seed.csv")
+    assert list(by_seed[0]) == EXPECTED_SEED_COLUMNS
+    assert [row["point"] for row in by_seed] == names
+    for row in by_seed:
+        saved = json.loads((tmp_path / row["point"] / "result.json").read_text())
+        assert saved["step"] == 10 and float(row["eval_loss"]) == pytest.approx(saved["eval_loss"])
+        assert int(row["eval_tokens"]) == 4096 // 64 * 64  # final_eval_tokens, whole windows
+    rows = read_csv(tmp_path / "results.csv")
     assert list(rows[0]) == EXPECTED_COLUMNS
-    assert [row["point"] for row in rows] == names
+    assert [row["configuration"] for row in rows] == ["num_kv_heads=2", "num_kv_heads=1"]
+    losses = {kv: np.array([float(r["eval_loss"]) for r in by_seed if r["num_kv_heads"] == kv])
+              for kv in ("2", "1")}
     for row in rows:
-        model = ModelConfig.from_config(dict(
-            vocab_size=256, d_model=48, num_layers=2, num_heads=4, head_dim=12, mlp_dim=144,
-            num_kv_heads=int(row["num_kv_heads"]), match_mha_params=True))
-        assert int(row["params"]) == accounting.param_count(model)
-        assert int(row["kv_cache_bytes_per_token"]) == accounting.kv_cache_bytes_per_token(model)
-        assert int(row["decode_context"]) == 64
-        for column in ("train_tokens_per_sec", "eval_loss", "decode_tokens_per_sec"):
+        kv = row["num_kv_heads"]
+        values = losses[kv]
+        assert int(row["n"]) == 3
+        assert float(row["eval_loss_mean"]) == pytest.approx(values.mean(), rel=1e-9)
+        assert float(row["eval_loss_sd"]) == pytest.approx(values.std(ddof=1), rel=1e-9)
+        low, high = scipy.stats.t.interval(0.95, 2, loc=values.mean(),
+                                           scale=scipy.stats.sem(values))
+        assert float(row["eval_loss_ci95"]) == pytest.approx((high - low) / 2, rel=1e-9)
+        for column in ("train_tokens_per_sec", "decode_tokens_per_sec"):
             assert float(row[column]) > 0
-    assert [int(row["num_kv_heads"]) for row in rows] == [2, 1]
-    assert rows[0]["params"] == rows[1]["params"]  # match_mha_params holds them equal
+            assert {r[column] for r in by_seed if r["num_kv_heads"] == kv} == {row[column]}
+    difference = scipy.stats.ttest_rel(losses["1"], losses["2"]).confidence_interval(0.95)
+    mqa_row = rows[1]
+    assert float(mqa_row["eval_loss_diff"]) == pytest.approx((losses["1"] - losses["2"]).mean())
+    assert float(mqa_row["eval_loss_diff_ci95"]) == pytest.approx(
+        (difference.high - difference.low) / 2, rel=1e-9)
+    assert mqa_row["eval_loss_diff_resolved"] == str(difference.low > 0 or difference.high < 0)
+    assert float(rows[0]["eval_loss_diff"]) == 0.0  # the baseline: the first configuration
+    assert rows[0]["params"] == rows[1]["params"]   # match_mha_params holds them equal
     assert int(rows[0]["kv_cache_bytes_per_token"]) == 2 * int(rows[1]["kv_cache_bytes_per_token"])
-    markdown = (tmp_path / "results.md").read_text().splitlines()
-    assert markdown[0] == "| " + " | ".join(EXPECTED_COLUMNS) + " |" and len(markdown) == 4
-    assert markdown[0] in result.stdout
-    for png in ("eval_loss.png", "decode_tokens_per_sec.png", "loss_curves.png"):
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| " + " | ".join(EXPECTED_COLUMNS) + " |" in markdown
+    assert markdown.splitlines()[-1] in result.stdout
+    for png in ("eval_loss.png", "eval_loss_diff.png", "decode_tokens_per_sec.png",
+                "loss_curves.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
 
     start = time.time()
-    again = run_sweep(tmp_path, *TINY, "--sweep=model.num_kv_heads=2,1")
+    again = run_sweep(tmp_path, *sweep, "--baseline=model.num_kv_heads=1")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.count("skipped") == 2 and "training" not in again.stdout
+    assert again.stdout.count("skipped") == 6 and "training in" not in again.stdout
+    assert "decoding" not in again.stdout  # speeds were measured together already
     assert time.time() - start < first_run / 2
-    with (tmp_path / "results.csv").open() as f:
-        assert list(csv.DictReader(f)) == rows
+    flipped = read_csv(tmp_path / "results.csv")
+    assert float(flipped[1]["eval_loss_diff"]) == 0.0
+    assert float(flipped[0]["eval_loss_diff"]) == pytest.approx(-float(mqa_row["eval_loss_diff"]))
+    assert [r["eval_loss_mean"] for r in flipped] == [r["eval_loss_mean"] for r in rows]
 
-    # Other decode settings: both points are timed again, side by side; nothing retrains.
-    third = run_sweep(tmp_path, *TINY, "--sweep=model.num_kv_heads=2,1", "--decode_context=32")
+    # Other decode settings: both configurations are timed again, side by side.
+    third = run_sweep(tmp_path, *sweep, "--decode_context=32")
     assert third.returncode == 0, third.stdout + third.stderr
-    assert third.stdout.count("skipped") == 2 and third.stdout.count("decoding") == 2
-    with (tmp_path / "results.csv").open() as f:
-        assert [int(row["decode_context"]) for row in csv.DictReader(f)] == [32, 32]
+    assert third.stdout.count("skipped") == 6 and third.stdout.count("decoding") == 2
+    assert [int(row["decode_context"]) for row in read_csv(tmp_path / "results.csv")] == [32, 32]
