@@ -1,10 +1,10 @@
 """Uptraining (Ainslie et al. 2023): an MHA checkpoint turned into GQA/MQA and trained a
 little more, against the same shapes trained from scratch.
 
-  python benchmarks/uptrain.py --mha=runs/kv_sweep/num_kv_heads=8 --workdir=runs/uptrain
+  python benchmarks/uptrain.py --mha=runs/kv_sweep/MHA__seed=0 --workdir=runs/uptrain
 
---mha is a finished MHA run of configs/sweep_kv_heads.py (the sweep's num_kv_heads=8
-point: with 8 K/V heads nothing is widened, so it is the plain MHA model). For each
+--mha is a finished MHA run of configs/sweep_kv_heads.py (the sweep's MHA point of one
+seed: with 8 K/V heads nothing is widened, so it is the plain MHA model). For each
 --kv_heads K and --inits method this converts it (`python -m mqa.convert uptrain`) and
 trains --fraction of the source's steps more from it; for each K it also trains the
 K-head model (MLP not widened: the uptrained shapes) from scratch for the source's number
@@ -41,7 +41,15 @@ def train(workdir: pathlib.Path, kv_heads: int, overrides: list[str]) -> dict:
         f"--sweep=model.num_kv_heads={kv_heads}", "--config.model.match_mha_params=false",
         *overrides)
     point = workdir / f"num_kv_heads={kv_heads}"
-    return {**json.loads((point / "result.json").read_text()), **evaluate(point)}
+    return {**json.loads((point / "result.json").read_text()), **speeds(point), **evaluate(point)}
+
+
+def speeds(point: pathlib.Path) -> dict:
+    """The point's configuration's side-by-side speeds from its sweep's speeds.json
+    ({"decode": ...}), or {} if the sweep has none."""
+    path = point.parent / "speeds.json"
+    configuration = point.name.split("__seed=")[0]
+    return json.loads(path.read_text()).get(configuration, {}) if path.exists() else {}
 
 
 def evaluate(workdir: pathlib.Path) -> dict:
@@ -82,7 +90,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup_steps", type=int, default=5)
     args = parser.parse_args(argv)
 
-    source = {**json.loads((args.mha / "result.json").read_text()), **evaluate(args.mha)}
+    source = {**json.loads((args.mha / "result.json").read_text()), **speeds(args.mha),
+              **evaluate(args.mha)}
     steps = source["step"]
     up_steps = max(1, round(args.fraction * steps))
     rows = [row("MHA (source)", 8, steps, source)]
