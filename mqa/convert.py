@@ -9,9 +9,21 @@ config), OUT/checkpoints/0/params, and OUT/tokenizer.json when the source has on
 are read with safetensors' numpy API and cast to float32, so conversion needs no torch.
 
   python -m mqa.convert uptrain --src RUN --num_kv_heads K --workdir OUT [--init mean]
+      [--group adjacent|similarity]
 
 turns a workdir of ours (MHA or GQA) into one with K key/value heads, as the starting point
-of uptraining (Ainslie et al. 2023): `train.py --config.train.init_from=OUT`.
+of uptraining (Ainslie et al. 2023): `train.py --config.train.init_from=OUT`. The heads
+pooled together are adjacent ones, or (`--group similarity`) those whose attention
+patterns are most alike (`mqa.head_similarity`).
+
+  python -m mqa.convert gguf --src FILE.gguf --workdir OUT
+
+reads a llama.cpp GGUF file of a Llama (F32, F16, BF16 or quantized, dequantized to
+float32) and its tokenizer; see `mqa.gguf_llama`.
+
+  python -m mqa.convert to-hf --src WORKDIR --out DIR [--step N]
+
+writes a workdir of ours as a Hugging Face Llama folder; see `mqa.export_hf`.
 """
 
 from __future__ import annotations
@@ -60,8 +72,7 @@ def hf_llama_config(hf: dict) -> ml_collections.ConfigDict:
         raise ConvertError(f"config.json head_dim={head_dim} x num_attention_heads={heads} = "
                            f"{heads * head_dim} must equal hidden_size={hidden}; mqa requires "
                            "num_heads * head_dim == d_model")
-    config = default_config()
-    config.model.update(dict(
+    return llama_config(dict(
         vocab_size=_field(hf, "vocab_size"),
         d_model=hidden,
         num_layers=_field(hf, "num_hidden_layers"),
@@ -74,6 +85,13 @@ def hf_llama_config(hf: dict) -> ml_collections.ConfigDict:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_seq_len=hf.get("max_position_embeddings", 2048),
     ))
+
+
+def llama_config(model: dict) -> ml_collections.ConfigDict:
+    """The default experiment config with these `model` fields, train.seq_len capped at
+    model.max_seq_len, validated (a ConfigError names a bad value)."""
+    config = default_config()
+    config.model.update(model)
     config.train.seq_len = min(config.train.seq_len, config.model.max_seq_len)
     return validate(config)
 
@@ -240,13 +258,16 @@ def _check_new_workdir(workdir: pathlib.Path) -> None:
 
 
 def _write_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, params: nnx.State,
-                   tokenizer: pathlib.Path | None) -> None:
-    """OUT/checkpoints/0/params, a copy of the tokenizer file if any, then OUT/config.json."""
+                   tokenizer: pathlib.Path | tokenizers.Tokenizer | None) -> None:
+    """OUT/checkpoints/0/params, the tokenizer if any (a file to copy, or a `tokenizers`
+    Tokenizer to save), then OUT/config.json."""
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpointer(workdir / "checkpoints")
     checkpoints.save_params(0, params)
     checkpoints.close()
-    if tokenizer is not None:
+    if isinstance(tokenizer, tokenizers.Tokenizer):
+        data.BpeTokenizer(tokenizer).save(workdir)
+    elif tokenizer is not None:
         shutil.copyfile(tokenizer, workdir / data.TOKENIZER_FILE)
     (workdir / "config.json").write_text(config.to_json(indent=2))  # last: marks a complete workdir
 
@@ -332,27 +353,58 @@ def uptrain_config(config: ml_collections.ConfigDict, source: ModelConfig,
     return validate(config)
 
 
+KV_GROUPINGS = ("adjacent", "similarity")
+
+
+def similarity_order(source, num_kv_heads: int, text: str | None) -> tuple[nnx.State, list[list[int]]]:
+    """The source's parameters with each K/V layer's heads reordered so that the heads whose
+    attention patterns are most alike (on `text`, default the run's held-out split) sit in
+    the same group of the pooling (`head_similarity`); the function is unchanged. Returns
+    (parameters, per K/V layer the new order of its heads)."""
+    from mqa import analysis, head_similarity
+    seq_len = min(source.config.train.seq_len, 256)
+    tokens = analysis.analysis_tokens(source, text, windows=8, seq_len=seq_len)
+    layers = head_similarity.analyse(source.module(), tokens)
+    orders = head_similarity.kv_group_orders(layers, source.model_config, num_kv_heads)
+    arrays = head_similarity.permute_heads(_dotted_arrays(source.params), source.model_config, orders)
+    return _fill(source.model_config, arrays), orders
+
+
 def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path, num_kv_heads: int,
-                    init: str = "mean", step: int | None = None) -> str:
+                    init: str = "mean", step: int | None = None, group: str = "adjacent",
+                    text: str | None = None) -> str:
     """Writes the model in `src` (a workdir or checkpoint of ours; `step`: default the
-    newest) with `num_kv_heads` K/V heads as a new workdir; returns a one-line summary."""
+    newest) with `num_kv_heads` K/V heads as a new workdir; returns a one-line summary.
+
+    group: "adjacent" pools heads g*r .. g*r+r-1; "similarity" first reorders each layer's
+    heads so that those with the most alike attention patterns on `text` are pooled
+    together (`similarity_order`)."""
+    if group not in KV_GROUPINGS:
+        raise ConvertError(f"--group {group!r} is not one of: {', '.join(KV_GROUPINGS)}")
     workdir = pathlib.Path(workdir).expanduser()
     _check_new_workdir(workdir)
     source = load_model(src, step=step)
     config = uptrain_config(source.config, source.model_config, num_kv_heads)
-    params = uptrain_params(source.params, source.model_config, num_kv_heads, init,
+    params, grouping = source.params, ""
+    if group == "similarity":
+        params, orders = similarity_order(source, num_kv_heads, text)
+        size = source.model_config.num_kv_heads // num_kv_heads
+        grouping = "; groups by attention similarity, per K/V layer: " + " ".join(
+            "".join(f"({','.join(map(str, order[i:i + size]))})" for i in range(0, len(order), size))
+            for order in orders)
+    params = uptrain_params(params, source.model_config, num_kv_heads, init,
                             seed=config.train.seed)
     tokenizer = source.path / data.TOKENIZER_FILE
     _write_workdir(workdir, config, params, tokenizer if tokenizer.is_file() else None)
 
     before, after = source.model_config, ModelConfig.from_config(config.model)
-    group = before.num_kv_heads // num_kv_heads
-    how = {"mean": f"mean-pooled in groups of {group}", "first": f"first head of each group of {group}",
+    size = before.num_kv_heads // num_kv_heads
+    how = {"mean": f"mean-pooled in groups of {size}", "first": f"first head of each group of {size}",
            "random": "re-initialised"}[init]
     return (f"uptrained {src} (step {source.step}) -> {workdir}: K/V heads {before.num_kv_heads} -> "
             f"{num_kv_heads} ({how}); parameters {accounting.param_count(before):,} -> "
             f"{accounting.param_count(after):,}; KV cache {accounting.kv_cache_bytes_per_token(before):,}"
-            f" -> {accounting.kv_cache_bytes_per_token(after):,} bytes/token")
+            f" -> {accounting.kv_cache_bytes_per_token(after):,} bytes/token{grouping}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -374,10 +426,33 @@ def main(argv: list[str] | None = None) -> None:
     uptrain.add_argument("--init", choices=KV_INITS, default="mean",
                          help="new K/V heads: mean-pool each group, its first head, or random")
     uptrain.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
+    uptrain.add_argument("--group", choices=KV_GROUPINGS, default="adjacent",
+                         help="which heads share a K/V head: adjacent ones, or those whose "
+                         "attention patterns are most alike (python -m mqa.analysis heads)")
+    uptrain.add_argument("--text", default=None, help="with --group similarity: the text the "
+                         "patterns are measured on (default: the run's held-out split)")
+    gguf = commands.add_parser(
+        "gguf", help="a llama.cpp GGUF file of a Llama (F32, F16, BF16 or quantized)")
+    gguf.add_argument("--src", required=True, help="the .gguf file")
+    gguf.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
+    to_hf = commands.add_parser(
+        "to-hf", help="a workdir of ours as a Hugging Face Llama folder (LlamaForCausalLM)")
+    to_hf.add_argument("--src", required=True, help="the workdir or checkpoint directory to export")
+    to_hf.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    to_hf.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
     args = parser.parse_args(argv)
     try:
         if args.command == "uptrain":
-            print(convert_uptrain(args.src, args.workdir, args.num_kv_heads, args.init, args.step))
+            print(convert_uptrain(args.src, args.workdir, args.num_kv_heads, args.init, args.step,
+                                  args.group, args.text))
+            return
+        if args.command == "gguf":
+            from mqa.gguf_llama import convert_gguf  # imports this module
+            print(convert_gguf(args.src, args.workdir))
+            return
+        if args.command == "to-hf":
+            from mqa.export_hf import export_hf  # imports this module
+            print(export_hf(args.src, args.out, args.step))
             return
         config = convert_hf_llama(args.src, args.workdir)
     except (ConvertError, ConfigError, CheckpointError, data.DataError) as error:

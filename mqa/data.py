@@ -379,6 +379,13 @@ def _tokenize_and_cache(data_config, source: _Source, cache: Path) -> Corpus:
     return corpus
 
 
+def file_mode() -> int:
+    """The mode a newly created file gets under the process's umask (0o644 under 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_atomically(path: Path, content: bytes | Callable) -> None:
     """Writes `content` (bytes, or a function of a binary file) to a temporary file, then renames it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +396,7 @@ def _write_atomically(path: Path, content: bytes | Callable) -> None:
                 f.write(content)
             else:
                 content(f)
+        os.chmod(tmp, file_mode())  # mkstemp makes it owner-only; give it a new file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

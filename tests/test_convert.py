@@ -17,6 +17,7 @@ from tokenizers import decoders, models, normalizers, trainers
 
 import mqa
 from mqa import convert, data
+from tests.transformers_utils import hf_logits, relative_error
 
 TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n"
 ROUND_TRIP = "the cat sat on the log.\nnaïve café, 42 🙂"
@@ -73,17 +74,6 @@ def save_hf_llama(src: pathlib.Path, *, kv_heads: int, tied: bool, vocab_size: i
     model.to(torch.bfloat16).save_pretrained(src, safe_serialization=True, **shards)
     return transformers.LlamaForCausalLM.from_pretrained(
         src, dtype=torch.float32, attn_implementation="eager").eval()
-
-
-def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-    import torch
-    with torch.no_grad():
-        return model(torch.from_numpy(tokens).long()).logits.float().numpy()
-
-
-def relative_error(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 def to_transformers4_config(src: pathlib.Path) -> None:

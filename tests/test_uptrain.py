@@ -121,6 +121,31 @@ def test_mean_pooling_matches_numpy_and_copies_the_rest(tmp_path, capsys):
     assert jax.tree.all(jax.tree.map(np.array_equal, others(loaded.params), others(params)))
 
 
+def test_similarity_grouping_pools_the_heads_that_attend_alike(tmp_path, capsys):
+    """Heads 0 and 3, and 1 and 2, made identical (queries, keys, values): grouping by
+    attention similarity pools exactly those pairs, which leaves the logits as they were;
+    adjacent grouping pools unlike heads and changes them."""
+    config, params = tiny_config(), random_params(tiny_config())
+    pure = nnx.to_pure_dict(params)
+    for name in ("q", "k", "v"):
+        kernel = np.asarray(pure["blocks"]["attention"][name]).copy()  # [layers, m, heads, d]
+        kernel[:, :, 3], kernel[:, :, 2] = kernel[:, :, 0], kernel[:, :, 1]
+        pure["blocks"]["attention"][name] = kernel
+    nnx.replace_by_pure_dict(params, pure)
+    source = write_source(tmp_path / "mha", config, params)
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession "
+                    "of a good fortune, must be in want of a wife.\n" * 8)
+    convert.main(["uptrain", "--src", str(source), "--num_kv_heads", "2", "--workdir",
+                  str(tmp_path / "similar"), "--group", "similarity", "--text", str(text)])
+    assert "groups by attention similarity, per K/V layer: (0,3)(1,2) (0,3)(1,2)" in \
+        capsys.readouterr().out
+    similar = mqa.load_model(tmp_path / "similar")
+    np.testing.assert_allclose(similar(TOKENS), logits(config, params), atol=2e-5, rtol=0)
+    adjacent = uptrain(source, tmp_path / "adjacent", 2)
+    assert np.max(np.abs(adjacent(TOKENS) - logits(config, params))) > 1e-2
+
+
 def test_first_and_random_inits(tmp_path):
     config, params = tiny_config(), random_params(tiny_config())
     source = write_source(tmp_path / "mha", config, params)

@@ -1,0 +1,157 @@
+"""Writing an mqa model as a Hugging Face Llama folder that transformers loads.
+
+  python -m mqa.convert to-hf --src WORKDIR --out DIR [--step N]
+
+writes DIR/config.json (a LlamaConfig), DIR/model.safetensors (float32, written with
+safetensors' numpy API, so no torch is needed) and, when the workdir's tokenizer is a
+`tokenizers` one (BPE, or one that came with a converted model), DIR/tokenizer.json and
+DIR/tokenizer_config.json, so that `LlamaForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)` work. The inverse of `hf-llama`: the tensors of a
+checkpoint converted with hf-llama come back bit for bit.
+
+Any model the Llama architecture can express is exported: MHA, GQA or MQA, tied or untied
+embeddings. One it cannot (cross-layer KV sharing, `model.kv_share_every` > 1, or any other
+field that changes the computation away from its default) is a one-line ConvertError
+naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import safetensors.numpy
+
+from mqa import data
+from mqa.config import ModelConfig
+from mqa.convert import ConvertError, _dotted_arrays
+from mqa.loading import load_model
+
+# ModelConfig fields that config.json states.
+LLAMA_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "mlp_dim", "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len")
+# Fields that choose how mqa computes, not what: the exported model is the same without them.
+HOW_FIELDS = ("attention_impl", "attention_block", "dtype", "remat", "scan_unroll")
+
+
+def check_expressible(config: ModelConfig) -> None:
+    """A ConvertError naming the first field a LlamaForCausalLM cannot express: every
+    field that is neither in config.json nor a matter of how mqa computes must keep its
+    default (so a field added to ModelConfig later is refused until this module knows it)."""
+    for field in dataclasses.fields(config):
+        if field.name in LLAMA_FIELDS or field.name in HOW_FIELDS:
+            continue
+        value = getattr(config, field.name)
+        if value != field.default:
+            what = (" (cross-layer KV sharing)" if field.name == "kv_share_every" else "")
+            raise ConvertError(f"model.{field.name}={value!r}{what} cannot be expressed as a "
+                               f"Hugging Face Llama; valid: {field.default!r}")
+
+
+def hf_llama_tensors(params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """mqa's parameters -> {Hugging Face Llama name: float32 array}; the inverse of
+    `convert.hf_llama_params` (projections back to [out, in], layers unstacked)."""
+    arrays = {name: np.asarray(value, np.float32) for name, value in _dotted_arrays(params).items()}
+    m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+    per_layer = {  # HF tensor in model.layers.{i} -> (ours, ours -> HF)
+        "self_attn.q_proj.weight": ("blocks.attention.q", lambda w: w.reshape(m, h * d).T),
+        "self_attn.k_proj.weight": ("blocks.attention.k", lambda w: w.reshape(m, kv * d).T),
+        "self_attn.v_proj.weight": ("blocks.attention.v", lambda w: w.reshape(m, kv * d).T),
+        "self_attn.o_proj.weight": ("blocks.attention.out", lambda w: w.reshape(h * d, m).T),
+        "input_layernorm.weight": ("blocks.attention_norm.scale", lambda w: w),
+        "post_attention_layernorm.weight": ("blocks.mlp_norm.scale", lambda w: w),
+        "mlp.gate_proj.weight": ("blocks.mlp.gate", np.transpose),
+        "mlp.up_proj.weight": ("blocks.mlp.up", np.transpose),
+        "mlp.down_proj.weight": ("blocks.mlp.down", np.transpose),
+    }
+    tensors = {"model.embed_tokens.weight": arrays["embed"],
+               "model.norm.weight": arrays["final_norm.scale"]}
+    for i in range(config.num_layers):
+        for name, (ours, transform) in per_layer.items():
+            tensors[f"model.layers.{i}.{name}"] = transform(arrays[ours][i])
+    if not config.tie_embeddings:
+        tensors["lm_head.weight"] = arrays["unembed"].T
+    return {name: np.ascontiguousarray(t, np.float32) for name, t in tensors.items()}
+
+
+def hf_llama_config(config: ModelConfig) -> dict:
+    """config.json of a LlamaForCausalLM computing what `config` does (plain RoPE, SiLU,
+    no biases). RoPE is written both as transformers 5 reads it (rope_parameters) and as
+    transformers 4 did (rope_theta); no BOS/EOS ids, which mqa does not record."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.mlp_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def export_hf(src: str | pathlib.Path, out: str | pathlib.Path, step: int | None = None) -> str:
+    """Writes the model in `src` (a workdir or checkpoint of ours; `step`: default the
+    newest) as a Hugging Face Llama folder `out`; returns a one-line summary (a note on the
+    tokenizer, if any, is printed first)."""
+    out = pathlib.Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"--out {str(out)!r} is not empty; give a new or empty directory")
+    source = load_model(src, step=step)
+    config = source.model_config
+    check_expressible(config)
+    tensors = hf_llama_tensors(source.params, config)
+
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", data.file_mode())  # readable like any new file
+    tokenizer_note = _write_tokenizer(source, out)
+    if tokenizer_note.startswith("note:"):
+        print(tokenizer_note)
+    (out / "config.json").write_text(json.dumps(hf_llama_config(config), indent=2) + "\n")
+    kind = ("MHA" if config.num_kv_heads == config.num_heads else
+            "MQA" if config.num_kv_heads == 1 else "GQA")
+    return (f"exported {source.path} (step {source.step}) -> {out}: LlamaForCausalLM, "
+            f"{config.num_layers} layers, {config.num_heads} query / {config.num_kv_heads} "
+            f"key-value heads ({kind}), {'tied' if config.tie_embeddings else 'untied'} "
+            f"embeddings, {len(tensors)} tensors in model.safetensors"
+            f"{'' if tokenizer_note.startswith('note:') else '; ' + tokenizer_note}")
+
+
+def _write_tokenizer(source, out: pathlib.Path) -> str:
+    """Copies a `tokenizers` tokenizer.json and writes tokenizer_config.json; returns what
+    was done, or a note why not."""
+    if source.tokenizer is None:
+        return (f"note: {str(source.path)!r} has no {data.TOKENIZER_FILE}; no tokenizer files "
+                "written")
+    if not isinstance(source.tokenizer, data.BpeTokenizer):
+        return (f"note: the workdir's tokenizer is mqa's {source.tokenizer.name!r} tokenizer "
+                "(token id = UTF-8 byte), which transformers cannot load; no tokenizer files "
+                "written (encode text as its UTF-8 bytes)")
+    shutil.copyfile(source.path / data.TOKENIZER_FILE, out / data.TOKENIZER_FILE)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": source.model_config.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }, indent=2) + "\n")
+    return "tokenizer.json + tokenizer_config.json"

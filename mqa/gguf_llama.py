@@ -1,0 +1,292 @@
+"""Reading Llama-architecture GGUF files (llama.cpp's format) as mqa workdirs.
+
+  python -m mqa.convert gguf --src FILE.gguf --workdir OUT
+
+The hyperparameters come from the `llama.*` metadata, the tokenizer from `tokenizer.ggml.*`
+(see `mqa.gguf_tokenizer`), and the tensors (F32, F16, BF16 or any quantized type the
+`gguf` package can dequantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) are
+dequantized to float32 by `gguf.quants.dequantize`, the same code transformers' GGUF
+loader uses, so both read the same weights. No torch is needed.
+
+Two llama.cpp conventions are undone: a GGUF tensor's shape is listed innermost dimension
+first (the reader's `data` has the numpy shape, [rows, columns] as in Hugging Face's
+[out, in]); and llama.cpp's convert_hf_to_gguf.py permutes the rows of q_proj and k_proj
+within each head from Hugging Face's rotate-half layout to interleaved pairs
+(`LlamaModel.permute`), which `unpermute_rows` inverts.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import pathlib
+import time
+
+import numpy as np
+
+from mqa import data
+from mqa.config import ModelConfig
+from mqa.convert import ConvertError, _check_new_workdir, _write_workdir, hf_llama_params, llama_config
+
+try:  # an ordinary requirement (requirements.txt); imported here so hf-llama works without it
+    import gguf
+    from gguf import GGMLQuantizationType, GGUFValueType
+except ImportError:  # pragma: no cover
+    gguf = None
+
+# GGUF tensor names -> Hugging Face Llama names (per layer: blk.{i}. -> model.layers.{i}.).
+GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverts llama.cpp's LlamaModel.permute of a q_proj/k_proj weight [n_head * head_dim, in]:
+    its rows per head are (pair j, member s) interleaved; ours are (s, j), rotate-half.
+    Same as transformers' LlamaTensorProcessor._reverse_permute_weights."""
+    half = weight.shape[0] // n_head // 2
+    return weight.reshape(n_head, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class GgufFile:
+    """A GGUF file's metadata {key: python value} and tensors {name: gguf ReaderTensor}."""
+
+    def __init__(self, path: pathlib.Path):
+        if gguf is None:
+            raise ConvertError("reading GGUF files needs the gguf package: pip install 'gguf>=0.13'")
+        if not path.is_file():
+            raise ConvertError(f"--src {str(path)!r} " + ("is not a file" if path.exists() else
+                                                           "does not exist") + "; give a .gguf file")
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as error:  # the reader reports a bad file in many ways
+            raise ConvertError(f"{str(path)!r} cannot be read as a GGUF file: "
+                               f"{' '.join(str(error).split())[:200]}") from None
+        self.path = path
+        self.metadata = {key: _field_value(field) for key, field in reader.fields.items()
+                         if not key.startswith("GGUF.")}
+        self.tensors = {tensor.name: tensor for tensor in reader.tensors}
+
+    def get(self, key: str, default=None, *, required: bool = False):
+        if key not in self.metadata:
+            if required:
+                raise ConvertError(f"the GGUF metadata has no {key!r}; a Llama needs it")
+            return default
+        return self.metadata[key]
+
+
+def _field_value(field):
+    """A ReaderField's value: str, int, float, bool, or a list of them (arrays).
+
+    Parsed from `parts`/`data`/`types`, which every gguf release since 0.10 has
+    (`ReaderField.contents()` is newer)."""
+    types = list(field.types)
+    if types and types[0] == GGUFValueType.ARRAY:
+        if len(types) != 2:
+            return None  # nested arrays: no Llama field is one
+        return [_scalar(field.parts[i], types[1]) for i in field.data]
+    return _scalar(field.parts[field.data[0]], types[0]) if field.data else None
+
+
+def _scalar(part, kind):
+    if kind == GGUFValueType.STRING:
+        return bytes(part).decode("utf-8", errors="replace")
+    if kind == GGUFValueType.BOOL:
+        return bool(part[0])
+    if kind in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
+        return float(part[0])
+    return int(part[0])
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def gguf_llama_config(file: GgufFile):
+    """The GGUF's `llama.*` metadata -> a validated experiment config (see `llama_config`)."""
+    arch = file.get("general.architecture", required=True)
+    if arch != "llama":
+        raise ConvertError(f"general.architecture={arch!r} is not supported; valid: 'llama'")
+
+    def number(key: str, default=None, kind=int):
+        value = file.get(f"llama.{key}", default, required=default is None)
+        if isinstance(value, list):
+            raise ConvertError(f"llama.{key} is a per-layer list {value[:4]}...; mqa needs one "
+                               "value for every layer")
+        return kind(value)
+
+    heads, hidden = number("attention.head_count"), number("embedding_length")
+    if hidden % heads:
+        raise ConvertError(f"llama.embedding_length={hidden} is not a multiple of "
+                           f"llama.attention.head_count={heads}")
+    head_dim = hidden // heads
+    for key in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
+        value = file.get(f"llama.{key}")
+        if value is not None and value != head_dim:
+            raise ConvertError(f"llama.{key}={value} is not supported; mqa needs embedding_length / "
+                               f"head_count = {head_dim} (full-width heads, RoPE on every dimension)")
+    _check_plain_rope(file)
+    if number("expert_count", 0):
+        raise ConvertError(f"llama.expert_count={number('expert_count')} is not supported: mqa "
+                           "has no mixture-of-experts layers")
+
+    embed = file.tensors.get("token_embd.weight")
+    if embed is None:
+        raise ConvertError("tensor 'token_embd.weight' is missing from the GGUF file")
+    rows = int(embed.shape[-1])  # ggml lists the innermost dimension first: [d_model, vocab]
+    tokens = file.get("tokenizer.ggml.tokens")
+    vocab_size = len(tokens) if tokens is not None else rows
+    if vocab_size != rows:
+        raise ConvertError(f"tokenizer.ggml.tokens has {vocab_size} tokens but token_embd.weight "
+                           f"has {rows} rows")
+    return llama_config(dict(
+        vocab_size=vocab_size,
+        d_model=hidden,
+        num_layers=number("block_count"),
+        num_heads=heads,
+        num_kv_heads=number("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        mlp_dim=number("feed_forward_length"),
+        tie_embeddings="output.weight" not in file.tensors,
+        rope_theta=number("rope.freq_base", 10000.0, float),  # llama.cpp's default
+        norm_eps=number("attention.layer_norm_rms_epsilon", kind=float),
+        max_seq_len=number("context_length"),
+    ))
+
+
+def _check_plain_rope(file: GgufFile) -> None:
+    scaling = file.get("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ConvertError(f"llama.rope.scaling.type={scaling!r} is not supported; valid: none "
+                           "(plain RoPE)")
+    factor = file.get("llama.rope.scaling.factor")
+    if factor not in (None, 0.0, 1.0):
+        raise ConvertError(f"llama.rope.scaling.factor={factor} is not supported; valid: 1 "
+                           "(plain RoPE)")
+    if "rope_freqs.weight" in file.tensors:
+        raise ConvertError("tensor 'rope_freqs.weight' (Llama 3.1-style RoPE scaling) is not "
+                           "supported; mqa implements plain RoPE")
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+class GgufCheckpoint:
+    """The GGUF's tensors under their Hugging Face names, as `convert.hf_llama_params` reads
+    them: `get` dequantizes to float32 [out, in] and un-permutes q_proj/k_proj."""
+
+    def __init__(self, file: GgufFile, config: ModelConfig):
+        self.file, self.config = file, config
+        self.gguf_names = dict(GLOBAL_TENSORS)
+        for i in range(config.num_layers):
+            self.gguf_names.update({f"blk.{i}.{g}": f"model.layers.{i}.{h}"
+                                    for g, h in LAYER_TENSORS.items()})
+        unknown = sorted(set(file.tensors) - set(self.gguf_names))
+        if unknown:
+            raise ConvertError(f"tensor {unknown[0]!r} ({len(unknown)} unexpected in all) has no "
+                               "place in a plain Llama; this converter does not handle that variant")
+        self.hf_names = {hf: name for name, hf in self.gguf_names.items()}
+        for tensor in file.tensors.values():
+            _check_dequantizable(tensor)
+
+    def names(self) -> set[str]:
+        return {self.gguf_names[name] for name in self.file.tensors}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        gguf_name = self.hf_names[name]
+        tensor = self.file.tensors.get(gguf_name)
+        if tensor is None:
+            raise ConvertError(f"tensor {gguf_name!r} is missing from the GGUF file")
+        stored = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # numpy order
+        if stored != shape:
+            raise ConvertError(f"tensor {gguf_name!r} has shape {stored} (rows, columns); the "
+                               f"metadata implies {shape}")
+        weight = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+        weight = weight.reshape(shape)
+        if gguf_name.endswith("attn_q.weight"):
+            weight = unpermute_rows(weight, self.config.num_heads)
+        elif gguf_name.endswith("attn_k.weight"):
+            weight = unpermute_rows(weight, self.config.num_kv_heads)
+        return weight
+
+
+_DEQUANTIZABLE: dict = {}
+
+
+def dequantizable(kind) -> bool:
+    """Whether gguf.quants.dequantize handles GGML type `kind`, tried once per type on one
+    zero block; an integer type (I8, I32, ...) or one newer than the gguf package is not."""
+    if kind not in _DEQUANTIZABLE:
+        try:
+            block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
+            out = gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), kind)
+            _DEQUANTIZABLE[kind] = out.dtype.kind == "f" and out.size == block_size
+        except Exception:
+            _DEQUANTIZABLE[kind] = False
+    return _DEQUANTIZABLE[kind]
+
+
+def _check_dequantizable(tensor) -> None:
+    if not dequantizable(tensor.tensor_type):
+        supported = [kind.name for kind in GGMLQuantizationType if dequantizable(kind)]
+        raise ConvertError(f"tensor {tensor.name!r} has type {_type_name(tensor.tensor_type)}, "
+                           f"which gguf {_gguf_version()} cannot dequantize; supported: "
+                           f"{', '.join(supported)}")
+
+
+def _gguf_version() -> str:
+    try:
+        return importlib.metadata.version("gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version)"
+
+
+def _type_name(kind) -> str:
+    return getattr(kind, "name", str(kind))
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+def convert_gguf(src: str | pathlib.Path, workdir: str | pathlib.Path) -> str:
+    """Writes the workdir for the Llama GGUF file `src`; returns a one-line summary (notes,
+    if any, are printed first)."""
+    start = time.perf_counter()
+    src, workdir = pathlib.Path(src).expanduser(), pathlib.Path(workdir).expanduser()
+    file = GgufFile(src)
+    config = gguf_llama_config(file)
+    _check_new_workdir(workdir)
+    model_config = ModelConfig.from_config(config.model)
+    checkpoint = GgufCheckpoint(file, model_config)
+
+    from mqa.gguf_tokenizer import gguf_tokenizer  # needs ConvertError from mqa.convert
+    tokenizer, notes = gguf_tokenizer(file.metadata)
+    for note in notes:
+        print(f"note: {note}")
+    params = hf_llama_params(checkpoint, model_config)
+    _write_workdir(workdir, config, params, tokenizer)
+
+    types: dict[str, int] = {}
+    for tensor in file.tensors.values():
+        types[_type_name(tensor.tensor_type)] = types.get(_type_name(tensor.tensor_type), 0) + 1
+    m = config.model
+    return (f"converted {src} -> {workdir}: {m.num_layers} layers, d_model {m.d_model}, "
+            f"{m.num_heads} query / {m.num_kv_heads} key-value heads, vocab {m.vocab_size}, "
+            f"{'tied' if m.tie_embeddings else 'untied'} embeddings; tensors "
+            f"{', '.join(f'{n} {k}' for k, n in sorted(types.items()))} dequantized to float32; "
+            f"{'tokenizer ' + data.TOKENIZER_FILE if tokenizer is not None else 'no tokenizer'}; "
+            f"{time.perf_counter() - start:.1f} s")
