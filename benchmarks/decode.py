@@ -115,7 +115,17 @@ def transformers_runner(config: ModelConfig, batch: int, context: int,
         num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
         max_position_embeddings=config.max_seq_len, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(hf_config).eval()
-    prompt = torch.randint(0, config.vocab_size, (batch, context))
+    return hf_generate_runner(model, batch, context, steps)
+
+
+def hf_generate_runner(model, batch: int, context: int, steps: int) -> Callable[[], float]:
+    """A call returns the seconds transformers' `model.generate` takes for `steps` greedy
+    tokens after a random prompt of `context` tokens whose first `context - 1` are already
+    in its KV cache (prefilled once; each call decodes from a fresh copy made before
+    timing). Warmed up once."""
+    import torch
+    torch.manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context))
     with torch.no_grad():
         prefilled = model(prompt[:, :-1], use_cache=True).cache
 
