@@ -31,6 +31,7 @@ the sweep writes:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -110,10 +111,17 @@ def time_speeds(representatives: dict[str, Point], workdir, context: int,
         print(f"{name}: training {train_rate:,.0f} tokens/s, decoding {decode_rate:,.0f} "
               f"tokens/s (batch {batch}, context {used[name]})", flush=True)
         speeds[name] = {"train_tokens_per_sec": train_rate,
-                        "config": sweep_results.config_snapshot(point),
+                        "config_sha256": config_digest(point),
                         "decode": {"context": used[name], "batch": batch, "steps": DECODE_STEPS,
                                    "tokens_per_sec": decode_rate, "requested_context": context}}
     return speeds
+
+
+def config_digest(point: Point) -> str:
+    """sha256 of the point's training config (as JSON): what its speeds were measured for,
+    without writing the config (and its local paths) into speeds.json."""
+    text = json.dumps(sweep_results.config_snapshot(point), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def measured_speeds(plan: list[Point], workdir, context: int, batch: int) -> dict[str, dict]:
@@ -126,7 +134,7 @@ def measured_speeds(plan: list[Point], workdir, context: int, batch: int) -> dic
     path = workdir / SPEEDS_FILE
     saved = json.loads(path.read_text()) if path.exists() else {}
     current = all(
-        name in saved and saved[name]["config"] == sweep_results.config_snapshot(point)
+        name in saved and saved[name].get("config_sha256") == config_digest(point)
         and (saved[name]["decode"]["requested_context"], saved[name]["decode"]["batch"])
         == (context, batch) for name, point in representatives.items())
     if current:
@@ -189,7 +197,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
         model_config = ModelConfig.from_config(trainer.saved_config(point_dir).model)
         seed_rows.append(sweep_results.seed_row(point, result, model_config,
                                                 speeds[point.configuration]))
-        curves[point.name] = sweep_results.loss_curves(sweep_results.read_metrics(point_dir))
+        curves.setdefault(point.configuration, []).append(
+            sweep_results.loss_curves(sweep_results.read_metrics(point_dir)))
     rows = sweep_results.configuration_rows(seed_rows, baseline)
 
     columns = sweep_results.configuration_columns(fields)

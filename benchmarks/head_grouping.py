@@ -75,14 +75,7 @@ def main(argv=None) -> None:
         summary.append(line)
     mha = statistics.summarize([r["mha_loss"] for r in rows if r["grouping"] == "adjacent"])
 
-    fmt = lambda v: "" if v is None else f"{v:+.4f}" if isinstance(v, float) and v < 0.5 else (  # noqa: E731
-        f"{v:.4f}" if isinstance(v, float) else str(v))
-    columns = list(summary[0])
-    lines = [f"MHA sources: {len(args.mha)}, held-out loss {mha['mean']:.4f}"
-             + (f" +- {mha['ci95']:.4f}" if mha["ci95"] else ""), "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(line[c]) for c in columns) + " |" for line in summary]
-    table = "\n".join(lines) + "\n"
+    table = markdown(summary, mha, len(args.mha))
     print("\n" + table)
     for out in (args.workdir, RESULTS):
         out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +83,26 @@ def main(argv=None) -> None:
         write_results(out, "head_grouping", rows, summary=summary, mha=mha,
                       num_kv_heads=args.num_kv_heads, learning_rate=args.learning_rate,
                       warmup_steps=args.warmup_steps, fraction=args.fraction)
+
+
+def markdown(summary: list[dict], mha: dict, sources: int) -> str:
+    """The summary as a markdown table: means and differences (signed) with their 95%
+    interval half-widths, and whether each difference's interval excludes zero."""
+    def cell(column: str, value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float):
+            return f"{value:+.4f}" if column.endswith("_diff") else f"{value:.4f}"
+        return str(value)
+
+    columns = list(summary[0])
+    lines = [f"MHA sources: {sources}, held-out loss {mha['mean']:.4f}"
+             + (f" +- {mha['ci95']:.4f}" if mha["ci95"] else ""), "",
+             "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    lines += ["| " + " | ".join(cell(c, line[c]) for c in columns) + " |" for line in summary]
+    return "\n".join(lines) + "\n"
 
 
 def _seed(source: pathlib.Path) -> int:

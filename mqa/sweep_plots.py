@@ -51,23 +51,27 @@ def plot_metric(rows: list[dict], x: str, y: str, series: list[str], path: pathl
     plt.close(fig)
 
 
-def plot_loss_curves(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]],
+def plot_loss_curves(curves: Mapping[str, list[Mapping[str, list[tuple[int, float]]]]],
                      path: pathlib.Path) -> None:
-    """Train loss (thin) and held-out loss (markers) against step, one colour per point.
-    curves: {point name: {"loss": [(step, value)], "eval_loss": [(step, value)]}}."""
+    """Train loss (thin) and held-out loss (markers) against step, one colour per
+    configuration, one line per seed. curves: {configuration: [{"loss": [(step, value)],
+    "eval_loss": [(step, value)]} for each of its points]}."""
     fig, axis = plt.subplots(figsize=(7, 4.5))
-    for index, (name, curve) in enumerate(curves.items()):
+    for index, (name, runs) in enumerate(curves.items()):
         color = f"C{index % 10}"
-        if curve["loss"]:
-            axis.plot(*zip(*curve["loss"]), color=color, alpha=0.6, linewidth=1,
-                      label=f"{name} train")
-        if curve["eval_loss"]:
-            axis.plot(*zip(*curve["eval_loss"]), "o--", color=color, label=f"{name} held-out")
+        for seed, curve in enumerate(runs):
+            if curve["loss"]:
+                axis.plot(*zip(*curve["loss"]), color=color, alpha=0.5, linewidth=0.8,
+                          label=None if seed else f"{name} train")
+            if curve["eval_loss"]:
+                axis.plot(*zip(*curve["eval_loss"]), "o--", color=color, markersize=3,
+                          linewidth=0.8, label=None if seed else f"{name} held-out")
     axis.set_xlabel("step")
     axis.set_ylabel("loss (nats/token)")
-    axis.set_title("training curves")
+    axis.set_title("training curves" + (" (a line per seed)" if any(
+        len(runs) > 1 for runs in curves.values()) else ""))
     axis.grid(True, alpha=0.3)
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

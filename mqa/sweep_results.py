@@ -104,9 +104,9 @@ def new_result(point: Point, trained: dict, metrics: list[dict]) -> dict:
 
 
 def swept_columns(fields: Iterable[str]) -> list[str]:
-    """The swept fields shown as columns: all but the seed and `model.num_kv_heads`
-    (always a column of its own)."""
-    return [name for name in fields if name not in ("model.num_kv_heads", SEED_FIELD)]
+    """The swept fields shown as columns: all but the seed, `model.num_kv_heads` (always a
+    column of its own) and named points (their name is the configuration's)."""
+    return [name for name in fields if name not in ("model.num_kv_heads", SEED_FIELD, POINTS_FIELD)]
 
 
 def seed_columns(fields: Iterable[str]) -> list[str]:
