@@ -78,7 +78,7 @@ def train_point(point: Point, point_dir, label: str) -> dict:
     print(f"{label}: training in {point_dir}", flush=True)
     config = ml_collections.ConfigDict(point.config.to_dict())  # train() may change it (BPE)
     trained = trainer.train(config, point_dir)
-    result = sweep_results.new_result(point, trained, sweep_results.read_metrics(point_dir))
+    result = sweep_results.new_result(point, trained)
     sweep_results.write_result(point_dir, result)
     return result
 

@@ -16,6 +16,7 @@ WORKDIR/head_grouping.{md,csv,json} and benchmarks/results/head_grouping.{md,csv
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -106,12 +107,10 @@ def markdown(summary: list[dict], mha: dict, sources: int) -> str:
 
 
 def _seed(source: pathlib.Path) -> int:
-    import json
     return int(json.loads((source / "config.json").read_text())["train"]["seed"])
 
 
 def _steps(source: pathlib.Path) -> int:
-    import json
     return int(json.loads((source / "result.json").read_text())["step"])
 
 

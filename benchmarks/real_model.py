@@ -78,7 +78,6 @@ def main(argv=None) -> None:
 
     import torch
     import transformers
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     gguf_path = smollm2_gguf()
     if not (args.workdir / "checkpoints").exists():
         subprocess.run([sys.executable, "-m", "mqa.convert", "gguf", "--src", str(gguf_path),

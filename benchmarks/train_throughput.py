@@ -36,16 +36,12 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.xla_profile import CATEGORIES, profile_thunks  # noqa: E402
-from mqa import accounting, hardware  # noqa: E402
+from mqa import accounting, hardware, timing  # noqa: E402
 from mqa.config import ModelConfig, load_config_file  # noqa: E402
-from mqa.model import Transformer  # noqa: E402
-from mqa.training import (TrainState, learning_rate_schedule, make_optimizer,  # noqa: E402
-                          make_train_step)
 
 DEFAULT = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 
@@ -54,17 +50,6 @@ def experiment(overrides: list[str]):
     """configs/default.py with `section.field=value` overrides, and its ModelConfig."""
     config = load_config_file(DEFAULT, overrides)
     return config, ModelConfig.from_config(config.model)
-
-
-def jax_step(config, model_config, xla_defaults: bool = False):
-    """(the jitted train step with its state donated, a fresh state) as train.py makes them,
-    or with XLA's default compiler options if `xla_defaults`."""
-    graphdef, params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)))
-    optimizer = make_optimizer(config.train)
-    options = None if xla_defaults else hardware.train_compiler_options()
-    step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(config.train)),
-                   donate_argnums=0, compiler_options=options)
-    return step, TrainState(np.int32(0), params, optimizer.init(params))
 
 
 def random_batch(config) -> np.ndarray:
@@ -124,7 +109,7 @@ def throughput(args) -> list[dict]:
 def jax_runner(config, model_config, batch, xla_defaults: bool = False):
     """(run, hlo): `run()` runs one train step (on its own state) and waits for it; `hlo()`
     is the compiled step's HLO text."""
-    step, state = jax_step(config, model_config, xla_defaults)
+    step, state = timing.train_step(config, xla_defaults=xla_defaults)
     box = [state]
 
     def run():
@@ -165,7 +150,7 @@ def print_rows(rows: list[dict], header: bool = True) -> None:
 
 def compiled_step(config, model_config):
     """The train step lowered and compiled for its shapes, and the seconds that took."""
-    step, state = jax_step(config, model_config)
+    step, state = timing.train_step(config)
     start = time.perf_counter()
     compiled = step.lower(state, random_batch(config)).compile()
     return compiled, time.perf_counter() - start

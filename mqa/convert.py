@@ -386,9 +386,9 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path, num_kv
     source = load_model(src, step=step)
     config = uptrain_config(source.config, source.model_config, num_kv_heads)
     params, grouping = source.params, ""
+    size = source.model_config.num_kv_heads // num_kv_heads
     if group == "similarity":
         params, orders = similarity_order(source, num_kv_heads, text)
-        size = source.model_config.num_kv_heads // num_kv_heads
         grouping = "; groups by attention similarity, per K/V layer: " + " ".join(
             "".join(f"({','.join(map(str, order[i:i + size]))})" for i in range(0, len(order), size))
             for order in orders)
@@ -398,7 +398,6 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path, num_kv
     _write_workdir(workdir, config, params, tokenizer if tokenizer.is_file() else None)
 
     before, after = source.model_config, ModelConfig.from_config(config.model)
-    size = before.num_kv_heads // num_kv_heads
     how = {"mean": f"mean-pooled in groups of {size}", "first": f"first head of each group of {size}",
            "random": "re-initialised"}[init]
     return (f"uptrained {src} (step {source.step}) -> {workdir}: K/V heads {before.num_kv_heads} -> "

@@ -22,11 +22,12 @@ import itertools
 import math
 from typing import Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 from flax import nnx
 
+from mqa.attention import causal_mask
 from mqa.config import ModelConfig
 from mqa.model import Transformer
 from mqa.rope import apply_rope
@@ -58,11 +59,8 @@ def layer_attention_probs(model: Transformer, tokens: np.ndarray) -> Iterator[np
             logits = np.einsum("btkgd,bskd->bkgts", np.asarray(q, np.float64),
                                np.asarray(keys, np.float64)) / math.sqrt(config.head_dim)
             t = tokens.shape[1]
-            logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
-            logits -= logits.max(axis=-1, keepdims=True)
-            probs = np.exp(logits)
-            probs /= probs.sum(axis=-1, keepdims=True)
-            yield probs.reshape(tokens.shape[0], config.num_heads, t, t)
+            logits = np.where(np.asarray(causal_mask(t, t)), logits, -np.inf)
+            yield scipy.special.softmax(logits, axis=-1).reshape(tokens.shape[0], config.num_heads, t, t)
             if layer is block:
                 x, _, kv = layer(x, positions)
             else:

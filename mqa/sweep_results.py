@@ -4,8 +4,7 @@
 
   {"name", "values", "config"  (the point's training config, as trained),
    "step", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_tokens"
-   (the final evaluation, over the whole held-out split), "train_tokens_per_sec"
-   (logged while it trained)}
+   (the final evaluation, over the whole held-out split)}
 
 Speeds are measured per configuration, side by side, and kept in `WORKDIR/speeds.json`.
 Two tables: `results_by_seed.csv` has a row per point (`seed_row`, `SEED_COLUMNS`);
@@ -19,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
-import statistics
 from typing import Any, Iterable
 
 from mqa import accounting
@@ -61,14 +59,6 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def median_train_tokens_per_sec(metrics: list[dict]) -> float | None:
-    """The median `tokens_per_sec` over logged steps after the first logged one (all of
-    them if there is only one); None if none was logged."""
-    rates = [row["tokens_per_sec"] for row in metrics if row.get("tokens_per_sec")]
-    rates = rates[1:] or rates
-    return statistics.median(rates) if rates else None
-
-
 def loss_curves(metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """{"loss": [(step, train loss)], "eval_loss": [(step, held-out loss)]}."""
     return {key: [(row["step"], row[key]) for row in metrics if row.get(key) is not None]
@@ -97,10 +87,10 @@ def finished_result(point_dir: pathlib.Path, point: Point) -> dict | None:
     return result
 
 
-def new_result(point: Point, trained: dict, metrics: list[dict]) -> dict:
+def new_result(point: Point, trained: dict) -> dict:
     """result.json's contents for a point whose training returned `trained`."""
     return {"name": point.name, "values": point.values, "config": config_snapshot(point),
-            **trained, "train_tokens_per_sec": median_train_tokens_per_sec(metrics)}
+            **trained}
 
 
 def swept_columns(fields: Iterable[str]) -> list[str]:

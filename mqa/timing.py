@@ -95,25 +95,32 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, 
     return run, hlo, nbytes
 
 
-def train_loop(config, steps: int) -> tuple[Callable[[], None], int]:
-    """(run, tokens): `run()` takes `steps` train steps of `config` (a training config:
-    its model, optimizer, batch size and sequence length) exactly as `train.py` compiles
-    them, on one device, from freshly initialised parameters and a fixed random batch,
-    waiting for the result; `tokens` is how many tokens one call trains on."""
+def train_step(config, *, xla_defaults: bool = False) -> tuple[Callable, TrainState]:
+    """(the jitted train step with its state donated, a fresh state) for a training config,
+    on one device, as `train.py` compiles it (or with XLA's default compiler options)."""
     model_config = ModelConfig.from_config(config.model)
-    train = config.train
-    optimizer = make_optimizer(train)
+    optimizer = make_optimizer(config.train)
     graphdef, params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)))
-    step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(train),
-                                   train.grad_accum),
-                   donate_argnums=0, compiler_options=hardware.train_compiler_options())
+    options = None if xla_defaults else hardware.train_compiler_options()
+    step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(config.train),
+                                   config.train.grad_accum),
+                   donate_argnums=0, compiler_options=options)
+    return step, TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def train_loop(config, steps: int) -> tuple[Callable[[], None], int]:
+    """(run, tokens): `run()` takes `steps` train steps of `config` (`train_step`) from
+    freshly initialised parameters on a fixed random batch, waiting for the result;
+    `tokens` is how many tokens one call trains on."""
+    step, state = train_step(config)
+    train = config.train
     batch = jax.random.randint(jax.random.key(0), (train.batch_size, train.seq_len + 1), 0,
-                               model_config.vocab_size, jnp.int32)
-    state = {"train": TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))}
+                               config.model.vocab_size, jnp.int32)
+    box = [state]
 
     def run():
         for _ in range(steps):
-            state["train"], _ = step(state["train"], batch)
-        jax.block_until_ready(state["train"])
+            box[0], _ = step(box[0], batch)
+        jax.block_until_ready(box[0])
 
     return run, steps * train.batch_size * train.seq_len
