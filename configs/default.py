@@ -17,6 +17,13 @@ def get_config() -> ml_collections.ConfigDict:
         num_heads=8,
         num_kv_heads=8,          # == num_heads: MHA; 1: MQA; in between: GQA
         kv_share_every=1,        # layers per group sharing one K/V (Brandon et al. 2024); 1: off
+        attention="grouped",     # grouped (MHA/GQA/MQA) | tied (GTA) | latent (MLA): mqa/attention/
+        kv_latent_dim=0,         # latent: numbers per token of the cached K/V latent
+        q_latent_dim=0,          # latent: > 0 gives low-rank queries through a latent this wide
+        rope_head_dim=0,         # latent: rotary dimensions of the shared key and of each query head
+        sliding_window=0,        # > 0: layers attend to the last this many positions (ring-buffer cache)
+        global_every=0,          # with a window, every N-th layer stays global; 0: all layers local
+        kv_cache_dtype="",       # '': the compute dtype; int8: absmax-quantized per token and head
         head_dim=32,             # num_heads * head_dim == d_model
         mlp_dim=1024,            # SwiGLU hidden width
         match_mha_params=False,  # widen the MLP so parameters equal MHA's (Shazeer 2019)
@@ -54,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
         path="",              # local text file or folder; '' and no hf_name: CPython's docs
         hf_name="",           # Hugging Face hub dataset, e.g. 'wikitext'
         hf_config="",         # e.g. 'wikitext-103-raw-v1'
-        tokenizer="byte",     # byte | bpe
+        tokenizer="byte",     # byte | bpe | init_from (train.init_from's) | a tokenizer.json or its folder
         bpe_vocab_size=1024,
         heldout_fraction=0.1,
     ))

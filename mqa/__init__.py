@@ -1,6 +1,7 @@
 """mqa: multi-query, grouped-query and multi-head attention language models in JAX."""
 
-from mqa.attention import Attention, attend, attend_jax, attention_fn
+from mqa.attention import (GroupedAttention, LatentAttention, TiedAttention, attend, attend_jax,
+                           attention_fn, family)
 from mqa.decode import generate
 from mqa.config import ConfigError, ModelConfig, load_config_file, validate
 from mqa.kv_cache import KVCache, init_cache
@@ -8,7 +9,8 @@ from mqa.loading import CheckpointError, LoadedModel, load_model
 from mqa.model import Transformer
 
 __all__ = [
-    "Attention", "CheckpointError", "ConfigError", "KVCache", "LoadedModel", "ModelConfig",
-    "Transformer", "attend", "attend_jax", "attention_fn", "init_cache", "load_config_file",
+    "CheckpointError", "ConfigError", "GroupedAttention", "KVCache", "LatentAttention",
+    "LoadedModel", "ModelConfig", "TiedAttention", "Transformer", "attend", "attend_jax",
+    "attention_fn", "family", "init_cache", "load_config_file",
     "load_model", "validate",
 ]

@@ -17,8 +17,9 @@ from typing import Any, Iterable
 import ml_collections
 
 ATTENTION_IMPLS = ("einsum", "blockwise", "xla", "cudnn")
+ATTENTIONS = ("grouped", "tied", "latent")  # model.attention: the families in mqa/attention/
+KV_CACHE_DTYPES = ("", "int8")
 DTYPES = ("float32", "bfloat16")
-TOKENIZERS = ("byte", "bpe")
 
 # Fields that must be >= 1.
 _POSITIVE = (
@@ -48,6 +49,13 @@ class ModelConfig:
     head_dim: int
     mlp_dim: int
     kv_share_every: int = 1
+    attention: str = "grouped"
+    kv_latent_dim: int = 0
+    q_latent_dim: int = 0
+    rope_head_dim: int = 0
+    sliding_window: int = 0
+    global_every: int = 0
+    kv_cache_dtype: str = ""
     tie_embeddings: bool = True
     attention_impl: str = "einsum"
     attention_block: int = 128
@@ -67,6 +75,17 @@ class ModelConfig:
     def num_kv_layers(self) -> int:
         """Layers that compute (and cache) keys and values: one per `kv_share_every`."""
         return self.num_layers // self.kv_share_every
+
+    def is_local(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) attends to a sliding window of positions: every
+        layer when `sliding_window` > 0, except every `global_every`-th (layers N-1, 2N-1, ...)."""
+        return self.sliding_window > 0 and not (
+            self.global_every > 0 and (layer + 1) % self.global_every == 0)
+
+    def window(self, layer: int) -> int:
+        """Positions layer `layer` sees back from each query (itself included): the sliding
+        window for a local layer, `max_seq_len` (everything) for a global one."""
+        return self.sliding_window if self.is_local(layer) else self.max_seq_len
 
     @classmethod
     def from_config(cls, model_config: Any, **overrides) -> "ModelConfig":
@@ -221,8 +240,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (rotary embeddings rotate pairs)")
     _check_choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
+    _check_attention_family(m)
     _check_choice("model.dtype", m.dtype, DTYPES)
-    _check_choice("data.tokenizer", config.data.tokenizer, TOKENIZERS)
+    if config.data.tokenizer == "init_from" and not config.train.init_from:
+        raise ConfigError("data.tokenizer='init_from' needs train.init_from (the workdir whose "
+                          "tokenizer to train with); or use 'byte', 'bpe' or a tokenizer.json path")
     if config.train.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={config.train.seq_len} exceeds model.max_seq_len="
                           f"{m.max_seq_len}; use at most {m.max_seq_len} or raise model.max_seq_len")
@@ -237,6 +259,41 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def _check_attention_family(m) -> None:
+    """The fields of model.attention's family and of the cache policies, and which of them combine."""
+    _check_choice("model.attention", m.attention, ATTENTIONS)
+    _check_choice("model.kv_cache_dtype", m.kv_cache_dtype, KV_CACHE_DTYPES)
+    for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window", "global_every"):
+        if m[name] < 0:
+            raise ConfigError(f"model.{name}={m[name]} must be >= 0")
+    if m.attention == "latent":
+        if m.kv_latent_dim < 1:
+            raise ConfigError("model.attention='latent' needs model.kv_latent_dim >= 1 (numbers "
+                              f"cached per token), got {m.kv_latent_dim}")
+        if m.rope_head_dim < 2 or m.rope_head_dim % 2:
+            raise ConfigError("model.attention='latent' needs an even model.rope_head_dim >= 2 "
+                              f"(the shared rotary key), got {m.rope_head_dim}")
+        if m.kv_share_every != 1:
+            raise ConfigError(f"model.kv_share_every={m.kv_share_every} does not combine with "
+                              "model.attention='latent'; use 1, or attention 'grouped' or 'tied'")
+    else:
+        for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim"):
+            if m[name]:
+                raise ConfigError(f"model.{name}={m[name]} is for model.attention='latent' only "
+                                  f"(model.attention={m.attention!r}); set it to 0")
+    if m.attention == "tied" and m.head_dim % 4:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be a multiple of 4 for "
+                          "model.attention='tied' (a rotary half of head_dim / 2)")
+    if m.attention != "grouped" and m.attention_impl != "einsum":
+        raise ConfigError(f"model.attention_impl={m.attention_impl!r} is for model.attention="
+                          f"'grouped'; model.attention={m.attention!r} takes 'einsum'")
+    if m.global_every and not m.sliding_window:
+        raise ConfigError(f"model.global_every={m.global_every} needs model.sliding_window > 0")
+    if m.sliding_window and m.kv_share_every != 1:
+        raise ConfigError(f"model.sliding_window={m.sliding_window} does not combine with "
+                          f"model.kv_share_every={m.kv_share_every}; use one of them")
+
+
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(valid)}")
+        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(map(repr, valid))}")

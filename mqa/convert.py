@@ -384,6 +384,9 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path, num_kv
     workdir = pathlib.Path(workdir).expanduser()
     _check_new_workdir(workdir)
     source = load_model(src, step=step)
+    if source.model_config.attention != "grouped":
+        raise ConvertError(f"the source has model.attention={source.model_config.attention!r}; "
+                           "uptrain pools the K/V heads of model.attention='grouped' only")
     config = uptrain_config(source.config, source.model_config, num_kv_heads)
     params, grouping = source.params, ""
     size = source.model_config.num_kv_heads // num_kv_heads

@@ -6,8 +6,9 @@ A corpus comes from one source, in order of precedence:
   otherwise     the English documentation that ships with every CPython (pydoc_data), so it works offline.
 
 The text is split into a contiguous train head and held-out tail (unless the hub dataset has its own
-"validation" or "test" split), tokenized with a byte tokenizer (256 ids, lossless on any bytes) or a
-byte-level BPE trained on the train split only, and the token ids are cached as .npy files in cache_dir.
+"validation" or "test" split), tokenized with a byte tokenizer (256 ids, lossless on any bytes), a
+byte-level BPE trained on the train split only, or a pretrained model's tokenizer (data.tokenizer names
+its tokenizer.json or the workdir holding it), and the token ids are cached as .npy files in cache_dir.
 
 Batches are pure functions of their arguments: train_batch(tokens, step, seed=...) gives the same
 windows for a step whether the run was interrupted or not, and on every host.
@@ -27,7 +28,7 @@ from typing import Callable
 import numpy as np
 import tokenizers
 
-TOKENIZER_NAMES = ("byte", "bpe")
+TOKENIZER_NAMES = ("byte", "bpe")  # data.tokenizer may also name a tokenizer.json, or a folder holding one
 TOKENIZER_FILE = "tokenizer.json"
 _CACHE_FORMAT = 1  # bump whenever the cached files would change for the same config
 
@@ -131,8 +132,10 @@ class BpeTokenizer:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> ByteTokenizer | BpeTokenizer:
-    """Restores the tokenizer that ByteTokenizer.save or BpeTokenizer.save wrote into `directory`."""
-    path = Path(directory) / TOKENIZER_FILE
+    """Restores the tokenizer that ByteTokenizer.save or BpeTokenizer.save wrote into `directory`
+    (or into the tokenizer.json file named)."""
+    path = Path(directory)
+    path = path if path.is_file() else path / TOKENIZER_FILE
     if not path.is_file():
         raise DataError(f"no tokenizer saved in {str(directory)!r}; expected {path} written by a tokenizer's save()")
     text = path.read_text()
@@ -175,6 +178,19 @@ def _checked_ids(ids, vocab_size: int) -> np.ndarray:
     if outside.size:
         raise DataError(f"token id {outside[0]} is outside the vocabulary; valid ids are 0..{vocab_size - 1}")
     return ids
+
+
+def pretrained_tokenizer_file(name: str) -> Path | None:
+    """The tokenizer.json that data.tokenizer=`name` names (the file, or a folder holding one such
+    as a converted model's workdir); None for the built-in 'byte' and 'bpe'."""
+    if name in TOKENIZER_NAMES:
+        return None
+    path = Path(name).expanduser()
+    path = path / TOKENIZER_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(f"data.tokenizer={name!r} is neither one of {', '.join(map(repr, TOKENIZER_NAMES))} "
+                        f"nor a tokenizer.json file or a folder holding one (e.g. a converted model's workdir)")
+    return path
 
 
 def _check_bpe_vocab_size(vocab_size: int) -> None:
@@ -297,16 +313,18 @@ class Corpus:
 def load_corpus(data_config, cache_dir: str | os.PathLike, *, min_tokens: int) -> Corpus:
     """Reads, splits and tokenizes the corpus `data_config` names, or loads its tokens from cache_dir.
 
-    Fields of data_config: path, hf_name, hf_config, tokenizer ('byte'|'bpe'), bpe_vocab_size,
+    Fields of data_config: path, hf_name, hf_config, tokenizer ('byte'|'bpe'|a tokenizer.json
+    or a folder holding one), bpe_vocab_size,
     heldout_fraction. Both splits must have at least `min_tokens` tokens.
     """
     _check_data_config(data_config)
     source = _find_source(data_config)
+    pretrained = pretrained_tokenizer_file(data_config.tokenizer)
     key = json.dumps(
         [
             _CACHE_FORMAT,
             source.identity,
-            data_config.tokenizer,
+            hashlib.sha256(pretrained.read_bytes()).hexdigest() if pretrained else data_config.tokenizer,
             data_config.bpe_vocab_size if data_config.tokenizer == "bpe" else None,
             data_config.heldout_fraction,
         ]
@@ -333,9 +351,7 @@ def _split_text(text: str | bytes, heldout_fraction: float) -> tuple[str | bytes
 
 
 def _check_data_config(data_config) -> None:
-    if data_config.tokenizer not in TOKENIZER_NAMES:
-        valid = ", ".join(repr(n) for n in TOKENIZER_NAMES)
-        raise DataError(f"data.tokenizer={data_config.tokenizer!r} is unknown; valid: {valid}")
+    pretrained_tokenizer_file(data_config.tokenizer)  # a path that is not a tokenizer: one line
     if data_config.tokenizer == "bpe":
         _check_bpe_vocab_size(data_config.bpe_vocab_size)
     if not 0 < data_config.heldout_fraction < 1:
@@ -363,8 +379,10 @@ def _tokenize_and_cache(data_config, source: _Source, cache: Path) -> Corpus:
         text, heldout_text = _split_text(text, data_config.heldout_fraction)
     if data_config.tokenizer == "bpe":
         tokenizer = BpeTokenizer.train(text, data_config.bpe_vocab_size)  # never sees held-out text
-    else:
+    elif data_config.tokenizer == "byte":
         tokenizer = ByteTokenizer()
+    else:  # a pretrained model's tokenizer, e.g. for uptraining it
+        tokenizer = load_tokenizer(pretrained_tokenizer_file(data_config.tokenizer))
     corpus = Corpus(
         train=tokenizer.encode(text),
         heldout=tokenizer.encode(heldout_text),

@@ -35,7 +35,7 @@ from mqa.loading import load_model
 LLAMA_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "mlp_dim", "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len")
 # Fields that choose how mqa computes, not what: the exported model is the same without them.
-HOW_FIELDS = ("attention_impl", "attention_block", "dtype", "remat", "scan_unroll")
+HOW_FIELDS = ("attention_impl", "attention_block", "dtype", "remat", "scan_unroll", "kv_cache_dtype")
 
 
 def check_expressible(config: ModelConfig) -> None:

@@ -64,7 +64,7 @@ def layer_attention_probs(model: Transformer, tokens: np.ndarray) -> Iterator[np
             if layer is block:
                 x, _, kv = layer(x, positions)
             else:
-                x, _, _ = layer(x, positions, shared_kv=kv)
+                x, _, _ = layer(x, positions, shared=kv)
 
 
 def js_divergence_matrix(probs: np.ndarray) -> np.ndarray:

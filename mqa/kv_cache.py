@@ -1,11 +1,20 @@
 """The key/value cache for incremental decoding: an explicit pytree, passed in and out.
 
-With `num_kv_heads` K/V heads the cache holds `2 * num_kv_layers * num_kv_heads * head_dim`
-numbers per token, so MQA's cache is exactly `1 / num_heads` of MHA's; cross-layer sharing
-(`kv_share_every` layers per K/V, `num_kv_layers = num_layers / kv_share_every`) divides it
-again.
+Each attention family says what it caches per token (`CacheEntry`s: grouped attention
+its keys and values, tied attention one tied state per K/V head and a rotary key shared by
+all heads, latent attention one latent and the shared rotary key), and two policies apply
+to any family:
+  - a sliding window (`model.sliding_window`): a local layer's buffers are a ring of
+    `sliding_window` positions (position p in slot p % window), so their size stays flat
+    however long the context grows;
+  - `model.kv_cache_dtype="int8"`: every cached vector is stored as int8 with one float32
+    absmax scale per token and head, quantized when written and dequantized when read.
+`mqa.accounting.kv_cache_bytes` counts exactly the bytes `init_cache` allocates.
 """
 
+from __future__ import annotations
+
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -13,14 +22,18 @@ import jax.numpy as jnp
 
 from mqa.config import ModelConfig
 
+SCALE_DTYPE = jnp.float32  # int8 caches: one absmax scale per token and head
+
 
 class KVCache(NamedTuple):
-    """Keys and values of every position decoded so far.
+    """What every layer that computes keys and values has cached so far.
 
-    k, v: for the whole model, a tuple of num_kv_layers arrays; inside one layer, that
-      layer's array. Each is [batch, num_kv_heads, max_len, head_dim] with the batch and
-      head axes left out where they have size 1 (`cache_axes`): [batch, max_len, head_dim]
-      for MQA. Why this shape (each measured on XLA's CPU backend):
+    layers: one dict per K/V layer (`num_kv_layers`), mapping each of its family's
+      `CacheEntry` names (and "<name>_scale" for an int8 cache) to one buffer. A buffer is
+      laid out as `CacheEntry.axes`: [batch, heads, length, dim] or [batch, length, dim]
+      for an entry shared by all heads, where length is max_len, or the window for a
+      local layer. Why separate buffers, heads outside positions, and no size-1 axes for
+      grouped attention (each measured on XLA's CPU backend):
       - one buffer per layer: a decoding step writes its new keys and values into its own
         buffer, never copying a layer out of a stacked array;
       - each head's positions contiguous: the attention products read the cache as it lies
@@ -32,21 +45,49 @@ class KVCache(NamedTuple):
     index: int32 scalar, the number of positions written; the next token goes there.
     """
 
-    k: tuple[jax.Array, ...] | jax.Array
-    v: tuple[jax.Array, ...] | jax.Array
+    layers: tuple[dict[str, jax.Array], ...]
     index: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    """One vector a family caches per token: `heads` of them (0: one shared by all heads,
+    no head axis) of `dim` numbers. `squeeze`: leave out size-1 batch and head axes."""
+
+    name: str
+    heads: int
+    dim: int
+    squeeze: bool = False
+
+    def axes(self, batch_size: int) -> str:
+        """The buffer's axes in `attend`'s letters: b batch, k head, s position, d dim."""
+        if self.squeeze:
+            return cache_axes(batch_size, max(self.heads, 1))
+        return "b" + ("k" if self.heads else "") + "sd"
+
+
 def cache_axes(batch_size: int, num_kv_heads: int) -> str:
-    """The axes of a cache buffer as `attend`'s letters: "bksd" (batch, K/V head, position,
-    head dimension) without "b" or "k" where that axis would have size 1."""
+    """A grouped cache buffer's axes: "bksd" (batch, K/V head, position, head dimension)
+    without "b" or "k" where that axis would have size 1."""
     return ("b" if batch_size > 1 else "") + ("k" if num_kv_heads > 1 else "") + "sd"
 
 
 def to_cache_axes(x: jax.Array, axes: str) -> jax.Array:
-    """Keys or values [batch, seq, kv_heads, head_dim] -> laid out as `axes`."""
+    """New vectors [batch, seq, heads, dim] (heads 1 for a shared entry) -> laid out as `axes`."""
     b, t, kv, d = x.shape
     return jnp.swapaxes(x, 1, 2).reshape([dict(b=b, k=kv, s=t, d=d)[c] for c in axes])
+
+
+def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
+    """What `config`'s attention family caches per token and K/V layer."""
+    from mqa.attention import family  # the families import this module
+    return family(config).cache_entries(config)
+
+
+def buffer_length(config: ModelConfig, kv_layer: int, max_len: int) -> int:
+    """Positions a K/V layer's buffers hold: max_len, or the window of a local layer."""
+    local = config.is_local(kv_layer * config.kv_share_every)
+    return min(config.sliding_window, max_len) if local else max_len
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
@@ -54,13 +95,110 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
     if max_len > config.max_seq_len:
         raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={config.max_seq_len}")
     dtype = jnp.dtype(dtype or config.dtype)
-    size = dict(b=batch_size, k=config.num_kv_heads, s=max_len, d=config.head_dim)
-    shape = [size[c] for c in cache_axes(batch_size, config.num_kv_heads)]
-    layers = range(config.num_kv_layers)
-    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   tuple(jnp.zeros(shape, dtype) for _ in layers), jnp.zeros((), jnp.int32))
+    int8 = config.kv_cache_dtype == "int8"
+    layers = []
+    for g in range(config.num_kv_layers):
+        length = buffer_length(config, g, max_len)
+        buffers = {}
+        for entry in cache_entries(config):
+            size = dict(b=batch_size, k=entry.heads, s=length, d=entry.dim)
+            shape = [size[c] for c in entry.axes(batch_size)]
+            buffers[entry.name] = jnp.zeros(shape, jnp.int8 if int8 else dtype)
+            if int8:
+                buffers[f"{entry.name}_scale"] = jnp.zeros(shape[:-1], SCALE_DTYPE)
+        layers.append(buffers)
+    return KVCache(tuple(layers), jnp.zeros((), jnp.int32))
 
 
 def cache_nbytes(cache: KVCache) -> int:
-    """Bytes the cache's keys and values occupy."""
-    return sum(a.nbytes for a in jax.tree.leaves((cache.k, cache.v)))
+    """Bytes the cache's buffers occupy (int8 scales included)."""
+    return sum(a.nbytes for a in jax.tree.leaves(cache.layers))
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Absmax int8 over the last axis: x [..., d] -> (int8 [..., d], float32 scale [...]),
+    scale = max|x| / 127 and x ~ q * scale; an all-zero vector gets scale 0."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(x32 / safe[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale.astype(SCALE_DTYPE)
+
+
+def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def slot_positions(last: jax.Array, length: int) -> jax.Array:
+    """int32 [length]: the position each slot of a ring buffer holds once positions up to
+    `last` are written (position p lives in slot p % length); -1 where none has been."""
+    slots = jnp.arange(length)
+    return last - jnp.mod(last - slots, length)
+
+
+def update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[str, str],
+           index: jax.Array, *, ring: bool, dtype
+           ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array | None]:
+    """Writes a layer's new vectors into its buffers and returns what attention reads.
+
+    buffers: the layer's cache dict. new: entry name -> [batch, seq, heads, dim] (heads 1
+      for a shared entry) at positions index .. index + seq - 1; axes: entry name -> its
+      buffer's axes (`CacheEntry.axes`). ring: the buffers are a sliding window's ring.
+    Returns (the updated buffers, entry name -> every cached vector laid out as its buffer
+    (dequantized, in `dtype`), the key positions int32 [keys], or None when slot s holds
+    position s).
+
+    A ring takes one token by writing it over the oldest slot and reading the ring; a longer
+    chunk (a prompt) attends to the ring as it was followed by the chunk itself, and then
+    leaves the chunk's last `length` positions in the ring.
+    """
+    int8 = any(name.endswith("_scale") for name in buffers)
+    t = next(iter(new.values())).shape[1]
+    s_axis = {name: axes[name].index("s") for name in new}
+    length = {name: buffers[name].shape[s_axis[name]] for name in new}
+    stored = {}  # the new vectors as the buffers hold them (quantized for int8)
+    for name, x in new.items():
+        x = to_cache_axes(x, axes[name])
+        stored[name] = quantize(x) if int8 else (x.astype(buffers[name].dtype), None)
+
+    def read(values, scales):
+        return dequantize(values, scales, dtype) if int8 else values.astype(dtype)
+
+    updated = dict(buffers)
+    if not ring or t == 1:
+        for name, (values, scales) in stored.items():
+            start = index % length[name] if ring else index
+            at = tuple(start if c == "s" else 0 for c in axes[name])
+            updated[name] = jax.lax.dynamic_update_slice(buffers[name], values, at)
+            if int8:
+                updated[f"{name}_scale"] = jax.lax.dynamic_update_slice(
+                    buffers[f"{name}_scale"], scales, at[:-1])
+        attended = {name: read(updated[name], updated.get(f"{name}_scale")) for name in new}
+        positions = slot_positions(index, length[next(iter(new))]) if ring else None
+        return updated, attended, positions
+
+    # A chunk into a ring: attend to [the ring as it was, the chunk], then keep the chunk's tail.
+    attended = {}
+    for name, (values, scales) in stored.items():
+        axis, keep = s_axis[name], min(t, length[name])
+        old = read(buffers[name], buffers.get(f"{name}_scale"))
+        attended[name] = jnp.concatenate([old, read(values, scales)], axis=axis)
+        slots = jnp.mod(index + t - keep + jnp.arange(keep), length[name])
+        updated[name] = _scatter(buffers[name], slots, jax.lax.slice_in_dim(values, t - keep, t, axis=axis), axis)
+        if int8:
+            updated[f"{name}_scale"] = _scatter(buffers[f"{name}_scale"], slots,
+                                                jax.lax.slice_in_dim(scales, t - keep, t, axis=axis), axis)
+    first = next(iter(new))
+    positions = jnp.concatenate([slot_positions(index - 1, length[first]), index + jnp.arange(t)])
+    return updated, attended, positions
+
+
+def _scatter(buffer: jax.Array, slots: jax.Array, values: jax.Array, axis: int) -> jax.Array:
+    """buffer with `values` written at indices `slots` along `axis`."""
+    return buffer.at[(slice(None),) * axis + (slots,)].set(values)

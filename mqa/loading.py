@@ -53,7 +53,7 @@ class LoadedModel:
         return nnx.merge(self.graphdef, self.params)
 
 
-def _find_workdir(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
+def find_workdir(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
     """A workdir, its checkpoints/ folder, or one step folder -> (workdir, step or None)."""
     if (path / "config.json").is_file():
         return path, None
@@ -109,7 +109,7 @@ def _open_checkpoints(path: str | pathlib.Path):
     path = pathlib.Path(path).expanduser().resolve()
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist")
-    workdir, path_step = _find_workdir(path)
+    workdir, path_step = find_workdir(path)
     checkpoints = Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         yield workdir, path_step, checkpoints

@@ -16,22 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mqa.attention import Attention, dense
+from mqa.attention import dense, family
 from mqa.config import ModelConfig
 from mqa.kv_cache import KVCache
-
-
-class RMSNorm(nnx.Module):
-    """x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019). x: [..., m]."""
-
-    def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale[...]).astype(x.dtype)
+from mqa.norm import RMSNorm
 
 
 class SwiGLU(nnx.Module):
@@ -54,22 +42,23 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One pre-norm Transformer layer; `owns_kv=False` for a layer that reuses the K/V of
-    its group's first layer (cross-layer KV sharing)."""
+    """One pre-norm Transformer layer with `model.attention`'s family; `owns_kv=False` for
+    a layer that reuses the K/V of its group's first layer (cross-layer KV sharing)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, owns_kv: bool = True):
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attention = Attention(config, rngs=rngs, owns_kv=owns_kv)
+        self.attention = family(config)(config, rngs=rngs, owns_kv=owns_kv)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 shared_kv: tuple[jax.Array, jax.Array] | None = None):
-        """x: [batch, seq, m] -> ([batch, seq, m], the updated cache or None, the (keys,
-        values) attended to); see `Attention.__call__`."""
-        h, cache, kv = self.attention(self.attention_norm(x), positions, cache, shared_kv)
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
+                 shared=None, *, index=None, window=None):
+        """x: [batch, seq, m] -> ([batch, seq, m], the updated cache buffers or None, what
+        the attention attended to); see `mqa.attention`."""
+        h, cache, shared = self.attention(self.attention_norm(x), positions, cache, shared,
+                                          index=index, window=window)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), cache, kv
+        return x + self.mlp(self.mlp_norm(x)), cache, shared
 
 
 def _stacked_blocks(config: ModelConfig, count: int, rngs: nnx.Rngs, owns_kv: bool) -> Block:
@@ -133,41 +122,47 @@ class Transformer(nnx.Module):
                      for g in range(groups))
 
     def _forward(self, tokens, positions, cache, layers=None):
-        dtype = jnp.dtype(self.config.dtype)
+        config = self.config
+        dtype = jnp.dtype(config.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        per_group = self.config.kv_share_every - 1
+        per_group = config.kv_share_every - 1
         graphdef = nnx.graphdef(self.blocks)
         shared_graphdef = nnx.graphdef(self.shared_blocks) if per_group else None
         if cache is None:  # training and evaluation: scan the stacked layers, a group a step
             def group(x, params):
-                first, shared = params
-                x, _, kv = nnx.merge(graphdef, first)(x, positions)
+                first, shared, window = params
+                x, _, kv = nnx.merge(graphdef, first)(x, positions, window=window)
                 for j in range(per_group):
                     layer = nnx.merge(shared_graphdef, jax.tree.map(lambda a: a[j], shared))
-                    x, _, _ = layer(x, positions, shared_kv=kv)
+                    x, _, _ = layer(x, positions, shared=kv)
                 return x, None
 
-            if self.config.remat:
+            if config.remat:
                 group = jax.checkpoint(group)
             shared = None
             if per_group:  # [groups * per_group, ...] -> [groups, per_group, ...]
                 shared = jax.tree.map(lambda a: a.reshape(-1, per_group, *a.shape[1:]),
                                       nnx.state(self.shared_blocks))
-            x, _ = jax.lax.scan(group, x, (nnx.state(self.blocks), shared),
-                                unroll=self.config.scan_unroll)
-        else:  # prefill and decoding: each group updates its own cache buffer
-            new_k, new_v = [], []
+            # Each layer's window (sliding windows exclude kv_share_every > 1).
+            windows = (jnp.array([config.window(i) for i in range(config.num_layers)], jnp.int32)
+                       if config.sliding_window else None)
+            x, _ = jax.lax.scan(group, x, (nnx.state(self.blocks), shared, windows),
+                                unroll=config.scan_unroll)
+        else:  # prefill and decoding: each group updates its own cache buffers
+            updated = []
             for g, (first, shared) in enumerate(layers or self.layer_params()):
-                group_cache = KVCache(cache.k[g], cache.v[g], cache.index)
-                x, updated, kv = nnx.merge(graphdef, first)(x, positions, group_cache)
+                layer = g * config.kv_share_every
+                window = config.sliding_window if config.is_local(layer) else None
+                x, buffers, kv = nnx.merge(graphdef, first)(x, positions, cache.layers[g],
+                                                            index=cache.index, window=window)
                 for params in shared:
-                    x, _, _ = nnx.merge(shared_graphdef, params)(x, positions, group_cache, kv)
-                new_k.append(updated.k)
-                new_v.append(updated.v)
+                    x, _, _ = nnx.merge(shared_graphdef, params)(x, positions, cache.layers[g], kv,
+                                                                 index=cache.index, window=window)
+                updated.append(buffers)
         x = self.final_norm(x)
-        unembed = self.embed[...].T if self.config.tie_embeddings else self.unembed[...]
+        unembed = self.embed[...].T if config.tie_embeddings else self.unembed[...]
         logits = jnp.einsum("btm,mv->btv", x, unembed.astype(dtype),
                             preferred_element_type=jnp.float32)
         if cache is None:
             return logits, None
-        return logits, KVCache(tuple(new_k), tuple(new_v), cache.index + tokens.shape[1])
+        return logits, KVCache(tuple(updated), cache.index + tokens.shape[1])

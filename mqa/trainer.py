@@ -204,11 +204,25 @@ def init_params_from(path: str, abstract_params, is_main: bool) -> nnx.State:
     return params
 
 
+def _data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.data, with data.tokenizer='init_from' replaced by train.init_from's workdir."""
+    if config.data.tokenizer != "init_from":
+        return config.data
+    try:
+        workdir = loading.find_workdir(pathlib.Path(config.train.init_from).expanduser().resolve())[0]
+    except loading.CheckpointError as error:
+        raise ConfigError(f"train.init_from: {error}") from None
+    if not (workdir / data.TOKENIZER_FILE).is_file():
+        raise ConfigError(f"data.tokenizer='init_from': train.init_from's workdir {str(workdir)!r} has no "
+                          f"{data.TOKENIZER_FILE}; use 'byte', 'bpe' or a tokenizer.json path")
+    return ml_collections.ConfigDict({**config.data.to_dict(), "tokenizer": str(workdir)})
+
+
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bool) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     _check_batch(config, mesh)
     train_cfg = config.train
-    corpus = data.load_corpus(config.data, workdir / "data", min_tokens=train_cfg.seq_len + 1)
+    corpus = data.load_corpus(_data_config(config), workdir / "data", min_tokens=train_cfg.seq_len + 1)
     _resolve_vocab(config, corpus.tokenizer)
     _check_resumable(config, workdir)
     if is_main:
@@ -269,6 +283,17 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
                                  batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len,
                                  rows=rows)
         return _global_batch(local, batch_sharding, batch_shape)
+
+    if start_step == 0 and train_cfg.init_from:  # where uptraining starts: the converted model
+        initial = evaluate(state.params, eval_step, corpus, config, batch_sharding,
+                           max_windows=final_windows)
+        writer.drop_after(-1)  # a run restarted before its first checkpoint logs step 0 anew
+        writer.write(0, {**evaluate(state.params, eval_step, corpus, config, batch_sharding,
+                                    max_windows=periodic_windows),
+                         **{f"initial_{key}": value for key, value in initial.items()}})
+        if is_main:
+            print(f"before training: held-out loss {initial['eval_loss']:.4f} nats/token over "
+                  f"{initial['eval_tokens']:,} tokens")
 
     preempted = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))

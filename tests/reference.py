@@ -1,13 +1,60 @@
-"""Independent float64 NumPy references the tests compare against."""
+"""Independent float64 NumPy references the tests compare against.
+
+Written from the mathematics, head by head, not from the JAX code:
+
+- `attention_loops`: the attention core (causal, optionally sliding-window) for MHA/GQA/MQA.
+- `rope`: rotary embeddings, pairing dimension i with i + dim/2.
+- `int8_round_trip`: what an int8 KV cache gives back for a tensor (per vector, last axis).
+- `grouped_loops`, `tied_loops`, `latent_loops`, `latent_absorbed_loops`: one attention
+  layer of each family (grouped-query; Grouped-Tied Attention, Zadouri, Strauss & Dao 2025;
+  Multi-head Latent Attention, DeepSeek-V2 2024, expanded and in its absorbed decoding form).
+- `transformer_loops`: the whole language model, layer after layer.
+- `family_layers`: random float64 layer parameters for each family.
+"""
 
 import numpy as np
 
+FAMILIES = ("grouped", "tied", "latent")
 
-def attention_loops(q, k, v, *, causal=True, q_offset=None):
+
+def _f64(a):
+    return np.asarray(a, np.float64)
+
+
+def rms_norm(x, scale, eps):
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis."""
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * _f64(scale)
+
+
+def allowed_mask(q_len, kv_len, *, q_offset=None, window=0):
+    """bool [q_len, kv_len]: query i (absolute position t = offset + i) may read key s iff
+    s <= t and, with window > 0, t - window < s."""
+    offset = kv_len - q_len if q_offset is None else q_offset
+    t = (offset + np.arange(q_len))[:, None]
+    s = np.arange(kv_len)[None, :]
+    allowed = s <= t
+    if window > 0:
+        allowed &= s > t - window
+    return allowed
+
+
+def _masked_softmax(logits, allowed):
+    """Softmax over the last axis of logits [batch, q_len, kv_len], keys where `allowed`
+    [q_len, kv_len] only."""
+    logits = np.where(allowed[None], logits, -np.inf)
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    probs = np.exp(logits)
+    return probs / probs.sum(axis=-1, keepdims=True)
+
+
+def attention_loops(q, k, v, *, causal=True, q_offset=None, window=0):
     """Attention written head by head: query head h reads K/V head h // group.
 
     q: [batch, q_len, heads, dim]; k, v: [batch, kv_len, kv_heads, dim] -> [batch, q_len, heads, dim].
+    window > 0 (causal only): the query at absolute position t reads keys t - window < s <= t.
     """
+    if window > 0 and not causal:
+        raise ValueError("a sliding window is causal")
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     batch, q_len, heads, dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -18,7 +65,7 @@ def attention_loops(q, k, v, *, causal=True, q_offset=None):
         kh = h // group
         logits = np.einsum("btd,bsd->bts", q[:, :, h], k[:, :, kh]) / np.sqrt(dim)
         if causal:
-            allowed = np.arange(kv_len)[None, :] <= (offset + np.arange(q_len))[:, None]
+            allowed = allowed_mask(q_len, kv_len, q_offset=offset, window=window)
             logits = np.where(allowed[None], logits, -np.inf)
         logits -= logits.max(axis=-1, keepdims=True)
         probs = np.exp(logits)
@@ -36,27 +83,272 @@ def rope(x, positions, theta):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def _rope_headless(x, positions, theta):
+    """`rope` of x [batch, seq, dim] (no heads axis): one heads axis of size 1."""
+    return rope(x[:, :, None, :], positions, theta)[:, :, 0, :]
+
+
+def int8_round_trip(x):
+    """An int8 cache's round trip of each vector u along the last axis:
+    scale = max|u| / 127, q = clip(round(u / scale), -127, 127), result q * scale.
+    A zero vector stays zero."""
+    x = _f64(x)
+    scale = np.max(np.abs(x), axis=-1, keepdims=True) / 127
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.round(x / safe), -127, 127)
+    return np.where(scale > 0, q * scale, 0.0)
+
+
+def is_local_layer(index, sliding_window, global_every):
+    """Layer `index` (0-based) uses the sliding window iff sliding_window > 0 and it is not
+    one of every `global_every`-th layers ((index + 1) % global_every == 0)."""
+    return sliding_window > 0 and not (global_every > 0 and (index + 1) % global_every == 0)
+
+
+def grouped_loops(layer, x, *, kv_state=None, sliding_window=0, quantize_kv=False,
+                  theta=10000.0):
+    """One grouped-query attention layer (before the residual).
+
+    layer: `q` [m, h, d], `out` [h, d, m] and, unless kv_state is given, `k`, `v` [m, kv, d].
+    x: the layer's normed input [batch, seq, m]. kv_state: (K, V) computed by an earlier
+    layer (cross-layer sharing), used as is. Returns (output [batch, seq, m], (K, V)), K after
+    rope; with quantize_kv both are int8 round trips per token and K/V head.
+    """
+    positions = np.arange(x.shape[1])
+    q = rope(np.einsum("btm,mhd->bthd", x, _f64(layer["q"])), positions, theta)
+    if kv_state is None:
+        k = rope(np.einsum("btm,mkd->btkd", x, _f64(layer["k"])), positions, theta)
+        v = np.einsum("btm,mkd->btkd", x, _f64(layer["v"]))
+        if quantize_kv:
+            k, v = int8_round_trip(k), int8_round_trip(v)
+        kv_state = (k, v)
+    k, v = kv_state
+    attended = attention_loops(q, k, v, window=sliding_window)
+    return np.einsum("bthd,hdm->btm", attended, _f64(layer["out"])), kv_state
+
+
+def tied_loops(layer, x, *, kv_state=None, sliding_window=0, quantize_kv=False, theta=10000.0):
+    """One Grouped-Tied Attention layer (Zadouri, Strauss & Dao 2025), before the residual.
+
+    layer: `q` [m, h, d], `out` [h, d, m] and, unless kv_state is given, `kv` [m, kv, d] and
+    `k_rope` [m, r] (r = d // 2 in the paper; read from k_rope's shape), n = d - r.
+    Query head j: Qj = x @ q[:, j]; query = concat(Qj[:n], rope(Qj[n:])) (rope within the r dims).
+    Tied state T = x @ kv (per K/V head); rotary key R = rope(x @ k_rope), one for all heads.
+    K/V head c: key = concat(T_c[:n], R), value = T_c. logits = query . key / sqrt(d).
+    kv_state: (T, R) of an earlier layer, used as is. Returns (output [batch, seq, m], (T, R));
+    with quantize_kv, T (per token and K/V head) and R (per token) are int8 round trips.
+    """
+    batch, seq, _ = x.shape
+    positions = np.arange(seq)
+    wq, wout = _f64(layer["q"]), _f64(layer["out"])
+    heads, d = wq.shape[1], wq.shape[2]
+    if kv_state is None:
+        tied = np.einsum("btm,mkd->btkd", x, _f64(layer["kv"]))
+        rotary = _rope_headless(np.einsum("btm,mr->btr", x, _f64(layer["k_rope"])), positions,
+                                theta)
+        if quantize_kv:
+            tied, rotary = int8_round_trip(tied), int8_round_trip(rotary)
+        kv_state = (tied, rotary)
+    tied, rotary = kv_state
+    kv_heads, r = tied.shape[2], rotary.shape[-1]
+    n, group = d - r, heads // kv_heads
+    allowed = allowed_mask(seq, seq, window=sliding_window)
+    output = np.zeros((batch, seq, wout.shape[-1]))
+    for j in range(heads):
+        c = j // group
+        qj = np.einsum("btm,md->btd", x, wq[:, j])
+        query = np.concatenate([qj[..., :n], _rope_headless(qj[..., n:], positions, theta)], -1)
+        key = np.concatenate([tied[:, :, c, :n], rotary], -1)
+        value = tied[:, :, c]
+        probs = _masked_softmax(np.einsum("btd,bsd->bts", query, key) / np.sqrt(d), allowed)
+        output += np.einsum("bts,bsd->btd", probs, value) @ wout[j]
+    return output, kv_state
+
+
+def _latent_parts(layer, x, q_latent, quantize_kv, theta, eps):
+    """(L, R, qin) of a latent layer: the cached latent and rotary key, and the queries' input."""
+    if ("q_down" in layer) != q_latent:
+        has = "has" if "q_down" in layer else "lacks"
+        raise ValueError(f"q_latent={q_latent} but the layer {has} q_down")
+    positions = np.arange(x.shape[1])
+    latent = rms_norm(x @ _f64(layer["kv_down"]), layer["kv_norm"], eps)
+    rotary = _rope_headless(x @ _f64(layer["k_rope"]), positions, theta)
+    if quantize_kv:
+        latent, rotary = int8_round_trip(latent), int8_round_trip(rotary)
+    qin = rms_norm(x @ _f64(layer["q_down"]), layer["q_norm"], eps) if q_latent else x
+    return latent, rotary, qin
+
+
+def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=False,
+                 theta=10000.0, eps=1e-5):
+    """One Multi-head Latent Attention layer (DeepSeek-V2 2024), expanded, before the residual.
+
+    layer: `kv_down` [m, c], `kv_norm` [c], `k_up` [c, h, d], `v_up` [c, h, d], `k_rope` [m, r],
+    `out` [h, d, m]; queries from qin = x (q_latent=False: `q` [m, h, d], `q_rope` [m, h, r]) or
+    qin = norm(x @ q_down, q_norm) (q_latent=True: `q_down` [m, cq], `q_norm` [cq], `q` [cq, h, d],
+    `q_rope` [cq, h, r]). L = norm(x @ kv_down, kv_norm); R = rope(x @ k_rope), one for all heads.
+    Head j: key = L @ k_up[:, j], value = L @ v_up[:, j], q_nope = qin @ q[:, j],
+    q_r = rope(qin @ q_rope[:, j]); logits = (q_nope . key + q_r . R) / sqrt(d + r).
+    With quantize_kv, L and R (after rope) are int8 round trips per token. -> [batch, seq, m].
+    """
+    latent, rotary, qin = _latent_parts(layer, x, q_latent, quantize_kv, theta, eps)
+    batch, seq, _ = x.shape
+    positions = np.arange(seq)
+    wq, wq_rope, k_up, v_up, wout = (_f64(layer[name]) for name in
+                                     ("q", "q_rope", "k_up", "v_up", "out"))
+    heads, d, r = wq.shape[1], wq.shape[2], rotary.shape[-1]
+    allowed = allowed_mask(seq, seq, window=sliding_window)
+    output = np.zeros((batch, seq, wout.shape[-1]))
+    for j in range(heads):
+        key = np.einsum("bsc,cd->bsd", latent, k_up[:, j])
+        value = np.einsum("bsc,cd->bsd", latent, v_up[:, j])
+        q_nope = np.einsum("bti,id->btd", qin, wq[:, j])
+        q_r = _rope_headless(np.einsum("bti,ir->btr", qin, wq_rope[:, j]), positions, theta)
+        logits = (np.einsum("btd,bsd->bts", q_nope, key)
+                  + np.einsum("btr,bsr->bts", q_r, rotary)) / np.sqrt(d + r)
+        probs = _masked_softmax(logits, allowed)
+        output += np.einsum("bts,bsd->btd", probs, value) @ wout[j]
+    return output
+
+
+def latent_absorbed_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=False,
+                          theta=10000.0, eps=1e-5):
+    """The same layer as `latent_loops` in the absorbed form DeepSeek decodes with: per head,
+    q[:, j] @ k_up[:, j]^T maps queries into the latent space, scores are taken against L
+    directly (plus the rotary part), and the attention-weighted latent leaves through
+    v_up[:, j] @ out[j] [c, m]. Keys and values are never expanded. -> [batch, seq, m]."""
+    latent, rotary, qin = _latent_parts(layer, x, q_latent, quantize_kv, theta, eps)
+    batch, seq, _ = x.shape
+    positions = np.arange(seq)
+    wq, wq_rope, k_up, v_up, wout = (_f64(layer[name]) for name in
+                                     ("q", "q_rope", "k_up", "v_up", "out"))
+    heads, d, r = wq.shape[1], wq.shape[2], rotary.shape[-1]
+    allowed = allowed_mask(seq, seq, window=sliding_window)
+    output = np.zeros((batch, seq, wout.shape[-1]))
+    for j in range(heads):
+        q_absorbed = np.einsum("id,cd->ic", wq[:, j], k_up[:, j])  # [qin dim, c]
+        out_absorbed = np.einsum("cd,dm->cm", v_up[:, j], wout[j])  # [c, m]
+        q_latent_space = np.einsum("bti,ic->btc", qin, q_absorbed)
+        q_r = _rope_headless(np.einsum("bti,ir->btr", qin, wq_rope[:, j]), positions, theta)
+        logits = (np.einsum("btc,bsc->bts", q_latent_space, latent)
+                  + np.einsum("btr,bsr->bts", q_r, rotary)) / np.sqrt(d + r)
+        probs = _masked_softmax(logits, allowed)
+        output += np.einsum("bts,bsc->btc", probs, latent) @ out_absorbed
+    return output
+
+
 def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, theta=10000.0,
-                      eps=1e-5):
+                      eps=1e-5, attention="grouped", sliding_window=0, global_every=0,
+                      quantize_kv=False, q_latent=False):
     """The language model's logits (tied embeddings), one layer after another.
 
-    layers: a list, in order, of dicts with `attention_norm`, `q`, `out`, `mlp_norm`,
-      `gate`, `up`, `down`, and `k`, `v` for each layer whose index is a multiple of
-      `kv_share_every`; the layers between reuse the keys and values that layer computed.
+    layers: a list, in order, of dicts with `attention_norm`, `mlp_norm`, `gate`, `up`, `down`
+      and the attention family's parameters (see `grouped_loops`, `tied_loops`,
+      `latent_loops`; `family_layers` makes them). With kv_share_every > 1 (grouped, tied) only
+      the layers whose index is a multiple of it need their K/V parameters (grouped `k`, `v`;
+      tied `kv`, `k_rope`); the layers between reuse the K/V (T/R) that layer computed.
+    attention: "grouped" | "tied" | "latent". sliding_window > 0: local layers (see
+      `is_local_layer`, with global_every) attend to the last `sliding_window` positions.
+    quantize_kv: what a cache holds is replaced by its int8 round trip before use.
+    q_latent (latent only): queries through a normed low-rank q_down.
     tokens: int [batch, seq] -> float64 logits [batch, seq, vocab].
     """
-    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    norm = lambda x, scale: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * f64(scale)  # noqa: E731
-    x = f64(embed)[np.asarray(tokens)]
-    positions = np.arange(x.shape[1])
+    if attention not in FAMILIES:
+        raise ValueError(f"attention must be one of {FAMILIES}, not {attention!r}")
+    if attention == "latent" and kv_share_every != 1:
+        raise ValueError("latent attention does not share K/V across layers (kv_share_every=1)")
+    if q_latent and attention != "latent":
+        raise ValueError("q_latent is for latent attention only")
+    if kv_share_every < 1 or sliding_window < 0 or global_every < 0:
+        raise ValueError("kv_share_every must be >= 1, sliding_window and global_every >= 0")
+    x = _f64(embed)[np.asarray(tokens)]
+    kv_state = None
     for i, layer in enumerate(layers):
-        h = norm(x, layer["attention_norm"])
-        q = rope(np.einsum("btm,mhd->bthd", h, f64(layer["q"])), positions, theta)
+        window = sliding_window if is_local_layer(i, sliding_window, global_every) else 0
+        h = rms_norm(x, layer["attention_norm"], eps)
         if i % kv_share_every == 0:
-            k = rope(np.einsum("btm,mkd->btkd", h, f64(layer["k"])), positions, theta)
-            v = np.einsum("btm,mkd->btkd", h, f64(layer["v"]))
-        x = x + np.einsum("bthd,hdm->btm", attention_loops(q, k, v), f64(layer["out"]))
-        h = norm(x, layer["mlp_norm"])
-        gate, up = h @ f64(layer["gate"]), h @ f64(layer["up"])
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ f64(layer["down"])
-    return norm(x, final_scale) @ f64(embed).T
+            kv_state = None
+        common = dict(sliding_window=window, quantize_kv=quantize_kv, theta=theta)
+        if attention == "grouped":
+            attended, kv_state = grouped_loops(layer, h, kv_state=kv_state, **common)
+        elif attention == "tied":
+            attended, kv_state = tied_loops(layer, h, kv_state=kv_state, **common)
+        else:
+            attended = latent_loops(layer, h, q_latent=q_latent, eps=eps, **common)
+        x = x + attended
+        h = rms_norm(x, layer["mlp_norm"], eps)
+        gate, up = h @ _f64(layer["gate"]), h @ _f64(layer["up"])
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ _f64(layer["down"])
+    return rms_norm(x, final_scale, eps) @ _f64(embed).T
+
+
+def family_layers(rng, attention, num_layers, m, h, kv, d, mlp, *, c=0, cq=0, r=0,
+                  kv_share_every=1):
+    """Random float64 layer dicts for `transformer_loops(..., attention=attention)`.
+
+    Every layer: attention_norm [m], mlp_norm [m] (uniform 0.5..1.5), gate [m, mlp],
+    up [m, mlp], down [mlp, m], out [h, d, m]; projections are normal / sqrt(fan-in).
+    grouped: q [m, h, d], k [m, kv, d], v [m, kv, d].
+    tied: q [m, h, d], kv [m, kv, d], k_rope [m, r] (r = d // 2 when r == 0).
+    latent (kv unused; c > 0; r = d // 2 when r == 0): kv_down [m, c], kv_norm [c],
+      k_up [c, h, d], v_up [c, h, d], k_rope [m, r], and q [m, h, d], q_rope [m, h, r] when
+      cq == 0, or (q_latent=True) q_down [m, cq], q_norm [cq], q [cq, h, d], q_rope [cq, h, r].
+    With kv_share_every > 1 (grouped, tied) layers whose index is not a multiple of it omit
+    k, v (grouped) or kv, k_rope (tied). rng: a numpy Generator or a seed.
+    """
+    rng = np.random.default_rng(rng)
+    if attention not in FAMILIES:
+        raise ValueError(f"attention must be one of {FAMILIES}, not {attention!r}")
+    if attention == "latent" and kv_share_every != 1:
+        raise ValueError("latent attention does not share K/V across layers (kv_share_every=1)")
+    if attention != "latent" and h % kv:
+        raise ValueError(f"{h} query heads do not split into {kv} K/V head groups")
+    r = r or d // 2
+    if attention != "grouped" and (r % 2 or r <= 0 or (attention == "tied" and r > d)):
+        raise ValueError(f"the rotary width r={r} must be even, positive (and <= d for tied)")
+    if attention == "grouped" and d % 2:
+        raise ValueError("rope needs an even head dim")
+    if attention == "latent" and c <= 0:
+        raise ValueError("latent attention needs a latent width c > 0")
+
+    def normal(*shape, fan_in):
+        return rng.standard_normal(shape) * fan_in ** -0.5
+
+    def scale(n):
+        return rng.uniform(0.5, 1.5, n)
+
+    layers = []
+    for i in range(num_layers):
+        owns_kv = i % kv_share_every == 0
+        layer = {"attention_norm": scale(m)}
+        if attention == "grouped":
+            layer["q"] = normal(m, h, d, fan_in=m)
+            if owns_kv:
+                layer["k"] = normal(m, kv, d, fan_in=m)
+                layer["v"] = normal(m, kv, d, fan_in=m)
+        elif attention == "tied":
+            layer["q"] = normal(m, h, d, fan_in=m)
+            if owns_kv:
+                layer["kv"] = normal(m, kv, d, fan_in=m)
+                layer["k_rope"] = normal(m, r, fan_in=m)
+        else:
+            if cq:
+                layer["q_down"] = normal(m, cq, fan_in=m)
+                layer["q_norm"] = scale(cq)
+                layer["q"] = normal(cq, h, d, fan_in=cq)
+                layer["q_rope"] = normal(cq, h, r, fan_in=cq)
+            else:
+                layer["q"] = normal(m, h, d, fan_in=m)
+                layer["q_rope"] = normal(m, h, r, fan_in=m)
+            layer["kv_down"] = normal(m, c, fan_in=m)
+            layer["kv_norm"] = scale(c)
+            layer["k_up"] = normal(c, h, d, fan_in=c)
+            layer["v_up"] = normal(c, h, d, fan_in=c)
+            layer["k_rope"] = normal(m, r, fan_in=m)
+        layer["out"] = normal(h, d, m, fan_in=h * d)
+        layer["mlp_norm"] = scale(m)
+        layer["gate"] = normal(m, mlp, fan_in=m)
+        layer["up"] = normal(m, mlp, fan_in=m)
+        layer["down"] = normal(mlp, m, fan_in=mlp)
+        layers.append(layer)
+    return layers

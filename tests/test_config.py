@@ -111,9 +111,10 @@ def test_wrong_type_in_override():
 
 
 @pytest.mark.parametrize("field,value,valid", [
-    ("model.attention_impl", "flash", "einsum, blockwise, xla, cudnn"),
-    ("model.dtype", "float16", "float32, bfloat16"),
-    ("data.tokenizer", "wordpiece", "byte, bpe"),
+    ("model.attention_impl", "flash", "'einsum', 'blockwise', 'xla', 'cudnn'"),
+    ("model.dtype", "float16", "'float32', 'bfloat16'"),
+    ("model.attention", "sparse", "'grouped', 'tied', 'latent'"),
+    ("model.kv_cache_dtype", "int4", "'', 'int8'"),
 ])
 def test_choices(field, value, valid):
     expect_error(rf"{field.replace('.', '[.]')}='{value}' is not one of: {valid}", f"{field}={value}")

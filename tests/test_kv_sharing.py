@@ -84,7 +84,7 @@ def test_cached_decoding_matches_full_sequence(num_kv_heads, attention_impl):
 def test_cache_shrinks_by_the_sharing_factor(kv_share_every):
     config = dataclasses.replace(BASE, kv_share_every=kv_share_every)
     cache = init_cache(config, 3, 32)
-    assert len(cache.k) == len(cache.v) == 4 // kv_share_every
+    assert len(cache.layers) == 4 // kv_share_every
     unshared = cache_nbytes(init_cache(BASE, 3, 32))
     assert cache_nbytes(cache) * kv_share_every == unshared
     assert cache_nbytes(cache) == accounting.kv_cache_bytes(config, batch_size=3, context=32)

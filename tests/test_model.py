@@ -65,8 +65,7 @@ def test_decoding_reads_the_cache():
     toks = tokens(length=6)
     _, cache = model.step(toks[:, :5], init_cache(model.config, 2, 16))
     with_context, _ = model.step(toks[:, 5:], cache)
-    emptied = cache._replace(k=jax.tree.map(jnp.zeros_like, cache.k),
-                             v=jax.tree.map(jnp.zeros_like, cache.v))
+    emptied = cache._replace(layers=jax.tree.map(jnp.zeros_like, cache.layers))
     without_context, _ = model.step(toks[:, 5:], emptied)
     np.testing.assert_allclose(with_context[:, 0], model(toks)[:, 5], rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(with_context - without_context)).max() > 1e-3
@@ -126,9 +125,10 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 def test_mqa_cache_is_one_over_num_heads_of_mha():
     caches = {kv: init_cache(dataclasses.replace(BASE, num_kv_heads=kv), 3, 32) for kv in KV_HEADS}
     for kv, cache in caches.items():
-        assert len(cache.k) == len(cache.v) == BASE.num_layers
+        assert len(cache.layers) == BASE.num_layers
         shape = (3, kv, 32, BASE.head_dim) if kv > 1 else (3, 32, BASE.head_dim)  # no size-1 axis
-        assert all(k.shape == shape for k in cache.k + cache.v)
+        assert all(sorted(layer) == ["k", "v"] for layer in cache.layers)
+        assert all(a.shape == shape for layer in cache.layers for a in layer.values())
         assert cache_nbytes(cache) * BASE.num_heads == cache_nbytes(caches[4]) * kv
         assert cache_nbytes(cache) == accounting.kv_cache_bytes(
             dataclasses.replace(BASE, num_kv_heads=kv), batch_size=3, context=32)

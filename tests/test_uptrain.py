@@ -273,3 +273,70 @@ def test_uptraining_from_the_command_line(tmp_path):
                        f"--config.train.init_from={tmp_path / 'mqa_init'}", check=False)
     assert_one_line_error(result, "train.init_from", "blocks.attention.k", "(2, 64, 1, 16)",
                           "(2, 64, 2, 16)")
+
+
+# ----------------------------------------------------------------------------- a pretrained tokenizer
+
+
+@pytest.fixture(scope="module")
+def bpe_source(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+    """An MHA source with its own 300-token BPE (as `mqa.convert gguf` or `hf-llama` leave a
+    pretrained model), and a 20,000-character text to uptrain it on."""
+    folder = tmp_path_factory.mktemp("bpe")
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000]
+    (folder / "text.txt").write_text(text)
+    config = tiny_config("model.vocab_size=300")
+    workdir = folder / "mha"
+    convert._write_workdir(workdir, config, random_params(config), tokenizer=None)
+    data.BpeTokenizer.train(text[:5_000], 300).save(workdir)
+    return workdir, folder / "text.txt"
+
+
+@pytest.mark.slow
+def test_uptraining_with_the_source_models_tokenizer(bpe_source, tmp_path, capsys):
+    """data.tokenizer=init_from trains on the source's own tokens, and the run logs the
+    converted model's held-out loss at step 0 (over the whole split) before training."""
+    source, text = bpe_source
+    converted = uptrain(source, tmp_path / "init", 1)
+    run = tmp_path / "run"
+    config = short_run("data.tokenizer=init_from", f"data.path={text}", "train.steps=1",
+                       f"train.init_from={tmp_path / 'init'}")
+    trainer.train(config, run)
+    assert "model.vocab_size set to 300" in capsys.readouterr().out
+
+    # The run's tokenizer is the source's, and its token cache holds that tokenizer's ids.
+    assert (run / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+    source_tokenizer = data.load_tokenizer(source)
+    train_text, heldout_text = data._split_text(text.read_text(), config.data.heldout_fraction)
+    corpus = data.load_corpus(trainer._data_config(config), run / "data", min_tokens=1)
+    np.testing.assert_array_equal(corpus.train, source_tokenizer.encode(train_text))
+    heldout = source_tokenizer.encode(heldout_text)
+    np.testing.assert_array_equal(corpus.heldout, heldout)
+
+    # Step 0: the converted model on every non-overlapping held-out window, computed here
+    # straight from its logits.
+    seq_len = config.train.seq_len
+    count = (len(heldout) - 1) // seq_len
+    windows = np.stack([heldout[i * seq_len: i * seq_len + seq_len + 1] for i in range(count)])
+    expected = np.mean(np.asarray(cross_entropy(converted(windows[:, :-1]), windows[:, 1:])))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert rows[0]["step"] == 0
+    assert rows[0]["initial_eval_tokens"] == count * seq_len
+    assert rows[0]["initial_eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert rows[-1]["step"] == 1 and "initial_eval_loss" not in rows[-1]
+
+
+def test_bad_tokenizer_choice_is_a_one_line_error(bpe_source, tmp_path):
+    source, text = bpe_source
+    with pytest.raises(ConfigError, match="data.tokenizer='init_from' needs train.init_from"):
+        trainer.train(short_run("data.tokenizer=init_from", f"data.path={text}"), tmp_path / "a")
+    with pytest.raises(data.DataError) as error:
+        trainer.train(short_run(f"data.tokenizer={tmp_path / 'nope'}", f"data.path={text}"),
+                      tmp_path / "b")
+    assert "\n" not in str(error.value)
+    assert f"data.tokenizer='{tmp_path / 'nope'}' is neither one of 'byte', 'bpe' nor a " \
+           "tokenizer.json file or a folder holding one" in str(error.value)
+    # A tokenizer.json named directly works, as does the folder holding it.
+    config = short_run(f"data.tokenizer={source / 'tokenizer.json'}", f"data.path={text}")
+    corpus = data.load_corpus(config.data, tmp_path / "c", min_tokens=1)
+    assert corpus.tokenizer.vocab_size == 300

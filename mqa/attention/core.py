@@ -1,9 +1,10 @@
-"""Multi-head, grouped-query and multi-query attention: one code path, one knob.
+"""The grouped attention core: multi-head, grouped-query and multi-query attention.
 
 `num_kv_heads` key/value heads serve `num_heads` query heads in groups of
 `group = num_heads // num_kv_heads`: query head `h` reads K/V head `h // group`.
 `num_kv_heads == num_heads` is MHA, `1` is MQA (Shazeer 2019), anything between is GQA
-(Ainslie et al. 2023). Dimension letters used below:
+(Ainslie et al. 2023). Also the pieces every family shares: which keys a query sees
+(`causal_mask`, with a sliding window), a masked softmax, and `dense`. Dimension letters:
 
   b batch, t query position, s key position, k K/V head, g query head within its group,
   d head dimension, h query head (= k * group + g), m model dimension.
@@ -17,15 +18,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from mqa.config import ModelConfig
-from mqa.kv_cache import KVCache, cache_axes, to_cache_axes
-from mqa.rope import apply_rope
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-           q_offset: jax.Array | int | None = None, kv_layout: str = "bskd") -> jax.Array:
+           q_offset: jax.Array | int | None = None, kv_layout: str = "bskd",
+           window: jax.Array | int | None = None, k_positions: jax.Array | None = None) -> jax.Array:
     """Softmax attention with K/V heads shared by groups of query heads.
 
     Args:
@@ -37,6 +35,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       causal: query i attends to keys at positions <= its own.
       q_offset: position of the first query among the keys (may be traced). Defaults to
         kv_len - q_len: the queries are the last q_len positions (the decoding convention).
+      window, k_positions: see `causal_mask` (a sliding window; keys in a ring buffer).
     Returns:
       [batch, q_len, num_heads, head_dim] in q's dtype. Logits and softmax are float32.
 
@@ -54,9 +53,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     f32 = dict(preferred_element_type=jnp.float32)
     logits = ordered_einsum(f"{kv_layout},{q_axes}->{score_axes}", k, q, **f32)
     logits = logits / jnp.sqrt(jnp.float32(d))
-    if causal:
-        logits = jnp.where(causal_mask(t, kv_len, q_offset), logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = masked_softmax(logits, causal_mask(t, kv_len, q_offset, window, k_positions)
+                           if causal else None).astype(v.dtype)
     out = ordered_einsum(f"{score_axes},{kv_layout}->{q_axes}", probs, v, **f32)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
@@ -80,16 +78,38 @@ def ordered_einsum(spec: str, x: jax.Array, y: jax.Array, **kwargs) -> jax.Array
     return jnp.transpose(result, [axes.index(c) for c in out])
 
 
-def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int | None = None) -> jax.Array:
-    """bool [q_len, kv_len]: True where query t (at position q_offset + t) may see key s."""
+def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int | None = None,
+                window: jax.Array | int | None = None, k_positions: jax.Array | None = None
+                ) -> jax.Array:
+    """bool [q_len, kv_len]: True where query t (at position q_offset + t) may see key s.
+
+    A key is visible when its position p satisfies q - window < p <= q (window None: no
+    lower bound) and p >= 0. k_positions: int [kv_len], each key's position (a ring buffer's
+    slots hold positions out of order, -1 for a slot not yet written); default 0..kv_len-1.
+    """
     if q_offset is None:
         q_offset = kv_len - q_len
-    q_pos = q_offset + jnp.arange(q_len)
-    return jnp.arange(kv_len)[None, :] <= q_pos[:, None]
+    q_pos = (q_offset + jnp.arange(q_len))[:, None]
+    k_pos = (jnp.arange(kv_len) if k_positions is None else k_positions)[None, :]
+    visible = k_pos <= q_pos
+    if k_positions is not None:
+        visible &= k_pos >= 0
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    return visible
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax over the last axis (keys) of float32 logits [..., q_len, kv_len], where
+    `mask` (bool [q_len, kv_len], None: all) is False a key gets no weight."""
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 def attend_jax(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                q_offset: jax.Array | int | None = None, kv_layout: str = "bskd",
+               window: jax.Array | int | None = None, k_positions: jax.Array | None = None,
                implementation: str | None = None) -> jax.Array:
     """`attend` through `jax.nn.dot_product_attention` (XLA, or cuDNN's fused kernel on GPU).
 
@@ -102,9 +122,9 @@ def attend_jax(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     if not causal:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     top_aligned = t == s and (q_offset is None or isinstance(q_offset, int) and q_offset == 0)
-    if top_aligned:  # JAX's is_causal aligns query 0 with key 0
+    if top_aligned and window is None and k_positions is None:  # JAX aligns query 0 with key 0
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    mask = causal_mask(t, s, q_offset)[None, None]  # [1, 1, q_len, kv_len]
+    mask = causal_mask(t, s, q_offset, window, k_positions)[None, None]  # [1, 1, q_len, kv_len]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
@@ -120,13 +140,25 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
     return y.reshape(*lead, *w_out)
 
 
+def init_params(rngs, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+    """A projection's initial weights: normal with standard deviation fan_in ** -0.5."""
+    return jax.random.normal(rngs.params(), shape) * fan_in ** -0.5
+
+
+def init_output(rngs, num_heads: int, head_dim: int, d_model: int, num_layers: int) -> jax.Array:
+    """The output projection [num_heads, head_dim, d_model], scaled down by
+    sqrt(2 * num_layers) like every residual branch's last layer (GPT-2)."""
+    fan_in = num_heads * head_dim
+    return init_params(rngs, (num_heads, head_dim, d_model), fan_in) / (2 * num_layers) ** 0.5
+
+
 AttentionFn = Callable[..., jax.Array]
 
 
 def attention_fn(impl: str, block: int = 128) -> AttentionFn:
     """The attention core named by `model.attention_impl`; `block` (`model.attention_block`)
     is the blockwise one's block length."""
-    from mqa.blockwise import attend_blockwise  # it builds on `attend`
+    from mqa.attention.blockwise import attend_blockwise  # it builds on `attend`
     impls = {
         "einsum": attend,
         "blockwise": functools.partial(attend_blockwise, block=block),
@@ -136,62 +168,3 @@ def attention_fn(impl: str, block: int = 128) -> AttentionFn:
     if impl not in impls:
         raise ValueError(f"model.attention_impl={impl!r} is not one of: {', '.join(impls)}")
     return impls[impl]
-
-
-class Attention(nnx.Module):
-    """Query/key/value/output projections, rotary embeddings, and an optional KV cache.
-
-    Weights: q [m, num_heads, d], k and v [m, num_kv_heads, d], out [num_heads, d, m].
-    With cross-layer KV sharing (Brandon et al. 2024) only the first layer of each group
-    has k and v (`owns_kv`); the others attend to the keys and values it computed.
-    """
-
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, owns_kv: bool = True):
-        m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
-        init = nnx.initializers.normal(stddev=m ** -0.5)
-        out_init = nnx.initializers.normal(stddev=(h * d) ** -0.5 / (2 * config.num_layers) ** 0.5)
-        self.q = nnx.Param(init(rngs.params(), (m, h, d)))
-        if owns_kv:
-            self.k = nnx.Param(init(rngs.params(), (m, kv, d)))
-            self.v = nnx.Param(init(rngs.params(), (m, kv, d)))
-        self.out = nnx.Param(out_init(rngs.params(), (h, d, m)))
-        self.config = config
-
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 shared_kv: tuple[jax.Array, jax.Array] | None = None
-                 ) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array]]:
-        """x: [batch, seq, m]; positions: int [seq].
-
-        cache: this layer's (or its KV group's) cache. A layer that owns K/V writes the new
-          keys and values at `cache.index`, and the queries attend to everything written.
-        shared_kv: the (keys, values) returned by the group's first layer, for a layer
-          without K/V: [batch, seq, kv_heads, d] each, or with a cache the whole updated
-          cache buffers [batch, kv_heads, max_len, d] (`cache.index` is then the index
-          before this step).
-        Returns ([batch, seq, m], the updated cache or None, the (keys, values) attended to).
-        """
-        dtype = jnp.dtype(self.config.dtype)
-        x = x.astype(dtype)
-        axes = cache_axes(x.shape[0], self.config.num_kv_heads)  # the cache buffers' layout
-        q = apply_rope(dense(x, self.q[...].astype(dtype)), positions, self.config.rope_theta)
-        if shared_kv is not None:
-            k, v = shared_kv
-        else:
-            k = dense(x, self.k[...].astype(dtype))  # [batch, seq, kv_heads, d]
-            v = dense(x, self.v[...].astype(dtype))
-            k = apply_rope(k, positions, self.config.rope_theta)
-            if cache is not None:  # write the new positions into the cache
-                start = tuple(cache.index if c == "s" else 0 for c in axes)
-                k = jax.lax.dynamic_update_slice(
-                    cache.k, to_cache_axes(k, axes).astype(cache.k.dtype), start)
-                v = jax.lax.dynamic_update_slice(
-                    cache.v, to_cache_axes(v, axes).astype(cache.v.dtype), start)
-        core = attention_fn(self.config.attention_impl, self.config.attention_block)
-        if cache is None:
-            out = core(q, k, v, causal=True, q_offset=0)
-        else:
-            out = core(q, k.astype(dtype), v.astype(dtype), causal=True, q_offset=cache.index,
-                       kv_layout=axes)
-            if shared_kv is None:
-                cache = KVCache(k, v, cache.index + x.shape[1])
-        return dense(out, self.out[...].astype(dtype), contract=2), cache, (k, v)

@@ -1,0 +1,118 @@
+"""Multi-head latent attention (MLA; DeepSeek-AI 2024, DeepSeek-V2), `model.attention="latent"`.
+
+Each token's keys and values for all heads come from one RMS-normalised latent L of
+`kv_latent_dim` (c) numbers: head h's key is L @ k_up[:, h], its value L @ v_up[:, h].
+Rotary positions are decoupled: a rotary key R of `rope_head_dim` (r) numbers shared by
+all heads, met by a rotary part of each query. The cache holds exactly L and R,
+`c + r` numbers per token and layer, whatever the number of heads.
+
+Training and evaluation expand L into per-head keys and values (`attend_latent_expanded`).
+Cached decoding never does: it maps each query into the latent space (q @ k_up^T), scores
+it against L itself, and maps the attention-weighted latent out through v_up and the output
+projection (`attend_latent_absorbed`). Both compute the same function.
+
+Letters as in `core`, and c latent, r rotary, e query latent.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mqa.attention.core import causal_mask, dense, init_output, init_params, masked_softmax
+from mqa.config import ModelConfig
+from mqa.kv_cache import CacheEntry, update
+from mqa.norm import RMSNorm
+from mqa.rope import apply_rope
+
+F32 = dict(preferred_element_type=jnp.float32)
+
+
+def attend_latent_expanded(q: jax.Array, q_rope: jax.Array, latent: jax.Array, k_rope: jax.Array,
+                           k_up: jax.Array, v_up: jax.Array, **mask) -> jax.Array:
+    """q: [b, t, h, d]; q_rope: [b, t, h, r] rotated; latent: [b, s, c]; k_rope: [b, s, r]
+    rotated; k_up, v_up: [c, h, d]. mask: `causal_mask`'s q_offset, window, k_positions.
+    Returns [b, t, h, d]: softmax((q.k + q_rope.k_rope) / sqrt(d + r)) v with per-head keys
+    k = latent @ k_up and values v = latent @ v_up."""
+    b, t, h, d = q.shape
+    k = jnp.einsum("bsc,chd->bshd", latent, k_up)
+    v = jnp.einsum("bsc,chd->bshd", latent, v_up)
+    logits = (jnp.einsum("bthd,bshd->bhts", q, k, **F32)
+              + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, **F32))
+    probs = _softmax(logits, d + q_rope.shape[-1], t, latent.shape[1], **mask)
+    return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, **F32).astype(q.dtype)
+
+
+def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, latent: jax.Array, k_rope: jax.Array,
+                           k_up: jax.Array, v_up: jax.Array, **mask) -> jax.Array:
+    """`attend_latent_expanded`'s arguments and result, computed in the latent space:
+    q.(latent @ k_up) = (q @ k_up^T).latent, and sum_s p (latent @ v_up) = (sum_s p latent) @ v_up."""
+    b, t, h, d = q.shape
+    q_latent = jnp.einsum("bthd,chd->bthc", q, k_up, **F32).astype(q.dtype)
+    logits = (jnp.einsum("bthc,bsc->bhts", q_latent, latent, **F32)
+              + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, **F32))
+    probs = _softmax(logits, d + q_rope.shape[-1], t, latent.shape[1], **mask)
+    out_latent = jnp.einsum("bhts,bsc->bthc", probs.astype(latent.dtype), latent, **F32)
+    return jnp.einsum("bthc,chd->bthd", out_latent.astype(q.dtype), v_up, **F32).astype(q.dtype)
+
+
+def _softmax(logits, key_dim, t, s, *, q_offset=0, window=None, k_positions=None):
+    return masked_softmax(logits / jnp.sqrt(jnp.float32(key_dim)),
+                          causal_mask(t, s, q_offset, window, k_positions))
+
+
+class LatentAttention(nnx.Module):
+    """Weights: kv_down [m, c] and kv_norm (the latent), k_up and v_up [c, num_heads, d],
+    k_rope [m, r], out [num_heads, d, m]; queries q [m, num_heads, d] and q_rope
+    [m, num_heads, r], or with `q_latent_dim` = e > 0 q_down [m, e], q_norm, q [e, num_heads,
+    d] and q_rope [e, num_heads, r]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, owns_kv: bool = True):
+        del owns_kv  # latent attention does not combine with cross-layer sharing (config)
+        m, h, d = config.d_model, config.num_heads, config.head_dim
+        c, e, r = config.kv_latent_dim, config.q_latent_dim, config.rope_head_dim
+        q_in = e or m
+        if e:
+            self.q_down = nnx.Param(init_params(rngs, (m, e), m))
+            self.q_norm = RMSNorm(e, config.norm_eps)
+        self.q = nnx.Param(init_params(rngs, (q_in, h, d), q_in))
+        self.q_rope = nnx.Param(init_params(rngs, (q_in, h, r), q_in))
+        self.kv_down = nnx.Param(init_params(rngs, (m, c), m))
+        self.kv_norm = RMSNorm(c, config.norm_eps)
+        self.k_up = nnx.Param(init_params(rngs, (c, h, d), c))
+        self.v_up = nnx.Param(init_params(rngs, (c, h, d), c))
+        self.k_rope = nnx.Param(init_params(rngs, (m, r), m))
+        self.out = nnx.Param(init_output(rngs, h, d, m, config.num_layers))
+        self.config = config
+
+    @staticmethod
+    def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
+        return (CacheEntry("latent", 0, config.kv_latent_dim),
+                CacheEntry("k_rope", 0, config.rope_head_dim))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
+                 shared: tuple | None = None, *, index: jax.Array | None = None,
+                 window: jax.Array | int | None = None) -> tuple[jax.Array, dict | None, None]:
+        """As `GroupedAttention.__call__` (nothing is shared across layers)."""
+        config, dtype = self.config, jnp.dtype(self.config.dtype)
+        theta = config.rope_theta
+        weight = lambda p: p[...].astype(dtype)  # noqa: E731
+        x = x.astype(dtype)
+        q_in = self.q_norm(dense(x, weight(self.q_down))) if config.q_latent_dim else x
+        q = dense(q_in, weight(self.q))                                        # [b, t, h, d]
+        q_rope = apply_rope(dense(q_in, weight(self.q_rope)), positions, theta)  # [b, t, h, r]
+        latent = self.kv_norm(dense(x, weight(self.kv_down)))                   # [b, t, c]
+        k_rope = apply_rope(dense(x, weight(self.k_rope))[:, :, None], positions, theta)
+        k_up, v_up = weight(self.k_up), weight(self.v_up)
+        if cache is None:
+            out = attend_latent_expanded(q, q_rope, latent, k_rope[:, :, 0], k_up, v_up,
+                                         window=window)
+        else:
+            axes = {e.name: e.axes(x.shape[0]) for e in self.cache_entries(config)}
+            cache, state, k_positions = update(
+                cache, {"latent": latent[:, :, None], "k_rope": k_rope}, axes, index,
+                ring=window is not None, dtype=dtype)
+            out = attend_latent_absorbed(q, q_rope, state["latent"], state["k_rope"], k_up, v_up,
+                                         q_offset=index, window=window, k_positions=k_positions)
+        return dense(out, weight(self.out), contract=2), cache, None

@@ -1,0 +1,223 @@
+"""Attention families (grouped, tied, latent) and cache policies (sliding windows, int8),
+against the float64 layer-by-layer references in tests/reference.py.
+
+Each model is checked three ways: full-sequence logits against the reference; cached
+decoding (a prompt, a chunk, then one token at a time, far past a window) against the
+full-sequence logits; and the cache `init_cache` builds against `accounting`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mqa import accounting
+from mqa.attention import attend_latent_absorbed, attend_latent_expanded
+from mqa.config import ConfigError, ModelConfig, load_config_file
+from mqa.kv_cache import cache_nbytes, init_cache
+from mqa.model import Transformer
+from reference import int8_round_trip, transformer_loops
+from test_model import max_rel, tokens
+from test_train_cli import REPO
+
+BASE = ModelConfig(vocab_size=64, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                   head_dim=8, mlp_dim=48, max_seq_len=40)
+LATENT = dict(attention="latent", kv_latent_dim=12, rope_head_dim=4)
+FAMILIES = {
+    "MHA": dict(num_kv_heads=4),
+    "GQA": dict(),
+    "MQA": dict(num_kv_heads=1),
+    "tied": dict(attention="tied"),
+    "tied-1": dict(attention="tied", num_kv_heads=1),
+    "latent": LATENT,
+    "latent-q": dict(LATENT, q_latent_dim=10),
+}
+WINDOWS = {"": dict(), "local": dict(sliding_window=5), "local/global": dict(sliding_window=5,
+                                                                               global_every=2)}
+
+
+def make(seed=0, **changes) -> Transformer:
+    """A model whose norm scales are random too (ones would hide a mix-up)."""
+    model = Transformer(dataclasses.replace(BASE, **changes), rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed + 1)
+    state = nnx.state(model, nnx.Param)
+    pure = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
+        if "scale" in jax.tree_util.keystr(path) else x, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
+
+
+def reference_layers(model: Transformer) -> list[dict]:
+    """Each layer's parameters as the reference names them, layer 0 first."""
+    share = model.config.kv_share_every
+    stacks = [nnx.to_pure_dict(nnx.state(model.blocks))]
+    if share > 1:
+        stacks.append(nnx.to_pure_dict(nnx.state(model.shared_blocks)))
+
+    def layer(stack, index):
+        flat = {}
+        for part, params in stack.items():
+            for name, value in params.items():
+                if isinstance(value, dict):  # an RMSNorm inside attention: its scale
+                    value = value["scale"]
+                flat[part if name == "scale" else name] = np.asarray(value[index])
+        return flat
+
+    return [layer(stacks[0], i // share) if i % share == 0 else
+            layer(stacks[1], (i // share) * (share - 1) + i % share - 1)
+            for i in range(model.config.num_layers)]
+
+
+def reference_logits(model: Transformer, toks, *, quantize_kv=False) -> np.ndarray:
+    c = model.config
+    return transformer_loops(
+        reference_layers(model), model.embed[...], model.final_norm.scale[...], toks,
+        kv_share_every=c.kv_share_every, theta=c.rope_theta, eps=c.norm_eps, attention=c.attention,
+        sliding_window=c.sliding_window, global_every=c.global_every, quantize_kv=quantize_kv,
+        q_latent=c.q_latent_dim > 0)
+
+
+def decode_in_pieces(model: Transformer, toks, pieces=(7, 3)) -> np.ndarray:
+    """Prefill `pieces[0]` tokens, then a chunk of `pieces[1]`, then one token at a time,
+    through the jitted step; the logits of every position."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, toks, cache):
+        return nnx.merge(graphdef, state).step(toks, cache)
+
+    cache = init_cache(model.config, toks.shape[0], model.config.max_seq_len)
+    bounds = [0, pieces[0], sum(pieces), *range(sum(pieces) + 1, toks.shape[1] + 1)]
+    chunks = []
+    for start, end in zip(bounds, bounds[1:]):
+        logits, cache = step(state, toks[:, start:end], cache)
+        chunks.append(logits)
+    return np.asarray(jnp.concatenate(chunks, axis=1))
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_and_cached_decoding_match_the_float64_reference(name, window):
+    model = make(**FAMILIES[name], **WINDOWS[window])
+    toks = tokens(length=24)
+    full = model(toks)
+    assert max_rel(full, reference_logits(model, toks)) < 1e-5
+    # Decoding past the window (5) wraps each local layer's ring buffer several times.
+    assert max_rel(decode_in_pieces(model, toks), full) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["GQA", "tied", "latent"])
+def test_int8_cache_decodes_as_the_reference_with_quantized_keys_and_values(name):
+    model = make(**FAMILIES[name], kv_cache_dtype="int8", sliding_window=6, global_every=2)
+    toks = tokens(length=20)
+    quantized = reference_logits(model, toks, quantize_kv=True)
+    exact = reference_logits(model, toks)
+    decoded = decode_in_pieces(model, toks)
+    # Rounding may land on the other side of a half in float32: well under the int8 error.
+    assert max_rel(decoded, quantized) < 0.1 * max_rel(exact, quantized)
+    assert max_rel(exact, quantized) > 1e-4  # int8 changed something
+    np.testing.assert_array_equal(model(toks), make(**FAMILIES[name], sliding_window=6,
+                                                    global_every=2)(toks))  # training is exact
+
+
+def test_int8_round_trip_matches_the_reference():
+    from mqa.kv_cache import dequantize, quantize
+    x = np.random.default_rng(0).normal(size=(3, 5, 16)) * np.array([1e-3, 1.0, 50.0])[:, None, None]
+    x[1, 2] = 0.0
+    q, scale = quantize(jnp.asarray(x, jnp.float32))
+    assert q.dtype == jnp.int8 and scale.shape == (3, 5)
+    np.testing.assert_allclose(np.asarray(dequantize(q, scale, jnp.float32)), int8_round_trip(x),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_absorbed_latent_attention_equals_the_expanded_form():
+    rng = np.random.default_rng(0)
+    b, t, s, h, d, c, r = 2, 3, 9, 4, 8, 12, 4
+    arrays = [rng.normal(size=shape).astype(np.float32) for shape in
+              [(b, t, h, d), (b, t, h, r), (b, s, c), (b, s, r), (c, h, d), (c, h, d)]]
+    for mask in [dict(q_offset=6), dict(q_offset=6, window=4)]:
+        expanded = attend_latent_expanded(*arrays, **mask)
+        absorbed = attend_latent_absorbed(*arrays, **mask)
+        assert max_rel(absorbed, expanded) < 1e-5
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_cache_has_exactly_the_bytes_accounted(name, window, int8):
+    config = dataclasses.replace(BASE, **FAMILIES[name], **WINDOWS[window],
+                                 kv_cache_dtype="int8" if int8 else "")
+    for batch, context in [(1, 40), (3, 17), (2, 4)]:
+        cache = init_cache(config, batch, context)
+        assert cache_nbytes(cache) == accounting.kv_cache_bytes(config, batch, context)
+
+
+def test_cache_sizes_per_family():
+    """Numbers cached per token and layer: grouped 2*kv*d, tied kv*d + d/2, latent c + r;
+    int8 a byte each plus a 4-byte scale per token and head; a local layer's ring stays at
+    the window however long the context."""
+    per_token = lambda **c: accounting.kv_cache_bytes(dataclasses.replace(BASE, **c), 1, 40) / 40  # noqa: E731
+    layers, d = BASE.num_layers, BASE.head_dim
+    assert per_token() == layers * 2 * 2 * d * 4
+    assert per_token(attention="tied") == layers * (2 * d + d // 2) * 4
+    assert per_token(attention="tied", num_kv_heads=1) == layers * (d + d // 2) * 4
+    assert per_token(**LATENT) == layers * (12 + 4) * 4
+    assert per_token(kv_cache_dtype="int8") == layers * 2 * 2 * (d + 4)
+    assert per_token(**LATENT, kv_cache_dtype="int8") == layers * (12 + 4 + 2 * 4)
+    local = dataclasses.replace(BASE, sliding_window=5)
+    assert accounting.kv_cache_bytes(local, 1, 40) == accounting.kv_cache_bytes(local, 1, 5)
+    mixed = dataclasses.replace(BASE, sliding_window=5, global_every=2)
+    assert accounting.kv_cache_bytes(mixed, 1, 40) == 2 * 2 * 2 * d * 4 * (40 + 5)
+
+
+@pytest.mark.parametrize("share", [1, 2])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_parameter_count_matches_the_model(name, share):
+    if FAMILIES[name].get("attention") == "latent" and share > 1:
+        return
+    config = dataclasses.replace(BASE, **FAMILIES[name], kv_share_every=share)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    counted = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert counted == accounting.param_count(config)
+    matched = ModelConfig.from_config(dict(dataclasses.asdict(config), match_mha_params=True))
+    mha = dataclasses.replace(BASE, num_kv_heads=BASE.num_heads)
+    assert abs(accounting.param_count(matched) - accounting.param_count(mha)) <= \
+        1.5 * BASE.d_model * BASE.num_layers
+
+
+def test_tied_attention_shares_kv_across_layers():
+    """Tied attention composes with cross-layer sharing: the reference reuses the first
+    layer's tied state and rotary key; cached decoding agrees."""
+    model = make(attention="tied", kv_share_every=2)
+    assert "kv" not in nnx.to_pure_dict(nnx.state(model.shared_blocks))["attention"]
+    toks = tokens(length=16)
+    full = model(toks)
+    assert max_rel(full, reference_logits(model, toks)) < 1e-5
+    assert max_rel(decode_in_pieces(model, toks), full) < 1e-5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.attention=latent"], "model.attention='latent' needs model.kv_latent_dim >= 1"),
+    (["model.attention=latent", "model.kv_latent_dim=8", "model.rope_head_dim=3"],
+     "needs an even model.rope_head_dim >= 2"),
+    (["model.attention=latent", "model.kv_latent_dim=8", "model.rope_head_dim=4",
+      "model.kv_share_every=2"], "model.kv_share_every=2 does not combine with model.attention='latent'"),
+    (["model.kv_latent_dim=8"], "model.kv_latent_dim=8 is for model.attention='latent' only"),
+    (["model.attention=tied", "model.attention_impl=xla"],
+     "model.attention_impl='xla' is for model.attention='grouped'"),
+    (["model.global_every=2"], "model.global_every=2 needs model.sliding_window > 0"),
+    (["model.sliding_window=64", "model.kv_share_every=2"],
+     "model.sliding_window=64 does not combine with model.kv_share_every=2"),
+    (["model.sliding_window=-1"], "model.sliding_window=-1 must be >= 0"),
+    (["model.kv_cache_dtype=int4"], "model.kv_cache_dtype='int4' is not one of: '', 'int8'"),
+    (["model.attention=mla"], "model.attention='mla' is not one of: 'grouped', 'tied', 'latent'"),
+])
+def test_family_config_errors_are_one_line(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config_file(REPO / "configs" / "tiny.py", overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
