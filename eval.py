@@ -14,6 +14,7 @@ import json
 import pathlib
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -30,6 +31,8 @@ flags.DEFINE_string("text", None, "Evaluate this text file instead of the held-o
 flags.DEFINE_integer("seq_len", None, "Window length (default: train.seq_len).")
 flags.DEFINE_integer("stride", None, "Sliding-window stride (default: seq_len, no overlap).")
 flags.DEFINE_integer("batch_size", 8, "Windows per batch.")
+flags.DEFINE_bool("cached", False, "Score through the KV cache as decoding reads it (e.g. with "
+                  "--config.model.kv_cache_dtype=int8: quantized keys and values).")
 flags.DEFINE_bool("sample", False, "Generate a continuation of --prompt instead.")
 flags.DEFINE_string("prompt", "\n", "Prompt text for --sample.")
 flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
@@ -76,12 +79,17 @@ def main(argv):
                                             else raw.decode("utf-8"))
             bytes_per_token, source = len(raw) / max(len(tokens), 1), str(path)
         else:
-            if model.tokenizer is None or model.tokenizer.name != model.config.data.tokenizer:
+            data_config = model.config.data
+            builtin = data_config.tokenizer in data.TOKENIZER_NAMES
+            if model.tokenizer is None or builtin and model.tokenizer.name != data_config.tokenizer:
                 raise DataError(
                     f"the held-out split is tokenized with data.tokenizer="
-                    f"{model.config.data.tokenizer!r}, which is not this model's tokenizer "
+                    f"{data_config.tokenizer!r}, which is not this model's tokenizer "
                     f"({getattr(model.tokenizer, 'name', None)!r}); evaluate with --text=FILE")
-            corpus = data.load_corpus(model.config.data, model.path / "data", min_tokens=seq_len + 1)
+            if not builtin:  # a pretrained tokenizer: the run saved it in its workdir
+                data_config = ml_collections.ConfigDict({**data_config.to_dict(),
+                                                         "tokenizer": str(model.path)})
+            corpus = data.load_corpus(data_config, model.path / "data", min_tokens=seq_len + 1)
             tokens, source = corpus.heldout, f"held-out split of {corpus.source}"
             bytes_per_token = corpus.heldout_bytes / len(corpus.heldout)
         print(f"evaluating step {model.step} of {model.path} on {source} "
@@ -89,7 +97,7 @@ def main(argv):
               f"{f', stride {FLAGS.stride}' if FLAGS.stride else ''})", file=sys.__stderr__)
         result = evaluation.evaluate_tokens(
             model, tokens, seq_len=seq_len, stride=FLAGS.stride, batch_size=FLAGS.batch_size,
-            bytes_per_token=bytes_per_token, progress=sys.stderr.isatty())
+            bytes_per_token=bytes_per_token, progress=sys.stderr.isatty(), cached=FLAGS.cached)
         print(json.dumps(result))
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
         fail(str(error))

@@ -96,8 +96,8 @@ def curve_plot(arms: dict[str, list[dict]], original_subset: float, tokens_per_s
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=pathlib.Path, default=REPO / "runs" / "smollm2_uptrain")
-    parser.add_argument("--steps", type=int, default=300, help="uptraining steps of the mean init")
-    parser.add_argument("--short_steps", type=int, default=60, help="steps of every init")
+    parser.add_argument("--steps", type=int, default=200, help="uptraining steps of the mean init")
+    parser.add_argument("--short_steps", type=int, default=40, help="steps of every init")
     parser.add_argument("--repeats", type=int, default=5, help="decode timing rounds")
     args = parser.parse_args(argv)
     work = args.workdir.resolve()

@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
         final_eval_tokens=1_000_000,  # held-out tokens scored at the end (all of a smaller split)
         max_nonfinite_steps=10,  # stop after this many updates in a row skipped for NaN/inf
         init_from="",            # workdir or checkpoint to start from (uptraining); '': random
+        trainable="all",         # all | attention (train only the attention weights)
     ))
 
     config.data = ml_collections.ConfigDict(dict(

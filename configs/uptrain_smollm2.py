@@ -2,7 +2,7 @@
 
   python -m mqa.convert gguf --src SmolLM2-135M-Instruct.Q4_1.gguf --workdir runs/smollm2
   python -m mqa.convert uptrain --src runs/smollm2 --num_kv_heads 1 --workdir runs/smollm2_uptrain/init_mean
-  python train.py --config=configs/uptrain_smollm2.py --workdir=runs/smollm2_uptrain/mean_300 \\
+  python train.py --config=configs/uptrain_smollm2.py --workdir=runs/smollm2_uptrain/mean_200 \\
       --config.train.init_from=runs/smollm2_uptrain/init_mean
 
 The model fields are SmolLM2-135M's (as `mqa.convert gguf` writes them) with one K/V head;
@@ -18,7 +18,7 @@ def get_config():
                         head_dim=64, mlp_dim=1536, rope_theta=100000.0, max_seq_len=8192)
     config.data.path = "data/tinyshakespeare.txt"
     config.data.tokenizer = "init_from"  # the converted model's own 49,152-token BPE
-    config.train.update(steps=300, batch_size=4, seq_len=256, learning_rate=3e-4, warmup_steps=20,
+    config.train.update(steps=200, batch_size=4, seq_len=256, learning_rate=1e-4, warmup_steps=20,
                         log_every=10, eval_every=50, eval_batches=8)
     config.checkpoint.every = 50
     config.checkpoint.keep = 1

@@ -19,6 +19,7 @@ import ml_collections
 ATTENTION_IMPLS = ("einsum", "blockwise", "xla", "cudnn")
 ATTENTIONS = ("grouped", "tied", "latent")  # model.attention: the families in mqa/attention/
 KV_CACHE_DTYPES = ("", "int8")
+TRAINABLE = ("all", "attention")  # train.trainable
 DTYPES = ("float32", "bfloat16")
 
 # Fields that must be >= 1.
@@ -242,6 +243,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
     _check_attention_family(m)
     _check_choice("model.dtype", m.dtype, DTYPES)
+    _check_choice("train.trainable", config.train.trainable, TRAINABLE)
     if config.data.tokenizer == "init_from" and not config.train.init_from:
         raise ConfigError("data.tokenizer='init_from' needs train.init_from (the workdir whose "
                           "tokenizer to train with); or use 'byte', 'bpe' or a tokenizer.json path")

@@ -28,6 +28,13 @@ RULES = {
     "k": (None, "fsdp", "tensor", None),            # [layers, m, kv_heads, d]
     "v": (None, "fsdp", "tensor", None),
     "out": (None, "tensor", None, "fsdp"),          # [layers, heads, d, m]
+    "kv": (None, "fsdp", "tensor", None),           # tied: [layers, m, kv_heads, d]
+    "k_rope": (None, "fsdp", None),                 # tied, latent: [layers, m, rope dims]
+    "q_rope": (None, "fsdp", "tensor", None),       # latent: [layers, m or q latent, heads, r]
+    "q_down": (None, "fsdp", None),                 # latent: [layers, m, q latent]
+    "kv_down": (None, "fsdp", None),                # latent: [layers, m, latent]
+    "k_up": (None, "fsdp", "tensor", None),         # latent: [layers, latent, heads, d]
+    "v_up": (None, "fsdp", "tensor", None),
     "gate": (None, "fsdp", "tensor"),               # [layers, m, mlp]
     "up": (None, "fsdp", "tensor"),
     "down": (None, "tensor", "fsdp"),               # [layers, mlp, m]

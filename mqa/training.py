@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mqa.kv_cache import init_cache
+
 Batch = jax.Array  # int32 [batch, seq_len + 1]: inputs are [:, :-1], targets [:, 1:]
 
 
@@ -40,12 +42,27 @@ def decay_mask(params: nnx.State) -> Any:
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
-    """AdamW (b2 = 0.95) with global-norm gradient clipping and the schedule above."""
-    return optax.chain(
+    """AdamW (b2 = 0.95) with global-norm gradient clipping and the schedule above.
+
+    `train.trainable="attention"` trains only the attention layers' weights (the rest stay
+    as they are, e.g. while uptraining a converted model) and keeps no optimizer state for
+    the others; the gradient norm is then the attention weights'.
+    """
+    adamw = optax.chain(
         optax.clip_by_global_norm(train_config.grad_clip),
         optax.adamw(learning_rate_schedule(train_config), b1=0.9, b2=0.95,
                     weight_decay=train_config.weight_decay, mask=decay_mask),
     )
+    if train_config.get("trainable", "all") == "all":
+        return adamw
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, trainable_labels)
+
+
+def trainable_labels(params: nnx.State) -> Any:
+    """"train" for the attention layers' weights, "frozen" for every other parameter."""
+    def label(path, _):
+        return "train" if any(getattr(key, "key", None) == "attention" for key in path) else "frozen"
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -96,15 +113,24 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, Batch, jax.Array], dict]:
+def make_eval_step(graphdef: nnx.GraphDef, *, cached: bool = False
+                   ) -> Callable[[nnx.State, Batch, jax.Array], dict]:
     """Returns `eval_step(params, batch, weights) -> {"loss_sum", "tokens"}`.
 
     batch: int32 [batch, seq_len + 1]; weights: float32 [batch, seq_len], how much each
     target counts (0 for padding rows and for targets a sliding window does not score).
+    cached: score through the KV cache as decoding reads it (each window prefilled into an
+    empty cache, so an int8 cache's quantized keys and values are what the queries see);
+    the same logits otherwise.
     """
 
     def eval_step(params: nnx.State, batch: Batch, weights: jax.Array) -> dict:
-        logits = nnx.merge(graphdef, params)(batch[:, :-1])
+        model = nnx.merge(graphdef, params)
+        tokens = batch[:, :-1]
+        if cached:
+            logits, _ = model.step(tokens, init_cache(model.config, *tokens.shape))
+        else:
+            logits = model(tokens)
         nll = cross_entropy(logits, batch[:, 1:])                        # [b, t]
         return {"loss_sum": jnp.sum(nll * weights), "tokens": jnp.sum(weights)}
 

@@ -77,16 +77,22 @@ def test_tiny_config_learns_below_unigram_entropy(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kv_heads,kv_share_every,meshes", [
-    (4, 1, [("data", "tensor")]),                       # MHA
+@pytest.mark.parametrize("kv_heads,kv_share_every,family,meshes", [
+    (4, 1, [], [("data", "tensor")]),                       # MHA
     # MQA, its one K/V head replicated, with cross-layer K/V sharing (shared_blocks)
-    (1, 2, [("data", "tensor"), ("fsdp", "tensor")]),
+    (1, 2, [], [("data", "tensor"), ("fsdp", "tensor")]),
+    (2, 2, ["--config.model.attention=tied"], [("fsdp", "tensor")]),
+    (4, 1, ["--config.model.attention=latent", "--config.model.kv_latent_dim=24",
+            "--config.model.rope_head_dim=8", "--config.model.q_latent_dim=32",
+            "--config.model.sliding_window=16", "--config.model.global_every=2"],
+     [("fsdp", "tensor")]),
 ])
-def test_four_devices_match_one(tmp_path, kv_heads, kv_share_every, meshes):
-    """2 x 2 meshes over 4 simulated devices train like one device, for MHA and for MQA
-    with cross-layer K/V sharing."""
+def test_four_devices_match_one(tmp_path, kv_heads, kv_share_every, family, meshes):
+    """2 x 2 meshes over 4 simulated devices train like one device, for MHA, for MQA
+    with cross-layer K/V sharing, for tied attention with sharing and for latent attention
+    with low-rank queries and sliding windows."""
     args = ["--config=configs/tiny.py", f"--config.model.num_kv_heads={kv_heads}",
-            f"--config.model.kv_share_every={kv_share_every}", *SHORT]
+            f"--config.model.kv_share_every={kv_share_every}", *family, *SHORT]
     run_train(tmp_path / "one", *args, devices=1)
     one = losses(tmp_path / "one")
     assert sorted(one) == list(range(1, 13))

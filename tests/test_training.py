@@ -124,3 +124,20 @@ def test_non_finite_loss_skips_the_update():
         np.testing.assert_array_equal(a, b)
     _, metrics = step(state, batch)
     assert int(metrics["skipped"]) == 0
+
+
+def test_training_only_the_attention_leaves_the_rest_unchanged():
+    """train.trainable=attention: the attention weights move, everything else (embeddings,
+    norms, MLPs) stays bit for bit."""
+    _, state, step, batch = setup(warmup_steps=1, learning_rate=3e-3, trainable="attention")
+    before = nnx.to_pure_dict(state.params)
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    after = nnx.to_pure_dict(state.params)
+    flat_before = jax.tree_util.tree_leaves_with_path(before)
+    flat_after = dict(jax.tree_util.tree_leaves_with_path(after))
+    moved = {jax.tree_util.keystr(path): not np.array_equal(value, flat_after[path])
+             for path, value in flat_before}
+    assert all(moved[name] == ("'attention'" in name) for name in moved), moved
+    assert any(moved.values())
+    assert np.isfinite(float(metrics["loss"]))
