@@ -1,11 +1,14 @@
-"""Decoding speed and KV-cache memory by number of key/value heads.
+"""Decoding speed and KV-cache memory by attention family and cache policy.
 
   python benchmarks/decode.py                      # the full grid, with transformers
-  python benchmarks/decode.py --contexts=2048 --batches=8 --no-hf --no-torch
+  python benchmarks/decode.py --variants=MHA,MQA --contexts=2048 --batches=8 --no-hf --no-torch
   python benchmarks/decode.py --profile           # where a step's time goes, by kind of op
 
-One model (4 layers, d_model 256, 8 query heads, SwiGLU 1024, float32) with
-num_kv_heads in {8, 4, 2, 1}, decoded at several context lengths and batch sizes. Each
+One model (4 layers, d_model 256, 8 query heads, SwiGLU 1024, float32) in each of the
+`VARIANTS` (grouped attention with 8, 4, 2 and 1 K/V heads; tied attention with 2 and 1;
+latent attention with a 64-number latent, and with a 48-number one whose cache equals
+MQA's; a local/global sliding window; int8 caches), decoded at several context lengths
+and batch sizes. Each
 point times cached decoding steps exactly as `mqa.generate` runs them (a compiled
 `lax.scan` of `Transformer.step` with the layer weights sliced once and the cache donated),
 starting from a cache already holding `context` tokens; at each context and batch, all the
@@ -47,6 +50,29 @@ from benchmarks.xla_profile import CATEGORIES, profile_thunks  # noqa: E402
 
 MODEL = ModelConfig(vocab_size=256, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8,
                     head_dim=32, mlp_dim=1024, max_seq_len=65536)
+# name -> changes to MODEL. Cached numbers per token and layer in the comments.
+VARIANTS = {
+    "MHA": dict(num_kv_heads=8),                                     # 512
+    "GQA-4": dict(num_kv_heads=4),                                   # 256
+    "GQA-2": dict(num_kv_heads=2),                                   # 128
+    "MQA": dict(num_kv_heads=1),                                     # 64
+    "GTA-2": dict(attention="tied", num_kv_heads=2),                 # 80
+    "GTA-1": dict(attention="tied", num_kv_heads=1),                 # 48
+    "MLA-64": dict(attention="latent", kv_latent_dim=64, rope_head_dim=16),  # 80
+    "MLA-48": dict(attention="latent", kv_latent_dim=48, rope_head_dim=16),  # 64, as MQA
+    "MHA-local": dict(sliding_window=256, global_every=4),           # 512, 3 of 4 layers a ring
+    "MHA-int8": dict(kv_cache_dtype="int8"),                         # 512 bytes + 16 scales
+    "MQA-int8": dict(num_kv_heads=1, kv_cache_dtype="int8"),         # 64 bytes + 2 scales
+}
+
+
+def variant_config(name: str) -> ModelConfig:
+    return dataclasses.replace(MODEL, **VARIANTS[name])
+
+
+def llama_like(config: ModelConfig) -> bool:
+    """Whether PyTorch's hand-written loop and transformers' Llama decode the same model."""
+    return config.attention == "grouped" and not config.sliding_window and not config.kv_cache_dtype
 
 
 def read_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
@@ -71,29 +97,32 @@ def torch_runner(config: ModelConfig, params: nnx.State, batch: int, context: in
     return run
 
 
-def time_point(batch: int, context: int, args) -> dict[int, dict]:
-    """Per num_kv_heads: seconds per step of mqa's loop ("jax"), of the PyTorch loop
-    ("torch") and, at --hf_context and --hf_batch, of transformers ("hf"); and the cache
-    buffer's bytes ("cache_bytes"). Every variant is compiled or warmed up first, then all
+def time_point(batch: int, context: int, args) -> dict[str, dict]:
+    """Per variant: seconds per step of mqa's loop ("jax"), of the PyTorch loop ("torch")
+    and, at --hf_context and --hf_batch, of transformers ("hf"), these two for grouped
+    attention with a plain cache; and the cache buffers' bytes ("cache_bytes"). Every
+    variant is compiled or warmed up first, then all
     are timed in alternating rounds, so that the machine's load at the time falls on all of
     them alike; PyTorch and XLA take turns with a pause between (a runtime's spinning
     worker threads otherwise slow whichever runs next)."""
     with_hf = args.hf and context == args.hf_context and batch == args.hf_batch
     runners, points = {}, {}
-    for kv in args.kv_heads:
-        config = dataclasses.replace(MODEL, num_kv_heads=kv)
+    for variant in args.variants:
+        config = variant_config(variant)
         graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
         run, _, cache_bytes = decode_loop(graphdef, params, config, batch, context, args.steps)
         run()  # compile
-        runners[("jax", kv)] = timed(run)
-        points[kv] = dict(cache_bytes=cache_bytes)
+        runners[("jax", variant)] = timed(run)
+        points[variant] = dict(cache_bytes=cache_bytes)
+        if not llama_like(config):
+            continue
         if args.torch and (pytorch := torch_runner(config, params, batch, context, args.steps)):
-            runners[("torch", kv)] = timed(pytorch)
+            runners[("torch", variant)] = timed(pytorch)
         if with_hf and (hf := transformers_runner(config, batch, context, args.steps)):
-            runners[("hf", kv)] = hf
+            runners[("hf", variant)] = hf
     medians = alternating_medians(runners, args.repeats, group=lambda key: key[0], pause=1.0)
-    for (name, kv), seconds in medians.items():
-        points[kv][name] = seconds / args.steps
+    for (name, variant), seconds in medians.items():
+        points[variant][name] = seconds / args.steps
     return points
 
 
@@ -143,21 +172,22 @@ def hf_generate_runner(model, batch: int, context: int, steps: int) -> Callable[
 
 
 def profile(args) -> list[dict]:
-    """Per-step thunk time by category for each num_kv_heads, at the first context and batch."""
+    """Per-step thunk time by category for each variant, at the first context and batch."""
     batch, context, rows = args.batches[0], args.contexts[0], []
-    for kv in args.kv_heads:
-        config = dataclasses.replace(MODEL, num_kv_heads=kv)
+    for variant in args.variants:
+        config = variant_config(variant)
         graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
         run, hlo, _ = decode_loop(graphdef, params, config, batch, context, args.steps)
         run()
         result = profile_thunks(run, hlo(), repeats=args.repeats)
         per_step = lambda ms: ms / args.steps  # noqa: E731
-        rows.append(dict(num_kv_heads=kv, batch=batch, context=context,
+        rows.append(dict(variant=variant, num_kv_heads=config.num_kv_heads, batch=batch,
+                         context=context,
                          step_ms=per_step(result["wall_ms"]),
                          idle_ms=per_step(result["wall_ms"] - result["covered_ms"]),
                          thunks_at_once=result["concurrency"],
                          **{f"{c}_ms": per_step(result["by_category"][c]) for c in CATEGORIES}))
-        print(f"kv={kv}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()
+        print(f"{variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()
                                       if k.endswith("_ms") or k == "thunks_at_once"), flush=True)
     return rows
 
@@ -167,18 +197,18 @@ def plot(rows: list[dict], path: pathlib.Path, batch: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
-    with_torch = all("torch_tokens_per_sec" in r for r in rows)
-    for kv in sorted({r["num_kv_heads"] for r in rows}, reverse=True):
+    with_torch = any("torch_tokens_per_sec" in r for r in rows)
+    for variant in dict.fromkeys(r["variant"] for r in rows):
         points = sorted((r["context"], r) for r in rows
-                        if r["num_kv_heads"] == kv and r["batch"] == batch)
+                        if r["variant"] == variant and r["batch"] == batch)
         contexts = [c for c, _ in points]
         line, = speed.plot(contexts, [r["tokens_per_sec"] for _, r in points], "o-",
-                           label=f"kv={kv}")
-        if with_torch:
+                           label=variant)
+        if with_torch and all("torch_tokens_per_sec" in r for _, r in points):
             speed.plot(contexts, [r["torch_tokens_per_sec"] for _, r in points], "--",
                        color=line.get_color(), alpha=0.6)
         memory.plot(contexts, [r["kv_cache_bytes"] / 2 ** 20 for _, r in points], "o-",
-                    label=f"kv={kv}")
+                    label=variant)
     if with_torch:
         speed.plot([], [], "--", color="gray", label="dashed: the PyTorch loop")
     for axis, title, label in ((speed, f"decoding, batch {batch}", "tokens/s"),
@@ -190,17 +220,16 @@ def plot(rows: list[dict], path: pathlib.Path, batch: int) -> None:
         axis.set_title(title)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize="small")
-    fig.suptitle("8 query heads, 4 layers, d_model 256, float32 (MHA: kv=8, MQA: kv=1)")
+    fig.suptitle("8 query heads, 4 layers, d_model 256, float32")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     """One-line errors (argparse's, exit status 2) for values the model cannot decode."""
-    for kv in args.kv_heads:
-        if kv < 1 or MODEL.num_heads % kv:
-            parser.error(f"--kv_heads: {kv} must divide the model's {MODEL.num_heads} query "
-                         f"heads (one of 1, 2, 4, 8)")
+    for variant in args.variants:
+        if variant not in VARIANTS:
+            parser.error(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
     for name in ("steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)} must be at least 1")
@@ -217,7 +246,9 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    parser.add_argument("--kv_heads", type=ints, default=[8, 4, 2, 1])
+    names = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    parser.add_argument("--variants", type=names, default=list(VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--contexts", type=ints,
                         help="default 256,512,1024,2048,4096; with --profile, 2048")
     parser.add_argument("--batches", type=ints, help="default 1,8; with --profile, 8")
@@ -232,14 +263,16 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="profile the steps by kind of XLA thunk instead of timing the grid")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--name", default="decode", help="results file stem (OUT/NAME.csv, ...)")
     args = parser.parse_args(argv)
     check_args(parser, args)
     # --profile looks at one point, by default the issue's target: context 2048, batch 8
     args.contexts = args.contexts or ([2048] if args.profile else [256, 512, 1024, 2048, 4096])
     args.batches = args.batches or ([8] if args.profile else [1, 8])
     if args.profile:
-        write_results(args.out, "decode_profile", profile(args), model=dataclasses.asdict(MODEL))
-        print(f"\nwrote {args.out / 'decode_profile'}.csv and .json")
+        write_results(args.out, f"{args.name}_profile", profile(args),
+                      model=dataclasses.asdict(MODEL))
+        print(f"\nwrote {args.out / args.name}_profile.csv and .json")
         return
 
     bandwidth = read_bandwidth()
@@ -248,53 +281,53 @@ def main(argv=None) -> None:
     for batch in args.batches:
         for context in args.contexts:
             points = time_point(batch, context, args)
-            for kv in args.kv_heads:
-                config = dataclasses.replace(MODEL, num_kv_heads=kv)
-                seconds, cache_bytes = points[kv]["jax"], points[kv]["cache_bytes"]
+            for variant in args.variants:
+                config, point = variant_config(variant), points[variant]
+                seconds, cache_bytes = point["jax"], point["cache_bytes"]
                 weight_bytes = accounting.param_count(config) * 4
                 floor = (weight_bytes + cache_bytes) / bandwidth
-                row = dict(num_kv_heads=kv, batch=batch, context=context,
+                row = dict(variant=variant, attention=config.attention,
+                           num_kv_heads=config.num_kv_heads, batch=batch, context=context,
                            step_ms=seconds * 1e3, steps_per_sec=1 / seconds,
                            tokens_per_sec=batch / seconds,
                            kv_cache_bytes=accounting.kv_cache_bytes(config, batch, context),
                            bytes_read_per_step=weight_bytes + cache_bytes,
                            floor_ms=floor * 1e3, fraction_of_floor=floor / seconds)
-                if "torch" in points[kv]:
-                    row.update(torch_step_ms=points[kv]["torch"] * 1e3,
-                               torch_tokens_per_sec=batch / points[kv]["torch"])
-                if "hf" in points[kv]:
-                    row.update(hf_step_ms=points[kv]["hf"] * 1e3,
-                               hf_tokens_per_sec=batch / points[kv]["hf"])
+                if "torch" in point:
+                    row.update(torch_step_ms=point["torch"] * 1e3,
+                               torch_tokens_per_sec=batch / point["torch"])
+                if "hf" in point:
+                    row.update(hf_step_ms=point["hf"] * 1e3, hf_tokens_per_sec=batch / point["hf"])
                 rows.append(row)
                 torch_note = (f", PyTorch {row['torch_step_ms']:.2f}" if "torch_step_ms" in row
                               else "")
-                print(f"kv={kv} batch={batch} context={context}: {row['step_ms']:.2f} ms/step, "
+                print(f"{variant} batch={batch} context={context}: {row['step_ms']:.2f} ms/step, "
                       f"{row['fraction_of_floor']:.0%} of the memory floor{torch_note}",
                       flush=True)
 
-    mha = {(r["batch"], r["context"]): r for r in rows if r["num_kv_heads"] == MODEL.num_heads}
+    mha = {(r["batch"], r["context"]): r for r in rows if r["variant"] == "MHA"}
     for r in rows:
         base = mha.get((r["batch"], r["context"]))
         if base:
             r["speedup_vs_mha"] = base["step_ms"] / r["step_ms"]
             r["bytes_ratio_vs_mha"] = base["bytes_read_per_step"] / r["bytes_read_per_step"]
 
-    header = (f"{'kv':>3} {'batch':>5} {'context':>7} {'ms/step':>8} {'tok/s':>8} "
+    header = (f"{'variant':>9} {'batch':>5} {'context':>7} {'ms/step':>8} {'tok/s':>8} "
               f"{'KV MiB':>8} {'floor':>6} {'vs MHA':>7} {'bytes':>6} {'PT tok/s':>9} "
               f"{'HF tok/s':>9}")
     print("\n" + header)
     for r in rows:
         hf = f"{r['hf_tokens_per_sec']:9.0f}" if "hf_tokens_per_sec" in r else f"{'':>9}"
         pt = f"{r['torch_tokens_per_sec']:9.0f}" if "torch_tokens_per_sec" in r else f"{'':>9}"
-        print(f"{r['num_kv_heads']:>3} {r['batch']:>5} {r['context']:>7} {r['step_ms']:8.2f} "
+        print(f"{r['variant']:>9} {r['batch']:>5} {r['context']:>7} {r['step_ms']:8.2f} "
               f"{r['tokens_per_sec']:8.0f} {r['kv_cache_bytes'] / 2 ** 20:8.1f} "
               f"{r['fraction_of_floor']:6.0%} {r.get('speedup_vs_mha', float('nan')):6.2f}x "
               f"{r.get('bytes_ratio_vs_mha', float('nan')):5.2f}x {pt} {hf}")
 
-    write_results(args.out, "decode", rows, read_bandwidth_bytes_per_sec=bandwidth,
-                  model=dataclasses.asdict(MODEL))
-    plot(rows, args.out / "decode.png", batch=max(args.batches))
-    print(f"\nwrote {args.out / 'decode.csv'}, decode.json and decode.png")
+    write_results(args.out, args.name, rows, read_bandwidth_bytes_per_sec=bandwidth,
+                  model=dataclasses.asdict(MODEL), variants=VARIANTS)
+    plot(rows, args.out / f"{args.name}.png", batch=max(args.batches))
+    print(f"\nwrote {args.out / args.name}.csv, .json and .png")
 
 
 if __name__ == "__main__":

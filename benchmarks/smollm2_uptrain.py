@@ -7,7 +7,8 @@ Every stage is skipped when its output is there already, so an interrupted run r
   1. `mqa.convert gguf` the file into WORKDIR/gqa3 (the original model, 3 K/V heads);
   2. `mqa.convert uptrain --num_kv_heads 1 --init {mean,first,random}` into WORKDIR/init_*;
   3. `train.py --config=configs/uptrain_smollm2.py` (tinyshakespeare, the model's own
-     tokenizer): the mean-pooled model for --steps steps, and each init for --short_steps;
+     tokenizer): the mean-pooled model for --steps steps, each init for --short_steps, and
+     the mean-pooled model for --short_steps training only its attention weights;
      each run logs the whole held-out split's loss at step 0 and at its end, and the first
      32 held-out windows every `train.eval_every` steps (the curve);
   4. the original model on the same held-out windows; decode tokens/s of the original and the
@@ -58,13 +59,13 @@ def finished(workdir: pathlib.Path, steps: int) -> bool:
     return bool(rows) and rows[-1]["step"] == steps and "final_eval_loss" in rows[-1]
 
 
-def train_arm(workdir: pathlib.Path, init: pathlib.Path, steps: int) -> None:
+def train_arm(workdir: pathlib.Path, init: pathlib.Path, steps: int, *extra: str) -> None:
     if finished(workdir, steps):
         return
     short = [] if steps >= 100 else [f"--config.train.warmup_steps={max(1, steps // 10)}",
                                      f"--config.train.eval_every={max(1, steps // 3)}"]
     run("train.py", f"--config={CONFIG.relative_to(REPO)}", f"--workdir={workdir}",
-        f"--config.train.init_from={init}", f"--config.train.steps={steps}", *short)
+        f"--config.train.init_from={init}", f"--config.train.steps={steps}", *short, *extra)
 
 
 def heldout_corpus(original: pathlib.Path, cache: pathlib.Path, config) -> data.Corpus:
@@ -110,11 +111,14 @@ def main(argv=None) -> None:
         if not (work / f"init_{init}" / "checkpoints").exists():
             run("-m", "mqa.convert", "uptrain", "--src", str(original), "--num_kv_heads", "1",
                 "--init", init, "--workdir", str(work / f"init_{init}"))
-    arms = {f"mean, {args.steps} steps": (work / f"mean_{args.steps}", work / "init_mean", args.steps)}
-    arms.update({f"{init}, {args.short_steps} steps": (
-        work / f"{init}_{args.short_steps}", work / f"init_{init}", args.short_steps) for init in INITS})
-    for workdir, init, steps in arms.values():
-        train_arm(workdir, init, steps)
+    short = args.short_steps
+    arms = {f"mean, {args.steps} steps": (work / f"mean_{args.steps}", work / "init_mean", args.steps, ())}
+    arms.update({f"{init}, {short} steps": (work / f"{init}_{short}", work / f"init_{init}", short, ())
+                 for init in INITS})
+    arms[f"mean attention-only, {short} steps"] = (
+        work / f"mean_attention_{short}", work / "init_mean", short, ("--config.train.trainable=attention",))
+    for workdir, init, steps, extra in arms.values():
+        train_arm(workdir, init, steps, *extra)
 
     # The original model on the arms' held-out windows: all of them, and the curve's first 32.
     train = config.train
@@ -128,29 +132,30 @@ def main(argv=None) -> None:
     subset = score(gqa3, train.eval_batches * train.batch_size)["loss"]
     tokens_per_step = train.batch_size * train.seq_len
 
-    rows = [dict(model="original (3 K/V heads)", init="", steps=0, tokens_trained=0,
+    rows = [dict(model="original (3 K/V heads)", init="", trained="", steps=0, tokens_trained=0,
                  heldout_loss=whole["loss"], bits_per_byte=whole["bits_per_byte"],
                  heldout_tokens=whole["tokens"], loss_first_32_windows=subset,
                  kv_cache_bytes_per_token=accounting.kv_cache_bytes_per_token(gqa3.model_config))]
-    curves = {}
-    for name, (workdir, init, steps) in arms.items():
+    curves, converted = {}, set()
+    for name, (workdir, init, steps, extra) in arms.items():
         history = metrics(workdir)
         curves[name] = history
         kv_bytes = accounting.kv_cache_bytes_per_token(mqa.load_model(init).model_config)
+        start = history[0]["initial_eval_loss"]
         for row in (history[0], history[-1]):
+            if row["step"] == 0 and init in converted:
+                continue  # the same converted model as another arm's step 0
+            converted.add(init)
             prefix = "initial_" if row["step"] == 0 else "final_"
             loss = row[f"{prefix}eval_loss"]
-            if row["step"] == 0 and any(r["steps"] == 0 and r["init"] == name.split(",")[0]
-                                        for r in rows):
-                continue  # the same converted model as another arm's step 0
             rows.append(dict(
                 model="MQA (1 K/V head)" + (", converted" if row["step"] == 0 else ", uptrained"),
-                init=name.split(",")[0], steps=row["step"], tokens_trained=row["step"] * tokens_per_step,
+                init=init.name.removeprefix("init_"), trained="attention only" if extra else "all",
+                steps=row["step"], tokens_trained=row["step"] * tokens_per_step,
                 heldout_loss=loss, bits_per_byte=row[f"{prefix}eval_bits_per_byte"],
                 heldout_tokens=row[f"{prefix}eval_tokens"], loss_first_32_windows=row["eval_loss"],
                 kv_cache_bytes_per_token=kv_bytes,
-                recovered=(history[0]["initial_eval_loss"] - loss)
-                / (history[0]["initial_eval_loss"] - whole["loss"])))
+                recovered=(start - loss) / (start - whole["loss"])))
     for row in rows:
         print(row, flush=True)
 
@@ -200,12 +205,13 @@ def main(argv=None) -> None:
 
 
 def write_table(rows: list[dict], path: pathlib.Path) -> None:
-    lines = ["| model | init | steps | tokens trained | held-out loss | bits/byte | recovered | "
-             "KV bytes/token |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | init | trained | steps | tokens trained | held-out loss | bits/byte | "
+             "recovered | KV bytes/token |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "heldout_loss" in r:
             recovered = f"{100 * r['recovered']:.1f}%" if "recovered" in r and r["steps"] else ""
-            lines.append(f"| {r['model']} | {r['init']} | {r['steps']} | {r['tokens_trained']:,} | "
+            lines.append(f"| {r['model']} | {r['init']} | {r.get('trained', '')} | {r['steps']} | "
+                         f"{r['tokens_trained']:,} | "
                          f"{r['heldout_loss']:.4f} | {r['bits_per_byte']:.4f} | {recovered} | "
                          f"{r['kv_cache_bytes_per_token']:,} |")
     lines += ["", "| model | batch | context | KV cache bytes | decode tokens/s |", "|---|---:|---:|---:|---:|"]
