@@ -111,6 +111,18 @@ def default_config() -> ml_collections.ConfigDict:
                             validate_config=False)
 
 
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+    """A config saved by a run (its config.json), with any field added to the schema since
+    at its default, so workdirs written by earlier versions still load and resume."""
+    def merge(defaults: dict, values: dict) -> dict:
+        merged = dict(defaults)
+        for key, value in values.items():
+            both_sections = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+            merged[key] = merge(defaults[key], value) if both_sections else value
+        return merged
+    return ml_collections.ConfigDict(merge(default_config().to_dict(), dict(saved)))
+
+
 def load_config_file(path: str | pathlib.Path, overrides: Iterable[str] = (), *,
                      validate_config: bool = True) -> ml_collections.ConfigDict:
     """Loads `get_config()` from a config file and applies `"a.b=value"` overrides.

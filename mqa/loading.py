@@ -16,7 +16,7 @@ from flax import nnx
 
 from mqa import data
 from mqa.checkpoint import Checkpointer
-from mqa.config import ConfigError, ModelConfig, validate
+from mqa.config import ConfigError, ModelConfig, validate, with_defaults
 from mqa.model import Transformer
 
 
@@ -72,7 +72,7 @@ def load_model(path: str | pathlib.Path, *, step: int | None = None,
     the parameters' shapes is reported as a mismatch with the checkpoint.
     """
     with _open_checkpoints(path) as (workdir, path_step, checkpoints):
-        config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+        config = with_defaults(json.loads((workdir / "config.json").read_text()))
         for name, value in (overrides or {}).items():
             section, _, field = name.partition(".")
             if section not in config or field not in config[section]:

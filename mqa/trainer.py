@@ -29,7 +29,7 @@ from flax import nnx
 
 from mqa import accounting, data, evaluation, hardware, loading, sharding
 from mqa.checkpoint import Checkpointer, abstract_like
-from mqa.config import ConfigError, ModelConfig, validate
+from mqa.config import ConfigError, ModelConfig, validate, with_defaults
 from mqa.metrics import MetricsWriter, Progress
 from mqa.model import Transformer
 from mqa.training import TrainState, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
@@ -83,7 +83,7 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
 
 def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
     path = workdir / "config.json"
-    return ml_collections.ConfigDict(json.loads(path.read_text())) if path.exists() else None
+    return with_defaults(json.loads(path.read_text())) if path.exists() else None
 
 
 def _check_resumable(config, workdir: pathlib.Path) -> None:
@@ -94,7 +94,7 @@ def _check_resumable(config, workdir: pathlib.Path) -> None:
         return
     for section in ("model", "data"):
         for key, value in config[section].items():
-            if old[section].get(key, value) != value:
+            if old[section][key] != value:
                 raise ConfigError(
                     f"workdir {str(workdir)!r} was trained with {section}.{key}="
                     f"{old[section][key]!r}, not {value!r}; use a new --workdir to change it")

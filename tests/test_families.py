@@ -221,3 +221,68 @@ def test_family_config_errors_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:
         load_config_file(REPO / "configs" / "tiny.py", overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_workdirs_saved_before_the_families_still_load(tmp_path):
+    """A config.json without the fields added since (model.attention, ..., train.trainable)
+    loads with them at their defaults."""
+    import json
+
+    from mqa import convert, load_model
+    config = load_config_file(REPO / "configs" / "tiny.py")
+    model = Transformer(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+    convert._write_workdir(tmp_path, config, nnx.state(model, nnx.Param), tokenizer=None)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for field in ("attention", "kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window",
+                  "global_every", "kv_cache_dtype"):
+        del saved["model"][field]
+    del saved["train"]["trainable"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = load_model(tmp_path)
+    assert loaded.model_config.attention == "grouped" and loaded.config.train.trainable == "all"
+    toks = tokens(length=8)
+    np.testing.assert_array_equal(loaded.module()(toks), model(toks))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [
+    ["--config=configs/gta.py", "--config.model.kv_share_every=2"],
+    ["--config=configs/mla.py", "--config.model.q_latent_dim=32"],
+    ["--config=configs/local_global.py", "--config.model.kv_cache_dtype=int8"],
+])
+def test_train_checkpoint_resume_eval_and_sample_from_the_command_line(tmp_path, family):
+    """Each family end to end as a user runs it: train.py (tiny sizes), a resumed run,
+    eval.py on the held-out split (equal to the trainer's final evaluation), eval.py
+    --cached (through the cache; with an int8 cache close to, not equal to, the forward
+    pass), and eval.py --sample."""
+    import json
+
+    from test_eval_cli import eval_py
+    from test_train_cli import run_train
+    tiny = [*family, "--config.model.d_model=64", "--config.model.num_layers=4",
+            "--config.model.head_dim=8", "--config.model.mlp_dim=128",
+            "--config.train.seq_len=96", "--config.train.batch_size=4", "--config.train.log_every=1",
+            "--config.train.eval_every=4", "--config.train.eval_batches=1",
+            "--config.checkpoint.every=2"]
+    run_train(tmp_path, *tiny, "--config.train.steps=2")
+    run_train(tmp_path, *tiny, "--config.train.steps=4")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    final = rows[-1]
+
+    def evaluate(*args):
+        result = eval_py(f"--workdir={tmp_path}", *args)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    plain = evaluate()
+    assert plain["loss"] == pytest.approx(final["final_eval_loss"], rel=1e-5)
+    assert plain["tokens"] == final["final_eval_tokens"]
+    cached = evaluate("--cached")
+    if "--config.model.kv_cache_dtype=int8" in family:
+        assert 0 < abs(cached["loss"] - plain["loss"]) < 0.01 * plain["loss"]
+    else:
+        assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    sample = eval_py(f"--workdir={tmp_path}", "--sample", "--prompt=ROMEO:", "--max_new_tokens=120",
+                     "--temperature=0")
+    assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:"), sample.stderr
