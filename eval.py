@@ -31,8 +31,9 @@ flags.DEFINE_string("text", None, "Evaluate this text file instead of the held-o
 flags.DEFINE_integer("seq_len", None, "Window length (default: train.seq_len).")
 flags.DEFINE_integer("stride", None, "Sliding-window stride (default: seq_len, no overlap).")
 flags.DEFINE_integer("batch_size", 8, "Windows per batch.")
-flags.DEFINE_bool("cached", False, "Score through the KV cache as decoding reads it (e.g. with "
-                  "--config.model.kv_cache_dtype=int8: quantized keys and values).")
+flags.DEFINE_bool("cached", None, "Score through the KV cache as decoding reads it (default: "
+                  "exactly when the model has an int8 cache, e.g. "
+                  "--config.model.kv_cache_dtype=int8; --nocached: the forward pass).")
 flags.DEFINE_bool("sample", False, "Generate a continuation of --prompt instead.")
 flags.DEFINE_string("prompt", "\n", "Prompt text for --sample.")
 flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")

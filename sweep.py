@@ -227,6 +227,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
                             title=f"decoding, batch {FLAGS.decode_batch}, context "
                             f"{'/'.join(sorted({str(r['decode_context']) for r in rows}))}")
     sweep_plots.plot_loss_curves(curves, workdir / "loss_curves.png")
+    context = "/".join(sorted({str(r["decode_context"]) for r in rows}))
+    sweep_plots.plot_frontier(rows, "eval_loss_mean", workdir / "frontier.png", error="eval_loss_ci95",
+                              ylabel="held-out loss (nats/token), mean and 95% interval",
+                              title=f"held-out loss against KV cache (at context {context})")
+    sweep_plots.plot_frontier(rows, "decode_tokens_per_sec", workdir / "frontier_decode.png",
+                              lower_is_better=False, ylabel="decoding tokens/s",
+                              title=f"decoding, batch {FLAGS.decode_batch}, context {context}")
     return table
 
 
@@ -245,7 +252,8 @@ def main(argv):
         sys.exit(143)
     print("\n" + table)
     print(f"wrote {FLAGS.workdir}/results.csv, results.md, results_by_seed.csv, eval_loss.png, "
-          "eval_loss_diff.png, decode_tokens_per_sec.png and loss_curves.png")
+          "eval_loss_diff.png, decode_tokens_per_sec.png, loss_curves.png, frontier.png and "
+          "frontier_decode.png")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batc
             "bits_per_byte": loss / math.log(2) / bytes_per_token, "tokens": int(count)}
 
 
-def model_batch_nll(model: LoadedModel, *, cached: bool = False) -> BatchNll:
+def model_batch_nll(model: LoadedModel, *, cached: bool | None = None) -> BatchNll:
     """A loaded model's `BatchNll`, on this process's devices (one compiled shape);
     `cached`: through the KV cache (`make_eval_step`)."""
     eval_step = jax.jit(make_eval_step(model.graphdef, cached=cached))
@@ -82,12 +82,13 @@ def model_batch_nll(model: LoadedModel, *, cached: bool = False) -> BatchNll:
 
 def evaluate_tokens(model: LoadedModel, tokens: np.ndarray, *, seq_len: int,
                     stride: int | None = None, batch_size: int = 8, bytes_per_token: float = 1.0,
-                    progress: bool = True, cached: bool = False) -> dict:
+                    progress: bool = True, cached: bool | None = None) -> dict:
     """`held_out_loss` of a loaded model on `tokens` (int [n]).
 
     stride: None (= seq_len) for non-overlapping windows; smaller for a sliding window in
     which every scored token sees at least seq_len - stride tokens of context.
-    cached: score through the KV cache, as decoding reads it (`make_eval_step`).
+    cached: score through the KV cache, as decoding reads it (`make_eval_step`; None:
+    exactly when the model has an int8 cache).
     """
     return held_out_loss(model_batch_nll(model, cached=cached), tokens, seq_len=seq_len, batch_size=batch_size,
                          stride=stride, bytes_per_token=bytes_per_token, progress=progress)

@@ -1,5 +1,6 @@
 """A sweep's figures (PNG, matplotlib's Agg backend): a metric against one swept field,
-and the loss curves of all points on one figure."""
+the loss curves of all points on one figure, and the KV-budget frontier (a metric against
+KV-cache bytes per token, Pareto-optimal configurations joined)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,44 @@ def plot_loss_curves(curves: Mapping[str, list[Mapping[str, list[tuple[int, floa
         len(runs) > 1 for runs in curves.values()) else ""))
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pareto_front(rows: list[dict], x: str, y: str, *, lower_is_better: bool = True) -> list[dict]:
+    """The rows no other row beats on both: fewer `x` (bytes) and a better `y` (lower loss,
+    or higher with lower_is_better=False), in order of increasing x."""
+    sign = 1.0 if lower_is_better else -1.0
+    front, best = [], float("inf")
+    for row in sorted(rows, key=lambda r: (r[x], sign * r[y])):
+        if sign * row[y] < best:
+            front.append(row)
+            best = sign * row[y]
+    return front
+
+
+def plot_frontier(rows: list[dict], y: str, path: pathlib.Path, *, ylabel: str, title: str,
+                  error: str | None = None, lower_is_better: bool = True,
+                  x: str = "kv_cache_bytes_per_token") -> None:
+    """`y` (with `error` half-widths as bars) against KV-cache bytes per token on a log
+    axis, a labelled point per configuration, the Pareto-optimal ones joined."""
+    rows = [r for r in rows if r.get(y) is not None and r.get(x)]
+    fig, axis = plt.subplots(figsize=(7.5, 4.8))
+    for index, row in enumerate(rows):
+        axis.errorbar([row[x]], [row[y]], yerr=[row.get(error) or 0.0] if error else None,
+                      fmt="o", capsize=4, color=f"C{index % 10}")
+        axis.annotate(row["configuration"], (row[x], row[y]), textcoords="offset points",
+                      xytext=(5, 5), fontsize="small")
+    front = pareto_front(rows, x, y, lower_is_better=lower_is_better)
+    axis.plot([r[x] for r in front], [r[y] for r in front], "-", color="black", linewidth=1,
+              alpha=0.6, label="Pareto front (means)")
+    axis.set_xscale("log")
+    axis.set_xlabel("KV-cache bytes per token")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3, which="both")
+    axis.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

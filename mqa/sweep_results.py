@@ -29,8 +29,8 @@ RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARIZED = ("eval_loss", "eval_bits_per_byte")  # held-out metrics summarised over seeds
 # Columns after the swept fields, with their markdown formats.
-MODEL_COLUMNS = {"num_kv_heads": "{:d}", "mlp_dim": "{:d}", "params": "{:,d}",
-                 "kv_cache_bytes_per_token": "{:,d}"}
+MODEL_COLUMNS = {"attention": "{}", "num_kv_heads": "{:d}", "mlp_dim": "{:d}", "params": "{:,d}",
+                 "kv_cache_bytes_per_token": "{:,.0f}"}
 SPEED_COLUMNS = {"train_tokens_per_sec": "{:,.0f}", "decode_context": "{:d}",
                  "decode_tokens_per_sec": "{:,.0f}"}
 SEED_COLUMNS = {"seed": "{:d}", **MODEL_COLUMNS, "eval_loss": "{:.4f}",
@@ -120,10 +120,13 @@ def seed_row(point: Point, result: dict, model_config: ModelConfig, speeds: dict
     return {
         "point": point.name, "configuration": point.configuration, **values,
         "seed": point.seed,
+        "attention": model_config.attention,
         "num_kv_heads": model_config.num_kv_heads,
         "mlp_dim": model_config.mlp_dim,
         "params": accounting.param_count(model_config),
-        "kv_cache_bytes_per_token": accounting.kv_cache_bytes_per_token(model_config),
+        # at the context decoding is timed at (a sliding window's ring makes it depend on it)
+        "kv_cache_bytes_per_token": accounting.kv_cache_bytes_per_token(
+            model_config, context=decode.get("context")),
         **{key: result[key] for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte",
                                         "eval_tokens")},
         "train_tokens_per_sec": speeds.get("train_tokens_per_sec"),

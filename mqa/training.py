@@ -113,7 +113,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, cached: bool = False
+def make_eval_step(graphdef: nnx.GraphDef, *, cached: bool | None = None
                    ) -> Callable[[nnx.State, Batch, jax.Array], dict]:
     """Returns `eval_step(params, batch, weights) -> {"loss_sum", "tokens"}`.
 
@@ -121,13 +121,14 @@ def make_eval_step(graphdef: nnx.GraphDef, *, cached: bool = False
     target counts (0 for padding rows and for targets a sliding window does not score).
     cached: score through the KV cache as decoding reads it (each window prefilled into an
     empty cache, so an int8 cache's quantized keys and values are what the queries see);
-    the same logits otherwise.
+    the same logits otherwise. None: through the cache exactly when the model has an int8
+    cache, whose effect shows nowhere else (so its held-out loss is what decoding gets).
     """
 
     def eval_step(params: nnx.State, batch: Batch, weights: jax.Array) -> dict:
         model = nnx.merge(graphdef, params)
         tokens = batch[:, :-1]
-        if cached:
+        if model.config.kv_cache_dtype == "int8" if cached is None else cached:
             logits, _ = model.step(tokens, init_cache(model.config, *tokens.shape))
         else:
             logits = model(tokens)

@@ -28,10 +28,11 @@ TINY = ["--config=configs/tiny.py", "--config.model.d_model=48", "--config.model
         "--config.checkpoint.every=10", "--decode_batch=2", "--decode_context=64"]
 SUMMARY = [f"{metric}_{part}" for metric in ("eval_loss", "eval_bits_per_byte")
            for part in ("mean", "sd", "ci95", "diff", "diff_ci95", "diff_resolved")]
-EXPECTED_COLUMNS = ["configuration", "num_kv_heads", "mlp_dim", "params",
+EXPECTED_COLUMNS = ["configuration", "attention", "num_kv_heads", "mlp_dim", "params",
                     "kv_cache_bytes_per_token", "n", *SUMMARY, "train_tokens_per_sec",
                     "decode_context", "decode_tokens_per_sec"]
-EXPECTED_SEED_COLUMNS = ["point", "configuration", "seed", "num_kv_heads", "mlp_dim", "params",
+EXPECTED_SEED_COLUMNS = ["point", "configuration", "seed", "attention", "num_kv_heads", "mlp_dim",
+                         "params",
                          "kv_cache_bytes_per_token", "eval_loss", "eval_perplexity",
                          "eval_bits_per_byte", "eval_tokens", "train_tokens_per_sec",
                          "decode_context", "decode_tokens_per_sec"]
@@ -236,7 +237,7 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path):
     assert "| " + " | ".join(EXPECTED_COLUMNS) + " |" in markdown
     assert markdown.splitlines()[-1] in result.stdout
     for png in ("eval_loss.png", "eval_loss_diff.png", "decode_tokens_per_sec.png",
-                "loss_curves.png"):
+                "loss_curves.png", "frontier.png", "frontier_decode.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
 
     start = time.time()
@@ -255,3 +256,46 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path):
     assert third.returncode == 0, third.stdout + third.stderr
     assert third.stdout.count("skipped") == 6 and third.stdout.count("decoding") == 2
     assert [int(row["decode_context"]) for row in read_csv(tmp_path / "results.csv")] == [32, 32]
+
+
+def test_pareto_front_keeps_the_configurations_nothing_beats():
+    from mqa.sweep_plots import pareto_front
+    rows = [dict(configuration=name, bytes=b, loss=l) for name, b, l in [
+        ("MHA", 3072, 1.90), ("GQA", 1536, 1.92), ("MQA", 384, 1.89), ("CLA", 192, 1.95),
+        ("worse", 768, 1.96), ("tie", 384, 1.89)]]
+    front = pareto_front(rows, "bytes", "loss")
+    assert [r["configuration"] for r in front] == ["CLA", "MQA"]
+    # Higher is better (decoding speed): the fastest at each budget and below.
+    speeds = [dict(configuration=n, bytes=b, speed=v) for n, b, v in
+              [("a", 10, 5.0), ("b", 20, 4.0), ("c", 30, 9.0)]]
+    assert [r["configuration"] for r in pareto_front(speeds, "bytes", "speed",
+                                                     lower_is_better=False)] == ["a", "c"]
+
+
+@pytest.mark.slow
+def test_the_kv_budget_sweep_runs_end_to_end_at_toy_size(tmp_path):
+    """configs/sweep_kv_budget.py, every method for a few steps and one seed: a row per
+    method with its KV bytes at the timed context, equal parameter counts within the MLP's
+    rounding, and the frontier plots."""
+    tiny = ["--config=configs/sweep_kv_budget.py", "--seeds=1", "--config.train.steps=3",
+            "--config.train.log_every=3", "--config.train.eval_every=3",
+            "--config.train.eval_batches=1", "--config.train.batch_size=4",
+            "--config.train.final_eval_tokens=2048", "--config.checkpoint.every=3",
+            "--decode_batch=2", "--decode_context=256"]
+    result = run_sweep(tmp_path, *tiny, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {r["configuration"]: r for r in read_csv(tmp_path / "results.csv")}
+    assert list(rows) == ["MHA", "GQA-4", "GQA-2", "MQA", "MQA+CLA2", "GTA-2", "GTA-1", "MLA-24",
+                          "MLA-12", "local32+global", "MHA-int8", "MQA-int8"]
+    per_layer = {"MHA": 192, "GQA-4": 96, "GQA-2": 48, "MQA": 24, "MQA+CLA2": 12, "GTA-2": 30,
+                 "GTA-1": 18, "MLA-24": 30, "MLA-12": 18}
+    for name, numbers in per_layer.items():
+        assert float(rows[name]["kv_cache_bytes_per_token"]) == 4 * 4 * numbers, name
+    # 3 layers keep 32 of the 256 positions, 1 layer all of them: per token at context 256.
+    assert float(rows["local32+global"]["kv_cache_bytes_per_token"]) == \
+        pytest.approx(4 * 192 * (1 + 3 * 32 / 256))
+    assert float(rows["MQA-int8"]["kv_cache_bytes_per_token"]) == 4 * 2 * (12 + 4)
+    params = [int(r["params"]) for r in rows.values()]
+    assert max(params) - min(params) <= 1.5 * 96 * 4
+    for png in ("frontier.png", "frontier_decode.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
