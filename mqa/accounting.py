@@ -57,8 +57,9 @@ def param_count(config: ModelConfig, *, embeddings: bool = True) -> int:
 def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True) -> int:
     """Matmul FLOPs per token: 2 per weight used (forward), plus attention's QK^T and AV.
 
-    Attention counts the full seq_len x seq_len score matrix, as computed (not halved for
-    the causal mask nor narrowed to a sliding window): 2 * h * (key dim + value dim) per
+    Attention counts the full seq_len x seq_len score matrix, as the einsum backend computes
+    it (not halved for the causal mask nor narrowed to a sliding window, which the blockwise
+    backend skips): 2 * h * (key dim + value dim) per
     key, the key dim being d (grouped, tied) or d + rope_head_dim (latent, expanded as in
     training). Training (forward + backward) is 3x the forward pass.
     """

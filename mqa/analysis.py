@@ -93,9 +93,10 @@ def heads(workdir: str, text: str | None, out: str | None, windows: int, seq_len
           step: int | None = None) -> str:
     """Runs the head analysis; returns the printed table."""
     model = load_model(workdir, step=step)
-    if model.model_config.attention != "grouped":
-        raise ValueError(f"the model has model.attention={model.model_config.attention!r}; the head "
-                         "analysis compares the heads of model.attention='grouped' only")
+    if model.model_config.attention != "grouped" or model.model_config.sliding_window:
+        raise ValueError(f"the model has model.attention={model.model_config.attention!r}, "
+                         f"model.sliding_window={model.model_config.sliding_window}; the head analysis "
+                         "compares the heads of grouped attention without a window only")
     seq_len = seq_len or min(model.config.train.seq_len, 256)
     tokens = analysis_tokens(model, text, windows, seq_len)
     layers = head_similarity.analyse(model.module(), tokens)

@@ -259,6 +259,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.data.tokenizer == "init_from" and not config.train.init_from:
         raise ConfigError("data.tokenizer='init_from' needs train.init_from (the workdir whose "
                           "tokenizer to train with); or use 'byte', 'bpe' or a tokenizer.json path")
+    if m.match_mha_params:
+        from mqa import accounting  # accounting depends on this module
+        width = accounting.mlp_dim_matching_mha(ModelConfig.from_config(m, match_mha_params=False))
+        if width < 1:
+            raise ConfigError(f"model.match_mha_params: this attention has more parameters than MHA's "
+                              f"by more than the MLP holds (matched model.mlp_dim={width}); use a smaller "
+                              "model.kv_latent_dim / model.q_latent_dim or match_mha_params=false")
     if config.train.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={config.train.seq_len} exceeds model.max_seq_len="
                           f"{m.max_seq_len}; use at most {m.max_seq_len} or raise model.max_seq_len")

@@ -391,6 +391,10 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path, num_kv
     params, grouping = source.params, ""
     size = source.model_config.num_kv_heads // num_kv_heads
     if group == "similarity":
+        if source.model_config.sliding_window:
+            raise ConvertError(f"--group similarity: the source has model.sliding_window="
+                               f"{source.model_config.sliding_window}, which the head analysis does "
+                               "not model; use --group adjacent")
         params, orders = similarity_order(source, num_kv_heads, text)
         grouping = "; groups by attention similarity, per K/V layer: " + " ".join(
             "".join(f"({','.join(map(str, order[i:i + size]))})" for i in range(0, len(order), size))

@@ -5,8 +5,8 @@ its keys and values, tied attention one tied state per K/V head and a rotary key
 all heads, latent attention one latent and the shared rotary key), and two policies apply
 to any family:
   - a sliding window (`model.sliding_window`): a local layer's buffers are a ring of
-    `sliding_window` positions (position p in slot p % window), so their size stays flat
-    however long the context grows;
+    `min(sliding_window, max_len)` positions (position p in slot p % length), so their size
+    stays flat however long the context grows;
   - `model.kv_cache_dtype="int8"`: every cached vector is stored as int8 with one float32
     absmax scale per token and head, quantized when written and dequantized when read.
 `mqa.accounting.kv_cache_bytes` counts exactly the bytes `init_cache` allocates.
@@ -31,8 +31,8 @@ class KVCache(NamedTuple):
     layers: one dict per K/V layer (`num_kv_layers`), mapping each of its family's
       `CacheEntry` names (and "<name>_scale" for an int8 cache) to one buffer. A buffer is
       laid out as `CacheEntry.axes`: [batch, heads, length, dim] or [batch, length, dim]
-      for an entry shared by all heads, where length is max_len, or the window for a
-      local layer. Why separate buffers, heads outside positions, and no size-1 axes for
+      for an entry shared by all heads, where length is max_len, or for a local layer
+      min(window, max_len). Why separate buffers, heads outside positions, and no size-1 axes for
       grouped attention (each measured on XLA's CPU backend):
       - one buffer per layer: a decoding step writes its new keys and values into its own
         buffer, never copying a layer out of a stacked array;

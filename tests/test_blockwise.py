@@ -63,6 +63,11 @@ def test_model_with_blockwise_attention_matches_einsum_and_decodes():
     assert max_rel(model(toks), einsum_model(toks)) < 1e-5
     incremental, _ = decode_incrementally(model, toks, prefill=7)
     assert max_rel(incremental, model(toks)) < 1e-5
+    # MQA at batch 1: the cache buffers have neither a batch nor a head axis ("sd").
+    mqa_model = make(attention_impl="blockwise", attention_block=8, num_kv_heads=1)
+    one = toks[:1]
+    incremental, _ = decode_incrementally(mqa_model, one, prefill=7)
+    assert max_rel(incremental, mqa_model(one)) < 1e-5
 
 
 def step_temporaries(core, length):

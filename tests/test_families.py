@@ -100,8 +100,8 @@ def decode_in_pieces(model: Transformer, toks, pieces=(7, 3)) -> np.ndarray:
     return np.asarray(jnp.concatenate(chunks, axis=1))
 
 
-@pytest.mark.parametrize("window", WINDOWS)
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name, window", [(name, "") for name in FAMILIES] + [
+    (name, window) for name in ("MQA", "tied", "latent-q") for window in ("local", "local/global")])
 def test_logits_and_cached_decoding_match_the_float64_reference(name, window):
     model = make(**FAMILIES[name], **WINDOWS[window])
     toks = tokens(length=24)
@@ -216,6 +216,8 @@ def test_tied_attention_shares_kv_across_layers():
     (["model.sliding_window=-1"], "model.sliding_window=-1 must be >= 0"),
     (["model.kv_cache_dtype=int4"], "model.kv_cache_dtype='int4' is not one of: '', 'int8'"),
     (["model.attention=mla"], "model.attention='mla' is not one of: 'grouped', 'tied', 'latent'"),
+    (["model.attention=latent", "model.kv_latent_dim=2048", "model.rope_head_dim=4",
+      "model.match_mha_params=true"], "matched model.mlp_dim=-"),
 ])
 def test_family_config_errors_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -287,3 +289,28 @@ def test_train_checkpoint_resume_eval_and_sample_from_the_command_line(tmp_path,
     sample = eval_py(f"--workdir={tmp_path}", "--sample", "--prompt=ROMEO:", "--max_new_tokens=120",
                      "--temperature=0")
     assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:"), sample.stderr
+
+
+def test_tools_for_grouped_heads_refuse_other_families_and_windows(tmp_path):
+    """uptrain, the head analysis and to-hf say in one line what they cannot take."""
+    from mqa import analysis, convert
+    from mqa.export_hf import export_hf
+    for name, changes, tools in [
+            ("tied", ["model.attention=tied"], ("uptrain", "heads", "to-hf")),
+            ("window", ["model.sliding_window=8"], ("similarity", "heads", "to-hf"))]:
+        config = load_config_file(REPO / "configs" / "tiny.py", changes)
+        model = Transformer(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+        convert._write_workdir(tmp_path / name, config, nnx.state(model, nnx.Param), tokenizer=None)
+        calls = {
+            "uptrain": lambda: convert.convert_uptrain(tmp_path / name, tmp_path / f"{name}-u", 1),
+            "similarity": lambda: convert.convert_uptrain(tmp_path / name, tmp_path / f"{name}-s", 1,
+                                                          group="similarity"),
+            "heads": lambda: analysis.heads(str(tmp_path / name), None, None, 1, 16),
+            "to-hf": lambda: export_hf(tmp_path / name, tmp_path / f"{name}-hf"),
+        }
+        for tool in tools:
+            with pytest.raises(ValueError) as error:
+                calls[tool]()
+            assert "\n" not in str(error.value), (name, tool)
+            assert ("attention" in str(error.value) or "sliding_window" in str(error.value)), \
+                (name, tool, str(error.value))

@@ -28,7 +28,7 @@ def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     q_len == kv_len from position 0, with or without a sliding window, which may be traced)
     runs blockwise; anything else (cached decoding, a non-causal call) is handed to
     `attend`, whose memory is then q_len x kv_len."""
-    t, s = q.shape[1], k.shape[1] if kv_layout == "bskd" else k.shape[2]
+    t, s = q.shape[1], k.shape[kv_layout.index("s")]
     if not (causal and kv_layout == "bskd" and t == s and isinstance(q_offset, int)
             and q_offset == 0 and k_positions is None):
         return attend(q, k, v, causal=causal, q_offset=q_offset, kv_layout=kv_layout,
