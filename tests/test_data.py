@@ -303,7 +303,8 @@ def make_short_train(tmp_path):
 
 
 def make_unknown_tokenizer(tmp_path):
-    return data_config(tokenizer="wordpiece"), "'wordpiece' is unknown; valid: 'byte', 'bpe'"
+    return data_config(tokenizer="wordpiece"), ("data.tokenizer='wordpiece' is neither one of 'byte', "
+                                                "'bpe' nor a tokenizer.json file or a folder holding one")
 
 
 def make_bpe_not_utf8(tmp_path):
