@@ -237,6 +237,8 @@ def test_training_starts_from_the_uptrained_params(mha_source, tmp_path, capsys)
                              batch_size=config.train.batch_size, seq_len=config.train.seq_len)
     expected = float(np.mean(cross_entropy(converted(batch[:, :-1]), batch[:, 1:])))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert rows[0]["step"] == 0 and "initial_eval_loss" in rows[0]  # the converted model
+    rows = rows[1:]
     assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(expected, rel=1e-5)
     assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["eval_loss"])
 
