@@ -20,25 +20,16 @@ minutes a seed on 2 CPU cores; 8 seeds, about two hours. `--seeds=N` changes it;
 runs are kept, so raising it trains only the new seeds.
 """
 
-import pathlib
-
 import ml_collections
 
-from configs import default
+from configs import sweep_kv_heads
 
-TINYSHAKESPEARE = pathlib.Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 TIED = {"model.attention": "tied"}
 LATENT = {"model.attention": "latent", "model.rope_head_dim": 6}
 
 
 def get_config():
-    config = default.get_config()
-    config.model.update(d_model=96, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=12,
-                        mlp_dim=384, match_mha_params=True, max_seq_len=2048)
-    config.train.update(steps=400, batch_size=16, seq_len=128, learning_rate=2e-3,
-                        warmup_steps=40, log_every=50, eval_every=100, eval_batches=8)
-    config.data.path = str(TINYSHAKESPEARE)
-    config.checkpoint.every = 200
+    config = sweep_kv_heads.get_config()  # the same model, data and training
     config.sweep = ml_collections.ConfigDict({
         "points": [
             {"name": "MHA", "model.num_kv_heads": 8},

@@ -179,6 +179,13 @@ def _latent_parts(layer, x, q_latent, quantize_kv, theta, eps):
     return latent, rotary, qin
 
 
+def _latent_setup(layer, x, q_latent, sliding_window, quantize_kv, theta, eps):
+    """What both latent forms start from: (L, R, the query input, positions, the mask)."""
+    latent, rotary, qin = _latent_parts(layer, x, q_latent, quantize_kv, theta, eps)
+    seq = x.shape[1]
+    return latent, rotary, qin, np.arange(seq), allowed_mask(seq, seq, window=sliding_window)
+
+
 def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=False,
                  theta=10000.0, eps=1e-5):
     """One Multi-head Latent Attention layer (DeepSeek-V2 2024), expanded, before the residual.
@@ -191,14 +198,12 @@ def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=Fals
     q_r = rope(qin @ q_rope[:, j]); logits = (q_nope . key + q_r . R) / sqrt(d + r).
     With quantize_kv, L and R (after rope) are int8 round trips per token. -> [batch, seq, m].
     """
-    latent, rotary, qin = _latent_parts(layer, x, q_latent, quantize_kv, theta, eps)
-    batch, seq, _ = x.shape
-    positions = np.arange(seq)
+    latent, rotary, qin, positions, allowed = _latent_setup(layer, x, q_latent, sliding_window,
+                                                            quantize_kv, theta, eps)
     wq, wq_rope, k_up, v_up, wout = (_f64(layer[name]) for name in
                                      ("q", "q_rope", "k_up", "v_up", "out"))
     heads, d, r = wq.shape[1], wq.shape[2], rotary.shape[-1]
-    allowed = allowed_mask(seq, seq, window=sliding_window)
-    output = np.zeros((batch, seq, wout.shape[-1]))
+    output = np.zeros((x.shape[0], x.shape[1], wout.shape[-1]))
     for j in range(heads):
         key = np.einsum("bsc,cd->bsd", latent, k_up[:, j])
         value = np.einsum("bsc,cd->bsd", latent, v_up[:, j])
@@ -217,14 +222,12 @@ def latent_absorbed_loops(layer, x, *, q_latent=False, sliding_window=0, quantiz
     q[:, j] @ k_up[:, j]^T maps queries into the latent space, scores are taken against L
     directly (plus the rotary part), and the attention-weighted latent leaves through
     v_up[:, j] @ out[j] [c, m]. Keys and values are never expanded. -> [batch, seq, m]."""
-    latent, rotary, qin = _latent_parts(layer, x, q_latent, quantize_kv, theta, eps)
-    batch, seq, _ = x.shape
-    positions = np.arange(seq)
+    latent, rotary, qin, positions, allowed = _latent_setup(layer, x, q_latent, sliding_window,
+                                                            quantize_kv, theta, eps)
     wq, wq_rope, k_up, v_up, wout = (_f64(layer[name]) for name in
                                      ("q", "q_rope", "k_up", "v_up", "out"))
     heads, d, r = wq.shape[1], wq.shape[2], rotary.shape[-1]
-    allowed = allowed_mask(seq, seq, window=sliding_window)
-    output = np.zeros((batch, seq, wout.shape[-1]))
+    output = np.zeros((x.shape[0], x.shape[1], wout.shape[-1]))
     for j in range(heads):
         q_absorbed = np.einsum("id,cd->ic", wq[:, j], k_up[:, j])  # [qin dim, c]
         out_absorbed = np.einsum("cd,dm->cm", v_up[:, j], wout[j])  # [c, m]
