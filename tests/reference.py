@@ -173,8 +173,9 @@ def _latent_parts(layer, x, q_latent, quantize_kv, theta, eps):
     positions = np.arange(x.shape[1])
     latent = rms_norm(x @ _f64(layer["kv_down"]), layer["kv_norm"], eps)
     rotary = _rope_headless(x @ _f64(layer["k_rope"]), positions, theta)
-    if quantize_kv:
-        latent, rotary = int8_round_trip(latent), int8_round_trip(rotary)
+    if quantize_kv:  # one cached vector per token: the latent followed by the rotary key
+        both = int8_round_trip(np.concatenate([latent, rotary], -1))
+        latent, rotary = both[..., :latent.shape[-1]], both[..., latent.shape[-1]:]
     qin = rms_norm(x @ _f64(layer["q_down"]), layer["q_norm"], eps) if q_latent else x
     return latent, rotary, qin
 
@@ -196,7 +197,7 @@ def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=Fals
     `q_rope` [cq, h, r]). L = norm(x @ kv_down, kv_norm); R = rope(x @ k_rope), one for all heads.
     Head j: key = L @ k_up[:, j], value = L @ v_up[:, j], q_nope = qin @ q[:, j],
     q_r = rope(qin @ q_rope[:, j]); logits = (q_nope . key + q_r . R) / sqrt(d + r).
-    With quantize_kv, L and R (after rope) are int8 round trips per token. -> [batch, seq, m].
+    With quantize_kv, [L, R] (after rope) is one int8 round trip per token. -> [batch, seq, m].
     """
     latent, rotary, qin, positions, allowed = _latent_setup(layer, x, q_latent, sliding_window,
                                                             quantize_kv, theta, eps)

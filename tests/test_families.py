@@ -164,7 +164,9 @@ def test_absorbed_latent_attention_equals_the_expanded_form():
               [(b, t, h, d), (b, t, h, r), (b, s, c), (b, s, r), (c, h, d), (c, h, d)]]
     for mask in [dict(q_offset=6), dict(q_offset=6, window=4)]:
         expanded = attend_latent_expanded(*arrays, **mask)
-        absorbed = attend_latent_absorbed(*arrays, **mask)
+        q, q_rope, latent, k_rope, k_up, v_up = arrays
+        cached = np.concatenate([latent, k_rope], -1)  # the cache holds both side by side
+        absorbed = attend_latent_absorbed(q, q_rope, cached, k_up, v_up, **mask)
         assert max_rel(absorbed, expanded) < 1e-5
 
 

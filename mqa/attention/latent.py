@@ -3,8 +3,9 @@
 Each token's keys and values for all heads come from one RMS-normalised latent L of
 `kv_latent_dim` (c) numbers: head h's key is L @ k_up[:, h], its value L @ v_up[:, h].
 Rotary positions are decoupled: a rotary key R of `rope_head_dim` (r) numbers shared by
-all heads, met by a rotary part of each query. The cache holds exactly L and R,
-`c + r` numbers per token and layer, whatever the number of heads.
+all heads, met by a rotary part of each query. The cache holds exactly L and R, side by
+side in one buffer (as DeepSeek's FlashMLA caches them): `c + r` numbers per token and
+layer, whatever the number of heads.
 
 Training and evaluation expand L into per-head keys and values (`attend_latent_expanded`).
 Cached decoding never does: it maps each query into the latent space (q @ k_up^T), scores
@@ -20,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mqa.attention.core import causal_mask, dense, init_output, init_params, masked_softmax
+from mqa.attention.core import (causal_mask, dense, init_output, init_params, masked_softmax,
+                               ordered_einsum)
 from mqa.config import ModelConfig
 from mqa.kv_cache import CacheEntry, update
 from mqa.norm import RMSNorm
@@ -44,17 +46,24 @@ def attend_latent_expanded(q: jax.Array, q_rope: jax.Array, latent: jax.Array, k
     return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, **F32).astype(q.dtype)
 
 
-def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, latent: jax.Array, k_rope: jax.Array,
-                           k_up: jax.Array, v_up: jax.Array, **mask) -> jax.Array:
-    """`attend_latent_expanded`'s arguments and result, computed in the latent space:
-    q.(latent @ k_up) = (q @ k_up^T).latent, and sum_s p (latent @ v_up) = (sum_s p latent) @ v_up."""
+def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, cached: jax.Array, k_up: jax.Array,
+                           v_up: jax.Array, **mask) -> jax.Array:
+    """`attend_latent_expanded`'s result computed in the latent space, from the cache:
+    cached [b, s, c + r] holds each token's latent and then its rotary key.
+
+    q.(latent @ k_up) = (q @ k_up^T).latent, and sum_s p (latent @ v_up) = (sum_s p latent) @ v_up.
+    The queries' latent and rotary parts meet the cache in one product, and the values are
+    the same rows (their rotary part dropped from the small result): each product reads the
+    cache once, as it lies, like MQA's keys and values (`core.ordered_einsum`).
+    """
     b, t, h, d = q.shape
+    c = k_up.shape[0]
     q_latent = jnp.einsum("bthd,chd->bthc", q, k_up, **F32).astype(q.dtype)
-    logits = (jnp.einsum("bthc,bsc->bhts", q_latent, latent, **F32)
-              + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, **F32))
-    probs = _softmax(logits, d + q_rope.shape[-1], t, latent.shape[1], **mask)
-    out_latent = jnp.einsum("bhts,bsc->bthc", probs.astype(latent.dtype), latent, **F32)
-    return jnp.einsum("bthc,chd->bthd", out_latent.astype(q.dtype), v_up, **F32).astype(q.dtype)
+    queries = jnp.concatenate([q_latent, q_rope], axis=-1)                 # [b, t, h, c + r]
+    logits = ordered_einsum("bsc,bthc->bhts", cached, queries, **F32)
+    probs = _softmax(logits, d + q_rope.shape[-1], t, cached.shape[1], **mask)
+    out = ordered_einsum("bhts,bsc->bthc", probs.astype(cached.dtype), cached, **F32)
+    return jnp.einsum("bthc,chd->bthd", out[..., :c].astype(q.dtype), v_up, **F32).astype(q.dtype)
 
 
 def _softmax(logits, key_dim, t, s, *, q_offset=0, window=None, k_positions=None):
@@ -88,8 +97,7 @@ class LatentAttention(nnx.Module):
 
     @staticmethod
     def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
-        return (CacheEntry("latent", 0, config.kv_latent_dim),
-                CacheEntry("k_rope", 0, config.rope_head_dim))
+        return (CacheEntry("latent", 0, config.kv_latent_dim + config.rope_head_dim),)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
                  shared: tuple | None = None, *, index: jax.Array | None = None,
@@ -110,9 +118,9 @@ class LatentAttention(nnx.Module):
                                          window=window)
         else:
             axes = {e.name: e.axes(x.shape[0]) for e in self.cache_entries(config)}
-            cache, state, k_positions = update(
-                cache, {"latent": latent[:, :, None], "k_rope": k_rope}, axes, index,
-                ring=window is not None, dtype=dtype)
-            out = attend_latent_absorbed(q, q_rope, state["latent"], state["k_rope"], k_up, v_up,
+            new = jnp.concatenate([latent[:, :, None], k_rope], axis=-1)    # [b, t, 1, c + r]
+            cache, state, k_positions = update(cache, {"latent": new}, axes, index,
+                                               ring=window is not None, dtype=dtype)
+            out = attend_latent_absorbed(q, q_rope, state["latent"], k_up, v_up,
                                          q_offset=index, window=window, k_positions=k_positions)
         return dense(out, weight(self.out), contract=2), cache, None

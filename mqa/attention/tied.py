@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mqa.attention.core import causal_mask, dense, init_output, init_params, masked_softmax
+from mqa.attention.core import (causal_mask, dense, init_output, init_params, masked_softmax,
+                               ordered_einsum)
 from mqa.config import ModelConfig
 from mqa.kv_cache import CacheEntry, update
 from mqa.rope import apply_rope
@@ -28,21 +29,35 @@ def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout
     """Causal attention with tied keys and values and a shared rotary key.
 
     q: [b, t, h, d], its last d/2 dimensions already rotated; tied: [b, s, k, d] ("bskd")
-      or [b, k, s, d] ("bksd", the cache); k_rope: [b, s, d/2], rotated.
+      or as the cache lays it out ("bksd", without "b" or "k" where they have size 1);
+      k_rope: [b, s, d/2] ("bsr"), rotated.
     Key of head k at s: concat(tied[s, k, :n], k_rope[s]); value: tied[s, k] (all of it).
     Returns [b, t, h, d] in q's dtype; logits and softmax in float32.
+
+    Over a cache, the tied keys are read whole, as they lie, against queries whose rotary
+    half is zeroed: slicing off the cache's rotary half copied half the cache every step.
     """
     b, t, h, d = q.shape
-    kv, kv_len = tied.shape[tied_layout.index("k")], tied.shape[tied_layout.index("s")]
+    size = dict(zip(tied_layout, tied.shape))
+    kv, kv_len = size.get("k", 1), size["s"]
     n = d - k_rope.shape[-1]
-    q = q.reshape(b, t, kv, h // kv, d)
+    q_axes = "".join(c for c in "btkgd" if c in tied_layout or c in "tgd")  # as `core.attend`
+    q = q.reshape([dict(b=b, t=t, k=kv, g=h // kv, d=d)[c] for c in q_axes])
+    score_axes = q_axes.replace("t", "").replace("gd", "gts")  # [b][k]gts
     f32 = dict(preferred_element_type=jnp.float32)
-    tied_n = tied_layout.replace("d", "n")
-    logits = (jnp.einsum(f"btkgn,{tied_n}->bkgts", q[..., :n], tied[..., :n], **f32)
-              + jnp.einsum("btkgr,bsr->bkgts", q[..., n:], k_rope, **f32))
+    if tied_layout == "bskd":  # activations (training): contract the non-rotary half only
+        keys, q_keys, key_axes = tied[..., :n], q[..., :n], "bskd"
+    else:                      # a cache: read it whole; the zeroed half adds nothing
+        keys, q_keys, key_axes = tied, q.at[..., n:].set(0), tied_layout
+    if "b" not in q_axes:      # batch 1 with a squeezed cache
+        k_rope = k_rope[0]
+    rope_axes = "bsd" if "b" in q_axes else "sd"
+    logits = (ordered_einsum(f"{key_axes},{q_axes}->{score_axes}", keys, q_keys, **f32)
+              + ordered_einsum(f"{rope_axes},{q_axes}->{score_axes}", k_rope, q[..., n:], **f32))
     probs = masked_softmax(logits / jnp.sqrt(jnp.float32(d)),
                            causal_mask(t, kv_len, q_offset, window, k_positions))
-    out = jnp.einsum(f"bkgts,{tied_layout}->btkgd", probs.astype(tied.dtype), tied, **f32)
+    out = ordered_einsum(f"{score_axes},{tied_layout}->{q_axes}", probs.astype(tied.dtype), tied,
+                         **f32)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -62,7 +77,7 @@ class TiedAttention(nnx.Module):
 
     @staticmethod
     def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
-        return (CacheEntry("kv", config.num_kv_heads, config.head_dim),
+        return (CacheEntry("kv", config.num_kv_heads, config.head_dim, squeeze=True),
                 CacheEntry("k_rope", 0, config.head_dim // 2))
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
