@@ -32,8 +32,8 @@ class KVCache(NamedTuple):
       `CacheEntry` names (and "<name>_scale" for an int8 cache) to one buffer. A buffer is
       laid out as `CacheEntry.axes`: [batch, heads, length, dim] or [batch, length, dim]
       for an entry shared by all heads, where length is max_len, or for a local layer
-      min(window, max_len). Why separate buffers, heads outside positions, and no size-1 axes for
-      grouped attention (each measured on XLA's CPU backend):
+      min(window, max_len), and size-1 batch and head axes left out. Why separate buffers,
+      heads outside positions, and no size-1 axes (each measured on XLA's CPU backend):
       - one buffer per layer: a decoding step writes its new keys and values into its own
         buffer, never copying a layer out of a stacked array;
       - each head's positions contiguous: the attention products read the cache as it lies
@@ -52,18 +52,16 @@ class KVCache(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class CacheEntry:
     """One vector a family caches per token: `heads` of them (0: one shared by all heads,
-    no head axis) of `dim` numbers. `squeeze`: leave out size-1 batch and head axes."""
+    no head axis) of `dim` numbers."""
 
     name: str
     heads: int
     dim: int
-    squeeze: bool = False
 
     def axes(self, batch_size: int) -> str:
-        """The buffer's axes in `attend`'s letters: b batch, k head, s position, d dim."""
-        if self.squeeze:
-            return cache_axes(batch_size, max(self.heads, 1))
-        return "b" + ("k" if self.heads else "") + "sd"
+        """The buffer's axes in `attend`'s letters (b batch, k head, s position, d dim),
+        without size-1 batch and head axes (`cache_axes`)."""
+        return cache_axes(batch_size, max(self.heads, 1))
 
 
 def cache_axes(batch_size: int, num_kv_heads: int) -> str:

@@ -13,6 +13,7 @@ from mqa import data
 from mqa.config import ModelConfig, default_config
 from mqa.decode import _generate, generate, sample_token
 from mqa.evaluation import evaluate_tokens, scored_positions
+from mqa.kv_cache import init_cache
 from mqa.loading import LoadedModel
 from mqa.model import Transformer
 
@@ -115,18 +116,28 @@ def cache_copies_in_loops(hlo: str, cache_dims: list[int]) -> list[str]:
     return found
 
 
+LOOP_FAMILIES = {
+    "MHA": dict(num_kv_heads=4), "GQA-2": dict(num_kv_heads=2), "MQA": dict(num_kv_heads=1),
+    "GTA-2": dict(attention="tied", num_kv_heads=2), "GTA-1": dict(attention="tied", num_kv_heads=1),
+    "MLA": dict(attention="latent", kv_latent_dim=12, rope_head_dim=4),
+}
+
+
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
-def test_the_decoding_loop_updates_the_cache_in_place(num_kv_heads, batch):
+@pytest.mark.parametrize("family", LOOP_FAMILIES)
+def test_the_decoding_loop_updates_the_cache_in_place(family, batch):
     """Compiled generation never copies or transposes a cache buffer inside the token loop:
     each step writes one position and reads each buffer as it lies, the memory traffic that
     bounds decoding. (XLA on CPU copied the MQA cache three times per layer and step when the
-    buffer had a size-1 axis, and transposed it when the values were a matmul's left operand.)"""
-    model = loaded(num_kv_heads=num_kv_heads)
+    buffer had a size-1 axis, and transposed it when the values were a matmul's left operand;
+    tied and latent attention, through jnp.einsum, copied or transposed theirs.)"""
+    model = loaded(**LOOP_FAMILIES[family])
     prompt = jnp.zeros((batch, 4), jnp.int32)
     hlo = _generate.lower(model.graphdef, model.params, prompt, jax.random.key(0),
                           max_new_tokens=12, temperature=0.0, top_k=None,
                           top_p=None).compile().as_text()
     assert "while(" in hlo and "dynamic-update-slice" in hlo
-    copies = cache_copies_in_loops(hlo, [batch, num_kv_heads, 16, CONFIG.head_dim])
+    buffers = init_cache(model.model_config, batch, 16).layers[0]
+    copies = [line for buffer in buffers.values()
+              for line in cache_copies_in_loops(hlo, list(buffer.shape))]
     assert not copies, f"cache copied in the token loop: {copies}"

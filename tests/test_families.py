@@ -183,7 +183,8 @@ def test_the_cache_has_exactly_the_bytes_accounted(name, window, int8):
 
 def test_cache_sizes_per_family():
     """Numbers cached per token and layer: grouped 2*kv*d, tied kv*d + d/2, latent c + r;
-    int8 a byte each plus a 4-byte scale per token and head; a local layer's ring stays at
+    int8 a byte each plus a 4-byte scale per token and head (latent: one, for the latent and
+    rotary key cached side by side); a local layer's ring stays at
     the window however long the context."""
     per_token = lambda **c: accounting.kv_cache_bytes(dataclasses.replace(BASE, **c), 1, 40) / 40  # noqa: E731
     layers, d = BASE.num_layers, BASE.head_dim
@@ -192,7 +193,7 @@ def test_cache_sizes_per_family():
     assert per_token(attention="tied", num_kv_heads=1) == layers * (d + d // 2) * 4
     assert per_token(**LATENT) == layers * (12 + 4) * 4
     assert per_token(kv_cache_dtype="int8") == layers * 2 * 2 * (d + 4)
-    assert per_token(**LATENT, kv_cache_dtype="int8") == layers * (12 + 4 + 2 * 4)
+    assert per_token(**LATENT, kv_cache_dtype="int8") == layers * (12 + 4 + 4)  # one vector
     local = dataclasses.replace(BASE, sliding_window=5)
     assert accounting.kv_cache_bytes(local, 1, 40) == accounting.kv_cache_bytes(local, 1, 5)
     mixed = dataclasses.replace(BASE, sliding_window=5, global_every=2)

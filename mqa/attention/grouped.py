@@ -36,8 +36,8 @@ class GroupedAttention(nnx.Module):
 
     @staticmethod
     def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
-        return (CacheEntry("k", config.num_kv_heads, config.head_dim, squeeze=True),
-                CacheEntry("v", config.num_kv_heads, config.head_dim, squeeze=True))
+        return (CacheEntry("k", config.num_kv_heads, config.head_dim),
+                CacheEntry("v", config.num_kv_heads, config.head_dim))
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
                  shared: tuple | None = None, *, index: jax.Array | None = None,

@@ -47,9 +47,10 @@ def attend_latent_expanded(q: jax.Array, q_rope: jax.Array, latent: jax.Array, k
 
 
 def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, cached: jax.Array, k_up: jax.Array,
-                           v_up: jax.Array, **mask) -> jax.Array:
+                           v_up: jax.Array, *, cached_layout: str = "bsd", **mask) -> jax.Array:
     """`attend_latent_expanded`'s result computed in the latent space, from the cache:
-    cached [b, s, c + r] holds each token's latent and then its rotary key.
+    cached [b, s, c + r] ("bsd"; "sd" without the batch axis at batch 1) holds each token's
+    latent and then its rotary key.
 
     q.(latent @ k_up) = (q @ k_up^T).latent, and sum_s p (latent @ v_up) = (sum_s p latent) @ v_up.
     The queries' latent and rotary parts meet the cache in one product, and the values are
@@ -60,9 +61,13 @@ def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, cached: jax.Array, k
     c = k_up.shape[0]
     q_latent = jnp.einsum("bthd,chd->bthc", q, k_up, **F32).astype(q.dtype)
     queries = jnp.concatenate([q_latent, q_rope], axis=-1)                 # [b, t, h, c + r]
-    logits = ordered_einsum("bsc,bthc->bhts", cached, queries, **F32)
-    probs = _softmax(logits, d + q_rope.shape[-1], t, cached.shape[1], **mask)
-    out = ordered_einsum("bhts,bsc->bthc", probs.astype(cached.dtype), cached, **F32)
+    rows, q_axes, score_axes = "bsc", "bthc", "bhts"
+    if "b" not in cached_layout:
+        rows, q_axes, score_axes, queries = "sc", "thc", "hts", queries[0]
+    logits = ordered_einsum(f"{rows},{q_axes}->{score_axes}", cached, queries, **F32)
+    probs = _softmax(logits, d + q_rope.shape[-1], t, cached.shape[-2], **mask)
+    out = ordered_einsum(f"{score_axes},{rows}->{q_axes}", probs.astype(cached.dtype), cached,
+                         **F32).reshape(b, t, h, -1)
     return jnp.einsum("bthc,chd->bthd", out[..., :c].astype(q.dtype), v_up, **F32).astype(q.dtype)
 
 
@@ -122,5 +127,5 @@ class LatentAttention(nnx.Module):
             cache, state, k_positions = update(cache, {"latent": new}, axes, index,
                                                ring=window is not None, dtype=dtype)
             out = attend_latent_absorbed(q, q_rope, state["latent"], k_up, v_up,
-                                         q_offset=index, window=window, k_positions=k_positions)
+                                         cached_layout=axes["latent"], q_offset=index, window=window, k_positions=k_positions)
         return dense(out, weight(self.out), contract=2), cache, None

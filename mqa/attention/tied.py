@@ -30,7 +30,7 @@ def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout
 
     q: [b, t, h, d], its last d/2 dimensions already rotated; tied: [b, s, k, d] ("bskd")
       or as the cache lays it out ("bksd", without "b" or "k" where they have size 1);
-      k_rope: [b, s, d/2] ("bsr"), rotated.
+      k_rope: [b, s, d/2], rotated, without "b" where the tied state has none.
     Key of head k at s: concat(tied[s, k, :n], k_rope[s]); value: tied[s, k] (all of it).
     Returns [b, t, h, d] in q's dtype; logits and softmax in float32.
 
@@ -49,9 +49,7 @@ def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout
         keys, q_keys, key_axes = tied[..., :n], q[..., :n], "bskd"
     else:                      # a cache: read it whole; the zeroed half adds nothing
         keys, q_keys, key_axes = tied, q.at[..., n:].set(0), tied_layout
-    if "b" not in q_axes:      # batch 1 with a squeezed cache
-        k_rope = k_rope[0]
-    rope_axes = "bsd" if "b" in q_axes else "sd"
+    rope_axes = "bsd" if "b" in q_axes else "sd"  # batch 1: the cache has no batch axis
     logits = (ordered_einsum(f"{key_axes},{q_axes}->{score_axes}", keys, q_keys, **f32)
               + ordered_einsum(f"{rope_axes},{q_axes}->{score_axes}", k_rope, q[..., n:], **f32))
     probs = masked_softmax(logits / jnp.sqrt(jnp.float32(d)),
@@ -77,7 +75,7 @@ class TiedAttention(nnx.Module):
 
     @staticmethod
     def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
-        return (CacheEntry("kv", config.num_kv_heads, config.head_dim, squeeze=True),
+        return (CacheEntry("kv", config.num_kv_heads, config.head_dim),
                 CacheEntry("k_rope", 0, config.head_dim // 2))
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
