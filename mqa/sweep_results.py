@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 from mqa import accounting
 from mqa import statistics as stats
-from mqa.config import ModelConfig
+from mqa.config import ModelConfig, with_defaults
 from mqa.sweep import POINTS_FIELD, SEED_FIELD, Point
 
 RESULT_FILE = "result.json"
@@ -77,12 +77,15 @@ def write_result(point_dir: pathlib.Path, result: dict) -> None:
 
 
 def finished_result(point_dir: pathlib.Path, point: Point) -> dict | None:
-    """The point's result if it finished with this very config: result.json records it,
-    and the checkpoint at the last step exists. Otherwise None (train or resume it)."""
+    """The point's result if it finished with this very config: result.json records it
+    (fields added to the schema since it was written count at their defaults, as when a
+    run resumes), and the checkpoint at the last step exists. Otherwise None (train or
+    resume it)."""
     result = read_result(point_dir)
     steps = point.config.train.steps
-    if (result is None or result.get("config") != config_snapshot(point)
-            or result.get("step") != steps or not (point_dir / "checkpoints" / str(steps)).is_dir()):
+    if (result is None or result.get("step") != steps
+            or not (point_dir / "checkpoints" / str(steps)).is_dir()
+            or json.loads(with_defaults(result.get("config") or {}).to_json()) != config_snapshot(point)):
         return None
     return result
 

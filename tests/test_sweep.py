@@ -299,3 +299,20 @@ def test_the_kv_budget_sweep_runs_end_to_end_at_toy_size(tmp_path):
     assert max(params) - min(params) <= 1.5 * 96 * 4
     for png in ("frontier.png", "frontier_decode.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_a_point_finished_before_new_config_fields_is_still_finished(tmp_path):
+    """A result.json written before a field joined the schema counts as finished when the
+    field is at its default (as a run resumes), and not when the point sets it otherwise."""
+    from mqa import sweep_results
+    config = tiny_config(**{"model.num_kv_heads": [2]})
+    [point] = points(config, sweep_fields(config))
+    (tmp_path / "checkpoints" / str(point.config.train.steps)).mkdir(parents=True)
+    old = sweep_results.config_snapshot(point)
+    del old["model"]["kv_cache_dtype"], old["train"]["trainable"]  # fields added later
+    sweep_results.write_result(tmp_path, {"name": point.name, "config": old,
+                                          "step": point.config.train.steps, "eval_loss": 1.5})
+    assert sweep_results.finished_result(tmp_path, point)["eval_loss"] == 1.5
+    config.model.kv_cache_dtype = "int8"
+    [int8_point] = points(config, sweep_fields(config))
+    assert sweep_results.finished_result(tmp_path, int8_point) is None
