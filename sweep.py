@@ -21,6 +21,8 @@ the sweep writes:
                                     seed-paired difference against --baseline with its
                                     interval (columns: mqa/sweep_results.py)
   WORKDIR/results_by_seed.csv       a row per point (configuration and seed)
+  WORKDIR/comparisons.csv           with --compare=A:B, the seed-paired difference A - B
+                                    and A's KV-cache and decoding-speed ratios to B
   WORKDIR/speeds.json               the side-by-side timings, per configuration
   WORKDIR/eval_loss.png             held-out loss (mean, 95% interval) against num_kv_heads
                                     (or the first field); eval_loss_diff.png the paired
@@ -63,6 +65,9 @@ flags.DEFINE_integer("seeds", None, "Train every configuration with train.seed =
                      "report means, intervals and seed-paired differences.")
 flags.DEFINE_multi_string("baseline", [], "FIELD=VALUE (repeat for more fields): the "
                           "configuration the others are compared with; default: the first.")
+flags.DEFINE_multi_string("compare", [], "CONFIGURATION:AGAINST (repeatable), e.g. "
+                          "--compare=GTA-2:GQA-2: also report that seed-paired difference "
+                          "(comparisons.csv and results.md).")
 flags.DEFINE_integer("decode_context", 1024, "Tokens in the KV cache while timing decoding "
                      f"(capped at model.max_seq_len - {DECODE_STEPS}).", lower_bound=1)
 flags.DEFINE_integer("decode_batch", 8, "Sequences decoded at once while timing.", lower_bound=1)
@@ -176,6 +181,21 @@ def baseline_configuration(plan: list[Point], items: list[str], config) -> str:
     return matches[0]
 
 
+def compared_pairs(plan: list[Point], items: list[str]) -> list[tuple[str, str]]:
+    """--compare's CONFIGURATION:AGAINST pairs, each a configuration of the plan; one line
+    naming the configurations when one is not."""
+    configurations = list(dict.fromkeys(point.configuration for point in plan))
+    pairs = []
+    for item in items:
+        name, sep, against = (part.strip() for part in item.partition(":"))
+        for part in (name, against):
+            if not sep or part not in configurations:
+                raise ConfigError(f"--compare={item!r} must be CONFIGURATION:AGAINST, two of: "
+                                  f"{', '.join(configurations)}")
+        pairs.append((name, against))
+    return pairs
+
+
 def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
     """Trains and times every point, writes the tables and figures; returns the markdown."""
     fields = parse_sweep_flags(FLAGS.sweep, config) if FLAGS.sweep else sweep_fields(config)
@@ -183,6 +203,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
         fields = with_seeds(fields, FLAGS.seeds)
     plan = points(config, fields)  # every point validated before anything trains
     baseline = baseline_configuration(plan, FLAGS.baseline, config)
+    comparisons = compared_pairs(plan, FLAGS.compare)  # checked before anything trains
     workdir = trainer.prepare_workdir(workdir)
     # Seed-major order: every configuration's seed 0, then seed 1, ...
     order = sorted(plan, key=lambda point: point.seed)
@@ -206,6 +227,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
     sweep_results.write_csv(rows, columns, workdir / "results.csv")
     sweep_results.write_csv(seed_rows, sweep_results.seed_columns(fields),
                             workdir / "results_by_seed.csv")
+    if comparisons:
+        compared = sweep_results.comparison_rows(seed_rows, comparisons)
+        sweep_results.write_csv(compared, list(sweep_results.COMPARISON_COLUMNS),
+                                workdir / "comparisons.csv")
+        table += ("\nSeed-paired differences in held-out loss (configuration minus against, "
+                  "95% interval), and the ratios of KV-cache bytes and decoding speed:\n\n"
+                  + sweep_results.markdown_table(compared, list(sweep_results.COMPARISON_COLUMNS)))
     (workdir / "results.md").write_text(
         f"Baseline: {baseline}. Means over seeds with 95% t intervals (half-widths); "
         "differences are seed-paired against the baseline; resolved: the difference's "

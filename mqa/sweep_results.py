@@ -43,7 +43,12 @@ CONFIGURATION_COLUMNS = {
         ("_diff_ci95", "{:.4f}"), ("_diff_resolved", "{}"))},
     **SPEED_COLUMNS,
 }
-METRIC_COLUMNS = {**SEED_COLUMNS, **CONFIGURATION_COLUMNS}
+# comparisons.csv: a configuration against another, seed-paired (`comparison_rows`)
+COMPARISON_COLUMNS = {"configuration": "{}", "against": "{}", "n": "{:d}",
+                      "eval_loss_diff": "{:+.4f}", "eval_loss_diff_ci95": "{:.4f}",
+                      "eval_loss_diff_resolved": "{}", "kv_cache_ratio": "{:.3f}",
+                      "decode_speed_ratio": "{:.2f}"}
+METRIC_COLUMNS = {**SEED_COLUMNS, **CONFIGURATION_COLUMNS, **COMPARISON_COLUMNS}
 
 
 def config_snapshot(point: Point) -> dict:
@@ -163,6 +168,28 @@ def configuration_rows(seed_rows: list[dict], baseline: str) -> list[dict[str, A
                         f"{metric}_diff_ci95": diff["ci95"],
                         f"{metric}_diff_resolved": diff["resolved"]})
         table.append(row)
+    return table
+
+
+def comparison_rows(seed_rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """For each (configuration, against): the seed-paired difference in held-out loss
+    (configuration minus against) with its 95% interval, and the ratios of their KV-cache
+    bytes per token and decoding tokens/s (configuration over against)."""
+    first = {}
+    losses: dict[str, dict[int, float]] = {}
+    for row in seed_rows:
+        first.setdefault(row["configuration"], row)
+        losses.setdefault(row["configuration"], {})[row["seed"]] = row["eval_loss"]
+    table = []
+    for name, against in pairs:
+        diff = stats.paired_difference(losses[name], losses[against])
+        a, b = first[name], first[against]
+        speeds = (a.get("decode_tokens_per_sec"), b.get("decode_tokens_per_sec"))
+        table.append({"configuration": name, "against": against, "n": diff["n"],
+                      "eval_loss_diff": diff["mean"], "eval_loss_diff_ci95": diff["ci95"],
+                      "eval_loss_diff_resolved": diff["resolved"],
+                      "kv_cache_ratio": a["kv_cache_bytes_per_token"] / b["kv_cache_bytes_per_token"],
+                      "decode_speed_ratio": speeds[0] / speeds[1] if all(speeds) else None})
     return table
 
 

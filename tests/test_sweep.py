@@ -281,7 +281,8 @@ def test_the_kv_budget_sweep_runs_end_to_end_at_toy_size(tmp_path):
             "--config.train.log_every=3", "--config.train.eval_every=3",
             "--config.train.eval_batches=1", "--config.train.batch_size=4",
             "--config.train.final_eval_tokens=2048", "--config.checkpoint.every=3",
-            "--decode_batch=2", "--decode_context=256"]
+            "--decode_batch=2", "--decode_context=256", "--compare=GTA-2:GQA-2",
+            "--compare=MQA+CLA2:MQA"]
     result = run_sweep(tmp_path, *tiny, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {r["configuration"]: r for r in read_csv(tmp_path / "results.csv")}
@@ -299,6 +300,35 @@ def test_the_kv_budget_sweep_runs_end_to_end_at_toy_size(tmp_path):
     assert max(params) - min(params) <= 1.5 * 96 * 4
     for png in ("frontier.png", "frontier_decode.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
+    compared = read_csv(tmp_path / "comparisons.csv")
+    assert [(r["configuration"], r["against"]) for r in compared] == [("GTA-2", "GQA-2"),
+                                                                       ("MQA+CLA2", "MQA")]
+    assert [float(r["kv_cache_ratio"]) for r in compared] == [30 / 48, 0.5]
+    assert "| GTA-2 | GQA-2 |" in (tmp_path / "results.md").read_text()
+
+
+def test_comparisons_are_seed_paired_differences_as_scipy_computes_them():
+    from mqa import sweep_results
+    rng = np.random.default_rng(0)
+    losses = {"A": rng.normal(2.0, 0.05, 5), "B": rng.normal(2.1, 0.05, 5)}
+    seed_rows = [{"configuration": name, "seed": seed, "eval_loss": float(loss),
+                  "kv_cache_bytes_per_token": {"A": 96, "B": 384}[name],
+                  "decode_tokens_per_sec": {"A": 300.0, "B": 100.0}[name]}
+                 for name in ("B", "A") for seed, loss in enumerate(losses[name])]
+    [row] = sweep_results.comparison_rows(seed_rows, [("A", "B")])
+    interval = scipy.stats.ttest_rel(losses["A"], losses["B"]).confidence_interval(0.95)
+    assert row["n"] == 5
+    assert row["eval_loss_diff"] == pytest.approx((losses["A"] - losses["B"]).mean())
+    assert row["eval_loss_diff_ci95"] == pytest.approx((interval.high - interval.low) / 2)
+    assert row["eval_loss_diff_resolved"] == bool(interval.low > 0 or interval.high < 0)
+    assert row["kv_cache_ratio"] == 0.25 and row["decode_speed_ratio"] == 3.0
+
+
+def test_bad_comparisons_are_one_line_errors_before_training(tmp_path):
+    for item in ["num_kv_heads=2", "num_kv_heads=2:num_kv_heads=8"]:
+        result = run_sweep(tmp_path, *TINY, "--sweep=model.num_kv_heads=2,1", f"--compare={item}")
+        assert_one_line_error(result, "--compare", "CONFIGURATION:AGAINST", "num_kv_heads=1")
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_point_finished_before_new_config_fields_is_still_finished(tmp_path):
