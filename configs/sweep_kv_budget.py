@@ -1,6 +1,11 @@
 """The KV-budget frontier: every way to shrink the KV cache, at an equal parameter count.
 
   python sweep.py --config=configs/sweep_kv_budget.py --workdir=runs/kv_budget
+  # and the papers' own comparisons (seed-paired; no retraining when run again):
+  python sweep.py --config=configs/sweep_kv_budget.py --workdir=runs/kv_budget \
+      --compare=GTA-2:GQA-2 --compare=GTA-1:MQA --compare=MQA+CLA2:MQA \
+      --compare=MLA-24:MHA --compare=MLA-12:MHA --compare=MLA-12:MQA \
+      --compare=MHA-int8:MHA --compare=MQA-int8:MQA
 
 The model and training of configs/sweep_kv_heads.py (4 layers, d_model 96, 8 query heads of
 12 dimensions, 400 steps of 16 x 128 tokens of tinyshakespeare, the whole held-out split)
