@@ -4,6 +4,10 @@
   python benchmarks/train_throughput.py --mode=compile     # first-step compile time vs layers
   python benchmarks/train_throughput.py --mode=memory      # peak step memory vs sequence length
   python benchmarks/train_throughput.py --mode=profile     # where the JAX step's time goes
+  python benchmarks/train_throughput.py --kv_heads=1 --no-torch \
+      --jax_variant=GTA-1:model.attention=tied \
+      --jax_variant=MLA-48:model.attention=latent,model.kv_latent_dim=48,model.rope_head_dim=16
+                                                           # other families beside MQA
 
 `throughput`: the train step `train.py` runs (the same `make_train_step`, AdamW, clipping,
 float32) on configs/default.py's model (4 layers, d_model 256, 8 heads, SwiGLU 1024, batch
@@ -69,13 +73,17 @@ def throughput(args) -> list[dict]:
                   f"({'data sheet' if jax.devices()[0].platform == 'gpu' else 'measured matmul'})")
         batch = random_batch(config)
         runners, first_step = {}, {}
+        tokens = config.train.batch_size * config.train.seq_len
+        flops = dict.fromkeys(["jax", "torch_eager", "torch_compile"],
+                              accounting.flops_per_token(model_config, config.train.seq_len) * tokens)
 
         runners["jax"], _ = jax_runner(config, model_config, batch)
-        for variant in args.jax_variant:  # NAME:field=value,field=value
+        for variant in args.jax_variant:  # NAME:field=value,field=value (e.g. another family)
             name, _, overrides = variant.partition(":")
             v_config, v_model = experiment([f"model.num_kv_heads={kv}", *args.override,
                                             *overrides.split(",")])
             runners[f"jax_{name}"], _ = jax_runner(v_config, v_model, batch)
+            flops[f"jax_{name}"] = accounting.flops_per_token(v_model, config.train.seq_len) * tokens
         if args.torch:
             runners.update(torch_runners(config, model_config, batch, args.torch_compile))
         for name, run in runners.items():  # the first step compiles
@@ -90,12 +98,10 @@ def throughput(args) -> list[dict]:
                     start = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - start)
-        tokens = config.train.batch_size * config.train.seq_len
-        flops = accounting.flops_per_token(model_config, config.train.seq_len) * tokens
         for name, samples in times.items():
             seconds = float(np.median(samples))
             rows.append(dict(num_kv_heads=kv, impl=name, step_ms=seconds * 1e3,
-                             tokens_per_sec=tokens / seconds, mfu=flops / seconds / ceiling,
+                             tokens_per_sec=tokens / seconds, mfu=flops[name] / seconds / ceiling,
                              first_step_s=first_step[name], steps_timed=len(samples)))
         eager = next((r for r in rows if r["num_kv_heads"] == kv and r["impl"] == "torch_eager"),
                      None)
