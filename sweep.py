@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 
 import ml_collections
@@ -74,13 +75,44 @@ flags.DEFINE_integer("decode_batch", 8, "Sequences decoded at once while timing.
 FLAGS = flags.FLAGS
 
 
-def train_point(point: Point, point_dir, label: str) -> dict:
-    """Trains (or resumes) a point unless it has finished; returns its result.json contents."""
+# Fields that change how a trained model is scored, not how it trains (the trainer resumes
+# a run with them changed): a point that differs from a finished one only in these starts
+# from that point's final checkpoint and curves, and is only evaluated.
+SCORING_FIELDS = ("model.kv_cache_dtype",)
+
+
+def training_twin(point: Point, plan: list[Point], workdir) -> Point | None:
+    """A finished point of the plan that trained exactly as `point` would (their configs
+    differ only in SCORING_FIELDS), or None."""
+    def training_part(p: Point) -> dict:
+        snapshot = sweep_results.config_snapshot(p)
+        for field in SCORING_FIELDS:
+            section, key = field.split(".")
+            snapshot[section].pop(key)
+        return snapshot
+
+    mine = training_part(point)
+    return next((other for other in plan if other.name != point.name
+                 and training_part(other) == mine
+                 and sweep_results.finished_result(workdir / other.name, other) is not None), None)
+
+
+def train_point(point: Point, plan: list[Point], workdir, label: str) -> dict:
+    """Trains (or resumes) a point unless it has finished; returns its result.json contents.
+    A point whose training twin has finished copies the twin's run and is only evaluated."""
+    point_dir = workdir / point.name
     result = sweep_results.finished_result(point_dir, point)
     if result is not None:
         print(f"{label}: finished (step {result['step']}), skipped", flush=True)
         return result
-    print(f"{label}: training in {point_dir}", flush=True)
+    twin = None if (point_dir / "checkpoints").exists() else training_twin(point, plan, workdir)
+    if twin is not None:
+        print(f"{label}: trains exactly as {twin.name} (they differ only in "
+              f"{', '.join(SCORING_FIELDS)}); evaluating a copy of its run in {point_dir}", flush=True)
+        shutil.copytree(workdir / twin.name, point_dir, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(sweep_results.RESULT_FILE, "*.lock"))
+    else:
+        print(f"{label}: training in {point_dir}", flush=True)
     config = ml_collections.ConfigDict(point.config.to_dict())  # train() may change it (BPE)
     trained = trainer.train(config, point_dir)
     result = sweep_results.new_result(point, trained)
@@ -208,7 +240,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
     # Seed-major order: every configuration's seed 0, then seed 1, ...
     order = sorted(plan, key=lambda point: point.seed)
     print(f"sweep: {len(plan)} points in {workdir}: {', '.join(p.name for p in order)}", flush=True)
-    results = {point.name: train_point(point, workdir / point.name,
+    results = {point.name: train_point(point, plan, workdir,
                                        f"[{index}/{len(plan)}] {point.name}")
                for index, point in enumerate(order, 1)}
     speeds = measured_speeds(plan, workdir, FLAGS.decode_context, FLAGS.decode_batch)

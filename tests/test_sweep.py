@@ -346,3 +346,28 @@ def test_a_point_finished_before_new_config_fields_is_still_finished(tmp_path):
     config.model.kv_cache_dtype = "int8"
     [int8_point] = points(config, sweep_fields(config))
     assert sweep_results.finished_result(tmp_path, int8_point) is None
+
+
+@pytest.mark.slow
+def test_a_point_that_only_scores_differently_reuses_its_twins_training(tmp_path):
+    """An int8-cache point trains exactly as its float twin: the sweep copies the twin's
+    finished run and only evaluates it (through the int8 cache)."""
+    config_file = tmp_path / "twins.py"
+    config_file.write_text(
+        "import ml_collections\nfrom configs import tiny\n\n\ndef get_config():\n"
+        "    config = tiny.get_config()\n"
+        "    config.sweep = ml_collections.ConfigDict({'points': [\n"
+        "        {'name': 'float', 'model.num_kv_heads': 2},\n"
+        "        {'name': 'int8', 'model.num_kv_heads': 2, 'model.kv_cache_dtype': 'int8'}]},\n"
+        "        allow_dotted_keys=True)\n    return config\n")
+    workdir = tmp_path / "sweep"
+    result = run_sweep(workdir, f"--config={config_file}", *TINY[1:])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("training in") == 1
+    assert "int8: trains exactly as float (they differ only in model.kv_cache_dtype)" in result.stdout
+    float_run, int8_run = (json.loads((workdir / name / "result.json").read_text())
+                           for name in ("float", "int8"))
+    assert float_run["step"] == int8_run["step"] == 10
+    assert 0 < abs(int8_run["eval_loss"] - float_run["eval_loss"]) < 0.01 * float_run["eval_loss"]
+    saved = json.loads((workdir / "int8" / "config.json").read_text())
+    assert saved["model"]["kv_cache_dtype"] == "int8"
