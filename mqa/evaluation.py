@@ -48,7 +48,7 @@ def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batc
     mesh, `evaluate_tokens`' runs a loaded model.
     """
     stride = seq_len if stride is None else stride
-    windows = data.eval_windows(np.asarray(tokens), seq_len, stride=stride)  # [n, seq_len + 1]
+    windows = data.eval_windows(tokens, seq_len, stride=stride)  # [n, seq_len + 1]
     mask = scored_positions(len(windows), seq_len, stride)
     if max_windows is not None:
         windows, mask = windows[:max_windows], mask[:max_windows]
