@@ -89,11 +89,14 @@ class ShardWriter:
         self.resume_from = self.shards[-1]["end"] if self.shards else 0  # first piece not yet in a shard
         self._buffer: list[np.ndarray] = []
         self._tokens = self._bytes = 0
+        self._first_buffered = 0  # the first piece in the buffer, when there is one
 
     def add(self, piece_index: int, ids: np.ndarray, num_bytes: int) -> bool:
         """Adds piece `piece_index` (ids: int [n]; num_bytes: the bytes it stands for); True if a shard was written."""
         if piece_index < self.resume_from:
             return False
+        if not self._buffer:
+            self._first_buffered = piece_index
         self._buffer.append(np.asarray(ids).astype(self.dtype, copy=False))
         self._tokens += len(ids)
         self._bytes += num_bytes
@@ -107,6 +110,10 @@ class ShardWriter:
         if self._buffer and self._tokens:
             self._flush(end)
 
+    def unwritten_from(self, position: int) -> int:
+        """The first piece not yet in a shard, when `position` pieces of the input have been added."""
+        return self._first_buffered if self._buffer else position
+
     def _flush(self, end: int) -> None:
         name = f"{self.split}-{len(self.shards):05d}.npy"
         ids = np.concatenate(self._buffer)
@@ -115,12 +122,14 @@ class ShardWriter:
         self._buffer, self._tokens, self._bytes = [], 0, 0
 
 
-def read_progress(folder: Path, shard_tokens: int) -> tuple[int, dict[str, list[dict]]]:
-    """(shard_tokens, shards per split) an interrupted preparation left in `folder`; a shard whose
-    file is missing or short ends its split's list. With no progress: (shard_tokens, empty lists)."""
+def read_progress(folder: Path, shard_tokens: int) -> tuple[int, int, dict[str, list[dict]]]:
+    """(shard_tokens, next_piece, shards per split) an interrupted preparation left in `folder`: every
+    piece before next_piece is in a shard. A shard whose file is missing or short ends its split's
+    list (and then the input is read again from that shard's first piece).
+    With no progress: (shard_tokens, 0, empty lists)."""
     path = folder / PROGRESS_FILE
     if not path.is_file():
-        return shard_tokens, {split: [] for split in SPLITS}
+        return shard_tokens, 0, {split: [] for split in SPLITS}
     progress = json.loads(path.read_text())
     splits = {}
     for split in SPLITS:
@@ -130,12 +139,18 @@ def read_progress(folder: Path, shard_tokens: int) -> tuple[int, dict[str, list[
             if not file.is_file() or len(np.load(file, mmap_mode="r")) != shard["tokens"]:
                 break
             splits[split].append(shard)
-    return progress["shard_tokens"], splits
+    complete = all(len(splits[split]) == len(progress["splits"][split]) for split in SPLITS)
+    next_piece = progress["next_piece"] if complete else 0
+    return progress["shard_tokens"], next_piece, splits
 
 
-def write_progress(folder: Path, shard_tokens: int, writers: dict[str, ShardWriter]) -> None:
-    _write_json(folder / PROGRESS_FILE, {"shard_tokens": shard_tokens,
-                                         "splits": {split: w.shards for split, w in writers.items()}})
+def write_progress(folder: Path, shard_tokens: int, writers: dict[str, ShardWriter], position: int) -> None:
+    """Records the shards written so far, `position` pieces into the input."""
+    _write_json(folder / PROGRESS_FILE, {
+        "shard_tokens": shard_tokens,
+        "next_piece": min(writer.unwritten_from(position) for writer in writers.values()),
+        "splits": {split: writer.shards for split, writer in writers.items()},
+    })
 
 
 def write_index(folder: Path, vocab_size: int, shard_tokens: int, writers: dict[str, ShardWriter]) -> None:

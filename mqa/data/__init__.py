@@ -314,14 +314,16 @@ def _file_documents(files: list[Path], text_column: str) -> Iterator[tuple[None,
     import datasets  # imported here: it is slow to import and only documents need it
 
     for file in files:
-        rows = datasets.load_dataset(DOCUMENT_FORMATS[file.suffix], data_files=str(file), split="train", streaming=True)
+        def rows(file=file):
+            return datasets.load_dataset(DOCUMENT_FORMATS[file.suffix], data_files=str(file), split="train", streaming=True)
+
         yield from ((None, text) for text in _column(rows, text_column, f"file {str(file)!r}"))
 
 
-def _column(rows, text_column: str, label: str) -> Iterator[str]:
-    """The text column of a streamed `datasets` split; read errors and a missing column raise one line."""
+def _column(rows: Callable[[], Iterable[dict]], text_column: str, label: str) -> Iterator[str]:
+    """The text column of the streamed `datasets` split rows() opens; read errors and a missing column raise one line."""
     try:
-        for row in rows:
+        for row in rows():
             if text_column not in row:
                 raise DataError(f"{label} has no {text_column!r} column; it has {sorted(row)}; "
                                 "set data.text_column to the one holding the text")
@@ -351,9 +353,9 @@ def _hub_source(name: str, config: str, text_column: str) -> _Source:
             raise DataError(f"{label} has no 'train' split; it has {sorted(splits)}")
         heldout_name = next((s for s in ("validation", "test") if s in splits), None)
         train_split = "train" if heldout_name else None  # None: hold out whole train documents
-        yield from ((train_split, text) for text in _column(splits["train"], text_column, f"{label} split 'train'"))
+        yield from ((train_split, text) for text in _column(lambda: splits["train"], text_column, f"{label} split 'train'"))
         if heldout_name:
-            yield from (("heldout", text) for text in _column(splits[heldout_name], text_column, f"{label} split {heldout_name!r}"))
+            yield from (("heldout", text) for text in _column(lambda: splits[heldout_name], text_column, f"{label} split {heldout_name!r}"))
 
     return _Source(label, ["hub", name, config, text_column], documents=documents)
 
@@ -405,14 +407,14 @@ def _split_blocks(blocks: Iterator[str | bytes], cut: int) -> Iterator[tuple[str
 
 
 def _assign_documents(documents: Iterator[tuple[str | None, str]], heldout_fraction: float) -> Iterator[tuple[str, str]]:
-    """Documents without a split go to held-out when that keeps the held-out share of the characters
-    so far at most heldout_fraction (so about every 1/heldout_fraction-th document), else to train."""
+    """Documents without a split go to held-out when that keeps the held-out share of the documents
+    so far at most heldout_fraction: every 10th for 0.1, whatever their lengths; the rest to train."""
     seen = heldout = 0
     for split, text in documents:
         if split is None:
-            seen += len(text) + 1
-            split = "heldout" if heldout + len(text) + 1 <= heldout_fraction * seen else "train"
-        heldout += len(text) + 1 if split == "heldout" else 0
+            seen += 1
+            split = "heldout" if heldout + 1 <= heldout_fraction * seen + 1e-9 else "train"
+            heldout += split == "heldout"
         yield split, text
 
 
@@ -541,19 +543,18 @@ def _prepare(data_config, source: _Source, folder: Path, shard_tokens: int) -> C
     """Tokenizes the source into token files in `folder`, resuming from shards already there."""
     tokenizer = _prepared_tokenizer(data_config, source, folder)
     as_text = tokenizer.name != "byte"
-    shard_tokens, written = token_files.read_progress(folder, shard_tokens)
+    shard_tokens, next_piece, written = token_files.read_progress(folder, shard_tokens)
     dtype = token_files.token_dtype(tokenizer.vocab_size)
     writers = {split: token_files.ShardWriter(folder, split, dtype, shard_tokens, written[split])
                for split in token_files.SPLITS}
-    skip = min(writer.resume_from for writer in writers.values())  # pieces every split already holds
-    count = 0
+    count = skip = next_piece  # pieces before next_piece are all in shards already
     for batch in _batches(itertools.islice(enumerate(_pieces(source, as_text, data_config.heldout_fraction)), skip, None)):
         for (index, (split, piece)), ids in zip(batch, tokenizer.encode_batch([piece for _, (_, piece) in batch])):
-            if writers[split].add(index, ids, len(piece.encode("utf-8") if isinstance(piece, str) else piece)):
-                token_files.write_progress(folder, shard_tokens, writers)
             count = index + 1
+            if writers[split].add(index, ids, len(piece.encode("utf-8") if isinstance(piece, str) else piece)):
+                token_files.write_progress(folder, shard_tokens, writers, count)
     for writer in writers.values():
-        writer.finish(end=max(count, skip))
+        writer.finish(end=count)
     token_files.write_index(folder, tokenizer.vocab_size, shard_tokens, writers)
     return _load_token_files(folder, source)
 
