@@ -116,9 +116,15 @@ class ShardWriter:
 
     def _flush(self, end: int) -> None:
         name = f"{self.split}-{len(self.shards):05d}.npy"
-        ids = np.concatenate(self._buffer)
-        write_atomically(self.folder / name, lambda f: np.save(f, ids))
-        self.shards.append({"file": name, "tokens": len(ids), "bytes": self._bytes, "end": end})
+
+        def write(f) -> None:  # the .npy header, then the pieces one by one: no concatenated copy
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                     "fortran_order": False, "shape": (self._tokens,)})
+            for ids in self._buffer:
+                f.write(ids.tobytes())
+
+        write_atomically(self.folder / name, write)
+        self.shards.append({"file": name, "tokens": self._tokens, "bytes": self._bytes, "end": end})
         self._buffer, self._tokens, self._bytes = [], 0, 0
 
 

@@ -1,17 +1,22 @@
-"""Text corpora for language-model training.
+"""Text corpora for language-model training: sources, tokenizers, token files and batches.
 
 A corpus comes from one source, in order of precedence:
   data.path     a local text file, or a folder whose regular files are concatenated in name order;
-  data.hf_name  a Hugging Face hub dataset (column "text"; data.hf_config picks its configuration);
+                or .jsonl / .parquet files (one, or a folder of them): one document per row, column
+                data.text_column, streamed through `datasets`;
+  data.hf_name  a Hugging Face hub dataset, streamed (column data.text_column; data.hf_config picks its configuration);
   otherwise     the English documentation that ships with every CPython (pydoc_data), so it works offline.
 
-The text is split into a contiguous train head and held-out tail (unless the hub dataset has its own
-"validation" or "test" split), tokenized with a byte tokenizer (256 ids, lossless on any bytes), a
-byte-level BPE trained on the train split only, or a pretrained model's tokenizer (data.tokenizer names
-its tokenizer.json or the workdir holding it), and the token ids are cached as .npy files in cache_dir.
+Text sources keep a contiguous held-out tail (data.heldout_fraction of the text); document sources hold
+out whole documents, or the hub dataset's own "validation" or "test" split. The text is tokenized with a
+byte tokenizer (256 ids, lossless on any bytes), a byte-level BPE trained on the first data.bpe_train_bytes
+of the train split only, or a pretrained model's tokenizer (data.tokenizer names its tokenizer.json or the
+workdir holding it). Everything is read in bounded pieces, tokenized on all cores and written as token
+files (mqa/token_files.py: uint8/16/32 shards with a JSON index) in cache_dir or data.token_dir; an
+interrupted preparation resumes. `python -m mqa.data prepare` does it ahead of training.
 
 Batches are pure functions of their arguments: train_batch(tokens, step, seed=...) gives the same
-windows for a step whether the run was interrupted or not, and on every host.
+windows for a step whether the run was interrupted or not, and on every host; each host reads only its rows.
 """
 
 from __future__ import annotations
@@ -224,8 +229,8 @@ def _decode_utf8(data: bytes, what: str, offset: int = 0) -> str:
 # ----------------------------------------------------------------------------- sources
 
 BLOCK_BYTES = 1 << 20  # files are read this many bytes at a time
-ENCODE_BATCH_CHARS = 1 << 22  # text handed to the tokenizer per call (its threads share it)
-SHARD_TOKENS = 1 << 25  # ids per token file (64 MB as uint16)
+ENCODE_BATCH_CHARS = 1 << 20  # text handed to the tokenizer per call (16 pieces its threads share)
+SHARD_TOKENS = 1 << 24  # ids per token file (32 MB as uint16), held in memory until it is written
 DEFAULT_BPE_TRAIN_BYTES = 100_000_000  # more than any corpus the repository ships
 DOCUMENT_FORMATS = {".jsonl": "json", ".parquet": "parquet"}  # suffix -> `datasets` builder
 
