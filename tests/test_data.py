@@ -1,4 +1,4 @@
-"""Tests for mqa/data.py: tokenizers, sources, split, token cache, batches and error messages."""
+"""Tests for mqa/data/: tokenizers, sources, split, token cache, batches and error messages."""
 
 import time
 from pathlib import Path

@@ -240,9 +240,9 @@ class _Source:
     """Where the text comes from, read lazily and in bounded pieces.
 
     A text source (a file, a folder of them, pydoc) is one stream whose tail is held out; `blocks`
-    yields it in order as str blocks, or, as_text=False, as bytes where the source is bytes (files). A document source (.jsonl/.parquet
-    files, a hub dataset) yields (split or None, document text) from `documents`; None leaves the
-    choice to `_assign_documents`.
+    yields it in order as str blocks or, as_text=False, as bytes where the source is bytes (files).
+    A document source (.jsonl/.parquet files, a hub dataset) yields (split or None, document text)
+    from `documents`; None leaves the choice to `_assign_documents`.
     """
 
     description: str  # one line for humans, e.g. "file ../x.txt (1,115,394 bytes)"
@@ -362,7 +362,8 @@ def _hub_source(name: str, config: str, text_column: str) -> _Source:
         if heldout_name:
             yield from (("heldout", text) for text in _column(lambda: splits[heldout_name], text_column, f"{label} split {heldout_name!r}"))
 
-    return _Source(label, ["hub", name, config, text_column], documents=documents)
+    identity = ["hub", name, config] + ([text_column] if text_column != "text" else [])  # as before for "text"
+    return _Source(label, identity, documents=documents)
 
 
 def _pydoc_source() -> _Source:
