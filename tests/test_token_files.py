@@ -106,3 +106,26 @@ def test_progress_says_where_to_restart_and_stops_at_the_first_missing_or_short_
     shard_tokens, next_piece, shards = token_files.read_progress(tmp_path, 99)
     assert next_piece == 0 and [s["file"] for s in shards["train"]] == ["train-00000.npy"]
     assert [s["end"] for s in shards["heldout"]] == [8]
+
+
+@pytest.mark.parametrize("max_windows", [None, 1, 3, 100])
+def test_held_out_loss_over_shards_scores_the_windows_of_the_array(max_windows, tmp_path):
+    from mqa import evaluation
+
+    reference = write_shards(tmp_path, [40, 7, 55, 30])
+    stream = token_files.TokenStream.open(tmp_path, "train")
+
+    def scored(tokens):
+        seen = []
+
+        def batch_nll(windows, weights):  # a stand-in model: the loss is a function of the ids scored
+            seen.append(windows.copy())
+            return float((windows[:, 1:] * weights).sum()), float(weights.sum())
+
+        result = evaluation.held_out_loss(batch_nll, tokens, seq_len=8, batch_size=4, stride=4, max_windows=max_windows)
+        return result, np.concatenate(seen)
+
+    (got, got_windows), (want, want_windows) = scored(stream), scored(reference)
+    assert got == want and np.array_equal(got_windows, want_windows)
+    full = data.eval_windows(reference, 8, stride=4)
+    assert np.array_equal(want_windows[:len(full)][:max_windows], full[:max_windows])
