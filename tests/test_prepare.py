@@ -304,7 +304,7 @@ def test_an_unreadable_file_in_a_folder_is_named(tmp_path, monkeypatch):
 
 
 MEMORY_CHILD = textwrap.dedent("""
-    import resource, sys
+    import json, resource, sys
     import ml_collections
     from mqa import data
 
@@ -319,21 +319,21 @@ MEMORY_CHILD = textwrap.dedent("""
     else:
         config = ml_collections.ConfigDict(dict(path=path, hf_name="", hf_config="", tokenizer="byte",
                                                 bpe_vocab_size=1024, heldout_fraction=0.1))
-        corpus = data.load_corpus(config, cache, min_tokens=1)
-        print(len(corpus.train) + len(corpus.heldout))
+        index = json.loads((data.prepare(config, cache) / "index.json").read_text())
+        print(sum(shard["tokens"] for shards in index["splits"].values() for shard in shards))
 """)
 
 
 def test_preparing_a_corpus_larger_than_the_memory_limit(tmp_path):
-    """200 MB of text under an address-space limit of 300 MB above what the imports map: the
-    streamed preparation fits (its shards are memory-mapped at the end, 200 MB of that); reading the
-    text whole and converting it to int32 ids, as before, does not."""
-    corpus_bytes, headroom = 200 << 20, 300 << 20
+    """200 MB of text prepared under an address-space limit of 128 MB above what the imports map;
+    reading the text whole and converting it to int32 ids, as before, fails under the same limit."""
+    corpus_bytes, headroom = 200 << 20, 128 << 20
     block = words_text(200_000).encode()
     with open(tmp_path / "big.txt", "wb") as f:
         for _ in range(corpus_bytes // len(block)):
             f.write(block)
     size = (tmp_path / "big.txt").stat().st_size
+    assert size > headroom
 
     def child(mode):
         return subprocess.run([sys.executable, "-c", MEMORY_CHILD, mode, str(tmp_path / "big.txt"),
@@ -343,6 +343,8 @@ def test_preparing_a_corpus_larger_than_the_memory_limit(tmp_path):
     streamed = child("streamed")
     assert streamed.returncode == 0, streamed.stderr[-2000:]
     assert int(streamed.stdout.split()[-1]) == size
+    corpus = data.load_corpus(data_config(tmp_path / "big.txt"), tmp_path / "cache", min_tokens=1)  # no limit here
+    assert np.array_equal(corpus.train[:len(block)], np.frombuffer(block, np.uint8))  # the file starts with it
     in_memory = child("in-memory")  # control: the limit does bite
     assert in_memory.returncode != 0 and "MemoryError" in in_memory.stderr
 

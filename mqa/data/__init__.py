@@ -467,19 +467,9 @@ def load_corpus(data_config, cache_dir: str | os.PathLike, *, min_tokens: int, s
     bpe_train_bytes and token_dir (where the token files go instead of cache_dir). Both splits must
     have at least `min_tokens` tokens. An interrupted preparation resumes from its shards.
     """
-    _check_data_config(data_config)
-    source = _find_source(data_config)
-    pretrained = pretrained_tokenizer_file(data_config.tokenizer)
-    tokenizer_identity = hashlib.sha256(pretrained.read_bytes()).hexdigest() if pretrained else data_config.tokenizer
-    bpe_vocab_size = data_config.bpe_vocab_size if data_config.tokenizer == "bpe" else None
-    legacy_key = [1, source.identity, tokenizer_identity, bpe_vocab_size, data_config.heldout_fraction]
-    key = [token_files.FORMAT, source.identity, tokenizer_identity, bpe_vocab_size, data_config.heldout_fraction,
-           _bpe_train_bytes(data_config) if data_config.tokenizer == "bpe" else None]
-    folder = Path(data_config.get("token_dir") or cache_dir).expanduser() / _folder_name(key)
-    corpus = (_load_legacy(Path(cache_dir) / _folder_name(legacy_key), source)
-              or _load_token_files(folder, source)
-              or _prepare(data_config, source, folder, shard_tokens))
-
+    source, folder, legacy_folder = _token_folders(data_config, cache_dir)
+    corpus = _load_legacy(legacy_folder, source) or _load_token_files(
+        _prepare_unless_complete(data_config, source, folder, shard_tokens), source)
     for split, tokens, remedy in [
         ("train", corpus.train, "smaller"),
         ("held-out", corpus.heldout, "larger"),
@@ -490,6 +480,27 @@ def load_corpus(data_config, cache_dir: str | os.PathLike, *, min_tokens: int, s
                 f"(train.seq_len + 1); use a longer corpus, a {remedy} data.heldout_fraction or a smaller train.seq_len"
             )
     return corpus
+
+
+def prepare(data_config, cache_dir: str | os.PathLike, *, shard_tokens: int = SHARD_TOKENS) -> Path:
+    """The complete token folder of the corpus `data_config` names (see load_corpus), prepared
+    (or its interrupted preparation resumed) unless it is complete already; opens nothing."""
+    source, folder, _ = _token_folders(data_config, cache_dir)
+    return _prepare_unless_complete(data_config, source, folder, shard_tokens)
+
+
+def _token_folders(data_config, cache_dir: str | os.PathLike) -> tuple[_Source, Path, Path]:
+    """(source, its token folder, where the previous version would have cached its tokens)."""
+    _check_data_config(data_config)
+    source = _find_source(data_config)
+    pretrained = pretrained_tokenizer_file(data_config.tokenizer)
+    tokenizer_identity = hashlib.sha256(pretrained.read_bytes()).hexdigest() if pretrained else data_config.tokenizer
+    bpe_vocab_size = data_config.bpe_vocab_size if data_config.tokenizer == "bpe" else None
+    legacy_key = [1, source.identity, tokenizer_identity, bpe_vocab_size, data_config.heldout_fraction]
+    key = [token_files.FORMAT, source.identity, tokenizer_identity, bpe_vocab_size, data_config.heldout_fraction,
+           _bpe_train_bytes(data_config) if data_config.tokenizer == "bpe" else None]
+    folder = Path(data_config.get("token_dir") or cache_dir).expanduser() / _folder_name(key)
+    return source, folder, Path(cache_dir) / _folder_name(legacy_key)
 
 
 def _folder_name(key: list) -> str:
@@ -531,10 +542,8 @@ def _load_legacy(cache: Path, source: _Source) -> Corpus | None:
     )
 
 
-def _load_token_files(folder: Path, source: _Source) -> Corpus | None:
-    """The corpus in the complete token folder `folder`, or None if it is not complete."""
-    if not (folder / token_files.INDEX_FILE).is_file():
-        return None
+def _load_token_files(folder: Path, source: _Source) -> Corpus:
+    """The corpus in the complete token folder `folder`."""
     index = json.loads((folder / token_files.INDEX_FILE).read_text())
     return Corpus(
         train=token_files.TokenStream.open(folder, "train"),
@@ -545,7 +554,13 @@ def _load_token_files(folder: Path, source: _Source) -> Corpus | None:
     )
 
 
-def _prepare(data_config, source: _Source, folder: Path, shard_tokens: int) -> Corpus:
+def _prepare_unless_complete(data_config, source: _Source, folder: Path, shard_tokens: int) -> Path:
+    if not (folder / token_files.INDEX_FILE).is_file():
+        _prepare(data_config, source, folder, shard_tokens)
+    return folder
+
+
+def _prepare(data_config, source: _Source, folder: Path, shard_tokens: int) -> None:
     """Tokenizes the source into token files in `folder`, resuming from shards already there."""
     tokenizer = _prepared_tokenizer(data_config, source, folder)
     as_text = tokenizer.name != "byte"
@@ -562,7 +577,6 @@ def _prepare(data_config, source: _Source, folder: Path, shard_tokens: int) -> C
     for writer in writers.values():
         writer.finish(end=count)
     token_files.write_index(folder, tokenizer.vocab_size, shard_tokens, writers)
-    return _load_token_files(folder, source)
 
 
 def _batches(pieces: Iterator[tuple[int, tuple[str, str | bytes]]]) -> Iterator[list]:
