@@ -248,6 +248,7 @@ class _Source:
     description: str  # one line for humans, e.g. "file ../x.txt (1,115,394 bytes)"
     identity: list  # JSON-able; changes whenever the text could change
     blocks: Callable[[bool], Iterator[str | bytes]] | None = None
+    num_bytes: int | None = None  # the length of blocks(False) when it yields bytes (files), else None
     documents: Callable[[], Iterator[tuple[str | None, str]]] | None = None
 
 
@@ -288,7 +289,7 @@ def _local_source(path_name: str, text_column: str) -> _Source:
     what = f"folder {path_name} ({len(files)} files, {num_bytes:,} bytes)" if is_folder else f"file {path_name} ({num_bytes:,} bytes)"
     if kinds == {True}:
         return _Source(what, [*identity, text_column], documents=lambda: _file_documents(files, text_column))
-    return _Source(what, identity, blocks=lambda as_text: _file_blocks(files, as_text))
+    return _Source(what, identity, blocks=lambda as_text: _file_blocks(files, as_text), num_bytes=num_bytes)
 
 
 def _file_blocks(files: list[Path], as_text: bool) -> Iterator[str | bytes]:
@@ -392,7 +393,10 @@ def _pieces(source: _Source, as_text: bool, heldout_fraction: float) -> Iterator
             text = document + "\n"  # documents are separated by newlines
             yield from ((split, p) for p in (_line_chunks(text) if as_text else _byte_blocks(text.encode())))
         return
-    total = sum(len(block) for block in source.blocks(as_text))  # a first pass, in the blocks' own units
+    if not as_text and source.num_bytes is not None:
+        total = source.num_bytes
+    else:  # a first pass, counting in the blocks' own units
+        total = sum(len(block) for block in source.blocks(as_text))
     cut = total - round(total * heldout_fraction)
     labelled = _split_blocks(source.blocks(as_text), cut)
     for split, group in itertools.groupby(labelled, key=operator.itemgetter(0)):
