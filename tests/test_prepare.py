@@ -160,10 +160,13 @@ def test_heldout_documents_never_appear_in_training_windows(tmp_path):
             assert not any(marker in corpus.tokenizer.decode(window) for marker in markers)
 
 
-def test_hub_dataset_streams_and_holds_out_its_validation_split(tmp_path, monkeypatch):
+@pytest.mark.parametrize("has_validation", [True, False])
+def test_hub_dataset_streams_and_holds_out_its_validation_split(has_validation, tmp_path, monkeypatch):
     import datasets
 
     splits = {"train": documents(50, seed=1), "validation": documents(8, seed=2)}
+    if not has_validation:  # then every 10th train document is held out
+        splits = {"train": splits["train"]}
     calls = []
 
     def load_dataset(name, config=None, *, streaming=False, **kwargs):
@@ -175,8 +178,13 @@ def test_hub_dataset_streams_and_holds_out_its_validation_split(tmp_path, monkey
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     corpus = data.load_corpus(data_config(hf_name="some/dataset", hf_config="cfg"), tmp_path / "c", min_tokens=1)
     assert calls and all(call == ("some/dataset", "cfg", True) for call in calls)
-    assert corpus.tokenizer.decode(np.asarray(corpus.train)) == "".join(t + "\n" for t in splits["train"])
-    assert corpus.tokenizer.decode(np.asarray(corpus.heldout)) == "".join(t + "\n" for t in splits["validation"])
+    if has_validation:
+        train, heldout = splits["train"], splits["validation"]
+    else:
+        train = [t for i, t in enumerate(splits["train"]) if i % 10 != 9]
+        heldout = splits["train"][9::10]
+    assert corpus.tokenizer.decode(np.asarray(corpus.train)) == "".join(t + "\n" for t in train)
+    assert corpus.tokenizer.decode(np.asarray(corpus.heldout)) == "".join(t + "\n" for t in heldout)
 
 
 def test_parquet_files_read_the_configured_text_column(tmp_path):
