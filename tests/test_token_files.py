@@ -1,6 +1,5 @@
 """Tests for mqa/token_files.py: dtype choice, shard writing and reading a split across shards."""
 
-
 import numpy as np
 import pytest
 
