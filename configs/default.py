@@ -64,7 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
         hf_config="",         # e.g. 'wikitext-103-raw-v1'
         tokenizer="byte",     # byte | bpe | init_from (train.init_from's) | a tokenizer.json or its folder
         bpe_vocab_size=1024,
-        heldout_fraction=0.1,
+        bpe_train_bytes=100_000_000,  # BPE learns its merges on at most this much train text
+        heldout_fraction=0.1,  # a text file's tail; of .jsonl/.parquet/hub documents, whole ones
+        text_column="text",   # the documents' column in .jsonl/.parquet files and hub datasets
+        token_dir="",         # where token files go; '': WORKDIR/data (several runs may share one)
     ))
 
     config.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3))

@@ -43,15 +43,16 @@ def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batc
                   bytes_per_token: float = 1.0, progress: bool = False) -> dict:
     """{"loss" (nats/token), "perplexity", "bits_per_byte", "tokens" (targets scored)}.
 
-    tokens: int [n]. max_windows: score only the first this many windows (None: all).
+    tokens: int [n] (an array or a token_files.TokenStream). max_windows: score only the
+    first this many windows (None: all), reading only the tokens they cover.
     batch_nll: scores one padded batch (see `BatchNll`); the trainer's shards it over its
     mesh, `evaluate_tokens`' runs a loaded model.
     """
     stride = seq_len if stride is None else stride
-    windows = data.eval_windows(np.asarray(tokens), seq_len, stride=stride)  # [n, seq_len + 1]
+    if max_windows is not None:  # read only the tokens the first max_windows windows cover
+        tokens = tokens[:(max_windows - 1) * stride + seq_len + 1]
+    windows = data.eval_windows(tokens, seq_len, stride=stride)  # [n, seq_len + 1]
     mask = scored_positions(len(windows), seq_len, stride)
-    if max_windows is not None:
-        windows, mask = windows[:max_windows], mask[:max_windows]
     loss_sum, count = 0.0, 0.0
     starts = range(0, len(windows), batch_size)
     for start in tqdm.tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):

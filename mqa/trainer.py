@@ -94,8 +94,8 @@ def _check_resumable(config, workdir: pathlib.Path) -> None:
         return
     for section in ("model", "data"):
         for key, value in config[section].items():
-            if (section, key) == ("model", "kv_cache_dtype"):
-                continue  # how decoding stores the cache; training does not use it
+            if (section, key) in (("model", "kv_cache_dtype"), ("data", "token_dir")):
+                continue  # how decoding stores the cache; where the same token files lie
             if old[section][key] != value:
                 raise ConfigError(
                     f"workdir {str(workdir)!r} was trained with {section}.{key}="

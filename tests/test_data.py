@@ -1,4 +1,4 @@
-"""Tests for mqa/data.py: tokenizers, sources, split, token cache, batches and error messages."""
+"""Tests for mqa/data/: tokenizers, sources, split, token cache, batches and error messages."""
 
 import time
 from pathlib import Path
@@ -324,6 +324,35 @@ def make_bad_fraction(fraction):
     return make
 
 
+def make_jsonl_without_text_column(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"id": 0, "content": "a"}\n{"id": 1, "content": "b"}\n')
+    return data_config(tmp_path / "d.jsonl"), r"d.jsonl.* has no 'text' column; it has \['content', 'id'\]"
+
+
+def make_damaged_parquet(tmp_path):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    (folder / "part0.parquet").write_bytes(b"PAR1 this is not parquet")
+    return data_config(folder), "cannot read file .*part0.parquet"
+
+
+def make_unparsable_jsonl(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    return data_config(tmp_path / "d.jsonl"), "cannot read file .*d.jsonl"
+
+
+def make_mixed_folder(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "x"}\n')
+    (folder / "b.txt").write_text("y" * 400)
+    return data_config(folder), "mixes document files \\(a.jsonl\\) and plain text \\(b.txt\\)"
+
+
+def make_bad_bpe_train_bytes(tmp_path):
+    return data_config(tokenizer="bpe", bpe_train_bytes=-5), "data.bpe_train_bytes=-5 must be at least 1"
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -338,6 +367,11 @@ def make_bad_fraction(fraction):
         make_bad_fraction(0.0),
         make_bad_fraction(1.0),
         make_bad_fraction(1.5),
+        make_jsonl_without_text_column,
+        make_damaged_parquet,
+        make_unparsable_jsonl,
+        make_mixed_folder,
+        make_bad_bpe_train_bytes,
     ],
     ids=lambda make: make.__name__.removeprefix("make_"),
 )

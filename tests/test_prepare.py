@@ -1,0 +1,372 @@
+"""Tests for preparing token files (mqa.data.load_corpus and python -m mqa.data prepare): streamed
+sources, deterministic and resumable shards, document hold-out, dtypes, errors and bounded memory."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mqa import data, token_files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_config(path="", **overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(dict(
+        path=str(path), hf_name="", hf_config="", tokenizer="byte", bpe_vocab_size=1024, heldout_fraction=0.1,
+        bpe_train_bytes=100_000_000, text_column="text", token_dir=""))
+    config.update(overrides)
+    return config
+
+
+def words_text(num_words: int, seed: int = 0) -> str:
+    """Reproducible English-like text with newlines every ~12 words."""
+    vocabulary = "the of and to in is that for it as with was on be by this are from at or an but not".split()
+    rng = np.random.default_rng(seed)
+    words = np.asarray(vocabulary)[rng.integers(0, len(vocabulary), num_words)]
+    return "".join(w + ("\n" if i % 12 == 11 else " ") for i, w in enumerate(words))
+
+
+def documents(count: int, seed: int = 0) -> list[str]:
+    """Distinct documents, each starting with a marker no other document contains."""
+    rng = np.random.default_rng(seed)
+    return [f"doc{i:05d}: " + words_text(int(rng.integers(5, 300)), seed + i).strip() for i in range(count)]
+
+
+def write_jsonl(path: Path, texts: list[str], column: str = "text") -> Path:
+    path.write_text("".join(json.dumps({"id": i, column: t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def count_encoded_pieces(monkeypatch) -> list[int]:
+    """Counts the pieces handed to either tokenizer's encode_batch from now on."""
+    counter = [0]
+    for cls in (data.ByteTokenizer, data.BpeTokenizer):
+        original = cls.encode_batch
+
+        def counting(self, pieces, original=original):
+            counter[0] += len(pieces)
+            return original(self, pieces)
+
+        monkeypatch.setattr(cls, "encode_batch", counting)
+    return counter
+
+
+# ----------------------------------------------------------------------------- deterministic, resumable
+
+
+def text_source(tmp_path):
+    text = words_text(60_000)  # ~250 kB
+    (tmp_path / "a.txt").write_text(text)
+    return tmp_path / "a.txt", text
+
+
+def jsonl_source(tmp_path):
+    texts = documents(400)
+    return write_jsonl(tmp_path / "docs.jsonl", texts), texts
+
+
+@pytest.mark.parametrize("kind, tokenizer", [("text", "byte"), ("text", "bpe"), ("jsonl", "byte"), ("jsonl", "bpe")])
+def test_interrupted_preparation_resumes_to_identical_files_and_batches(kind, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BLOCK_BYTES", 4096)  # byte-token pieces of 4 kB: many shards from a small corpus
+    monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 20_000)
+    path, _ = (text_source if kind == "text" else jsonl_source)(tmp_path)
+    config = data_config(path, tokenizer=tokenizer, bpe_vocab_size=300)
+    shard_tokens = 6_000
+
+    counter = count_encoded_pieces(monkeypatch)
+    full = data.load_corpus(config, tmp_path / "full", min_tokens=65, shard_tokens=shard_tokens)
+    full_pieces = counter[0]
+    [full_folder] = (tmp_path / "full").iterdir()
+    assert len(list(full_folder.glob("train-*.npy"))) >= 3
+
+    write_progress = token_files.write_progress
+    calls = []
+
+    def interrupt_after_two_shards(*args, **kwargs):
+        write_progress(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(token_files, "write_progress", interrupt_after_two_shards)
+    with pytest.raises(Interrupted):
+        data.load_corpus(config, tmp_path / "resumed", min_tokens=65, shard_tokens=shard_tokens)
+    [folder] = (tmp_path / "resumed").iterdir()
+    assert not (folder / token_files.INDEX_FILE).exists() and (folder / token_files.PROGRESS_FILE).exists()
+    monkeypatch.setattr(token_files, "write_progress", write_progress)
+
+    counter[0] = 0
+    resumed = data.load_corpus(config, tmp_path / "resumed", min_tokens=65, shard_tokens=shard_tokens)
+    assert 0 < counter[0] < full_pieces  # the shards already written were not tokenized again
+    assert folder.name == full_folder.name and folder_files(folder) == folder_files(full_folder)
+    for step in range(10):
+        assert np.array_equal(data.train_batch(resumed.train, step, seed=0, batch_size=4, seq_len=64),
+                              data.train_batch(full.train, step, seed=0, batch_size=4, seq_len=64))
+    assert np.array_equal(np.asarray(resumed.heldout), np.asarray(full.heldout))
+    assert resumed.heldout_bytes == full.heldout_bytes
+
+    counter[0] = 0  # a complete folder is opened, not prepared
+    data.load_corpus(config, tmp_path / "resumed", min_tokens=65, shard_tokens=shard_tokens)
+    assert counter[0] == 0
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_text_file_keeps_its_tail_split_across_many_shards(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BLOCK_BYTES", 4096)
+    path, text = text_source(tmp_path)
+    corpus = data.load_corpus(data_config(path, tokenizer=tokenizer, bpe_vocab_size=300), tmp_path / "c",
+                              min_tokens=1, shard_tokens=5_000)
+    assert len(list((tmp_path / "c").rglob("train-*.npy"))) >= 3
+    cut = len(text) - round(len(text) * 0.1)  # characters (all ASCII here, so also bytes)
+    assert corpus.tokenizer.decode(np.asarray(corpus.train)) == text[:cut]
+    assert corpus.tokenizer.decode(np.asarray(corpus.heldout)) == text[cut:]
+    assert np.array_equal(np.asarray(corpus.train), corpus.tokenizer.encode(text[:cut]))
+    assert corpus.heldout_bytes == len(text) - cut
+
+
+# ----------------------------------------------------------------------------- held-out documents
+
+
+def test_heldout_documents_never_appear_in_training_windows(tmp_path):
+    texts = documents(300)
+    corpus = data.load_corpus(data_config(write_jsonl(tmp_path / "d.jsonl", texts)), tmp_path / "c", min_tokens=65)
+    train = corpus.tokenizer.decode(np.asarray(corpus.train))
+    heldout = corpus.tokenizer.decode(np.asarray(corpus.heldout))
+    heldout_docs = [t for t in texts if t + "\n" in heldout]
+    train_docs = [t for t in texts if t not in heldout_docs]
+    assert heldout == "".join(t + "\n" for t in heldout_docs)  # whole documents, in order
+    assert train == "".join(t + "\n" for t in train_docs)
+    assert len(heldout_docs) == 30 and 0.05 < len(heldout) / (len(heldout) + len(train)) < 0.15
+    assert [texts.index(t) for t in heldout_docs] == list(range(9, 300, 10))  # every 10th, whatever its length
+    markers = [t.split(":")[0] for t in heldout_docs]
+    assert not any(marker in train for marker in markers)
+    for step in range(50):
+        for window in data.train_batch(corpus.train, step, seed=0, batch_size=16, seq_len=64):
+            assert not any(marker in corpus.tokenizer.decode(window) for marker in markers)
+
+
+@pytest.mark.parametrize("has_validation", [True, False])
+def test_hub_dataset_streams_and_holds_out_its_validation_split(has_validation, tmp_path, monkeypatch):
+    import datasets
+
+    splits = {"train": documents(50, seed=1), "validation": documents(8, seed=2)}
+    if not has_validation:  # then every 10th train document is held out
+        splits = {"train": splits["train"]}
+    calls = []
+
+    def load_dataset(name, config=None, *, streaming=False, **kwargs):
+        calls.append((name, config, streaming))
+        return datasets.IterableDatasetDict({
+            split: datasets.IterableDataset.from_generator(lambda texts=texts: ({"text": t} for t in texts))
+            for split, texts in splits.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    corpus = data.load_corpus(data_config(hf_name="some/dataset", hf_config="cfg"), tmp_path / "c", min_tokens=1)
+    assert calls and all(call == ("some/dataset", "cfg", True) for call in calls)
+    if has_validation:
+        train, heldout = splits["train"], splits["validation"]
+    else:
+        train = [t for i, t in enumerate(splits["train"]) if i % 10 != 9]
+        heldout = splits["train"][9::10]
+    assert corpus.tokenizer.decode(np.asarray(corpus.train)) == "".join(t + "\n" for t in train)
+    assert corpus.tokenizer.decode(np.asarray(corpus.heldout)) == "".join(t + "\n" for t in heldout)
+
+
+def test_parquet_files_read_the_configured_text_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [t.replace("\n", " ") for t in documents(40)]  # one line each
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"body": texts[i * 20:(i + 1) * 20], "n": list(range(20))}), folder / f"part{i}.parquet")
+    corpus = data.load_corpus(data_config(folder, text_column="body", heldout_fraction=0.2), tmp_path / "c", min_tokens=1)
+    both = corpus.tokenizer.decode(np.asarray(corpus.train)) + corpus.tokenizer.decode(np.asarray(corpus.heldout))
+    assert sorted(both.splitlines()) == sorted(texts)
+
+
+# ----------------------------------------------------------------------------- tokenizers and dtypes
+
+
+def test_bpe_learns_only_from_the_first_bpe_train_bytes(tmp_path):
+    head = words_text(20_000)
+    word = " Zqxjvkw"
+    text = head + word * 3_000 + "\n" + words_text(1_000, seed=3)  # the word is in the train split
+    (tmp_path / "a.txt").write_text(text)
+    bounded = data.load_corpus(data_config(tmp_path / "a.txt", tokenizer="bpe", bpe_vocab_size=300,
+                                           bpe_train_bytes=len(head)), tmp_path / "one", min_tokens=1)
+    unbounded = data.load_corpus(data_config(tmp_path / "a.txt", tokenizer="bpe", bpe_vocab_size=300),
+                                 tmp_path / "two", min_tokens=1)
+    assert len(bounded.tokenizer.encode(word)) > 2
+    assert len(unbounded.tokenizer.encode(word)) == 1
+
+
+def wordlevel_tokenizer_file(path: Path, vocab_size: int) -> Path:
+    import tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)} | {"[UNK]": vocab_size - 1}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("tokenizer, dtype", [("byte", np.uint8), ("bpe", np.uint16), ("wordlevel-70000", np.uint32)])
+def test_token_files_use_the_smallest_dtype_and_keep_every_id(tokenizer, dtype, tmp_path):
+    if tokenizer.startswith("wordlevel"):
+        ids = np.random.default_rng(0).integers(0, 69_999, 5_000)
+        ids[:3] = [69_998, 65_536, 0]  # beyond uint16
+        (tmp_path / "a.txt").write_text(" ".join(f"w{i}" for i in ids) + "\n")
+        tokenizer = str(wordlevel_tokenizer_file(tmp_path / "tokenizer.json", 70_000))
+    else:
+        (tmp_path / "a.txt").write_text(words_text(5_000))
+    corpus = data.load_corpus(data_config(tmp_path / "a.txt", tokenizer=tokenizer, bpe_vocab_size=300),
+                              tmp_path / "c", min_tokens=1)
+    [folder] = (tmp_path / "c").iterdir()
+    assert json.loads((folder / "index.json").read_text())["dtype"] == np.dtype(dtype).name
+    shards = sorted(folder.glob("*-0*.npy"))
+    assert shards and all(np.load(shard).dtype == dtype for shard in shards)
+    text = (tmp_path / "a.txt").read_text()
+    both = np.concatenate([np.asarray(corpus.train), np.asarray(corpus.heldout)])
+    if dtype == np.uint32:  # the library's own encoding of each split (the tail cut may split a word)
+        import tokenizers
+
+        reference = tokenizers.Tokenizer.from_file(tokenizer)
+        cut = len(text) - round(len(text) * 0.1)
+        assert corpus.train[0] == 69_998 and corpus.train[1] == 65_536
+        assert both.tolist() == reference.encode(text[:cut]).ids + reference.encode(text[cut:]).ids
+    else:
+        assert corpus.tokenizer.decode(both) == text
+
+
+def test_token_dir_is_shared_by_runs(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text(words_text(5_000))
+    config = data_config(tmp_path / "a.txt", token_dir=str(tmp_path / "shared"))
+    first = data.load_corpus(config, tmp_path / "run1" / "data", min_tokens=1)
+    assert (tmp_path / "shared").is_dir() and not (tmp_path / "run1").exists()
+    counter = count_encoded_pieces(monkeypatch)
+    second = data.load_corpus(config, tmp_path / "run2" / "data", min_tokens=1)
+    assert counter[0] == 0 and np.array_equal(np.asarray(first.train), np.asarray(second.train))
+
+
+def test_a_workdir_with_tokens_cached_by_the_previous_version_still_loads(tmp_path, monkeypatch):
+    path = tmp_path / "a.txt"
+    path.write_text(words_text(2_000))
+    stat = path.stat()
+    identity = ["path", [[str(path.resolve()), stat.st_size, stat.st_mtime_ns]]]
+    key = json.dumps([1, identity, "byte", None, 0.1])  # how the previous version named its cache
+    import hashlib
+
+    cache = tmp_path / "data" / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    cache.mkdir(parents=True)
+    old_train, old_heldout = np.arange(500, dtype=np.int32) % 256, np.arange(100, dtype=np.int32)
+    np.save(cache / "train.npy", old_train)
+    np.save(cache / "heldout.npy", old_heldout)
+    data.ByteTokenizer().save(cache)
+    (cache / "meta.json").write_text(json.dumps({"heldout_bytes": 123}))
+    counter = count_encoded_pieces(monkeypatch)
+    corpus = data.load_corpus(data_config(path), tmp_path / "data", min_tokens=1)
+    assert counter[0] == 0 and corpus.heldout_bytes == 123
+    assert np.array_equal(corpus.train, old_train) and np.array_equal(corpus.heldout, old_heldout)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_an_unreadable_file_in_a_folder_is_named(tmp_path, monkeypatch):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (folder / name).write_text(words_text(200))
+    if os.getuid() != 0:
+        (folder / "b.txt").chmod(0)
+    else:  # root reads any file: refuse this one as the kernel would for anyone else
+        def refuse_b(file, *args, **kwargs):
+            if Path(file).name == "b.txt":
+                raise PermissionError(13, "Permission denied", str(file))
+            return open(file, *args, **kwargs)
+
+        monkeypatch.setattr(data, "open", refuse_b, raising=False)
+    with pytest.raises(data.DataError, match=r"cannot read file '.*texts/b.txt': Permission denied") as error:
+        data.load_corpus(data_config(folder), tmp_path / "cache", min_tokens=1)
+    assert "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------- memory and the command line
+
+
+MEMORY_CHILD = textwrap.dedent("""
+    import json, resource, sys
+    import ml_collections
+    from mqa import data
+
+    def address_space():  # bytes of virtual memory this process maps now
+        return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+
+    mode, path, cache, headroom = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    limit = address_space() + headroom
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if mode == "in-memory":  # what the previous version did: the whole text, then int32 ids
+        tokens = data.ByteTokenizer().encode(open(path, "rb").read())
+    else:
+        config = ml_collections.ConfigDict(dict(path=path, hf_name="", hf_config="", tokenizer="byte",
+                                                bpe_vocab_size=1024, heldout_fraction=0.1))
+        index = json.loads((data.prepare(config, cache) / "index.json").read_text())
+        print(sum(shard["tokens"] for shards in index["splits"].values() for shard in shards))
+""")
+
+
+def test_preparing_a_corpus_larger_than_the_memory_limit(tmp_path):
+    """200 MB of text prepared under an address-space limit of 128 MB above what the imports map;
+    reading the text whole and converting it to int32 ids, as before, fails under the same limit."""
+    corpus_bytes, headroom = 200 << 20, 128 << 20
+    block = words_text(200_000).encode()
+    with open(tmp_path / "big.txt", "wb") as f:
+        for _ in range(corpus_bytes // len(block)):
+            f.write(block)
+    size = (tmp_path / "big.txt").stat().st_size
+    assert size > headroom
+
+    def child(mode):
+        return subprocess.run([sys.executable, "-c", MEMORY_CHILD, mode, str(tmp_path / "big.txt"),
+                               str(tmp_path / "cache"), str(headroom)],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    streamed = child("streamed")
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    assert int(streamed.stdout.split()[-1]) == size
+    corpus = data.load_corpus(data_config(tmp_path / "big.txt"), tmp_path / "cache", min_tokens=1)  # no limit here
+    assert np.array_equal(corpus.train[:len(block)], np.frombuffer(block, np.uint8))  # the file starts with it
+    in_memory = child("in-memory")  # control: the limit does bite
+    assert in_memory.returncode != 0 and "MemoryError" in in_memory.stderr
+
+
+def test_prepare_command_writes_token_files_then_reports_bad_input_in_one_line(tmp_path):
+    (tmp_path / "a.txt").write_text(words_text(20_000))
+    command = [sys.executable, "-m", "mqa.data", "prepare", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}"]
+    result = subprocess.run([*command, f"--config.data.path={tmp_path / 'a.txt'}"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "a.txt" in result.stdout and "train /" in result.stdout and "RuntimeWarning" not in result.stderr
+    [index] = (tmp_path / "run" / "data").glob("tokens-*/index.json")
+    assert json.loads(index.read_text())["dtype"] == "uint8"
+    bad = subprocess.run([*command, f"--config.data.path={tmp_path / 'missing.txt'}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "missing.txt" in bad.stderr and "does not exist" in bad.stderr
