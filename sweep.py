@@ -75,21 +75,25 @@ flags.DEFINE_integer("decode_batch", 8, "Sequences decoded at once while timing.
 FLAGS = flags.FLAGS
 
 
-# Fields that change how a trained model is scored, not how it trains (the trainer resumes
-# a run with them changed): a point that differs from a finished one only in these starts
-# from that point's final checkpoint and curves, and is only evaluated.
-SCORING_FIELDS = ("model.kv_cache_dtype",)
+def _without(snapshot: dict, fields) -> dict:
+    """A config snapshot without the dotted `fields`."""
+    snapshot = json.loads(json.dumps(snapshot))
+    for field in fields:
+        section, key = field.split(".")
+        snapshot[section].pop(key, None)
+    return snapshot
+
+
+def _value(point: Point, field: str):
+    section, key = field.split(".")
+    return point.config[section][key]
 
 
 def training_twin(point: Point, plan: list[Point], workdir) -> Point | None:
     """A finished point of the plan that trained exactly as `point` would (their configs
-    differ only in SCORING_FIELDS), or None."""
+    differ only in `trainer.RESUMABLE_CHANGES`, such as the KV cache's dtype), or None."""
     def training_part(p: Point) -> dict:
-        snapshot = sweep_results.config_snapshot(p)
-        for field in SCORING_FIELDS:
-            section, key = field.split(".")
-            snapshot[section].pop(key)
-        return snapshot
+        return _without(sweep_results.config_snapshot(p), trainer.RESUMABLE_CHANGES)
 
     mine = training_part(point)
     return next((other for other in plan if other.name != point.name
@@ -107,8 +111,9 @@ def train_point(point: Point, plan: list[Point], workdir, label: str) -> dict:
         return result
     twin = None if (point_dir / "checkpoints").exists() else training_twin(point, plan, workdir)
     if twin is not None:
-        print(f"{label}: trains exactly as {twin.name} (they differ only in "
-              f"{', '.join(SCORING_FIELDS)}); evaluating a copy of its run in {point_dir}", flush=True)
+        differ = [f for f in trainer.RESUMABLE_CHANGES if _value(point, f) != _value(twin, f)]
+        print(f"{label}: trains exactly as {twin.name} (they differ only in {', '.join(differ)}); "
+              f"evaluating a copy of its run in {point_dir}", flush=True)
         shutil.copytree(workdir / twin.name, point_dir, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(sweep_results.RESULT_FILE, "*.lock"))
     else:

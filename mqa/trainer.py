@@ -86,6 +86,12 @@ def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
     return with_defaults(json.loads(path.read_text())) if path.exists() else None
 
 
+# Fields a run may change when it resumes: they do not change what is trained (how decoding
+# stores the cache; where the same token files lie). sweep.py reuses a finished run for a
+# point that differs from it only in these.
+RESUMABLE_CHANGES = ("model.kv_cache_dtype", "data.token_dir")
+
+
 def _check_resumable(config, workdir: pathlib.Path) -> None:
     """A workdir with checkpoints only continues with the model and data it was trained on
     (one whose run failed before its first checkpoint, e.g. on a bad init_from, may change)."""
@@ -94,8 +100,8 @@ def _check_resumable(config, workdir: pathlib.Path) -> None:
         return
     for section in ("model", "data"):
         for key, value in config[section].items():
-            if (section, key) in (("model", "kv_cache_dtype"), ("data", "token_dir")):
-                continue  # how decoding stores the cache; where the same token files lie
+            if f"{section}.{key}" in RESUMABLE_CHANGES:
+                continue
             if old[section][key] != value:
                 raise ConfigError(
                     f"workdir {str(workdir)!r} was trained with {section}.{key}="

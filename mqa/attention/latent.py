@@ -127,5 +127,6 @@ class LatentAttention(nnx.Module):
             cache, state, k_positions = update(cache, {"latent": new}, axes, index,
                                                ring=window is not None, dtype=dtype)
             out = attend_latent_absorbed(q, q_rope, state["latent"], k_up, v_up,
-                                         cached_layout=axes["latent"], q_offset=index, window=window, k_positions=k_positions)
+                                         cached_layout=axes["latent"], q_offset=index,
+                                         window=window, k_positions=k_positions)
         return dense(out, weight(self.out), contract=2), cache, None
