@@ -23,11 +23,13 @@ np.memmap (np.load(mmap_mode="r")): a window costs the pages it touches, not the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -35,6 +37,7 @@ FORMAT = 2
 INDEX_FILE = "index.json"
 PROGRESS_FILE = "progress.json"
 SPLITS = ("train", "heldout")
+TEMPORARY_SUFFIX = ".tmp"  # write_atomically's temporary files: .NAME.XXXXXXXX.tmp beside NAME
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -58,7 +61,7 @@ def file_mode() -> int:
 def write_atomically(path: Path, content: bytes | Callable) -> None:
     """Writes `content` (bytes, or a function of a binary file) to a temporary file, then renames it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             if isinstance(content, bytes):
@@ -74,6 +77,31 @@ def write_atomically(path: Path, content: bytes | Callable) -> None:
 
 def _write_json(path: Path, value) -> None:
     write_atomically(path, (json.dumps(value, indent=1) + "\n").encode())
+
+
+@contextlib.contextmanager
+def preparing(folder: Path) -> Iterator[None]:
+    """Held while this process prepares `folder`: first removes the temporary files a killed preparation
+    left there, unless another process is preparing it now (they may be its own, still being written)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if _lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):  # no other process holds the folder
+            for leftover in folder.glob(f".*.*{TEMPORARY_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
+        _lock(fd, fcntl.LOCK_SH)  # until this process is done, no later one removes its files
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+def _lock(fd: int, operation: int) -> bool:
+    """flock(fd, operation): False if another process holds a conflicting lock, or the file system has no locks."""
+    try:
+        fcntl.flock(fd, operation)
+        return True
+    except OSError:
+        return False
 
 
 class ShardWriter:

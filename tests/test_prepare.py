@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -66,6 +67,26 @@ def count_encoded_pieces(monkeypatch) -> list[int]:
     return counter
 
 
+def interrupted_preparation(config, cache: Path, monkeypatch, *, shard_tokens: int, shards: int = 2) -> Path:
+    """Prepares `config` into `cache` and stops it after its first `shards` shards; returns the token folder."""
+    write_progress = token_files.write_progress
+    calls = []
+
+    def interrupt(*args, **kwargs):
+        write_progress(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == shards:
+            raise Interrupted
+
+    monkeypatch.setattr(token_files, "write_progress", interrupt)
+    with pytest.raises(Interrupted):
+        data.prepare(config, cache, shard_tokens=shard_tokens)
+    monkeypatch.setattr(token_files, "write_progress", write_progress)
+    [folder] = cache.iterdir()
+    assert not (folder / token_files.INDEX_FILE).exists() and (folder / token_files.PROGRESS_FILE).exists()
+    return folder
+
+
 # ----------------------------------------------------------------------------- deterministic, resumable
 
 
@@ -94,21 +115,7 @@ def test_interrupted_preparation_resumes_to_identical_files_and_batches(kind, to
     [full_folder] = (tmp_path / "full").iterdir()
     assert len(list(full_folder.glob("train-*.npy"))) >= 3
 
-    write_progress = token_files.write_progress
-    calls = []
-
-    def interrupt_after_two_shards(*args, **kwargs):
-        write_progress(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            raise Interrupted
-
-    monkeypatch.setattr(token_files, "write_progress", interrupt_after_two_shards)
-    with pytest.raises(Interrupted):
-        data.load_corpus(config, tmp_path / "resumed", min_tokens=65, shard_tokens=shard_tokens)
-    [folder] = (tmp_path / "resumed").iterdir()
-    assert not (folder / token_files.INDEX_FILE).exists() and (folder / token_files.PROGRESS_FILE).exists()
-    monkeypatch.setattr(token_files, "write_progress", write_progress)
+    folder = interrupted_preparation(config, tmp_path / "resumed", monkeypatch, shard_tokens=shard_tokens)
 
     counter[0] = 0
     resumed = data.load_corpus(config, tmp_path / "resumed", min_tokens=65, shard_tokens=shard_tokens)
@@ -123,6 +130,23 @@ def test_interrupted_preparation_resumes_to_identical_files_and_batches(kind, to
     counter[0] = 0  # a complete folder is opened, not prepared
     data.load_corpus(config, tmp_path / "resumed", min_tokens=65, shard_tokens=shard_tokens)
     assert counter[0] == 0
+
+
+def test_a_temporary_file_left_by_a_killed_preparation_is_removed_when_it_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BLOCK_BYTES", 4096)
+    path, _ = text_source(tmp_path)
+    config = data_config(path)
+    full = data.prepare(config, tmp_path / "full", shard_tokens=6_000)
+    folder = interrupted_preparation(config, tmp_path / "resumed", monkeypatch, shard_tokens=6_000)
+    # killed while writing the third shard: half of it under write_atomically's temporary name, beside it
+    third = (full / "train-00002.npy").read_bytes()
+    fd, leftover = tempfile.mkstemp(dir=folder, prefix=".train-00002.npy.", suffix=token_files.TEMPORARY_SUFFIX)
+    os.write(fd, third[:len(third) // 2])
+    os.close(fd)
+
+    assert data.prepare(config, tmp_path / "resumed", shard_tokens=6_000) == folder
+    assert not Path(leftover).exists() and not list(folder.glob("*.tmp"))
+    assert folder_files(folder) == folder_files(full)  # byte-identical, hidden files included
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])

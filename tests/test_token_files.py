@@ -106,6 +106,18 @@ def test_progress_says_where_to_restart_and_stops_at_the_first_missing_or_short_
     assert [s["end"] for s in shards["heldout"]] == [8]
 
 
+def test_preparing_removes_temporary_files_a_kill_left_but_not_those_of_a_running_preparation(tmp_path):
+    leftover = tmp_path / ".train-00003.npy.k2j4h1x9.tmp"  # as write_atomically names them
+    other = tmp_path / "notes.tmp"  # not such a name
+    other.write_bytes(b"notes")
+    with token_files.preparing(tmp_path):  # a preparation running now, writing a shard ...
+        leftover.write_bytes(b"\x93NUMPY")
+        with token_files.preparing(tmp_path):  # ... is left alone by one that starts meanwhile
+            assert leftover.exists()
+    with token_files.preparing(tmp_path):  # a later one, once the first is gone (killed): removed
+        assert not leftover.exists() and other.exists()
+
+
 @pytest.mark.parametrize("max_windows", [None, 1, 3, 100])
 def test_held_out_loss_over_shards_scores_the_windows_of_the_array(max_windows, tmp_path):
     from mqa import evaluation

@@ -377,7 +377,8 @@ def _load_token_files(folder: Path, source: _Source) -> Corpus:
 
 def _prepare_unless_complete(data_config, source: _Source, folder: Path, shard_tokens: int) -> Path:
     if not (folder / token_files.INDEX_FILE).is_file():
-        _prepare(data_config, source, folder, shard_tokens)
+        with token_files.preparing(folder):  # removes what a killed preparation left half-written
+            _prepare(data_config, source, folder, shard_tokens)
     return folder
 
 
