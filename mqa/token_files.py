@@ -9,13 +9,16 @@ One prepared corpus is one folder:
   index.json               written last, so its presence means the folder is complete:
                            {"format": 2, "dtype": "uint16", "vocab_size": 1024, "shard_tokens": N,
                             "splits": {"train": [{"file": "train-00000.npy", "tokens": t, "bytes": b,
-                                                  "end": e}, ...], "heldout": [...]}}
+                                                  "end": e, "source": s}, ...], "heldout": [...]}}
 
 A shard holds the ids of whole input pieces: a ShardWriter closes it after the first piece that
 brings it to `shard_tokens` ids, and records `end`, the number of pieces (counted over the whole
-input stream, both splits) consumed by then. Shard contents are therefore a function of the input
-and `shard_tokens` alone; an interrupted preparation skips the pieces its shards already hold and
-ends with the same files. Every file is written to a temporary name and renamed into place.
+input stream, both splits) consumed by then, and, for an input that can be read from a position
+(text sources), `source`: where the input stood then (opaque here; see mqa.data._pieces). Shard
+contents are therefore a function of the input and `shard_tokens` alone; an interrupted
+preparation reads on from the position its shards end at, or else skips the pieces they hold, and
+ends with the same files. Every file is written to a temporary name (.NAME.XXXXXXXX.tmp) and
+renamed into place; a preparation removes those a killed one left (`preparing`).
 
 A TokenStream reads a split as one sequence of int32 ids, whatever its storage dtype, through
 np.memmap (np.load(mmap_mode="r")): a window costs the pages it touches, not the corpus.
@@ -119,8 +122,9 @@ class ShardWriter:
         self._tokens = self._bytes = 0
         self._first_buffered = 0  # the first piece in the buffer, when there is one
 
-    def add(self, piece_index: int, ids: np.ndarray, num_bytes: int) -> bool:
-        """Adds piece `piece_index` (ids: int [n]; num_bytes: the bytes it stands for); True if a shard was written."""
+    def add(self, piece_index: int, ids: np.ndarray, num_bytes: int, source=None) -> bool:
+        """Adds piece `piece_index` (ids: int [n]; num_bytes: the bytes it stands for; source: where the input
+        stands after it, JSON-able, or None where it has no such position); True if a shard was written."""
         if piece_index < self.resume_from:
             return False
         if not self._buffer:
@@ -130,19 +134,20 @@ class ShardWriter:
         self._bytes += num_bytes
         if self._tokens < self.shard_tokens:
             return False
-        self._flush(end=piece_index + 1)
+        self._flush(piece_index + 1, source)
         return True
 
-    def finish(self, end: int) -> None:
-        """Writes what is left as a last shard; `end` is the number of pieces in the whole input."""
+    def finish(self, end: int, source=None) -> None:
+        """Writes what is left as a last shard; `end` is the number of pieces in the whole input, `source`
+        where the input stands after them."""
         if self._buffer and self._tokens:
-            self._flush(end)
+            self._flush(end, source)
 
     def unwritten_from(self, position: int) -> int:
         """The first piece not yet in a shard, when `position` pieces of the input have been added."""
         return self._first_buffered if self._buffer else position
 
-    def _flush(self, end: int) -> None:
+    def _flush(self, end: int, source) -> None:
         name = f"{self.split}-{len(self.shards):05d}.npy"
 
         def write(f) -> None:  # the .npy header, then the pieces one by one: no concatenated copy
@@ -152,7 +157,8 @@ class ShardWriter:
                 f.write(ids.tobytes())
 
         write_atomically(self.folder / name, write)
-        self.shards.append({"file": name, "tokens": self._tokens, "bytes": self._bytes, "end": end})
+        self.shards.append({"file": name, "tokens": self._tokens, "bytes": self._bytes, "end": end,
+                            **({} if source is None else {"source": source})})
         self._buffer, self._tokens, self._bytes = [], 0, 0
 
 
@@ -176,6 +182,13 @@ def read_progress(folder: Path, shard_tokens: int) -> tuple[int, int, dict[str, 
     complete = all(len(splits[split]) == len(progress["splits"][split]) for split in SPLITS)
     next_piece = progress["next_piece"] if complete else 0
     return progress["shard_tokens"], next_piece, splits
+
+
+def resume_position(shards: dict[str, list[dict]], next_piece: int):
+    """Where the input stands before piece `next_piece`, as a shard that ends there recorded it (read_progress's
+    shards); None if none did (no shard yet, or an input without positions)."""
+    return next((shard["source"] for split in SPLITS for shard in shards[split]
+                 if shard["end"] == next_piece and "source" in shard), None)
 
 
 def write_progress(folder: Path, shard_tokens: int, writers: dict[str, ShardWriter], position: int) -> None:

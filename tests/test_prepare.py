@@ -1,6 +1,7 @@
 """Tests for preparing token files (mqa.data.load_corpus and python -m mqa.data prepare): streamed
 sources, deterministic and resumable shards, document hold-out, dtypes, errors and bounded memory."""
 
+import io
 import json
 import os
 import subprocess
@@ -147,6 +148,46 @@ def test_a_temporary_file_left_by_a_killed_preparation_is_removed_when_it_resume
     assert data.prepare(config, tmp_path / "resumed", shard_tokens=6_000) == folder
     assert not Path(leftover).exists() and not list(folder.glob("*.tmp"))
     assert folder_files(folder) == folder_files(full)  # byte-identical, hidden files included
+
+
+def record_reads(monkeypatch) -> list[tuple[str, int, int]]:
+    """(file name, offset, bytes) of every read of a source file by mqa.data from now on."""
+    reads = []
+
+    class Recorded(io.FileIO):
+        def read(self, size=-1):
+            offset = self.tell()
+            block = super().read(size)
+            reads.append((Path(self.name).name, offset, len(block)))
+            return block
+
+    monkeypatch.setattr(data, "open", lambda file, mode: Recorded(file), raising=False)
+    return reads
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_a_resumed_preparation_of_text_files_reads_them_only_from_where_its_shards_end(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BLOCK_BYTES", 4096)
+    text = words_text(60_000).replace("of", "öf")  # characters of 1 and 2 bytes
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i, start in enumerate(range(0, len(text), 12_500)):
+        (folder / f"{i:02d}.txt").write_bytes(text[start:start + 12_500].encode())
+    sizes = [f.stat().st_size for f in sorted(folder.iterdir())]
+    config = data_config(folder, tokenizer=tokenizer, bpe_vocab_size=300)
+    full = data.prepare(config, tmp_path / "full", shard_tokens=6_000)
+    resumed = interrupted_preparation(config, tmp_path / "resumed", monkeypatch, shard_tokens=6_000, shards=3)
+    progress = json.loads((resumed / token_files.PROGRESS_FILE).read_text())
+    offset, _, _ = token_files.resume_position(progress["splits"], progress["next_piece"])
+    assert sizes[0] < offset < sum(sizes[:-2])  # in a later file, with two more to go
+
+    reads = record_reads(monkeypatch)
+    assert data.prepare(config, tmp_path / "resumed", shard_tokens=6_000) == resumed
+    assert folder_files(resumed) == folder_files(full)
+    starts = dict(zip((f"{i:02d}.txt" for i in range(len(sizes))), np.cumsum([0, *sizes])))
+    read = [(starts[name] + at, length) for name, at, length in reads if length]  # in the files concatenated
+    assert read[0][0] == offset and sum(length for _, length in read) == sum(sizes) - offset  # from there, once
+    assert all(a + n == b for (a, n), (b, _) in zip(read, read[1:]))
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])

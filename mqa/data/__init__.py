@@ -57,14 +57,15 @@ class _Source:
     """Where the text comes from, read lazily and in bounded pieces.
 
     A text source (a file, a folder of them, pydoc) is one stream whose tail is held out; `blocks`
-    yields it in order as str blocks or, as_text=False, as bytes where the source is bytes (files).
+    yields it in order as str blocks or, as_text=False, as bytes where the source is bytes (files),
+    from a byte offset into it (its files concatenated; pydoc: its UTF-8), between characters.
     A document source (.jsonl/.parquet files, a hub dataset) yields (split or None, document text)
     from `documents`; None leaves the choice to `_assign_documents`.
     """
 
     description: str  # one line for humans, e.g. "file ../x.txt (1,115,394 bytes)"
     identity: list  # JSON-able; changes whenever the text could change
-    blocks: Callable[[bool], Iterator[str | bytes]] | None = None
+    blocks: Callable[[bool, int], Iterator[str | bytes]] | None = None  # (as_text, start byte) -> blocks
     num_bytes: int | None = None  # the length of blocks(False) when it yields bytes (files), else None
     documents: Callable[[], Iterator[tuple[str | None, str]]] | None = None
 
@@ -106,17 +107,25 @@ def _local_source(path_name: str, text_column: str) -> _Source:
     what = f"folder {path_name} ({len(files)} files, {num_bytes:,} bytes)" if is_folder else f"file {path_name} ({num_bytes:,} bytes)"
     if kinds == {True}:
         return _Source(what, [*identity, text_column], documents=lambda: _file_documents(files, text_column))
-    return _Source(what, identity, blocks=lambda as_text: _file_blocks(files, as_text), num_bytes=num_bytes)
+    sizes = [s.st_size for s in stats]
+    return _Source(what, identity, blocks=lambda as_text, start: _file_blocks(files, sizes, as_text, start),
+                   num_bytes=num_bytes)
 
 
-def _file_blocks(files: list[Path], as_text: bool) -> Iterator[str | bytes]:
-    """The files' contents in order, BLOCK_BYTES at a time; as_text: decoded as UTF-8 (each file must be)."""
-    for file in files:
+def _file_blocks(files: list[Path], sizes: list[int], as_text: bool, start: int = 0) -> Iterator[str | bytes]:
+    """The files' contents in order from byte `start` of their concatenation, BLOCK_BYTES at a time (a file's
+    blocks end at multiples of BLOCK_BYTES into it, wherever reading starts); as_text: decoded as UTF-8
+    (each file must be). Files wholly before `start` are not opened."""
+    for file, size in zip(files, sizes):
+        if start and start >= size:
+            start -= size
+            continue
         decoder = codecs.getincrementaldecoder("utf-8")()
-        offset = 0  # bytes of this file read so far
+        offset, start = start, 0  # bytes of this file read (or passed over) so far
         try:
             with open(file, "rb") as f:
-                while block := f.read(BLOCK_BYTES):
+                f.seek(offset)
+                while block := f.read(BLOCK_BYTES - offset % BLOCK_BYTES):
                     if not as_text:
                         yield block
                     else:
@@ -192,38 +201,49 @@ def _pydoc_source() -> _Source:
     version = sys.version.split()[0]
     description = f"CPython {version} documentation topics ({len(text.encode()):,} bytes)"
     # str even for byte tokens: its held-out tail is counted in characters, as it always was
-    return _Source(description, ["pydoc_data", sys.version], blocks=lambda as_text: iter([text]))
+    return _Source(description, ["pydoc_data", sys.version],
+                   blocks=lambda as_text, start: iter([text.encode()[start:].decode() if start else text]))
 
 
 # ----------------------------------------------------------------------------- pieces
 
 
-def _pieces(source: _Source, as_text: bool, heldout_fraction: float) -> Iterator[tuple[str, str | bytes]]:
-    """The source as ("train" | "heldout", piece), in order, each piece at most a few MB.
+def _pieces(source: _Source, as_text: bool, heldout_fraction: float,
+            start: list[int] | None = None) -> Iterator[tuple[str, str | bytes, list[int] | None]]:
+    """The source as ("train" | "heldout", piece, where the source stands after it), in order, each
+    piece at most a few MB.
 
     A text source's held-out split is its last heldout_fraction of bytes (byte tokens) or of
     characters (others), as _split_text cuts it; str pieces are cut just after a newline, as
-    _line_chunks cuts them. A document source holds out whole documents (_assign_documents).
+    _line_chunks cuts them. Its positions are [bytes read, the same in the blocks' units
+    (characters, or bytes), where held-out begins in those units]; `start`, one of them, resumes
+    the pieces there without reading what comes before. A document source holds out whole
+    documents (_assign_documents); its positions are None and it cannot start later.
     """
     if source.documents is not None:
         for split, document in _assign_documents(source.documents(), heldout_fraction):
             text = document + "\n"  # documents are separated by newlines
-            yield from ((split, p) for p in (_line_chunks(text) if as_text else _byte_blocks(text.encode())))
+            yield from ((split, p, None) for p in (_line_chunks(text) if as_text else _byte_blocks(text.encode())))
         return
-    if not as_text and source.num_bytes is not None:
-        total = source.num_bytes
-    else:  # a first pass, counting in the blocks' own units
-        total = sum(len(block) for block in source.blocks(as_text))
-    cut = total - round(total * heldout_fraction)
-    labelled = _split_blocks(source.blocks(as_text), cut)
+    if start is None:
+        if not as_text and source.num_bytes is not None:
+            total = source.num_bytes
+        else:  # a first pass, counting in the blocks' own units
+            total = sum(len(block) for block in source.blocks(as_text, 0))
+        start = [0, 0, total - round(total * heldout_fraction)]
+    offset, units, cut = start
+    labelled = _split_blocks(source.blocks(as_text, offset), cut, units)
     for split, group in itertools.groupby(labelled, key=operator.itemgetter(0)):
         blocks = (block for _, block in group)
-        yield from ((split, piece) for piece in (_streamed_line_chunks(blocks) if as_text else blocks))
+        for piece in (_streamed_line_chunks(blocks) if as_text else blocks):
+            offset += len(piece.encode("utf-8")) if isinstance(piece, str) else len(piece)
+            units += len(piece)
+            yield split, piece, [offset, units, cut]
 
 
-def _split_blocks(blocks: Iterator[str | bytes], cut: int) -> Iterator[tuple[str, str | bytes]]:
-    """("train", ...) for the stream's first `cut` characters (or bytes), ("heldout", ...) for the rest."""
-    position = 0
+def _split_blocks(blocks: Iterator[str | bytes], cut: int, position: int = 0) -> Iterator[tuple[str, str | bytes]]:
+    """("train", ...) for the stream's first `cut` characters (or bytes), ("heldout", ...) for the rest;
+    `position`: where in the stream the blocks start."""
     for block in blocks:
         if position < cut < position + len(block):
             yield "train", block[: cut - position]
@@ -383,21 +403,30 @@ def _prepare_unless_complete(data_config, source: _Source, folder: Path, shard_t
 
 
 def _prepare(data_config, source: _Source, folder: Path, shard_tokens: int) -> None:
-    """Tokenizes the source into token files in `folder`, resuming from shards already there."""
+    """Tokenizes the source into token files in `folder`, resuming from shards already there: a text
+    source is read from where they end; a document source from its start, skipping (without
+    tokenizing) the pieces they hold."""
     tokenizer = _prepared_tokenizer(data_config, source, folder)
     as_text = tokenizer.name != "byte"
     shard_tokens, next_piece, written = token_files.read_progress(folder, shard_tokens)
     dtype = token_files.token_dtype(tokenizer.vocab_size)
     writers = {split: token_files.ShardWriter(folder, split, dtype, shard_tokens, written[split])
                for split in token_files.SPLITS}
-    count = skip = next_piece  # pieces before next_piece are all in shards already
-    for batch in _batches(itertools.islice(enumerate(_pieces(source, as_text, data_config.heldout_fraction)), skip, None)):
-        for (index, (split, piece)), ids in zip(batch, tokenizer.encode_batch([piece for _, (_, piece) in batch])):
+    position = token_files.resume_position(written, next_piece)  # where piece next_piece starts, if recorded
+    pieces = _pieces(source, as_text, data_config.heldout_fraction, start=position)
+    if position is None:  # read from the start, skipping the pieces the shards hold
+        numbered = itertools.islice(enumerate(pieces), next_piece, None)
+    else:
+        numbered = enumerate(pieces, next_piece)
+    count = next_piece  # pieces before next_piece are all in shards already
+    for batch in _batches(numbered):
+        for (index, (split, piece, position)), ids in zip(batch, tokenizer.encode_batch([p for _, (_, p, _) in batch])):
             count = index + 1
-            if writers[split].add(index, ids, len(piece.encode("utf-8") if isinstance(piece, str) else piece)):
+            num_bytes = len(piece.encode("utf-8") if isinstance(piece, str) else piece)
+            if writers[split].add(index, ids, num_bytes, position):
                 token_files.write_progress(folder, shard_tokens, writers, count)
     for writer in writers.values():
-        writer.finish(end=count)
+        writer.finish(count, position)  # position: where the source stands after the last piece
     token_files.write_index(folder, tokenizer.vocab_size, shard_tokens, writers)
 
 
@@ -419,7 +448,8 @@ def _prepared_tokenizer(data_config, source: _Source, folder: Path) -> ByteToken
     if (folder / TOKENIZER_FILE).is_file():
         return load_tokenizer(folder)
     if data_config.tokenizer == "bpe":  # trained on a bounded sample of the train split only
-        train_pieces = (piece for split, piece in _pieces(source, True, data_config.heldout_fraction) if split == "train")
+        pieces = _pieces(source, True, data_config.heldout_fraction)
+        train_pieces = (piece for split, piece, _ in pieces if split == "train")
         tokenizer = BpeTokenizer.train(_bounded(train_pieces, _bpe_train_bytes(data_config)), data_config.bpe_vocab_size)
     elif data_config.tokenizer == "byte":
         tokenizer = ByteTokenizer()
