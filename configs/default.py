@@ -28,8 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
         mlp_dim=1024,            # SwiGLU hidden width
         match_mha_params=False,  # widen the MLP so parameters equal MHA's (Shazeer 2019)
         tie_embeddings=True,
-        attention_impl="einsum",  # einsum | blockwise (linear memory) | xla | cudnn
-        attention_block=128,     # blockwise attention's block length
+        attention_impl="tiled",  # tiled (causal query tiles) | einsum | blockwise (linear memory) | xla | cudnn
+        attention_block=64,      # tiled: query tile length; blockwise: block length
         rope_theta=10000.0,
         norm_eps=1e-5,
         max_seq_len=1024,

@@ -32,7 +32,8 @@ TINYSHAKESPEARE = pathlib.Path(__file__).resolve().parents[1] / "data" / "tinysh
 def get_config():
     config = default.get_config()
     config.model.update(d_model=96, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=12,
-                        mlp_dim=384, match_mha_params=True, max_seq_len=2048)
+                        mlp_dim=384, match_mha_params=True, max_seq_len=2048,
+                        attention_impl="einsum")  # the core the published runs trained with
     config.train.update(steps=400, batch_size=16, seq_len=128, learning_rate=2e-3,
                         warmup_steps=40, log_every=50, eval_every=100, eval_batches=8)
     config.data.path = str(TINYSHAKESPEARE)

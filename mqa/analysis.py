@@ -40,7 +40,7 @@ def analysis_tokens(model: LoadedModel, text: str | None, windows: int, seq_len:
         tokens = model.tokenizer.encode(raw if model.tokenizer.name == "byte" else raw.decode("utf-8"))
     else:
         corpus = data.load_corpus(model.config.data, model.path / "data", min_tokens=seq_len)
-        tokens = np.asarray(corpus.heldout)
+        tokens = corpus.heldout  # a token_files.TokenStream: only the windows are read
     if len(tokens) < seq_len:
         raise DataError(f"the text has {len(tokens)} tokens, fewer than one window of "
                         f"--seq_len={seq_len}")

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
-ATTENTION_IMPLS = ("einsum", "blockwise", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "tiled", "blockwise", "xla", "cudnn")
 ATTENTIONS = ("grouped", "tied", "latent")  # model.attention: the families in mqa/attention/
 KV_CACHE_DTYPES = ("", "int8")
 TRAINABLE = ("all", "attention")  # train.trainable
@@ -305,9 +305,9 @@ def _check_attention_family(m) -> None:
     if m.attention == "tied" and m.head_dim % 4:
         raise ConfigError(f"model.head_dim={m.head_dim} must be a multiple of 4 for "
                           "model.attention='tied' (a rotary half of head_dim / 2)")
-    if m.attention != "grouped" and m.attention_impl != "einsum":
+    if m.attention != "grouped" and m.attention_impl not in ("einsum", "tiled"):
         raise ConfigError(f"model.attention_impl={m.attention_impl!r} is for model.attention="
-                          f"'grouped'; model.attention={m.attention!r} takes 'einsum'")
+                          f"'grouped'; model.attention={m.attention!r} takes 'einsum' or 'tiled'")
     if m.global_every and not m.sliding_window:
         raise ConfigError(f"model.global_every={m.global_every} needs model.sliding_window > 0")
     if m.sliding_window and m.kv_share_every != 1:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from mqa import data
+from mqa import data, token_files
 from mqa.loading import LoadedModel
 from mqa.training import make_eval_step
 
@@ -25,16 +25,18 @@ from mqa.training import make_eval_step
 BatchNll = Callable[[np.ndarray, np.ndarray], tuple[float, float]]
 
 
-def scored_positions(num_windows: int, seq_len: int, stride: int) -> np.ndarray:
-    """bool [num_windows, seq_len]: which targets of each window count.
+def scored_positions(num_windows: int, seq_len: int, stride: int, first: int = 0) -> np.ndarray:
+    """bool [num_windows, seq_len]: which targets of windows first .. first + num_windows - 1
+    count.
 
     Window i covers targets i*stride+1 .. i*stride+seq_len. The first window scores all of
     them; each later one only the `stride` targets no earlier window scored, so every
     token is scored once, with up to seq_len - stride tokens of context before it.
     """
     mask = np.zeros((num_windows, seq_len), bool)
-    mask[0] = True
-    mask[1:, seq_len - stride:] = True
+    mask[:, seq_len - stride:] = True
+    if first == 0 and num_windows:
+        mask[0] = True
     return mask
 
 
@@ -51,12 +53,13 @@ def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batc
     stride = seq_len if stride is None else stride
     if max_windows is not None:  # read only the tokens the first max_windows windows cover
         tokens = tokens[:(max_windows - 1) * stride + seq_len + 1]
-    windows = data.eval_windows(tokens, seq_len, stride=stride)  # [n, seq_len + 1]
-    mask = scored_positions(len(windows), seq_len, stride)
+    window_starts = data.eval_window_starts(len(tokens), seq_len, stride=stride)
     loss_sum, count = 0.0, 0.0
-    starts = range(0, len(windows), batch_size)
+    starts = range(0, len(window_starts), batch_size)
     for start in tqdm.tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
-        chunk, weights = windows[start:start + batch_size], mask[start:start + batch_size]
+        # One batch of windows at a time: memory stays flat however long the split is.
+        chunk = token_files.read_windows(tokens, window_starts[start:start + batch_size], seq_len + 1)
+        weights = scored_positions(len(chunk), seq_len, stride, first=start)
         pad = batch_size - len(chunk)
         if pad:  # keep one compiled shape; padded rows weigh nothing
             chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])

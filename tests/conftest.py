@@ -29,3 +29,9 @@ def shakespeare_path() -> pathlib.Path:
     if not path.is_file():
         pytest.skip(f"{path} not present")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run first: with several test processes (pytest-xdist hands out
+    tests in this order) the longest ones then start early instead of ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

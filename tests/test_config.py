@@ -111,7 +111,7 @@ def test_wrong_type_in_override():
 
 
 @pytest.mark.parametrize("field,value,valid", [
-    ("model.attention_impl", "flash", "'einsum', 'blockwise', 'xla', 'cudnn'"),
+    ("model.attention_impl", "flash", "'einsum', 'tiled', 'blockwise', 'xla', 'cudnn'"),
     ("model.dtype", "float16", "'float32', 'bfloat16'"),
     ("model.attention", "sparse", "'grouped', 'tied', 'latent'"),
     ("model.kv_cache_dtype", "int4", "'', 'int8'"),

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from mqa import accounting
-from mqa.attention import attend_latent_absorbed, attend_latent_expanded
+from mqa.attention import attend_latent_absorbed, attend_latent_expanded, expand_latent
 from mqa.config import ConfigError, ModelConfig, load_config_file
 from mqa.kv_cache import cache_nbytes, init_cache
 from mqa.model import Transformer
@@ -162,9 +162,10 @@ def test_absorbed_latent_attention_equals_the_expanded_form():
     b, t, s, h, d, c, r = 2, 3, 9, 4, 8, 12, 4
     arrays = [rng.normal(size=shape).astype(np.float32) for shape in
               [(b, t, h, d), (b, t, h, r), (b, s, c), (b, s, r), (c, h, d), (c, h, d)]]
+    q, q_rope, latent, k_rope, k_up, v_up = arrays
     for mask in [dict(q_offset=6), dict(q_offset=6, window=4)]:
-        expanded = attend_latent_expanded(*arrays, **mask)
-        q, q_rope, latent, k_rope, k_up, v_up = arrays
+        expanded = attend_latent_expanded(q, q_rope, *expand_latent(latent, k_up, v_up), k_rope,
+                                          **mask)
         cached = np.concatenate([latent, k_rope], -1)  # the cache holds both side by side
         absorbed = attend_latent_absorbed(q, q_rope, cached, k_up, v_up, **mask)
         assert max_rel(absorbed, expanded) < 1e-5

@@ -5,6 +5,8 @@
   tied     grouped-tied attention, GTA (`tied.py`, core `attend_tied`)
   latent   multi-head latent attention, MLA (`latent.py`, cores `attend_latent_expanded`
            and `attend_latent_absorbed`)
+and, for any family, `tiled.py`: causal self-attention over query tiles
+(`model.attention_impl="tiled"`).
 
 `family(config)` is the one place that picks a family from `model.attention`. Every
 family is an `nnx.Module` built as `Family(config, rngs=..., owns_kv=...)` with
@@ -24,7 +26,8 @@ Cache policies (sliding windows, int8) live in `mqa.kv_cache` and apply to every
 from mqa.attention.core import (attend, attend_jax, attention_fn, causal_mask, dense,
                                 masked_softmax, ordered_einsum)
 from mqa.attention.grouped import GroupedAttention
-from mqa.attention.latent import LatentAttention, attend_latent_absorbed, attend_latent_expanded
+from mqa.attention.latent import (LatentAttention, attend_latent_absorbed, attend_latent_expanded,
+                                 expand_latent)
 from mqa.attention.tied import TiedAttention, attend_tied
 from mqa.config import ModelConfig
 
@@ -41,5 +44,5 @@ def family(config: ModelConfig) -> type:
 __all__ = [
     "FAMILIES", "GroupedAttention", "LatentAttention", "TiedAttention", "attend", "attend_jax",
     "attend_latent_absorbed", "attend_latent_expanded", "attend_tied", "attention_fn",
-    "causal_mask", "dense", "family", "masked_softmax", "ordered_einsum",
+    "causal_mask", "dense", "expand_latent", "family", "masked_softmax", "ordered_einsum",
 ]

@@ -157,10 +157,12 @@ AttentionFn = Callable[..., jax.Array]
 
 def attention_fn(impl: str, block: int = 128) -> AttentionFn:
     """The attention core named by `model.attention_impl`; `block` (`model.attention_block`)
-    is the blockwise one's block length."""
-    from mqa.attention.blockwise import attend_blockwise  # it builds on `attend`
+    is the tiled core's query tile and the blockwise core's block length."""
+    from mqa.attention.blockwise import attend_blockwise  # both build on `attend`
+    from mqa.attention.tiled import attend_tiled
     impls = {
         "einsum": attend,
+        "tiled": functools.partial(attend_tiled, block=block),
         "blockwise": functools.partial(attend_blockwise, block=block),
         "xla": functools.partial(attend_jax, implementation="xla"),
         "cudnn": functools.partial(attend_jax, implementation="cudnn"),

@@ -7,7 +7,8 @@ all heads, met by a rotary part of each query. The cache holds exactly L and R, 
 side in one buffer (as DeepSeek's FlashMLA caches them): `c + r` numbers per token and
 layer, whatever the number of heads.
 
-Training and evaluation expand L into per-head keys and values (`attend_latent_expanded`).
+Training and evaluation expand L into per-head keys and values (`expand_latent`,
+`attend_latent_expanded`).
 Cached decoding never does: it maps each query into the latent space (q @ k_up^T), scores
 it against L itself, and maps the attention-weighted latent out through v_up and the output
 projection (`attend_latent_absorbed`). Both compute the same function.
@@ -23,6 +24,7 @@ from flax import nnx
 
 from mqa.attention.core import (causal_mask, dense, init_output, init_params, masked_softmax,
                                ordered_einsum)
+from mqa.attention.tiled import self_attention
 from mqa.config import ModelConfig
 from mqa.kv_cache import CacheEntry, update
 from mqa.norm import RMSNorm
@@ -31,18 +33,20 @@ from mqa.rope import apply_rope
 F32 = dict(preferred_element_type=jnp.float32)
 
 
-def attend_latent_expanded(q: jax.Array, q_rope: jax.Array, latent: jax.Array, k_rope: jax.Array,
-                           k_up: jax.Array, v_up: jax.Array, **mask) -> jax.Array:
-    """q: [b, t, h, d]; q_rope: [b, t, h, r] rotated; latent: [b, s, c]; k_rope: [b, s, r]
-    rotated; k_up, v_up: [c, h, d]. mask: `causal_mask`'s q_offset, window, k_positions.
-    Returns [b, t, h, d]: softmax((q.k + q_rope.k_rope) / sqrt(d + r)) v with per-head keys
-    k = latent @ k_up and values v = latent @ v_up."""
+def expand_latent(latent: jax.Array, k_up: jax.Array, v_up: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """latent: [b, s, c]; k_up, v_up: [c, h, d] -> per-head keys and values [b, s, h, d]."""
+    return (jnp.einsum("bsc,chd->bshd", latent, k_up), jnp.einsum("bsc,chd->bshd", latent, v_up))
+
+
+def attend_latent_expanded(q: jax.Array, q_rope: jax.Array, k: jax.Array, v: jax.Array,
+                           k_rope: jax.Array, **mask) -> jax.Array:
+    """q: [b, t, h, d]; q_rope: [b, t, h, r] rotated; k, v: [b, s, h, d], the latent
+    expanded (`expand_latent`); k_rope: [b, s, r] rotated. mask: `causal_mask`'s q_offset,
+    window, k_positions. Returns [b, t, h, d]: softmax((q.k + q_rope.k_rope) / sqrt(d + r)) v."""
     b, t, h, d = q.shape
-    k = jnp.einsum("bsc,chd->bshd", latent, k_up)
-    v = jnp.einsum("bsc,chd->bshd", latent, v_up)
     logits = (jnp.einsum("bthd,bshd->bhts", q, k, **F32)
               + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, **F32))
-    probs = _softmax(logits, d + q_rope.shape[-1], t, latent.shape[1], **mask)
+    probs = _softmax(logits, d + q_rope.shape[-1], t, k.shape[1], **mask)
     return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, **F32).astype(q.dtype)
 
 
@@ -119,8 +123,8 @@ class LatentAttention(nnx.Module):
         k_rope = apply_rope(dense(x, weight(self.k_rope))[:, :, None], positions, theta)
         k_up, v_up = weight(self.k_up), weight(self.v_up)
         if cache is None:
-            out = attend_latent_expanded(q, q_rope, latent, k_rope[:, :, 0], k_up, v_up,
-                                         window=window)
+            keys = (*expand_latent(latent, k_up, v_up), k_rope[:, :, 0])
+            out = self_attention(attend_latent_expanded, (q, q_rope), keys, config, window)
         else:
             axes = {e.name: e.axes(x.shape[0]) for e in self.cache_entries(config)}
             new = jnp.concatenate([latent[:, :, None], k_rope], axis=-1)    # [b, t, 1, c + r]

@@ -18,6 +18,7 @@ from flax import nnx
 
 from mqa.attention.core import (causal_mask, dense, init_output, init_params, masked_softmax,
                                ordered_einsum)
+from mqa.attention.tiled import self_attention
 from mqa.config import ModelConfig
 from mqa.kv_cache import CacheEntry, update
 from mqa.rope import apply_rope
@@ -99,7 +100,9 @@ class TiedAttention(nnx.Module):
                                                    index, ring=window is not None, dtype=dtype)
                 shared = (state, axes["kv"], k_positions)
         state, layout, k_positions = shared
-        out = attend_tied(q, state["kv"], state["k_rope"], tied_layout=layout,
-                          q_offset=0 if index is None else index, window=window,
-                          k_positions=k_positions)
+        if index is None:  # training, evaluation: causal self-attention over activations
+            out = self_attention(attend_tied, (q,), (state["kv"], state["k_rope"]), config, window)
+        else:
+            out = attend_tied(q, state["kv"], state["k_rope"], tied_layout=layout, q_offset=index,
+                              window=window, k_positions=k_positions)
         return dense(out, self.out[...].astype(dtype), contract=2), cache, shared

@@ -499,11 +499,16 @@ def eval_windows(tokens: np.ndarray | token_files.TokenStream, seq_len: int, *, 
     first is a target exactly once. A smaller stride gives overlapping (sliding) windows. A trailing
     partial window is dropped.
     """
+    return token_files.read_windows(tokens, eval_window_starts(len(tokens), seq_len, stride=stride),
+                                    seq_len + 1)
+
+
+def eval_window_starts(num_tokens: int, seq_len: int, *, stride: int | None = None) -> np.ndarray:
+    """int [num_windows]: where each of `eval_windows`' windows starts, for `num_tokens` tokens."""
     stride = seq_len if stride is None else stride
     if not 1 <= stride <= seq_len:
         raise DataError(f"eval stride={stride} is invalid; need 1 <= stride <= seq_len ({seq_len})")
-    if len(tokens) < seq_len + 1:
-        raise DataError(f"{len(tokens)} held-out tokens cannot fill one eval window of seq_len + 1 = {seq_len + 1}")
-    num_windows = (len(tokens) - seq_len - 1) // stride + 1
-    return token_files.read_windows(tokens, np.arange(num_windows) * stride, seq_len + 1)
+    if num_tokens < seq_len + 1:
+        raise DataError(f"{num_tokens} held-out tokens cannot fill one eval window of seq_len + 1 = {seq_len + 1}")
+    return np.arange((num_tokens - seq_len - 1) // stride + 1) * stride
 
