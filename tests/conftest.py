@@ -18,9 +18,21 @@ DATA = REPO / "data"  # corpora the repository ships (data/SOURCES.md)
 def compilation_cache(tmp_path_factory):
     """One persistent JAX compilation cache shared by the session's train.py, eval.py and
     sweep.py subprocesses, which compile the same tiny programs many times (a tiny
-    train.py run: 15 s cold, 5 s from the cache). Subprocesses inherit the environment."""
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+    train.py run: 15 s cold, 5 s from the cache), by the test processes themselves, and
+    by all of them under pytest-xdist. Subprocesses inherit the environment. A size limit turns on JAX's file
+    lock around the cache, so that two processes never read an entry half written."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp is under one session's
+        root = root.parent
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2 ** 30))
+    # This process read the environment when it imported JAX: the same settings for it.
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_compilation_cache_max_size",
+                      int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 
 @pytest.fixture
