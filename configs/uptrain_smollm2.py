@@ -20,7 +20,8 @@ TINYSHAKESPEARE = pathlib.Path(__file__).resolve().parents[1] / "data" / "tinysh
 def get_config():
     config = default.get_config()
     config.model.update(vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=1,
-                        head_dim=64, mlp_dim=1536, rope_theta=100000.0, max_seq_len=8192)
+                        head_dim=64, mlp_dim=1536, rope_theta=100000.0, max_seq_len=8192,
+                        attention_impl="einsum")  # the core the published runs trained with
     config.data.path = str(TINYSHAKESPEARE)
     config.data.tokenizer = "init_from"  # the converted model's own 49,152-token BPE
     config.train.init_from = "runs/smollm2_uptrain/init_mean"  # mqa.convert uptrain's output

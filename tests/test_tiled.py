@@ -82,9 +82,14 @@ def test_tiles_skip_the_work_above_the_diagonal():
     assert 0.45 < ratio < 0.65
 
 
-def test_default_config_trains_with_tiles_and_other_configs_keep_their_core():
-    from configs import default
+def test_default_config_trains_with_tiles_and_published_experiments_keep_their_core():
+    """configs/default.py trains tiled; the configs whose results are published (the KV
+    sweeps, SmolLM2 uptraining) and workdirs saved without the field keep `einsum`."""
+    from configs import default, sweep_kv_budget, sweep_kv_heads, uptrain_smollm2
     from mqa.config import ModelConfig
-    config = ModelConfig.from_config(default.get_config().model)
+    config = default.get_config().model
     assert (config.attention_impl, config.attention_block) == ("tiled", 64)
-    assert dataclasses.replace(config, attention_impl="einsum").attention_impl == "einsum"
+    for published in (sweep_kv_heads, sweep_kv_budget, uptrain_smollm2):
+        assert published.get_config().model.attention_impl == "einsum", published.__name__
+    defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
+    assert defaults["attention_impl"] == "einsum"

@@ -45,8 +45,8 @@ def attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Tru
 
 def over_query_tiles(core: Callable[..., jax.Array], queries: tuple[jax.Array, ...],
                      keys: tuple[jax.Array, ...], *, block: int,
-                     window: jax.Array | int | None = None, **kwargs) -> jax.Array:
-    """Causal self-attention `core(*queries, *keys, q_offset=..., window=window, **kwargs)`
+                     window: jax.Array | int | None = None) -> jax.Array:
+    """Causal self-attention `core(*queries, *keys, q_offset=..., window=window)`
     evaluated one query tile at a time against the keys up to the tile's end.
 
     queries, keys: arrays [b, t, ...] over the same t positions (q and its rotary part;
@@ -62,7 +62,7 @@ def over_query_tiles(core: Callable[..., jax.Array], queries: tuple[jax.Array, .
         first = max(0, start - window + 1) if isinstance(window, int) else 0
         # Queries start..end-1 against keys first..end-1, positions counted from `first`.
         tiles.append(core(*(x[:, start:end] for x in queries), *(x[:, first:end] for x in keys),
-                          q_offset=start - first, window=window, **kwargs))
+                          q_offset=start - first, window=window))
     return jnp.concatenate(tiles, axis=1)
 
 
