@@ -44,7 +44,7 @@ from ml_collections import config_flags
 
 from mqa import sweep_plots, sweep_results, trainer
 from mqa.cli import fail, parse_flags
-from mqa.config import ConfigError, ModelConfig
+from mqa.config import ConfigError, ModelConfig, build_model_config
 from mqa.data import DataError
 from mqa.loading import CheckpointError, load_model
 from mqa.sweep import (POINTS_FIELD, SEED_FIELD, Point, parse_sweep_flags, points,
@@ -252,7 +252,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
     seed_rows, curves = [], {}
     for point in plan:
         point_dir, result = workdir / point.name, results[point.name]
-        model_config = ModelConfig.from_config(trainer.saved_config(point_dir).model)
+        model_config = build_model_config(trainer.saved_config(point_dir).model)
         seed_rows.append(sweep_results.seed_row(point, result, model_config,
                                                 speeds[point.configuration]))
         curves.setdefault(point.configuration, []).append(

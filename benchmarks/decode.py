@@ -42,13 +42,13 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mqa import accounting  # noqa: E402
-from mqa.config import ModelConfig  # noqa: E402
+from mqa.config import ModelConfig, build_model_config  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
 from mqa.timing import alternating_medians, decode_loop, median_seconds, timed  # noqa: E402
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.xla_profile import CATEGORIES, profile_thunks  # noqa: E402
 
-MODEL = ModelConfig(vocab_size=256, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8,
+MODEL = build_model_config(vocab_size=256, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8,
                     head_dim=32, mlp_dim=1024, max_seq_len=65536)
 # name -> changes to MODEL. Cached numbers per token and layer in the comments.
 VARIANTS = {

@@ -45,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.xla_profile import CATEGORIES, profile_thunks  # noqa: E402
 from mqa import accounting, hardware, timing  # noqa: E402
-from mqa.config import ModelConfig, load_config_file  # noqa: E402
+from mqa.config import ModelConfig, load_config_file, build_model_config  # noqa: E402
 
 DEFAULT = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 
@@ -53,7 +53,7 @@ DEFAULT = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 def experiment(overrides: list[str]):
     """configs/default.py with `section.field=value` overrides, and its ModelConfig."""
     config = load_config_file(DEFAULT, overrides)
-    return config, ModelConfig.from_config(config.model)
+    return config, build_model_config(config.model)
 
 
 def random_batch(config) -> np.ndarray:

@@ -1,16 +1,16 @@
 """mqa: multi-query, grouped-query and multi-head attention language models in JAX."""
 
-from mqa.attention import (GroupedAttention, LatentAttention, TiedAttention, attend, attend_jax,
-                           attention_fn, family)
+from mqa.attention import (FAMILIES, GroupedAttention, LatentAttention, TiedAttention, attend,
+                           attend_jax, family, self_attention)
+from mqa.config import ConfigError, ModelConfig, build_model_config, load_config_file, validate
 from mqa.decode import generate
-from mqa.config import ConfigError, ModelConfig, load_config_file, validate
 from mqa.kv_cache import KVCache, init_cache
 from mqa.loading import CheckpointError, LoadedModel, load_model
 from mqa.model import Transformer
 
 __all__ = [
-    "CheckpointError", "ConfigError", "GroupedAttention", "KVCache", "LatentAttention",
+    "FAMILIES", "CheckpointError", "ConfigError", "GroupedAttention", "KVCache", "LatentAttention",
     "LoadedModel", "ModelConfig", "TiedAttention", "Transformer", "attend", "attend_jax",
-    "attention_fn", "family", "init_cache", "load_config_file",
-    "load_model", "validate",
+    "build_model_config", "family", "generate", "init_cache", "load_config_file", "load_model",
+    "self_attention", "validate",
 ]

@@ -6,38 +6,28 @@ building them; tests check them against the parameters a built model really has.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 
-from mqa.config import ModelConfig
+from mqa.attention import family
+from mqa.kv_cache import SCALE_DTYPE, buffer_length, cache_entries
+from mqa.model_config import ModelConfig
 
 
 def attention_params(config: ModelConfig) -> int:
-    """All layers' attention parameters (projections and latent attention's norms; no
-    biases). With cross-layer sharing only `num_kv_layers` layers have K/V projections.
-
-      grouped  q, out: m*h*d each; k, v: m*kv*d each (K/V layers)
-      tied     q, out: m*h*d each; kv: m*kv*d, k_rope: m*d/2 (K/V layers)
-      latent   out: h*d*m; kv_down m*c, kv_norm c, k_up and v_up c*h*d each, k_rope m*r;
-               queries q m*h*d and q_rope m*h*r from x, or with e = q_latent_dim > 0
-               q_down m*e, q_norm e, q e*h*d, q_rope e*h*r
-    """
-    c = config
-    m, h, d, kv = c.d_model, c.num_heads, c.head_dim, c.num_kv_heads
-    if c.attention == "latent":
-        e, r, lat = c.q_latent_dim, c.rope_head_dim, c.kv_latent_dim
-        queries = (m * e + e + e * h * (d + r)) if e else m * h * (d + r)
-        keys_values = m * lat + lat + 2 * lat * h * d + m * r
-        return c.num_layers * (queries + keys_values + h * d * m)
-    per_kv_layer = 2 * m * kv * d if c.attention == "grouped" else m * kv * d + m * (d // 2)
-    return c.num_layers * 2 * m * h * d + c.num_kv_layers * per_kv_layer
+    """All layers' attention parameters: each family's weights (`param_count`; no biases)
+    and norm scales (`norm_count`). With cross-layer sharing only `num_kv_layers` layers
+    have K/V projections."""
+    fam = family(config)
+    shared_layers = config.num_layers - config.num_kv_layers
+    return (config.num_kv_layers * fam.param_count(config, owns_kv=True)
+            + shared_layers * fam.param_count(config, owns_kv=False)
+            + config.num_layers * fam.norm_count(config))
 
 
 def norm_params(config: ModelConfig) -> int:
-    """The RMSNorm scales: two per layer and the final one, and latent attention's."""
-    latent = config.kv_latent_dim + config.q_latent_dim if config.attention == "latent" else 0
-    return config.d_model * (2 * config.num_layers + 1) + config.num_layers * latent
+    """The RMSNorm scales: two per layer, the final one, and the attention family's."""
+    return (config.d_model * (2 * config.num_layers + 1)
+            + config.num_layers * family(config).norm_count(config))
 
 
 def mlp_params(config: ModelConfig) -> int:
@@ -66,7 +56,7 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True)
     c = config
     weights = param_count(c, embeddings=False) - norm_params(c)
     weights += c.vocab_size * c.d_model  # the output projection; lookups are free
-    key_dim = c.head_dim + (c.rope_head_dim if c.attention == "latent" else 0)
+    key_dim = family(c).key_dim(c)
     attention = 2 * c.num_layers * c.num_heads * (key_dim + c.head_dim) * seq_len
     forward = 2 * weights + attention
     return 3 * forward if training else forward
@@ -77,7 +67,6 @@ def kv_cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype=Non
     per K/V layer, `context` positions (or a local layer's window, if smaller) of what the
     family caches per token; with `kv_cache_dtype="int8"` one byte a number plus a float32
     scale per cached vector (per token and head), else `dtype` (default the compute dtype)."""
-    from mqa.kv_cache import SCALE_DTYPE, buffer_length, cache_entries  # kv_cache imports the families
     entries = cache_entries(config)
     numbers = sum(max(e.heads, 1) * e.dim for e in entries)
     vectors = sum(max(e.heads, 1) for e in entries)
@@ -108,7 +97,6 @@ def mlp_dim_matching_mha(config: ModelConfig) -> int:
     width, so the counts agree within `1.5 * d_model` per layer.
     """
     c = config
-    mha = dataclasses.replace(c, attention="grouped", num_kv_heads=c.num_heads, kv_share_every=1,
-                              kv_latent_dim=0, q_latent_dim=0, rope_head_dim=0)
+    mha = family(c).mha_equivalent(c)
     saved = attention_params(mha) - attention_params(c)
     return c.mlp_dim + round(saved / (3 * c.d_model * c.num_layers))

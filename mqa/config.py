@@ -8,16 +8,24 @@ and what would be valid, not deep inside JAX.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import pathlib
 from typing import Any, Iterable
 
 import ml_collections
 
-ATTENTION_IMPLS = ("einsum", "tiled", "blockwise", "xla", "cudnn")
-ATTENTIONS = ("grouped", "tied", "latent")  # model.attention: the families in mqa/attention/
+from mqa import accounting
+from mqa.attention import BACKENDS, FAMILIES
+from mqa.errors import ConfigError
+from mqa.model_config import ModelConfig
+
+__all__ = ["ConfigError", "ModelConfig", "default_config", "get_dotted", "load_config_file",
+           "build_model_config", "set_from_string", "validate", "with_defaults"]
+
 KV_CACHE_DTYPES = ("", "int8")
 TRAINABLE = ("all", "attention")  # train.trainable
 DTYPES = ("float32", "bfloat16")
@@ -34,81 +42,35 @@ _POSITIVE = (
 )
 
 
-class ConfigError(ValueError):
-    """A config value is invalid. The message is one line naming the value."""
+def build_model_config(section: Any = None, **overrides) -> ModelConfig:
+    """The `ModelConfig` of a config's `model` section (a ConfigDict or mapping), every
+    field it leaves out at `configs/default.py`'s value, with `overrides` applied.
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The model's hyperparameters as a hashable value (static under `jax.jit`)."""
-
-    vocab_size: int
-    d_model: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    mlp_dim: int
-    kv_share_every: int = 1
-    attention: str = "grouped"
-    kv_latent_dim: int = 0
-    q_latent_dim: int = 0
-    rope_head_dim: int = 0
-    sliding_window: int = 0
-    global_every: int = 0
-    kv_cache_dtype: str = ""
-    tie_embeddings: bool = True
-    attention_impl: str = "einsum"
-    attention_block: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    max_seq_len: int = 1024
-    dtype: str = "float32"
-    remat: bool = False
-    scan_unroll: int = 1
-
-    @property
-    def group_size(self) -> int:
-        """Query heads that share one key/value head."""
-        return self.num_heads // self.num_kv_heads
-
-    @property
-    def num_kv_layers(self) -> int:
-        """Layers that compute (and cache) keys and values: one per `kv_share_every`."""
-        return self.num_layers // self.kv_share_every
-
-    def is_local(self, layer: int) -> bool:
-        """Whether layer `layer` (0-based) attends to a sliding window of positions: every
-        layer when `sliding_window` > 0, except every `global_every`-th (layers N-1, 2N-1, ...)."""
-        return self.sliding_window > 0 and not (
-            self.global_every > 0 and (layer + 1) % self.global_every == 0)
-
-    def window(self, layer: int) -> int:
-        """Positions layer `layer` sees back from each query (itself included): the sliding
-        window for a local layer, `max_seq_len` (everything) for a global one."""
-        return self.sliding_window if self.is_local(layer) else self.max_seq_len
-
-    @classmethod
-    def from_config(cls, model_config: Any, **overrides) -> "ModelConfig":
-        """Builds from `config.model` (a ConfigDict or mapping).
-
-        With `match_mha_params=True` the MLP is widened so the parameter count equals that
-        of the same model with `num_kv_heads == num_heads` (Shazeer 2019).
-        """
-        values = dict(model_config)
-        values.update(overrides)
-        names = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in values.items() if k in names})
-        if values.get("match_mha_params"):
-            from mqa import accounting  # accounting depends on this module
-            config = dataclasses.replace(config, mlp_dim=accounting.mlp_dim_matching_mha(config))
-        return config
+    With `match_mha_params=True` the MLP is widened so the parameter count equals that
+    of the same model with `num_kv_heads == num_heads` (Shazeer 2019).
+    """
+    values = default_config().model.to_dict()
+    values.update(dict(section or {}))
+    values.update(overrides)
+    unknown = sorted(set(values) - set(ModelConfig.field_names()) - {"match_mha_params"})
+    if unknown:
+        raise ConfigError(_unknown_key_message(f"model.{unknown[0]}", default_config().model))
+    config = ModelConfig(**{name: values[name] for name in ModelConfig.field_names()})
+    if values.get("match_mha_params"):
+        config = dataclasses.replace(config, mlp_dim=accounting.mlp_dim_matching_mha(config))
+    return config
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The schema every config is checked against: `configs/default.py`."""
-    return load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py",
-                            validate_config=False)
+    """The schema every config is checked against, and the one source of defaults:
+    `configs/default.py` (a fresh copy each call)."""
+    return ml_collections.ConfigDict(copy.deepcopy(_default_values()))
+
+
+@functools.lru_cache(maxsize=1)
+def _default_values() -> dict:
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+    return load_config_file(path, validate_config=False).to_dict()
 
 
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:
@@ -219,7 +181,8 @@ def _same_kind(value: Any, expected: Any) -> bool:
     return isinstance(value, type(expected))
 
 
-def _get(config: Any, dotted: str) -> Any:
+def get_dotted(config: Any, dotted: str) -> Any:
+    """`config`'s field `dotted` ("section.field"); KeyError if there is none."""
     node = config
     for part in dotted.split("."):
         node = node[part]
@@ -231,7 +194,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_schema(config, default_config())
     for name in _POSITIVE:
         try:
-            value = _get(config, name)
+            value = get_dotted(config, name)
         except KeyError:
             continue
         if value < 1:
@@ -252,7 +215,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           f"{m.num_heads * m.head_dim} must equal model.d_model={m.d_model}{hint}")
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (rotary embeddings rotate pairs)")
-    _check_choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
     _check_attention_family(m)
     _check_choice("model.dtype", m.dtype, DTYPES)
     _check_choice("train.trainable", config.train.trainable, TRAINABLE)
@@ -260,8 +222,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError("data.tokenizer='init_from' needs train.init_from (the workdir whose "
                           "tokenizer to train with); or use 'byte', 'bpe' or a tokenizer.json path")
     if m.match_mha_params:
-        from mqa import accounting  # accounting depends on this module
-        width = accounting.mlp_dim_matching_mha(ModelConfig.from_config(m, match_mha_params=False))
+        width = accounting.mlp_dim_matching_mha(build_model_config(m, match_mha_params=False))
         if width < 1:
             raise ConfigError(f"model.match_mha_params: this attention has more parameters than MHA's "
                               f"by more than the MLP holds (matched model.mlp_dim={width}); use a smaller "
@@ -281,33 +242,27 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _check_attention_family(m) -> None:
-    """The fields of model.attention's family and of the cache policies, and which of them combine."""
-    _check_choice("model.attention", m.attention, ATTENTIONS)
+    """`model.attention`'s own checks (its family's `validate`), the backend, and the
+    fields and cache policies that combine with it."""
+    _check_choice("model.attention", m.attention, tuple(FAMILIES))
+    _check_choice("model.attention_impl", m.attention_impl, tuple(BACKENDS))
     _check_choice("model.kv_cache_dtype", m.kv_cache_dtype, KV_CACHE_DTYPES)
     for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window", "global_every"):
         if m[name] < 0:
             raise ConfigError(f"model.{name}={m[name]} must be >= 0")
-    if m.attention == "latent":
-        if m.kv_latent_dim < 1:
-            raise ConfigError("model.attention='latent' needs model.kv_latent_dim >= 1 (numbers "
-                              f"cached per token), got {m.kv_latent_dim}")
-        if m.rope_head_dim < 2 or m.rope_head_dim % 2:
-            raise ConfigError("model.attention='latent' needs an even model.rope_head_dim >= 2 "
-                              f"(the shared rotary key), got {m.rope_head_dim}")
-        if m.kv_share_every != 1:
-            raise ConfigError(f"model.kv_share_every={m.kv_share_every} does not combine with "
-                              "model.attention='latent'; use 1, or attention 'grouped' or 'tied'")
-    else:
+    if m.attention != "latent":
         for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim"):
             if m[name]:
                 raise ConfigError(f"model.{name}={m[name]} is for model.attention='latent' only "
                                   f"(model.attention={m.attention!r}); set it to 0")
-    if m.attention == "tied" and m.head_dim % 4:
-        raise ConfigError(f"model.head_dim={m.head_dim} must be a multiple of 4 for "
-                          "model.attention='tied' (a rotary half of head_dim / 2)")
-    if m.attention != "grouped" and m.attention_impl not in ("einsum", "tiled"):
+    FAMILIES[m.attention].validate(build_model_config(m, match_mha_params=False))
+    served = BACKENDS[m.attention_impl].families
+    if served is not None and m.attention not in served:
+        valid = [name for name, backend in BACKENDS.items()
+                 if backend.families is None or m.attention in backend.families]
         raise ConfigError(f"model.attention_impl={m.attention_impl!r} is for model.attention="
-                          f"'grouped'; model.attention={m.attention!r} takes 'einsum' or 'tiled'")
+                          f"{' or '.join(map(repr, served))}; model.attention={m.attention!r} "
+                          f"takes {' or '.join(map(repr, valid))}")
     if m.global_every and not m.sliding_window:
         raise ConfigError(f"model.global_every={m.global_every} needs model.sliding_window > 0")
     if m.sliding_window and m.kv_share_every != 1:

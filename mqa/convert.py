@@ -46,7 +46,7 @@ from flax import nnx
 
 from mqa import accounting, data
 from mqa.checkpoint import Checkpointer
-from mqa.config import ConfigError, ModelConfig, default_config, validate
+from mqa.config import ConfigError, ModelConfig, build_model_config, default_config, validate
 from mqa.loading import CheckpointError, load_model
 from mqa.model import Transformer
 
@@ -245,7 +245,7 @@ def convert_hf_llama(src: str | pathlib.Path, workdir: str | pathlib.Path) -> ml
         raise ConvertError(f"{src / 'config.json'} is not valid JSON: {error}") from None
     config = hf_llama_config(hf)
     _check_new_workdir(workdir)
-    model_config = ModelConfig.from_config(config.model)
+    model_config = build_model_config(config.model)
     params = hf_llama_params(SafetensorsCheckpoint(src), model_config)
     _write_workdir(workdir, config, params, _checked_tokenizer(src, model_config.vocab_size))
     return config
@@ -404,7 +404,7 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path, num_kv
     tokenizer = source.path / data.TOKENIZER_FILE
     _write_workdir(workdir, config, params, tokenizer if tokenizer.is_file() else None)
 
-    before, after = source.model_config, ModelConfig.from_config(config.model)
+    before, after = source.model_config, build_model_config(config.model)
     how = {"mean": f"mean-pooled in groups of {size}", "first": f"first head of each group of {size}",
            "random": "re-initialised"}[init]
     return (f"uptrained {src} (step {source.step}) -> {workdir}: K/V heads {before.num_kv_heads} -> "

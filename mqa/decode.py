@@ -9,14 +9,16 @@ it lies (tests/test_decode.py checks the compiled loop for copies of it).
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mqa.kv_cache import init_cache
+from mqa.kv_cache import KVCache, init_cache
 from mqa.loading import LoadedModel
+from mqa.model import Transformer
 
 
 def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
@@ -42,6 +44,25 @@ def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def decode_tokens(model: Transformer, layers: tuple, cache: KVCache, token: jax.Array,
+                  keys: jax.Array, sample: Callable[[jax.Array, jax.Array], jax.Array]
+                  ) -> tuple[tuple[jax.Array, KVCache], jax.Array]:
+    """The token loop: one cached step per key, each feeding back the token it samples.
+
+    token: int32 [batch], the last token so far; keys: [steps] random keys; sample(logits
+    [batch, vocab], key) -> int32 [batch]; layers: `model.layer_params()`.
+    Returns ((the last token, the cache), int32 [steps, batch] the sampled tokens).
+    A `lax.scan`, so each step costs no Python; the cache is its carry, written in place.
+    """
+    def one(carry, step_key):
+        token, cache = carry
+        logits, cache = model.step(token[:, None], cache, layers)
+        next_token = sample(logits[:, -1], step_key)
+        return (next_token, cache), next_token
+
+    return jax.lax.scan(one, (token, cache), keys)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
                                              "top_k", "top_p"))
 def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top_k, top_p):
@@ -53,14 +74,7 @@ def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top
     logits, cache = model.step(prompt, cache, layers)
     keys = jax.random.split(key, max_new_tokens)
     first = sample(logits[:, -1], keys[0])
-
-    def decode_one(carry, step_key):
-        token, cache = carry
-        logits, cache = model.step(token[:, None], cache, layers)
-        next_token = sample(logits[:, -1], step_key)
-        return (next_token, cache), next_token
-
-    _, rest = jax.lax.scan(decode_one, (first, cache), keys[1:])
+    _, rest = decode_tokens(model, layers, cache, first, keys[1:], sample)
     return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
 
 

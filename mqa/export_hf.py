@@ -27,7 +27,7 @@ import numpy as np
 import safetensors.numpy
 
 from mqa import data
-from mqa.config import ModelConfig
+from mqa.config import ModelConfig, default_config
 from mqa.convert import ConvertError, _dotted_arrays
 from mqa.loading import load_model
 
@@ -41,15 +41,16 @@ HOW_FIELDS = ("attention_impl", "attention_block", "dtype", "remat", "scan_unrol
 def check_expressible(config: ModelConfig) -> None:
     """A ConvertError naming the first field a LlamaForCausalLM cannot express: every
     field that is neither in config.json nor a matter of how mqa computes must keep its
-    default (so a field added to ModelConfig later is refused until this module knows it)."""
-    for field in dataclasses.fields(config):
-        if field.name in LLAMA_FIELDS or field.name in HOW_FIELDS:
+    default in configs/default.py (so a field added later is refused until this module knows it)."""
+    defaults = default_config().model
+    for name in ModelConfig.field_names():
+        if name in LLAMA_FIELDS or name in HOW_FIELDS:
             continue
-        value = getattr(config, field.name)
-        if value != field.default:
-            what = (" (cross-layer KV sharing)" if field.name == "kv_share_every" else "")
-            raise ConvertError(f"model.{field.name}={value!r}{what} cannot be expressed as a "
-                               f"Hugging Face Llama; valid: {field.default!r}")
+        value = getattr(config, name)
+        if value != defaults[name]:
+            what = (" (cross-layer KV sharing)" if name == "kv_share_every" else "")
+            raise ConvertError(f"model.{name}={value!r}{what} cannot be expressed as a "
+                               f"Hugging Face Llama; valid: {defaults[name]!r}")
 
 
 def hf_llama_tensors(params, config: ModelConfig) -> dict[str, np.ndarray]:

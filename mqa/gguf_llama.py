@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from mqa import data
-from mqa.config import ModelConfig
+from mqa.config import ModelConfig, build_model_config
 from mqa.convert import ConvertError, _check_new_workdir, _write_workdir, hf_llama_params, llama_config
 
 try:  # an ordinary requirement (requirements.txt); imported here so hf-llama works without it
@@ -270,7 +270,7 @@ def convert_gguf(src: str | pathlib.Path, workdir: str | pathlib.Path) -> str:
     file = GgufFile(src)
     config = gguf_llama_config(file)
     _check_new_workdir(workdir)
-    model_config = ModelConfig.from_config(config.model)
+    model_config = build_model_config(config.model)
     checkpoint = GgufCheckpoint(file, model_config)
 
     from mqa.gguf_tokenizer import gguf_tokenizer  # needs ConvertError from mqa.convert

@@ -28,7 +28,7 @@ import scipy.special
 from flax import nnx
 
 from mqa.attention import causal_mask
-from mqa.config import ModelConfig
+from mqa.model_config import ModelConfig
 from mqa.model import Transformer
 from mqa.rope import apply_rope
 
@@ -39,32 +39,32 @@ from mqa.rope import apply_rope
 def layer_attention_probs(model: Transformer, tokens: np.ndarray) -> Iterator[np.ndarray]:
     """Each layer's causal attention probabilities, float64 [batch, num_heads, t, t], in
     the order the layers run (with cross-layer sharing, a group's first layer and then the
-    layers that reuse its keys). tokens: int [batch, t]."""
+    layers that reuse its keys). tokens: int [batch, t]. Grouped attention only.
+
+    The model's own layer loop gives each layer's attention input (`attention_inputs`);
+    the queries and keys are projected from it here and scored in float64."""
     config = model.config
     tokens = jnp.asarray(tokens, jnp.int32)
-    positions = jnp.arange(tokens.shape[1])
-    x = jnp.take(model.embed[...], tokens, axis=0).astype(jnp.float32)
-    graphdef = nnx.graphdef(model.blocks)
-    shared_graphdef = nnx.graphdef(model.shared_blocks) if config.kv_share_every > 1 else None
-    group = config.num_heads // config.num_kv_heads
-    for first, shared in model.layer_params():
-        block = nnx.merge(graphdef, first)
-        keys = apply_rope(jnp.einsum("btm,mkd->btkd", block.attention_norm(x),
-                                     block.attention.k[...]), positions, config.rope_theta)
-        for layer in [block, *(nnx.merge(shared_graphdef, p) for p in shared)]:
-            normed = layer.attention_norm(x)
-            q = apply_rope(jnp.einsum("btm,mhd->bthd", normed, layer.attention.q[...]),
-                           positions, config.rope_theta)
-            q = q.reshape(*q.shape[:2], config.num_kv_heads, group, config.head_dim)
-            logits = np.einsum("btkgd,bskd->bkgts", np.asarray(q, np.float64),
-                               np.asarray(keys, np.float64)) / math.sqrt(config.head_dim)
-            t = tokens.shape[1]
-            logits = np.where(np.asarray(causal_mask(t, t)), logits, -np.inf)
-            yield scipy.special.softmax(logits, axis=-1).reshape(tokens.shape[0], config.num_heads, t, t)
-            if layer is block:
-                x, _, kv = layer(x, positions)
-            else:
-                x, _, _ = layer(x, positions, shared=kv)
+    t = tokens.shape[1]
+    positions = jnp.arange(t)
+    _, inputs = model(tokens, attention_inputs=True)  # [num_layers, batch, t, m]
+    group, s = config.num_heads // config.num_kv_heads, config.kv_share_every
+    blocks = nnx.state(model.blocks)["attention"]
+    shared = nnx.state(model.shared_blocks)["attention"] if s > 1 else None
+    mask = np.asarray(causal_mask(t, t))
+    for layer in range(config.num_layers):
+        g, j = divmod(layer, s)
+        h = inputs[layer]
+        if j == 0:
+            keys = apply_rope(jnp.einsum("btm,mkd->btkd", h, blocks["k"][...][g]), positions,
+                              config.rope_theta)
+        q_weight = blocks["q"][...][g] if j == 0 else shared["q"][...][g * (s - 1) + j - 1]
+        q = apply_rope(jnp.einsum("btm,mhd->bthd", h, q_weight), positions, config.rope_theta)
+        q = q.reshape(*q.shape[:2], config.num_kv_heads, group, config.head_dim)
+        logits = np.einsum("btkgd,bskd->bkgts", np.asarray(q, np.float64),
+                           np.asarray(keys, np.float64)) / math.sqrt(config.head_dim)
+        logits = np.where(mask, logits, -np.inf)
+        yield scipy.special.softmax(logits, axis=-1).reshape(tokens.shape[0], config.num_heads, t, t)
 
 
 def js_divergence_matrix(probs: np.ndarray) -> np.ndarray:

@@ -14,13 +14,13 @@ to any family:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from mqa.config import ModelConfig
+from mqa.attention import CacheEntry, Keys, family
+from mqa.model_config import ModelConfig
 
 SCALE_DTYPE = jnp.float32  # int8 caches: one absmax scale per token and head
 
@@ -49,37 +49,20 @@ class KVCache(NamedTuple):
     index: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class CacheEntry:
-    """One vector a family caches per token: `heads` of them (0: one shared by all heads,
-    no head axis) of `dim` numbers."""
-
-    name: str
-    heads: int
-    dim: int
-
-    def axes(self, batch_size: int) -> str:
-        """The buffer's axes in `attend`'s letters (b batch, k head, s position, d dim),
-        without size-1 batch and head axes (`cache_axes`)."""
-        return cache_axes(batch_size, max(self.heads, 1))
+def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
+    """What `config`'s attention family caches per token and K/V layer."""
+    return family(config).cache_entries(config)
 
 
-def cache_axes(batch_size: int, num_kv_heads: int) -> str:
-    """A grouped cache buffer's axes: "bksd" (batch, K/V head, position, head dimension)
-    without "b" or "k" where that axis would have size 1."""
-    return ("b" if batch_size > 1 else "") + ("k" if num_kv_heads > 1 else "") + "sd"
+def entry_axes(config: ModelConfig, batch_size: int) -> dict[str, str]:
+    """Entry name -> its buffers' axes for `batch_size` sequences (`CacheEntry.axes`)."""
+    return {entry.name: entry.axes(batch_size) for entry in cache_entries(config)}
 
 
 def to_cache_axes(x: jax.Array, axes: str) -> jax.Array:
     """New vectors [batch, seq, heads, dim] (heads 1 for a shared entry) -> laid out as `axes`."""
     b, t, kv, d = x.shape
     return jnp.swapaxes(x, 1, 2).reshape([dict(b=b, k=kv, s=t, d=d)[c] for c in axes])
-
-
-def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
-    """What `config`'s attention family caches per token and K/V layer."""
-    from mqa.attention import family  # the families import this module
-    return family(config).cache_entries(config)
 
 
 def buffer_length(config: ModelConfig, kv_layer: int, max_len: int) -> int:
@@ -195,6 +178,14 @@ def update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[
     first = next(iter(new))
     positions = jnp.concatenate([slot_positions(index - 1, length[first]), index + jnp.arange(t)])
     return updated, attended, positions
+
+
+def write(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[str, str],
+          index: jax.Array, *, ring: bool, dtype) -> tuple[dict[str, jax.Array], Keys]:
+    """`update`, returning what a layer attends to as `Keys` (CACHED mode): the updated
+    buffers and every cached vector with its positions, the queries starting at `index`."""
+    buffers, attended, positions = update(buffers, new, axes, index, ring=ring, dtype=dtype)
+    return buffers, Keys(attended, {name: axes[name] for name in attended}, positions, index)
 
 
 def _scatter(buffer: jax.Array, slots: jax.Array, values: jax.Array, axis: int) -> jax.Array:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from mqa import data
 from mqa.checkpoint import Checkpointer
-from mqa.config import ConfigError, ModelConfig, validate, with_defaults
+from mqa.config import ConfigError, ModelConfig, build_model_config, validate, with_defaults
 from mqa.model import Transformer
 
 
@@ -79,7 +79,7 @@ def load_model(path: str | pathlib.Path, *, step: int | None = None,
                 raise ConfigError(f"unknown config key {name!r}")
             config[section][field] = value
         validate(config)
-        model_config = ModelConfig.from_config(config.model)
+        model_config = build_model_config(config.model)
         abstract_model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
         graphdef, abstract_params = nnx.split(abstract_model)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -2,12 +2,18 @@
 
 Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> SwiGLU MLP -> residual),
 rotary position embeddings, tied or untied embeddings. The blocks' parameters are stacked
-along a leading layer axis. `__call__` (training, evaluation) runs them with `jax.lax.scan`,
-so compile time does not grow with depth; `step` (prefill and one-token decoding with a KV
-cache) runs the same blocks with the same weights layer by layer, each layer writing its
-own cache buffer, so a compiled decoding loop never copies one stacked cache array.
-With cross-layer KV sharing (`kv_share_every` > 1) the scan steps over groups of layers
-whose first layer computes, and caches, the keys and values the others reuse.
+along a leading layer axis.
+
+One layer loop, `_group`, runs every use of the model: a group is a K/V layer and the
+`kv_share_every - 1` layers that reuse its keys and values (cross-layer sharing; a group is
+one layer without it). The model computes the group's keys once (`project_kv`), writes
+them into the cache when there is one (`kv_cache.write`), and hands the same `Keys` to
+every layer of the group; each family only projects and attends (`attention/protocol.py`).
+  - `__call__` (training, evaluation; `Mode.SELF`) scans `_group` over the stacked
+    parameters with `jax.lax.scan`, so compile time does not grow with depth;
+  - `step` (prefill, decoding; `Mode.CACHED`) calls `_group` once per group with that
+    group's parameters and cache buffers, so a compiled decoding loop never copies one
+    stacked cache array.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mqa.attention import dense, family
-from mqa.config import ModelConfig
+from mqa import kv_cache
+from mqa.attention import Keys, Mode, dense, family, self_attention
 from mqa.kv_cache import KVCache
+from mqa.model_config import ModelConfig
 from mqa.norm import RMSNorm
 
 
@@ -51,15 +58,6 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
-                 shared=None, *, index=None, window=None):
-        """x: [batch, seq, m] -> ([batch, seq, m], the updated cache buffers or None, what
-        the attention attended to); see `mqa.attention`."""
-        h, cache, shared = self.attention(self.attention_norm(x), positions, cache, shared,
-                                          index=index, window=window)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), cache, shared
-
 
 def _stacked_blocks(config: ModelConfig, count: int, rngs: nnx.Rngs, owns_kv: bool) -> Block:
     """`count` Blocks whose parameters are stacked along a leading axis."""
@@ -69,6 +67,9 @@ def _stacked_blocks(config: ModelConfig, count: int, rngs: nnx.Rngs, owns_kv: bo
         return Block(config, rngs=rngs, owns_kv=owns_kv)
 
     return make(rngs)
+
+
+GroupParams = tuple[nnx.State, tuple[nnx.State, ...]]  # (the K/V layer's, each sharing layer's)
 
 
 class Transformer(nnx.Module):
@@ -93,13 +94,41 @@ class Transformer(nnx.Module):
             self.unembed = nnx.Param(nnx.initializers.normal(stddev=config.d_model ** -0.5)(
                 rngs.params(), (config.d_model, config.vocab_size)))
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Full-sequence logits. tokens: int32 [batch, seq] -> float32 [batch, seq, vocab]."""
-        logits, _ = self._forward(tokens, jnp.arange(tokens.shape[1]), None)
+    def __call__(self, tokens: jax.Array, *, attention_inputs: bool = False):
+        """Full-sequence logits. tokens: int32 [batch, seq] -> float32 [batch, seq, vocab].
+
+        attention_inputs: also return what each layer's attention read, float32
+          [num_layers, batch, seq, d_model] (its normalised input), in the order the layers
+          run (mqa.head_similarity computes attention patterns from it).
+        """
+        config = self.config
+        positions = jnp.arange(tokens.shape[1])
+        per_group = config.kv_share_every - 1
+        shared = None
+        if per_group:  # [groups * per_group, ...] -> [groups, per_group, ...]
+            shared = jax.tree.map(lambda a: a.reshape(-1, per_group, *a.shape[1:]),
+                                  nnx.state(self.shared_blocks))
+        # Each layer's window (sliding windows exclude kv_share_every > 1).
+        windows = (jnp.array([config.window(i) for i in range(config.num_layers)], jnp.int32)
+                   if config.sliding_window else None)
+
+        def scanned(x, params):
+            first, stacked, window = params
+            layers = tuple(jax.tree.map(lambda a: a[j], stacked) for j in range(per_group))
+            x, _, inputs = self._group(x, positions, (first, layers), window, Mode.SELF)
+            return x, (jnp.stack(inputs) if attention_inputs else None)
+
+        if config.remat:
+            scanned = jax.checkpoint(scanned)
+        x, inputs = jax.lax.scan(scanned, self._embed(tokens), (nnx.state(self.blocks), shared, windows),
+                                 unroll=config.scan_unroll)
+        logits = self._logits(x)
+        if attention_inputs:
+            return logits, inputs.reshape(config.num_layers, *inputs.shape[2:])
         return logits
 
     def step(self, tokens: jax.Array, cache: KVCache,
-             layers: tuple | None = None) -> tuple[jax.Array, KVCache]:
+             layers: tuple[GroupParams, ...] | None = None) -> tuple[jax.Array, KVCache]:
         """Extends a cached sequence: the prompt at prefill, one token per decode step.
 
         tokens: int32 [batch, new]; cache: `KVCache` with `cache.index + new <= max_len`.
@@ -107,10 +136,18 @@ class Transformer(nnx.Module):
           loop does not slice every layer's weights out of the stack at every token.
         Returns (float32 logits [batch, new, vocab], the cache with `new` more positions).
         """
+        config = self.config
         positions = cache.index + jnp.arange(tokens.shape[1])
-        return self._forward(tokens, positions, cache, layers)
+        x = self._embed(tokens)
+        updated = []
+        for g, params in enumerate(layers or self.layer_params()):
+            window = config.sliding_window if config.is_local(g * config.kv_share_every) else None
+            x, buffers, _ = self._group(x, positions, params, window, Mode.CACHED,
+                                        cache.layers[g], cache.index)
+            updated.append(buffers)
+        return self._logits(x), KVCache(tuple(updated), cache.index + tokens.shape[1])
 
-    def layer_params(self) -> tuple[tuple[nnx.State, tuple[nnx.State, ...]], ...]:
+    def layer_params(self) -> tuple[GroupParams, ...]:
         """Per KV group: (its first layer's parameters, the other layers' parameters),
         sliced out of the stacked blocks."""
         groups, per_group = self.config.num_kv_layers, self.config.kv_share_every - 1
@@ -121,48 +158,44 @@ class Transformer(nnx.Module):
                                             for j in range(per_group)))
                      for g in range(groups))
 
-    def _forward(self, tokens, positions, cache, layers=None):
-        config = self.config
-        dtype = jnp.dtype(config.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        per_group = config.kv_share_every - 1
-        graphdef = nnx.graphdef(self.blocks)
-        shared_graphdef = nnx.graphdef(self.shared_blocks) if per_group else None
-        if cache is None:  # training and evaluation: scan the stacked layers, a group a step
-            def group(x, params):
-                first, shared, window = params
-                x, _, kv = nnx.merge(graphdef, first)(x, positions, window=window)
-                for j in range(per_group):
-                    layer = nnx.merge(shared_graphdef, jax.tree.map(lambda a: a[j], shared))
-                    x, _, _ = layer(x, positions, shared=kv)
-                return x, None
+    def _group(self, x: jax.Array, positions: jax.Array, params: GroupParams,
+               window: jax.Array | int | None, mode: Mode, buffers: dict | None = None,
+               index: jax.Array | None = None) -> tuple[jax.Array, dict | None, list[jax.Array]]:
+        """The layer loop: one K/V group. x: [batch, seq, m]; positions: int [seq].
 
-            if config.remat:
-                group = jax.checkpoint(group)
-            shared = None
-            if per_group:  # [groups * per_group, ...] -> [groups, per_group, ...]
-                shared = jax.tree.map(lambda a: a.reshape(-1, per_group, *a.shape[1:]),
-                                      nnx.state(self.shared_blocks))
-            # Each layer's window (sliding windows exclude kv_share_every > 1).
-            windows = (jnp.array([config.window(i) for i in range(config.num_layers)], jnp.int32)
-                       if config.sliding_window else None)
-            x, _ = jax.lax.scan(group, x, (nnx.state(self.blocks), shared, windows),
-                                unroll=config.scan_unroll)
-        else:  # prefill and decoding: each group updates its own cache buffers
-            updated = []
-            for g, (first, shared) in enumerate(layers or self.layer_params()):
-                layer = g * config.kv_share_every
-                window = config.sliding_window if config.is_local(layer) else None
-                x, buffers, kv = nnx.merge(graphdef, first)(x, positions, cache.layers[g],
-                                                            index=cache.index, window=window)
-                for params in shared:
-                    x, _, _ = nnx.merge(shared_graphdef, params)(x, positions, cache.layers[g], kv,
-                                                                 index=cache.index, window=window)
-                updated.append(buffers)
+        SELF: the keys are this sequence's (window may be traced); CACHED: the group's
+        cache `buffers` take the new keys at `index` (window: an int makes them a ring, None
+        for a global layer). Returns (x after the group's layers, the updated buffers or
+        None, each layer's attention input [batch, seq, m]).
+        """
+        config = self.config
+        backend = self_attention(config.attention_impl, config.attention_block)
+        first, shared = params
+        blocks = [nnx.merge(nnx.graphdef(self.blocks), first)]
+        if shared:
+            blocks += [nnx.merge(nnx.graphdef(self.shared_blocks), p) for p in shared]
+        keys, inputs = None, []
+        for block in blocks:
+            h = block.attention_norm(x)
+            inputs.append(h)
+            queries = block.attention.queries(h, positions)
+            if keys is None:  # the group's first layer computes (and caches) its keys
+                new = block.attention.project_kv(h, positions)
+                if mode is Mode.SELF:
+                    keys = Keys.of_activations(new, kv_cache.cache_entries(config))
+                else:
+                    axes = kv_cache.entry_axes(config, x.shape[0])
+                    buffers, keys = kv_cache.write(buffers, new, axes, index, ring=window is not None,
+                                                   dtype=jnp.dtype(config.dtype))
+            x = x + block.attention.attend(queries, keys, mode=mode, window=window, backend=backend)
+            x = x + block.mlp(block.mlp_norm(x))
+        return x, buffers, inputs
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.config.dtype))
+
+    def _logits(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
-        unembed = self.embed[...].T if config.tie_embeddings else self.unembed[...]
-        logits = jnp.einsum("btm,mv->btv", x, unembed.astype(dtype),
-                            preferred_element_type=jnp.float32)
-        if cache is None:
-            return logits, None
-        return logits, KVCache(tuple(updated), cache.index + tokens.shape[1])
+        unembed = self.embed[...].T if self.config.tie_embeddings else self.unembed[...]
+        return jnp.einsum("btm,mv->btv", x, unembed.astype(jnp.dtype(self.config.dtype)),
+                          preferred_element_type=jnp.float32)

@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from mqa import hardware
-from mqa.config import ModelConfig
+from mqa.decode import decode_tokens
+from mqa.config import ModelConfig, build_model_config
 from mqa.kv_cache import cache_nbytes, init_cache
 from mqa.model import Transformer
 from mqa.training import TrainState, learning_rate_schedule, make_optimizer, make_train_step
@@ -70,14 +71,9 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, 
     @functools.partial(jax.jit, donate_argnums=1)
     def decode(params, cache, token):
         model = nnx.merge(graphdef, params)
-        layers = model.layer_params()
-
-        def one(carry, _):
-            token, cache = carry
-            logits, cache = model.step(token[:, None], cache, layers)
-            return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), None
-
-        (token, cache), _ = jax.lax.scan(one, (token, cache), None, length=steps)
+        greedy = lambda logits, key: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+        (token, cache), _ = decode_tokens(model, model.layer_params(), cache, token,
+                                          jnp.zeros((steps,)), greedy)
         return token, cache
 
     cache = init_cache(config, batch, context + steps)
@@ -98,9 +94,9 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, 
 def train_step(config, *, xla_defaults: bool = False) -> tuple[Callable, TrainState]:
     """(the jitted train step with its state donated, a fresh state) for a training config,
     on one device, as `train.py` compiles it (or with XLA's default compiler options)."""
-    model_config = ModelConfig.from_config(config.model)
+    model = build_model_config(config.model)
     optimizer = make_optimizer(config.train)
-    graphdef, params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(Transformer(model, rngs=nnx.Rngs(0)))
     options = None if xla_defaults else hardware.train_compiler_options()
     step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(config.train),
                                    config.train.grad_accum),

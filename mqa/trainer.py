@@ -29,7 +29,7 @@ from flax import nnx
 
 from mqa import accounting, data, evaluation, hardware, loading, sharding
 from mqa.checkpoint import Checkpointer, abstract_like
-from mqa.config import ConfigError, ModelConfig, validate, with_defaults
+from mqa.config import ConfigError, ModelConfig, build_model_config, validate, with_defaults
 from mqa.metrics import MetricsWriter, Progress
 from mqa.model import Transformer
 from mqa.training import TrainState, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
@@ -236,7 +236,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
     if is_main:
         (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
         corpus.tokenizer.save(workdir)  # load_model and eval.py read WORKDIR/tokenizer.json
-    model_config = ModelConfig.from_config(config.model)
+    model_config = build_model_config(config.model)
     if is_main:
         print(f"data: {corpus.source}; {len(corpus.train):,} train / {len(corpus.heldout):,} "
               f"held-out tokens")

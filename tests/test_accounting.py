@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 
 from mqa import accounting
-from mqa.config import ModelConfig
+from mqa.config import ModelConfig, build_model_config
 from mqa.model import Transformer
 
-MHA = ModelConfig(vocab_size=256, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8,
+MHA = build_model_config(vocab_size=256, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8,
                   head_dim=32, mlp_dim=1024)
 
 
@@ -45,7 +45,7 @@ def test_widened_mlp_matches_mha_parameter_count(kv_heads):
 
 def test_match_mha_params_through_config():
     values = dict(dataclasses.asdict(MHA), num_kv_heads=1, match_mha_params=True)
-    config = ModelConfig.from_config(values)
+    config = build_model_config(values)
     # 8 -> 1 KV heads saves 2 * 256 * 32 * 7 weights per layer; 3 * 256 per MLP unit.
     assert config.mlp_dim == 1024 + round(2 * 256 * 32 * 7 / (3 * 256))
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))

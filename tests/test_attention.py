@@ -1,5 +1,6 @@
 """The attention core against a float64 loop-over-heads reference, for MHA, GQA and MQA."""
 
+import functools
 import re
 
 import jax
@@ -7,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mqa.attention import attend, attend_jax, attention_fn, ordered_einsum
-from mqa.kv_cache import cache_axes, to_cache_axes
+from mqa.attention import CacheEntry, attend, attend_jax, ordered_einsum, self_attention
+from mqa.kv_cache import to_cache_axes
 from tests.reference import attention_loops
 
 # (num_heads, num_kv_heads): MHA, GQA, MQA
 HEADS = [(4, 4), (4, 2), (4, 1), (6, 3)]
+IMPLS = {"einsum": attend, "xla": functools.partial(attend_jax, implementation="xla")}
 LENGTHS = [(7, 7), (3, 9), (1, 5)]  # (q_len, kv_len): full sequence, chunk, one decode step
 
 
@@ -35,7 +37,7 @@ def rel_error(actual, expected):
 @pytest.mark.parametrize("impl", ["einsum", "xla"])
 def test_matches_float64_reference(impl, causal, q_len, kv_len, heads, kv_heads):
     q, k, v = random_qkv(heads, kv_heads, q_len, kv_len)
-    out = jax.jit(attention_fn(impl), static_argnames="causal")(q, k, v, causal=causal)
+    out = jax.jit(IMPLS[impl], static_argnames="causal")(q, k, v, causal=causal)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel_error(out, attention_loops(q, k, v, causal=causal)) < 1e-5
 
@@ -58,7 +60,7 @@ def test_cache_layout_gives_the_same_result(impl, batch, kv_heads):
     "ksd", "bsd", "sd") give the same attention."""
     q, k, v = random_qkv(6, kv_heads, 3, 9, seed=8, batch=batch)
     expected = attention_loops(q, k, v, q_offset=4)
-    layout = cache_axes(batch, kv_heads)
+    layout = CacheEntry("k", kv_heads, 8).axes(batch)
     assert len(layout) == 2 + (batch > 1) + (kv_heads > 1)
     k, v = to_cache_axes(k, layout), to_cache_axes(v, layout)
     assert rel_error(impl(q, k, v, q_offset=4, kv_layout=layout), expected) < 1e-5
@@ -82,7 +84,7 @@ def test_ordered_einsum_is_einsum_with_the_left_operand_kept(spec):
 @pytest.mark.parametrize("heads,kv_heads", HEADS)
 def test_bfloat16_inputs(impl, heads, kv_heads):
     q, k, v = random_qkv(heads, kv_heads, 16, 16, dtype=jnp.bfloat16, seed=2)
-    out = jax.jit(attention_fn(impl))(q, k, v)
+    out = jax.jit(IMPLS[impl])(q, k, v)
     assert out.dtype == jnp.bfloat16
     expected = attention_loops(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))
     # bf16 keeps 8 significant bits: probabilities and outputs are each rounded once.
@@ -125,9 +127,18 @@ def test_does_not_materialise_repeated_kv():
     assert batch * kv_len * heads * dim not in sizes  # K repeated per query head is not
 
 
+@pytest.mark.parametrize("impl", ["einsum", "tiled", "blockwise", "xla"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1)])
+def test_every_backend_runs_causal_self_attention_as_the_reference(impl, heads, kv_heads):
+    """The backend registry, called as the model's SELF mode calls it (grouped core)."""
+    q, k, v = random_qkv(heads, kv_heads, 12, 12, seed=4)
+    out = jax.jit(lambda q, k, v: self_attention(impl, 5)(attend, (q,), (k, v)))(q, k, v)
+    assert rel_error(out, attention_loops(q, k, v)) < 1e-5
+
+
 def test_unknown_impl_is_one_line_error():
     with pytest.raises(ValueError, match="model.attention_impl='flash'"):
-        attention_fn("flash")
+        self_attention("flash", 64)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
@@ -135,6 +146,6 @@ def test_unknown_impl_is_one_line_error():
 @pytest.mark.parametrize("q_len,kv_len", [(128, 128), (1, 128)])
 def test_cudnn_matches_reference(heads, kv_heads, q_len, kv_len):
     q, k, v = random_qkv(heads, kv_heads, q_len, kv_len, dtype=jnp.bfloat16, dim=64, seed=7)
-    out = jax.jit(attention_fn("cudnn"))(q, k, v)
+    out = jax.jit(functools.partial(attend_jax, implementation="cudnn"))(q, k, v)
     expected = attention_loops(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))
     assert rel_error(out, expected) < 2e-2

@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 
 from mqa import accounting
-from mqa.config import ConfigError, ModelConfig, load_config_file, validate
+from mqa.config import ConfigError, ModelConfig, load_config_file, build_model_config, validate
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,7 +23,7 @@ def test_configs_load_and_set_kv_heads(name, kv_heads):
 
 
 def test_tiny_config_is_small():
-    model = ModelConfig.from_config(load_config_file(CONFIGS / "tiny.py").model)
+    model = build_model_config(load_config_file(CONFIGS / "tiny.py").model)
     assert accounting.param_count(model) < 200_000
 
 

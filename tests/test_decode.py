@@ -10,14 +10,14 @@ import pytest
 from flax import nnx
 
 from mqa import data
-from mqa.config import ModelConfig, default_config
+from mqa.config import ModelConfig, default_config, build_model_config
 from mqa.decode import _generate, generate, sample_token
 from mqa.evaluation import evaluate_tokens, scored_positions
 from mqa.kv_cache import init_cache
 from mqa.loading import LoadedModel
 from mqa.model import Transformer
 
-CONFIG = ModelConfig(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=1,
+CONFIG = build_model_config(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=1,
                      head_dim=8, mlp_dim=64, max_seq_len=64)
 
 

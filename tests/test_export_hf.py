@@ -18,7 +18,7 @@ from flax import nnx
 import mqa
 from mqa import convert, data
 from mqa.checkpoint import Checkpointer
-from mqa.config import ModelConfig, load_config_file
+from mqa.config import ModelConfig, build_model_config, load_config_file
 from mqa.model import Transformer
 from tests.test_convert import llama_style_tokenizer, save_hf_llama
 
@@ -31,7 +31,7 @@ def random_params(config, seed: int = 1) -> nnx.State:
     """Random parameters in numpy (no JAX compilation): norm scales in [0.5, 1.5] (ones
     would hide a mix-up), matrices N(0, 1/fan_in), a large embedding (clear-cut next-token
     choices)."""
-    model_config = ModelConfig.from_config(config.model)
+    model_config = build_model_config(config.model)
     abstract = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))[1]
     rng = np.random.default_rng(seed)
     arrays = {}

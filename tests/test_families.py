@@ -16,14 +16,14 @@ from flax import nnx
 
 from mqa import accounting
 from mqa.attention import attend_latent_absorbed, attend_latent_expanded, expand_latent
-from mqa.config import ConfigError, ModelConfig, load_config_file
+from mqa.config import ConfigError, ModelConfig, load_config_file, build_model_config
 from mqa.kv_cache import cache_nbytes, init_cache
 from mqa.model import Transformer
 from reference import int8_round_trip, transformer_loops
 from test_model import max_rel, tokens
 from test_train_cli import REPO
 
-BASE = ModelConfig(vocab_size=64, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
+BASE = build_model_config(vocab_size=64, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
                    head_dim=8, mlp_dim=48, max_seq_len=40)
 LATENT = dict(attention="latent", kv_latent_dim=12, rope_head_dim=4)
 FAMILIES = {
@@ -210,7 +210,7 @@ def test_parameter_count_matches_the_model(name, share):
     model = Transformer(config, rngs=nnx.Rngs(0))
     counted = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert counted == accounting.param_count(config)
-    matched = ModelConfig.from_config(dict(dataclasses.asdict(config), match_mha_params=True))
+    matched = build_model_config(dict(dataclasses.asdict(config), match_mha_params=True))
     mha = dataclasses.replace(BASE, num_kv_heads=BASE.num_heads)
     assert abs(accounting.param_count(matched) - accounting.param_count(mha)) <= \
         1.5 * BASE.d_model * BASE.num_layers
@@ -258,7 +258,7 @@ def test_workdirs_saved_before_the_families_still_load(tmp_path):
 
     from mqa import convert, load_model
     config = load_config_file(REPO / "configs" / "tiny.py")
-    model = Transformer(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+    model = Transformer(build_model_config(config.model), rngs=nnx.Rngs(0))
     convert._write_workdir(tmp_path, config, nnx.state(model, nnx.Param), tokenizer=None)
     saved = json.loads((tmp_path / "config.json").read_text())
     for field in ("attention", "kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window",
@@ -325,7 +325,7 @@ def test_tools_for_grouped_heads_refuse_other_families_and_windows(tmp_path):
             ("tied", ["model.attention=tied"], ("uptrain", "heads", "to-hf")),
             ("window", ["model.sliding_window=8"], ("similarity", "heads", "to-hf"))]:
         config = load_config_file(REPO / "configs" / "tiny.py", changes)
-        model = Transformer(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+        model = Transformer(build_model_config(config.model), rngs=nnx.Rngs(0))
         convert._write_workdir(tmp_path / name, config, nnx.state(model, nnx.Param), tokenizer=None)
         calls = {
             "uptrain": lambda: convert.convert_uptrain(tmp_path / name, tmp_path / f"{name}-u", 1),

@@ -11,12 +11,12 @@ import scipy.spatial.distance
 from flax import nnx
 
 from mqa import head_similarity as hs
-from mqa.config import ModelConfig
+from mqa.config import ModelConfig, build_model_config
 from mqa.convert import _dotted_arrays, _fill
 from mqa.model import Transformer
 from tests.reference import rope
 
-BASE = ModelConfig(vocab_size=61, d_model=48, num_layers=4, num_heads=6, num_kv_heads=6,
+BASE = build_model_config(vocab_size=61, d_model=48, num_layers=4, num_heads=6, num_kv_heads=6,
                    head_dim=8, mlp_dim=64, max_seq_len=64)
 
 

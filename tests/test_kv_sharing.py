@@ -10,13 +10,13 @@ import pytest
 from flax import nnx
 
 from mqa import accounting
-from mqa.config import ConfigError, ModelConfig, load_config_file
+from mqa.config import ConfigError, ModelConfig, load_config_file, build_model_config
 from mqa.kv_cache import cache_nbytes, init_cache
 from mqa.model import Transformer
 from reference import transformer_loops
 from test_model import decode_incrementally, max_rel, tokens
 
-BASE = ModelConfig(vocab_size=64, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
+BASE = build_model_config(vocab_size=64, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
                    head_dim=8, mlp_dim=48, max_seq_len=32)
 
 

@@ -9,11 +9,11 @@ import pytest
 from flax import nnx
 
 from mqa import accounting
-from mqa.config import ModelConfig
+from mqa.config import ModelConfig, build_model_config
 from mqa.kv_cache import cache_nbytes, init_cache
 from mqa.model import Transformer
 
-BASE = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
+BASE = build_model_config(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
                    head_dim=8, mlp_dim=48, max_seq_len=32)
 KV_HEADS = [4, 2, 1]  # MHA, GQA, MQA
 

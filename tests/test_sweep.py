@@ -14,7 +14,7 @@ import pytest
 import scipy.stats
 
 from mqa import accounting
-from mqa.config import ConfigError, ModelConfig, load_config_file
+from mqa.config import ConfigError, ModelConfig, build_model_config, load_config_file
 from mqa.sweep import (parse_sweep_flags, point_name, points, sweep_fields, training_config,
                        with_seeds)
 from tests.test_train_cli import REPO, assert_one_line_error
@@ -173,7 +173,7 @@ def test_sweep_config_reads_the_shipped_corpus(shakespeare_path):
     plan = points(config, sweep_fields(config))
     configurations = list(dict.fromkeys(p.configuration for p in plan))
     assert configurations == ["MHA", "GQA-4", "GQA-2", "MQA", "MQA+CLA2"]
-    models = {p.configuration: ModelConfig.from_config(p.config.model) for p in plan}
+    models = {p.configuration: build_model_config(p.config.model) for p in plan}
     assert [(m.num_kv_heads, m.kv_share_every) for m in models.values()] == [
         (8, 1), (4, 1), (2, 1), (1, 1), (1, 2)]
     assert len({accounting.param_count(m) for m in models.values()}) == 1  # match_mha_params

@@ -1,20 +1,23 @@
 """Tiled attention (`model.attention_impl="tiled"`): every family's values and gradients as
 the whole-matrix einsum core's and the float64 reference's, in fewer operations."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from mqa.attention import attend
-from mqa.attention.tiled import MAX_TILES, attend_tiled
+from mqa.attention import attend, self_attention
+from mqa.attention.tiled import MAX_TILES
 from reference import attention_loops
 from test_blockwise import qkv
 from test_families import FAMILIES, WINDOWS, make, reference_logits
 from test_model import max_rel, tokens
+
+
+def attend_tiled(q, k, v, *, block, window=None):
+    """The grouped core through the tiled backend, as the model's SELF mode runs it."""
+    return self_attention("tiled", block)(attend, (q,), (k, v), window=window)
 
 
 @pytest.mark.parametrize("name, window", [(name, "") for name in FAMILIES] + [
@@ -56,18 +59,6 @@ def test_the_number_of_tiles_is_capped():
     np.testing.assert_allclose(out, attention_loops(q, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_calls_other_than_causal_self_attention_go_to_attend_whole():
-    q, k, v = qkv(2, 1, 4, 2, 8)
-    _, cache_k, cache_v = qkv(2, 9, 4, 2, 8, seed=1)
-    layout = dict(kv_layout="bksd", q_offset=jnp.int32(5))
-    cache = (jnp.swapaxes(cache_k, 1, 2), jnp.swapaxes(cache_v, 1, 2))
-    np.testing.assert_array_equal(attend_tiled(q, *cache, **layout, block=4),
-                                  attend(q, *cache, **layout))
-    q, k, v = qkv(2, 12, 4, 2, 8)
-    np.testing.assert_array_equal(attend_tiled(q, k, v, causal=False, block=4),
-                                  attend(q, k, v, causal=False))
-
-
 def test_tiles_skip_the_work_above_the_diagonal():
     """XLA's count of the train-step attention's FLOPs: 8 tiles do (8 + 1) / 16 of the
     score and value products of the whole matrix (the rest is the same elementwise work,
@@ -84,12 +75,9 @@ def test_tiles_skip_the_work_above_the_diagonal():
 
 def test_default_config_trains_with_tiles_and_published_experiments_keep_their_core():
     """configs/default.py trains tiled; the configs whose results are published (the KV
-    sweeps, SmolLM2 uptraining) and workdirs saved without the field keep `einsum`."""
+    sweeps, SmolLM2 uptraining) keep `einsum`."""
     from configs import default, sweep_kv_budget, sweep_kv_heads, uptrain_smollm2
-    from mqa.config import ModelConfig
     config = default.get_config().model
     assert (config.attention_impl, config.attention_block) == ("tiled", 64)
     for published in (sweep_kv_heads, sweep_kv_budget, uptrain_smollm2):
         assert published.get_config().model.attention_impl == "einsum", published.__name__
-    defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
-    assert defaults["attention_impl"] == "einsum"

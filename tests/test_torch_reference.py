@@ -15,12 +15,12 @@ torch = pytest.importorskip("torch")
 
 from benchmarks.torch_model import TorchTransformer, load_jax_params, make_decode_loop  # noqa: E402
 from mqa import data  # noqa: E402
-from mqa.config import ModelConfig, default_config  # noqa: E402
+from mqa.config import ModelConfig, default_config, build_model_config  # noqa: E402
 from mqa.decode import generate  # noqa: E402
 from mqa.loading import LoadedModel  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
 
-CONFIG = ModelConfig(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=1,
+CONFIG = build_model_config(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=1,
                      head_dim=8, mlp_dim=64, max_seq_len=64)
 
 

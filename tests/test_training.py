@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mqa.config import ModelConfig, load_config_file
+from mqa.config import ModelConfig, load_config_file, build_model_config
 from mqa.model import Transformer
 from mqa.training import (TrainState, cross_entropy, decay_mask, learning_rate_schedule,
                           make_eval_step, make_optimizer, make_train_step)
 
-MODEL = ModelConfig(vocab_size=32, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+MODEL = build_model_config(vocab_size=32, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=8, mlp_dim=48, max_seq_len=32)
 
 

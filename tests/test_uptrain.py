@@ -15,7 +15,7 @@ from flax import nnx
 
 import mqa
 from mqa import convert, data, trainer
-from mqa.config import ConfigError, ModelConfig, load_config_file
+from mqa.config import ConfigError, ModelConfig, build_model_config, load_config_file
 from mqa.model import Transformer
 from mqa.training import cross_entropy
 from tests.test_train_cli import REPO, assert_one_line_error, run_train
@@ -32,7 +32,7 @@ def tiny_config(*overrides: str):
 def random_params(config) -> nnx.State:
     """A freshly initialised Transformer's parameters; the norm scales, which start at ones
     and would hide a mix-up, made random too."""
-    params = nnx.split(Transformer(ModelConfig.from_config(config.model), rngs=nnx.Rngs(1)))[1]
+    params = nnx.split(Transformer(build_model_config(config.model), rngs=nnx.Rngs(1)))[1]
     rng = np.random.default_rng(2)
     pure = jax.tree_util.tree_map_with_path(
         lambda path, x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
@@ -50,7 +50,7 @@ def write_source(workdir: pathlib.Path, config, params: nnx.State) -> pathlib.Pa
 
 def logits(config, params) -> np.ndarray:
     graphdef = nnx.graphdef(nnx.eval_shape(
-        lambda: Transformer(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))))
+        lambda: Transformer(build_model_config(config.model), rngs=nnx.Rngs(0))))
     return np.asarray(nnx.merge(graphdef, params)(TOKENS))
 
 
@@ -161,7 +161,7 @@ def test_first_and_random_inits(tmp_path):
 def test_widened_mlp_keeps_its_width(tmp_path):
     """A GQA source with match_mha_params: the output writes its mlp_dim out explicitly."""
     config = tiny_config("model.num_kv_heads=2", "model.match_mha_params=true")
-    source_mlp = ModelConfig.from_config(config.model).mlp_dim
+    source_mlp = build_model_config(config.model).mlp_dim
     assert source_mlp > config.model.mlp_dim
     loaded = uptrain(write_source(tmp_path / "gqa", config, random_params(config)),
                      tmp_path / "out", 1)

@@ -12,13 +12,10 @@
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -150,23 +147,3 @@ def init_output(rngs, num_heads: int, head_dim: int, d_model: int, num_layers: i
     sqrt(2 * num_layers) like every residual branch's last layer (GPT-2)."""
     fan_in = num_heads * head_dim
     return init_params(rngs, (num_heads, head_dim, d_model), fan_in) / (2 * num_layers) ** 0.5
-
-
-AttentionFn = Callable[..., jax.Array]
-
-
-def attention_fn(impl: str, block: int = 128) -> AttentionFn:
-    """The attention core named by `model.attention_impl`; `block` (`model.attention_block`)
-    is the tiled core's query tile and the blockwise core's block length."""
-    from mqa.attention.blockwise import attend_blockwise  # both build on `attend`
-    from mqa.attention.tiled import attend_tiled
-    impls = {
-        "einsum": attend,
-        "tiled": functools.partial(attend_tiled, block=block),
-        "blockwise": functools.partial(attend_blockwise, block=block),
-        "xla": functools.partial(attend_jax, implementation="xla"),
-        "cudnn": functools.partial(attend_jax, implementation="cudnn"),
-    }
-    if impl not in impls:
-        raise ValueError(f"model.attention_impl={impl!r} is not one of: {', '.join(impls)}")
-    return impls[impl]

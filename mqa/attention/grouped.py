@@ -11,19 +11,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mqa.attention.core import attention_fn, dense, init_output, init_params
-from mqa.config import ModelConfig
-from mqa.kv_cache import CacheEntry, update
+from mqa.attention.core import attend as grouped_core
+from mqa.attention.core import dense, init_output, init_params
+from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention
+from mqa.model_config import ModelConfig
 from mqa.rope import apply_rope
 
 
-class GroupedAttention(nnx.Module):
-    """Query/key/value/output projections, rotary embeddings, and an optional KV cache.
-
-    Weights: q [m, num_heads, d], k and v [m, num_kv_heads, d], out [num_heads, d, m].
+class GroupedAttention(AttentionFamily):
+    """Weights: q [m, num_heads, d], k and v [m, num_kv_heads, d], out [num_heads, d, m].
     With cross-layer KV sharing (Brandon et al. 2024) only the first layer of each group
-    has k and v (`owns_kv`); the others attend to the keys and values it computed.
-    """
+    has k and v (`owns_kv`)."""
+
+    name = "grouped"
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, owns_kv: bool = True):
         m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
@@ -34,35 +34,38 @@ class GroupedAttention(nnx.Module):
         self.out = nnx.Param(init_output(rngs, h, d, m, config.num_layers))
         self.config = config
 
-    @staticmethod
-    def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
+    @classmethod
+    def cache_entries(cls, config: ModelConfig) -> tuple[CacheEntry, ...]:
         return (CacheEntry("k", config.num_kv_heads, config.head_dim),
                 CacheEntry("v", config.num_kv_heads, config.head_dim))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
-                 shared: tuple | None = None, *, index: jax.Array | None = None,
-                 window: jax.Array | int | None = None) -> tuple[jax.Array, dict | None, tuple]:
-        """x: [batch, seq, m]; positions: int [seq]. See `mqa.attention` for the contract.
+    @classmethod
+    def param_count(cls, config: ModelConfig, owns_kv: bool) -> int:
+        """q and out: m*h*d each; k and v: m*kv*d each where the layer owns them."""
+        m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+        return 2 * m * h * d + (2 * m * kv * d if owns_kv else 0)
 
-        Returns ([batch, seq, m], the updated cache buffers or None, the keys and values
-        attended to as (dict k, v; their layout; key positions or None)): [batch, seq,
-        kv_heads, d] ("bskd") without a cache, the whole cache buffers with one.
-        """
+    def project_kv(self, x: jax.Array, positions: jax.Array) -> dict[str, jax.Array]:
+        """x: [b, s, m] -> rotated keys "k" and values "v", each [b, s, kv_heads, d]."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
-        q = apply_rope(dense(x, self.q[...].astype(dtype)), positions, config.rope_theta)
-        if shared is None:
-            k = apply_rope(dense(x, self.k[...].astype(dtype)), positions, config.rope_theta)
-            v = dense(x, self.v[...].astype(dtype))  # [batch, seq, kv_heads, d]
-            if cache is None:
-                shared = ({"k": k, "v": v}, "bskd", None)
-            else:
-                axes = {e.name: e.axes(x.shape[0]) for e in self.cache_entries(config)}
-                cache, kv, k_positions = update(cache, {"k": k, "v": v}, axes, index,
-                                                ring=window is not None, dtype=dtype)
-                shared = (kv, axes["k"], k_positions)
-        kv, layout, k_positions = shared
-        core = attention_fn(config.attention_impl, config.attention_block)
-        out = core(q, kv["k"], kv["v"], causal=True, q_offset=0 if index is None else index,
-                   kv_layout=layout, window=window, k_positions=k_positions)
-        return dense(out, self.out[...].astype(dtype), contract=2), cache, shared
+        k = apply_rope(dense(x, self.k[...].astype(dtype)), positions, config.rope_theta)
+        return {"k": k, "v": dense(x, self.v[...].astype(dtype))}
+
+    def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+        """x: [b, t, m] -> (rotated queries [b, t, h, d],)."""
+        config, dtype = self.config, jnp.dtype(self.config.dtype)
+        q = dense(x.astype(dtype), self.q[...].astype(dtype))
+        return (apply_rope(q, positions, config.rope_theta),)
+
+    def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
+               window: jax.Array | int | None, backend: SelfAttention) -> jax.Array:
+        """The queries against `keys` ("k", "v"), through the output projection: [b, t, m]."""
+        (q,), dtype = queries, jnp.dtype(self.config.dtype)
+        k, v = keys.arrays["k"], keys.arrays["v"]
+        if mode is Mode.SELF:
+            out = backend(grouped_core, (q,), (k, v), window=window)
+        else:
+            out = grouped_core(q, k, v, q_offset=keys.q_offset, kv_layout=keys.axes["k"],
+                               window=window, k_positions=keys.positions)
+        return dense(out, self.out[...].astype(dtype), contract=2)

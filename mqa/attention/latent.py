@@ -18,15 +18,17 @@ Letters as in `core`, and c latent, r rotary, e query latent.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mqa.attention.core import (causal_mask, dense, init_output, init_params, masked_softmax,
                                ordered_einsum)
-from mqa.attention.tiled import self_attention
-from mqa.config import ModelConfig
-from mqa.kv_cache import CacheEntry, update
+from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention
+from mqa.errors import ConfigError
+from mqa.model_config import ModelConfig
 from mqa.norm import RMSNorm
 from mqa.rope import apply_rope
 
@@ -80,14 +82,16 @@ def _softmax(logits, key_dim, t, s, *, q_offset=0, window=None, k_positions=None
                           causal_mask(t, s, q_offset, window, k_positions))
 
 
-class LatentAttention(nnx.Module):
+class LatentAttention(AttentionFamily):
     """Weights: kv_down [m, c] and kv_norm (the latent), k_up and v_up [c, num_heads, d],
     k_rope [m, r], out [num_heads, d, m]; queries q [m, num_heads, d] and q_rope
     [m, num_heads, r], or with `q_latent_dim` = e > 0 q_down [m, e], q_norm, q [e, num_heads,
     d] and q_rope [e, num_heads, r]."""
 
+    name = "latent"
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, owns_kv: bool = True):
-        del owns_kv  # latent attention does not combine with cross-layer sharing (config)
+        del owns_kv  # latent attention does not combine with cross-layer sharing (`validate`)
         m, h, d = config.d_model, config.num_heads, config.head_dim
         c, e, r = config.kv_latent_dim, config.q_latent_dim, config.rope_head_dim
         q_in = e or m
@@ -104,33 +108,79 @@ class LatentAttention(nnx.Module):
         self.out = nnx.Param(init_output(rngs, h, d, m, config.num_layers))
         self.config = config
 
-    @staticmethod
-    def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
+    @classmethod
+    def validate(cls, config: ModelConfig) -> None:
+        if config.kv_latent_dim < 1:
+            raise ConfigError("model.attention='latent' needs model.kv_latent_dim >= 1 (numbers "
+                              f"cached per token), got {config.kv_latent_dim}")
+        if config.rope_head_dim < 2 or config.rope_head_dim % 2:
+            raise ConfigError("model.attention='latent' needs an even model.rope_head_dim >= 2 "
+                              f"(the shared rotary key), got {config.rope_head_dim}")
+        if config.kv_share_every != 1:
+            raise ConfigError(f"model.kv_share_every={config.kv_share_every} does not combine with "
+                              "model.attention='latent'; use 1, or attention 'grouped' or 'tied'")
+
+    @classmethod
+    def cache_entries(cls, config: ModelConfig) -> tuple[CacheEntry, ...]:
         return (CacheEntry("latent", 0, config.kv_latent_dim + config.rope_head_dim),)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
-                 shared: tuple | None = None, *, index: jax.Array | None = None,
-                 window: jax.Array | int | None = None) -> tuple[jax.Array, dict | None, None]:
-        """As `GroupedAttention.__call__` (nothing is shared across layers)."""
+    @classmethod
+    def param_count(cls, config: ModelConfig, owns_kv: bool) -> int:
+        """out h*d*m; kv_down m*c, k_up and v_up c*h*d each, k_rope m*r; queries q m*h*d and
+        q_rope m*h*r from x, or with e = q_latent_dim > 0 q_down m*e, q e*h*d, q_rope e*h*r."""
+        m, h, d = config.d_model, config.num_heads, config.head_dim
+        c, e, r = config.kv_latent_dim, config.q_latent_dim, config.rope_head_dim
+        queries = (m * e + e * h * (d + r)) if e else m * h * (d + r)
+        return queries + m * c + 2 * c * h * d + m * r + h * d * m
+
+    @classmethod
+    def norm_count(cls, config: ModelConfig) -> int:
+        """kv_norm over the latent, and q_norm over the query latent if there is one."""
+        return config.kv_latent_dim + config.q_latent_dim
+
+    @classmethod
+    def key_dim(cls, config: ModelConfig) -> int:
+        """The expanded key's d and the rotary part's r (as training computes it)."""
+        return config.head_dim + config.rope_head_dim
+
+    @classmethod
+    def mha_equivalent(cls, config: ModelConfig) -> ModelConfig:
+        return dataclasses.replace(super().mha_equivalent(config), kv_latent_dim=0, q_latent_dim=0,
+                                   rope_head_dim=0)
+
+    def project_kv(self, x: jax.Array, positions: jax.Array) -> dict[str, jax.Array]:
+        """x: [b, s, m] -> "latent" [b, s, 1, c + r]: the normalised latent and the rotated
+        shared key side by side, as the cache holds them."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
-        theta = config.rope_theta
-        weight = lambda p: p[...].astype(dtype)  # noqa: E731
         x = x.astype(dtype)
-        q_in = self.q_norm(dense(x, weight(self.q_down))) if config.q_latent_dim else x
-        q = dense(q_in, weight(self.q))                                        # [b, t, h, d]
-        q_rope = apply_rope(dense(q_in, weight(self.q_rope)), positions, theta)  # [b, t, h, r]
-        latent = self.kv_norm(dense(x, weight(self.kv_down)))                   # [b, t, c]
-        k_rope = apply_rope(dense(x, weight(self.k_rope))[:, :, None], positions, theta)
-        k_up, v_up = weight(self.k_up), weight(self.v_up)
-        if cache is None:
-            keys = (*expand_latent(latent, k_up, v_up), k_rope[:, :, 0])
-            out = self_attention(attend_latent_expanded, (q, q_rope), keys, config, window)
+        latent = self.kv_norm(dense(x, self.kv_down[...].astype(dtype)))           # [b, s, c]
+        k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype))[:, :, None], positions,
+                            config.rope_theta)                                        # [b, s, 1, r]
+        return {"latent": jnp.concatenate([latent[:, :, None], k_rope], axis=-1)}
+
+    def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+        """x: [b, t, m] -> (q [b, t, h, d], q_rope [b, t, h, r] rotated)."""
+        config, dtype = self.config, jnp.dtype(self.config.dtype)
+        x = x.astype(dtype)
+        q_in = self.q_norm(dense(x, self.q_down[...].astype(dtype))) if config.q_latent_dim else x
+        q = dense(q_in, self.q[...].astype(dtype))
+        return q, apply_rope(dense(q_in, self.q_rope[...].astype(dtype)), positions, config.rope_theta)
+
+    def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
+               window: jax.Array | int | None, backend: SelfAttention) -> jax.Array:
+        """The queries against `keys` ("latent"), through the output projection: [b, t, m].
+        SELF: the latent expanded into per-head keys and values; CACHED: the queries
+        absorbed into the latent space (the same function)."""
+        config, dtype = self.config, jnp.dtype(self.config.dtype)
+        (q, q_rope), cached = queries, keys.arrays["latent"]
+        k_up, v_up = self.k_up[...].astype(dtype), self.v_up[...].astype(dtype)
+        if mode is Mode.SELF:
+            c = config.kv_latent_dim
+            latent, k_rope = cached[..., :c], cached[..., c:]
+            out = backend(attend_latent_expanded, (q, q_rope),
+                          (*expand_latent(latent, k_up, v_up), k_rope), window=window)
         else:
-            axes = {e.name: e.axes(x.shape[0]) for e in self.cache_entries(config)}
-            new = jnp.concatenate([latent[:, :, None], k_rope], axis=-1)    # [b, t, 1, c + r]
-            cache, state, k_positions = update(cache, {"latent": new}, axes, index,
-                                               ring=window is not None, dtype=dtype)
-            out = attend_latent_absorbed(q, q_rope, state["latent"], k_up, v_up,
-                                         cached_layout=axes["latent"], q_offset=index,
-                                         window=window, k_positions=k_positions)
-        return dense(out, weight(self.out), contract=2), cache, None
+            out = attend_latent_absorbed(q, q_rope, cached, k_up, v_up,
+                                         cached_layout=keys.axes["latent"], q_offset=keys.q_offset,
+                                         window=window, k_positions=keys.positions)
+        return dense(out, self.out[...].astype(dtype), contract=2)

@@ -18,9 +18,9 @@ from flax import nnx
 
 from mqa.attention.core import (causal_mask, dense, init_output, init_params, masked_softmax,
                                ordered_einsum)
-from mqa.attention.tiled import self_attention
-from mqa.config import ModelConfig
-from mqa.kv_cache import CacheEntry, update
+from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention
+from mqa.errors import ConfigError
+from mqa.model_config import ModelConfig
 from mqa.rope import apply_rope
 
 
@@ -60,10 +60,12 @@ def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-class TiedAttention(nnx.Module):
+class TiedAttention(AttentionFamily):
     """Weights: q [m, num_heads, d], kv [m, num_kv_heads, d], k_rope [m, d/2],
     out [num_heads, d, m]. With cross-layer sharing only a group's first layer has kv and
     k_rope (`owns_kv`)."""
+
+    name = "tied"
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, owns_kv: bool = True):
         m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
@@ -74,35 +76,49 @@ class TiedAttention(nnx.Module):
         self.out = nnx.Param(init_output(rngs, h, d, m, config.num_layers))
         self.config = config
 
-    @staticmethod
-    def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
+    @classmethod
+    def validate(cls, config: ModelConfig) -> None:
+        if config.head_dim % 4:
+            raise ConfigError(f"model.head_dim={config.head_dim} must be a multiple of 4 for "
+                              "model.attention='tied' (a rotary half of head_dim / 2)")
+
+    @classmethod
+    def cache_entries(cls, config: ModelConfig) -> tuple[CacheEntry, ...]:
         return (CacheEntry("kv", config.num_kv_heads, config.head_dim),
                 CacheEntry("k_rope", 0, config.head_dim // 2))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
-                 shared: tuple | None = None, *, index: jax.Array | None = None,
-                 window: jax.Array | int | None = None) -> tuple[jax.Array, dict | None, tuple]:
-        """As `GroupedAttention.__call__`; what is attended to is (dict kv, k_rope; the tied
-        state's layout; key positions or None)."""
+    @classmethod
+    def param_count(cls, config: ModelConfig, owns_kv: bool) -> int:
+        """q and out: m*h*d each; kv: m*kv*d and k_rope: m*d/2 where the layer owns them."""
+        m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+        return 2 * m * h * d + (m * kv * d + m * (d // 2) if owns_kv else 0)
+
+    def project_kv(self, x: jax.Array, positions: jax.Array) -> dict[str, jax.Array]:
+        """x: [b, s, m] -> the tied state "kv" [b, s, kv_heads, d] and the rotated shared
+        key half "k_rope" [b, s, 1, d/2]."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
-        theta, n = config.rope_theta, config.head_dim - config.head_dim // 2
         x = x.astype(dtype)
-        q = dense(x, self.q[...].astype(dtype))
-        q = jnp.concatenate([q[..., :n], apply_rope(q[..., n:], positions, theta)], axis=-1)
-        if shared is None:
-            tied = dense(x, self.kv[...].astype(dtype))  # [batch, seq, kv_heads, d]
-            k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype))[:, :, None], positions, theta)
-            if cache is None:
-                shared = ({"kv": tied, "k_rope": k_rope[:, :, 0]}, "bskd", None)
-            else:
-                axes = {e.name: e.axes(x.shape[0]) for e in self.cache_entries(config)}
-                cache, state, k_positions = update(cache, {"kv": tied, "k_rope": k_rope}, axes,
-                                                   index, ring=window is not None, dtype=dtype)
-                shared = (state, axes["kv"], k_positions)
-        state, layout, k_positions = shared
-        if index is None:  # training, evaluation: causal self-attention over activations
-            out = self_attention(attend_tied, (q,), (state["kv"], state["k_rope"]), config, window)
+        tied = dense(x, self.kv[...].astype(dtype))
+        k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype))[:, :, None], positions,
+                            config.rope_theta)
+        return {"kv": tied, "k_rope": k_rope}
+
+    def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+        """x: [b, t, m] -> (queries [b, t, h, d], their second half rotated,)."""
+        config, dtype = self.config, jnp.dtype(self.config.dtype)
+        n = config.head_dim - config.head_dim // 2
+        q = dense(x.astype(dtype), self.q[...].astype(dtype))
+        return (jnp.concatenate([q[..., :n], apply_rope(q[..., n:], positions, config.rope_theta)],
+                                axis=-1),)
+
+    def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
+               window: jax.Array | int | None, backend: SelfAttention) -> jax.Array:
+        """The queries against `keys` ("kv", "k_rope"), through the output projection: [b, t, m]."""
+        (q,), dtype = queries, jnp.dtype(self.config.dtype)
+        tied, k_rope = keys.arrays["kv"], keys.arrays["k_rope"]
+        if mode is Mode.SELF:
+            out = backend(attend_tied, (q,), (tied, k_rope), window=window)
         else:
-            out = attend_tied(q, state["kv"], state["k_rope"], tied_layout=layout, q_offset=index,
-                              window=window, k_positions=k_positions)
-        return dense(out, self.out[...].astype(dtype), contract=2), cache, shared
+            out = attend_tied(q, tied, k_rope, tied_layout=keys.axes["kv"], q_offset=keys.q_offset,
+                              window=window, k_positions=keys.positions)
+        return dense(out, self.out[...].astype(dtype), contract=2)

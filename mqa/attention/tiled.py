@@ -22,25 +22,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from mqa.attention.core import attend
-from mqa.config import ModelConfig
 
 MAX_TILES = 16
-
-
-def attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                 q_offset: jax.Array | int | None = None, kv_layout: str = "bskd",
-                 window: jax.Array | int | None = None, k_positions: jax.Array | None = None,
-                 block: int = 64) -> jax.Array:
-    """`attend`'s arguments and result. Full causal self-attention (q_len == kv_len from
-    position 0, keys as activations "bskd") runs over query tiles (`over_query_tiles`);
-    anything else (a KV cache, a non-causal call) is handed to `attend` whole."""
-    t, s = q.shape[1], k.shape[kv_layout.index("s")]
-    from_start = q_offset is None or isinstance(q_offset, int) and q_offset == 0
-    if not (causal and kv_layout == "bskd" and t == s and from_start and k_positions is None):
-        return attend(q, k, v, causal=causal, q_offset=q_offset, kv_layout=kv_layout,
-                      window=window, k_positions=k_positions)
-    return over_query_tiles(attend, (q,), (k, v), block=block, window=window)
 
 
 def over_query_tiles(core: Callable[..., jax.Array], queries: tuple[jax.Array, ...],
@@ -64,14 +47,3 @@ def over_query_tiles(core: Callable[..., jax.Array], queries: tuple[jax.Array, .
         tiles.append(core(*(x[:, start:end] for x in queries), *(x[:, first:end] for x in keys),
                           q_offset=start - first, window=window))
     return jnp.concatenate(tiles, axis=1)
-
-
-def self_attention(core: Callable[..., jax.Array], queries: tuple[jax.Array, ...],
-                   keys: tuple[jax.Array, ...], config: ModelConfig,
-                   window: jax.Array | int | None = None) -> jax.Array:
-    """Causal self-attention through a family's einsum `core` (training and evaluation,
-    no cache), over query tiles where `model.attention_impl` is "tiled" and whole where it
-    is "einsum". Arguments as `over_query_tiles`."""
-    if config.attention_impl == "tiled":
-        return over_query_tiles(core, queries, keys, block=config.attention_block, window=window)
-    return core(*queries, *keys, window=window)

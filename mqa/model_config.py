@@ -1,0 +1,67 @@
+"""`ModelConfig`: the model's hyperparameters as plain, hashable data (static under `jax.jit`).
+
+It has no defaults of its own: `configs/default.py` is the one source of them, and
+`mqa.config.model_config(...)` builds a `ModelConfig` from that file's `model` section with
+any fields overridden. A workdir's saved config is read the same way, so fields added
+since it was written take their defaults from the same file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every field of `configs/default.py`'s `model` section that shapes the model
+    (`match_mha_params` is resolved into `mlp_dim` when the config is built)."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    kv_share_every: int
+    attention: str
+    kv_latent_dim: int
+    q_latent_dim: int
+    rope_head_dim: int
+    sliding_window: int
+    global_every: int
+    kv_cache_dtype: str
+    tie_embeddings: bool
+    attention_impl: str
+    attention_block: int
+    rope_theta: float
+    norm_eps: float
+    max_seq_len: int
+    dtype: str
+    remat: bool
+    scan_unroll: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers that compute (and cache) keys and values: one per `kv_share_every`."""
+        return self.num_layers // self.kv_share_every
+
+    def is_local(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) attends to a sliding window of positions: every
+        layer when `sliding_window` > 0, except every `global_every`-th (layers N-1, 2N-1, ...)."""
+        return self.sliding_window > 0 and not (
+            self.global_every > 0 and (layer + 1) % self.global_every == 0)
+
+    def window(self, layer: int) -> int:
+        """Positions layer `layer` sees back from each query (itself included): the sliding
+        window for a local layer, `max_seq_len` (everything) for a global one."""
+        return self.sliding_window if self.is_local(layer) else self.max_seq_len
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
