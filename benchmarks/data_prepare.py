@@ -16,14 +16,14 @@ does (`data.load_corpus`), measuring:
   encoding the whole text in one call (BPE), or the bytes read whole and widened to int32 (byte);
 - disk bytes per token of the shards (.npy headers included).
 
-Writes benchmarks/results/data_prepare.{csv,json} (date, machine, command; no paths).
+Writes benchmarks/results/data_prepare/data_prepare.{csv,json} (date, machine, command; no paths).
 
 --train_start_gb measures instead what starting to train costs as the corpus grows: for each size
 it generates the corpus (byte tokens), prepares it in a child as above, then runs train.py in a
 fresh child on the prepared `data.token_dir` (configs/tiny.py, a few steps, batch 8, the final
 evaluation included) and records that child's peak RSS and what it adds to the RSS its imports
 reach (JAX, mqa.trainer), with the compilation cache off so that every run compiles, as a first
-one does. Writes benchmarks/results/data_train_start.{csv,json}.
+one does. Writes benchmarks/results/data_prepare/data_train_start.{csv,json}.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--train_start_gb", default="",
                         help="comma-separated corpus sizes (GB): train.py's start against corpus size, instead")
     parser.add_argument("--train_steps", type=int, default=5, help="with --train_start_gb: steps train.py runs")
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "data_prepare")
     args = parser.parse_args(argv)
     if args.train_start_gb:
         rows = train_start([float(gb) for gb in args.train_start_gb.split(",") if gb], args.train_steps)

@@ -21,9 +21,10 @@ preallocated cache written in place, grouped heads without repeated K/V;
 benchmarks/torch_model.py), and at one point Hugging Face transformers
 (`LlamaForCausalLM.generate`, PyTorch, CPU): what a user would otherwise reach for.
 
-Writes benchmarks/results/decode.{csv,json,png} and prints a table. With --profile, instead
-profiles the steps at the first context and batch asked for, by kind of XLA thunk
-(benchmarks/xla_profile.py), and writes decode_profile.{csv,json}.
+Writes benchmarks/results/decode/decode.{csv,json,png} (with --name=NAME:
+benchmarks/results/NAME/NAME.*) and prints a table. With --profile, instead profiles the
+steps at the first context and batch asked for, by kind of XLA thunk
+(benchmarks/xla_profile.py), and writes benchmarks/results/decode_profile/decode_profile.{csv,json}.
 """
 
 from __future__ import annotations
@@ -262,9 +263,12 @@ def main(argv=None) -> None:
     parser.add_argument("--hf_batch", type=int, default=8)
     parser.add_argument("--profile", action="store_true",
                         help="profile the steps by kind of XLA thunk instead of timing the grid")
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="results folder (default benchmarks/results/NAME, with --profile "
+                        "benchmarks/results/NAME_profile)")
     parser.add_argument("--name", default="decode", help="results file stem (OUT/NAME.csv, ...)")
     args = parser.parse_args(argv)
+    args.out = args.out or RESULTS / (f"{args.name}_profile" if args.profile else args.name)
     check_args(parser, args)
     # --profile looks at one point, by default the issue's target: context 2048, batch 8
     args.contexts = args.contexts or ([2048] if args.profile else [256, 512, 1024, 2048, 4096])

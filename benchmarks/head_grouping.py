@@ -10,7 +10,7 @@ model on the whole held-out split (eval.py), uptrains it for --fraction of the s
 steps (as benchmarks/uptrain.py does) and evaluates it again. The sources are the pairing
 unit: the table gives each grouping's mean loss with its 95% interval and the paired
 difference similarity - adjacent with its interval (`mqa.statistics`). Writes
-WORKDIR/head_grouping.{md,csv,json} and benchmarks/results/head_grouping.{md,csv,json}.
+WORKDIR/head_grouping.{md,csv,json} and benchmarks/results/head_grouping/head_grouping.{md,csv,json}.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
 
     table = markdown(summary, mha, len(args.mha))
     print("\n" + table)
-    for out in (args.workdir, RESULTS):
+    for out in (args.workdir, RESULTS / "head_grouping"):
         out.mkdir(parents=True, exist_ok=True)
         (out / "head_grouping.md").write_text(table)
         write_results(out, "head_grouping", rows, summary=summary, mha=mha,

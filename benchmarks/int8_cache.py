@@ -7,7 +7,7 @@ scores the whole held-out split three ways, in the same windows (`eval.py`'s): t
 own forward pass, cached decoding with the float cache (each window prefilled into an
 empty cache: `eval.py --cached`), and cached decoding with `model.kv_cache_dtype=int8`.
 Reports the int8 cache's loss change against the float cache per configuration, mean and
-95% t-interval over the seeds (paired by model). Writes benchmarks/results/int8_cache.{csv,json,md}.
+95% t-interval over the seeds (paired by model). Writes benchmarks/results/int8_cache/int8_cache.{csv,json,md}.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=pathlib.Path, default=pathlib.Path("runs/kv_sweep"))
     parser.add_argument("--configurations", default="MHA,MQA",
                         help="comma-separated configuration names (the part before __seed=)")
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "int8_cache")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configurations.split(",") if n.strip()]
     rows, summary = [], []

@@ -13,7 +13,7 @@ on the same weights:
   - a greedy continuation of a few prompts, token for token;
   - decoding tokens/s at batch 1 and 8 (cached steps as `mqa.generate` runs them, and
     transformers' `generate` from a prefilled cache), timed in alternating rounds.
-Writes benchmarks/results/real_model.{csv,json} and prints a markdown table. With
+Writes benchmarks/results/real_model/real_model.{csv,json} and prints a markdown table. With
 --uptrain it then runs benchmarks/smollm2_uptrain.py (the model converted to MQA and
 uptrained, about 1.5 hours on 2 cores), so one command reproduces docs/real-model.md.
 """
@@ -131,8 +131,9 @@ def main(argv=None) -> None:
                          transformers_tokens_per_sec=batch * DECODE_STEPS / seconds["transformers"]))
         print(rows[-1], flush=True)
 
-    write_results(RESULTS, "real_model", rows, gguf=gguf_path.name, seq_len=args.seq_len,
-                  decode_steps=DECODE_STEPS, torch_threads=torch.get_num_threads())
+    write_results(RESULTS / "real_model", "real_model", rows, gguf=gguf_path.name,
+                  seq_len=args.seq_len, decode_steps=DECODE_STEPS,
+                  torch_threads=torch.get_num_threads())
     if args.uptrain:
         from benchmarks import smollm2_uptrain
         smollm2_uptrain.main([f"--workdir={args.workdir.parent / 'smollm2_uptrain'}"])

@@ -15,7 +15,7 @@ Every stage is skipped when its output is there already, so an interrupted run r
      uptrained model at batch 8 (alternating rounds) with their KV-cache bytes; the uptrained
      model exported with `mqa.convert to-hf` and generating greedily in transformers, beside
      `mqa.generate`.
-Writes benchmarks/results/smollm2_uptrain.{csv,json,md,png}.
+Writes benchmarks/results/smollm2_uptrain/smollm2_uptrain.{csv,json,md,png}.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from mqa.timing import alternating_medians, decode_loop, timed  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "uptrain_smollm2.py"
+OUT = RESULTS / "smollm2_uptrain"
 INITS = ("mean", "first", "random")
 PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are"]
 DECODE_STEPS = 16
@@ -196,12 +197,13 @@ def main(argv=None) -> None:
                          same_tokens_as_mqa=bool(np.array_equal(ours, theirs))))
         print(rows[-1], flush=True)
 
-    curve_plot(curves, subset, tokens_per_step, RESULTS / "smollm2_uptrain.png")
-    write_results(RESULTS, "smollm2_uptrain", rows, config=str(CONFIG.relative_to(REPO)),
+    OUT.mkdir(parents=True, exist_ok=True)
+    curve_plot(curves, subset, tokens_per_step, OUT / "smollm2_uptrain.png")
+    write_results(OUT, "smollm2_uptrain", rows, config=str(CONFIG.relative_to(REPO)),
                   curves={name: [{k: r[k] for k in ("step", "eval_loss", "loss") if k in r}
                                  for r in history] for name, history in curves.items()},
                   original_loss_first_32_windows=subset)
-    write_table(rows, RESULTS / "smollm2_uptrain.md")
+    write_table(rows, OUT / "smollm2_uptrain.md")
 
 
 def write_table(rows: list[dict], path: pathlib.Path) -> None:

@@ -26,8 +26,8 @@ growing sequence lengths, for each `model.attention_impl` asked for. `profile`: 
 step under `jax.profiler`, its time added up by kind of XLA thunk (benchmarks/
 xla_profile.py) for the base config and each `--jax_variant`.
 
-Writes benchmarks/results/train_{throughput,compile,memory,profile}.{csv,json} and prints
-a table.
+Writes benchmarks/results/train_MODE/train_MODE.{csv,json} (MODE: throughput, compile,
+memory, profile; --out another folder) and prints a table.
 """
 
 from __future__ import annotations
@@ -237,12 +237,14 @@ def main(argv=None) -> None:
     parser.add_argument("--impls", type=lambda t: t.split(","), default=["einsum"])
     parser.add_argument("--override", action="append", default=[],
                         help="a config override for every point, e.g. model.dtype=bfloat16")
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="results folder (default benchmarks/results/train_MODE)")
     args = parser.parse_args(argv)
     measure = {"throughput": throughput, "compile": compile_times, "memory": memory,
                "profile": profile}[args.mode]
     rows = measure(args)
     name = f"train_{args.mode}"
+    args.out = args.out or RESULTS / name
     write_results(args.out, name, rows, overrides=args.override)
     print(f"\nwrote {args.out / name}.csv and .json")
 

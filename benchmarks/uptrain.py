@@ -11,7 +11,7 @@ K-head model (MLP not widened: the uptrained shapes) from scratch for the source
 of steps. Every run goes through sweep.py, so each is resumable and timed decoding the
 same way, and every model, the converted ones before training too, is evaluated by
 eval.py on the whole held-out split. Writes WORKDIR/uptrain.{csv,md,json}
-and benchmarks/results/uptrain.{csv,md,json}.
+and benchmarks/results/uptrain/uptrain.{csv,md,json}.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
         lines.append("| " + " | ".join(_format(k, v) for k, v in r.items()) + " |")
     table = "\n".join(lines) + "\n"
     print("\n" + table)
-    for out in (args.workdir, RESULTS):
+    for out in (args.workdir, RESULTS / "uptrain"):
         out.mkdir(parents=True, exist_ok=True)
         (out / "uptrain.md").write_text(table)
         write_results(out, "uptrain", rows, source=str(args.mha), uptrain_steps=up_steps,
