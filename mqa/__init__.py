@@ -5,8 +5,9 @@ from mqa.attention import (GroupedAttention, LatentAttention, TiedAttention, att
 from mqa.decode import generate
 from mqa.config import ConfigError, ModelConfig, load_config_file, validate
 from mqa.kv_cache import KVCache, init_cache
-from mqa.loading import CheckpointError, LoadedModel, load_model
+from mqa.loading import LoadedModel, load_model
 from mqa.model import Transformer
+from mqa.workdir import CheckpointError
 
 __all__ = [
     "CheckpointError", "ConfigError", "GroupedAttention", "KVCache", "LatentAttention",
