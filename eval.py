@@ -22,7 +22,8 @@ from mqa import data, decode, evaluation
 from mqa.cli import fail, parse_flags
 from mqa.config import ConfigError, default_config
 from mqa.data import DataError
-from mqa.loading import CheckpointError, load_model
+from mqa.loading import load_model
+from mqa.workdir import CheckpointError
 
 flags.DEFINE_string("workdir", None, "A training workdir, or a checkpoint step directory.",
                     required=True)

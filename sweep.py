@@ -46,10 +46,11 @@ from mqa import sweep_plots, sweep_results, trainer
 from mqa.cli import fail, parse_flags
 from mqa.config import ConfigError, ModelConfig, build_model_config
 from mqa.data import DataError
-from mqa.loading import CheckpointError, load_model
+from mqa.loading import load_model
 from mqa.sweep import (POINTS_FIELD, SEED_FIELD, Point, parse_sweep_flags, points,
                        sweep_fields, with_seeds)
 from mqa.timing import alternating_medians, decode_loop, timed, train_loop
+from mqa.workdir import RESUMABLE_CHANGES, CheckpointError, prepare_workdir, saved_config
 
 DECODE_STEPS = 32    # cached decoding steps per timing
 TRAIN_STEPS = 3      # train steps per timing
@@ -91,9 +92,9 @@ def _value(point: Point, field: str):
 
 def training_twin(point: Point, plan: list[Point], workdir) -> Point | None:
     """A finished point of the plan that trained exactly as `point` would (their configs
-    differ only in `trainer.RESUMABLE_CHANGES`, such as the KV cache's dtype), or None."""
+    differ only in `mqa.workdir.RESUMABLE_CHANGES`, such as the KV cache's dtype), or None."""
     def training_part(p: Point) -> dict:
-        return _without(sweep_results.config_snapshot(p), trainer.RESUMABLE_CHANGES)
+        return _without(sweep_results.config_snapshot(p), RESUMABLE_CHANGES)
 
     mine = training_part(point)
     return next((other for other in plan if other.name != point.name
@@ -111,7 +112,7 @@ def train_point(point: Point, plan: list[Point], workdir, label: str) -> dict:
         return result
     twin = None if (point_dir / "checkpoints").exists() else training_twin(point, plan, workdir)
     if twin is not None:
-        differ = [f for f in trainer.RESUMABLE_CHANGES if _value(point, f) != _value(twin, f)]
+        differ = [f for f in RESUMABLE_CHANGES if _value(point, f) != _value(twin, f)]
         print(f"{label}: trains exactly as {twin.name} (they differ only in {', '.join(differ)}); "
               f"evaluating a copy of its run in {point_dir}", flush=True)
         shutil.copytree(workdir / twin.name, point_dir, dirs_exist_ok=True,
@@ -241,7 +242,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
     plan = points(config, fields)  # every point validated before anything trains
     baseline = baseline_configuration(plan, FLAGS.baseline, config)
     comparisons = compared_pairs(plan, FLAGS.compare)  # checked before anything trains
-    workdir = trainer.prepare_workdir(workdir)
+    workdir = prepare_workdir(workdir)
     # Seed-major order: every configuration's seed 0, then seed 1, ...
     order = sorted(plan, key=lambda point: point.seed)
     print(f"sweep: {len(plan)} points in {workdir}: {', '.join(p.name for p in order)}", flush=True)
@@ -252,7 +253,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir) -> str:
     seed_rows, curves = [], {}
     for point in plan:
         point_dir, result = workdir / point.name, results[point.name]
-        model_config = build_model_config(trainer.saved_config(point_dir).model)
+        model_config = build_model_config(saved_config(point_dir).model)
         seed_rows.append(sweep_results.seed_row(point, result, model_config,
                                                 speeds[point.configuration]))
         curves.setdefault(point.configuration, []).append(

@@ -18,6 +18,7 @@ from mqa import trainer
 from mqa.cli import fail, parse_flags
 from mqa.config import ConfigError
 from mqa.data import DataError
+from mqa.workdir import prepare_workdir, saved_config
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 flags.DEFINE_string("workdir", None, "Directory for config, checkpoints and metrics.", required=True)
@@ -37,8 +38,8 @@ def main(argv):
     try:
         config = FLAGS.config
         if config is None:
-            workdir = trainer.prepare_workdir(FLAGS.workdir)
-            config = trainer.saved_config(workdir)
+            workdir = prepare_workdir(FLAGS.workdir)
+            config = saved_config(workdir)
             if config is None:
                 raise ConfigError(f"no --config given and {str(workdir / 'config.json')!r} "
                                   "does not exist; pass --config=configs/NAME.py")

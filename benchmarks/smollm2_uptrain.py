@@ -34,7 +34,7 @@ import mqa  # noqa: E402
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.real_model import smollm2_gguf  # noqa: E402
 from mqa import accounting, data, evaluation  # noqa: E402
-from mqa.export_hf import export_hf  # noqa: E402
+from mqa.convert import export_hf  # noqa: E402
 from mqa.timing import alternating_medians, decode_loop, timed  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -5,8 +5,9 @@ from mqa.attention import (FAMILIES, GroupedAttention, LatentAttention, TiedAtte
 from mqa.config import ConfigError, ModelConfig, build_model_config, load_config_file, validate
 from mqa.decode import generate
 from mqa.kv_cache import KVCache, init_cache
-from mqa.loading import CheckpointError, LoadedModel, load_model
+from mqa.loading import LoadedModel, load_model
 from mqa.model import Transformer
+from mqa.workdir import CheckpointError
 
 __all__ = [
     "FAMILIES", "CheckpointError", "ConfigError", "GroupedAttention", "KVCache", "LatentAttention",

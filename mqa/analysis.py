@@ -24,7 +24,8 @@ from mqa import data, head_similarity
 from mqa.cli import fail
 from mqa.config import ConfigError
 from mqa.data import DataError
-from mqa.loading import CheckpointError, LoadedModel, load_model
+from mqa.loading import LoadedModel, load_model
+from mqa.workdir import CheckpointError
 
 
 def analysis_tokens(model: LoadedModel, text: str | None, windows: int, seq_len: int) -> np.ndarray:

@@ -11,7 +11,7 @@ measures it per layer, on a text, two ways:
 
 `similarity_groups` then partitions each layer's K/V heads into groups of equal size with
 the least divergence inside the groups, and `permute_heads` reorders the heads so those
-groups become adjacent, the layout that `convert.pool_kv_heads` pools. Reordering heads
+groups become adjacent, the layout that `mqa.convert.uptrain.pool_kv_heads` pools. Reordering heads
 (K/V heads together with their query heads and the output rows that read them) leaves the
 model's function unchanged.
 """
@@ -172,7 +172,7 @@ def similarity_groups(divergence: np.ndarray, num_groups: int,
 
 def permute_heads(arrays: dict[str, np.ndarray], config: ModelConfig,
                   orders: list[list[int]]) -> dict[str, np.ndarray]:
-    """Parameters (dotted names, as `convert._dotted_arrays`) with each K/V group's heads
+    """Parameters (dotted names, as `mqa.workdir.params_by_name`) with each K/V group's heads
     reordered: K/V head `orders[g][i]` of K/V layer g becomes head i, and with it its query
     heads and their output rows, in every layer that reads that K/V. The model computes the
     same function.

@@ -11,14 +11,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import pathlib
-import fcntl
 import signal
-import socket
-import tempfile
 import time
 
 import jax
@@ -27,12 +22,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mqa import accounting, data, evaluation, hardware, loading, sharding
+from mqa import accounting, data, evaluation, hardware, sharding
 from mqa.checkpoint import Checkpointer, abstract_like
-from mqa.config import ConfigError, ModelConfig, build_model_config, validate, with_defaults
+from mqa.config import build_model_config, ConfigError, ModelConfig, validate
 from mqa.metrics import MetricsWriter, Progress
 from mqa.model import Transformer
 from mqa.training import TrainState, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
+from mqa.workdir import (WorkdirLock, check_resumable, data_config, init_params_from,
+                         prepare_workdir, restore_newest_intact)
 
 
 # Held-out tokens the final evaluation scores when a saved config predates the field.
@@ -45,67 +42,6 @@ class Preempted(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """Too many updates in a row had a non-finite loss or gradient; one line."""
-
-
-class WorkdirLock:
-    """An exclusive lock on WORKDIR/.lock, released when the process ends however it ends."""
-
-    def __init__(self, workdir: pathlib.Path):
-        self.path = workdir / ".lock"
-        self._file = self.path.open("a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            owner = self._file.read().strip() or "another process"
-            self._file.close()
-            raise ConfigError(f"workdir {str(workdir)!r} is in use by {owner}; wait for it to "
-                              "finish or use another --workdir") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"process {os.getpid()} on {socket.gethostname()}")
-        self._file.flush()
-
-    def release(self) -> None:
-        self._file.close()  # closing drops the lock
-
-
-def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
-    """Creates the workdir, or says in one line why it cannot be used."""
-    path = pathlib.Path(workdir).expanduser().resolve()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as error:
-        raise ConfigError(f"workdir {str(workdir)!r} is not writable: {error.strerror}") from None
-    return path
-
-
-def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
-    path = workdir / "config.json"
-    return with_defaults(json.loads(path.read_text())) if path.exists() else None
-
-
-# Fields a run may change when it resumes: they do not change what is trained (how decoding
-# stores the cache; where the same token files lie). sweep.py reuses a finished run for a
-# point that differs from it only in these.
-RESUMABLE_CHANGES = ("model.kv_cache_dtype", "data.token_dir")
-
-
-def _check_resumable(config, workdir: pathlib.Path) -> None:
-    """A workdir with checkpoints only continues with the model and data it was trained on
-    (one whose run failed before its first checkpoint, e.g. on a bad init_from, may change)."""
-    old = saved_config(workdir)
-    if old is None or not any((workdir / "checkpoints").glob("[0-9]*")):
-        return
-    for section in ("model", "data"):
-        for key, value in config[section].items():
-            if f"{section}.{key}" in RESUMABLE_CHANGES:
-                continue
-            if old[section][key] != value:
-                raise ConfigError(
-                    f"workdir {str(workdir)!r} was trained with {section}.{key}="
-                    f"{old[section][key]!r}, not {value!r}; use a new --workdir to change it")
 
 
 def _resolve_vocab(config, tokenizer) -> None:
@@ -178,61 +114,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             lock.release()
 
 
-def restore_newest_intact(checkpointer: Checkpointer, abstract_state: TrainState,
-                          is_main: bool) -> TrainState | None:
-    """The newest checkpoint that restores. Damaged ones are named and moved aside to
-    WORKDIR/damaged_checkpoints/ (kept, not deleted), so the run can save that step again."""
-    for step in reversed(checkpointer.all_steps()):
-        try:
-            return checkpointer.restore(abstract_state, step)
-        except Exception as error:  # missing or truncated files surface in many forms
-            if is_main:
-                reason = " ".join(str(error).split())[:200]
-                aside = checkpointer.directory.parent / "damaged_checkpoints" / f"{step}-{time.time_ns()}"
-                aside.parent.mkdir(exist_ok=True)
-                (checkpointer.directory / str(step)).rename(aside)
-                print(f"warning: checkpoint step {step} in {checkpointer.directory} is damaged "
-                      f"({reason}); moved it to {aside} and fell back to the previous one",
-                      file=sys.__stderr__)
-            checkpointer.reload()
-    return None
-
-
-def init_params_from(path: str, abstract_params, is_main: bool) -> nnx.State:
-    """`train.init_from`'s parameters (a workdir's newest checkpoint, or the checkpoint
-    directory named) in the shapes and shardings of `abstract_params`. The step counter and
-    optimizer state still start fresh."""
-    try:
-        params, source, step = loading.restore_params(path, abstract_params)
-    except loading.CheckpointError as error:
-        raise ConfigError(f"train.init_from: {error}") from None
-    if is_main:
-        print(f"initialised the parameters from step {step} of {source} (train.init_from); "
-              "step counter and optimizer state start fresh")
-    return params
-
-
-def _data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """config.data, with data.tokenizer='init_from' replaced by train.init_from's workdir."""
-    if config.data.tokenizer != "init_from":
-        return config.data
-    try:
-        workdir = loading.find_workdir(pathlib.Path(config.train.init_from).expanduser().resolve())[0]
-    except loading.CheckpointError as error:
-        raise ConfigError(f"train.init_from: {error}") from None
-    if not (workdir / data.TOKENIZER_FILE).is_file():
-        raise ConfigError(f"data.tokenizer='init_from': train.init_from's workdir {str(workdir)!r} has no "
-                          f"{data.TOKENIZER_FILE}; use 'byte', 'bpe' or a tokenizer.json path")
-    return ml_collections.ConfigDict({**config.data.to_dict(), "tokenizer": str(workdir)})
-
-
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bool) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     _check_batch(config, mesh)
     train_cfg = config.train
-    corpus = data.load_corpus(_data_config(config), workdir / "data", min_tokens=train_cfg.seq_len + 1)
+    corpus = data.load_corpus(data_config(config), workdir / "data", min_tokens=train_cfg.seq_len + 1)
     _resolve_vocab(config, corpus.tokenizer)
-    _check_resumable(config, workdir)
+    check_resumable(config, workdir)
     if is_main:
         (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
         corpus.tokenizer.save(workdir)  # load_model and eval.py read WORKDIR/tokenizer.json
@@ -259,11 +147,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bo
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
     writer = MetricsWriter(workdir, enabled=is_main)
     if checkpointer.all_steps():
-        restored = restore_newest_intact(checkpointer, abstract_like(state), is_main)
+        restored = restore_newest_intact(checkpointer, abstract_like(state), move_damaged=is_main,
+                                         warn=is_main)
         if restored is None:
             raise ConfigError(f"no checkpoint in {checkpointer.directory} can be read "
                               f"(steps {checkpointer.all_steps()}); move them away to start over")
-        state = restored
+        state, _ = restored
         if is_main:
             print(f"resumed from step {int(state.step)} in {checkpointer.directory}")
     elif train_cfg.init_from:  # uptraining; AdamW's fresh state (zeros) fits any values

@@ -16,7 +16,8 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, trainers
 
 import mqa
-from mqa import convert, data
+from mqa import data
+from mqa.convert.__main__ import main as convert_cli
 from tests.transformers_utils import hf_logits, relative_error
 
 TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n"
@@ -109,7 +110,7 @@ def test_converted_logits_match_transformers(case, tmp_path, capsys):
     if "max_shard_size" in options:
         assert len(list(src.glob("*.safetensors"))) > 1 and (src / "model.safetensors.index.json").is_file()
 
-    convert.main(["hf-llama", "--src", str(src), "--workdir", str(out)])
+    convert_cli(["hf-llama", "--src", str(src), "--workdir", str(out)])
     assert "converted" in capsys.readouterr().out
     loaded = mqa.load_model(out)
     m = loaded.config.model
@@ -126,7 +127,7 @@ def test_sharded_checkpoint_converts_to_the_same_params(tmp_path):
     params = {}
     for name, shards in (("one", None), ("many", "20KB")):
         save_hf_llama(tmp_path / name, kv_heads=2, tied=False, vocab_size=101, max_shard_size=shards)
-        convert.main(["hf-llama", "--src", str(tmp_path / name), "--workdir", str(tmp_path / f"{name}-out")])
+        convert_cli(["hf-llama", "--src", str(tmp_path / name), "--workdir", str(tmp_path / f"{name}-out")])
         params[name] = ocp.StandardCheckpointer().restore(tmp_path / f"{name}-out" / "checkpoints" / "0" / "params")
     assert len(list((tmp_path / "many").glob("*.safetensors"))) > 1
     assert jax.tree.structure(params["one"]) == jax.tree.structure(params["many"])
@@ -138,7 +139,7 @@ def test_llama_style_tokenizer_is_copied_and_round_trips(tmp_path):
     tokenizer = llama_style_tokenizer()
     save_hf_llama(src, kv_heads=1, tied=True, vocab_size=tokenizer.get_vocab_size())
     tokenizer.save(str(src / "tokenizer.json"))
-    convert.main(["hf-llama", "--src", str(src), "--workdir", str(out)])
+    convert_cli(["hf-llama", "--src", str(src), "--workdir", str(out)])
 
     loaded = mqa.load_model(out).tokenizer
     ids = loaded.encode(ROUND_TRIP)
@@ -153,7 +154,7 @@ def test_byte_level_tokenizer_is_copied_and_round_trips(tmp_path):
     tokenizer = data.BpeTokenizer.train(TEXT * 4, vocab_size=300)
     save_hf_llama(src, kv_heads=2, tied=True, vocab_size=tokenizer.vocab_size)
     tokenizer.save(src)
-    convert.main(["hf-llama", "--src", str(src), "--workdir", str(out)])
+    convert_cli(["hf-llama", "--src", str(src), "--workdir", str(out)])
 
     loaded = mqa.load_model(out).tokenizer
     ids = loaded.encode(ROUND_TRIP)
@@ -165,7 +166,7 @@ def test_byte_level_tokenizer_is_copied_and_round_trips(tmp_path):
 def test_source_without_tokenizer_converts_with_a_note(tmp_path, capsys):
     src, out = tmp_path / "hf", tmp_path / "out"
     save_hf_llama(src, kv_heads=2, tied=True, vocab_size=101)
-    convert.main(["hf-llama", "--src", str(src), "--workdir", str(out)])
+    convert_cli(["hf-llama", "--src", str(src), "--workdir", str(out)])
     assert "no tokenizer.json" in capsys.readouterr().out
     assert not (out / "tokenizer.json").exists()
     assert mqa.load_model(out).tokenizer is None
@@ -180,17 +181,24 @@ def write_config(src: pathlib.Path, **changes) -> pathlib.Path:
     return src
 
 
-def convert_error(src, out) -> str:
-    """The one-line message main() exits with."""
+def refusal(capfd, *argv) -> str:
+    """The one line `python -m mqa.convert ARGV` refuses with, run in this process: exit
+    status 2, nothing else on stderr, no traceback."""
+    capfd.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        convert.main(["hf-llama", "--src", str(src), "--workdir", str(out)])
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+        convert_cli([str(arg) for arg in argv])
+    assert exit_info.value.code == 2
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err.strip()
 
 
-def test_missing_src_is_a_one_line_error(tmp_path):
-    message = convert_error(tmp_path / "no-such-model", tmp_path / "out")
+def convert_error(capfd, src, out) -> str:
+    return refusal(capfd, "hf-llama", "--src", src, "--workdir", out)
+
+
+def test_missing_src_is_a_one_line_error(tmp_path, capfd):
+    message = convert_error(capfd, tmp_path / "no-such-model", tmp_path / "out")
     assert "no-such-model" in message and "does not exist" in message
     assert not (tmp_path / "out").exists()
 
@@ -205,33 +213,33 @@ def test_missing_src_is_a_one_line_error(tmp_path):
     ({"model_type": "qwen2"}, "model_type='qwen2'"),
     ({"num_key_value_heads": 3}, "model.num_kv_heads=3"),
 ])
-def test_unsupported_config_is_a_one_line_error(tmp_path, changes, named):
-    message = convert_error(write_config(tmp_path / "hf", **changes), tmp_path / "out")
+def test_unsupported_config_is_a_one_line_error(tmp_path, capfd, changes, named):
+    message = convert_error(capfd, write_config(tmp_path / "hf", **changes), tmp_path / "out")
     assert named in message
     assert not (tmp_path / "out").exists()
 
 
-def test_source_without_weights_is_a_one_line_error(tmp_path):
-    assert "has no *.safetensors" in convert_error(write_config(tmp_path / "hf"), tmp_path / "out")
+def test_source_without_weights_is_a_one_line_error(tmp_path, capfd):
+    assert "has no *.safetensors" in convert_error(capfd, write_config(tmp_path / "hf"), tmp_path / "out")
 
 
-def test_weights_that_do_not_fit_the_config_are_a_one_line_error(tmp_path):
+def test_weights_that_do_not_fit_the_config_are_a_one_line_error(tmp_path, capfd):
     src = tmp_path / "hf"
     save_hf_llama(src, kv_heads=2, tied=True, vocab_size=101)
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 1}))
-    message = convert_error(src, tmp_path / "out")
+    message = convert_error(capfd, src, tmp_path / "out")
     assert "'model.layers.0.self_attn.k_proj.weight' has shape (32, 64)" in message
     (src / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
-    assert "'model.layers.2.self_attn.q_proj.weight' is missing" in convert_error(src, tmp_path / "out")
+    assert "'model.layers.2.self_attn.q_proj.weight' is missing" in convert_error(capfd, src, tmp_path / "out")
     (src / "config.json").write_text(json.dumps(config))
     safetensors.numpy.save_file({"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)},
                                 src / "bias.safetensors")
-    assert "'model.layers.0.self_attn.q_proj.bias'" in convert_error(src, tmp_path / "out")
+    assert "'model.layers.0.self_attn.q_proj.bias'" in convert_error(capfd, src, tmp_path / "out")
 
 
-def test_existing_workdir_is_not_overwritten(tmp_path):
+def test_existing_workdir_is_not_overwritten(tmp_path, capfd):
     src, out = tmp_path / "hf", tmp_path / "out"
     save_hf_llama(src, kv_heads=2, tied=True, vocab_size=101)
-    convert.main(["hf-llama", "--src", str(src), "--workdir", str(out)])
-    assert "already holds a workdir" in convert_error(src, out)
+    convert_cli(["hf-llama", "--src", str(src), "--workdir", str(out)])
+    assert "already holds a workdir" in convert_error(capfd, src, out)

@@ -1,4 +1,4 @@
-"""mqa.convert to-hf: exported workdirs load in transformers with the same logits, greedy
+"""mqa.convert to-hf (mqa.convert.to_hf): exported workdirs load in transformers with the same logits, greedy
 continuations and token ids; hf-llama then to-hf gives back the tensors bit for bit; models
 Llama cannot express are one-line errors.
 
@@ -16,11 +16,13 @@ import safetensors.numpy
 from flax import nnx
 
 import mqa
-from mqa import convert, data
+from mqa import data
 from mqa.checkpoint import Checkpointer
-from mqa.config import ModelConfig, build_model_config, load_config_file
+from mqa.config import build_model_config, ModelConfig, load_config_file
+from mqa.convert.__main__ import main as convert_cli
 from mqa.model import Transformer
-from tests.test_convert import llama_style_tokenizer, save_hf_llama
+from mqa.workdir import params_by_name, params_from_names, write_workdir
+from tests.test_convert import llama_style_tokenizer, refusal, save_hf_llama
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEXT = "the cat sat on the mat.\nthe dog sat on the log.\nnaïve café, 42 🙂\n"
@@ -45,7 +47,7 @@ def random_params(config, seed: int = 1) -> nnx.State:
             fan_in = {"out": model_config.d_model, "down": model_config.mlp_dim}.get(
                 name.rsplit(".", 1)[-1], model_config.d_model)
             arrays[name] = rng.normal(0.0, fan_in ** -0.5, leaf.shape)
-    return convert._fill(model_config, {k: v.astype(np.float32) for k, v in arrays.items()})
+    return params_from_names(model_config, {k: v.astype(np.float32) for k, v in arrays.items()})
 
 
 def tiny_workdir(path: pathlib.Path, *overrides: str, tokenizer: str = "bpe") -> pathlib.Path:
@@ -60,17 +62,13 @@ def tiny_workdir(path: pathlib.Path, *overrides: str, tokenizer: str = "bpe") ->
         data.ByteTokenizer().save(saved)
     tokenizer_file = saved / data.TOKENIZER_FILE
     config = load_config_file(REPO / "configs" / "tiny.py", overrides)
-    convert._write_workdir(path, config, random_params(config), tokenizer_file)
+    write_workdir(path, config, random_params(config), tokenizer_file)
     return path
 
 
-def to_hf_error(src, out) -> str:
-    """The one-line message main() exits with."""
-    with pytest.raises(SystemExit) as exit_info:
-        convert.main(["to-hf", "--src", str(src), "--out", str(out)])
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+def to_hf_error(capfd, src, out) -> str:
+    """The one line `python -m mqa.convert to-hf` refuses with."""
+    return refusal(capfd, "to-hf", "--src", src, "--workdir", out)
 
 
 def relative_error(ours, reference) -> float:
@@ -90,7 +88,7 @@ def test_exported_model_matches_in_transformers(case, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     workdir = tiny_workdir(tmp_path / "run", *CASES[case])
-    convert.main(["to-hf", "--src", str(workdir), "--out", str(tmp_path / "hf")])
+    convert_cli(["to-hf", "--src", str(workdir), "--out", str(tmp_path / "hf")])
     assert "exported" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -129,8 +127,8 @@ def test_hf_llama_then_to_hf_gives_back_the_tensors(kv_heads, tied, tmp_path):
     tokenizer = llama_style_tokenizer()
     save_hf_llama(src, kv_heads=kv_heads, tied=tied, vocab_size=tokenizer.get_vocab_size())
     tokenizer.save(str(src / "tokenizer.json"))
-    convert.main(["hf-llama", "--src", str(src), "--workdir", str(tmp_path / "run")])
-    convert.main(["to-hf", "--src", str(tmp_path / "run"), "--out", str(tmp_path / "back")])
+    convert_cli(["hf-llama", "--src", str(src), "--workdir", str(tmp_path / "run")])
+    convert_cli(["to-hf", "--src", str(tmp_path / "run"), "--workdir", str(tmp_path / "back")])
 
     before = safetensors.numpy.load_file(src / "model.safetensors")
     after = safetensors.numpy.load_file(tmp_path / "back" / "model.safetensors")
@@ -154,35 +152,35 @@ def test_step_picks_the_checkpoint(tmp_path):
     checkpoints.save_params(5, random_params(config, seed=7))
     checkpoints.close()
     for step, name in ((None, "newest"), (0, "first")):
-        convert.main(["to-hf", "--src", str(workdir), "--out", str(tmp_path / name),
+        convert_cli(["to-hf", "--src", str(workdir), "--out", str(tmp_path / name),
                       *([] if step is None else ["--step", str(step)])])
     embed = {name: safetensors.numpy.load_file(tmp_path / name / "model.safetensors")[
         "model.embed_tokens.weight"] for name in ("newest", "first")}
     for name, step in (("newest", 5), ("first", 0)):
-        params = convert._dotted_arrays(mqa.load_model(workdir, step=step).params)
+        params = params_by_name(mqa.load_model(workdir, step=step).params)
         assert np.array_equal(embed[name], params["embed"]), name
     assert not np.array_equal(embed["newest"], embed["first"])
 
 
 def test_byte_tokenizer_is_left_out_with_a_note(tmp_path, capsys):
-    convert.main(["to-hf", "--src", str(tiny_workdir(tmp_path / "run", tokenizer="byte")),
+    convert_cli(["to-hf", "--src", str(tiny_workdir(tmp_path / "run", tokenizer="byte")),
                   "--out", str(tmp_path / "hf")])
     out = capsys.readouterr().out
     assert "note: the workdir's tokenizer is mqa's 'byte' tokenizer" in out and "exported" in out
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_kv_sharing_is_a_one_line_error(tmp_path):
+def test_kv_sharing_is_a_one_line_error(tmp_path, capfd):
     workdir = tiny_workdir(tmp_path / "run", "model.kv_share_every=2")
-    message = to_hf_error(workdir, tmp_path / "hf")
+    message = to_hf_error(capfd, workdir, tmp_path / "hf")
     assert "model.kv_share_every=2" in message and "valid: 1" in message
     assert not (tmp_path / "hf").exists()
 
 
-def test_bad_source_or_destination_is_a_one_line_error(tmp_path):
-    assert "does not exist" in to_hf_error(tmp_path / "missing", tmp_path / "hf")
+def test_bad_source_or_destination_is_a_one_line_error(tmp_path, capfd):
+    assert "does not exist" in to_hf_error(capfd, tmp_path / "missing", tmp_path / "hf")
     workdir = tiny_workdir(tmp_path / "run")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    message = to_hf_error(workdir, tmp_path / "full")
-    assert "--out" in message and "not empty" in message
+    message = to_hf_error(capfd, workdir, tmp_path / "full")
+    assert "--workdir" in message and "not empty" in message

@@ -256,10 +256,11 @@ def test_workdirs_saved_before_the_families_still_load(tmp_path):
     loads with them at their defaults."""
     import json
 
-    from mqa import convert, load_model
+    from mqa import load_model
+    from mqa.workdir import write_workdir
     config = load_config_file(REPO / "configs" / "tiny.py")
     model = Transformer(build_model_config(config.model), rngs=nnx.Rngs(0))
-    convert._write_workdir(tmp_path, config, nnx.state(model, nnx.Param), tokenizer=None)
+    write_workdir(tmp_path, config, nnx.state(model, nnx.Param), tokenizer=None)
     saved = json.loads((tmp_path / "config.json").read_text())
     for field in ("attention", "kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window",
                   "global_every", "kv_cache_dtype"):
@@ -319,18 +320,19 @@ def test_train_checkpoint_resume_eval_and_sample_from_the_command_line(tmp_path,
 
 def test_tools_for_grouped_heads_refuse_other_families_and_windows(tmp_path):
     """uptrain, the head analysis and to-hf say in one line what they cannot take."""
-    from mqa import analysis, convert
-    from mqa.export_hf import export_hf
+    from mqa import analysis
+    from mqa.convert import convert_uptrain, export_hf
+    from mqa.workdir import write_workdir
     for name, changes, tools in [
             ("tied", ["model.attention=tied"], ("uptrain", "heads", "to-hf")),
             ("window", ["model.sliding_window=8"], ("similarity", "heads", "to-hf"))]:
         config = load_config_file(REPO / "configs" / "tiny.py", changes)
         model = Transformer(build_model_config(config.model), rngs=nnx.Rngs(0))
-        convert._write_workdir(tmp_path / name, config, nnx.state(model, nnx.Param), tokenizer=None)
+        write_workdir(tmp_path / name, config, nnx.state(model, nnx.Param), tokenizer=None)
         calls = {
-            "uptrain": lambda: convert.convert_uptrain(tmp_path / name, tmp_path / f"{name}-u", 1),
-            "similarity": lambda: convert.convert_uptrain(tmp_path / name, tmp_path / f"{name}-s", 1,
-                                                          group="similarity"),
+            "uptrain": lambda: convert_uptrain(tmp_path / name, tmp_path / f"{name}-u", 1),
+            "similarity": lambda: convert_uptrain(tmp_path / name, tmp_path / f"{name}-s", 1,
+                                                  group="similarity"),
             "heads": lambda: analysis.heads(str(tmp_path / name), None, None, 1, 16),
             "to-hf": lambda: export_hf(tmp_path / name, tmp_path / f"{name}-hf"),
         }

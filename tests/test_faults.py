@@ -134,9 +134,15 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_used(trained, tmp_path
     assert fallback.returncode == 0, fallback.stderr
     assert "checkpoint step 40" in fallback.stderr and "damaged" in fallback.stderr
     assert "evaluating step 20" in fallback.stderr
+    assert (run / "checkpoints" / "40").is_dir()  # evaluating only reads the workdir
+    assert not (run / "damaged_checkpoints").exists()
 
     resumed = run_train(run, *args)
-    assert "checkpoint step 40" in resumed.stderr and "resumed from step 20" in resumed.stdout
+    assert "resumed from step 20" in resumed.stdout
+    for result in (explicit, fallback, resumed):  # named with what reading it gave
+        line = next(line for line in result.stderr.splitlines() if "checkpoint step 40" in line)
+        assert ("OUT_OF_RANGE" if how == "truncated" else "NOT_FOUND") in line, line
+        assert "bound method" not in line and "tensorstore_spec" not in line, line
     assert list((run / "damaged_checkpoints").iterdir())  # kept, not deleted
     assert_same_params(final_params(run, 40), final_params(intact, 40))
 

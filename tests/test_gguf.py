@@ -26,8 +26,10 @@ import tokenizers  # noqa: E402
 from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
 
 import mqa  # noqa: E402
-from mqa import convert  # noqa: E402
-from mqa.export_hf import hf_llama_tensors  # noqa: E402
+from mqa.convert.__main__ import main as convert_cli  # noqa: E402
+from mqa.convert.gguf_tokenizer import gguf_tokenizer  # noqa: E402
+from mqa.convert.llama_layout import hf_llama_tensors  # noqa: E402
+from tests.test_convert import refusal  # noqa: E402
 from tests.transformers_utils import hf_logits, relative_error  # noqa: E402
 
 TEXT = ("the cat sat on the mat.\nthe dog sat on the log.\nnaïve cafés, déjà vu!\n"
@@ -231,7 +233,7 @@ def test_converted_gguf_logits_match_transformers(case, tmp_path, capsys):
     path = write_gguf(tmp_path / "model.gguf", config, weights, vocab, qtype_of)
     reference, _ = transformers_gguf(path)
 
-    convert.main(["gguf", "--src", str(path), "--workdir", str(tmp_path / "out")])
+    convert_cli(["gguf", "--src", str(path), "--workdir", str(tmp_path / "out")])
     assert "converted" in capsys.readouterr().out
     loaded = mqa.load_model(tmp_path / "out")
     m = loaded.config.model
@@ -259,7 +261,7 @@ def test_byte_level_tokenizer_gives_transformers_ids(tmp_path):
     _, weights = random_llama(config, len(vocab["tokenizer.ggml.tokens"]), tied=True)
     path = write_gguf(tmp_path / "model.gguf", config, weights, vocab, lambda name, w: T.F32)
     _, reference = transformers_gguf(path)
-    convert.main(["gguf", "--src", str(path), "--workdir", str(tmp_path / "out")])
+    convert_cli(["gguf", "--src", str(path), "--workdir", str(tmp_path / "out")])
     ours = mqa.load_model(tmp_path / "out").tokenizer
     for text in SAMPLES + ["<|im_start|>user\nhi<|im_end|>"]:
         ids = ours.encode(text).tolist()
@@ -274,7 +276,7 @@ def test_sentencepiece_tokenizer_gives_transformers_ids_and_bos(tmp_path, capsys
     _, weights = random_llama(config, len(vocab["tokenizer.ggml.tokens"]), tied=True)
     path = write_gguf(tmp_path / "model.gguf", config, weights, vocab, lambda name, w: T.F32)
     _, reference = transformers_gguf(path)
-    convert.main(["gguf", "--src", str(path), "--workdir", str(tmp_path / "out")])
+    convert_cli(["gguf", "--src", str(path), "--workdir", str(tmp_path / "out")])
     assert "expects BOS '<s>'" in capsys.readouterr().out
     ours = mqa.load_model(tmp_path / "out").tokenizer
     saved = tokenizers.Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
@@ -295,7 +297,7 @@ def test_byte_level_tokenizer_with_bos_adds_it_with_special_tokens(tmp_path):
     _, weights = random_llama(config, len(vocab["tokenizer.ggml.tokens"]), tied=True)
     path = write_gguf(tmp_path / "model.gguf", config, weights, vocab, lambda name, w: T.F32)
     _, reference = transformers_gguf(path)
-    convert.main(["gguf", "--src", str(path), "--workdir", str(tmp_path / "out")])
+    convert_cli(["gguf", "--src", str(path), "--workdir", str(tmp_path / "out")])
     saved = tokenizers.Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
     for text in SAMPLES:
         assert saved.encode(text).ids == reference(text).input_ids
@@ -305,7 +307,6 @@ def test_byte_level_tokenizer_with_bos_adds_it_with_special_tokens(tmp_path):
 def test_smollm_split_puts_each_digit_apart():
     """tokenizer.ggml.pre='smollm': llama.cpp (and SmolLM2's own tokenizer.json) split every
     digit apart before the merges; transformers' GGUF loader does not."""
-    from mqa.gguf_tokenizer import gguf_tokenizer
     vocab = byte_level_vocab()
     tokenizer, _ = gguf_tokenizer({**vocab, "tokenizer.ggml.pre": "smollm"})
     assert tokenizer.encode("the 2024", add_special_tokens=False).tokens == ["the", "Ġ", "2", "0", "2", "4"]
@@ -329,7 +330,7 @@ def smollm2_path() -> pathlib.Path:
 @pytest.mark.slow
 def test_smollm2_q4_1_matches_transformers(tmp_path):
     path = smollm2_path()
-    convert.main(["gguf", "--src", str(path), "--workdir", str(tmp_path / "smol")])
+    convert_cli(["gguf", "--src", str(path), "--workdir", str(tmp_path / "smol")])
     loaded = mqa.load_model(tmp_path / "smol")
     reference, tokenizer = transformers_gguf(path)
     prompt = "The capital of France is Paris, and the capital of Germany is Berlin. Café"
@@ -374,12 +375,9 @@ def tiny_gguf(path: pathlib.Path, arch: str = "llama", qtype=T.F32, metadata=Non
     return path
 
 
-def gguf_error(src, out) -> str:
-    """The one-line message main() exits with."""
-    with pytest.raises(SystemExit) as exit_info:
-        convert.main(["gguf", "--src", str(src), "--workdir", str(out)])
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
+def gguf_error(capfd, src, out) -> str:
+    """The one line `python -m mqa.convert gguf` refuses with; nothing is written."""
+    message = refusal(capfd, "gguf", "--src", src, "--workdir", out)
     assert not pathlib.Path(out).exists()
     return message
 
@@ -387,7 +385,7 @@ def gguf_error(src, out) -> str:
 def test_minimal_gguf_converts_without_tokenizer_or_torch(tmp_path):
     """A file with no vocabulary converts (with a note); reading GGUF imports neither torch
     nor transformers."""
-    code = ("import sys; from mqa import convert; convert.main(['gguf', '--src', "
+    code = ("import sys; from mqa.convert.__main__ import main; main(['gguf', '--src', "
             f"{str(tiny_gguf(tmp_path / 'm.gguf'))!r}, '--workdir', {str(tmp_path / 'out')!r}]); "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
@@ -411,5 +409,5 @@ def test_minimal_gguf_converts_without_tokenizer_or_torch(tmp_path):
     (lambda p: (p.write_text("not a gguf file"), p)[1], "cannot be read as a GGUF file"),
     (lambda p: p, "does not exist"),
 ])
-def test_unsupported_gguf_is_a_one_line_error(tmp_path, write, named):
-    assert named in gguf_error(write(tmp_path / "m.gguf"), tmp_path / "out")
+def test_unsupported_gguf_is_a_one_line_error(tmp_path, capfd, write, named):
+    assert named in gguf_error(capfd, write(tmp_path / "m.gguf"), tmp_path / "out")

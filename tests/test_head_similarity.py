@@ -11,8 +11,8 @@ import scipy.spatial.distance
 from flax import nnx
 
 from mqa import head_similarity as hs
-from mqa.config import ModelConfig, build_model_config
-from mqa.convert import _dotted_arrays, _fill
+from mqa.config import build_model_config, ModelConfig
+from mqa.workdir import params_by_name, params_from_names
 from mqa.model import Transformer
 from tests.reference import rope
 
@@ -32,7 +32,7 @@ def reference_probs(model, tokens):
     """Each layer's attention probabilities, float64, written layer by layer and head by
     head from the raw weights (no code shared with mqa)."""
     config = model.config
-    arrays = {k: np.asarray(v, np.float64) for k, v in _dotted_arrays(nnx.state(model)).items()}
+    arrays = {k: np.asarray(v, np.float64) for k, v in params_by_name(nnx.state(model)).items()}
     norm = lambda x, s: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + config.norm_eps) * s  # noqa: E731
     x = arrays["embed"][tokens]
     t = tokens.shape[1]
@@ -134,10 +134,10 @@ def test_permuting_heads_leaves_the_function_unchanged(kv_heads, share):
     rng = np.random.default_rng(4)
     orders = [list(rng.permutation(kv_heads)) for _ in range(config.num_kv_layers)]
     assert any(order != sorted(order) for order in orders)
-    arrays = _dotted_arrays(nnx.state(model))
+    arrays = params_by_name(nnx.state(model))
     permuted = hs.permute_heads(arrays, config, orders)
     assert not np.array_equal(permuted["blocks.attention.k"], arrays["blocks.attention.k"])
-    other = nnx.merge(nnx.graphdef(model), _fill(config, permuted))
+    other = nnx.merge(nnx.graphdef(model), params_from_names(config, permuted))
     np.testing.assert_allclose(np.asarray(other(tokens)), np.asarray(model(tokens)),
                                rtol=1e-5, atol=1e-5)
     # And the permuted heads really moved: head orders[g][0]'s keys are now head 0's.
@@ -150,12 +150,12 @@ def test_analysis_of_a_model_with_duplicated_heads_finds_them():
     """Heads 0 and 4 (and 2 and 5) given identical query and key weights attend
     identically: divergence 0, cosine 1, and grouping pairs them."""
     model = random_model(BASE)
-    arrays = _dotted_arrays(nnx.state(model))
+    arrays = params_by_name(nnx.state(model))
     for name in ("blocks.attention.q", "blocks.attention.k", "blocks.attention.v"):
         a = arrays[name].copy()
         a[:, :, 4], a[:, :, 5] = a[:, :, 0], a[:, :, 2]
         arrays[name] = a
-    model = nnx.merge(nnx.graphdef(model), _fill(BASE, arrays))
+    model = nnx.merge(nnx.graphdef(model), params_from_names(BASE, arrays))
     tokens = np.random.default_rng(5).integers(0, BASE.vocab_size, (2, 16))
     layers = hs.analyse(model, tokens)
     for layer in layers:

@@ -14,10 +14,14 @@ import pytest
 from flax import nnx
 
 import mqa
-from mqa import convert, data, trainer
-from mqa.config import ConfigError, ModelConfig, build_model_config, load_config_file
+from mqa import data, trainer
+from mqa.config import build_model_config, ConfigError, ModelConfig, load_config_file
+from mqa.convert.__main__ import main as convert_cli
+from mqa.convert.uptrain import KV_PROJECTIONS
 from mqa.model import Transformer
 from mqa.training import cross_entropy
+from mqa.workdir import data_config, params_by_name, write_workdir
+from tests.test_convert import refusal
 from tests.test_train_cli import REPO, assert_one_line_error, run_train
 
 HEADS = 4  # configs/tiny.py: 4 query heads, d_model 64, head_dim 16, 2 layers
@@ -43,7 +47,7 @@ def random_params(config) -> nnx.State:
 
 def write_source(workdir: pathlib.Path, config, params: nnx.State) -> pathlib.Path:
     """A workdir like a training run leaves: config.json, checkpoints/0/params, tokenizer."""
-    convert._write_workdir(workdir, config, params, tokenizer=None)
+    write_workdir(workdir, config, params, tokenizer=None)
     data.ByteTokenizer().save(workdir)
     return workdir
 
@@ -55,7 +59,7 @@ def logits(config, params) -> np.ndarray:
 
 
 def uptrain(src, out, num_kv_heads, init="mean") -> mqa.LoadedModel:
-    convert.main(["uptrain", "--src", str(src), "--num_kv_heads", str(num_kv_heads),
+    convert_cli(["uptrain", "--src", str(src), "--num_kv_heads", str(num_kv_heads),
                   "--workdir", str(out), "--init", init])
     return mqa.load_model(out)
 
@@ -116,8 +120,8 @@ def test_mean_pooling_matches_numpy_and_copies_the_rest(tmp_path, capsys):
                 heads = [source[name][layer, :, 2 * group + j, :].astype(np.float64) for j in range(2)]
                 expected[layer, :, group, :] = (heads[0] + heads[1]) / 2
         np.testing.assert_allclose(converted[name], expected, rtol=1e-6, atol=1e-7)
-    others = lambda state: {k: v for k, v in convert._dotted_arrays(state).items()  # noqa: E731
-                            if k not in convert.KV_PROJECTIONS}
+    others = lambda state: {k: v for k, v in params_by_name(state).items()  # noqa: E731
+                            if k not in KV_PROJECTIONS}
     assert jax.tree.all(jax.tree.map(np.array_equal, others(loaded.params), others(params)))
 
 
@@ -136,7 +140,7 @@ def test_similarity_grouping_pools_the_heads_that_attend_alike(tmp_path, capsys)
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession "
                     "of a good fortune, must be in want of a wife.\n" * 8)
-    convert.main(["uptrain", "--src", str(source), "--num_kv_heads", "2", "--workdir",
+    convert_cli(["uptrain", "--src", str(source), "--num_kv_heads", "2", "--workdir",
                   str(tmp_path / "similar"), "--group", "similarity", "--text", str(text)])
     assert "groups by attention similarity, per K/V layer: (0,3)(1,2) (0,3)(1,2)" in \
         capsys.readouterr().out
@@ -172,13 +176,9 @@ def test_widened_mlp_keeps_its_width(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def uptrain_error(*args) -> str:
-    """The one-line message `python -m mqa.convert uptrain ARGS` exits with."""
-    with pytest.raises(SystemExit) as exit_info:
-        convert.main(["uptrain", *map(str, args)])
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+def uptrain_error(capfd, *args) -> str:
+    """The one line `python -m mqa.convert uptrain ARGS` refuses with."""
+    return refusal(capfd, "uptrain", *args)
 
 
 @pytest.fixture(scope="module")
@@ -192,27 +192,27 @@ def mha_source(tmp_path_factory) -> pathlib.Path:
     (8, "--num_kv_heads 8 exceeds the source's model.num_kv_heads=4; valid: 1, 2, 4"),
     (0, "--num_kv_heads 0 must be >= 1"),
 ])
-def test_bad_num_kv_heads_is_a_one_line_error(mha_source, tmp_path, num_kv_heads, named):
-    message = uptrain_error("--src", mha_source, "--num_kv_heads", num_kv_heads,
+def test_bad_num_kv_heads_is_a_one_line_error(mha_source, tmp_path, capfd, num_kv_heads, named):
+    message = uptrain_error(capfd, "--src", mha_source, "--num_kv_heads", num_kv_heads,
                             "--workdir", tmp_path / "out")
     assert named in message
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_src_or_workdir_is_a_one_line_error(mha_source, tmp_path):
+def test_bad_src_or_workdir_is_a_one_line_error(mha_source, tmp_path, capfd):
     out = tmp_path / "out"
-    assert "does not exist" in uptrain_error("--src", tmp_path / "nope", "--num_kv_heads", 1,
+    assert "does not exist" in uptrain_error(capfd, "--src", tmp_path / "nope", "--num_kv_heads", 1,
                                              "--workdir", out)
     (tmp_path / "untrained").mkdir()
     (tmp_path / "untrained" / "config.json").write_text(tiny_config().to_json())
-    assert "has no checkpoint" in uptrain_error("--src", tmp_path / "untrained", "--num_kv_heads",
+    assert "has no checkpoint" in uptrain_error(capfd, "--src", tmp_path / "untrained", "--num_kv_heads",
                                                 1, "--workdir", out)
-    assert "no checkpoint at step 7" in uptrain_error("--src", mha_source, "--num_kv_heads", 1,
+    assert "no checkpoint at step 7" in uptrain_error(capfd, "--src", mha_source, "--num_kv_heads", 1,
                                                       "--workdir", out, "--step", 7)
     assert not out.exists()
     out.mkdir()
     (out / "notes.txt").write_text("")
-    assert "not empty" in uptrain_error("--src", mha_source, "--num_kv_heads", 1, "--workdir", out)
+    assert "not empty" in uptrain_error(capfd, "--src", mha_source, "--num_kv_heads", 1, "--workdir", out)
 
 
 # ----------------------------------------------------------------------------- train.init_from
@@ -265,7 +265,7 @@ def test_uptraining_from_the_command_line(tmp_path):
     tiny = ["--config=configs/tiny.py", "--config.train.steps=4", "--config.train.log_every=1",
             "--config.train.eval_every=4", "--config.train.eval_batches=1"]
     run_train(tmp_path / "mha", *tiny, "--config.model.num_kv_heads=4")
-    convert.main(["uptrain", "--src", str(tmp_path / "mha"), "--num_kv_heads", "1",
+    convert_cli(["uptrain", "--src", str(tmp_path / "mha"), "--num_kv_heads", "1",
                   "--workdir", str(tmp_path / "mqa_init")])
     result = run_train(tmp_path / "mqa_up", *tiny, "--config.model.num_kv_heads=1",
                        f"--config.train.init_from={tmp_path / 'mqa_init'}",
@@ -289,7 +289,7 @@ def bpe_source(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     (folder / "text.txt").write_text(text)
     config = tiny_config("model.vocab_size=300")
     workdir = folder / "mha"
-    convert._write_workdir(workdir, config, random_params(config), tokenizer=None)
+    write_workdir(workdir, config, random_params(config), tokenizer=None)
     data.BpeTokenizer.train(text[:5_000], 300).save(workdir)
     return workdir, folder / "text.txt"
 
@@ -310,7 +310,7 @@ def test_uptraining_with_the_source_models_tokenizer(bpe_source, tmp_path, capsy
     assert (run / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
     source_tokenizer = data.load_tokenizer(source)
     train_text, heldout_text = data._split_text(text.read_text(), config.data.heldout_fraction)
-    corpus = data.load_corpus(trainer._data_config(config), run / "data", min_tokens=1)
+    corpus = data.load_corpus(data_config(config), run / "data", min_tokens=1)
     np.testing.assert_array_equal(corpus.train, source_tokenizer.encode(train_text))
     heldout = source_tokenizer.encode(heldout_text)
     np.testing.assert_array_equal(corpus.heldout, heldout)

@@ -10,10 +10,10 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mqa import trainer  # imports JAX
 from mqa.cli import fail, parse_flags
 from mqa.config import ConfigError, validate
 from mqa.data import DataError, load_corpus
+from mqa.workdir import data_config, prepare_workdir, saved_config  # imports JAX
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 flags.DEFINE_string("workdir", None, "The run's workdir; token files go to WORKDIR/data or data.token_dir.",
@@ -24,14 +24,14 @@ def main(argv: list[str]) -> None:
     if argv[1:] != ["prepare"]:
         fail(f"usage: python -m mqa.data prepare --config=CONFIG --workdir=DIR; got {' '.join(argv[1:]) or 'no command'}")
     try:
-        workdir = trainer.prepare_workdir(flags.FLAGS.workdir)
-        config = flags.FLAGS.config or trainer.saved_config(workdir)
+        workdir = prepare_workdir(flags.FLAGS.workdir)
+        config = flags.FLAGS.config or saved_config(workdir)
         if config is None:
             raise ConfigError(f"no --config given and {str(workdir / 'config.json')!r} does not exist; "
                               "pass --config=configs/NAME.py")
         validate(config)
         start = time.monotonic()
-        corpus = load_corpus(trainer._data_config(config), workdir / "data", min_tokens=config.train.seq_len + 1)
+        corpus = load_corpus(data_config(config), workdir / "data", min_tokens=config.train.seq_len + 1)
     except (ConfigError, DataError) as error:
         fail(str(error))
     print(f"data: {corpus.source}; {len(corpus.train):,} train / {len(corpus.heldout):,} held-out tokens "

@@ -1,9 +1,7 @@
-"""Reading Llama-architecture GGUF files (llama.cpp's format) as mqa workdirs.
-
-  python -m mqa.convert gguf --src FILE.gguf --workdir OUT
+"""llama.cpp GGUF files of a Llama in: `python -m mqa.convert gguf --src FILE.gguf --workdir OUT`.
 
 The hyperparameters come from the `llama.*` metadata, the tokenizer from `tokenizer.ggml.*`
-(see `mqa.gguf_tokenizer`), and the tensors (F32, F16, BF16 or any quantized type the
+(see `mqa.convert.gguf_tokenizer`), and the tensors (F32, F16, BF16 or any quantized type the
 `gguf` package can dequantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) are
 dequantized to float32 by `gguf.quants.dequantize`, the same code transformers' GGUF
 loader uses, so both read the same weights. No torch is needed.
@@ -24,8 +22,11 @@ import time
 import numpy as np
 
 from mqa import data
-from mqa.config import ModelConfig, build_model_config
-from mqa.convert import ConvertError, _check_new_workdir, _write_workdir, hf_llama_params, llama_config
+from mqa.config import build_model_config, ModelConfig
+from mqa.convert.errors import ConvertError
+from mqa.convert.gguf_tokenizer import gguf_tokenizer
+from mqa.convert.llama_layout import hf_llama_params, llama_config
+from mqa.workdir import check_new_workdir, write_workdir
 
 try:  # an ordinary requirement (requirements.txt); imported here so hf-llama works without it
     import gguf
@@ -75,8 +76,11 @@ class GgufFile:
         try:
             reader = gguf.GGUFReader(path)
         except Exception as error:  # the reader reports a bad file in many ways
-            raise ConvertError(f"{str(path)!r} cannot be read as a GGUF file: "
-                               f"{' '.join(str(error).split())[:200]}") from None
+            with path.open("rb") as f:
+                magic = f.read(4) == b"GGUF"
+            what = (f"is a GGUF file that cannot be read, truncated or damaged "
+                    f"({path.stat().st_size:,} bytes)" if magic else "cannot be read as a GGUF file")
+            raise ConvertError(f"{str(path)!r} {what}: {' '.join(str(error).split())[:200]}") from None
         self.path = path
         self.metadata = {key: _field_value(field) for key, field in reader.fields.items()
                          if not key.startswith("GGUF.")}
@@ -186,8 +190,8 @@ def _check_plain_rope(file: GgufFile) -> None:
 
 
 class GgufCheckpoint:
-    """The GGUF's tensors under their Hugging Face names, as `convert.hf_llama_params` reads
-    them: `get` dequantizes to float32 [out, in] and un-permutes q_proj/k_proj."""
+    """The GGUF's tensors under their Hugging Face names (a `llama_layout.LlamaTensors`):
+    `get` dequantizes to float32 [out, in] and un-permutes q_proj/k_proj."""
 
     def __init__(self, file: GgufFile, config: ModelConfig):
         self.file, self.config = file, config
@@ -269,16 +273,15 @@ def convert_gguf(src: str | pathlib.Path, workdir: str | pathlib.Path) -> str:
     src, workdir = pathlib.Path(src).expanduser(), pathlib.Path(workdir).expanduser()
     file = GgufFile(src)
     config = gguf_llama_config(file)
-    _check_new_workdir(workdir)
+    check_new_workdir(workdir)
     model_config = build_model_config(config.model)
     checkpoint = GgufCheckpoint(file, model_config)
 
-    from mqa.gguf_tokenizer import gguf_tokenizer  # needs ConvertError from mqa.convert
     tokenizer, notes = gguf_tokenizer(file.metadata)
     for note in notes:
         print(f"note: {note}")
     params = hf_llama_params(checkpoint, model_config)
-    _write_workdir(workdir, config, params, tokenizer)
+    write_workdir(workdir, config, params, tokenizer)
 
     types: dict[str, int] = {}
     for tensor in file.tensors.values():

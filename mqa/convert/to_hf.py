@@ -1,8 +1,6 @@
-"""Writing an mqa model as a Hugging Face Llama folder that transformers loads.
+"""Hugging Face Llama folders out: `python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]`.
 
-  python -m mqa.convert to-hf --src WORKDIR --out DIR [--step N]
-
-writes DIR/config.json (a LlamaConfig), DIR/model.safetensors (float32, written with
+Writes DIR/config.json (a LlamaConfig), DIR/model.safetensors (float32, written with
 safetensors' numpy API, so no torch is needed) and, when the workdir's tokenizer is a
 `tokenizers` one (BPE, or one that came with a converted model), DIR/tokenizer.json and
 DIR/tokenizer_config.json, so that `LlamaForCausalLM.from_pretrained(DIR)` and
@@ -23,13 +21,14 @@ import os
 import pathlib
 import shutil
 
-import numpy as np
 import safetensors.numpy
 
 from mqa import data
 from mqa.config import ModelConfig, default_config
-from mqa.convert import ConvertError, _dotted_arrays
+from mqa.convert.errors import ConvertError
+from mqa.convert.llama_layout import hf_llama_tensors
 from mqa.loading import load_model
+from mqa.workdir import check_new_workdir
 
 # ModelConfig fields that config.json states.
 LLAMA_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -53,33 +52,7 @@ def check_expressible(config: ModelConfig) -> None:
                                f"Hugging Face Llama; valid: {defaults[name]!r}")
 
 
-def hf_llama_tensors(params, config: ModelConfig) -> dict[str, np.ndarray]:
-    """mqa's parameters -> {Hugging Face Llama name: float32 array}; the inverse of
-    `convert.hf_llama_params` (projections back to [out, in], layers unstacked)."""
-    arrays = {name: np.asarray(value, np.float32) for name, value in _dotted_arrays(params).items()}
-    m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
-    per_layer = {  # HF tensor in model.layers.{i} -> (ours, ours -> HF)
-        "self_attn.q_proj.weight": ("blocks.attention.q", lambda w: w.reshape(m, h * d).T),
-        "self_attn.k_proj.weight": ("blocks.attention.k", lambda w: w.reshape(m, kv * d).T),
-        "self_attn.v_proj.weight": ("blocks.attention.v", lambda w: w.reshape(m, kv * d).T),
-        "self_attn.o_proj.weight": ("blocks.attention.out", lambda w: w.reshape(h * d, m).T),
-        "input_layernorm.weight": ("blocks.attention_norm.scale", lambda w: w),
-        "post_attention_layernorm.weight": ("blocks.mlp_norm.scale", lambda w: w),
-        "mlp.gate_proj.weight": ("blocks.mlp.gate", np.transpose),
-        "mlp.up_proj.weight": ("blocks.mlp.up", np.transpose),
-        "mlp.down_proj.weight": ("blocks.mlp.down", np.transpose),
-    }
-    tensors = {"model.embed_tokens.weight": arrays["embed"],
-               "model.norm.weight": arrays["final_norm.scale"]}
-    for i in range(config.num_layers):
-        for name, (ours, transform) in per_layer.items():
-            tensors[f"model.layers.{i}.{name}"] = transform(arrays[ours][i])
-    if not config.tie_embeddings:
-        tensors["lm_head.weight"] = arrays["unembed"].T
-    return {name: np.ascontiguousarray(t, np.float32) for name, t in tensors.items()}
-
-
-def hf_llama_config(config: ModelConfig) -> dict:
+def hf_config_json(config: ModelConfig) -> dict:
     """config.json of a LlamaForCausalLM computing what `config` does (plain RoPE, SiLU,
     no biases). RoPE is written both as transformers 5 reads it (rope_parameters) and as
     transformers 4 did (rope_theta); no BOS/EOS ids, which mqa does not record."""
@@ -116,8 +89,7 @@ def export_hf(src: str | pathlib.Path, out: str | pathlib.Path, step: int | None
     newest) as a Hugging Face Llama folder `out`; returns a one-line summary (a note on the
     tokenizer, if any, is printed first)."""
     out = pathlib.Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConvertError(f"--out {str(out)!r} is not empty; give a new or empty directory")
+    check_new_workdir(out)
     source = load_model(src, step=step)
     config = source.model_config
     check_expressible(config)
@@ -129,7 +101,7 @@ def export_hf(src: str | pathlib.Path, out: str | pathlib.Path, step: int | None
     tokenizer_note = _write_tokenizer(source, out)
     if tokenizer_note.startswith("note:"):
         print(tokenizer_note)
-    (out / "config.json").write_text(json.dumps(hf_llama_config(config), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config_json(config), indent=2) + "\n")
     kind = ("MHA" if config.num_kv_heads == config.num_heads else
             "MQA" if config.num_kv_heads == 1 else "GQA")
     return (f"exported {source.path} (step {source.step}) -> {out}: LlamaForCausalLM, "

@@ -20,7 +20,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from mqa import data
-from mqa.convert import ConvertError
+from mqa.convert.errors import ConvertError
 
 KINDS = ("gpt2", "llama")
 

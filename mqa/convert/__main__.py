@@ -1,0 +1,100 @@
+"""python -m mqa.convert hf-llama|gguf|to-hf|uptrain ...: the converters' command line.
+
+  python -m mqa.convert hf-llama --src DIR --workdir OUT
+  python -m mqa.convert gguf --src FILE.gguf --workdir OUT
+  python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]     (--out DIR: the same)
+  python -m mqa.convert uptrain --src RUN --num_kv_heads K --workdir OUT [--init mean]
+      [--group adjacent|similarity] [--text FILE] [--step N]
+
+Exit status: 0 when converted (a one-line summary on stdout, after any notes); 2 when
+refused (bad input or usage): one line on stderr, "error: " and what is wrong, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from mqa.config import ConfigError
+from mqa.convert.errors import ConvertError
+from mqa.convert.gguf import convert_gguf
+from mqa.convert.hf_llama import convert_hf_llama
+from mqa.convert.to_hf import export_hf
+from mqa.convert.uptrain import KV_GROUPINGS, KV_INITS, convert_uptrain
+from mqa.data import DataError
+from mqa.workdir import CheckpointError
+
+REFUSED = 2  # the exit status of a refusal, as argparse's for a usage error
+REFUSALS = (ConvertError, ConfigError, CheckpointError, DataError)
+
+
+def refuse(message: str) -> NoReturn:
+    """Exits with status 2 after one line on stderr. Written to the real stderr: after a
+    failed checkpoint read, `mqa.checkpoint` has pointed sys.stderr at nowhere."""
+    print(f"error: {' '.join(message.split())}", file=sys.__stderr__, flush=True)
+    raise SystemExit(REFUSED)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (and status 2) instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        refuse(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def parser() -> argparse.ArgumentParser:
+    convert = _Parser(prog="python -m mqa.convert",
+                      description="Converts models into mqa workdirs and back.")
+    commands = convert.add_subparsers(dest="command", required=True)
+    hf_llama = commands.add_parser(
+        "hf-llama", help="a Hugging Face Llama checkpoint (config.json + *.safetensors)")
+    hf_llama.add_argument("--src", required=True, help="the Hugging Face model directory")
+    hf_llama.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
+    uptrain = commands.add_parser(
+        "uptrain", help="a workdir of ours with fewer K/V heads, to uptrain (MHA -> GQA/MQA)")
+    uptrain.add_argument("--src", required=True, help="the workdir or checkpoint directory to convert")
+    uptrain.add_argument("--num_kv_heads", required=True, type=int,
+                         help="K/V heads of the result; must divide the source's")
+    uptrain.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
+    uptrain.add_argument("--init", choices=KV_INITS, default="mean",
+                         help="new K/V heads: mean-pool each group, its first head, or random")
+    uptrain.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
+    uptrain.add_argument("--group", choices=KV_GROUPINGS, default="adjacent",
+                         help="which heads share a K/V head: adjacent ones, or those whose "
+                         "attention patterns are most alike (python -m mqa.analysis heads)")
+    uptrain.add_argument("--text", default=None, help="with --group similarity: the text the "
+                         "patterns are measured on (default: the run's held-out split)")
+    gguf = commands.add_parser(
+        "gguf", help="a llama.cpp GGUF file of a Llama (F32, F16, BF16 or quantized)")
+    gguf.add_argument("--src", required=True, help="the .gguf file")
+    gguf.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
+    to_hf = commands.add_parser(
+        "to-hf", help="a workdir of ours as a Hugging Face Llama folder (LlamaForCausalLM)")
+    to_hf.add_argument("--src", required=True, help="the workdir or checkpoint directory to export")
+    to_hf.add_argument("--workdir", "--out", dest="workdir", required=True,
+                       help="the Hugging Face folder to write (new or empty); --out is the same")
+    to_hf.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
+    return convert
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs one command; prints its summary, or refuses in one line with exit status 2."""
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "hf-llama":
+            summary = convert_hf_llama(args.src, args.workdir)
+        elif args.command == "gguf":
+            summary = convert_gguf(args.src, args.workdir)
+        elif args.command == "to-hf":
+            summary = export_hf(args.src, args.workdir, args.step)
+        else:
+            summary = convert_uptrain(args.src, args.workdir, args.num_kv_heads, args.init,
+                                      args.step, args.group, args.text)
+    except REFUSALS as error:
+        refuse(str(error))
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

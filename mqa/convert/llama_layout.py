@@ -1,0 +1,105 @@
+"""A Llama's tensors in Hugging Face's layout <-> mqa's parameters, both directions.
+
+Hugging Face stores each projection [out, in] (y = x @ W.T) under its own name per layer
+(`model.layers.{i}.self_attn.q_proj.weight`, ...). mqa's are [in, ...] with the heads split
+out (q: [m, heads, d], k/v: [m, kv_heads, d], out: [heads, d, m]; mlp gate/up [m, f], down
+[f, m]), each block parameter stacked along a leading [num_layers] axis, under dotted
+names (`blocks.attention.q`, see `mqa.workdir.params_by_name`). Every Llama reader (HF
+safetensors, GGUF) presents its tensors under the HF names; the HF writer reads them back.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mqa.config import ModelConfig, default_config, validate
+from mqa.convert.errors import ConvertError
+from mqa.workdir import params_by_name, params_from_names
+
+
+class LlamaTensors(Protocol):
+    """A Llama checkpoint's tensors under their Hugging Face names."""
+
+    def names(self) -> set[str]:
+        """Every tensor name the checkpoint holds."""
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Tensor `name` as float32 [out, in], a ConvertError unless it has `shape`."""
+
+
+def llama_config(model: dict) -> ml_collections.ConfigDict:
+    """The default experiment config with these `model` fields, train.seq_len capped at
+    model.max_seq_len, validated (a ConfigError names a bad value)."""
+    config = default_config()
+    config.model.update(model)
+    config.train.seq_len = min(config.train.seq_len, config.model.max_seq_len)
+    return validate(config)
+
+
+def hf_llama_params(checkpoint: LlamaTensors, config: ModelConfig) -> nnx.State:
+    """The HF weights in mqa's layout, as the `nnx.State` that `nnx.split(Transformer)` gives.
+
+    HF projections are stored [out, in] (y = x @ W.T); ours are [in, ...] with heads split
+    out, and each block parameter is stacked along a leading [num_layers] axis.
+    """
+    v, m, f = config.vocab_size, config.d_model, config.mlp_dim
+    h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    per_layer = {  # ours: (HF tensor in model.layers.{i}, its shape, HF -> ours)
+        "blocks.attention.q": ("self_attn.q_proj.weight", (h * d, m), lambda w: w.T.reshape(m, h, d)),
+        "blocks.attention.k": ("self_attn.k_proj.weight", (kv * d, m), lambda w: w.T.reshape(m, kv, d)),
+        "blocks.attention.v": ("self_attn.v_proj.weight", (kv * d, m), lambda w: w.T.reshape(m, kv, d)),
+        "blocks.attention.out": ("self_attn.o_proj.weight", (m, h * d), lambda w: w.T.reshape(h, d, m)),
+        "blocks.attention_norm.scale": ("input_layernorm.weight", (m,), lambda w: w),
+        "blocks.mlp_norm.scale": ("post_attention_layernorm.weight", (m,), lambda w: w),
+        "blocks.mlp.gate": ("mlp.gate_proj.weight", (f, m), np.transpose),
+        "blocks.mlp.up": ("mlp.up_proj.weight", (f, m), np.transpose),
+        "blocks.mlp.down": ("mlp.down_proj.weight", (m, f), np.transpose),
+    }
+    layer_names = {f"model.layers.{i}.{suffix}" for i in range(config.num_layers)
+                   for suffix, _, _ in per_layer.values()}
+    known = layer_names | {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    unknown = sorted(n for n in checkpoint.names() - known if not n.endswith("rotary_emb.inv_freq"))
+    if unknown:
+        raise ConvertError(f"tensor {unknown[0]!r} ({len(unknown)} unexpected in all) has no place "
+                           "in a plain Llama; this converter does not handle that variant")
+
+    arrays = {
+        ours: np.stack([transform(checkpoint.get(f"model.layers.{i}.{suffix}", shape))
+                        for i in range(config.num_layers)])
+        for ours, (suffix, shape, transform) in per_layer.items()
+    }
+    arrays["embed"] = checkpoint.get("model.embed_tokens.weight", (v, m))
+    arrays["final_norm.scale"] = checkpoint.get("model.norm.weight", (m,))
+    if not config.tie_embeddings:  # when tied, transformers ignores a stored lm_head; so do we
+        arrays["unembed"] = checkpoint.get("lm_head.weight", (v, m)).T
+    return params_from_names(config, arrays)
+
+
+def hf_llama_tensors(params: nnx.State, config: ModelConfig) -> dict[str, np.ndarray]:
+    """mqa's parameters -> {Hugging Face Llama name: float32 array}; the inverse of
+    `hf_llama_params` (projections back to [out, in], layers unstacked)."""
+    arrays = {name: np.asarray(value, np.float32) for name, value in params_by_name(params).items()}
+    m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+    per_layer = {  # HF tensor in model.layers.{i} -> (ours, ours -> HF)
+        "self_attn.q_proj.weight": ("blocks.attention.q", lambda w: w.reshape(m, h * d).T),
+        "self_attn.k_proj.weight": ("blocks.attention.k", lambda w: w.reshape(m, kv * d).T),
+        "self_attn.v_proj.weight": ("blocks.attention.v", lambda w: w.reshape(m, kv * d).T),
+        "self_attn.o_proj.weight": ("blocks.attention.out", lambda w: w.reshape(h * d, m).T),
+        "input_layernorm.weight": ("blocks.attention_norm.scale", lambda w: w),
+        "post_attention_layernorm.weight": ("blocks.mlp_norm.scale", lambda w: w),
+        "mlp.gate_proj.weight": ("blocks.mlp.gate", np.transpose),
+        "mlp.up_proj.weight": ("blocks.mlp.up", np.transpose),
+        "mlp.down_proj.weight": ("blocks.mlp.down", np.transpose),
+    }
+    tensors = {"model.embed_tokens.weight": arrays["embed"],
+               "model.norm.weight": arrays["final_norm.scale"]}
+    for i in range(config.num_layers):
+        for name, (ours, transform) in per_layer.items():
+            tensors[f"model.layers.{i}.{name}"] = transform(arrays[ours][i])
+    if not config.tie_embeddings:
+        tensors["lm_head.weight"] = arrays["unembed"].T
+    return {name: np.ascontiguousarray(t, np.float32) for name, t in tensors.items()}
