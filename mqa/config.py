@@ -55,7 +55,7 @@ def build_model_config(section: Any = None, **overrides) -> ModelConfig:
     unknown = sorted(set(values) - set(ModelConfig.field_names()) - {"match_mha_params"})
     if unknown:
         raise ConfigError(_unknown_key_message(f"model.{unknown[0]}", default_config().model))
-    config = build_model_config(**{name: values[name] for name in ModelConfig.field_names()})
+    config = ModelConfig(**{name: values[name] for name in ModelConfig.field_names()})
     if values.get("match_mha_params"):
         config = dataclasses.replace(config, mlp_dim=accounting.mlp_dim_matching_mha(config))
     return config
