@@ -229,6 +229,11 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def readme_python_blocks(readme: pathlib.Path) -> list[str]:
+    """The README's ```python blocks, each as one program."""
+    return re.findall(r"^```python\n(.*?)^```", readme.read_text(), flags=re.S | re.M)
+
+
 @pytest.mark.slow
 def test_readme_commands_run_in_the_clone(clone):
     commands = readme_commands(clone / "README.md")
@@ -272,3 +277,11 @@ def test_readme_commands_run_in_the_clone(clone):
                 if data_path:
                     assert (clone / data_path).resolve().is_relative_to(clone.resolve()), \
                         f"{shown}: {name} trained on {data_path}"
+    # The README's Python, as written, after its commands (it loads the run they trained).
+    blocks = readme_python_blocks(clone / "README.md")
+    assert blocks, "README.md has no ```python block"
+    for block in blocks:
+        result = subprocess.run([sys.executable, "-c", block], cwd=clone, env=environment(),
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        assert result.returncode == 0, f"README's Python block failed:\n{block}\n{result.stderr[-3000:]}"
+
