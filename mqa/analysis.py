@@ -7,7 +7,8 @@ Jensen-Shannon divergence between the heads' attention patterns on a text (the r
 held-out split by default), the closest pair of heads, and the cosine similarity of the
 K/V heads' key and value projections. Prints a table with a row per layer and writes
 DIR/heads.json (every matrix) and DIR/heads_layer<L>.png (heatmaps; DIR defaults to
-RUN/analysis).
+RUN/analysis). The work is `heads`; `main` maps the command line to it and its errors
+to one line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import pathlib
 import sys
 
@@ -24,21 +26,15 @@ from mqa import data, head_similarity
 from mqa.cli import fail
 from mqa.config import ConfigError
 from mqa.data import DataError
-from mqa.loading import LoadedModel, load_model
-from mqa.workdir import CheckpointError
+from mqa.evaluation import encode_text_file
+from mqa.loading import CheckpointError, LoadedModel, load_model
 
 
 def analysis_tokens(model: LoadedModel, text: str | None, windows: int, seq_len: int) -> np.ndarray:
     """int32 [windows, seq_len]: evenly spaced windows of the text file (or of the run's
     held-out split), tokenized with the model's tokenizer."""
     if text:
-        path = pathlib.Path(text)
-        if not path.is_file():
-            raise DataError(f"--text file {text!r} does not exist")
-        if model.tokenizer is None:
-            raise DataError(f"{model.path} has no tokenizer.json to tokenize --text with")
-        raw = path.read_bytes()
-        tokens = model.tokenizer.encode(raw if model.tokenizer.name == "byte" else raw.decode("utf-8"))
+        tokens, _ = encode_text_file(model, text)
     else:
         corpus = data.load_corpus(model.config.data, model.path / "data", min_tokens=seq_len)
         tokens = corpus.heldout  # a token_files.TokenStream: only the windows are read
@@ -90,9 +86,16 @@ def plot_layer(layer: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def heads(workdir: str, text: str | None, out: str | None, windows: int, seq_len: int | None,
-          step: int | None = None) -> str:
-    """Runs the head analysis; returns the printed table."""
+def heads(workdir: str | os.PathLike, text: str | None = None, out: str | None = None,
+          windows: int = 8, seq_len: int | None = None, step: int | None = None) -> str:
+    """Runs the head analysis of a workdir's model (its checkpoint `step`, default the
+    newest) on `windows` windows of `seq_len` tokens (default: train.seq_len, at most 256)
+    of the text file `text` (default: the run's held-out split); writes OUT/heads.json and
+    OUT/heads_layer<L>.png (OUT: default WORKDIR/analysis) and returns the table it prints.
+    Errors are one line: ConfigError, DataError, CheckpointError, ValueError (a model the
+    analysis does not take)."""
+    if windows < 1 or (seq_len is not None and seq_len < 2):
+        raise ConfigError(f"--windows={windows} must be >= 1 and --seq_len={seq_len} >= 2")
     model = load_model(workdir, step=step)
     if model.model_config.attention != "grouped" or model.model_config.sliding_window:
         raise ValueError(f"the model has model.attention={model.model_config.attention!r}, "
@@ -132,10 +135,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="tokens per window (default: train.seq_len, at most 256)")
     cmd.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     args = parser.parse_args(argv)
-    if args.windows < 1 or (args.seq_len is not None and args.seq_len < 2):
-        fail(f"--windows={args.windows} must be >= 1 and --seq_len={args.seq_len} >= 2")
     try:
-        print(heads(args.workdir, args.text, args.out, args.windows, args.seq_len, args.step))
+        print(heads(args.workdir, text=args.text, out=args.out, windows=args.windows,
+                    seq_len=args.seq_len, step=args.step))
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
         fail(str(error))
 

@@ -1,4 +1,5 @@
-"""What train.py and eval.py share: one-line errors instead of tracebacks."""
+"""What the command lines (train.py, eval.py, sweep.py, python -m mqa.analysis) share:
+one-line errors instead of tracebacks."""
 
 from __future__ import annotations
 

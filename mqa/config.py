@@ -119,15 +119,7 @@ def set_from_string(config: ml_collections.ConfigDict, name: str, text: str) -> 
     """Sets `config`'s field `name` ("section.field") from command-line `text`, parsed as
     the field's current type; an unknown field or a value of the wrong type is a
     ConfigError naming it."""
-    parent, _, field = name.rpartition(".")
-    node = config
-    for part in filter(None, parent.split(".")):
-        if part not in node:
-            raise ConfigError(_unknown_key_message(name, node))
-        node = node[part]
-    if field not in node:
-        raise ConfigError(_unknown_key_message(name, node))
-    old = node[field]
+    old = get_dotted(config, name)
     if isinstance(old, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ConfigError(f"{name}={text!r} must be a bool: true or false")
@@ -141,7 +133,7 @@ def set_from_string(config: ml_collections.ConfigDict, name: str, text: str) -> 
         value = [v.strip() for v in text.strip("[]").split(",") if v.strip()]
     else:
         value = text
-    node[field] = value
+    set_dotted(config, name, value)
 
 
 def _unknown_key_message(name: str, node: Any) -> str:
@@ -181,21 +173,13 @@ def _same_kind(value: Any, expected: Any) -> bool:
     return isinstance(value, type(expected))
 
 
-def get_dotted(config: Any, dotted: str) -> Any:
-    """`config`'s field `dotted` ("section.field"); KeyError if there is none."""
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a full experiment config; raises `ConfigError` naming the first bad value."""
     _check_schema(config, default_config())
     for name in _POSITIVE:
         try:
             value = get_dotted(config, name)
-        except KeyError:
+        except ConfigError:  # a field the config does not set
             continue
         if value < 1:
             raise ConfigError(f"{name}={value} must be >= 1")
@@ -273,3 +257,39 @@ def _check_attention_family(m) -> None:
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"{name}={value!r} is not one of: {', '.join(map(repr, valid))}")
+
+
+def get_dotted(config: Any, name: str) -> Any:
+    """The value of field `name` ("section.field", any depth) of a config (a ConfigDict or
+    nested mappings); a ConfigError naming an unknown key with the valid ones."""
+    node, parts = config, name.split(".")
+    for depth, part in enumerate(parts):
+        if not hasattr(node, "keys"):
+            raise ConfigError(f"{name!r}: {parts[depth - 1]!r} is a value, not a section")
+        if part not in node:
+            raise ConfigError(_unknown_key_message(name, node))
+        node = node[part]
+    return node
+
+
+def set_dotted(config: ml_collections.ConfigDict, name: str, value: Any) -> None:
+    """Sets field `name` ("section.field", any depth) of `config` to `value`. A missing
+    section or field is created, so that `validate` then names an unknown key with the
+    valid ones; a ConfigError when a part of the name is a value, when the name is a
+    section, or when `value`'s type is not the field's (a ConfigDict keeps each type)."""
+    parent, _, field = name.rpartition(".")
+    node = config
+    for part in filter(None, parent.split(".")):
+        if part not in node:
+            node[part] = ml_collections.ConfigDict()
+        node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"{name!r}: {part!r} is a value, not a section")
+    if isinstance(node.get(field), ml_collections.ConfigDict):
+        raise ConfigError(f"{name!r} is a section; name a field in it, e.g. "
+                          f"{name}.{next(iter(node[field].keys()), 'FIELD')}")
+    try:
+        node[field] = value
+    except TypeError:  # ConfigDict keeps a field's type
+        raise ConfigError(f"{name}={value!r} has type {type(value).__name__}; "
+                          f"expected {type(node[field]).__name__} like {node[field]!r}") from None

@@ -1,5 +1,7 @@
 """Held-out loss over windows of a token stream: the one windowing that `eval.py`,
-`mqa.load_model` users and the trainer's evaluations (periodic and final) all share.
+`mqa.load_model` users and the trainer's evaluations (periodic and final) all share; and
+`evaluate`, a trained workdir's loss on its held-out split or on a text file (what
+`eval.py` prints).
 
 A stream of n tokens is cut into windows of `seq_len + 1` tokens (`data.eval_windows`):
 non-overlapping by default, or every `stride` tokens, in which case each window scores only
@@ -9,16 +11,23 @@ the last batch padded with rows that weigh nothing, so one compiled shape serves
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import pathlib
+import sys
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import tqdm
 
 from mqa import data, token_files
-from mqa.loading import LoadedModel
+from mqa.config import ConfigError
+from mqa.data import DataError
+from mqa.loading import LoadedModel, load_model
 from mqa.training import make_eval_step
 
 # (windows int32 [batch, seq_len + 1], weights float32 [batch, seq_len]) -> (nll sum, weight sum)
@@ -55,8 +64,12 @@ def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batc
         tokens = tokens[:(max_windows - 1) * stride + seq_len + 1]
     window_starts = data.eval_window_starts(len(tokens), seq_len, stride=stride)
     loss_sum, count = 0.0, 0.0
-    starts = range(0, len(window_starts), batch_size)
-    for start in tqdm.tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+    # Tokens scored, with their rate and the time left: every target of the first window
+    # and `stride` of each later one.
+    bar = tqdm.tqdm(total=seq_len + (len(window_starts) - 1) * stride, desc="eval",
+                    unit="token", unit_scale=True, disable=not progress, file=sys.stderr,
+                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    for start in range(0, len(window_starts), batch_size):
         # One batch of windows at a time: memory stays flat however long the split is.
         chunk = token_files.read_windows(tokens, window_starts[start:start + batch_size], seq_len + 1)
         weights = scored_positions(len(chunk), seq_len, stride, first=start)
@@ -67,6 +80,8 @@ def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batc
         nll, n = batch_nll(chunk.astype(np.int32), weights.astype(np.float32))
         loss_sum += float(nll)
         count += float(n)
+        bar.update(int(n))
+    bar.close()
     loss = loss_sum / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "bits_per_byte": loss / math.log(2) / bytes_per_token, "tokens": int(count)}
@@ -96,3 +111,84 @@ def evaluate_tokens(model: LoadedModel, tokens: np.ndarray, *, seq_len: int,
     """
     return held_out_loss(model_batch_nll(model, cached=cached), tokens, seq_len=seq_len, batch_size=batch_size,
                          stride=stride, bytes_per_token=bytes_per_token, progress=progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationText:
+    """What `evaluate` scores: tokens int [n] (an array or a token_files.TokenStream), the
+    text's bytes per token (for bits per byte) and a description for the log line."""
+
+    tokens: np.ndarray | token_files.TokenStream
+    bytes_per_token: float
+    source: str
+
+
+def encode_text_file(model: LoadedModel, text: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """(token ids int32 [n], the file's size in bytes): the text file encoded with the model's
+    tokenizer; a one-line DataError when the file does not exist or the model has no
+    tokenizer."""
+    path = pathlib.Path(text)
+    if not path.is_file():
+        raise DataError(f"--text file {str(text)!r} does not exist")
+    if model.tokenizer is None:
+        raise DataError(f"{model.path} has no tokenizer.json, so text cannot be encoded; "
+                        "copy the model's tokenizer.json there")
+    raw = path.read_bytes()
+    return model.tokenizer.encode(raw if model.tokenizer.name == "byte" else raw.decode("utf-8")), len(raw)
+
+
+def evaluation_text(model: LoadedModel, text: str | os.PathLike | None,
+                    seq_len: int) -> EvaluationText:
+    """The text file `text` encoded with the model's tokenizer, or (None) the held-out split
+    of the corpus the model was trained on, read as its run prepared it; a one-line
+    DataError when the file does not exist or the model's tokenizer cannot read it."""
+    if text:
+        tokens, num_bytes = encode_text_file(model, text)
+        return EvaluationText(tokens, num_bytes / max(len(tokens), 1), str(pathlib.Path(text)))
+    data_config = model.config.data
+    builtin = data_config.tokenizer in data.TOKENIZER_NAMES
+    if model.tokenizer is None or builtin and model.tokenizer.name != data_config.tokenizer:
+        raise DataError(
+            f"the held-out split is tokenized with data.tokenizer={data_config.tokenizer!r}, "
+            f"which is not this model's tokenizer ({getattr(model.tokenizer, 'name', None)!r}); "
+            "evaluate with --text=FILE")
+    if not builtin:  # a pretrained tokenizer: the run saved it in its workdir
+        data_config = ml_collections.ConfigDict({**data_config.to_dict(),
+                                                 "tokenizer": str(model.path)})
+    corpus = data.load_corpus(data_config, model.path / "data", min_tokens=seq_len + 1)
+    return EvaluationText(corpus.heldout, corpus.heldout_bytes / len(corpus.heldout),
+                          f"held-out split of {corpus.source}")
+
+
+def evaluate(workdir: str | os.PathLike, *, step: int | None = None,
+             overrides: dict | None = None, text: str | os.PathLike | None = None,
+             seq_len: int | None = None, stride: int | None = None, batch_size: int = 8,
+             cached: bool | None = None, progress: bool = True) -> dict:
+    """A trained model's held-out loss: {"loss" (nats/token), "perplexity",
+    "bits_per_byte", "tokens" (targets scored)}, what `eval.py` prints.
+
+    workdir: a training workdir or a checkpoint step directory; step: its checkpoint
+    (default: the newest); overrides: config changes, e.g. {"model.attention_impl": "xla"}
+    (`load_model`). text: a text file to score instead of the run's held-out split.
+    seq_len: the window (default: train.seq_len); stride: score overlapping windows every
+    `stride` tokens (`held_out_loss`); cached: through the KV cache (`evaluate_tokens`).
+    progress: a bar on stderr with tokens scored, tokens/s and the time left. What is
+    scored is named on `sys.__stderr__` first (which a damaged checkpoint's fallback
+    leaves open; see `mqa.checkpoint`). Errors are one line: CheckpointError,
+    ConfigError, DataError.
+    """
+    model = load_model(workdir, step=step, overrides=overrides)
+    if model.tokenizer is None and text:
+        raise DataError(f"{model.path} has no tokenizer.json, so text cannot be encoded; "
+                        "copy the model's tokenizer.json there")
+    seq_len = seq_len or model.config.train.seq_len
+    if seq_len > model.model_config.max_seq_len:
+        raise ConfigError(f"--seq_len={seq_len} exceeds model.max_seq_len="
+                          f"{model.model_config.max_seq_len}")
+    scored = evaluation_text(model, text, seq_len)
+    print(f"evaluating step {model.step} of {model.path} on {scored.source} "
+          f"({len(scored.tokens):,} tokens, windows of {seq_len}"
+          f"{f', stride {stride}' if stride else ''})", file=sys.__stderr__, flush=True)
+    return evaluate_tokens(model, scored.tokens, seq_len=seq_len, stride=stride,
+                           batch_size=batch_size, bytes_per_token=scored.bytes_per_token,
+                           progress=progress, cached=cached)

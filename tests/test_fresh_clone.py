@@ -85,7 +85,7 @@ def environment() -> dict:
 # prints, as the last line, {config name: {"data_paths", "points" (of a sweep), "error"}}.
 LOAD_CONFIGS = r"""
 import json, pathlib, sys
-import mqa, mqa.config, mqa.sweep
+import mqa, mqa.config, mqa.sweep.points
 root = pathlib.Path.cwd().resolve()
 assert pathlib.Path(mqa.__file__).resolve().is_relative_to(root), mqa.__file__
 report = {}
@@ -95,10 +95,10 @@ for path in sorted((root / "configs").glob("*.py")):
     entry = report[path.name] = {"data_paths": [], "points": 0, "error": None}
     try:
         config = mqa.config.load_config_file(path, validate_config=False)
-        mqa.config.validate(mqa.sweep.training_config(config))
-        fields = mqa.sweep.sweep_fields(config)
+        mqa.config.validate(mqa.sweep.points.training_config(config))
+        fields = mqa.sweep.points.sweep_fields(config)
         if fields:
-            entry["points"] = len(mqa.sweep.points(config, fields))  # validates every point
+            entry["points"] = len(mqa.sweep.points.points(config, fields))  # validates every point
         if config.data.path:
             entry["data_paths"].append(str(config.data.path))
     except Exception as error:
@@ -195,19 +195,19 @@ def run_in_clone(clone: pathlib.Path, words: list[str]) -> subprocess.CompletedP
 
 
 # Run inside the clone with a sweep command's arguments: the points that sweep trains and
-# their configurations (points without the seed), from the clone's own mqa.sweep.
+# their configurations (points without the seed), from the clone's own mqa.sweep.points.
 SWEEP_PLAN = r"""
 import json, sys
-import mqa.config, mqa.sweep
+import mqa.config, mqa.sweep.points
 args = sys.argv[1:]
 last = lambda name: [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")][-1:]
 config = mqa.config.load_config_file(last("config")[0], validate_config=False)
 sweeps = [a.split("=", 1)[1] for a in args if a.startswith("--sweep=")]
-fields = (mqa.sweep.parse_sweep_flags(sweeps, config) if sweeps
-          else mqa.sweep.sweep_fields(config))
+fields = (mqa.sweep.points.parse_sweep_flags(sweeps, config) if sweeps
+          else mqa.sweep.points.sweep_fields(config))
 if last("seeds"):
-    fields = mqa.sweep.with_seeds(fields, int(last("seeds")[0]))
-plan = mqa.sweep.points(config, fields)
+    fields = mqa.sweep.points.with_seeds(fields, int(last("seeds")[0]))
+plan = mqa.sweep.points.points(config, fields)
 configurations = list(dict.fromkeys(getattr(p, "configuration", p.name) for p in plan))
 print(json.dumps({"points": [p.name for p in plan], "configurations": configurations}))
 """

@@ -1,9 +1,10 @@
-"""sweep.py: point expansion and naming, one-line errors, and a tiny sweep end to end."""
+"""The sweep: point expansion and naming, its options' errors, and tiny sweeps end to end
+(in this process, through `run_sweep`; sweep.py itself for its flags and one-line errors)."""
 
 import csv
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,18 +15,23 @@ import pytest
 import scipy.stats
 
 from mqa import accounting
-from mqa.config import ConfigError, ModelConfig, build_model_config, load_config_file
-from mqa.sweep import (parse_sweep_flags, point_name, points, sweep_fields, training_config,
-                       with_seeds)
+from mqa.config import build_model_config, ConfigError, ModelConfig, get_dotted, load_config_file, set_dotted
+from mqa.sweep import results as sweep_results
+from mqa.sweep.points import (compared_pairs, configurations, parse_sweep_flags, point_name,
+                              points, sweep_fields, training_config, with_seeds)
+from mqa.sweep.run import run_sweep
 from tests.test_train_cli import REPO, assert_one_line_error
 
 # configs/tiny.py with 4 query heads of 12 dimensions: removing K/V heads frees a multiple
 # of 3 * d_model parameters per layer, so match_mha_params gives exactly equal counts.
-TINY = ["--config=configs/tiny.py", "--config.model.d_model=48", "--config.model.head_dim=12",
-        "--config.model.mlp_dim=144", "--config.model.match_mha_params=true",
-        "--config.train.steps=10", "--config.train.log_every=5", "--config.train.eval_every=10",
-        "--config.train.eval_batches=2", "--config.train.final_eval_tokens=4096",
-        "--config.checkpoint.every=10", "--decode_batch=2", "--decode_context=64"]
+# Four steps, one periodic and one final evaluation of 1,024 tokens.
+TINY = ["model.d_model=48", "model.head_dim=12", "model.mlp_dim=144",
+        "model.match_mha_params=true", "train.steps=4", "train.log_every=2",
+        "train.eval_every=4", "train.eval_batches=1", "train.final_eval_tokens=1024",
+        "checkpoint.every=4"]
+DECODE = dict(decode_batch=2, decode_context=64)
+TINY_FLAGS = ["--config=configs/tiny.py", *(f"--config.{item}" for item in TINY),
+              "--decode_batch=2", "--decode_context=64"]
 SUMMARY = [f"{metric}_{part}" for metric in ("eval_loss", "eval_bits_per_byte")
            for part in ("mean", "sd", "ci95", "diff", "diff_ci95", "diff_resolved")]
 EXPECTED_COLUMNS = ["configuration", "attention", "num_kv_heads", "mlp_dim", "params",
@@ -39,14 +45,15 @@ EXPECTED_SEED_COLUMNS = ["point", "configuration", "seed", "attention", "num_kv_
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def run_sweep(workdir, *args, timeout=300):
+def sweep_py(workdir, *args, timeout=300):
+    """sweep.py in a subprocess: for what the command line itself does."""
     environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "sweep.py", f"--workdir={workdir}", *args], cwd=REPO,
                           env=environment, capture_output=True, text=True, timeout=timeout)
 
 
-def tiny_config(**sweep):
-    config = load_config_file(REPO / "configs" / "tiny.py")
+def tiny_config(*overrides, **sweep):
+    config = load_config_file(REPO / "configs" / "tiny.py", overrides)
     if sweep:
         config.sweep = ml_collections.ConfigDict(sweep, allow_dotted_keys=True)
     return config
@@ -105,14 +112,35 @@ def test_bad_sweeps_name_the_field(fields, fragments):
         assert fragment in str(error.value)
 
 
-def test_bad_sweep_flag_and_field_are_one_line_errors(tmp_path):
-    result = run_sweep(tmp_path / "a", "--config=configs/tiny.py", "--sweep=model.num_kv_heds=2,1")
+def test_sweep_py_reports_a_bad_sweep_flag_in_one_line_before_creating_anything(tmp_path):
+    result = sweep_py(tmp_path / "a", "--config=configs/tiny.py", "--sweep=model.num_kv_heds=2,1")
     assert_one_line_error(result, "model.num_kv_heds", "did you mean 'num_kv_heads'")
-    result = run_sweep(tmp_path / "b", "--config=configs/tiny.py", "--sweep=model.num_kv_heads=2,3")
-    assert_one_line_error(result, "sweep point num_kv_heads=3", "must divide")
-    result = run_sweep(tmp_path / "c", "--config=configs/tiny.py")
-    assert_one_line_error(result, "no sweep")
-    assert not (tmp_path / "b").exists()  # nothing trained or created
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("options,fragments", [
+    (dict(sweep=["model.num_kv_heds=2,1"]), ["model.num_kv_heds", "did you mean 'num_kv_heads'"]),
+    (dict(sweep=["model.num_kv_heads=2,3"]), ["sweep point num_kv_heads=3", "must divide"]),
+    (dict(), ["no sweep"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], seeds=0), ["--seeds=0 must be >= 1"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], seeds=-2), ["--seeds=-2 must be >= 1"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], baseline=["model.num_kv_heads=4"]),
+     ["--baseline model.num_kv_heads=4 matches no configuration",
+      "num_kv_heads=2, num_kv_heads=1"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], baseline=["model.num_kv_head=2"]),
+     ["model.num_kv_head", "did you mean 'num_kv_heads'"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], compare=["num_kv_heads=2"]),
+     ["--compare", "CONFIGURATION:AGAINST", "num_kv_heads=1"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], compare=["num_kv_heads=2:num_kv_heads=8"]),
+     ["--compare", "CONFIGURATION:AGAINST", "num_kv_heads=1"]),
+])
+def test_bad_options_are_one_line_errors_before_anything_is_created(tmp_path, options, fragments):
+    with pytest.raises(ConfigError) as error:
+        run_sweep(tiny_config(*TINY), tmp_path / "sweep", **DECODE, **options)
+    assert "\n" not in str(error.value)
+    for fragment in fragments:
+        assert fragment in str(error.value)
+    assert not (tmp_path / "sweep").exists()  # nothing trained or created
 
 
 def test_named_points_combine_with_seeds():
@@ -152,27 +180,11 @@ def test_seeds_replace_a_seed_field_and_must_be_positive():
             with_seeds({"model.num_kv_heads": [2]}, bad)
 
 
-def test_bad_seeds_and_baseline_are_one_line_errors(tmp_path):
-    for index, seeds in enumerate(("0", "-2")):
-        result = run_sweep(tmp_path / f"s{index}", *TINY, "--sweep=model.num_kv_heads=2,1",
-                           f"--seeds={seeds}")
-        assert_one_line_error(result, f"--seeds={seeds} must be >= 1")
-    result = run_sweep(tmp_path / "b", *TINY, "--sweep=model.num_kv_heads=2,1",
-                       "--baseline=model.num_kv_heads=4")
-    assert_one_line_error(result, "--baseline model.num_kv_heads=4 matches no configuration",
-                          "num_kv_heads=2, num_kv_heads=1")
-    result = run_sweep(tmp_path / "c", *TINY, "--sweep=model.num_kv_heads=2,1",
-                       "--baseline=model.num_kv_head=2")
-    assert_one_line_error(result, "model.num_kv_head", "did you mean 'num_kv_heads'")
-    assert not any((tmp_path / name).exists() for name in ("s0", "s1", "b", "c"))
-
-
 def test_sweep_config_reads_the_shipped_corpus(shakespeare_path):
     config = load_config_file(REPO / "configs" / "sweep_kv_heads.py", validate_config=False)
     assert config.data.path == str(shakespeare_path.resolve())
     plan = points(config, sweep_fields(config))
-    configurations = list(dict.fromkeys(p.configuration for p in plan))
-    assert configurations == ["MHA", "GQA-4", "GQA-2", "MQA", "MQA+CLA2"]
+    assert configurations(plan) == ["MHA", "GQA-4", "GQA-2", "MQA", "MQA+CLA2"]
     models = {p.configuration: build_model_config(p.config.model) for p in plan}
     assert [(m.num_kv_heads, m.kv_share_every) for m in models.values()] == [
         (8, 1), (4, 1), (2, 1), (1, 1), (1, 2)]
@@ -186,27 +198,31 @@ def read_csv(path):
 
 
 @pytest.mark.slow
-def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path):
-    """Two configurations x three seeds: each table row summarises its per-seed rows
-    (checked with scipy), a re-run trains and times nothing, and another baseline or
-    other decode settings only recompute what they change."""
-    sweep = [*TINY, "--sweep=model.num_kv_heads=2,1", "--seeds=3"]
+def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, capsys):
+    """Two configurations x two seeds: each table row summarises its per-seed rows
+    (checked with scipy), a re-run (sweep.py: its flags and printed table) trains and
+    times nothing, and another baseline or other decode settings only recompute what they
+    change."""
+    options = dict(sweep=["model.num_kv_heads=2,1"], seeds=2)
     start = time.time()
-    result = run_sweep(tmp_path, *sweep)
-    assert result.returncode == 0, result.stdout + result.stderr
+    table = run_sweep(tiny_config(*TINY), tmp_path, **options, **DECODE)
     first_run = time.time() - start
-    names = [f"num_kv_heads={kv}__seed={seed}" for kv in (2, 1) for seed in range(3)]
+    printed = capsys.readouterr()
+    names = [f"num_kv_heads={kv}__seed={seed}" for kv in (2, 1) for seed in range(2)]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(names)
-    trained = re.findall(r"\] (\S+): training in", result.stdout)  # seed-major order
-    assert trained == [f"num_kv_heads={kv}__seed={seed}" for seed in range(3) for kv in (2, 1)]
+    trained = re.findall(r"\] (\S+): training in", printed.out)  # seed-major order
+    assert trained == [f"num_kv_heads={kv}__seed={seed}" for seed in range(2) for kv in (2, 1)]
+    assert printed.out.count("decoding") == 2  # each configuration timed once
+    # The timing phase's bar: 2 compilations and 5 timed rounds of 2 loops, per configuration.
+    assert "timing: 100%" in printed.err and "24/24" in printed.err
 
     by_seed = read_csv(tmp_path / "results_by_seed.csv")
     assert list(by_seed[0]) == EXPECTED_SEED_COLUMNS
     assert [row["point"] for row in by_seed] == names
     for row in by_seed:
         saved = json.loads((tmp_path / row["point"] / "result.json").read_text())
-        assert saved["step"] == 10 and float(row["eval_loss"]) == pytest.approx(saved["eval_loss"])
-        assert int(row["eval_tokens"]) == 4096 // 64 * 64  # final_eval_tokens, whole windows
+        assert saved["step"] == 4 and float(row["eval_loss"]) == pytest.approx(saved["eval_loss"])
+        assert int(row["eval_tokens"]) == 1024 // 64 * 64  # final_eval_tokens, whole windows
     rows = read_csv(tmp_path / "results.csv")
     assert list(rows[0]) == EXPECTED_COLUMNS
     assert [row["configuration"] for row in rows] == ["num_kv_heads=2", "num_kv_heads=1"]
@@ -215,10 +231,10 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path):
     for row in rows:
         kv = row["num_kv_heads"]
         values = losses[kv]
-        assert int(row["n"]) == 3
+        assert int(row["n"]) == 2
         assert float(row["eval_loss_mean"]) == pytest.approx(values.mean(), rel=1e-9)
         assert float(row["eval_loss_sd"]) == pytest.approx(values.std(ddof=1), rel=1e-9)
-        low, high = scipy.stats.t.interval(0.95, 2, loc=values.mean(),
+        low, high = scipy.stats.t.interval(0.95, 1, loc=values.mean(),
                                            scale=scipy.stats.sem(values))
         assert float(row["eval_loss_ci95"]) == pytest.approx((high - low) / 2, rel=1e-9)
         for column in ("train_tokens_per_sec", "decode_tokens_per_sec"):
@@ -235,31 +251,36 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path):
     assert int(rows[0]["kv_cache_bytes_per_token"]) == 2 * int(rows[1]["kv_cache_bytes_per_token"])
     markdown = (tmp_path / "results.md").read_text()
     assert "| " + " | ".join(EXPECTED_COLUMNS) + " |" in markdown
-    assert markdown.splitlines()[-1] in result.stdout
+    assert markdown.endswith("\n\n" + table)
     for png in ("eval_loss.png", "eval_loss_diff.png", "decode_tokens_per_sec.png",
                 "loss_curves.png", "frontier.png", "frontier_decode.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
 
+    # The command line, with another baseline: nothing trained or timed again.
     start = time.time()
-    again = run_sweep(tmp_path, *sweep, "--baseline=model.num_kv_heads=1")
+    again = sweep_py(tmp_path, *TINY_FLAGS, "--sweep=model.num_kv_heads=2,1", "--seeds=2",
+                     "--baseline=model.num_kv_heads=1")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.count("skipped") == 6 and "training in" not in again.stdout
+    assert again.stdout.count("skipped") == 4 and "training in" not in again.stdout
     assert "decoding" not in again.stdout  # speeds were measured together already
     assert time.time() - start < first_run / 2
     flipped = read_csv(tmp_path / "results.csv")
     assert float(flipped[1]["eval_loss_diff"]) == 0.0
     assert float(flipped[0]["eval_loss_diff"]) == pytest.approx(-float(mqa_row["eval_loss_diff"]))
     assert [r["eval_loss_mean"] for r in flipped] == [r["eval_loss_mean"] for r in rows]
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.splitlines()[-1] in again.stdout  # the table is printed
+    assert again.stdout.strip().splitlines()[-1].startswith(f"wrote {tmp_path}/results.csv")
 
     # Other decode settings: both configurations are timed again, side by side.
-    third = run_sweep(tmp_path, *sweep, "--decode_context=32")
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert third.stdout.count("skipped") == 6 and third.stdout.count("decoding") == 2
+    run_sweep(tiny_config(*TINY), tmp_path, **options, decode_batch=2, decode_context=32)
+    third = capsys.readouterr().out
+    assert third.count("skipped") == 4 and third.count("decoding") == 2
     assert [int(row["decode_context"]) for row in read_csv(tmp_path / "results.csv")] == [32, 32]
 
 
 def test_pareto_front_keeps_the_configurations_nothing_beats():
-    from mqa.sweep_plots import pareto_front
+    from mqa.sweep.plots import pareto_front
     rows = [dict(configuration=name, bytes=b, loss=l) for name, b, l in [
         ("MHA", 3072, 1.90), ("GQA", 1536, 1.92), ("MQA", 384, 1.89), ("CLA", 192, 1.95),
         ("worse", 768, 1.96), ("tie", 384, 1.89)]]
@@ -272,43 +293,83 @@ def test_pareto_front_keeps_the_configurations_nothing_beats():
                                                      lower_is_better=False)] == ["a", "c"]
 
 
-@pytest.mark.slow
-def test_the_kv_budget_sweep_runs_end_to_end_at_toy_size(tmp_path):
-    """configs/sweep_kv_budget.py, every method for a few steps and one seed: a row per
-    method with its KV bytes at the timed context, equal parameter counts within the MLP's
-    rounding, and the frontier plots."""
-    tiny = ["--config=configs/sweep_kv_budget.py", "--seeds=1", "--config.train.steps=3",
-            "--config.train.log_every=3", "--config.train.eval_every=3",
-            "--config.train.eval_batches=1", "--config.train.batch_size=4",
-            "--config.train.final_eval_tokens=2048", "--config.checkpoint.every=3",
-            "--decode_batch=2", "--decode_context=256", "--compare=GTA-2:GQA-2",
-            "--compare=MQA+CLA2:MQA"]
-    result = run_sweep(tmp_path, *tiny, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = {r["configuration"]: r for r in read_csv(tmp_path / "results.csv")}
+def kv_budget_config(*overrides, names=None):
+    """configs/sweep_kv_budget.py (its points, or those named), with overrides."""
+    config = load_config_file(REPO / "configs" / "sweep_kv_budget.py", overrides,
+                              validate_config=False)
+    if names is not None:
+        config.sweep.points = [p for p in config.sweep.points if p["name"] in names]
+    return config
+
+
+def test_the_kv_budget_sweep_accounts_every_method_at_the_timed_context():
+    """configs/sweep_kv_budget.py, one seed: a row per method with its KV bytes at the
+    timed context (the sweep's rows, from each point's model), equal parameter counts
+    within the MLP's rounding, and the compared pairs' KV-cache ratios."""
+    config = kv_budget_config()
+    plan = points(config, with_seeds(sweep_fields(config), 1))
+    speeds = {"decode": {"context": 256, "tokens_per_sec": 1.0}}
+    result = {"eval_loss": 1.0, "eval_perplexity": 2.7, "eval_bits_per_byte": 1.4,
+              "eval_tokens": 1}
+    seed_rows = [sweep_results.seed_row(point, result, build_model_config(point.config.model),
+                                        speeds) for point in plan]
+    rows = {r["configuration"]: r for r in sweep_results.configuration_rows(seed_rows, "MHA")}
     assert list(rows) == ["MHA", "GQA-4", "GQA-2", "MQA", "MQA+CLA2", "GTA-2", "GTA-1", "MLA-24",
                           "MLA-12", "local32+global", "MHA-int8", "MQA-int8"]
     per_layer = {"MHA": 192, "GQA-4": 96, "GQA-2": 48, "MQA": 24, "MQA+CLA2": 12, "GTA-2": 30,
                  "GTA-1": 18, "MLA-24": 30, "MLA-12": 18}
     for name, numbers in per_layer.items():
-        assert float(rows[name]["kv_cache_bytes_per_token"]) == 4 * 4 * numbers, name
+        assert rows[name]["kv_cache_bytes_per_token"] == 4 * 4 * numbers, name
     # 3 layers keep 32 of the 256 positions, 1 layer all of them: per token at context 256.
-    assert float(rows["local32+global"]["kv_cache_bytes_per_token"]) == \
+    assert rows["local32+global"]["kv_cache_bytes_per_token"] == \
         pytest.approx(4 * 192 * (1 + 3 * 32 / 256))
-    assert float(rows["MQA-int8"]["kv_cache_bytes_per_token"]) == 4 * 2 * (12 + 4)
-    params = [int(r["params"]) for r in rows.values()]
+    assert rows["MQA-int8"]["kv_cache_bytes_per_token"] == 4 * 2 * (12 + 4)
+    params = [r["params"] for r in rows.values()]
     assert max(params) - min(params) <= 1.5 * 96 * 4
+    pairs = compared_pairs(plan, ["GTA-2:GQA-2", "MQA+CLA2:MQA"])
+    compared = sweep_results.comparison_rows(seed_rows, pairs)
+    assert [r["kv_cache_ratio"] for r in compared] == [30 / 48, 0.5]
+
+
+@pytest.mark.slow
+def test_the_kv_budget_sweep_runs_end_to_end_at_toy_size(tmp_path, capsys):
+    """configs/sweep_kv_budget.py for a few steps and one seed, two of its methods: MQA,
+    and MQA with an int8 cache, which trains exactly as its float twin: the sweep copies
+    the twin's finished run and only evaluates it (through the int8 cache). Rows with KV
+    bytes at the timed context, the comparison and the frontier plots. (Every method's
+    row: test_the_kv_budget_sweep_accounts_every_method_at_the_timed_context; every
+    family trained: tests/test_families.py.)"""
+    config = kv_budget_config("train.steps=3", "train.log_every=3", "train.eval_every=3",
+                              "train.eval_batches=1", "train.batch_size=4",
+                              "train.final_eval_tokens=2048", "checkpoint.every=3",
+                              names=("MQA", "MQA-int8"))
+    run_sweep(config, tmp_path, seeds=1, decode_batch=2, decode_context=256,
+              compare=["MQA-int8:MQA"])
+    printed = capsys.readouterr().out
+    rows = {r["configuration"]: r for r in read_csv(tmp_path / "results.csv")}
+    assert list(rows) == ["MQA", "MQA-int8"]
+    assert float(rows["MQA"]["kv_cache_bytes_per_token"]) == 4 * 4 * 24
+    assert float(rows["MQA-int8"]["kv_cache_bytes_per_token"]) == 4 * 2 * (12 + 4)
     for png in ("frontier.png", "frontier_decode.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
-    compared = read_csv(tmp_path / "comparisons.csv")
-    assert [(r["configuration"], r["against"]) for r in compared] == [("GTA-2", "GQA-2"),
-                                                                       ("MQA+CLA2", "MQA")]
-    assert [float(r["kv_cache_ratio"]) for r in compared] == [30 / 48, 0.5]
-    assert "| GTA-2 | GQA-2 |" in (tmp_path / "results.md").read_text()
+    [compared] = read_csv(tmp_path / "comparisons.csv")
+    assert (compared["configuration"], compared["against"]) == ("MQA-int8", "MQA")
+    assert float(compared["kv_cache_ratio"]) == 128 / 384
+    assert "| MQA-int8 | MQA |" in (tmp_path / "results.md").read_text()
+
+    assert printed.count("training in") == 1
+    assert ("MQA-int8__seed=0: trains exactly as MQA__seed=0 (they differ only in "
+            "model.kv_cache_dtype)") in printed
+    float_run, int8_run = (json.loads((tmp_path / name / "result.json").read_text())
+                           for name in ("MQA__seed=0", "MQA-int8__seed=0"))
+    assert float_run["step"] == int8_run["step"] == 3
+    assert 0 < abs(int8_run["eval_loss"] - float_run["eval_loss"]) < 0.01 * float_run["eval_loss"]
+    saved = json.loads((tmp_path / "MQA-int8__seed=0" / "config.json").read_text())
+    assert saved["model"]["kv_cache_dtype"] == "int8"
 
 
 def test_comparisons_are_seed_paired_differences_as_scipy_computes_them():
-    from mqa import sweep_results
+    from mqa.sweep import results as sweep_results
     rng = np.random.default_rng(0)
     losses = {"A": rng.normal(2.0, 0.05, 5), "B": rng.normal(2.1, 0.05, 5)}
     seed_rows = [{"configuration": name, "seed": seed, "eval_loss": float(loss),
@@ -324,17 +385,10 @@ def test_comparisons_are_seed_paired_differences_as_scipy_computes_them():
     assert row["kv_cache_ratio"] == 0.25 and row["decode_speed_ratio"] == 3.0
 
 
-def test_bad_comparisons_are_one_line_errors_before_training(tmp_path):
-    for item in ["num_kv_heads=2", "num_kv_heads=2:num_kv_heads=8"]:
-        result = run_sweep(tmp_path, *TINY, "--sweep=model.num_kv_heads=2,1", f"--compare={item}")
-        assert_one_line_error(result, "--compare", "CONFIGURATION:AGAINST", "num_kv_heads=1")
-    assert not any(tmp_path.iterdir())
-
-
 def test_a_point_finished_before_new_config_fields_is_still_finished(tmp_path):
     """A result.json written before a field joined the schema counts as finished when the
     field is at its default (as a run resumes), and not when the point sets it otherwise."""
-    from mqa import sweep_results
+    from mqa.sweep import results as sweep_results
     config = tiny_config(**{"model.num_kv_heads": [2]})
     [point] = points(config, sweep_fields(config))
     (tmp_path / "checkpoints" / str(point.config.train.steps)).mkdir(parents=True)
@@ -348,26 +402,18 @@ def test_a_point_finished_before_new_config_fields_is_still_finished(tmp_path):
     assert sweep_results.finished_result(tmp_path, int8_point) is None
 
 
-@pytest.mark.slow
-def test_a_point_that_only_scores_differently_reuses_its_twins_training(tmp_path):
-    """An int8-cache point trains exactly as its float twin: the sweep copies the twin's
-    finished run and only evaluates it (through the int8 cache)."""
-    config_file = tmp_path / "twins.py"
-    config_file.write_text(
-        "import ml_collections\nfrom configs import tiny\n\n\ndef get_config():\n"
-        "    config = tiny.get_config()\n"
-        "    config.sweep = ml_collections.ConfigDict({'points': [\n"
-        "        {'name': 'float', 'model.num_kv_heads': 2},\n"
-        "        {'name': 'int8', 'model.num_kv_heads': 2, 'model.kv_cache_dtype': 'int8'}]},\n"
-        "        allow_dotted_keys=True)\n    return config\n")
-    workdir = tmp_path / "sweep"
-    result = run_sweep(workdir, f"--config={config_file}", *TINY[1:])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("training in") == 1
-    assert "int8: trains exactly as float (they differ only in model.kv_cache_dtype)" in result.stdout
-    float_run, int8_run = (json.loads((workdir / name / "result.json").read_text())
-                           for name in ("float", "int8"))
-    assert float_run["step"] == int8_run["step"] == 10
-    assert 0 < abs(int8_run["eval_loss"] - float_run["eval_loss"]) < 0.01 * float_run["eval_loss"]
-    saved = json.loads((workdir / "int8" / "config.json").read_text())
-    assert saved["model"]["kv_cache_dtype"] == "int8"
+def test_dotted_fields_read_and_set_any_depth_with_one_line_errors():
+    config = tiny_config()
+    assert get_dotted(config, "model.num_kv_heads") == 2
+    set_dotted(config, "model.num_kv_heads", 1)
+    assert config.model.num_kv_heads == 1
+    set_dotted(config, "extra.section.field", 3)  # created, for validate to name
+    assert get_dotted(config, "extra.section.field") == 3
+    for call, fragment in [
+            (lambda: get_dotted(config, "model.num_kv_head"), "did you mean 'num_kv_heads'"),
+            (lambda: get_dotted(config, "model.num_kv_heads.x"), "'num_kv_heads' is a value"),
+            (lambda: set_dotted(config, "model.num_kv_heads.x", 1), "'num_kv_heads' is a value"),
+            (lambda: set_dotted(config, "model", 1), "'model' is a section"),
+            (lambda: set_dotted(config, "model.num_kv_heads", "two"), "expected int like 1")]:
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            call()

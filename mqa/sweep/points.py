@@ -23,7 +23,8 @@ named points).
 
 Seeds are a field like any other (`train.seed`); `with_seeds` adds it. A point's
 *configuration* is its values without the seed: the statistics compare configurations
-over seeds (`mqa.statistics`).
+over seeds (`mqa.statistics`), each against a baseline configuration
+(`baseline_configuration`) and in any pairs asked for (`compared_pairs`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Iterable, Mapping
 
 import ml_collections
 
-from mqa.config import ConfigError, set_from_string, validate
+from mqa.config import ConfigError, get_dotted, set_dotted, set_from_string, validate
 
 SWEEP_FIELD = "sweep"
 POINTS_FIELD = "points"  # a list of named configurations: {"name": ..., "model.x": ...}
@@ -138,7 +139,7 @@ def parse_sweep_flags(items: Iterable[str], config: ml_collections.ConfigDict) -
         for value_text in filter(None, (v.strip() for v in text.split(","))):
             scratch = ml_collections.ConfigDict(base.to_dict())
             set_from_string(scratch, name, value_text)
-            values.append(_get(scratch, name))
+            values.append(get_dotted(scratch, name))
         fields[name] = values
     return fields
 
@@ -180,6 +181,59 @@ def points(config: ml_collections.ConfigDict, fields: Mapping[str, list]) -> lis
     return result
 
 
+def configurations(plan: Iterable[Point]) -> list[str]:
+    """The plan's configuration names, in order of first appearance."""
+    return list(dict.fromkeys(point.configuration for point in plan))
+
+
+def baseline_configuration(plan: list[Point], items: Iterable[str],
+                           config: ml_collections.ConfigDict) -> str:
+    """The configuration that `items` (FIELD=VALUE strings, each value read like a
+    `parse_sweep_flags` value; `points=NAME` for a named point) name, or the plan's first
+    configuration when there are none; a ConfigError naming the choices when they do not
+    name exactly one configuration."""
+    items = list(items)
+    if not items:
+        return plan[0].configuration
+    wanted = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise ConfigError(f"--baseline={item!r} must look like 'section.field=value'")
+        if name.strip() == POINTS_FIELD:
+            wanted[POINTS_FIELD] = text.strip()
+            continue
+        wanted.update({key: values[0] for key, values in
+                       parse_sweep_flags([item], config).items()})
+    matches = []
+    for point in plan:
+        values = {key: value["name"] if key == POINTS_FIELD else value
+                  for key, value in point.values.items()}
+        if all(key in values and values[key] == value for key, value in wanted.items()):
+            if point.configuration not in matches:
+                matches.append(point.configuration)
+    if len(matches) != 1:
+        what = "matches no configuration" if not matches else f"matches {len(matches)} configurations"
+        raise ConfigError(f"--baseline {' '.join(items)} {what}; the configurations are: "
+                          f"{', '.join(configurations(plan))}")
+    return matches[0]
+
+
+def compared_pairs(plan: list[Point], items: Iterable[str]) -> list[tuple[str, str]]:
+    """`["A:B", ...]` -> [("A", "B"), ...], each name a configuration of the plan; a
+    ConfigError naming the configurations when one is not."""
+    names = configurations(plan)
+    pairs = []
+    for item in items:
+        name, sep, against = (part.strip() for part in item.partition(":"))
+        for part in (name, against):
+            if not sep or part not in names:
+                raise ConfigError(f"--compare={item!r} must be CONFIGURATION:AGAINST, two of: "
+                                  f"{', '.join(names)}")
+        pairs.append((name, against))
+    return pairs
+
+
 def point_name(values: Mapping[str, Any]) -> str:
     """{"model.num_kv_heads": 8, "train.seed": 0} -> "num_kv_heads=8__seed=0".
 
@@ -202,29 +256,9 @@ def _format_value(value: Any) -> str:
     return "".join(c if c.isalnum() or c in "-_.+=" else "_" for c in text) or "_"
 
 
-def _get(config: Any, dotted: str) -> Any:
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    """Sets a dotted field; a section that does not exist is created, so that `validate`
-    names the unknown key with the valid ones."""
-    parent, _, field = dotted.rpartition(".")
-    node = config
-    for part in filter(None, parent.split(".")):
-        if part not in node:
-            node[part] = ml_collections.ConfigDict()
-        node = node[part]
-        if not isinstance(node, ml_collections.ConfigDict):
-            raise ConfigError(f"sweep field {dotted!r}: {part!r} is a value, not a section")
-    if isinstance(node.get(field), ml_collections.ConfigDict):
-        raise ConfigError(f"sweep field {dotted!r} is a section; name a field in it, e.g. "
-                          f"{dotted}.{next(iter(node[field].keys()), 'FIELD')}")
+def _set(config: ml_collections.ConfigDict, name: str, value: Any) -> None:
+    """`set_dotted`, its error naming the sweep field."""
     try:
-        node[field] = value
-    except TypeError:  # ConfigDict keeps a field's type
-        raise ConfigError(f"sweep field {dotted}={value!r} has type {type(value).__name__}; "
-                          f"expected {type(node[field]).__name__} like {node[field]!r}") from None
+        set_dotted(config, name, value)
+    except ConfigError as error:
+        raise ConfigError(f"sweep field {error}") from None

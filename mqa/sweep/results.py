@@ -6,11 +6,13 @@
    "step", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_tokens"
    (the final evaluation, over the whole held-out split)}
 
-Speeds are measured per configuration, side by side, and kept in `WORKDIR/speeds.json`.
-Two tables: `results_by_seed.csv` has a row per point (`seed_row`, `SEED_COLUMNS`);
-`results.csv` / `results.md` a row per configuration (`configuration_rows`), with each
-held-out metric's mean, sample sd and 95% interval over seeds, and its seed-paired
-difference against the baseline configuration with that difference's interval.
+Speeds are measured per configuration, side by side, and kept in `WORKDIR/speeds.json`
+(`mqa.sweep.speeds`). Two tables: `results_by_seed.csv` has a row per point (`seed_row`,
+`SEED_COLUMNS`); `results.csv` / `results.md` a row per configuration
+(`configuration_rows`), with each held-out metric's mean, sample sd and 95% interval over
+seeds, and its seed-paired difference against the baseline configuration with that
+difference's interval; `comparisons.csv` the pairs asked for (`comparison_rows`).
+`write_tables` writes them all.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Iterable
 from mqa import accounting
 from mqa import statistics as stats
 from mqa.config import ModelConfig, with_defaults
-from mqa.sweep import POINTS_FIELD, SEED_FIELD, Point
+from mqa.sweep.points import POINTS_FIELD, SEED_FIELD, Point
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
@@ -121,7 +123,7 @@ def configuration_columns(fields: Iterable[str]) -> list[str]:
 def seed_row(point: Point, result: dict, model_config: ModelConfig, speeds: dict) -> dict[str, Any]:
     """One row of results_by_seed.csv. model_config: the point's model as trained (from
     its config.json, so a BPE tokenizer's vocabulary size counts); speeds: its
-    configuration's side-by-side timings (`sweep.py`'s speeds.json entry)."""
+    configuration's side-by-side timings (its `mqa.sweep.speeds` entry)."""
     values = {name: value["name"] if name == POINTS_FIELD else value
               for name, value in point.values.items() if name != SEED_FIELD}
     decode = speeds.get("decode") or {}
@@ -215,3 +217,27 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def write_tables(workdir: pathlib.Path, fields: Iterable[str], seed_rows: list[dict],
+                 rows: list[dict], baseline: str, comparisons: list[tuple[str, str]]) -> str:
+    """Writes WORKDIR/results.csv, results_by_seed.csv, comparisons.csv (when there are
+    `comparisons`) and results.md; returns the markdown tables (what results.md holds
+    after its line about the baseline). fields: the swept dotted names; seed_rows and
+    rows: `seed_row`s and their `configuration_rows` against `baseline`."""
+    fields = list(fields)
+    columns = configuration_columns(fields)
+    table = markdown_table(rows, columns)
+    write_csv(rows, columns, workdir / "results.csv")
+    write_csv(seed_rows, seed_columns(fields), workdir / "results_by_seed.csv")
+    if comparisons:
+        compared = comparison_rows(seed_rows, comparisons)
+        write_csv(compared, list(COMPARISON_COLUMNS), workdir / "comparisons.csv")
+        table += ("\nSeed-paired differences in held-out loss (configuration minus against, "
+                  "95% interval), and the ratios of KV-cache bytes and decoding speed:\n\n"
+                  + markdown_table(compared, list(COMPARISON_COLUMNS)))
+    (workdir / "results.md").write_text(
+        f"Baseline: {baseline}. Means over seeds with 95% t intervals (half-widths); "
+        "differences are seed-paired against the baseline; resolved: the difference's "
+        "interval excludes zero.\n\n" + table)
+    return table

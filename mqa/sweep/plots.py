@@ -1,16 +1,19 @@
 """A sweep's figures (PNG, matplotlib's Agg backend): a metric against one swept field,
 the loss curves of all points on one figure, and the KV-budget frontier (a metric against
-KV-cache bytes per token, Pareto-optimal configurations joined)."""
+KV-cache bytes per token, Pareto-optimal configurations joined). `write_figures` draws a
+finished sweep's."""
 
 from __future__ import annotations
 
 import pathlib
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from mqa.sweep.points import POINTS_FIELD, SEED_FIELD  # noqa: E402
 
 
 def plot_metric(rows: list[dict], x: str, y: str, series: list[str], path: pathlib.Path,
@@ -114,3 +117,36 @@ def plot_frontier(rows: list[dict], y: str, path: pathlib.Path, *, ylabel: str, 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_figures(workdir: pathlib.Path, fields: Iterable[str], rows: list[dict],
+                  curves: Mapping[str, list[Mapping[str, list[tuple[int, float]]]]],
+                  baseline: str, decode_batch: int) -> None:
+    """Writes WORKDIR/eval_loss.png, eval_loss_diff.png, decode_tokens_per_sec.png (against
+    num_kv_heads, else the first swept field, else the configuration names; a line per
+    value of the other swept fields), loss_curves.png, frontier.png and
+    frontier_decode.png. fields: the swept dotted names; rows: the configuration rows
+    (`mqa.sweep.results.configuration_rows`); curves: as `plot_loss_curves` takes them."""
+    swept = [name for name in fields if name != SEED_FIELD]
+    x = ("num_kv_heads" if "model.num_kv_heads" in swept
+         else "configuration" if not swept or swept[0] == POINTS_FIELD else swept[0])
+    series = [name for name in swept if name not in ("model.num_kv_heads", x, POINTS_FIELD)]
+    plot_metric(rows, x, "eval_loss_mean", series, workdir / "eval_loss.png",
+                error="eval_loss_ci95", ylabel="held-out loss (nats/token)",
+                title=f"held-out loss, mean and 95% interval over "
+                f"{'/'.join(sorted({str(r['n']) for r in rows}))} seeds")
+    plot_metric(rows, x, "eval_loss_diff", series, workdir / "eval_loss_diff.png",
+                error="eval_loss_diff_ci95", zero_line=True,
+                ylabel="difference in held-out loss (nats/token)",
+                title=f"seed-paired difference against {baseline}, 95% interval")
+    plot_metric(rows, x, "decode_tokens_per_sec", series, workdir / "decode_tokens_per_sec.png",
+                ylabel="tokens/s", title=f"decoding, batch {decode_batch}, context "
+                f"{'/'.join(sorted({str(r['decode_context']) for r in rows}))}")
+    plot_loss_curves(curves, workdir / "loss_curves.png")
+    context = "/".join(sorted({str(r["decode_context"]) for r in rows}))
+    plot_frontier(rows, "eval_loss_mean", workdir / "frontier.png", error="eval_loss_ci95",
+                  ylabel="held-out loss (nats/token), mean and 95% interval",
+                  title=f"held-out loss against KV cache (at context {context})")
+    plot_frontier(rows, "decode_tokens_per_sec", workdir / "frontier_decode.png",
+                  lower_is_better=False, ylabel="decoding tokens/s",
+                  title=f"decoding, batch {decode_batch}, context {context}")

@@ -1,0 +1,31 @@
+"""A trained workdir's model continuing a prompt: `sample`, what `eval.py --sample` prints."""
+
+from __future__ import annotations
+
+import os
+
+from mqa.data import DataError
+from mqa.decode import generate
+from mqa.loading import load_model
+
+
+def sample(workdir: str | os.PathLike, prompt: str, *, step: int | None = None,
+           overrides: dict | None = None, max_new_tokens: int = 200,
+           temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+           seed: int = 0) -> str:
+    """The prompt and `max_new_tokens` tokens generated after it (`mqa.generate`, with the
+    KV cache), decoded to text with the model's tokenizer.
+
+    workdir: a training workdir or a checkpoint step directory; step, overrides: as
+    `load_model` takes them. temperature: 0 is greedy; top_k, top_p: sample from the k
+    most likely tokens, or the smallest set with this probability; seed: the sampling
+    seed. Errors are one line: CheckpointError, ConfigError, DataError (no tokenizer),
+    ValueError (an empty prompt, or more tokens than model.max_seq_len).
+    """
+    model = load_model(workdir, step=step, overrides=overrides)
+    if model.tokenizer is None:
+        raise DataError(f"{model.path} has no tokenizer.json, so text cannot be encoded; "
+                        "copy the model's tokenizer.json there")
+    tokens = generate(model, model.tokenizer.encode(prompt), max_new_tokens,
+                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return model.tokenizer.decode(tokens[0])

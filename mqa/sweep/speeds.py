@@ -1,0 +1,114 @@
+"""A sweep's speeds: every configuration's train step and decoding, timed side by side.
+
+Each configuration (its first point standing for all its seeds) has its train step (as
+`train.py` compiles it, `TRAIN_STEPS` steps per sample) and its trained model's cached
+decoding (`DECODE_STEPS` steps of `decode_batch` sequences from a cache holding
+`decode_context` tokens) compiled first, then all are timed in `TIMING_ROUNDS` alternating
+rounds (`mqa.timing.alternating_medians`), so that the machine's load falls on all alike.
+The medians are kept in WORKDIR/speeds.json, {configuration: {"train_tokens_per_sec",
+"config_sha256", "decode": {"context", "batch", "steps", "tokens_per_sec",
+"requested_context"}}}, and timed again, all together, when any configuration is new or
+trained with another config, or the decode settings differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import sys
+from typing import Callable
+
+import tqdm
+
+from mqa.loading import load_model
+from mqa.sweep.points import Point
+from mqa.sweep.results import config_snapshot
+from mqa.timing import alternating_medians, decode_loop, timed, train_loop
+
+DECODE_STEPS = 32    # cached decoding steps per timing
+TRAIN_STEPS = 3      # train steps per timing
+TIMING_ROUNDS = 5    # alternating rounds; the median is reported
+SPEEDS_FILE = "speeds.json"
+
+
+def config_digest(point: Point) -> str:
+    """sha256 of the point's training config (as JSON): what its speeds were measured for,
+    without writing the config (and its local paths) into speeds.json."""
+    text = json.dumps(config_snapshot(point), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _counted(run: Callable[[], float], bar: tqdm.tqdm) -> Callable[[], float]:
+    """`run`, advancing `bar` after each call (outside the time it measures)."""
+    def counted_run() -> float:
+        seconds = run()
+        bar.update()
+        return seconds
+    return counted_run
+
+
+def time_speeds(representatives: dict[str, Point], workdir: pathlib.Path, context: int,
+                batch: int) -> dict[str, dict]:
+    """Train-step and decoding tokens/s of each configuration (by name, each represented by
+    its first point, whose trained weights decode), as speeds.json holds them. A progress
+    bar on stderr counts the compilations and then the timed runs."""
+    runs, used, tokens = {}, {}, {}
+    total = 2 * len(representatives) * (1 + TIMING_ROUNDS)
+    bar = tqdm.tqdm(total=total, desc="timing", unit="run", file=sys.stderr, dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    with bar:
+        for name, point in representatives.items():
+            bar.set_postfix_str(f"compiling {name}")
+            train_run, tokens[name] = train_loop(point.config, TRAIN_STEPS)
+            train_run()  # compile
+            bar.update()
+            runs[("train", name)] = _counted(timed(train_run), bar)
+            model = load_model(workdir / point.name)
+            limit = model.model_config.max_seq_len - DECODE_STEPS
+            used[name] = min(context, limit)
+            if used[name] < context:
+                bar.write(f"{name}: decode context {context} capped to {limit} (model.max_seq_len="
+                          f"{model.model_config.max_seq_len} minus {DECODE_STEPS} timed steps)",
+                          file=sys.stdout)
+            decode_run, _, _ = decode_loop(model.graphdef, model.params, model.model_config,
+                                           batch, used[name], DECODE_STEPS)
+            decode_run()  # compile
+            bar.update()
+            runs[("decode", name)] = _counted(timed(decode_run), bar)
+        bar.set_postfix_str(f"{TIMING_ROUNDS} alternating rounds")
+        medians = alternating_medians(runs, TIMING_ROUNDS)
+    speeds = {}
+    for name, point in representatives.items():
+        train_rate = tokens[name] / medians[("train", name)]
+        decode_rate = batch * DECODE_STEPS / medians[("decode", name)]
+        print(f"{name}: training {train_rate:,.0f} tokens/s, decoding {decode_rate:,.0f} "
+              f"tokens/s (batch {batch}, context {used[name]})", flush=True)
+        speeds[name] = {"train_tokens_per_sec": train_rate,
+                        "config_sha256": config_digest(point),
+                        "decode": {"context": used[name], "batch": batch, "steps": DECODE_STEPS,
+                                   "tokens_per_sec": decode_rate, "requested_context": context}}
+    return speeds
+
+
+def measured_speeds(plan: list[Point], workdir: pathlib.Path, context: int,
+                    batch: int) -> dict[str, dict]:
+    """Each configuration's speeds, by name: WORKDIR/speeds.json's when it holds every
+    configuration of the plan, measured for its config and these decode settings;
+    otherwise all timed again side by side (`time_speeds`) and saved."""
+    representatives = {}
+    for point in plan:
+        representatives.setdefault(point.configuration, point)
+    path = workdir / SPEEDS_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    current = all(
+        name in saved and saved[name].get("config_sha256") == config_digest(point)
+        and (saved[name]["decode"]["requested_context"], saved[name]["decode"]["batch"])
+        == (context, batch) for name, point in representatives.items())
+    if current:
+        return saved
+    speeds = time_speeds(representatives, workdir, context, batch)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(speeds, indent=2) + "\n")
+    tmp.replace(path)
+    return speeds
