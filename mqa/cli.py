@@ -1,5 +1,9 @@
 """What the command lines (train.py, eval.py, sweep.py, python -m mqa.analysis) share:
-one-line errors instead of tracebacks."""
+one-line errors instead of tracebacks, and one exit status for every refusal:
+
+  0  done    2  refused (a bad flag, config, data, checkpoint or other input; one line on stderr)
+  130  interrupted (SIGINT), 143  terminated (SIGTERM), after saving a checkpoint (train.py)
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     config file or a bad --config override reported in one line, not a traceback."""
     for arg in argv[1:]:
         if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):
-            sys.exit(f"error: config file {arg.split('=', 1)[1]!r} does not exist")
+            fail(f"config file {arg.split('=', 1)[1]!r} does not exist")
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
@@ -30,5 +34,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         message = str(error.args[0]) if error.args else str(error)
         words = " ".join(message.replace("'", "").split())
         culprit = next((arg for arg in argv[1:] if words and words.split()[0] in arg), None)
+        words = words.replace(" Did you mean", "; did you mean")
         where = f" in {culprit}" if culprit and culprit not in words else ""
-        sys.exit(f"error: invalid command line{where}: {words}")
+        fail(f"invalid command line{where}: {words}")
