@@ -1,0 +1,40 @@
+"""benchmarks/serving.py at toy size: the budget's batches from the cache's bytes, every
+row measured and written, and one-line errors for bad arguments."""
+
+import csv
+
+import pytest
+
+from benchmarks import serving
+
+
+@pytest.mark.slow
+def test_serving_runs_and_the_budget_admits_sequences_by_cache_size(tmp_path):
+    rows = serving.main(["--budget_gb=0.002", "--context=32", "--variants=MHA,MQA",
+                         "--fractions=1,0.5", "--steps=2", "--repeats=1", "--bandwidth_mb=16",
+                         "--out", str(tmp_path)])
+    by = {(r["configuration"], r["batch"]): r for r in rows}
+    most = {r["configuration"]: r["max_batch"] for r in rows}
+    # 8 K/V heads against 1: eight times the sequences in the same memory.
+    assert most["MHA"] == 2_000_000 // (2 * 8 * 32 * 4 * 32 * 4)
+    assert most["MQA"] == 2_000_000 // (2 * 1 * 32 * 4 * 32 * 4)
+    assert {(name, batch) for name, batch in by} == {
+        (name, b) for name in most for b in {most[name], max(1, round(most[name] / 2))}}
+    assert all(r["tokens_per_sec"] > 0 and r["memory_floor_fraction"] > 0 for r in rows)
+    assert all(r["prefill_s"] > 0 for r in rows if r["is_max_batch"])
+    with (tmp_path / "serving.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "serving.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--variants=MHA,XYZ"], "--variants: 'XYZ' is not one of MHA"),
+    (["--budget_gb=0"], "--budget_gb=0.0 must be > 0"),
+    (["--fractions=1,2"], "must be in (0, 1]"),
+])
+def test_bad_arguments_are_one_line_errors(argv, fragment, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        serving.main([*argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())
