@@ -21,12 +21,12 @@ import ml_collections
 from mqa import accounting
 from mqa.attention import BACKENDS, FAMILIES
 from mqa.errors import ConfigError
+from mqa.kv_cache import CACHE_DTYPES
 from mqa.model_config import ModelConfig
 
 __all__ = ["ConfigError", "ModelConfig", "default_config", "get_dotted", "load_config_file",
            "build_model_config", "set_from_string", "validate", "with_defaults"]
 
-KV_CACHE_DTYPES = ("", "int8")
 TRAINABLE = ("all", "attention")  # train.trainable
 DTYPES = ("float32", "bfloat16")
 
@@ -230,7 +230,7 @@ def _check_attention_family(m) -> None:
     fields and cache policies that combine with it."""
     _check_choice("model.attention", m.attention, tuple(FAMILIES))
     _check_choice("model.attention_impl", m.attention_impl, tuple(BACKENDS))
-    _check_choice("model.kv_cache_dtype", m.kv_cache_dtype, KV_CACHE_DTYPES)
+    _check_choice("model.kv_cache_dtype", m.kv_cache_dtype, CACHE_DTYPES)
     for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window", "global_every"):
         if m[name] < 0:
             raise ConfigError(f"model.{name}={m[name]} must be >= 0")

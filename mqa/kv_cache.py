@@ -23,6 +23,7 @@ from mqa.attention import CacheEntry, Keys, family
 from mqa.model_config import ModelConfig
 
 SCALE_DTYPE = jnp.float32  # int8 caches: one absmax scale per token and head
+CACHE_DTYPES = ("", "int8")  # model.kv_cache_dtype: '' stores the compute dtype
 
 
 class KVCache(NamedTuple):
