@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from mqa.config import build_model_config, ConfigError, ModelConfig, validate
+from mqa.config import ModelConfig, build_model_config, get_dotted, set_dotted, validate
 from mqa.model import Transformer
 from mqa.workdir import CheckpointError  # noqa: F401  re-exported: load_model raises it
 from mqa.workdir import find_workdir, load_tokenizer, read_config, restore_params
@@ -58,10 +58,8 @@ def load_model(path: str | pathlib.Path, *, step: int | None = None,
     workdir, path_step = find_workdir(path)
     config = read_config(workdir)
     for name, value in (overrides or {}).items():
-        section, _, field = name.partition(".")
-        if section not in config or field not in config[section]:
-            raise ConfigError(f"unknown config key {name!r}")
-        config[section][field] = value
+        get_dotted(config, name)  # a ConfigError naming an unknown key
+        set_dotted(config, name, value)
     validate(config)
     model_config = build_model_config(config.model)
     abstract_model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
