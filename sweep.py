@@ -4,6 +4,8 @@ tabulate them with error bars.
   python sweep.py --config=configs/sweep_kv_heads.py --workdir=runs/kv_sweep --seeds=4
   python sweep.py --config=configs/tiny.py --workdir=runs/tiny_sweep \
       --sweep=model.num_kv_heads=2,1 --seeds=3 --baseline=model.num_kv_heads=2
+  python sweep.py --config=configs/sweep_kv_heads.py --workdir=runs/kv_lr \
+      --tune=train.learning_rate=1e-3,2e-3,4e-3
 
 The config's `sweep` field (or the --sweep flags, which replace it) lists the values of
 each field; the points are their cartesian product, with train.seed = 0..N-1 as one more
@@ -19,10 +21,16 @@ the sweep writes:
   WORKDIR/results.csv, results.md   a row per configuration: held-out loss and bits per
                                     byte as mean, sd and 95% interval over seeds, and the
                                     seed-paired difference against --baseline with its
-                                    interval (columns: mqa/sweep/results.py)
+                                    interval, paired t-test p, and p Holm-adjusted over all
+                                    the sweep's comparisons (resolved: below 0.05; columns:
+                                    mqa/sweep/results.py)
   WORKDIR/results_by_seed.csv       a row per point (configuration and seed)
-  WORKDIR/comparisons.csv           with --compare=A:B, the seed-paired difference A - B
+  WORKDIR/comparisons.csv           for the config's sweep.contrasts and --compare=A:B, the
+                                    seed-paired difference A - B with its p and Holm p,
                                     and A's KV-cache and decoding-speed ratios to B
+  WORKDIR/tuning.csv, tuning.png    with --tune (or sweep.tune), every tuning run's loss on
+                                    the held-out split's tuning half; each configuration
+                                    reports at its best value, on the test half
   WORKDIR/speeds.json               the side-by-side timings, per configuration
   WORKDIR/eval_loss.png             held-out loss (mean, 95% interval) against num_kv_heads
                                     (or the first field); eval_loss_diff.png the paired
@@ -34,6 +42,7 @@ The work is `mqa.sweep.run.run_sweep`; this file maps the flags to its arguments
 errors to one line.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -59,7 +68,15 @@ flags.DEFINE_multi_string("baseline", [], "FIELD=VALUE (repeat for more fields):
                           "configuration the others are compared with; default: the first.")
 flags.DEFINE_multi_string("compare", [], "CONFIGURATION:AGAINST (repeatable), e.g. "
                           "--compare=GTA-2:GQA-2: also report that seed-paired difference "
-                          "(comparisons.csv and results.md).")
+                          "(comparisons.csv and results.md), added to the contrasts the "
+                          "config declares (sweep.contrasts) in one Holm-corrected family.")
+flags.DEFINE_string("tune", None, "FIELD=V1,V2,...: train each configuration at every value "
+                    "on tuning seeds (1000, 1001, ...), choose the lowest loss on the held-out "
+                    "split's tuning half, and report the reporting seeds at that value on its "
+                    "test half; replaces the config's sweep.tune. E.g. "
+                    "--tune=train.learning_rate=1e-3,2e-3,4e-3")
+flags.DEFINE_integer("tune_seeds", None, "Tuning seeds per configuration and value (default: "
+                     "the config's sweep.tune_seeds, else 1).")
 flags.DEFINE_integer("decode_context", 1024, "Tokens in the KV cache while timing decoding "
                      f"(capped at model.max_seq_len - {DECODE_STEPS}).", lower_bound=1)
 flags.DEFINE_integer("decode_batch", 8, "Sequences decoded at once while timing.", lower_bound=1)
@@ -75,6 +92,7 @@ def main(argv):
             raise ConfigError("pass --config=configs/NAME.py, e.g. configs/sweep_kv_heads.py")
         table = run_sweep(FLAGS.config, FLAGS.workdir, sweep=FLAGS.sweep, seeds=FLAGS.seeds,
                           baseline=FLAGS.baseline, compare=FLAGS.compare,
+                          tune=FLAGS.tune, tune_seeds=FLAGS.tune_seeds,
                           decode_context=FLAGS.decode_context, decode_batch=FLAGS.decode_batch)
     except (ConfigError, DataError, CheckpointError, trainer.NonFiniteLoss) as error:
         fail(str(error))
@@ -82,9 +100,12 @@ def main(argv):
         print(stop, file=sys.stderr)
         sys.exit(143)
     print("\n" + table)
-    print(f"wrote {FLAGS.workdir}/results.csv, results.md, results_by_seed.csv, eval_loss.png, "
-          "eval_loss_diff.png, decode_tokens_per_sec.png, loss_curves.png, frontier.png and "
-          "frontier_decode.png")
+    written = ["results.csv", "results.md", "results_by_seed.csv", "comparisons.csv",
+               "tuning.csv", "tuning.png", "eval_loss.png", "eval_loss_diff.png",
+               "decode_tokens_per_sec.png", "loss_curves.png", "frontier.png",
+               "frontier_decode.png"]
+    written = [name for name in written if os.path.exists(os.path.join(FLAGS.workdir, name))]
+    print(f"wrote {FLAGS.workdir}/{', '.join(written[:-1])} and {written[-1]}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,16 @@ A stream of n tokens is cut into windows of `seq_len + 1` tokens (`data.eval_win
 non-overlapping by default, or every `stride` tokens, in which case each window scores only
 the `stride` targets no earlier window scored. Windows are scored `batch_size` at a time,
 the last batch padded with rows that weigh nothing, so one compiled shape serves them all.
+
+The windows split into two halves (`part_windows`), for choosing a setting on one and
+reporting on the other (the sweep's tuning, `mqa.sweep.tuning`): of W windows, the
+*tuning* half is the first W // 2 and the *test* half the rest. Contiguous halves, not
+interleaved blocks, because neighbouring text is alike (the same scene, the same names):
+with one boundary between them the halves share the least of it, so a setting chosen for
+the tuning half's peculiarities carries as little of them as possible into the test half.
+With overlapping windows (`stride`) each window still scores only the targets no earlier
+window of the whole split scored, so the halves' targets are disjoint and together are the
+whole split's.
 """
 
 from __future__ import annotations
@@ -32,6 +42,23 @@ from mqa.training import make_eval_step
 
 # (windows int32 [batch, seq_len + 1], weights float32 [batch, seq_len]) -> (nll sum, weight sum)
 BatchNll = Callable[[np.ndarray, np.ndarray], tuple[float, float]]
+HELD_OUT_PARTS = ("tuning", "test")  # the halves of the windows (`part_windows`)
+
+
+def part_windows(num_windows: int, part: str | None) -> range:
+    """The indices of the windows that `part` scores, of `num_windows`: None all of them,
+    "tuning" the first num_windows // 2, "test" the rest. A ConfigError for another part;
+    a DataError when a half would be empty (fewer than 2 windows)."""
+    if part is None:
+        return range(num_windows)
+    if part not in HELD_OUT_PARTS:
+        raise ConfigError(f"held-out part {part!r} must be one of {', '.join(HELD_OUT_PARTS)} "
+                          "(or None: the whole split)")
+    if num_windows < 2:
+        raise DataError(f"the held-out split has {num_windows} evaluation window(s); its "
+                        "tuning and test halves need at least 2")
+    middle = num_windows // 2
+    return range(0, middle) if part == "tuning" else range(middle, num_windows)
 
 
 def scored_positions(num_windows: int, seq_len: int, stride: int, first: int = 0) -> np.ndarray:
@@ -51,27 +78,32 @@ def scored_positions(num_windows: int, seq_len: int, stride: int, first: int = 0
 
 def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batch_size: int,
                   stride: int | None = None, max_windows: int | None = None,
-                  bytes_per_token: float = 1.0, progress: bool = False) -> dict:
+                  bytes_per_token: float = 1.0, progress: bool = False,
+                  part: str | None = None) -> dict:
     """{"loss" (nats/token), "perplexity", "bits_per_byte", "tokens" (targets scored)}.
 
     tokens: int [n] (an array or a token_files.TokenStream). max_windows: score only the
     first this many windows (None: all), reading only the tokens they cover.
     batch_nll: scores one padded batch (see `BatchNll`); the trainer's shards it over its
-    mesh, `evaluate_tokens`' runs a loaded model.
+    mesh, `evaluate_tokens`' runs a loaded model. part: None for every window, "tuning" or
+    "test" for that half of them (`part_windows`, after max_windows).
     """
     stride = seq_len if stride is None else stride
     if max_windows is not None:  # read only the tokens the first max_windows windows cover
         tokens = tokens[:(max_windows - 1) * stride + seq_len + 1]
     window_starts = data.eval_window_starts(len(tokens), seq_len, stride=stride)
+    selected = part_windows(len(window_starts), part)
     loss_sum, count = 0.0, 0.0
     # Tokens scored, with their rate and the time left: every target of the first window
     # and `stride` of each later one.
-    bar = tqdm.tqdm(total=seq_len + (len(window_starts) - 1) * stride, desc="eval",
-                    unit="token", unit_scale=True, disable=not progress, file=sys.stderr,
-                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    for start in range(0, len(window_starts), batch_size):
+    bar = tqdm.tqdm(total=len(selected) * stride + (seq_len - stride) * (selected.start == 0),
+                    desc="eval", unit="token", unit_scale=True, disable=not progress,
+                    file=sys.stderr, dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    for start in range(selected.start, selected.stop, batch_size):
         # One batch of windows at a time: memory stays flat however long the split is.
-        chunk = token_files.read_windows(tokens, window_starts[start:start + batch_size], seq_len + 1)
+        stop = min(start + batch_size, selected.stop)
+        chunk = token_files.read_windows(tokens, window_starts[start:stop], seq_len + 1)
         weights = scored_positions(len(chunk), seq_len, stride, first=start)
         pad = batch_size - len(chunk)
         if pad:  # keep one compiled shape; padded rows weigh nothing
@@ -101,16 +133,18 @@ def model_batch_nll(model: LoadedModel, *, cached: bool | None = None) -> BatchN
 
 def evaluate_tokens(model: LoadedModel, tokens: np.ndarray, *, seq_len: int,
                     stride: int | None = None, batch_size: int = 8, bytes_per_token: float = 1.0,
-                    progress: bool = True, cached: bool | None = None) -> dict:
+                    progress: bool = True, cached: bool | None = None,
+                    max_windows: int | None = None, part: str | None = None) -> dict:
     """`held_out_loss` of a loaded model on `tokens` (int [n]).
 
     stride: None (= seq_len) for non-overlapping windows; smaller for a sliding window in
     which every scored token sees at least seq_len - stride tokens of context.
     cached: score through the KV cache, as decoding reads it (`make_eval_step`; None:
-    exactly when the model has an int8 cache).
+    exactly when the model has an int8 cache). max_windows, part: as `held_out_loss`.
     """
     return held_out_loss(model_batch_nll(model, cached=cached), tokens, seq_len=seq_len, batch_size=batch_size,
-                         stride=stride, bytes_per_token=bytes_per_token, progress=progress)
+                         stride=stride, bytes_per_token=bytes_per_token, progress=progress,
+                         max_windows=max_windows, part=part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +197,8 @@ def evaluation_text(model: LoadedModel, text: str | os.PathLike | None,
 def evaluate(workdir: str | os.PathLike, *, step: int | None = None,
              overrides: dict | None = None, text: str | os.PathLike | None = None,
              seq_len: int | None = None, stride: int | None = None, batch_size: int = 8,
-             cached: bool | None = None, progress: bool = True) -> dict:
+             cached: bool | None = None, progress: bool = True,
+             max_windows: int | None = None, part: str | None = None) -> dict:
     """A trained model's held-out loss: {"loss" (nats/token), "perplexity",
     "bits_per_byte", "tokens" (targets scored)}, what `eval.py` prints.
 
@@ -172,10 +207,12 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None,
     (`load_model`). text: a text file to score instead of the run's held-out split.
     seq_len: the window (default: train.seq_len); stride: score overlapping windows every
     `stride` tokens (`held_out_loss`); cached: through the KV cache (`evaluate_tokens`).
-    progress: a bar on stderr with tokens scored, tokens/s and the time left. What is
-    scored is named on `sys.__stderr__` first (which a damaged checkpoint's fallback
-    leaves open; see `mqa.checkpoint`). Errors are one line: CheckpointError,
-    ConfigError, DataError.
+    max_windows: only the first this many windows (None: all; a run's final evaluation
+    scores `mqa.trainer.final_eval_windows`); part: None for all of them, "tuning" or
+    "test" for that half (`part_windows`). progress: a bar on stderr with tokens scored,
+    tokens/s and the time left. What is scored is named on `sys.__stderr__` first (which a
+    damaged checkpoint's fallback leaves open; see `mqa.checkpoint`). Errors are one line:
+    CheckpointError, ConfigError, DataError.
     """
     model = load_model(workdir, step=step, overrides=overrides)
     if model.tokenizer is None and text:
@@ -188,7 +225,9 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None,
     scored = evaluation_text(model, text, seq_len)
     print(f"evaluating step {model.step} of {model.path} on {scored.source} "
           f"({len(scored.tokens):,} tokens, windows of {seq_len}"
-          f"{f', stride {stride}' if stride else ''})", file=sys.__stderr__, flush=True)
+          f"{f', stride {stride}' if stride else ''}"
+          f"{f', first {max_windows:,}' if max_windows else ''}"
+          f"{f'; its {part} half' if part else ''})", file=sys.__stderr__, flush=True)
     return evaluate_tokens(model, scored.tokens, seq_len=seq_len, stride=stride,
                            batch_size=batch_size, bytes_per_token=scored.bytes_per_token,
-                           progress=progress, cached=cached)
+                           progress=progress, cached=cached, max_windows=max_windows, part=part)

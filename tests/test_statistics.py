@@ -1,5 +1,6 @@
-"""Seed statistics against independent references: a hand-worked t-table example and
-scipy's paired t-test, which computes its interval its own way."""
+"""Seed statistics against independent references: a hand-worked t-table example,
+scipy's paired t-test (its interval and p-value, computed its own way), and Holm's
+adjustment worked by hand on fixed vectors."""
 
 import math
 
@@ -61,3 +62,56 @@ def test_seeds_needed_for_a_target_interval():
     assert scipy.stats.t.ppf(0.975, n - 1) * 0.036 / math.sqrt(n) <= 0.015
     assert scipy.stats.t.ppf(0.975, n - 2) * 0.036 / math.sqrt(n - 1) > 0.015
     assert 20 <= n <= 30
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paired_p_value_is_scipys_two_sided_paired_t_test(seed):
+    rng = np.random.default_rng(seed)
+    n = 3 + seed
+    baseline = rng.normal(2.0, 0.05, size=n)
+    other = baseline + rng.normal(0.01 * seed, 0.02, size=n)
+    diff = stats.paired_difference(dict(enumerate(other)), dict(enumerate(baseline)))
+    expected = scipy.stats.ttest_rel(other, baseline, alternative="two-sided").pvalue
+    assert diff["p"] == pytest.approx(expected, rel=1e-9)
+    assert diff["resolved"] == bool(expected < 0.05)  # the interval excludes zero exactly then
+    # The same test either way round.
+    reverse = stats.paired_difference(dict(enumerate(baseline)), dict(enumerate(other)))
+    assert reverse["p"] == pytest.approx(diff["p"], rel=1e-12)
+
+
+def test_p_value_edge_cases():
+    assert stats.t_test_p([0.3]) is None and stats.t_test_p([]) is None
+    assert stats.paired_difference({0: 2.0}, {0: 1.0})["p"] is None
+    assert stats.t_test_p([0.0, 0.0, 0.0]) == 1.0      # identical runs: no evidence
+    assert stats.t_test_p([0.25, 0.25, 0.25]) == 0.0   # a constant non-zero difference
+    # Two values: t = mean / (sd / sqrt 2) on 1 degree of freedom, by hand.
+    d = [0.1, 0.3]
+    t = 0.2 / (math.sqrt(0.02) / math.sqrt(2))
+    assert stats.t_test_p(d) == pytest.approx(1 - 2 * math.atan(t) / math.pi, rel=1e-12)
+
+
+def test_holm_step_down_on_fixed_vectors():
+    # m = 5. Sorted: 0.001, 0.01, 0.02, 0.04, 0.3 -> times 5, 4, 3, 2, 1:
+    # 0.005, 0.04, 0.06, 0.08, 0.3, each then raised to the largest before it (monotone).
+    p = [0.02, 0.3, 0.001, 0.04, 0.01]
+    assert stats.holm(p) == pytest.approx([0.06, 0.3, 0.005, 0.08, 0.04], rel=1e-12)
+    # The step-down's running maximum. Sorted 0.012, 0.013, 0.05 -> times 3, 2, 1: 0.036,
+    # 0.026 -> 0.036 (never below the one before), 0.05.
+    assert stats.holm([0.05, 0.012, 0.013]) == pytest.approx([0.05, 0.036, 0.036], rel=1e-12)
+    # Capped at 1; None is not in the family (m = 2 here); a family of one is left alone.
+    assert stats.holm([0.7, None, 0.6]) == pytest.approx([1.0, None, 1.0]) and \
+        stats.holm([0.7, None, 0.6])[1] is None
+    assert stats.holm([0.03]) == [0.03]
+    assert stats.holm([]) == []
+    # Ties: 0.01 * 3 = 0.03 for the first, 0.01 * 2 raised to 0.03 for the second.
+    assert stats.holm([0.01, 0.01, 0.5]) == pytest.approx([0.03, 0.03, 0.5], rel=1e-12)
+
+
+def test_holm_never_lowers_a_p_and_is_below_bonferroni():
+    rng = np.random.default_rng(7)
+    p = list(rng.uniform(0, 0.2, size=12))
+    adjusted = stats.holm(p)
+    for raw, adj in zip(p, adjusted):
+        assert raw <= adj <= min(1.0, 12 * raw) + 1e-15
+    order = np.argsort(p)
+    assert all(np.diff(np.array(adjusted)[order]) >= 0)  # monotone in the raw p

@@ -3,8 +3,10 @@
 
 import csv
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,8 +19,9 @@ import scipy.stats
 from mqa import accounting
 from mqa.config import build_model_config, ConfigError, ModelConfig, get_dotted, load_config_file, set_dotted
 from mqa.sweep import results as sweep_results
-from mqa.sweep.points import (compared_pairs, configurations, parse_sweep_flags, point_name,
-                              points, sweep_fields, training_config, with_seeds)
+from mqa.sweep.points import (compared_pairs, configurations, declared_contrasts,
+                              parse_sweep_flags, point_name, points, sweep_fields,
+                              training_config, with_seeds)
 from mqa.sweep.run import run_sweep
 from tests.test_train_cli import REPO, assert_one_line_error
 
@@ -33,7 +36,8 @@ DECODE = dict(decode_batch=2, decode_context=64)
 TINY_FLAGS = ["--config=configs/tiny.py", *(f"--config.{item}" for item in TINY),
               "--decode_batch=2", "--decode_context=64"]
 SUMMARY = [f"{metric}_{part}" for metric in ("eval_loss", "eval_bits_per_byte")
-           for part in ("mean", "sd", "ci95", "diff", "diff_ci95", "diff_resolved")]
+           for part in ("mean", "sd", "ci95", "diff", "diff_ci95", "diff_p", "diff_p_holm",
+                        "diff_resolved")]
 EXPECTED_COLUMNS = ["configuration", "attention", "num_kv_heads", "mlp_dim", "params",
                     "kv_cache_bytes_per_token", "n", *SUMMARY, "train_tokens_per_sec",
                     "decode_context", "decode_tokens_per_sec"]
@@ -133,6 +137,25 @@ def test_sweep_py_reports_a_bad_sweep_flag_in_one_line_before_creating_anything(
      ["--compare", "CONFIGURATION:AGAINST", "num_kv_heads=1"]),
     (dict(sweep=["model.num_kv_heads=2,1"], compare=["num_kv_heads=2:num_kv_heads=8"]),
      ["--compare", "CONFIGURATION:AGAINST", "num_kv_heads=1"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], compare=["num_kv_heads=2:num_kv_heads=2"]),
+     ["--compare='num_kv_heads=2:num_kv_heads=2'", "two different configurations"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], tune="train.learning_rat=1e-3,2e-3"),
+     ["train.learning_rat", "did you mean 'learning_rate'"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], tune="train.learning_rate=1e-3"),
+     ["--tune=train.learning_rate=1e-3", "at least two different values"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], tune="train.learning_rate"),
+     ["--tune='train.learning_rate' must look like 'section.field=value,value,...'"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], tune="model.num_kv_heads=2,1"),
+     ["--tune field model.num_kv_heads is also swept"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], tune="train.seed=1,2"),
+     ["train.seed cannot be tuned"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], tune="model.num_heads=4,3"),
+     ["tuning num_kv_heads=2 at model.num_heads=3", "num_heads"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], tune="train.learning_rate=1e-3,2e-3", tune_seeds=0),
+     ["--tune_seeds=0 must be an integer >= 1"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], tune_seeds=2), ["--tune_seeds=2 needs a field to tune"]),
+    (dict(sweep=["model.num_kv_heads=2", "train.seed=0,1000"], tune="train.learning_rate=1e-3,2e-3"),
+     ["reporting seeds [1000] are in the tuning seeds' range", "below 1000"]),
 ])
 def test_bad_options_are_one_line_errors_before_anything_is_created(tmp_path, options, fragments):
     with pytest.raises(ConfigError) as error:
@@ -141,6 +164,35 @@ def test_bad_options_are_one_line_errors_before_anything_is_created(tmp_path, op
     for fragment in fragments:
         assert fragment in str(error.value)
     assert not (tmp_path / "sweep").exists()  # nothing trained or created
+
+
+@pytest.mark.parametrize("sweep,fragments", [
+    ({"contrasts": ["num_kv_heads=2:MHA"]},
+     ["sweep.contrasts='num_kv_heads=2:MHA'", "num_kv_heads=2, num_kv_heads=1"]),
+    ({"contrasts": "num_kv_heads=2:num_kv_heads=1"}, ["must be a list of 'CONFIGURATION:AGAINST'"]),
+    ({"tune": {"train.learning_rate": [1e-3, 2e-3], "train.warmup_steps": [1, 2]}},
+     ["must name one field to tune", "got 2"]),
+    ({"tune": {"train.learning_rate": 1e-3}}, ["sweep.tune field 'train.learning_rate' must be a list"]),
+    ({"tune": {"train.learning_rate": [1e-3, "fast"]}},
+     ["tuning num_kv_heads=2 at train.learning_rate='fast'"]),
+    ({"tune": {"train.learning_rate": [1e-3, 2e-3]}, "tune_seeds": "two"},
+     ["--tune_seeds='two' must be an integer >= 1"]),
+])
+def test_bad_sweep_options_in_the_config_are_one_line_errors(tmp_path, sweep, fragments):
+    config = tiny_config(*TINY, **{"model.num_kv_heads": [2, 1], **sweep})
+    with pytest.raises(ConfigError) as error:
+        run_sweep(config, tmp_path / "sweep", **DECODE)
+    assert "\n" not in str(error.value)
+    for fragment in fragments:
+        assert fragment in str(error.value)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_py_reports_a_bad_tune_flag_in_one_line(tmp_path):
+    result = sweep_py(tmp_path / "a", *TINY_FLAGS, "--sweep=model.num_kv_heads=2,1",
+                      "--tune=train.learning_rate=1e-3,fast")
+    assert_one_line_error(result, "train.learning_rate='fast'")
+    assert not (tmp_path / "a").exists()
 
 
 def test_named_points_combine_with_seeds():
@@ -199,20 +251,24 @@ def read_csv(path):
 
 @pytest.mark.slow
 def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, capsys):
-    """Two configurations x two seeds: each table row summarises its per-seed rows
-    (checked with scipy), a re-run (sweep.py: its flags and printed table) trains and
-    times nothing, and another baseline or other decode settings only recompute what they
+    """Two configurations x two seeds, with a contrast declared in the config: each table
+    row summarises its per-seed rows (checked with scipy: intervals, paired t-test p, and
+    Holm over a family of one, since the contrast is the baseline comparison the other way
+    round), a re-run (sweep.py: its flags, --compare and printed table) trains and times
+    nothing, and another baseline or other decode settings only recompute what they
     change."""
     options = dict(sweep=["model.num_kv_heads=2,1"], seeds=2)
+    declared = tiny_config(*TINY, **{"model.num_kv_heads": [2, 1],
+                                     "contrasts": ["num_kv_heads=2:num_kv_heads=1"]})
     start = time.time()
-    table = run_sweep(tiny_config(*TINY), tmp_path, **options, **DECODE)
+    table = run_sweep(declared, tmp_path, seeds=2, **DECODE)
     first_run = time.time() - start
     printed = capsys.readouterr()
     names = [f"num_kv_heads={kv}__seed={seed}" for kv in (2, 1) for seed in range(2)]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(names)
     trained = re.findall(r"\] (\S+): training in", printed.out)  # seed-major order
     assert trained == [f"num_kv_heads={kv}__seed={seed}" for seed in range(2) for kv in (2, 1)]
-    assert printed.out.count("decoding") == 2  # each configuration timed once
+    assert printed.out.count("tokens/s, decoding") == 2  # each configuration timed once
     # The timing phase's bar: 2 compilations and 5 timed rounds of 2 loops, per configuration.
     assert "timing: 100%" in printed.err and "24/24" in printed.err
 
@@ -240,17 +296,33 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, capsys):
         for column in ("train_tokens_per_sec", "decode_tokens_per_sec"):
             assert float(row[column]) > 0
             assert {r[column] for r in by_seed if r["num_kv_heads"] == kv} == {row[column]}
-    difference = scipy.stats.ttest_rel(losses["1"], losses["2"]).confidence_interval(0.95)
+    test = scipy.stats.ttest_rel(losses["1"], losses["2"])
+    difference = test.confidence_interval(0.95)
     mqa_row = rows[1]
     assert float(mqa_row["eval_loss_diff"]) == pytest.approx((losses["1"] - losses["2"]).mean())
     assert float(mqa_row["eval_loss_diff_ci95"]) == pytest.approx(
         (difference.high - difference.low) / 2, rel=1e-9)
-    assert mqa_row["eval_loss_diff_resolved"] == str(difference.low > 0 or difference.high < 0)
+    # A family of one comparison: the declared contrast is the same pair.
+    assert float(mqa_row["eval_loss_diff_p"]) == pytest.approx(test.pvalue, rel=1e-9)
+    assert float(mqa_row["eval_loss_diff_p_holm"]) == pytest.approx(test.pvalue, rel=1e-9)
+    assert mqa_row["eval_loss_diff_resolved"] == str(test.pvalue < 0.05)
+    bits = {kv: [float(r["eval_bits_per_byte"]) for r in by_seed if r["num_kv_heads"] == kv]
+            for kv in ("2", "1")}
+    assert float(mqa_row["eval_bits_per_byte_diff_p"]) == pytest.approx(
+        scipy.stats.ttest_rel(bits["1"], bits["2"]).pvalue, rel=1e-9)
     assert float(rows[0]["eval_loss_diff"]) == 0.0  # the baseline: the first configuration
+    assert (rows[0]["eval_loss_diff_p"], rows[0]["eval_loss_diff_resolved"]) == ("", "False")
+    [contrast] = read_csv(tmp_path / "comparisons.csv")
+    assert (contrast["configuration"], contrast["against"], contrast["declared"]) == (
+        "num_kv_heads=2", "num_kv_heads=1", "True")
+    assert float(contrast["eval_loss_diff"]) == pytest.approx(-float(mqa_row["eval_loss_diff"]))
+    assert float(contrast["eval_loss_diff_p_holm"]) == pytest.approx(test.pvalue, rel=1e-9)
     assert rows[0]["params"] == rows[1]["params"]   # match_mha_params holds them equal
     assert int(rows[0]["kv_cache_bytes_per_token"]) == 2 * int(rows[1]["kv_cache_bytes_per_token"])
     markdown = (tmp_path / "results.md").read_text()
     assert "| " + " | ".join(EXPECTED_COLUMNS) + " |" in markdown
+    assert ("family of 1 comparisons (1 against the baseline, 0 declared contrasts, 0 from "
+            "--compare") in markdown
     assert markdown.endswith("\n\n" + table)
     for png in ("eval_loss.png", "eval_loss_diff.png", "decode_tokens_per_sec.png",
                 "loss_curves.png", "frontier.png", "frontier_decode.png"):
@@ -259,10 +331,10 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, capsys):
     # The command line, with another baseline: nothing trained or timed again.
     start = time.time()
     again = sweep_py(tmp_path, *TINY_FLAGS, "--sweep=model.num_kv_heads=2,1", "--seeds=2",
-                     "--baseline=model.num_kv_heads=1")
+                     "--baseline=model.num_kv_heads=1", "--compare=num_kv_heads=2:num_kv_heads=1")
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("skipped") == 4 and "training in" not in again.stdout
-    assert "decoding" not in again.stdout  # speeds were measured together already
+    assert "tokens/s, decoding" not in again.stdout  # speeds were measured together already
     assert time.time() - start < first_run / 2
     flipped = read_csv(tmp_path / "results.csv")
     assert float(flipped[1]["eval_loss_diff"]) == 0.0
@@ -271,12 +343,16 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, capsys):
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.splitlines()[-1] in again.stdout  # the table is printed
     assert again.stdout.strip().splitlines()[-1].startswith(f"wrote {tmp_path}/results.csv")
+    [contrast] = read_csv(tmp_path / "comparisons.csv")  # --compare's, not declared
+    assert contrast["declared"] == "False"
+    assert float(contrast["eval_loss_diff_p_holm"]) == pytest.approx(test.pvalue, rel=1e-9)
 
     # Other decode settings: both configurations are timed again, side by side.
     run_sweep(tiny_config(*TINY), tmp_path, **options, decode_batch=2, decode_context=32)
     third = capsys.readouterr().out
-    assert third.count("skipped") == 4 and third.count("decoding") == 2
+    assert third.count("skipped") == 4 and third.count("tokens/s, decoding") == 2
     assert [int(row["decode_context"]) for row in read_csv(tmp_path / "results.csv")] == [32, 32]
+    assert not (tmp_path / "comparisons.csv").exists()  # no contrasts this time
 
 
 def test_pareto_front_keeps_the_configurations_nothing_beats():
@@ -294,18 +370,22 @@ def test_pareto_front_keeps_the_configurations_nothing_beats():
 
 
 def kv_budget_config(*overrides, names=None):
-    """configs/sweep_kv_budget.py (its points, or those named), with overrides."""
+    """configs/sweep_kv_budget.py (its points, or those named, and the declared contrasts
+    among them), with overrides."""
     config = load_config_file(REPO / "configs" / "sweep_kv_budget.py", overrides,
                               validate_config=False)
     if names is not None:
         config.sweep.points = [p for p in config.sweep.points if p["name"] in names]
+        config.sweep.contrasts = [c for c in config.sweep.contrasts
+                                  if set(c.split(":")) <= set(names)]
     return config
 
 
 def test_the_kv_budget_sweep_accounts_every_method_at_the_timed_context():
     """configs/sweep_kv_budget.py, one seed: a row per method with its KV bytes at the
     timed context (the sweep's rows, from each point's model), equal parameter counts
-    within the MLP's rounding, and the compared pairs' KV-cache ratios."""
+    within the MLP's rounding, the declared contrasts (the papers' comparisons) in one
+    family with the comparisons against MHA, and their KV-cache ratios."""
     config = kv_budget_config()
     plan = points(config, with_seeds(sweep_fields(config), 1))
     speeds = {"decode": {"context": 256, "tokens_per_sec": 1.0}}
@@ -326,9 +406,15 @@ def test_the_kv_budget_sweep_accounts_every_method_at_the_timed_context():
     assert rows["MQA-int8"]["kv_cache_bytes_per_token"] == 4 * 2 * (12 + 4)
     params = [r["params"] for r in rows.values()]
     assert max(params) - min(params) <= 1.5 * 96 * 4
-    pairs = compared_pairs(plan, ["GTA-2:GQA-2", "MQA+CLA2:MQA"])
-    compared = sweep_results.comparison_rows(seed_rows, pairs)
-    assert [r["kv_cache_ratio"] for r in compared] == [30 / 48, 0.5]
+    declared = compared_pairs(plan, declared_contrasts(config), "sweep.contrasts")
+    assert declared == [("GTA-2", "GQA-2"), ("GTA-1", "MQA"), ("MQA+CLA2", "MQA"),
+                        ("MLA-24", "MHA"), ("MLA-12", "MHA"), ("MLA-12", "MQA"),
+                        ("MHA-int8", "MHA"), ("MQA-int8", "MQA")]
+    # 11 against MHA; MLA-24, MLA-12 and MHA-int8 against MHA are among them: 5 more.
+    assert sweep_results.family_sizes(list(rows), "MHA", declared, []) == (11, 5, 0)
+    compared = sweep_results.comparison_rows(seed_rows, "MHA", declared)
+    assert [r["kv_cache_ratio"] for r in compared[:3]] == [30 / 48, 18 / 24, 0.5]
+    assert all(r["declared"] and r["eval_loss_diff_p"] is None for r in compared)  # one seed
 
 
 @pytest.mark.slow
@@ -368,21 +454,75 @@ def test_the_kv_budget_sweep_runs_end_to_end_at_toy_size(tmp_path, capsys):
     assert saved["model"]["kv_cache_dtype"] == "int8"
 
 
-def test_comparisons_are_seed_paired_differences_as_scipy_computes_them():
-    from mqa.sweep import results as sweep_results
+def holm_reference(p):
+    """Holm's adjusted p-values written out plainly: the k-th smallest (from 0) of m is
+    the largest of (m - j) p_(j) for j <= k, capped at 1."""
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    return {i: min(1.0, max((m - j) * p[order[j]] for j in range(k + 1)))
+            for k, i in enumerate(order)}
+
+
+def test_comparisons_are_one_holm_family_with_the_baseline_comparisons():
+    """Four configurations (B the baseline), a contrast declared and two asked for, one of
+    them the declared one the other way round: every p is scipy's paired t-test's, and the
+    family (A-B, C-B, D-B, A-C, D-A: each pair once) is Holm-adjusted together, the same in
+    comparisons.csv's rows and results.csv's."""
     rng = np.random.default_rng(0)
-    losses = {"A": rng.normal(2.0, 0.05, 5), "B": rng.normal(2.1, 0.05, 5)}
+    shared = rng.normal(0, 0.05, 6)  # seed effects every configuration shares
+    losses = {name: 2.0 + shift + shared + rng.normal(0, 0.01, 6)
+              for name, shift in (("B", 0.0), ("A", -0.02), ("C", 0.004), ("D", 0.03))}
     seed_rows = [{"configuration": name, "seed": seed, "eval_loss": float(loss),
-                  "kv_cache_bytes_per_token": {"A": 96, "B": 384}[name],
-                  "decode_tokens_per_sec": {"A": 300.0, "B": 100.0}[name]}
-                 for name in ("B", "A") for seed, loss in enumerate(losses[name])]
-    [row] = sweep_results.comparison_rows(seed_rows, [("A", "B")])
-    interval = scipy.stats.ttest_rel(losses["A"], losses["B"]).confidence_interval(0.95)
-    assert row["n"] == 5
-    assert row["eval_loss_diff"] == pytest.approx((losses["A"] - losses["B"]).mean())
-    assert row["eval_loss_diff_ci95"] == pytest.approx((interval.high - interval.low) / 2)
-    assert row["eval_loss_diff_resolved"] == bool(interval.low > 0 or interval.high < 0)
-    assert row["kv_cache_ratio"] == 0.25 and row["decode_speed_ratio"] == 3.0
+                  "eval_bits_per_byte": float(loss) / math.log(2) / 1.3,
+                  "kv_cache_bytes_per_token": {"A": 96, "B": 384, "C": 192, "D": 48}[name],
+                  "decode_tokens_per_sec": {"A": 300.0, "B": 100.0, "C": 200.0, "D": 400.0}[name]}
+                 for name in ("B", "A", "C", "D") for seed, loss in enumerate(losses[name])]
+    family = [("A", "B"), ("C", "B"), ("D", "B"), ("A", "C"), ("D", "A")]
+    p = [scipy.stats.ttest_rel(losses[a], losses[b]).pvalue for a, b in family]
+    expected = {frozenset(pair): holm_reference(p)[i] for i, pair in enumerate(family)}
+    assert sorted(expected.values()) != sorted(p)  # the correction changes something here
+
+    compared = sweep_results.comparison_rows(seed_rows, "B", [("A", "C")], [("D", "A"), ("C", "A")])
+    assert [(r["configuration"], r["against"], r["declared"]) for r in compared] == [
+        ("A", "C", True), ("D", "A", False), ("C", "A", False)]
+    for row in compared:
+        a, b = row["configuration"], row["against"]
+        test = scipy.stats.ttest_rel(losses[a], losses[b])
+        interval = test.confidence_interval(0.95)
+        assert row["n"] == 6
+        assert row["eval_loss_diff"] == pytest.approx((losses[a] - losses[b]).mean())
+        assert row["eval_loss_diff_ci95"] == pytest.approx((interval.high - interval.low) / 2)
+        assert row["eval_loss_diff_p"] == pytest.approx(test.pvalue, rel=1e-9)
+        assert row["eval_loss_diff_p_holm"] == pytest.approx(expected[frozenset((a, b))], rel=1e-9)
+        assert row["eval_loss_diff_resolved"] == (expected[frozenset((a, b))] < 0.05)
+    assert compared[0]["kv_cache_ratio"] == 0.5 and compared[0]["decode_speed_ratio"] == 1.5
+
+    rows = {r["configuration"]: r for r in sweep_results.configuration_rows(
+        seed_rows, "B", [("A", "C"), ("D", "A"), ("C", "A")])}
+    assert rows["B"]["eval_loss_diff_p_holm"] is None and rows["B"]["eval_loss_diff_resolved"] is False
+    for name in "ACD":
+        assert rows[name]["eval_loss_diff_p"] == pytest.approx(
+            scipy.stats.ttest_rel(losses[name], losses["B"]).pvalue, rel=1e-9)
+        assert rows[name]["eval_loss_diff_p_holm"] == pytest.approx(
+            expected[frozenset((name, "B"))], rel=1e-9)
+        # bits per byte: its own family, here the loss rescaled, so the same p-values
+        assert rows[name]["eval_bits_per_byte_diff_p_holm"] == pytest.approx(
+            rows[name]["eval_loss_diff_p_holm"], rel=1e-6)
+    # Without the contrasts the family is the three against the baseline alone.
+    alone = {r["configuration"]: r for r in sweep_results.configuration_rows(seed_rows, "B")}
+    reference = holm_reference(p[:3])
+    for index, name in enumerate("ACD"):
+        assert alone[name]["eval_loss_diff_p_holm"] == pytest.approx(reference[index], rel=1e-9)
+
+
+def test_markdown_bolds_only_differences_resolved_after_holm():
+    rows = [{"configuration": "A", "eval_loss_diff": -0.02, "eval_loss_diff_p": 0.01,
+             "eval_loss_diff_p_holm": 0.03, "eval_loss_diff_resolved": True},
+            {"configuration": "B", "eval_loss_diff": 0.01, "eval_loss_diff_p": 0.04,
+             "eval_loss_diff_p_holm": 0.08, "eval_loss_diff_resolved": False}]
+    table = sweep_results.markdown_table(rows, list(rows[0]))
+    assert "| A | **-0.0200** | 0.01 | 0.03 | yes |" in table
+    assert "| B | +0.0100 | 0.04 | 0.08 | no |" in table
 
 
 def test_a_point_finished_before_new_config_fields_is_still_finished(tmp_path):
@@ -417,3 +557,177 @@ def test_dotted_fields_read_and_set_any_depth_with_one_line_errors():
             (lambda: set_dotted(config, "model.num_kv_heads", "two"), "expected int like 1")]:
         with pytest.raises(ConfigError, match=re.escape(fragment)):
             call()
+
+
+@pytest.mark.parametrize("seq_len,stride,max_windows,batch_size", [
+    (8, None, None, 3), (8, 3, None, 4), (8, None, 7, 2), (8, 5, 9, 8)])
+def test_held_out_halves_are_disjoint_and_cover_the_split(seq_len, stride, max_windows, batch_size):
+    """The tuning and test halves score disjoint targets that together are exactly the
+    whole split's (tokens 0..n-1 are their own positions, so the targets scored can be
+    read off), the tuning half the earlier ones; and the losses add up as token sums."""
+    from mqa.evaluation import held_out_loss, part_windows
+    tokens = np.arange(203)
+    scored = {}
+
+    def recorder(part):
+        def batch_nll(windows, weights):
+            targets = windows[:, 1:]
+            scored.setdefault(part, []).extend(targets[weights > 0].tolist())
+            return float((targets * weights).sum()), float(weights.sum())
+        return batch_nll
+
+    results = {part: held_out_loss(recorder(part), tokens, seq_len=seq_len, batch_size=batch_size,
+                                   stride=stride, max_windows=max_windows, part=part)
+               for part in (None, "tuning", "test")}
+    whole, tuning, test = (scored[part] for part in (None, "tuning", "test"))
+    assert len(set(whole)) == len(whole)  # each target once
+    assert not set(tuning) & set(test)
+    assert sorted(tuning + test) == sorted(whole)
+    assert max(tuning) < min(test)  # contiguous: the first half of the windows, then the rest
+    assert results["tuning"]["tokens"] + results["test"]["tokens"] == results[None]["tokens"]
+    total = sum(results[part]["loss"] * results[part]["tokens"] for part in ("tuning", "test"))
+    assert total == pytest.approx(results[None]["loss"] * results[None]["tokens"])
+    windows = len(range(0, 203 - seq_len, stride or seq_len)) if max_windows is None else max_windows
+    assert part_windows(windows, "tuning") == range(windows // 2)
+    assert part_windows(windows, "test") == range(windows // 2, windows)
+
+
+def test_held_out_parts_name_bad_values():
+    from mqa.data import DataError
+    from mqa.evaluation import part_windows
+    with pytest.raises(ConfigError, match="held-out part 'tune' must be one of tuning, test"):
+        part_windows(10, "tune")
+    with pytest.raises(DataError, match="has 1 evaluation window"):
+        part_windows(1, "test")
+    assert part_windows(5, None) == range(5)
+
+
+def test_tuning_runs_every_value_on_tuning_seeds_and_names_the_reporting_points():
+    from mqa.sweep import tuning as tuning_lib
+    config = tiny_config(**{"model.num_kv_heads": [2, 1], "train.seed": [0, 1],
+                            "tune": {"train": {"learning_rate": [1e-3, 4e-3]}}, "tune_seeds": 2})
+    fields = sweep_fields(config)
+    assert fields == {"model.num_kv_heads": [2, 1], "train.seed": [0, 1]}  # options are not swept
+    tuning = tuning_lib.tuning_options(config)
+    assert tuning == tuning_lib.Tuning("train.learning_rate", (1e-3, 4e-3), (1000, 1001))
+    # --tune and --tune_seeds replace the config's; with --sweep the config's are not read.
+    assert tuning_lib.tuning_options(config, "train.learning_rate=1e-2,2e-2", 1) == \
+        tuning_lib.Tuning("train.learning_rate", (1e-2, 2e-2), (1000,))
+    assert tuning_lib.tuning_options(config, declared=False) is None
+    plan = points(config, fields)
+    runs = tuning_lib.tuning_runs(plan, tuning)
+    assert [(r.configuration, r.point.name) for r in runs[:4]] == [
+        ("num_kv_heads=2", "num_kv_heads=2__learning_rate=0.001__seed=1000"),
+        ("num_kv_heads=2", "num_kv_heads=2__learning_rate=0.004__seed=1000"),
+        ("num_kv_heads=2", "num_kv_heads=2__learning_rate=0.001__seed=1001"),
+        ("num_kv_heads=2", "num_kv_heads=2__learning_rate=0.004__seed=1001")]
+    assert len(runs) == 2 * 2 * 2
+    assert {(r.point.config.model.num_kv_heads, r.point.config.train.learning_rate,
+             r.point.seed) for r in runs} == {(kv, lr, seed) for kv in (2, 1)
+                                              for lr in (1e-3, 4e-3) for seed in (1000, 1001)}
+    reporting = tuning_lib.reporting_point(plan[1], tuning, 4e-3)
+    assert reporting.name == "num_kv_heads=2__learning_rate=0.004__seed=1"
+    assert reporting.configuration == plan[1].configuration == "num_kv_heads=2"
+    assert (reporting.seed, reporting.config.train.learning_rate) == (1, 4e-3)
+    assert plan[1].config.train.learning_rate == 3e-3  # the plan's point is left alone
+    # The chosen value's column: the field's last part, unless the tables have one so named.
+    assert tuning.column == "learning_rate"
+    assert tuning_lib.Tuning("model.mlp_dim", (96, 128), (1000,)).column == "model.mlp_dim"
+
+
+def test_the_chosen_value_has_the_lowest_mean_tuning_loss():
+    from mqa.sweep import tuning as tuning_lib
+    tuning = tuning_lib.Tuning("train.learning_rate", (1e-3, 2e-3, 4e-3), (1000, 1001))
+
+    def row(configuration, value, seed, loss, diverged=None):
+        return {"configuration": configuration, "learning_rate": value, "seed": seed,
+                "eval_loss": loss, "diverged": diverged}
+
+    rows = [
+        # A: 2e-3 has the lowest mean (1.5) though 4e-3 has the lowest single run (1.2).
+        row("A", 1e-3, 1000, 2.0), row("A", 1e-3, 1001, 2.0),
+        row("A", 2e-3, 1000, 1.5), row("A", 2e-3, 1001, 1.5),
+        row("A", 4e-3, 1000, 1.2), row("A", 4e-3, 1001, 1.9),
+        # B: 4e-3 diverged on one seed: never chosen; 1e-3 and 2e-3 tie: the first listed.
+        row("B", 1e-3, 1000, 1.7), row("B", 1e-3, 1001, 1.9),
+        row("B", 2e-3, 1000, 1.8), row("B", 2e-3, 1001, 1.8),
+        row("B", 4e-3, 1000, 0.5), row("B", 4e-3, 1001, None, "not finite"),
+        # C: a non-finite loss counts as diverged too.
+        row("C", 1e-3, 1000, 3.0), row("C", 2e-3, 1000, 2.5), row("C", 4e-3, 1000, math.nan)]
+    assert tuning_lib.chosen_values(rows, tuning) == {"A": 2e-3, "B": 1e-3, "C": 2e-3}
+    means = tuning_lib.mean_losses(rows, tuning)
+    assert means["A"] == pytest.approx([2.0, 1.5, 1.55]) and means["B"][2] == math.inf
+    everything_diverged = [row("D", v, 1000, None, "not finite") for v in tuning.values]
+    with pytest.raises(ConfigError, match="every --tune value of train.learning_rate diverged for D"):
+        tuning_lib.chosen_values(everything_diverged, tuning)
+
+
+@pytest.mark.slow
+def test_a_tuning_sweep_chooses_on_the_tuning_half_and_reports_the_test_half(tmp_path, capsys,
+                                                                            monkeypatch):
+    """Two configurations (a float and an int8 KV cache: training twins, so the int8 runs
+    copy the float runs and are only evaluated, which keeps this to three trainings), the
+    learning rate tuned over two values on tuning seed 1000, one reporting seed: the choice
+    is the lowest tuning-half loss, the reporting runs train at it and report their test
+    half, the halves cover the run's final evaluation, and a re-run skips every run even
+    when the tuning runs' checkpoints are gone (their result files suffice). The speeds are
+    test_seeded_sweep_end_to_end_and_rerun_skips's subject: here they are stubbed, which
+    saves compiling the timing loops."""
+    from mqa.sweep import run as sweep_run
+    speeds = {"train_tokens_per_sec": 1.0, "decode": {"context": 64, "tokens_per_sec": 1.0}}
+    monkeypatch.setattr(sweep_run, "measured_speeds",
+                        lambda plan, *_: {p.configuration: speeds for p in plan})
+    config = tiny_config(*TINY, **{"points": [{"name": "float"},
+                                              {"name": "int8", "model.kv_cache_dtype": "int8"}],
+                                   "tune": {"train.learning_rate": [3e-3, 3e-2]}})
+    run_sweep(config, tmp_path, seeds=1, **DECODE)
+    printed = capsys.readouterr().out
+    assert printed.count("training in") == 3  # two tuning runs and one reporting run
+    tuning_dir = tmp_path / "tuning"
+    names = {f"{name}__learning_rate={lr}__seed=1000" for name in ("float", "int8")
+             for lr in ("0.003", "0.03")}
+    assert {p.name for p in tuning_dir.iterdir()} == names
+
+    tuning_rows = read_csv(tmp_path / "tuning.csv")
+    assert list(tuning_rows[0]) == ["configuration", "learning_rate", "seed", "point", "eval_loss",
+                                    "eval_bits_per_byte", "eval_tokens", "diverged", "chosen"]
+    assert len(tuning_rows) == 4 and {r["seed"] for r in tuning_rows} == {"1000"}
+    chosen = {}
+    for name in ("float", "int8"):
+        mine = [r for r in tuning_rows if r["configuration"] == name]
+        for row in mine:
+            saved = json.loads((tuning_dir / row["point"] / "result.json").read_text())
+            assert float(row["eval_loss"]) == saved["halves"]["tuning"]["eval_loss"]
+            assert int(row["eval_tokens"]) == 512  # the first 8 of the 16 final windows
+        best = min(mine, key=lambda r: float(r["eval_loss"]))
+        assert [r["chosen"] for r in mine] == [str(r is best) for r in mine]
+        chosen[name] = float(best["learning_rate"])
+        assert f"tuning: {name} takes train.learning_rate={chosen[name]}" in printed
+    assert (tmp_path / "tuning.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    rows = read_csv(tmp_path / "results.csv")
+    assert list(rows[0])[:3] == ["configuration", "learning_rate", "attention"]
+    assert {r["configuration"]: float(r["learning_rate"]) for r in rows} == chosen
+    for row in read_csv(tmp_path / "results_by_seed.csv"):
+        point_dir = tmp_path / row["point"]
+        assert row["point"] == f"{row['configuration']}__learning_rate={chosen[row['configuration']]}__seed=0"
+        saved = json.loads((point_dir / "config.json").read_text())
+        assert (saved["train"]["learning_rate"], saved["train"]["seed"]) == (
+            chosen[row["configuration"]], 0)
+        result = json.loads((point_dir / "result.json").read_text())
+        halves = result["halves"]
+        assert float(row["eval_loss"]) == halves["test"]["eval_loss"] != halves["tuning"]["eval_loss"]
+        assert int(row["eval_tokens"]) == halves["test"]["eval_tokens"] == 512
+        # The halves are the final evaluation's windows: its loss is their token-weighted mean.
+        assert result["eval_tokens"] == 1024
+        assert (halves["tuning"]["eval_loss"] + halves["test"]["eval_loss"]) / 2 == \
+            pytest.approx(result["eval_loss"], rel=1e-5)
+    assert "every held-out metric here is the test half's" in (tmp_path / "results.md").read_text()
+
+    for path in tuning_dir.glob("*/checkpoints"):
+        shutil.rmtree(path)
+    run_sweep(config, tmp_path, seeds=1, **DECODE)
+    again = capsys.readouterr().out
+    assert "training in" not in again and "trains exactly as" not in again
+    assert again.count("finished, skipped") == 4 and again.count("finished (step 4), skipped") == 2
+    assert read_csv(tmp_path / "results.csv") == rows

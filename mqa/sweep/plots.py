@@ -1,12 +1,13 @@
-"""A sweep's figures (PNG, matplotlib's Agg backend): a metric against one swept field,
-the loss curves of all points on one figure, and the KV-budget frontier (a metric against
-KV-cache bytes per token, Pareto-optimal configurations joined). `write_figures` draws a
-finished sweep's."""
+"""A sweep's figures (PNG, matplotlib's Agg backend): a metric against one swept field
+(differences resolved after Holm's correction starred), the loss curves of all points on
+one figure, the KV-budget frontier (a metric against KV-cache bytes per token,
+Pareto-optimal configurations joined), and a tuning sweep's losses against the tuned value
+(`plot_tuning`). `write_figures` draws a finished sweep's."""
 
 from __future__ import annotations
 
 import pathlib
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import matplotlib
 
@@ -18,11 +19,12 @@ from mqa.sweep.points import POINTS_FIELD, SEED_FIELD  # noqa: E402
 
 def plot_metric(rows: list[dict], x: str, y: str, series: list[str], path: pathlib.Path,
                 *, ylabel: str, title: str, error: str | None = None,
-                zero_line: bool = False) -> None:
+                zero_line: bool = False, resolved: str | None = None) -> None:
     """`y` against `x` (columns of the table's rows), one line per combination of the
     `series` columns (the other swept fields), with `error` (a column of half-widths, e.g.
-    95% intervals) as error bars where it has a value. Numeric x on a log2 axis when
-    positive; other x (configuration names) as categories in table order."""
+    95% intervals) as error bars where it has a value, and a black star on the rows whose
+    `resolved` column is true. Numeric x on a log2 axis when positive; other x
+    (configuration names) as categories in table order."""
     fig, axis = plt.subplots(figsize=(6, 4))
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -36,6 +38,11 @@ def plot_metric(rows: list[dict], x: str, y: str, series: list[str], path: pathl
         bars = [r.get(error) or 0.0 for r in members] if error else None
         axis.errorbar([r[x] if numeric else str(r[x]) for r in members], [r[y] for r in members],
                       yerr=bars, fmt="o-" if numeric else "o", capsize=4, label=label)
+    starred = [r for r in rows if resolved and r.get(resolved) is True and r.get(y) is not None]
+    if starred:
+        axis.plot([r[x] if numeric else str(r[x]) for r in starred], [r[y] for r in starred],
+                  "*", color="black", markersize=13, zorder=3,
+                  label="resolved (Holm-adjusted p < 0.05)")
     if zero_line:
         axis.axhline(0.0, color="grey", linewidth=0.8)
     if numeric and all(r[x] > 0 for r in rows):
@@ -48,8 +55,8 @@ def plot_metric(rows: list[dict], x: str, y: str, series: list[str], path: pathl
     axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.grid(True, alpha=0.3)
-    if series:
-        axis.legend()
+    if series or starred:
+        axis.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -136,9 +143,10 @@ def write_figures(workdir: pathlib.Path, fields: Iterable[str], rows: list[dict]
                 title=f"held-out loss, mean and 95% interval over "
                 f"{'/'.join(sorted({str(r['n']) for r in rows}))} seeds")
     plot_metric(rows, x, "eval_loss_diff", series, workdir / "eval_loss_diff.png",
-                error="eval_loss_diff_ci95", zero_line=True,
+                error="eval_loss_diff_ci95", zero_line=True, resolved="eval_loss_diff_resolved",
                 ylabel="difference in held-out loss (nats/token)",
-                title=f"seed-paired difference against {baseline}, 95% interval")
+                title=f"seed-paired difference against {baseline}, 95% interval;\n"
+                "starred: resolved after Holm's correction")
     plot_metric(rows, x, "decode_tokens_per_sec", series, workdir / "decode_tokens_per_sec.png",
                 ylabel="tokens/s", title=f"decoding, batch {decode_batch}, context "
                 f"{'/'.join(sorted({str(r['decode_context']) for r in rows}))}")
@@ -150,3 +158,39 @@ def write_figures(workdir: pathlib.Path, fields: Iterable[str], rows: list[dict]
     plot_frontier(rows, "decode_tokens_per_sec", workdir / "frontier_decode.png",
                   lower_is_better=False, ylabel="decoding tokens/s",
                   title=f"decoding, batch {decode_batch}, context {context}")
+
+
+def plot_tuning(rows: list[dict], column: str, chosen: Mapping[str, Any], path: pathlib.Path,
+                *, xlabel: str, means: Mapping[str, list[float]], values: list) -> None:
+    """A tuning sweep's tuning-half loss against the tuned value, a line per configuration
+    through the means over tuning seeds (`means`: {configuration: [mean per value]}; an
+    infinite one, a diverged value, left out), each tuning run a small dot and the chosen
+    value ringed. rows: tuning.csv's rows (`column`: the tuned field's values); x on a log
+    axis when every value is a positive number, else categories in the order listed."""
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+    position = {repr(v): (v if numeric else str(v)) for v in values}
+    fig, axis = plt.subplots(figsize=(6.5, 4.2))
+    for index, (name, by_value) in enumerate(means.items()):
+        color = f"C{index % 10}"
+        finite = [(position[repr(v)], m) for v, m in zip(values, by_value) if m != float("inf")]
+        if finite:
+            axis.plot(*zip(*finite), "o-", color=color, label=name)
+        runs = [r for r in rows if r["configuration"] == name and r.get("eval_loss") is not None]
+        axis.plot([position[repr(r[column])] for r in runs], [r["eval_loss"] for r in runs], ".",
+                  color=color, alpha=0.4)
+        best = [(position[repr(v)], m) for v, m in zip(values, by_value)
+                if repr(v) == repr(chosen.get(name)) and m != float("inf")]
+        if best:
+            axis.plot(*zip(*best), "o", markersize=14, markerfacecolor="none", color=color)
+    if numeric:
+        axis.set_xscale("log")
+        axis.set_xticks(values, [f"{v:g}" for v in values])
+        axis.minorticks_off()
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("held-out loss, tuning half (nats/token)")
+    axis.set_title("tuning: mean over tuning seeds (dots: each run; ringed: chosen)")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

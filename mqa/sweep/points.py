@@ -24,7 +24,19 @@ named points).
 Seeds are a field like any other (`train.seed`); `with_seeds` adds it. A point's
 *configuration* is its values without the seed: the statistics compare configurations
 over seeds (`mqa.statistics`), each against a baseline configuration
-(`baseline_configuration`) and in any pairs asked for (`compared_pairs`).
+(`baseline_configuration`) and in the pairs the config declares or --compare asks for
+(`compared_pairs`).
+
+Besides fields, the `sweep` field may hold the sweep's options (`SWEEP_OPTIONS`), which
+are not swept: `contrasts`, a list of "CONFIGURATION:AGAINST" pairs declared before any
+result exists (`declared_contrasts`), and `tune` / `tune_seeds`, a field each
+configuration is tuned over (`mqa.sweep.tuning`):
+
+  config.sweep = ml_collections.ConfigDict({
+      "points": [...], "train.seed": list(range(8)),
+      "contrasts": ["MQA:MHA", "GTA-2:GQA-2"],
+      "tune": {"train.learning_rate": [1e-3, 2e-3, 4e-3]}, "tune_seeds": 1,
+  }, allow_dotted_keys=True)
 """
 
 from __future__ import annotations
@@ -41,6 +53,8 @@ from mqa.config import ConfigError, get_dotted, set_dotted, set_from_string, val
 SWEEP_FIELD = "sweep"
 POINTS_FIELD = "points"  # a list of named configurations: {"name": ..., "model.x": ...}
 SEED_FIELD = "train.seed"
+CONTRASTS = "contrasts"        # sweep.contrasts: ["A:B", ...] (`declared_contrasts`)
+SWEEP_OPTIONS = (CONTRASTS, "tune", "tune_seeds")  # sweep keys that are not swept fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +83,25 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def sweep_fields(config: ml_collections.ConfigDict) -> dict[str, list]:
-    """The config's `sweep` field flattened to {dotted name: [values]} ({} if absent)."""
+    """The config's `sweep` field flattened to {dotted name: [values]} ({} if absent),
+    without its options (`SWEEP_OPTIONS`)."""
     if SWEEP_FIELD not in config:
         return {}
+    return field_lists(config[SWEEP_FIELD], skip=SWEEP_OPTIONS)
+
+
+def field_lists(node: Any, *, skip: Iterable[str] = (), named_points: bool = True,
+                what: str = "sweep field") -> dict[str, list]:
+    """Mappings of fields to value lists, with dotted keys or nested sections, flattened to
+    {dotted name: [values]}; keys in `skip` left out; `points` read as named points
+    (`named_points`). A ConfigError, naming the field as `what`, for a value that is not
+    a list."""
     fields = {}
 
     def flatten(node: Any, prefix: str) -> None:
-        if prefix == POINTS_FIELD:
+        if prefix in skip:
+            return
+        if prefix == POINTS_FIELD and named_points:
             fields[POINTS_FIELD] = _named_points(node)
             return
         if isinstance(node, (ml_collections.ConfigDict, Mapping)):
@@ -83,10 +109,10 @@ def sweep_fields(config: ml_collections.ConfigDict) -> dict[str, list]:
                 flatten(node[key], f"{prefix}.{key}" if prefix else key)
             return
         if not isinstance(node, (list, tuple)):
-            raise ConfigError(f"sweep field {prefix!r} must be a list of values, got {node!r}")
+            raise ConfigError(f"{what} {prefix!r} must be a list of values, got {node!r}")
         fields[prefix] = list(node)
 
-    flatten(config[SWEEP_FIELD], "")
+    flatten(node, "")
     return fields
 
 
@@ -122,11 +148,32 @@ def configuration_name(values: Mapping[str, Any]) -> str:
     return point_name(rest) if rest else "config"
 
 
-def parse_sweep_flags(items: Iterable[str], config: ml_collections.ConfigDict) -> dict[str, list]:
+def sweep_option(config: ml_collections.ConfigDict, name: str, default: Any = None) -> Any:
+    """The sweep's option `name` (one of `SWEEP_OPTIONS`): config.sweep[name], or `default`."""
+    sweep = config.get(SWEEP_FIELD) if hasattr(config, "get") else None
+    if sweep is None or not hasattr(sweep, "keys") or name not in sweep:
+        return default
+    return sweep[name]
+
+
+def declared_contrasts(config: ml_collections.ConfigDict) -> list[str]:
+    """The config's `sweep.contrasts` (a list of "CONFIGURATION:AGAINST" strings; [] if
+    none); a ConfigError when it is not such a list."""
+    contrasts = sweep_option(config, CONTRASTS, [])
+    if isinstance(contrasts, str) or not isinstance(contrasts, (list, tuple)) or not all(
+            isinstance(item, str) for item in contrasts):
+        raise ConfigError(f"sweep.contrasts={contrasts!r} must be a list of "
+                          "'CONFIGURATION:AGAINST' strings, e.g. ['MQA:MHA']")
+    return list(contrasts)
+
+
+def parse_sweep_flags(items: Iterable[str], config: ml_collections.ConfigDict,
+                      flag: str = "--sweep") -> dict[str, list]:
     """`["model.num_kv_heads=8,4,2,1", "train.seed=0,1"]` -> {name: [typed values]}.
 
     Each value is read as `--config.NAME=VALUE` would read it (the type of the config's
-    current value), so a misspelled name or a bad value is a one-line `ConfigError`.
+    current value), so a misspelled name or a bad value is a one-line `ConfigError`;
+    `flag` names the option in it.
     """
     base = training_config(config)
     fields = {}
@@ -134,7 +181,7 @@ def parse_sweep_flags(items: Iterable[str], config: ml_collections.ConfigDict) -
         name, sep, text = item.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ConfigError(f"--sweep={item!r} must look like 'section.field=value,value,...'")
+            raise ConfigError(f"{flag}={item!r} must look like 'section.field=value,value,...'")
         values = []
         for value_text in filter(None, (v.strip() for v in text.split(","))):
             scratch = ml_collections.ConfigDict(base.to_dict())
@@ -219,17 +266,18 @@ def baseline_configuration(plan: list[Point], items: Iterable[str],
     return matches[0]
 
 
-def compared_pairs(plan: list[Point], items: Iterable[str]) -> list[tuple[str, str]]:
-    """`["A:B", ...]` -> [("A", "B"), ...], each name a configuration of the plan; a
-    ConfigError naming the configurations when one is not."""
+def compared_pairs(plan: list[Point], items: Iterable[str],
+                   source: str = "--compare") -> list[tuple[str, str]]:
+    """`["A:B", ...]` -> [("A", "B"), ...], each name a configuration of the plan and the
+    two different; a ConfigError naming the configurations when they are not (`source`:
+    where the pairs come from, "--compare" or "sweep.contrasts")."""
     names = configurations(plan)
     pairs = []
     for item in items:
         name, sep, against = (part.strip() for part in item.partition(":"))
-        for part in (name, against):
-            if not sep or part not in names:
-                raise ConfigError(f"--compare={item!r} must be CONFIGURATION:AGAINST, two of: "
-                                  f"{', '.join(names)}")
+        if not sep or name not in names or against not in names or name == against:
+            raise ConfigError(f"{source}={item!r} must be CONFIGURATION:AGAINST, two different "
+                              f"configurations of: {', '.join(names)}")
         pairs.append((name, against))
     return pairs
 

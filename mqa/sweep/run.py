@@ -1,13 +1,15 @@
 """Running a sweep: every point trained (or resumed, or skipped when finished), every
 configuration timed, and the tables and figures written (`run_sweep`, what `sweep.py`
-does).
+does), after the tuning runs of a tuning sweep (`mqa.sweep.tuning`).
 
 Each point is an ordinary resumable training run in WORKDIR/<point name>, trained in this
 process one after another, seed 0 of every configuration first, so that an interrupted
 sweep leaves complete seed pairs; running the same sweep again skips finished points
 (`mqa.sweep.results.finished_result`) and resumes an interrupted one. A point whose
 config differs from a finished point's only in `mqa.workdir.RESUMABLE_CHANGES` (how the model
-is scored, not trained) copies that run and is only evaluated.
+is scored, not trained) copies that run and is only evaluated. A tuning sweep first trains
+its tuning runs in WORKDIR/tuning/ the same way (seed-major, finished ones skipped), then
+the reporting points at each configuration's chosen value.
 """
 
 from __future__ import annotations
@@ -15,38 +17,48 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-from typing import Iterable
+from typing import Any, Iterable
 
 import ml_collections
 
 from mqa import trainer
 from mqa import workdir as workdir_lib
-from mqa.config import build_model_config, ConfigError, ModelConfig, get_dotted
+from mqa.config import build_model_config, ConfigError, get_dotted
 from mqa.sweep import plots, results
-from mqa.sweep.points import (Point, baseline_configuration, compared_pairs, parse_sweep_flags,
-                              points, sweep_fields, with_seeds)
+from mqa.sweep import tuning as tuning_lib
+from mqa.sweep.points import (Point, baseline_configuration, compared_pairs, declared_contrasts,
+                              parse_sweep_flags, points, sweep_fields, with_seeds)
 from mqa.sweep.speeds import measured_speeds
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
               sweep: Iterable[str] = (), seeds: int | None = None,
               baseline: Iterable[str] = (), compare: Iterable[str] = (),
+              tune: str | None = None, tune_seeds: int | None = None,
               decode_context: int = 1024, decode_batch: int = 8) -> str:
     """Trains and times every point of a sweep, writes its tables and figures in `workdir`;
-    returns the markdown tables (as results.md holds them, after its baseline line).
+    returns the markdown tables (as results.md holds them, after its lines about the
+    statistics).
 
     config: a training config with a `sweep` field (`mqa.sweep.points`), or any training
-    config together with `sweep`: "FIELD=V1,V2,..." strings that replace that field, each
-    value read like a `--config.FIELD=` override. seeds: train every configuration with
-    train.seed = 0..seeds-1 (None: the seeds the sweep lists, if any). baseline:
-    "FIELD=VALUE" strings naming the configuration the others are compared with (default:
-    the first). compare: "CONFIGURATION:AGAINST" pairs to report as seed-paired
-    differences (comparisons.csv). decode_context, decode_batch: the KV-cache length and
-    the sequences of the decoding timing (the context capped at model.max_seq_len - 32).
+    config together with `sweep`: "FIELD=V1,V2,..." strings that replace that field (its
+    contrasts and tuning with it), each value read like a `--config.FIELD=` override.
+    seeds: train every configuration with train.seed = 0..seeds-1 (None: the seeds the
+    sweep lists, if any). baseline: "FIELD=VALUE" strings naming the configuration the
+    others are compared with (default: the first). compare: "CONFIGURATION:AGAINST" pairs
+    added to the contrasts the config declares (`sweep.contrasts`): their seed-paired
+    differences go to comparisons.csv, and they are one family with the comparisons
+    against the baseline for Holm's correction (`mqa.sweep.family`). tune:
+    "FIELD=V1,V2,..." to choose per configuration, on tuning seeds and the held-out
+    split's tuning half, reporting on its test half (replaces the config's `sweep.tune`);
+    tune_seeds: how many tuning seeds (`mqa.sweep.tuning`). decode_context, decode_batch:
+    the KV-cache length and the sequences of the decoding timing (the context capped at
+    model.max_seq_len - 32).
 
     Every option and every point is checked before anything trains: a bad one is a
     one-line `ConfigError`. Training errors are the trainer's (`trainer.NonFiniteLoss`,
-    `trainer.Preempted`, `DataError`, ...).
+    `trainer.Preempted`, `DataError`, ...); in a tuning run a NonFiniteLoss only marks
+    its value diverged.
     """
     for name, value in (("decode_context", decode_context), ("decode_batch", decode_batch)):
         if value < 1:
@@ -57,36 +69,91 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         fields = with_seeds(fields, seeds)
     plan = points(config, fields)  # every point validated before anything trains
     baseline = baseline_configuration(plan, baseline, config)
-    comparisons = compared_pairs(plan, compare)
+    declared = [] if sweep else compared_pairs(plan, declared_contrasts(config), "sweep.contrasts")
+    asked = compared_pairs(plan, compare)
+    tuning = tuning_lib.tuning_options(config, tune, tune_seeds, declared=not sweep)
+    if tuning is not None:
+        tuning_lib.check_tuning(tuning, fields, plan)
+        runs = tuning_lib.tuning_runs(plan, tuning)  # every value validated too
     workdir = workdir_lib.prepare_workdir(workdir)
+    chosen: dict[str, Any] = {}
+    if tuning is not None:
+        chosen = tune_configurations(runs, tuning, workdir)
+        plan = [tuning_lib.reporting_point(point, tuning, chosen[point.configuration])
+                for point in plan]
     # Seed-major order: every configuration's seed 0, then seed 1, ...
     order = sorted(plan, key=lambda point: point.seed)
     print(f"sweep: {len(plan)} points in {workdir}: {', '.join(p.name for p in order)}", flush=True)
-    finished = {point.name: train_point(point, plan, workdir, f"[{index}/{len(plan)}] {point.name}")
+    finished = {point.name: train_point(point, plan, workdir, f"[{index}/{len(plan)}] {point.name}",
+                                        halves=tuning is not None)
                 for index, point in enumerate(order, 1)}
     speeds = measured_speeds(plan, workdir, decode_context, decode_batch)
     seed_rows, curves = [], {}
     for point in plan:
         point_dir = workdir / point.name
         model_config = build_model_config(workdir_lib.saved_config(point_dir).model)
-        seed_rows.append(results.seed_row(point, finished[point.name], model_config,
-                                          speeds[point.configuration]))
+        result = finished[point.name]
+        seed_rows.append(results.seed_row(
+            point, result if tuning is None else result[tuning_lib.HALVES]["test"], model_config,
+            speeds[point.configuration],
+            None if tuning is None else {tuning.column: chosen[point.configuration]}))
         curves.setdefault(point.configuration, []).append(
             results.loss_curves(results.read_metrics(point_dir)))
-    rows = results.configuration_rows(seed_rows, baseline)
-    table = results.write_tables(workdir, fields, seed_rows, rows, baseline, comparisons)
+    rows = results.configuration_rows(seed_rows, baseline, [*declared, *asked])
+    note = "" if tuning is None else (
+        f"{tuning.field} chosen per configuration on tuning seeds and the tuning half of the "
+        "held-out windows (tuning.csv); every held-out metric here is the test half's. ")
+    table = results.write_tables(workdir, fields, seed_rows, rows, baseline, declared, asked,
+                                 [tuning.column] if tuning else (), note)
     plots.write_figures(workdir, fields, rows, curves, baseline, decode_batch)
     return table
 
 
-def train_point(point: Point, plan: list[Point], workdir: pathlib.Path, label: str) -> dict:
+def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tuning,
+                        workdir: pathlib.Path) -> dict[str, Any]:
+    """Trains (or skips, when finished) every tuning run in WORKDIR/tuning/, seed-major,
+    writes tuning.csv and tuning.png, and returns {configuration: chosen value}."""
+    tuning_dir = workdir_lib.prepare_workdir(workdir / tuning_lib.TUNING_DIR)
+    order = sorted(runs, key=lambda run: run.point.seed)
+    others = [run.point for run in runs]
+    print(f"tuning {tuning.field} over {', '.join(map(str, tuning.values))} with seeds "
+          f"{', '.join(map(str, tuning.seeds))}: {len(runs)} runs in {tuning_dir}", flush=True)
+    finished = {}
+    for index, run in enumerate(order, 1):
+        point, label = run.point, f"[tuning {index}/{len(order)}] {run.point.name}"
+        result = results.recorded_result(tuning_dir / point.name, point)
+        if result is not None and (tuning_lib.HALVES in result or tuning_lib.DIVERGED in result):
+            print(f"{label}: finished, skipped", flush=True)
+        else:
+            try:
+                result = train_point(point, others, tuning_dir, label, halves=True)
+            except trainer.NonFiniteLoss as error:
+                print(f"{label}: diverged, never chosen: {error}", flush=True)
+                result = {**results.new_result(point, {}), tuning_lib.DIVERGED: str(error)}
+                results.write_result(tuning_dir / point.name, result)
+        finished[point.name] = result
+    rows = tuning_lib.tuning_rows(runs, finished, tuning)
+    chosen = tuning_lib.chosen_values(rows, tuning)
+    tuning_lib.write_tuning(workdir, rows, chosen, tuning)
+    for name, value in chosen.items():
+        print(f"tuning: {name} takes {tuning.field}={value}", flush=True)
+    return chosen
+
+
+def train_point(point: Point, plan: list[Point], workdir: pathlib.Path, label: str, *,
+                halves: bool = False) -> dict:
     """Trains (or resumes) a point unless it has finished; returns its result.json contents.
     A point whose training twin has finished copies the twin's run and is only evaluated.
-    label: how the progress lines name the point, e.g. "[3/10] MQA__seed=0"."""
+    label: how the progress lines name the point, e.g. "[3/10] MQA__seed=0". halves: also
+    score the held-out split's tuning and test halves once (`mqa.sweep.tuning.score_halves`),
+    kept in result.json."""
     point_dir = workdir / point.name
     result = results.finished_result(point_dir, point)
     if result is not None:
         print(f"{label}: finished (step {result['step']}), skipped", flush=True)
+        if halves and tuning_lib.HALVES not in result:
+            result[tuning_lib.HALVES] = tuning_lib.score_halves(point_dir, point.config)
+            results.write_result(point_dir, result)
         return result
     twin = None if (point_dir / "checkpoints").exists() else training_twin(point, plan, workdir)
     if twin is not None:
@@ -101,6 +168,8 @@ def train_point(point: Point, plan: list[Point], workdir: pathlib.Path, label: s
     config = ml_collections.ConfigDict(point.config.to_dict())  # train() may change it (BPE)
     trained = trainer.train(config, point_dir)
     result = results.new_result(point, trained)
+    if halves:
+        result[tuning_lib.HALVES] = tuning_lib.score_halves(point_dir, point.config)
     results.write_result(point_dir, result)
     return result
 
