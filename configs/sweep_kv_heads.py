@@ -8,7 +8,7 @@ tinyshakespeare (data/tinyshakespeare.txt, shipped with the repository). Its Swi
 widened where K/V weights are removed, so every configuration has exactly the MHA model's
 615,264 parameters (Shazeer 2019): each K/V head removed frees 2 x 12 x d_model weights per
 layer, 8 SwiGLU units of 3 x d_model. Each run trains 400 steps of 16 x 128 tokens (0.82M
-tokens, 0.8 passes over the 1.0M-token train split, so no token is seen twice) and is
+tokens, 0.8 of the 1.0M-token train split in windows drawn with replacement) and is
 scored on the whole held-out split (111K tokens). Seed s gives every configuration the
 same batches in the same order, so differences are paired by seed. Measured on 2 CPU
 cores: 11,800-12,900 tokens/s, 1.25 minutes a run with its evaluation, about 80 minutes
