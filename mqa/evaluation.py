@@ -51,18 +51,24 @@ def scored_positions(num_windows: int, seq_len: int, stride: int, first: int = 0
 
 def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batch_size: int,
                   stride: int | None = None, max_windows: int | None = None,
-                  bytes_per_token: float = 1.0, progress: bool = False) -> dict:
+                  bytes_per_token: float = 1.0, progress: bool = False,
+                  bos: int | None = None) -> dict:
     """{"loss" (nats/token), "perplexity", "bits_per_byte", "tokens" (targets scored)}.
 
     tokens: int [n] (an array or a token_files.TokenStream). max_windows: score only the
-    first this many windows (None: all), reading only the tokens they cover.
+    first this many windows (None: all), reading only the tokens they cover. bos: for a
+    model that expects a beginning-of-sequence token first (Gemma), each window is BOS and
+    then `seq_len` tokens of the text, all of them targets (the first predicted from BOS
+    alone); windows still start every `stride` tokens.
     batch_nll: scores one padded batch (see `BatchNll`); the trainer's shards it over its
     mesh, `evaluate_tokens`' runs a loaded model.
     """
     stride = seq_len if stride is None else stride
     if max_windows is not None:  # read only the tokens the first max_windows windows cover
         tokens = tokens[:(max_windows - 1) * stride + seq_len + 1]
-    window_starts = data.eval_window_starts(len(tokens), seq_len, stride=stride)
+    # Text tokens read per window: its seq_len + 1 tokens, or with BOS seq_len after it.
+    read = seq_len + 1 if bos is None else seq_len
+    window_starts = data.eval_window_starts(len(tokens) + (bos is not None), seq_len, stride=stride)
     loss_sum, count = 0.0, 0.0
     # Tokens scored, with their rate and the time left: every target of the first window
     # and `stride` of each later one.
@@ -71,7 +77,9 @@ def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batc
                     dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     for start in range(0, len(window_starts), batch_size):
         # One batch of windows at a time: memory stays flat however long the split is.
-        chunk = token_files.read_windows(tokens, window_starts[start:start + batch_size], seq_len + 1)
+        chunk = token_files.read_windows(tokens, window_starts[start:start + batch_size], read)
+        if bos is not None:
+            chunk = np.concatenate([np.full((len(chunk), 1), bos, chunk.dtype), chunk], axis=1)
         weights = scored_positions(len(chunk), seq_len, stride, first=start)
         pad = batch_size - len(chunk)
         if pad:  # keep one compiled shape; padded rows weigh nothing
@@ -101,8 +109,10 @@ def model_batch_nll(model: LoadedModel, *, cached: bool | None = None) -> BatchN
 
 def evaluate_tokens(model: LoadedModel, tokens: np.ndarray, *, seq_len: int,
                     stride: int | None = None, batch_size: int = 8, bytes_per_token: float = 1.0,
-                    progress: bool = True, cached: bool | None = None) -> dict:
-    """`held_out_loss` of a loaded model on `tokens` (int [n]).
+                    progress: bool = True, cached: bool | None = None,
+                    bos: int | None = None) -> dict:
+    """`held_out_loss` of a loaded model on `tokens` (int [n]); bos: a BOS id to start each
+    window with (see `held_out_loss`).
 
     stride: None (= seq_len) for non-overlapping windows; smaller for a sliding window in
     which every scored token sees at least seq_len - stride tokens of context.
@@ -110,7 +120,8 @@ def evaluate_tokens(model: LoadedModel, tokens: np.ndarray, *, seq_len: int,
     exactly when the model has an int8 cache).
     """
     return held_out_loss(model_batch_nll(model, cached=cached), tokens, seq_len=seq_len, batch_size=batch_size,
-                         stride=stride, bytes_per_token=bytes_per_token, progress=progress)
+                         stride=stride, bytes_per_token=bytes_per_token, progress=progress,
+                         bos=bos)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +183,8 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None,
     (`load_model`). text: a text file to score instead of the run's held-out split.
     seq_len: the window (default: train.seq_len); stride: score overlapping windows every
     `stride` tokens (`held_out_loss`); cached: through the KV cache (`evaluate_tokens`).
+    A model whose tokenizer has a BOS (`bos_id`: a converted Gemma's, Llama 2's) gets it
+    at the start of every window.
     progress: a bar on stderr with tokens scored, tokens/s and the time left. What is
     scored is named on `sys.__stderr__` first (which a damaged checkpoint's fallback
     leaves open; see `mqa.checkpoint`). Errors are one line: CheckpointError,
@@ -186,9 +199,11 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None,
         raise ConfigError(f"--seq_len={seq_len} exceeds model.max_seq_len="
                           f"{model.model_config.max_seq_len}")
     scored = evaluation_text(model, text, seq_len)
+    bos = getattr(model.tokenizer, "bos_id", None)
     print(f"evaluating step {model.step} of {model.path} on {scored.source} "
           f"({len(scored.tokens):,} tokens, windows of {seq_len}"
-          f"{f', stride {stride}' if stride else ''})", file=sys.__stderr__, flush=True)
+          f"{f', stride {stride}' if stride else ''}{', each after BOS' if bos is not None else ''})",
+          file=sys.__stderr__, flush=True)
     return evaluate_tokens(model, scored.tokens, seq_len=seq_len, stride=stride,
                            batch_size=batch_size, bytes_per_token=scored.bytes_per_token,
-                           progress=progress, cached=cached)
+                           progress=progress, cached=cached, bos=bos)

@@ -82,9 +82,11 @@ def unit_offset(weight: np.ndarray) -> np.ndarray:
 
 def layers_description(m) -> str:
     """"18 layers (3 global, 15 local with a 512-token window)" for a config's model section."""
-    n, window, every = m.num_layers, m.sliding_window, m.global_every
+    n, window = m.num_layers, m.sliding_window
+    layers = f"{n} layer{'s' if n > 1 else ''}"
+    globals_ = n // m.global_every if m.global_every else 0
     if not window:
-        return f"{n} layers, all global"
-    if not every:
-        return f"{n} layers, all local ({window}-token window)"
-    return f"{n} layers ({n // every} global, {n - n // every} local with a {window}-token window)"
+        return f"{layers}, all global"
+    if not globals_:
+        return f"{layers}, all local ({window}-token window)"
+    return f"{layers} ({globals_} global, {n - globals_} local with a {window}-token window)"
