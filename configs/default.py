@@ -24,14 +24,21 @@ def get_config() -> ml_collections.ConfigDict:
         sliding_window=0,        # > 0: layers attend to the last this many positions (ring-buffer cache)
         global_every=0,          # with a window, every N-th layer stays global; 0: all layers local
         kv_cache_dtype="",       # '': the compute dtype; int8: absmax-quantized per token and head
-        head_dim=32,             # num_heads * head_dim == d_model
-        mlp_dim=1024,            # SwiGLU hidden width
+        head_dim=32,             # any even size; num_heads * head_dim need not equal d_model
+        mlp_dim=1024,            # the gated MLP's hidden width
+        mlp_activation="silu",   # silu: SwiGLU (Llama) | gelu_tanh: GeGLU, tanh-approximated GELU (Gemma)
         match_mha_params=False,  # widen the MLP so parameters equal MHA's (Shazeer 2019)
         tie_embeddings=True,
         attention_impl="tiled",  # tiled (causal query tiles) | einsum | blockwise (linear memory) | xla | cudnn
         attention_block=64,      # tiled: query tile length; blockwise: block length
         rope_theta=10000.0,
+        rope_local_theta=0.0,    # > 0: the RoPE base of local (sliding-window) layers (Gemma 3: 10000); 0: rope_theta
         norm_eps=1e-5,
+        norm_scale="weight",     # RMSNorm multiplier: weight (Llama) | one_plus_weight: 1 + weight, weight from 0 (Gemma)
+        qk_norm=False,           # RMSNorm over each query and key head before RoPE (Gemma 3; grouped attention)
+        post_norms=False,        # also norm each attention and MLP output before its residual add (Gemma's sandwich)
+        embed_scale=False,       # multiply the input embeddings by sqrt(d_model) (Gemma)
+        attention_score_dim=0,   # > 0: scores are q.k / sqrt(this) (Gemma's query_pre_attn_scalar); 0: head_dim
         max_seq_len=1024,
         dtype="float32",         # compute dtype; parameters stay float32
         remat=False,             # recompute each layer's activations in the backward pass

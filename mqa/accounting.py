@@ -24,20 +24,26 @@ def attention_params(config: ModelConfig) -> int:
             + config.num_layers * fam.norm_count(config))
 
 
+def block_norms(config: ModelConfig) -> int:
+    """RMSNorms of d_model per layer: before attention and the MLP, and with `post_norms`
+    after them too (Gemma's sandwich)."""
+    return 4 if config.post_norms else 2
+
+
 def norm_params(config: ModelConfig) -> int:
-    """The RMSNorm scales: two per layer, the final one, and the attention family's."""
-    return (config.d_model * (2 * config.num_layers + 1)
+    """The RMSNorm scales: `block_norms` per layer, the final one, and the attention family's."""
+    return (config.d_model * (block_norms(config) * config.num_layers + 1)
             + config.num_layers * family(config).norm_count(config))
 
 
 def mlp_params(config: ModelConfig) -> int:
-    """One layer's SwiGLU gate, up and down projections."""
+    """One layer's gated MLP: gate, up and down projections."""
     return 3 * config.d_model * config.mlp_dim
 
 
 def param_count(config: ModelConfig, *, embeddings: bool = True) -> int:
     """Total parameters; `embeddings=False` leaves out the (un)embedding matrices."""
-    per_layer = mlp_params(config) + 2 * config.d_model  # + 2 norms
+    per_layer = mlp_params(config) + block_norms(config) * config.d_model
     total = attention_params(config) + config.num_layers * per_layer + config.d_model  # + final norm
     if embeddings:
         total += config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
@@ -88,7 +94,7 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype=None, *, context: int | 
 
 
 def mlp_dim_matching_mha(config: ModelConfig) -> int:
-    """The SwiGLU width that gives this model as many parameters as its MHA version
+    """The gated MLP's width that gives this model as many parameters as its MHA version
     (grouped attention with `num_kv_heads == num_heads`, no cross-layer sharing).
 
     Whatever attention saves against MHA (fewer K/V heads, fewer layers with K/V, a

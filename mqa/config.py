@@ -22,7 +22,9 @@ from mqa import accounting
 from mqa.attention import BACKENDS, FAMILIES
 from mqa.errors import ConfigError
 from mqa.kv_cache import CACHE_DTYPES
+from mqa.mlp import ACTIVATIONS
 from mqa.model_config import ModelConfig
+from mqa.norm import NORM_SCALES
 
 __all__ = ["ConfigError", "ModelConfig", "default_config", "get_dotted", "load_config_file",
            "build_model_config", "set_from_string", "validate", "with_defaults"]
@@ -192,15 +194,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         valid = [k for k in range(1, m.num_layers + 1) if m.num_layers % k == 0]
         raise ConfigError(f"model.kv_share_every={m.kv_share_every} must divide model.num_layers="
                           f"{m.num_layers}; valid: {', '.join(map(str, valid))}")
-    if m.num_heads * m.head_dim != m.d_model:
-        hint = (f"; set model.head_dim={m.d_model // m.num_heads}"
-                if m.d_model % m.num_heads == 0 else "")
-        raise ConfigError(f"model.num_heads={m.num_heads} x model.head_dim={m.head_dim} = "
-                          f"{m.num_heads * m.head_dim} must equal model.d_model={m.d_model}{hint}")
+    # num_heads * head_dim may differ from d_model (Gemma 3 270M: 4 x 256 against 640): the
+    # projections q [m, h, d] and out [h, d, m] take any head_dim.
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (rotary embeddings rotate pairs)")
     _check_attention_family(m)
     _check_choice("model.dtype", m.dtype, DTYPES)
+    _check_choice("model.mlp_activation", m.mlp_activation, tuple(ACTIVATIONS))
+    _check_choice("model.norm_scale", m.norm_scale, NORM_SCALES)
     _check_choice("train.trainable", config.train.trainable, TRAINABLE)
     if config.data.tokenizer == "init_from" and not config.train.init_from:
         raise ConfigError("data.tokenizer='init_from' needs train.init_from (the workdir whose "
@@ -234,6 +235,14 @@ def _check_attention_family(m) -> None:
     for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window", "global_every"):
         if m[name] < 0:
             raise ConfigError(f"model.{name}={m[name]} must be >= 0")
+    for name in ("rope_local_theta", "attention_score_dim"):
+        if m[name] < 0:
+            raise ConfigError(f"model.{name}={m[name]} must be >= 0 (0: off)")
+    if m.attention != "grouped":
+        for name in ("qk_norm", "attention_score_dim"):
+            if m[name]:
+                raise ConfigError(f"model.{name}={m[name]!r} is for model.attention='grouped' only "
+                                  f"(model.attention={m.attention!r}); set it to {type(m[name])(0)!r}")
     if m.attention != "latent":
         for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim"):
             if m[name]:
@@ -249,6 +258,9 @@ def _check_attention_family(m) -> None:
                           f"takes {' or '.join(map(repr, valid))}")
     if m.global_every and not m.sliding_window:
         raise ConfigError(f"model.global_every={m.global_every} needs model.sliding_window > 0")
+    if m.rope_local_theta and not m.sliding_window:
+        raise ConfigError(f"model.rope_local_theta={m.rope_local_theta} is the RoPE base of local "
+                          "layers and needs model.sliding_window > 0; or set it to 0")
     if m.sliding_window and m.kv_share_every != 1:
         raise ConfigError(f"model.sliding_window={m.sliding_window} does not combine with "
                           f"model.kv_share_every={m.kv_share_every}; use one of them")

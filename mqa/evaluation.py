@@ -79,11 +79,14 @@ def scored_positions(num_windows: int, seq_len: int, stride: int, first: int = 0
 def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batch_size: int,
                   stride: int | None = None, max_windows: int | None = None,
                   bytes_per_token: float = 1.0, progress: bool = False,
-                  part: str | None = None) -> dict:
+                  part: str | None = None, bos: int | None = None) -> dict:
     """{"loss" (nats/token), "perplexity", "bits_per_byte", "tokens" (targets scored)}.
 
     tokens: int [n] (an array or a token_files.TokenStream). max_windows: score only the
-    first this many windows (None: all), reading only the tokens they cover.
+    first this many windows (None: all), reading only the tokens they cover. bos: for a
+    model that expects a beginning-of-sequence token first (Gemma), each window is BOS and
+    then `seq_len` tokens of the text, all of them targets (the first predicted from BOS
+    alone); windows still start every `stride` tokens.
     batch_nll: scores one padded batch (see `BatchNll`); the trainer's shards it over its
     mesh, `evaluate_tokens`' runs a loaded model. part: None for every window, "tuning" or
     "test" for that half of them (`part_windows`, after max_windows).
@@ -91,7 +94,9 @@ def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batc
     stride = seq_len if stride is None else stride
     if max_windows is not None:  # read only the tokens the first max_windows windows cover
         tokens = tokens[:(max_windows - 1) * stride + seq_len + 1]
-    window_starts = data.eval_window_starts(len(tokens), seq_len, stride=stride)
+    # Text tokens read per window: its seq_len + 1 tokens, or with BOS seq_len after it.
+    read = seq_len + 1 if bos is None else seq_len
+    window_starts = data.eval_window_starts(len(tokens) + (bos is not None), seq_len, stride=stride)
     selected = part_windows(len(window_starts), part)
     loss_sum, count = 0.0, 0.0
     # Tokens scored, with their rate and the time left: every target of the first window
@@ -103,7 +108,9 @@ def held_out_loss(batch_nll: BatchNll, tokens: np.ndarray, *, seq_len: int, batc
     for start in range(selected.start, selected.stop, batch_size):
         # One batch of windows at a time: memory stays flat however long the split is.
         stop = min(start + batch_size, selected.stop)
-        chunk = token_files.read_windows(tokens, window_starts[start:stop], seq_len + 1)
+        chunk = token_files.read_windows(tokens, window_starts[start:stop], read)
+        if bos is not None:
+            chunk = np.concatenate([np.full((len(chunk), 1), bos, chunk.dtype), chunk], axis=1)
         weights = scored_positions(len(chunk), seq_len, stride, first=start)
         pad = batch_size - len(chunk)
         if pad:  # keep one compiled shape; padded rows weigh nothing
@@ -134,8 +141,10 @@ def model_batch_nll(model: LoadedModel, *, cached: bool | None = None) -> BatchN
 def evaluate_tokens(model: LoadedModel, tokens: np.ndarray, *, seq_len: int,
                     stride: int | None = None, batch_size: int = 8, bytes_per_token: float = 1.0,
                     progress: bool = True, cached: bool | None = None,
-                    max_windows: int | None = None, part: str | None = None) -> dict:
-    """`held_out_loss` of a loaded model on `tokens` (int [n]).
+                    max_windows: int | None = None, part: str | None = None,
+                    bos: int | None = None) -> dict:
+    """`held_out_loss` of a loaded model on `tokens` (int [n]); bos: a BOS id to start each
+    window with (see `held_out_loss`).
 
     stride: None (= seq_len) for non-overlapping windows; smaller for a sliding window in
     which every scored token sees at least seq_len - stride tokens of context.
@@ -144,7 +153,7 @@ def evaluate_tokens(model: LoadedModel, tokens: np.ndarray, *, seq_len: int,
     """
     return held_out_loss(model_batch_nll(model, cached=cached), tokens, seq_len=seq_len, batch_size=batch_size,
                          stride=stride, bytes_per_token=bytes_per_token, progress=progress,
-                         max_windows=max_windows, part=part)
+                         max_windows=max_windows, part=part, bos=bos)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,10 +218,12 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None,
     `stride` tokens (`held_out_loss`); cached: through the KV cache (`evaluate_tokens`).
     max_windows: only the first this many windows (None: all; a run's final evaluation
     scores `mqa.trainer.final_eval_windows`); part: None for all of them, "tuning" or
-    "test" for that half (`part_windows`). progress: a bar on stderr with tokens scored,
-    tokens/s and the time left. What is scored is named on `sys.__stderr__` first (which a
-    damaged checkpoint's fallback leaves open; see `mqa.checkpoint`). Errors are one line:
-    CheckpointError, ConfigError, DataError.
+    "test" for that half (`part_windows`). A model whose tokenizer has a BOS (`bos_id`: a
+    converted Gemma's, Llama 2's) gets it at the start of every window.
+    progress: a bar on stderr with tokens scored, tokens/s and the time left. What is
+    scored is named on `sys.__stderr__` first (which a damaged checkpoint's fallback
+    leaves open; see `mqa.checkpoint`). Errors are one line: CheckpointError,
+    ConfigError, DataError.
     """
     model = load_model(workdir, step=step, overrides=overrides)
     if model.tokenizer is None and text:
@@ -223,11 +234,14 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None,
         raise ConfigError(f"--seq_len={seq_len} exceeds model.max_seq_len="
                           f"{model.model_config.max_seq_len}")
     scored = evaluation_text(model, text, seq_len)
+    bos = getattr(model.tokenizer, "bos_id", None)
     print(f"evaluating step {model.step} of {model.path} on {scored.source} "
           f"({len(scored.tokens):,} tokens, windows of {seq_len}"
           f"{f', stride {stride}' if stride else ''}"
           f"{f', first {max_windows:,}' if max_windows else ''}"
-          f"{f'; its {part} half' if part else ''})", file=sys.__stderr__, flush=True)
+          f"{f'; its {part} half' if part else ''}{', each after BOS' if bos is not None else ''})",
+          file=sys.__stderr__, flush=True)
     return evaluate_tokens(model, scored.tokens, seq_len=seq_len, stride=stride,
                            batch_size=batch_size, bytes_per_token=scored.bytes_per_token,
-                           progress=progress, cached=cached, max_windows=max_windows, part=part)
+                           progress=progress, cached=cached, max_windows=max_windows, part=part,
+                           bos=bos)

@@ -1,8 +1,13 @@
 """A decoder-only Transformer language model in Flax NNX.
 
-Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> SwiGLU MLP -> residual),
+Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> gated MLP -> residual),
 rotary position embeddings, tied or untied embeddings. The blocks' parameters are stacked
-along a leading layer axis.
+along a leading layer axis. Gemma 3's variations are config switches whose defaults keep
+the Llama computation op for op: norms after attention and the MLP too (`post_norms`),
+RMSNorms scaled by 1 + weight (`norm_scale`, `mqa.norm`), GeGLU (`mlp_activation`,
+`mqa.mlp`), embeddings scaled by sqrt(d_model) (`embed_scale`), a RoPE base of its own for
+local layers (`rope_local_theta`, chosen per layer like the window), and in grouped
+attention query/key norms and the attention scale (`qk_norm`, `attention_score_dim`).
 
 One layer loop, `_group`, runs every use of the model: a group is a K/V layer and the
 `kv_share_every - 1` layers that reuse its keys and values (cross-layer sharing; a group is
@@ -23,40 +28,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mqa import kv_cache
-from mqa.attention import Keys, Mode, dense, family, self_attention
+from mqa.attention import Keys, Mode, family, self_attention
 from mqa.kv_cache import KVCache
+from mqa.mlp import GatedMLP
 from mqa.model_config import ModelConfig
-from mqa.norm import RMSNorm
-
-
-class SwiGLU(nnx.Module):
-    """down(silu(gate(x)) * up(x)) (Shazeer 2020). x: [batch, seq, m] -> [batch, seq, m]."""
-
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        m, f = config.d_model, config.mlp_dim
-        init = nnx.initializers.normal(stddev=m ** -0.5)
-        down_init = nnx.initializers.normal(stddev=f ** -0.5 / (2 * config.num_layers) ** 0.5)
-        self.gate = nnx.Param(init(rngs.params(), (m, f)))
-        self.up = nnx.Param(init(rngs.params(), (m, f)))
-        self.down = nnx.Param(down_init(rngs.params(), (f, m)))
-        self.dtype = jnp.dtype(config.dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        gate = dense(x, self.gate[...].astype(self.dtype))
-        up = dense(x, self.up[...].astype(self.dtype))
-        return dense(jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
+from mqa.norm import model_norm
 
 
 class Block(nnx.Module):
     """One pre-norm Transformer layer with `model.attention`'s family; `owns_kv=False` for
-    a layer that reuses the K/V of its group's first layer (cross-layer KV sharing)."""
+    a layer that reuses the K/V of its group's first layer (cross-layer KV sharing). With
+    `post_norms` also attention_post_norm and mlp_post_norm (Gemma's sandwich norms)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, owns_kv: bool = True):
-        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attention_norm = model_norm(config.d_model, config)
         self.attention = family(config)(config, rngs=rngs, owns_kv=owns_kv)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config, rngs=rngs)
+        self.mlp_norm = model_norm(config.d_model, config)
+        self.mlp = GatedMLP(config, rngs=rngs)
+        if config.post_norms:
+            self.attention_post_norm = model_norm(config.d_model, config)
+            self.mlp_post_norm = model_norm(config.d_model, config)
 
 
 def _stacked_blocks(config: ModelConfig, count: int, rngs: nnx.Rngs, owns_kv: bool) -> Block:
@@ -89,7 +80,7 @@ class Transformer(nnx.Module):
         if config.kv_share_every > 1:
             self.shared_blocks = _stacked_blocks(
                 config, config.num_layers - config.num_kv_layers, rngs, owns_kv=False)
-        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.final_norm = model_norm(config.d_model, config)
         if not config.tie_embeddings:
             self.unembed = nnx.Param(nnx.initializers.normal(stddev=config.d_model ** -0.5)(
                 rngs.params(), (config.d_model, config.vocab_size)))
@@ -108,19 +99,24 @@ class Transformer(nnx.Module):
         if per_group:  # [groups * per_group, ...] -> [groups, per_group, ...]
             shared = jax.tree.map(lambda a: a.reshape(-1, per_group, *a.shape[1:]),
                                   nnx.state(self.shared_blocks))
-        # Each layer's window (sliding windows exclude kv_share_every > 1).
+        # Each layer's window and, when local layers have their own, RoPE base (sliding
+        # windows exclude kv_share_every > 1, so a group is one layer).
         windows = (jnp.array([config.window(i) for i in range(config.num_layers)], jnp.int32)
                    if config.sliding_window else None)
+        thetas = (jnp.array([config.layer_rope_theta(i) for i in range(config.num_layers)],
+                            jnp.float32) if config.rope_local_theta else None)
 
         def scanned(x, params):
-            first, stacked, window = params
+            first, stacked, window, theta = params
             layers = tuple(jax.tree.map(lambda a: a[j], stacked) for j in range(per_group))
-            x, _, inputs = self._group(x, positions, (first, layers), window, Mode.SELF)
+            theta = config.rope_theta if theta is None else theta
+            x, _, inputs = self._group(x, positions, (first, layers), window, theta, Mode.SELF)
             return x, (jnp.stack(inputs) if attention_inputs else None)
 
         if config.remat:
             scanned = jax.checkpoint(scanned)
-        x, inputs = jax.lax.scan(scanned, self._embed(tokens), (nnx.state(self.blocks), shared, windows),
+        x, inputs = jax.lax.scan(scanned, self._embed(tokens),
+                                 (nnx.state(self.blocks), shared, windows, thetas),
                                  unroll=config.scan_unroll)
         logits = self._logits(x)
         if attention_inputs:
@@ -141,9 +137,10 @@ class Transformer(nnx.Module):
         x = self._embed(tokens)
         updated = []
         for g, params in enumerate(layers or self.layer_params()):
-            window = config.sliding_window if config.is_local(g * config.kv_share_every) else None
-            x, buffers, _ = self._group(x, positions, params, window, Mode.CACHED,
-                                        cache.layers[g], cache.index)
+            layer = g * config.kv_share_every
+            window = config.sliding_window if config.is_local(layer) else None
+            x, buffers, _ = self._group(x, positions, params, window, config.layer_rope_theta(layer),
+                                        Mode.CACHED, cache.layers[g], cache.index)
             updated.append(buffers)
         return self._logits(x), KVCache(tuple(updated), cache.index + tokens.shape[1])
 
@@ -159,13 +156,15 @@ class Transformer(nnx.Module):
                      for g in range(groups))
 
     def _group(self, x: jax.Array, positions: jax.Array, params: GroupParams,
-               window: jax.Array | int | None, mode: Mode, buffers: dict | None = None,
-               index: jax.Array | None = None) -> tuple[jax.Array, dict | None, list[jax.Array]]:
-        """The layer loop: one K/V group. x: [batch, seq, m]; positions: int [seq].
+               window: jax.Array | int | None, theta: jax.Array | float, mode: Mode,
+               buffers: dict | None = None, index: jax.Array | None = None
+               ) -> tuple[jax.Array, dict | None, list[jax.Array]]:
+        """The layer loop: one K/V group. x: [batch, seq, m]; positions: int [seq]; theta:
+        the group's RoPE base.
 
-        SELF: the keys are this sequence's (window may be traced); CACHED: the group's
-        cache `buffers` take the new keys at `index` (window: an int makes them a ring, None
-        for a global layer). Returns (x after the group's layers, the updated buffers or
+        SELF: the keys are this sequence's (window and theta may be traced); CACHED: the
+        group's cache `buffers` take the new keys at `index` (window: an int makes them a
+        ring, None for a global layer). Returns (x after the group's layers, the updated buffers or
         None, each layer's attention input [batch, seq, m]).
         """
         config = self.config
@@ -178,21 +177,32 @@ class Transformer(nnx.Module):
         for block in blocks:
             h = block.attention_norm(x)
             inputs.append(h)
-            queries = block.attention.queries(h, positions)
+            queries = block.attention.queries(h, positions, theta)
             if keys is None:  # the group's first layer computes (and caches) its keys
-                new = block.attention.project_kv(h, positions)
+                new = block.attention.project_kv(h, positions, theta)
                 if mode is Mode.SELF:
                     keys = Keys.of_activations(new, kv_cache.cache_entries(config))
                 else:
                     axes = kv_cache.entry_axes(config, x.shape[0])
                     buffers, keys = kv_cache.write(buffers, new, axes, index, ring=window is not None,
                                                    dtype=jnp.dtype(config.dtype))
-            x = x + block.attention.attend(queries, keys, mode=mode, window=window, backend=backend)
-            x = x + block.mlp(block.mlp_norm(x))
+            attended = block.attention.attend(queries, keys, mode=mode, window=window, backend=backend)
+            if config.post_norms:
+                attended = block.attention_post_norm(attended)
+            x = x + attended
+            mlp_out = block.mlp(block.mlp_norm(x))
+            if config.post_norms:
+                mlp_out = block.mlp_post_norm(mlp_out)
+            x = x + mlp_out
         return x, buffers, inputs
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.config.dtype))
+        """tokens: int [batch, seq] -> [batch, seq, m] in the compute dtype; with
+        `embed_scale` multiplied by sqrt(d_model) in float32 (Gemma)."""
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        if self.config.embed_scale:
+            x = x * jnp.float32(self.config.d_model ** 0.5)
+        return x.astype(jnp.dtype(self.config.dtype))
 
     def _logits(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)

@@ -23,6 +23,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     mlp_dim: int
+    mlp_activation: str
     kv_share_every: int
     attention: str
     kv_latent_dim: int
@@ -35,7 +36,13 @@ class ModelConfig:
     attention_impl: str
     attention_block: int
     rope_theta: float
+    rope_local_theta: float
     norm_eps: float
+    norm_scale: str
+    qk_norm: bool
+    post_norms: bool
+    embed_scale: bool
+    attention_score_dim: int
     max_seq_len: int
     dtype: str
     remat: bool
@@ -61,6 +68,16 @@ class ModelConfig:
         """Positions layer `layer` sees back from each query (itself included): the sliding
         window for a local layer, `max_seq_len` (everything) for a global one."""
         return self.sliding_window if self.is_local(layer) else self.max_seq_len
+
+    def layer_rope_theta(self, layer: int) -> float:
+        """The RoPE base of layer `layer`: `rope_local_theta` for a local layer when it is
+        set (Gemma 3's 10,000 against 1,000,000 for its global layers), else `rope_theta`."""
+        return self.rope_local_theta if self.rope_local_theta and self.is_local(layer) else self.rope_theta
+
+    @property
+    def score_dim(self) -> int:
+        """Attention scores are q.k / sqrt(score_dim): `attention_score_dim`, or head_dim."""
+        return self.attention_score_dim or self.head_dim
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -8,7 +8,9 @@ Written from the mathematics, head by head, not from the JAX code:
 - `grouped_loops`, `tied_loops`, `latent_loops`, `latent_absorbed_loops`: one attention
   layer of each family (grouped-query; Grouped-Tied Attention, Zadouri, Strauss & Dao 2025;
   Multi-head Latent Attention, DeepSeek-V2 2024, expanded and in its absorbed decoding form).
-- `transformer_loops`: the whole language model, layer after layer.
+- `transformer_loops`: the whole language model, layer after layer, with Gemma 3's
+  variations as options (QK-norm, post-norms, (1 + w) norms, GeGLU, a local RoPE base,
+  the embedding scale, the attention scale).
 - `family_layers`: random float64 layer parameters for each family.
 """
 
@@ -21,9 +23,15 @@ def _f64(a):
     return np.asarray(a, np.float64)
 
 
-def rms_norm(x, scale, eps):
-    """x / sqrt(mean(x^2) + eps) * scale over the last axis."""
-    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * _f64(scale)
+def rms_norm(x, scale, eps, one_plus=False):
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis; * (1 + scale) with one_plus
+    (Gemma's norms)."""
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * (one_plus + _f64(scale))
+
+
+def gelu_tanh(x):
+    """GELU's tanh approximation: x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 def allowed_mask(q_len, kv_len, *, q_offset=None, window=0):
@@ -47,11 +55,12 @@ def _masked_softmax(logits, allowed):
     return probs / probs.sum(axis=-1, keepdims=True)
 
 
-def attention_loops(q, k, v, *, causal=True, q_offset=None, window=0):
+def attention_loops(q, k, v, *, causal=True, q_offset=None, window=0, score_dim=None):
     """Attention written head by head: query head h reads K/V head h // group.
 
     q: [batch, q_len, heads, dim]; k, v: [batch, kv_len, kv_heads, dim] -> [batch, q_len, heads, dim].
     window > 0 (causal only): the query at absolute position t reads keys t - window < s <= t.
+    Scores are q.k / sqrt(score_dim), score_dim defaulting to dim.
     """
     if window > 0 and not causal:
         raise ValueError("a sliding window is causal")
@@ -63,7 +72,7 @@ def attention_loops(q, k, v, *, causal=True, q_offset=None, window=0):
     out = np.zeros_like(q)
     for h in range(heads):
         kh = h // group
-        logits = np.einsum("btd,bsd->bts", q[:, :, h], k[:, :, kh]) / np.sqrt(dim)
+        logits = np.einsum("btd,bsd->bts", q[:, :, h], k[:, :, kh]) / np.sqrt(score_dim or dim)
         if causal:
             allowed = allowed_mask(q_len, kv_len, q_offset=offset, window=window)
             logits = np.where(allowed[None], logits, -np.inf)
@@ -106,24 +115,31 @@ def is_local_layer(index, sliding_window, global_every):
 
 
 def grouped_loops(layer, x, *, kv_state=None, sliding_window=0, quantize_kv=False,
-                  theta=10000.0):
+                  theta=10000.0, score_dim=None, eps=1e-5, one_plus=False):
     """One grouped-query attention layer (before the residual).
 
-    layer: `q` [m, h, d], `out` [h, d, m] and, unless kv_state is given, `k`, `v` [m, kv, d].
-    x: the layer's normed input [batch, seq, m]. kv_state: (K, V) computed by an earlier
-    layer (cross-layer sharing), used as is. Returns (output [batch, seq, m], (K, V)), K after
+    layer: `q` [m, h, d], `out` [h, d, m] and, unless kv_state is given, `k`, `v` [m, kv, d];
+    with `q_norm`, `k_norm` [d] each query and key head is RMS-normed (eps; one_plus: by
+    1 + the scale) before rope (Gemma 3's QK-norm). x: the layer's normed input [batch, seq,
+    m]. kv_state: (K, V) computed by an earlier layer (cross-layer sharing), used as is.
+    score_dim: see `attention_loops`. Returns (output [batch, seq, m], (K, V)), K after
     rope; with quantize_kv both are int8 round trips per token and K/V head.
     """
     positions = np.arange(x.shape[1])
-    q = rope(np.einsum("btm,mhd->bthd", x, _f64(layer["q"])), positions, theta)
+
+    def head_norm(y, name):
+        return rms_norm(y, layer[name], eps, one_plus) if name in layer else y
+
+    q = rope(head_norm(np.einsum("btm,mhd->bthd", x, _f64(layer["q"])), "q_norm"), positions, theta)
     if kv_state is None:
-        k = rope(np.einsum("btm,mkd->btkd", x, _f64(layer["k"])), positions, theta)
+        k = rope(head_norm(np.einsum("btm,mkd->btkd", x, _f64(layer["k"])), "k_norm"), positions,
+                 theta)
         v = np.einsum("btm,mkd->btkd", x, _f64(layer["v"]))
         if quantize_kv:
             k, v = int8_round_trip(k), int8_round_trip(v)
         kv_state = (k, v)
     k, v = kv_state
-    attended = attention_loops(q, k, v, window=sliding_window)
+    attended = attention_loops(q, k, v, window=sliding_window, score_dim=score_dim)
     return np.einsum("bthd,hdm->btm", attended, _f64(layer["out"])), kv_state
 
 
@@ -243,7 +259,8 @@ def latent_absorbed_loops(layer, x, *, q_latent=False, sliding_window=0, quantiz
 
 def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, theta=10000.0,
                       eps=1e-5, attention="grouped", sliding_window=0, global_every=0,
-                      quantize_kv=False, q_latent=False):
+                      quantize_kv=False, q_latent=False, local_theta=0.0, score_dim=None,
+                      embed_scale=False, one_plus=False, activation="silu"):
     """The language model's logits (tied embeddings), one layer after another.
 
     layers: a list, in order, of dicts with `attention_norm`, `mlp_norm`, `gate`, `up`, `down`
@@ -255,6 +272,11 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
       `is_local_layer`, with global_every) attend to the last `sliding_window` positions.
     quantize_kv: what a cache holds is replaced by its int8 round trip before use.
     q_latent (latent only): queries through a normed low-rank q_down.
+    Gemma 3's options: local_theta > 0 is the rope base of local layers; score_dim (grouped)
+    scales scores by 1 / sqrt(score_dim); embed_scale multiplies the embeddings by
+    sqrt(m); one_plus scales every norm by 1 + its weight; activation "gelu_tanh" makes the
+    MLP GeGLU; a layer with `q_norm`/`k_norm` norms its query/key heads (grouped), one with
+    `attention_post_norm`/`mlp_post_norm` norms the attention/MLP output before its residual.
     tokens: int [batch, seq] -> float64 logits [batch, seq, vocab].
     """
     if attention not in FAMILIES:
@@ -265,25 +287,33 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
         raise ValueError("q_latent is for latent attention only")
     if kv_share_every < 1 or sliding_window < 0 or global_every < 0:
         raise ValueError("kv_share_every must be >= 1, sliding_window and global_every >= 0")
-    x = _f64(embed)[np.asarray(tokens)]
+    x = _f64(embed)[np.asarray(tokens)] * (np.sqrt(_f64(embed).shape[1]) if embed_scale else 1.0)
     kv_state = None
+
+    def norm(y, name):
+        return rms_norm(y, layer[name], eps, one_plus) if name in layer else y
+
     for i, layer in enumerate(layers):
-        window = sliding_window if is_local_layer(i, sliding_window, global_every) else 0
-        h = rms_norm(x, layer["attention_norm"], eps)
+        local = is_local_layer(i, sliding_window, global_every)
+        window = sliding_window if local else 0
+        h = norm(x, "attention_norm")
         if i % kv_share_every == 0:
             kv_state = None
-        common = dict(sliding_window=window, quantize_kv=quantize_kv, theta=theta)
+        common = dict(sliding_window=window, quantize_kv=quantize_kv,
+                      theta=local_theta if local and local_theta else theta)
         if attention == "grouped":
-            attended, kv_state = grouped_loops(layer, h, kv_state=kv_state, **common)
+            attended, kv_state = grouped_loops(layer, h, kv_state=kv_state, score_dim=score_dim,
+                                               eps=eps, one_plus=one_plus, **common)
         elif attention == "tied":
             attended, kv_state = tied_loops(layer, h, kv_state=kv_state, **common)
         else:
             attended = latent_loops(layer, h, q_latent=q_latent, eps=eps, **common)
-        x = x + attended
-        h = rms_norm(x, layer["mlp_norm"], eps)
+        x = x + norm(attended, "attention_post_norm")
+        h = norm(x, "mlp_norm")
         gate, up = h @ _f64(layer["gate"]), h @ _f64(layer["up"])
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ _f64(layer["down"])
-    return rms_norm(x, final_scale, eps) @ _f64(embed).T
+        act = gelu_tanh(gate) if activation == "gelu_tanh" else gate / (1 + np.exp(-gate))
+        x = x + norm((act * up) @ _f64(layer["down"]), "mlp_post_norm")
+    return rms_norm(x, final_scale, eps, one_plus) @ _f64(embed).T
 
 
 def family_layers(rng, attention, num_layers, m, h, kv, d, mlp, *, c=0, cq=0, r=0,

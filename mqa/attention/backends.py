@@ -1,9 +1,10 @@
 """The backend registry: how causal self-attention (`Mode.SELF`: training, evaluation) runs.
 
 `model.attention_impl` names a backend; every family calls it the same way,
-`backend(core, queries, keys, window=...)`, with its own einsum core (`core.attend`,
+`backend(core, queries, keys, window=..., **options)`, with its own einsum core (`core.attend`,
 `tied.attend_tied`, `latent.attend_latent_expanded`) and the arrays that core takes per
-query and per key. Cached decoding (`Mode.CACHED`) does not go through a backend: each
+query and per key; `options` (grouped attention's `score_dim`) go to the core or kernel as
+they are. Cached decoding (`Mode.CACHED`) does not go through a backend: each
 family's core reads the cache buffers as they lie.
 
   einsum     the core over the whole [seq, seq] score matrix (any family)
@@ -36,22 +37,23 @@ class Backend:
     families: tuple[str, ...] | None = None
 
 
-def _whole(core, queries, keys, *, window=None):
-    return core(*queries, *keys, q_offset=0, window=window)
+def _whole(core, queries, keys, *, window=None, **options):
+    return core(*queries, *keys, q_offset=0, window=window, **options)
 
 
 def _tiled(block: int) -> SelfAttention:
-    def run(core, queries, keys, *, window=None):
-        return over_query_tiles(core, queries, keys, block=block, window=window)
+    def run(core, queries, keys, *, window=None, **options):
+        tiled_core = functools.partial(core, **options) if options else core
+        return over_query_tiles(tiled_core, queries, keys, block=block, window=window)
     return run
 
 
 def _grouped_kernel(kernel: Callable[..., jax.Array]) -> SelfAttention:
     """A kernel for grouped attention alone: it replaces the grouped core, which it
     computes, and reads (q,) and (k, v) as that core would."""
-    def run(core, queries, keys, *, window=None):
+    def run(core, queries, keys, *, window=None, **options):
         del core
-        return kernel(*queries, *keys, causal=True, q_offset=0, window=window)
+        return kernel(*queries, *keys, causal=True, q_offset=0, window=window, **options)
     return run
 
 

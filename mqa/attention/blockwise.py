@@ -23,7 +23,7 @@ from mqa.attention.core import attend
 def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                      q_offset: jax.Array | int | None = None, kv_layout: str = "bskd",
                      window: jax.Array | int | None = None, k_positions: jax.Array | None = None,
-                     block: int = 128) -> jax.Array:
+                     score_dim: int | None = None, block: int = 128) -> jax.Array:
     """`attend`'s arguments and result. Full causal self-attention (training, evaluation,
     q_len == kv_len from position 0, with or without a sliding window, which may be traced)
     runs blockwise; anything else (cached decoding, a non-causal call) is handed to
@@ -32,7 +32,7 @@ def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     if not (causal and kv_layout == "bskd" and t == s and isinstance(q_offset, int)
             and q_offset == 0 and k_positions is None):
         return attend(q, k, v, causal=causal, q_offset=q_offset, kv_layout=kv_layout,
-                      window=window, k_positions=k_positions)
+                      window=window, k_positions=k_positions, score_dim=score_dim)
     b, _, h, d = q.shape
     kv = k.shape[2]
     block = min(block, t)
@@ -40,7 +40,7 @@ def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
     q = q.reshape(b, t + pad, kv, h // kv, d)
     window = jnp.asarray(t + pad if window is None else window, jnp.int32)
-    out = _flash(q, k, v, window, block)
+    out = _flash(q, k, v, window, block, score_dim or d)
     return out[:, :t].reshape(b, t, h, d)
 
 
@@ -55,12 +55,12 @@ def _unblocks(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _scores(qi, kj, i, j, block, window):
-    """Scaled, causally masked scores of query block i against key block j: query p sees
-    key s when p - window < s <= p. qi: [b, block, k, g, d], kj: [b, block, k, d] ->
+def _scores(qi, kj, i, j, block, window, score_dim):
+    """Scaled (by score_dim ** -0.5), causally masked scores of query block i against key
+    block j: query p sees key s when p - window < s <= p. qi: [b, block, k, g, d], kj: [b, block, k, d] ->
     float32 [b, k, g, block, block]."""
     scores = jnp.einsum("btkgd,bskd->bkgts", qi, kj, preferred_element_type=jnp.float32)
-    scores = scores * qi.shape[-1] ** -0.5
+    scores = scores * score_dim ** -0.5
     key, query = (j * block + jnp.arange(block))[None, :], (i * block + jnp.arange(block))[:, None]
     return jnp.where((key <= query) & (key > query - window), scores, -jnp.inf)
 
@@ -80,7 +80,7 @@ def _block(x, j, block):
     return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
 
 
-def _forward(q, k, v, window, block):
+def _forward(q, k, v, window, block, score_dim):
     """q: [b, t, k, g, d]; k, v: [b, t, k, d] -> (out like q, log-sum-exp [b, k, g, t])."""
     b, _, kv, g, d = q.shape
 
@@ -89,7 +89,7 @@ def _forward(q, k, v, window, block):
 
         def key_block(j, carry):
             running_max, total, acc = carry
-            scores = _scores(qi, _block(k, j, block), i, j, block, window)
+            scores = _scores(qi, _block(k, j, block), i, j, block, window, score_dim)
             new_max = jnp.maximum(running_max, scores.max(-1))
             # A window may hide a whole block from a query: keep its row at zero, not NaN.
             shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
@@ -114,22 +114,22 @@ def _forward(q, k, v, window, block):
     return _unblocks(out), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, window, block):
-    return _forward(q, k, v, window, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, window, block, score_dim):
+    return _forward(q, k, v, window, block, score_dim)[0]
 
 
-def _flash_fwd(q, k, v, window, block):
-    out, lse = _forward(q, k, v, window, block)
+def _flash_fwd(q, k, v, window, block, score_dim):
+    out, lse = _forward(q, k, v, window, block, score_dim)
     return out, (q, k, v, window, out, lse)
 
 
-def _flash_bwd(block, residuals, d_out):
+def _flash_bwd(block, score_dim, residuals, d_out):
     """Recomputes each visible block's probabilities from the saved log-sum-exp: one pass
     over query blocks for dq, one over key blocks for dk and dv."""
     q, k, v, window, out, lse = residuals
     n = q.shape[1] // block
-    scale = q.shape[-1] ** -0.5
+    scale = score_dim ** -0.5
     # delta_t = sum_d dout * out: the softmax Jacobian's correction term, [b, k, g, t]
     delta = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -138,7 +138,7 @@ def _flash_bwd(block, residuals, d_out):
         qi, kj, vj = _block(q, i, block), _block(k, j, block), _block(v, j, block)
         lse_i = jax.lax.dynamic_slice_in_dim(lse, i * block, block, axis=3)
         delta_i = jax.lax.dynamic_slice_in_dim(delta, i * block, block, axis=3)
-        p = jnp.exp(_scores(qi, kj, i, j, block, window) - lse_i[..., None])
+        p = jnp.exp(_scores(qi, kj, i, j, block, window, score_dim) - lse_i[..., None])
         dp = jnp.einsum("btkgd,bskd->bkgts", _block(d_out, i, block), vj,
                         preferred_element_type=jnp.float32)
         return p, p * (dp - delta_i[..., None])

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
            q_offset: jax.Array | int | None = None, kv_layout: str = "bskd",
-           window: jax.Array | int | None = None, k_positions: jax.Array | None = None) -> jax.Array:
+           window: jax.Array | int | None = None, k_positions: jax.Array | None = None,
+           score_dim: int | None = None) -> jax.Array:
     """Softmax attention with K/V heads shared by groups of query heads.
 
     Args:
@@ -33,6 +34,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       q_offset: position of the first query among the keys (may be traced). Defaults to
         kv_len - q_len: the queries are the last q_len positions (the decoding convention).
       window, k_positions: see `causal_mask` (a sliding window; keys in a ring buffer).
+      score_dim: the scores are q.k / sqrt(score_dim); default head_dim (Gemma's
+        query_pre_attn_scalar may differ, `ModelConfig.score_dim`).
     Returns:
       [batch, q_len, num_heads, head_dim] in q's dtype. Logits and softmax are float32.
 
@@ -49,7 +52,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     score_axes = q_axes.replace("t", "").replace("gd", "gts")  # [b][k]gts
     f32 = dict(preferred_element_type=jnp.float32)
     logits = ordered_einsum(f"{kv_layout},{q_axes}->{score_axes}", k, q, **f32)
-    logits = logits / jnp.sqrt(jnp.float32(d))
+    logits = logits / jnp.sqrt(jnp.float32(score_dim or d))
     probs = masked_softmax(logits, causal_mask(t, kv_len, q_offset, window, k_positions)
                            if causal else None).astype(v.dtype)
     out = ordered_einsum(f"{score_axes},{kv_layout}->{q_axes}", probs, v, **f32)
@@ -107,22 +110,25 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
 def attend_jax(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                q_offset: jax.Array | int | None = None, kv_layout: str = "bskd",
                window: jax.Array | int | None = None, k_positions: jax.Array | None = None,
-               implementation: str | None = None) -> jax.Array:
+               score_dim: int | None = None, implementation: str | None = None) -> jax.Array:
     """`attend` through `jax.nn.dot_product_attention` (XLA, or cuDNN's fused kernel on GPU).
 
     Same arguments and result as `attend`; GQA is handled natively by JAX.
     """
+    options = dict(implementation=implementation)
+    if score_dim is not None:
+        options["scale"] = score_dim ** -0.5
     if kv_layout != "bskd":  # a cache layout; JAX takes [batch, kv_len, heads, head_dim]
         b, d = q.shape[0], q.shape[-1]
         k, v = (jnp.swapaxes(a.reshape(b, -1, a.shape[-2], d), 1, 2) for a in (k, v))
     t, s = q.shape[1], k.shape[1]
     if not causal:
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, **options)
     top_aligned = t == s and (q_offset is None or isinstance(q_offset, int) and q_offset == 0)
     if top_aligned and window is None and k_positions is None:  # JAX aligns query 0 with key 0
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, **options)
     mask = causal_mask(t, s, q_offset, window, k_positions)[None, None]  # [1, 1, q_len, kv_len]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, **options)
 
 
 def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:

@@ -148,23 +148,25 @@ class LatentAttention(AttentionFamily):
         return dataclasses.replace(super().mha_equivalent(config), kv_latent_dim=0, q_latent_dim=0,
                                    rope_head_dim=0)
 
-    def project_kv(self, x: jax.Array, positions: jax.Array) -> dict[str, jax.Array]:
+    def project_kv(self, x: jax.Array, positions: jax.Array,
+                   theta: jax.Array | float) -> dict[str, jax.Array]:
         """x: [b, s, m] -> "latent" [b, s, 1, c + r]: the normalised latent and the rotated
         shared key side by side, as the cache holds them."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
         latent = self.kv_norm(dense(x, self.kv_down[...].astype(dtype)))           # [b, s, c]
         k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype))[:, :, None], positions,
-                            config.rope_theta)                                        # [b, s, 1, r]
+                            theta)                                                   # [b, s, 1, r]
         return {"latent": jnp.concatenate([latent[:, :, None], k_rope], axis=-1)}
 
-    def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+    def queries(self, x: jax.Array, positions: jax.Array,
+                theta: jax.Array | float) -> tuple[jax.Array, ...]:
         """x: [b, t, m] -> (q [b, t, h, d], q_rope [b, t, h, r] rotated)."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
         q_in = self.q_norm(dense(x, self.q_down[...].astype(dtype))) if config.q_latent_dim else x
         q = dense(q_in, self.q[...].astype(dtype))
-        return q, apply_rope(dense(q_in, self.q_rope[...].astype(dtype)), positions, config.rope_theta)
+        return q, apply_rope(dense(q_in, self.q_rope[...].astype(dtype)), positions, theta)
 
     def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
                window: jax.Array | int | None, backend: SelfAttention) -> jax.Array:

@@ -11,9 +11,10 @@ config alone) and computes two things (methods):
   key_dim(config)             numbers per query-key dot product (FLOP accounting)
   mha_equivalent(config)      the same model with MHA, for `match_mha_params`
 
-  queries(x, positions)       the queries, a tuple of arrays [batch, seq, heads, ...]
-  project_kv(x, positions)    the vectors to cache: entry name -> [batch, seq, heads, dim]
-                              (heads 1 for an entry shared by all heads)
+  queries(x, positions, theta)     the queries, a tuple of arrays [batch, seq, heads, ...]
+  project_kv(x, positions, theta)  the vectors to cache: entry name -> [batch, seq, heads, dim]
+                              (heads 1 for an entry shared by all heads); theta: the layer's
+                              RoPE base (`ModelConfig.layer_rope_theta`; traced in the layer scan)
   attend(queries, keys, *, mode, window, backend) -> [batch, seq, d_model]
                               the family's core over `keys`, then the output projection
 
@@ -131,10 +132,12 @@ class AttentionFamily(nnx.Module):
         return dataclasses.replace(config, attention="grouped", num_kv_heads=config.num_heads,
                                    kv_share_every=1)
 
-    def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+    def queries(self, x: jax.Array, positions: jax.Array,
+                theta: jax.Array | float) -> tuple[jax.Array, ...]:
         raise NotImplementedError
 
-    def project_kv(self, x: jax.Array, positions: jax.Array) -> dict[str, jax.Array]:
+    def project_kv(self, x: jax.Array, positions: jax.Array,
+                   theta: jax.Array | float) -> dict[str, jax.Array]:
         raise NotImplementedError
 
     def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
@@ -143,5 +146,5 @@ class AttentionFamily(nnx.Module):
 
 
 # A backend's way of running causal self-attention (Mode.SELF) through a family's einsum
-# core: backend(core, queries, keys, window=...) -> [batch, seq, ...] (`backends.py`).
+# core: backend(core, queries, keys, window=..., **options) -> [batch, seq, ...] (`backends.py`).
 SelfAttention = Callable[..., jax.Array]

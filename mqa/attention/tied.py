@@ -93,22 +93,23 @@ class TiedAttention(AttentionFamily):
         m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
         return 2 * m * h * d + (m * kv * d + m * (d // 2) if owns_kv else 0)
 
-    def project_kv(self, x: jax.Array, positions: jax.Array) -> dict[str, jax.Array]:
+    def project_kv(self, x: jax.Array, positions: jax.Array,
+                   theta: jax.Array | float) -> dict[str, jax.Array]:
         """x: [b, s, m] -> the tied state "kv" [b, s, kv_heads, d] and the rotated shared
         key half "k_rope" [b, s, 1, d/2]."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
         tied = dense(x, self.kv[...].astype(dtype))
-        k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype))[:, :, None], positions,
-                            config.rope_theta)
+        k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype))[:, :, None], positions, theta)
         return {"kv": tied, "k_rope": k_rope}
 
-    def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+    def queries(self, x: jax.Array, positions: jax.Array,
+                theta: jax.Array | float) -> tuple[jax.Array, ...]:
         """x: [b, t, m] -> (queries [b, t, h, d], their second half rotated,)."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
         n = config.head_dim - config.head_dim // 2
         q = dense(x.astype(dtype), self.q[...].astype(dtype))
-        return (jnp.concatenate([q[..., :n], apply_rope(q[..., n:], positions, config.rope_theta)],
+        return (jnp.concatenate([q[..., :n], apply_rope(q[..., n:], positions, theta)],
                                 axis=-1),)
 
     def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,

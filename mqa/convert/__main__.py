@@ -1,6 +1,7 @@
-"""python -m mqa.convert hf-llama|gguf|to-hf|uptrain ...: the converters' command line.
+"""python -m mqa.convert hf-llama|hf-gemma3|gguf|to-hf|uptrain ...: the converters' command line.
 
   python -m mqa.convert hf-llama --src DIR --workdir OUT
+  python -m mqa.convert hf-gemma3 --src DIR --workdir OUT
   python -m mqa.convert gguf --src FILE.gguf --workdir OUT
   python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]     (--out DIR: the same)
   python -m mqa.convert uptrain --src RUN --num_kv_heads K --workdir OUT [--init mean]
@@ -19,6 +20,7 @@ from typing import NoReturn
 from mqa.config import ConfigError
 from mqa.convert.errors import ConvertError
 from mqa.convert.gguf import convert_gguf
+from mqa.convert.hf_gemma3 import convert_hf_gemma3
 from mqa.convert.hf_llama import convert_hf_llama
 from mqa.convert.to_hf import export_hf
 from mqa.convert.uptrain import KV_GROUPINGS, KV_INITS, convert_uptrain
@@ -51,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
         "hf-llama", help="a Hugging Face Llama checkpoint (config.json + *.safetensors)")
     hf_llama.add_argument("--src", required=True, help="the Hugging Face model directory")
     hf_llama.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
+    hf_gemma3 = commands.add_parser(
+        "hf-gemma3", help="a Hugging Face Gemma 3 text checkpoint (Gemma3ForCausalLM)")
+    hf_gemma3.add_argument("--src", required=True, help="the Hugging Face model directory")
+    hf_gemma3.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
     uptrain = commands.add_parser(
         "uptrain", help="a workdir of ours with fewer K/V heads, to uptrain (MHA -> GQA/MQA)")
     uptrain.add_argument("--src", required=True, help="the workdir or checkpoint directory to convert")
@@ -66,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     uptrain.add_argument("--text", default=None, help="with --group similarity: the text the "
                          "patterns are measured on (default: the run's held-out split)")
     gguf = commands.add_parser(
-        "gguf", help="a llama.cpp GGUF file of a Llama (F32, F16, BF16 or quantized)")
+        "gguf", help="a llama.cpp GGUF file of a Llama or a Gemma 3 (F32, F16, BF16 or quantized)")
     gguf.add_argument("--src", required=True, help="the .gguf file")
     gguf.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
     to_hf = commands.add_parser(
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "hf-llama":
             summary = convert_hf_llama(args.src, args.workdir)
+        elif args.command == "hf-gemma3":
+            summary = convert_hf_gemma3(args.src, args.workdir)
         elif args.command == "gguf":
             summary = convert_gguf(args.src, args.workdir)
         elif args.command == "to-hf":

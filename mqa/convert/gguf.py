@@ -1,6 +1,8 @@
-"""llama.cpp GGUF files of a Llama in: `python -m mqa.convert gguf --src FILE.gguf --workdir OUT`.
+"""llama.cpp GGUF files of a Llama or a Gemma 3 in: `python -m mqa.convert gguf --src FILE.gguf --workdir OUT`.
 
-The hyperparameters come from the `llama.*` metadata, the tokenizer from `tokenizer.ggml.*`
+`general.architecture` says which: "llama" is read here, "gemma3" by `mqa.convert.gguf_gemma3`
+through the same reader and checkpoint. A Llama's hyperparameters come from the `llama.*`
+metadata, the tokenizer from `tokenizer.ggml.*`
 (see `mqa.convert.gguf_tokenizer`), and the tensors (F32, F16, BF16 or any quantized type the
 `gguf` package can dequantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) are
 dequantized to float32 by `gguf.quants.dequantize`, the same code transformers' GGUF
@@ -18,12 +20,15 @@ from __future__ import annotations
 import importlib.metadata
 import pathlib
 import time
+from typing import Callable
 
 import numpy as np
 
 from mqa import data
 from mqa.config import build_model_config, ModelConfig
 from mqa.convert.errors import ConvertError
+from mqa.convert import gguf_gemma3
+from mqa.convert.gemma_layout import hf_gemma3_params, layers_description
 from mqa.convert.gguf_tokenizer import gguf_tokenizer
 from mqa.convert.llama_layout import hf_llama_params, llama_config
 from mqa.workdir import check_new_workdir, write_workdir
@@ -78,9 +83,15 @@ class GgufFile:
         except Exception as error:  # the reader reports a bad file in many ways
             with path.open("rb") as f:
                 magic = f.read(4) == b"GGUF"
+            message = " ".join(str(error).split())
+            if "is not a valid GGMLQuantizationType" in message:  # a type id newer than gguf's
+                kind = message.split(" is not")[0].removeprefix("np.uint32(").removesuffix(")")
+                raise ConvertError(f"{str(path)!r} has a tensor of GGML type {kind}, which gguf "
+                                   f"{_gguf_version()} does not know; supported: "
+                                   f"{', '.join(supported_types())}") from None
             what = (f"is a GGUF file that cannot be read, truncated or damaged "
                     f"({path.stat().st_size:,} bytes)" if magic else "cannot be read as a GGUF file")
-            raise ConvertError(f"{str(path)!r} {what}: {' '.join(str(error).split())[:200]}") from None
+            raise ConvertError(f"{str(path)!r} {what}: {message[:200]}") from None
         self.path = path
         self.metadata = {key: _field_value(field) for key, field in reader.fields.items()
                          if not key.startswith("GGUF.")}
@@ -89,9 +100,33 @@ class GgufFile:
     def get(self, key: str, default=None, *, required: bool = False):
         if key not in self.metadata:
             if required:
-                raise ConvertError(f"the GGUF metadata has no {key!r}; a Llama needs it")
+                arch = self.metadata.get("general.architecture", "model")
+                raise ConvertError(f"the GGUF metadata has no {key!r}; a {arch} file needs it")
             return default
         return self.metadata[key]
+
+    def number(self, key: str, default=None, kind=int):
+        """Metadata `key` as `kind` (required when default is None); a per-layer list (one
+        value per layer) is a ConvertError."""
+        value = self.get(key, default, required=default is None)
+        if isinstance(value, list):
+            raise ConvertError(f"{key} is a per-layer list {value[:4]}...; mqa needs one value "
+                               "for every layer")
+        return kind(value)
+
+    def vocab_size(self) -> int:
+        """The vocabulary's size: tokenizer.ggml.tokens' (or token_embd.weight's rows), after
+        checking the two agree."""
+        embed = self.tensors.get("token_embd.weight")
+        if embed is None:
+            raise ConvertError("tensor 'token_embd.weight' is missing from the GGUF file")
+        rows = int(embed.shape[-1])  # ggml lists the innermost dimension first: [d_model, vocab]
+        tokens = self.get("tokenizer.ggml.tokens")
+        vocab_size = len(tokens) if tokens is not None else rows
+        if vocab_size != rows:
+            raise ConvertError(f"tokenizer.ggml.tokens has {vocab_size} tokens but token_embd.weight "
+                               f"has {rows} rows")
+        return vocab_size
 
 
 def _field_value(field):
@@ -120,18 +155,22 @@ def _scalar(part, kind):
 # ----------------------------------------------------------------------------- config
 
 
+ARCHITECTURES = ("llama", "gemma3")
+
+
+def architecture(file: GgufFile) -> str:
+    """general.architecture, one this converter reads (else a ConvertError)."""
+    arch = file.get("general.architecture", required=True)
+    if arch not in ARCHITECTURES:
+        raise ConvertError(f"general.architecture={arch!r} is not supported; valid: "
+                           f"{', '.join(map(repr, ARCHITECTURES))}")
+    return arch
+
+
 def gguf_llama_config(file: GgufFile):
     """The GGUF's `llama.*` metadata -> a validated experiment config (see `llama_config`)."""
-    arch = file.get("general.architecture", required=True)
-    if arch != "llama":
-        raise ConvertError(f"general.architecture={arch!r} is not supported; valid: 'llama'")
-
     def number(key: str, default=None, kind=int):
-        value = file.get(f"llama.{key}", default, required=default is None)
-        if isinstance(value, list):
-            raise ConvertError(f"llama.{key} is a per-layer list {value[:4]}...; mqa needs one "
-                               "value for every layer")
-        return kind(value)
+        return file.number(f"llama.{key}", default, kind)
 
     heads, hidden = number("attention.head_count"), number("embedding_length")
     if hidden % heads:
@@ -148,17 +187,8 @@ def gguf_llama_config(file: GgufFile):
         raise ConvertError(f"llama.expert_count={number('expert_count')} is not supported: mqa "
                            "has no mixture-of-experts layers")
 
-    embed = file.tensors.get("token_embd.weight")
-    if embed is None:
-        raise ConvertError("tensor 'token_embd.weight' is missing from the GGUF file")
-    rows = int(embed.shape[-1])  # ggml lists the innermost dimension first: [d_model, vocab]
-    tokens = file.get("tokenizer.ggml.tokens")
-    vocab_size = len(tokens) if tokens is not None else rows
-    if vocab_size != rows:
-        raise ConvertError(f"tokenizer.ggml.tokens has {vocab_size} tokens but token_embd.weight "
-                           f"has {rows} rows")
     return llama_config(dict(
-        vocab_size=vocab_size,
+        vocab_size=file.vocab_size(),
         d_model=hidden,
         num_layers=number("block_count"),
         num_heads=heads,
@@ -191,18 +221,26 @@ def _check_plain_rope(file: GgufFile) -> None:
 
 class GgufCheckpoint:
     """The GGUF's tensors under their Hugging Face names (a `llama_layout.LlamaTensors`):
-    `get` dequantizes to float32 [out, in] and un-permutes q_proj/k_proj."""
+    `get` dequantizes to float32 [out, in] and undoes what llama.cpp changed on the way in:
+    a Llama's q_proj/k_proj rows are un-permuted; a Gemma 3's norms had 1 added
+    (`gemma_layout.unit_offset`). `layer_tensors`, `global_tensors`: GGUF name -> HF name
+    (per layer without the blk.{i}./model.layers.{i}. prefix); `architecture` names the
+    model in the error for a tensor it has no place for; `restore(gguf_name, weight)` undoes
+    llama.cpp's changes (default: a Llama's, `unpermute`)."""
 
-    def __init__(self, file: GgufFile, config: ModelConfig):
+    def __init__(self, file: GgufFile, config: ModelConfig, layer_tensors: dict | None = None,
+                 global_tensors: dict | None = None, architecture: str = "a plain Llama",
+                 restore: Callable[[str, np.ndarray], np.ndarray] | None = None):
         self.file, self.config = file, config
-        self.gguf_names = dict(GLOBAL_TENSORS)
+        self.restore = restore or self.unpermute
+        self.gguf_names = dict(GLOBAL_TENSORS if global_tensors is None else global_tensors)
         for i in range(config.num_layers):
-            self.gguf_names.update({f"blk.{i}.{g}": f"model.layers.{i}.{h}"
-                                    for g, h in LAYER_TENSORS.items()})
+            self.gguf_names.update({f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in
+                                    (LAYER_TENSORS if layer_tensors is None else layer_tensors).items()})
         unknown = sorted(set(file.tensors) - set(self.gguf_names))
         if unknown:
             raise ConvertError(f"tensor {unknown[0]!r} ({len(unknown)} unexpected in all) has no "
-                               "place in a plain Llama; this converter does not handle that variant")
+                               f"place in {architecture}; this converter does not handle that variant")
         self.hf_names = {hf: name for name, hf in self.gguf_names.items()}
         for tensor in file.tensors.values():
             _check_dequantizable(tensor)
@@ -220,7 +258,10 @@ class GgufCheckpoint:
             raise ConvertError(f"tensor {gguf_name!r} has shape {stored} (rows, columns); the "
                                f"metadata implies {shape}")
         weight = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
-        weight = weight.reshape(shape)
+        return self.restore(gguf_name, weight.reshape(shape))
+
+    def unpermute(self, gguf_name: str, weight: np.ndarray) -> np.ndarray:
+        """A Llama's q_proj/k_proj [out, in] with llama.cpp's row permutation undone."""
         if gguf_name.endswith("attn_q.weight"):
             weight = unpermute_rows(weight, self.config.num_heads)
         elif gguf_name.endswith("attn_k.weight"):
@@ -244,12 +285,16 @@ def dequantizable(kind) -> bool:
     return _DEQUANTIZABLE[kind]
 
 
+def supported_types() -> list[str]:
+    """The GGML types the installed gguf package dequantizes."""
+    return [kind.name for kind in GGMLQuantizationType if dequantizable(kind)]
+
+
 def _check_dequantizable(tensor) -> None:
     if not dequantizable(tensor.tensor_type):
-        supported = [kind.name for kind in GGMLQuantizationType if dequantizable(kind)]
         raise ConvertError(f"tensor {tensor.name!r} has type {_type_name(tensor.tensor_type)}, "
                            f"which gguf {_gguf_version()} cannot dequantize; supported: "
-                           f"{', '.join(supported)}")
+                           f"{', '.join(supported_types())}")
 
 
 def _gguf_version() -> str:
@@ -267,27 +312,33 @@ def _type_name(kind) -> str:
 
 
 def convert_gguf(src: str | pathlib.Path, workdir: str | pathlib.Path) -> str:
-    """Writes the workdir for the Llama GGUF file `src`; returns a one-line summary (notes,
-    if any, are printed first)."""
+    """Writes the workdir for the Llama or Gemma 3 GGUF file `src`; returns a one-line
+    summary (notes, if any, are printed first)."""
     start = time.perf_counter()
     src, workdir = pathlib.Path(src).expanduser(), pathlib.Path(workdir).expanduser()
     file = GgufFile(src)
-    config = gguf_llama_config(file)
+    gemma = architecture(file) == "gemma3"
+    config = gguf_gemma3.gguf_gemma3_config(file) if gemma else gguf_llama_config(file)
     check_new_workdir(workdir)
     model_config = build_model_config(config.model)
-    checkpoint = GgufCheckpoint(file, model_config)
+    if gemma:
+        checkpoint = GgufCheckpoint(file, model_config, gguf_gemma3.LAYER_TENSORS,
+                                    gguf_gemma3.GLOBAL_TENSORS, "Gemma 3", gguf_gemma3.restore)
+    else:
+        checkpoint = GgufCheckpoint(file, model_config)
 
     tokenizer, notes = gguf_tokenizer(file.metadata)
     for note in notes:
         print(f"note: {note}")
-    params = hf_llama_params(checkpoint, model_config)
+    params = (hf_gemma3_params if gemma else hf_llama_params)(checkpoint, model_config)
     write_workdir(workdir, config, params, tokenizer)
 
     types: dict[str, int] = {}
     for tensor in file.tensors.values():
         types[_type_name(tensor.tensor_type)] = types.get(_type_name(tensor.tensor_type), 0) + 1
     m = config.model
-    return (f"converted {src} -> {workdir}: {m.num_layers} layers, d_model {m.d_model}, "
+    layers = f"Gemma 3, {layers_description(m)}" if gemma else f"{m.num_layers} layers"
+    return (f"converted {src} -> {workdir}: {layers}, d_model {m.d_model}, "
             f"{m.num_heads} query / {m.num_kv_heads} key-value heads, vocab {m.vocab_size}, "
             f"{'tied' if m.tie_embeddings else 'untied'} embeddings; tensors "
             f"{', '.join(f'{n} {k}' for k, n in sorted(types.items()))} dequantized to float32; "

@@ -8,7 +8,11 @@ kinds are rebuilt here, following transformers' GGUF tokenizer loader
 
   "gpt2"   byte-level BPE (GPT-2, Llama 3, SmolLM): tokens spelled in GPT-2's byte alphabet;
   "llama"  SentencePiece-style BPE (Llama 1 and 2, Mistral): "▁" marks a space, the tokens
-           <0x00>..<0xFF> spell bytes that have no token of their own.
+           <0x00>..<0xFF> spell bytes that have no token of their own. In a Gemma file
+           (general.architecture gemma, gemma2, gemma3) as transformers' GemmaTokenizer:
+           every space becomes "▁" with no prefix space, tokens of spaces alone (stored as
+           "  ") are spelled "▁▁", and the merges follow the tokens' order in the file (its
+           scores do not give the merge order).
 
 Where llama.cpp splits text differently from transformers (the "smollm" family splits every
 digit apart) this follows llama.cpp, which is what the model was trained with.
@@ -17,12 +21,13 @@ digit apart) this follows llama.cpp, which is what the model was trained with.
 from __future__ import annotations
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from mqa import data
 from mqa.convert.errors import ConvertError
 
 KINDS = ("gpt2", "llama")
+GEMMA = ("gemma", "gemma2", "gemma3")  # general.architecture values with Gemma's tokenizer
 
 # llama.cpp's token types (gguf.TokenType).
 UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
@@ -50,6 +55,9 @@ def gguf_tokenizer(metadata: dict) -> tuple[tokenizers.Tokenizer | None, list[st
     notes = []
     if kind == "gpt2":
         tokenizer = _byte_level(metadata, notes)
+    elif metadata.get("general.architecture") in GEMMA:
+        metadata = _gemma_spelling(metadata)
+        tokenizer = _gemma(metadata)
     else:
         tokenizer = _sentencepiece(metadata)
     _add_special_tokens(tokenizer, metadata, byte_level=kind == "gpt2")
@@ -98,6 +106,29 @@ def _sentencepiece(metadata: dict) -> tokenizers.Tokenizer:
         replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tokenizer
+
+
+def _gemma_spelling(metadata: dict) -> dict:
+    """The metadata with tokens of spaces alone spelled with "▁", and scores that rank the
+    tokens in file order (what the merges follow), as transformers' GGUF loader has them."""
+    tokens = ["▁" * len(t) if " " in t and not t.strip() else t
+              for t in metadata["tokenizer.ggml.tokens"]]
+    return {**metadata, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [-float(i) for i in range(len(tokens))]}
+
+
+def _gemma(metadata: dict) -> tokenizers.Tokenizer:
+    tokens = metadata["tokenizer.ggml.tokens"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    unk = metadata.get("tokenizer.ggml.unknown_token_id")
+    tokenizer = tokenizers.Tokenizer(models.BPE(
+        vocab, _merges(metadata, vocab), dropout=None, fuse_unk=True, byte_fallback=True,
+        unk_token=tokens[unk] if unk is not None and unk < len(tokens) else None))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                           decoders.Fuse()])
     return tokenizer
 
 
@@ -174,6 +205,6 @@ def _set_post_processor(tokenizer: tokenizers.Tokenizer, metadata: dict,
         special_tokens=[(tokens[ids[name]], ids[name]) for name in ("bos", "eos") if add[name]])
     if add["bos"]:
         notes.append(f"the model expects BOS {tokens[ids['bos']]!r} first: tokenizer.json adds it "
-                     "when encoding with special tokens, but mqa's tokenizer.encode (eval.py "
-                     "--text/--sample) does not")
+                     "when encoding with special tokens, eval.py (--text, --sample) puts it "
+                     "before each window and prompt; mqa's tokenizer.encode adds none")
     return notes

@@ -155,14 +155,14 @@ def convert_hf_llama(src: str | pathlib.Path, workdir: str | pathlib.Path) -> st
     check_new_workdir(workdir)
     model_config = build_model_config(config.model)
     params = hf_llama_params(SafetensorsCheckpoint(src), model_config)
-    write_workdir(workdir, config, params, _checked_tokenizer(src, model_config.vocab_size))
+    write_workdir(workdir, config, params, checked_tokenizer(src, model_config.vocab_size))
     m = config.model
     return (f"converted {src} -> {workdir}: {m.num_layers} layers, d_model {m.d_model}, "
             f"{m.num_heads} query / {m.num_kv_heads} key-value heads, vocab {m.vocab_size}, "
             f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
 
 
-def _checked_tokenizer(src: pathlib.Path, vocab_size: int) -> pathlib.Path | None:
+def checked_tokenizer(src: pathlib.Path, vocab_size: int) -> pathlib.Path | None:
     """src/tokenizer.json if it is there, after checking the tokenizers library reads it."""
     path = src / data.TOKENIZER_FILE
     if not path.is_file():

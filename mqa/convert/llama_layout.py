@@ -10,7 +10,7 @@ safetensors, GGUF) presents its tensors under the HF names; the HF writer reads 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import ml_collections
 import numpy as np
@@ -40,15 +40,15 @@ def llama_config(model: dict) -> ml_collections.ConfigDict:
     return validate(config)
 
 
-def hf_llama_params(checkpoint: LlamaTensors, config: ModelConfig) -> nnx.State:
-    """The HF weights in mqa's layout, as the `nnx.State` that `nnx.split(Transformer)` gives.
+# ours -> (the HF tensor in model.layers.{i}, its shape [out, in], HF -> ours)
+LayerTable = dict[str, tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]]
 
-    HF projections are stored [out, in] (y = x @ W.T); ours are [in, ...] with heads split
-    out, and each block parameter is stacked along a leading [num_layers] axis.
-    """
-    v, m, f = config.vocab_size, config.d_model, config.mlp_dim
+
+def llama_layer_tensors(config: ModelConfig) -> LayerTable:
+    """Where each of a Llama layer's parameters is in a Hugging Face checkpoint."""
+    m, f = config.d_model, config.mlp_dim
     h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
-    per_layer = {  # ours: (HF tensor in model.layers.{i}, its shape, HF -> ours)
+    return {
         "blocks.attention.q": ("self_attn.q_proj.weight", (h * d, m), lambda w: w.T.reshape(m, h, d)),
         "blocks.attention.k": ("self_attn.k_proj.weight", (kv * d, m), lambda w: w.T.reshape(m, kv, d)),
         "blocks.attention.v": ("self_attn.v_proj.weight", (kv * d, m), lambda w: w.T.reshape(m, kv, d)),
@@ -59,13 +59,30 @@ def hf_llama_params(checkpoint: LlamaTensors, config: ModelConfig) -> nnx.State:
         "blocks.mlp.up": ("mlp.up_proj.weight", (f, m), np.transpose),
         "blocks.mlp.down": ("mlp.down_proj.weight", (m, f), np.transpose),
     }
+
+
+def hf_llama_params(checkpoint: LlamaTensors, config: ModelConfig) -> nnx.State:
+    """The HF weights in mqa's layout, as the `nnx.State` that `nnx.split(Transformer)` gives.
+
+    HF projections are stored [out, in] (y = x @ W.T); ours are [in, ...] with heads split
+    out, and each block parameter is stacked along a leading [num_layers] axis.
+    """
+    return hf_params(checkpoint, config, llama_layer_tensors(config), "a plain Llama")
+
+
+def hf_params(checkpoint: LlamaTensors, config: ModelConfig, per_layer: LayerTable,
+              architecture: str) -> nnx.State:
+    """`hf_llama_params` for any layer table (Llama's, Gemma 3's): every tensor the
+    checkpoint holds must have a place in it (else a ConvertError saying it has none in
+    `architecture`)."""
+    v, m = config.vocab_size, config.d_model
     layer_names = {f"model.layers.{i}.{suffix}" for i in range(config.num_layers)
                    for suffix, _, _ in per_layer.values()}
     known = layer_names | {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     unknown = sorted(n for n in checkpoint.names() - known if not n.endswith("rotary_emb.inv_freq"))
     if unknown:
         raise ConvertError(f"tensor {unknown[0]!r} ({len(unknown)} unexpected in all) has no place "
-                           "in a plain Llama; this converter does not handle that variant")
+                           f"in {architecture}; this converter does not handle that variant")
 
     arrays = {
         ours: np.stack([transform(checkpoint.get(f"model.layers.{i}.{suffix}", shape))

@@ -23,6 +23,7 @@ class ByteTokenizer:
 
     name = "byte"
     vocab_size = 256
+    bos_id = None  # no beginning-of-sequence token
 
     def encode(self, text: str | bytes) -> np.ndarray:
         """str (encoded as UTF-8 first) or bytes -> int32 [number of bytes]."""
@@ -65,6 +66,11 @@ class BpeTokenizer:
         )
         # The bytes each token stands for; None when the vocabulary is not byte-level.
         self._token_bytes = [bytes(byte_of_char[char] for char in token) for token in tokens] if byte_level else None
+        # The BOS its post-processor puts before a text (a converted Gemma's, Llama 2's), the
+        # token such a model expects first: eval.py and mqa.sample add it; `encode` does not.
+        plain = tokenizer.encode("a", add_special_tokens=False).ids
+        full = tokenizer.encode("a", add_special_tokens=True).ids
+        self.bos_id = full[0] if len(full) > len(plain) and full[1:1 + len(plain)] == plain else None
 
     @classmethod
     def train(cls, text: str | Iterable[str], vocab_size: int) -> BpeTokenizer:
