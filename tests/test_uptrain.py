@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import mqa
-from mqa import convert, data, trainer
+from mqa import convert, data, train_data, trainer
 from mqa.config import ConfigError, ModelConfig, load_config_file
 from mqa.model import Transformer
 from mqa.training import cross_entropy
@@ -309,8 +309,8 @@ def test_uptraining_with_the_source_models_tokenizer(bpe_source, tmp_path, capsy
     # The run's tokenizer is the source's, and its token cache holds that tokenizer's ids.
     assert (run / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
     source_tokenizer = data.load_tokenizer(source)
-    train_text, heldout_text = data._split_text(text.read_text(), config.data.heldout_fraction)
-    corpus = data.load_corpus(trainer._data_config(config), run / "data", min_tokens=1)
+    train_text, heldout_text = data.split_text(text.read_text(), config.data.heldout_fraction)
+    corpus = data.load_corpus(train_data.run_data_config(config), run / "data", min_tokens=1)
     np.testing.assert_array_equal(corpus.train, source_tokenizer.encode(train_text))
     heldout = source_tokenizer.encode(heldout_text)
     np.testing.assert_array_equal(corpus.heldout, heldout)
