@@ -6,6 +6,10 @@
 Running the same command again resumes from the newest checkpoint in the workdir; with no
 --config, the workdir's config.json is used. Several hosts: start one process per host with
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+
+SIGTERM or Ctrl-C (SIGINT) saves a checkpoint of the step under way and exits with 143 or 130;
+a bad command line, config, data or workdir exits with 2, a diverged run (non-finite loss)
+with 1, each with one line on stderr (mqa/cli.py).
 """
 
 import sys
@@ -15,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mqa import trainer
-from mqa.cli import fail, parse_flags
+from mqa.cli import RUN_FAILED, fail, parse_flags
 from mqa.config import ConfigError
 from mqa.data import DataError
 from mqa.workdir import prepare_workdir, saved_config
@@ -36,19 +40,18 @@ def main(argv):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
-        config = FLAGS.config
-        if config is None:
-            workdir = prepare_workdir(FLAGS.workdir)
-            config = saved_config(workdir)
-            if config is None:
-                raise ConfigError(f"no --config given and {str(workdir / 'config.json')!r} "
-                                  "does not exist; pass --config=configs/NAME.py")
-        trainer.train(config, FLAGS.workdir)
-    except (ConfigError, DataError, trainer.NonFiniteLoss) as error:
+        trainer.train(trainer.config_or_saved(FLAGS.config, FLAGS.workdir), FLAGS.workdir)
+    except (ConfigError, DataError) as error:
         fail(str(error))
+    except trainer.NonFiniteLoss as error:
+        fail(str(error), RUN_FAILED)
     except trainer.Preempted as stop:
         print(stop, file=sys.stderr)
-        sys.exit(143)
+        sys.exit(stop.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C before the first step, or twice
+        print("SIGINT: stopped before a checkpoint could be saved; run the same command to resume "
+              "from the last one", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

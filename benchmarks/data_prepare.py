@@ -157,7 +157,7 @@ def main(argv=None) -> None:
         make_corpus(tmp / "sample.txt", 10)
         start = time.perf_counter()
         text = (tmp / "sample.txt").read_text()
-        data.BpeTokenizer.train(data._line_chunks(text), 1024).save(tmp / "bpe")
+        data.BpeTokenizer.train(data.line_chunks(text), 1024).save(tmp / "bpe")
         bpe_train_seconds = time.perf_counter() - start
         print(f"BPE (1,024 ids) trained on 10 MB in {bpe_train_seconds:.1f} s", flush=True)
         cases = [("byte", float(mb), None) for mb in args.byte_mb.split(",") if mb]

@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
         heldout_fraction=0.1,  # a text file's tail; of .jsonl/.parquet/hub documents, whole ones
         text_column="text",   # the documents' column in .jsonl/.parquet files and hub datasets
         token_dir="",         # where token files go; '': WORKDIR/data (several runs may share one)
+        strict=False,         # rows of .jsonl/.parquet/hub documents without text: an error, not dropped
     ))
 
     config.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3))

@@ -73,12 +73,17 @@ def _plain(value):
 
 
 class Progress:
-    """A tqdm bar (loss, tokens/s, ETA) on a terminal; plain log lines otherwise."""
+    """A tqdm bar (loss, tokens/s, ETA) on a terminal; plain log lines otherwise.
 
-    def __init__(self, start: int, total: int, *, enabled: bool = True):
+    The periodic held-out loss is shown as `eval_loss (sampled, N windows)` when
+    `sampled_windows` = N is given, so that it is never taken for the final evaluation's."""
+
+    def __init__(self, start: int, total: int, *, enabled: bool = True,
+                 sampled_windows: int | None = None):
         self.interactive = enabled and sys.stderr.isatty()
         self.enabled = enabled
         self.total = total
+        self._labels = {"eval_loss": f"eval_loss (sampled, {sampled_windows:,} windows)"} if sampled_windows else {}
         self._start_time = time.time()
         self._start_step = start
         self._bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
@@ -88,7 +93,7 @@ class Progress:
         if not self.enabled:
             return
         shown = {k: metrics[k] for k in ("loss", "eval_loss", "tokens_per_sec") if k in metrics}
-        text = "  ".join(f"{k}={_format(v)}" for k, v in shown.items())
+        text = "  ".join(f"{self._labels.get(k, k)}={_format(v)}" for k, v in shown.items())
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix_str(text)

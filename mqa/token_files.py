@@ -9,12 +9,13 @@ One prepared corpus is one folder:
   index.json               written last, so its presence means the folder is complete:
                            {"format": 2, "dtype": "uint16", "vocab_size": 1024, "shard_tokens": N,
                             "splits": {"train": [{"file": "train-00000.npy", "tokens": t, "bytes": b,
-                                                  "end": e, "source": s}, ...], "heldout": [...]}}
+                                                  "end": e, "source": s}, ...], "heldout": [...]},
+                            "dropped_rows": {"file 'a.jsonl'": 3}}  (only if the input dropped rows)
 
 A shard holds the ids of whole input pieces: a ShardWriter closes it after the first piece that
 brings it to `shard_tokens` ids, and records `end`, the number of pieces (counted over the whole
 input stream, both splits) consumed by then, and, for an input that can be read from a position
-(text sources), `source`: where the input stood then (opaque here; see mqa.data._pieces). Shard
+(text sources), `source`: where the input stood then (opaque here; see mqa.data.sources.source_pieces). Shard
 contents are therefore a function of the input and `shard_tokens` alone; an interrupted
 preparation reads on from the position its shards end at, or else skips the pieces they hold, and
 ends with the same files. Every file is written to a temporary name (.NAME.XXXXXXXX.tmp) and
@@ -200,14 +201,17 @@ def write_progress(folder: Path, shard_tokens: int, writers: dict[str, ShardWrit
     })
 
 
-def write_index(folder: Path, vocab_size: int, shard_tokens: int, writers: dict[str, ShardWriter]) -> None:
-    """Marks `folder` complete: index.json names every shard; progress.json goes."""
+def write_index(folder: Path, vocab_size: int, shard_tokens: int, writers: dict[str, ShardWriter],
+                dropped_rows: dict[str, int] | None = None) -> None:
+    """Marks `folder` complete: index.json names every shard and, if the input dropped rows, how many
+    of each file or split (`dropped_rows`, absent when none were); progress.json goes."""
     _write_json(folder / INDEX_FILE, {
         "format": FORMAT,
         "dtype": token_dtype(vocab_size).name,
         "vocab_size": vocab_size,
         "shard_tokens": shard_tokens,
         "splits": {split: w.shards for split, w in writers.items()},
+        **({"dropped_rows": dict(dropped_rows)} if dropped_rows else {}),
     })
     (folder / PROGRESS_FILE).unlink(missing_ok=True)
 

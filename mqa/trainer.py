@@ -7,98 +7,37 @@
   data/            cached token ids
   checkpoints/     orbax checkpoints of the train state
   metrics.jsonl    one JSON object per logged step; TensorBoard events in tensorboard/
+
+The pieces the loop is made of: the mesh and state layout (train_state.py), the data and
+held-out evaluation on the mesh (train_data.py), which steps log, evaluate and checkpoint
+(train_schedule.py), the non-finite guard and throughput (train_monitors.py), stop signals
+(preemption.py) and what the run prints (train_report.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
-import signal
-import time
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from mqa import accounting, data, evaluation, hardware, sharding
+from mqa import accounting, data, hardware
 from mqa.checkpoint import Checkpointer, abstract_like
-from mqa.config import build_model_config, ConfigError, ModelConfig, validate
+from mqa.config import ConfigError, ModelConfig, build_model_config, validate
 from mqa.metrics import MetricsWriter, Progress
-from mqa.model import Transformer
-from mqa.training import TrainState, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
-from mqa.workdir import (WorkdirLock, check_resumable, data_config, init_params_from,
-                         prepare_workdir, restore_newest_intact)
-
-
-# Held-out tokens the final evaluation scores when a saved config predates the field.
-DEFAULT_FINAL_EVAL_TOKENS = 1_000_000
-
-
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of the step named in the message was written."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """Too many updates in a row had a non-finite loss or gradient; one line."""
-
-
-def _resolve_vocab(config, tokenizer) -> None:
-    if tokenizer.name == "bpe" and config.model.vocab_size != tokenizer.vocab_size:
-        print(f"model.vocab_size set to {tokenizer.vocab_size}, the BPE tokenizer's size")
-        config.model.vocab_size = tokenizer.vocab_size
-    elif config.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                          f"{tokenizer.name} tokenizer's {tokenizer.vocab_size} tokens")
-
-
-def _check_batch(config, mesh) -> None:
-    dp = sharding.data_parallel_size(mesh)
-    batch, accum = config.train.batch_size, config.train.grad_accum
-    if batch % (dp * accum):
-        raise ConfigError(
-            f"train.batch_size={batch} must be divisible by the data-parallel size "
-            f"(mesh.data x mesh.fsdp = {dp}) x train.grad_accum={accum} = {dp * accum}")
-
-
-def _local_rows(batch_sharding, global_shape) -> slice:
-    """The rows of a global batch that this process's devices hold."""
-    index_map = batch_sharding.addressable_devices_indices_map(global_shape)
-    starts = [idx[0].start or 0 for idx in index_map.values()]
-    stops = [global_shape[0] if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
-    return slice(min(starts), max(stops))
-
-
-def _global_batch(local: np.ndarray, batch_sharding, global_shape) -> jax.Array:
-    return jax.make_array_from_process_local_data(batch_sharding, local, global_shape)
-
-
-def evaluate(params, eval_step, corpus: data.Corpus, config, batch_sharding, *,
-             max_windows: int | None) -> dict:
-    """Held-out loss (nats/token), perplexity and bits per byte over the first
-    `max_windows` non-overlapping held-out windows (None: all), windowed and scored by
-    `evaluation.held_out_loss` as eval.py does; each host feeds only its rows."""
-    batch_size, seq_len = config.train.batch_size, config.train.seq_len
-    shape = (batch_size, seq_len + 1)
-    rows = _local_rows(batch_sharding, shape)
-
-    def batch_nll(windows: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
-        out = eval_step(params, _global_batch(windows[rows], batch_sharding, shape),
-                        _global_batch(weights[rows], batch_sharding, (batch_size, seq_len)))
-        return float(out["loss_sum"]), float(out["tokens"])
-
-    result = evaluation.held_out_loss(
-        batch_nll, corpus.heldout, seq_len=seq_len, batch_size=batch_size,
-        max_windows=max_windows, bytes_per_token=corpus.heldout_bytes / len(corpus.heldout))
-    return {f"eval_{key}": value for key, value in result.items()}
-
-
-def final_eval_windows(config) -> int:
-    """How many held-out windows the final evaluation scores: `train.final_eval_tokens`
-    worth (at least one)."""
-    tokens = config.train.get("final_eval_tokens", DEFAULT_FINAL_EVAL_TOKENS)
-    return max(1, tokens // config.train.seq_len)
+from mqa.preemption import Preempted, StopSignals
+from mqa.train_data import BatchFeeder, held_out_metrics, load_run_corpus, resolve_vocab
+from mqa.train_monitors import NonFiniteGuard, NonFiniteLoss, Throughput  # noqa: F401 (NonFiniteLoss: for train.py)
+from mqa.train_report import data_line, final_line, initial_line, model_line
+from mqa.train_schedule import Schedule
+from mqa.train_state import compiled_eval_step, compiled_train_step, fresh_state, make_mesh
+from mqa.training import TrainState, make_optimizer
+from mqa.workdir import (WorkdirLock, check_resumable, init_params_from, prepare_workdir,
+                         restore_newest_intact, saved_config)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -115,146 +54,152 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bool) -> dict:
-    mesh = sharding.make_mesh(config.mesh)
-    _check_batch(config, mesh)
-    train_cfg = config.train
-    corpus = data.load_corpus(data_config(config), workdir / "data", min_tokens=train_cfg.seq_len + 1)
-    _resolve_vocab(config, corpus.tokenizer)
+    """The run: set up, resume or start, train to train.steps; returns the final held-out metrics."""
+    run, state = _set_up(config, workdir, is_main)
+    try:
+        if int(state.step) == 0 and config.train.init_from:  # where uptraining starts
+            _log_initial_eval(run, state.params)
+        state, final = _loop(run, state)
+        if final is None:  # nothing left to train: report the restored model
+            final = run.evaluate(state.params, run.schedule.final_windows)
+    finally:
+        run.checkpointer.close()
+        run.writer.close()
+    if is_main:
+        print(final_line(final, int(state.step)))
+    return {"step": int(state.step), **final}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the loop works with, set up by `_set_up`."""
+
+    config: ml_collections.ConfigDict
+    model_config: ModelConfig
+    corpus: data.Corpus
+    train_step: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]  # jitted, donates the state
+    eval_step: Callable  # jitted: (params, windows, weights) -> {"loss_sum", "tokens"}
+    feeder: BatchFeeder
+    schedule: Schedule
+    checkpointer: Checkpointer
+    writer: MetricsWriter
+    is_main: bool  # process 0, which writes and prints
+
+    def evaluate(self, params, windows: int) -> dict:
+        """Held-out metrics over the first `windows` windows (`held_out_metrics`)."""
+        return held_out_metrics(params, self.eval_step, self.corpus, self.feeder, max_windows=windows)
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bool) -> tuple[_Run, TrainState]:
+    """The mesh, the data (the vocabulary resolved, config.json and tokenizer.json written), the
+    compiled steps and the state to start from: resumed, initialised from train.init_from, or fresh."""
+    mesh = make_mesh(config)
+    corpus = load_run_corpus(config, workdir)
+    resolve_vocab(config, corpus.tokenizer)
     check_resumable(config, workdir)
     if is_main:
         (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
         corpus.tokenizer.save(workdir)  # load_model and eval.py read WORKDIR/tokenizer.json
     model_config = build_model_config(config.model)
     if is_main:
-        print(f"data: {corpus.source}; {len(corpus.train):,} train / {len(corpus.heldout):,} "
-              f"held-out tokens")
-        print(f"model: {accounting.param_count(model_config):,} parameters, "
-              f"{model_config.num_heads} query heads, {model_config.num_kv_heads} KV heads; "
-              f"mesh {dict(mesh.shape)}")
-
-    # Parameters and optimizer state, created directly in their shardings.
-    optimizer = make_optimizer(train_cfg)
-
-    def init_state() -> TrainState:
-        params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(train_cfg.seed)))[1]
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-    abstract_state = jax.eval_shape(init_state)
-    state_shardings = sharding.tree_shardings(abstract_state, mesh)
-    state = jax.jit(init_state, out_shardings=state_shardings)()
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
-
+        print(data_line(corpus))
+        print(model_line(model_config, mesh))
+    optimizer = make_optimizer(config.train)
+    state, layout = fresh_state(model_config, optimizer, config.train.seed, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
     writer = MetricsWriter(workdir, enabled=is_main)
+    state = _resumed_or_initial(state, checkpointer, config.train.init_from, is_main)
+    writer.drop_after(int(state.step))
+    run = _Run(config, model_config, corpus, compiled_train_step(layout, optimizer, config.train, mesh),
+               compiled_eval_step(layout), BatchFeeder(layout.batch_sharding, config.train.batch_size,
+                                                       config.train.seq_len),
+               Schedule.from_config(config), checkpointer, writer, is_main)
+    return run, state
+
+
+def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict | None]:
+    """Updates from state.step to train.steps, logging, evaluating and checkpointing on schedule;
+    (the last state, the final evaluation or None if no step was left). Raises Preempted once a
+    stop signal's step is checkpointed, NonFiniteLoss after too many skipped updates in a row."""
+    train, schedule, start = run.config.train, run.schedule, int(state.step)
+    progress = Progress(start, train.steps, enabled=run.is_main, sampled_windows=schedule.sampled_windows)
+    guard = NonFiniteGuard(train.max_nonfinite_steps, run.checkpointer.latest_step)
+    throughput = Throughput(train.batch_size * train.seq_len,
+                            accounting.flops_per_token(run.model_config, train.seq_len),
+                            hardware.peak_flops(run.model_config.dtype), start)
+    final = None
+    try:
+        with StopSignals() as stop:
+            if run.is_main and start < train.steps:
+                print("compiling the train step...", flush=True)
+            for step in range(start, train.steps):
+                state, metrics = run.train_step(state, run.feeder.train_batch(run.corpus.train, step, train.seed))
+                done = step + 1
+                guard.observe(done, metrics["skipped"])
+                if step == start:  # leave compilation out of the throughput
+                    jax.block_until_ready(state)
+                    throughput.restart(done)
+                row = {}
+                if schedule.logs(done):
+                    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    row.update(throughput.measure(done))
+                if schedule.evaluates(done):  # the same sampled windows each time
+                    row.update(run.evaluate(state.params, schedule.sampled_windows))
+                    if schedule.is_last(done):
+                        final = run.evaluate(state.params, schedule.final_windows)
+                        row.update({f"final_{key}": value for key, value in final.items()})
+                    throughput.restart(done)  # evaluation is not training
+                if row:
+                    run.writer.write(done, row)
+                    progress.update(done, row)
+                if schedule.checkpoints(done) or stop.received:
+                    run.checkpointer.save(state)
+                if stop.received:
+                    run.checkpointer.wait()
+                    raise Preempted(stop.received, stop.message(done, run.checkpointer.directory))
+            run.checkpointer.wait()
+    finally:
+        progress.close()
+    return state, final
+
+
+def _resumed_or_initial(state: TrainState, checkpointer: Checkpointer, init_from: str,
+                        is_main: bool) -> TrainState:
+    """The newest intact checkpoint in the workdir; else, with train.init_from, `state` with the
+    parameters it names (AdamW's fresh state, zeros, fits any values); else `state` itself."""
     if checkpointer.all_steps():
         restored = restore_newest_intact(checkpointer, abstract_like(state), move_damaged=is_main,
                                          warn=is_main)
         if restored is None:
-            raise ConfigError(f"no checkpoint in {checkpointer.directory} can be read "
-                              f"(steps {checkpointer.all_steps()}); move them away to start over")
-        state, _ = restored
+            raise ConfigError(f"no checkpoint in {checkpointer.directory} can be read (each was "
+                              "moved to damaged_checkpoints/); run again to start over")
+        state, step = restored
         if is_main:
-            print(f"resumed from step {int(state.step)} in {checkpointer.directory}")
-    elif train_cfg.init_from:  # uptraining; AdamW's fresh state (zeros) fits any values
-        state = state._replace(params=init_params_from(train_cfg.init_from,
-                                                       abstract_like(state.params), is_main))
-    start_step = int(state.step)
-    writer.drop_after(start_step)
+            print(f"resumed from step {step} in {checkpointer.directory}")
+        return state
+    if init_from:  # uptraining
+        return state._replace(params=init_params_from(init_from, abstract_like(state.params), is_main))
+    return state
 
-    schedule = learning_rate_schedule(train_cfg)
-    batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(graphdef, optimizer, schedule, train_cfg.grad_accum),
-                         in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)),
-                         donate_argnums=0, compiler_options=hardware.train_compiler_options())
-    eval_step = jax.jit(make_eval_step(graphdef))
-    periodic_windows = train_cfg.eval_batches * train_cfg.batch_size
-    final_windows = final_eval_windows(config)
-    batch_shape = (train_cfg.batch_size, train_cfg.seq_len + 1)
-    rows = _local_rows(batch_sharding, batch_shape)
-    flops_per_token = accounting.flops_per_token(model_config, train_cfg.seq_len)
-    peak = hardware.peak_flops(model_config.dtype)
 
-    def batch_at(step: int) -> jax.Array:
-        local = data.train_batch(corpus.train, step, seed=train_cfg.seed,
-                                 batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len,
-                                 rows=rows)
-        return _global_batch(local, batch_sharding, batch_shape)
-
-    if start_step == 0 and train_cfg.init_from:  # where uptraining starts: the converted model
-        initial = evaluate(state.params, eval_step, corpus, config, batch_sharding,
-                           max_windows=final_windows)
-        writer.drop_after(-1)  # a run restarted before its first checkpoint logs step 0 anew
-        writer.write(0, {**evaluate(state.params, eval_step, corpus, config, batch_sharding,
-                                    max_windows=periodic_windows),
+def _log_initial_eval(run: _Run, params) -> None:
+    """Step 0 of an uptraining run: the converted model's sampled and full held-out metrics."""
+    initial = run.evaluate(params, run.schedule.final_windows)
+    run.writer.drop_after(-1)  # a run restarted before its first checkpoint logs step 0 anew
+    run.writer.write(0, {**run.evaluate(params, run.schedule.sampled_windows),
                          **{f"initial_{key}": value for key, value in initial.items()}})
-        if is_main:
-            print(f"before training: held-out loss {initial['eval_loss']:.4f} nats/token over "
-                  f"{initial['eval_tokens']:,} tokens")
+    if run.is_main:
+        print(initial_line(initial))
 
-    preempted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-    progress = Progress(start_step, train_cfg.steps, enabled=is_main)
-    last_eval = None
-    skipped_in_a_row, previous = 0, None
-    try:
-        timer_step, timer = start_step, time.perf_counter()
-        for step in range(start_step, train_cfg.steps):
-            state, metrics = train_step(state, batch_at(step))
-            done = step + 1
-            for flag_step, flag in ([previous] if previous else []):  # one step behind
-                skipped_in_a_row = skipped_in_a_row + 1 if int(flag) else 0
-                if skipped_in_a_row >= train_cfg.max_nonfinite_steps:
-                    raise NonFiniteLoss(
-                        f"the loss or gradient was not finite at steps {flag_step - skipped_in_a_row + 1}"
-                        f"-{flag_step} ({skipped_in_a_row} in a row, train.max_nonfinite_steps="
-                        f"{train_cfg.max_nonfinite_steps}); stopped at step {flag_step}; the last "
-                        f"checkpoint (step {checkpointer.latest_step()}) is intact; lower "
-                        "train.learning_rate or check the data")
-            previous = (done, metrics["skipped"])
-            if step == start_step:  # leave compilation out of the throughput
-                jax.block_until_ready(state)
-                timer_step, timer = done, time.perf_counter()
-            row = {}
-            if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - timer
-                if done > timer_step:
-                    tokens_per_sec = (done - timer_step) * train_cfg.batch_size * train_cfg.seq_len / elapsed
-                    row.update(tokens_per_sec=tokens_per_sec,
-                               mfu=tokens_per_sec * flops_per_token / peak)
-                timer_step, timer = done, time.perf_counter()
-            if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
-                # The same held-out windows at every evaluation, so the curve compares like
-                # with like; the final one also scores the whole split (final_eval_tokens).
-                row.update(evaluate(state.params, eval_step, corpus, config, batch_sharding,
-                                    max_windows=periodic_windows))
-                if done == train_cfg.steps:
-                    last_eval = evaluate(state.params, eval_step, corpus, config,
-                                         batch_sharding, max_windows=final_windows)
-                    row.update({f"final_{key}": value for key, value in last_eval.items()})
-                timer_step, timer = done, time.perf_counter()  # evaluation is not training
-            if row:
-                writer.write(done, row)
-                progress.update(done, row)
-            if done % config.checkpoint.every == 0 or done == train_cfg.steps or preempted:
-                checkpointer.save(state)
-            if preempted:
-                checkpointer.wait()
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {done} in "
-                                f"{checkpointer.directory}; run the same command to resume")
-        checkpointer.wait()
-        if last_eval is None:  # nothing left to train: report the restored model
-            last_eval = evaluate(state.params, eval_step, corpus, config, batch_sharding,
-                                 max_windows=final_windows)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        progress.close()
-        checkpointer.close()
-        writer.close()
-    if is_main:
-        print(f"held-out perplexity {last_eval['eval_perplexity']:.4f} "
-              f"(loss {last_eval['eval_loss']:.4f} nats/token, "
-              f"{last_eval['eval_bits_per_byte']:.4f} bits/byte) at step {int(state.step)}, "
-              f"over {last_eval['eval_tokens']:,} held-out tokens")
-    return {"step": int(state.step), **last_eval}
+
+def config_or_saved(config: ml_collections.ConfigDict | None,
+                    workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`config`, or with None the config the run in `workdir` saved (its config.json)."""
+    if config is not None:
+        return config
+    path = prepare_workdir(workdir)
+    saved = saved_config(path)
+    if saved is None:
+        raise ConfigError(f"no --config given and {str(path / 'config.json')!r} does not exist; "
+                          "pass --config=configs/NAME.py")
+    return saved

@@ -132,6 +132,21 @@ def test_decode_rejects_ids_outside_the_vocabulary(small_bpe):
         small_bpe.decode_bytes([-1])
 
 
+def test_line_chunks_cut_after_newlines_whether_the_text_comes_whole_or_in_blocks():
+    text = "".join(f"line {i} " * (i % 7) + "\n" for i in range(3000))
+    whole = list(data.line_chunks(text, size=100))
+    assert "".join(whole) == text and all(piece.endswith("\n") for piece in whole)
+    assert all(100 <= len(piece) for piece in whole[:-1])
+    for block in (1, 37, 1000, len(text)):  # any blocking of the same text gives the same pieces
+        blocks = (text[i:i + block] for i in range(0, len(text), block))
+        assert list(data.line_chunks(blocks, size=100)) == whole
+    # without newlines, a limit bounds the pieces; without one, the rest is one piece
+    flat = "x" * 1050
+    assert [len(p) for p in data.line_chunks(iter([flat[:500], flat[500:]]), size=100, limit=300)] == [300, 300, 300, 150]
+    assert list(data.line_chunks(flat, size=100)) == [flat]
+    assert list(data.line_chunks("")) == []
+
+
 # ----------------------------------------------------------------------------- sources and split
 
 

@@ -1,7 +1,6 @@
 """Faults lose nothing and explain themselves: kills, NaNs, a second run, damaged checkpoints."""
 
 import os
-import pathlib
 import random
 import shutil
 import signal
@@ -13,22 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from tests.test_train_cli import REPO, assert_one_line_error, final_params, losses, run_train
-
-
-def start_train(workdir, *args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_rows(workdir, proc, rows, timeout=240):
-    deadline = time.time() + timeout
-    while not ((pathlib.Path(workdir) / "metrics.jsonl").exists() and len(losses(workdir)) >= rows):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.02)
+from mqa import trainer
+from mqa.config import ConfigError
+from tests.test_train_cli import (REPO, SHORT, assert_one_line, assert_one_line_error, final_params,
+                                  losses, start_train, tiny, wait_for_rows)
 
 
 def assert_same_params(a, b):
@@ -37,14 +24,14 @@ def assert_same_params(a, b):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_resumes_to_the_same_run(tmp_path):
+def test_sigkill_at_random_moments_resumes_to_the_same_run(tmp_path, capsys):
     """Checkpoints every step, so kills land during saves too. The first kill comes once
     step N has been saved, two more at random moments of the resumed runs; the same
-    command then finishes 2N steps exactly as a run that was never interrupted."""
-    args = ["--config=configs/tiny.py", "--config.train.steps=40", "--config.train.log_every=1",
-            "--config.train.eval_every=1000", "--config.checkpoint.every=1",
-            "--config.checkpoint.keep=2"]
-    run_train(tmp_path / "straight", *args)
+    run then finishes 2N steps exactly as a run that was never interrupted."""
+    overrides = ["train.steps=40", "train.log_every=1", "train.eval_every=1000", "checkpoint.every=1",
+                 "checkpoint.keep=2"]
+    args = ["--config=configs/tiny.py", *(f"--config.{o}" for o in overrides)]
+    trainer.train(tiny(*overrides), tmp_path / "straight")
     workdir = tmp_path / "killed"
     proc = start_train(workdir, *args)
     deadline = time.time() + 240
@@ -61,20 +48,20 @@ def test_sigkill_at_random_moments_resumes_to_the_same_run(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert len(losses(workdir)) < 40, "the run finished before the last kill"
-    result = run_train(workdir, *args)
-    assert "resumed from step" in result.stdout
+    capsys.readouterr()
+    trainer.train(tiny(*overrides), workdir)
+    assert "resumed from step" in capsys.readouterr().out
     assert losses(workdir) == losses(tmp_path / "straight")  # every step logged once, same values
     assert_same_params(final_params(workdir, 40), final_params(tmp_path / "straight", 40))
 
 
-@pytest.mark.slow
 def test_non_finite_losses_stop_the_run_and_keep_the_checkpoint(tmp_path):
-    result = run_train(tmp_path, "--config=configs/tiny.py", "--config.train.learning_rate=1e30",
-                       "--config.train.steps=100", "--config.checkpoint.every=2",
-                       "--config.train.max_nonfinite_steps=4", check=False)
-    assert_one_line_error(result, "not finite at steps", "4 in a row",
-                          "train.max_nonfinite_steps=4", "is intact")
-    stopped = int(result.stderr.split("stopped at step ")[1].split(";")[0])
+    config = tiny("train.learning_rate=1e30", "train.steps=100", "checkpoint.every=2",
+                  "train.max_nonfinite_steps=4")
+    with pytest.raises(trainer.NonFiniteLoss) as error:
+        trainer.train(config, tmp_path)
+    assert_one_line(error, "not finite at steps", "4 in a row", "train.max_nonfinite_steps=4", "is intact")
+    stopped = int(str(error.value).split("stopped at step ")[1].split(";")[0])
     assert stopped < 20
     step = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     params = final_params(tmp_path, step)
@@ -84,20 +71,20 @@ def test_non_finite_losses_stop_the_run_and_keep_the_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
     first = start_train(tmp_path, "--config=configs/tiny.py", "--config.train.steps=100000",
-                        "--config.train.log_every=1")
+                        "--config.train.log_every=1", optimize=False)
     try:
         wait_for_rows(tmp_path, first, rows=1)
-        second = run_train(tmp_path, "--config=configs/tiny.py", check=False)
-        assert_one_line_error(second, "is in use by process", "another --workdir")
+        with pytest.raises(ConfigError) as second:
+            trainer.train(tiny(), tmp_path)
+        assert_one_line(second, "is in use by process", "another --workdir")
         assert first.poll() is None  # the first run goes on undisturbed
     finally:
         first.kill()
         first.wait()
-    assert run_train(tmp_path, "--config=configs/tiny.py", "--config.train.steps=3",
-                     check=False).returncode == 0  # the lock died with the process
+    trainer.train(tiny(*SHORT), tmp_path)  # the lock died with the process
 
 
-def damage(step_dir: pathlib.Path, how: str) -> None:
+def damage(step_dir, how: str) -> None:
     params = step_dir / "params"
     if how == "truncated":
         biggest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -107,22 +94,22 @@ def damage(step_dir: pathlib.Path, how: str) -> None:
         (params / "manifest.ocdbt").unlink()
 
 
+TRAINED = ["train.steps=40", "checkpoint.every=20", "train.eval_every=40", "train.final_eval_tokens=4096"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny run with checkpoints at steps 20 and 40, and its command-line arguments."""
-    args = ["--config=configs/tiny.py", "--config.train.steps=40", "--config.checkpoint.every=20",
-            "--config.train.eval_every=40"]
+    """A tiny run (TRAINED) with checkpoints at steps 20 and 40."""
     workdir = tmp_path_factory.mktemp("trained")
-    run_train(workdir, *args)
-    return workdir, args
+    trainer.train(tiny(*TRAINED), workdir)
+    return workdir
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "missing"])
-def test_damaged_checkpoint_is_named_and_the_previous_one_used(trained, tmp_path, how):
-    intact, args = trained
+def test_damaged_checkpoint_is_named_and_the_previous_one_used(trained, tmp_path, how, capfd):
     run = tmp_path / "run"
-    shutil.copytree(intact, run)
+    shutil.copytree(trained, run)
     damage(run / "checkpoints" / "40", how)
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -137,18 +124,13 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_used(trained, tmp_path
     assert (run / "checkpoints" / "40").is_dir()  # evaluating only reads the workdir
     assert not (run / "damaged_checkpoints").exists()
 
-    resumed = run_train(run, *args)
-    assert "resumed from step 20" in resumed.stdout
-    for result in (explicit, fallback, resumed):  # named with what reading it gave
-        line = next(line for line in result.stderr.splitlines() if "checkpoint step 40" in line)
+    capfd.readouterr()
+    trainer.train(tiny(*TRAINED), run)
+    out, err = capfd.readouterr()
+    assert "checkpoint step 40" in err and "resumed from step 20" in out
+    for stderr in (explicit.stderr, fallback.stderr, err):  # named with what reading it gave
+        line = next(line for line in stderr.splitlines() if "checkpoint step 40" in line)
         assert ("OUT_OF_RANGE" if how == "truncated" else "NOT_FOUND") in line, line
         assert "bound method" not in line and "tensorstore_spec" not in line, line
     assert list((run / "damaged_checkpoints").iterdir())  # kept, not deleted
-    assert_same_params(final_params(run, 40), final_params(intact, 40))
-
-
-@pytest.mark.slow
-def test_mesh_that_does_not_match_the_devices(tmp_path):
-    result = run_train(tmp_path, "--config=configs/tiny.py", "--config.mesh.data=3", devices=4,
-                       check=False)
-    assert_one_line_error(result, "mesh data=3 x fsdp=1 x tensor=1 = 3 devices", "4 are available")
+    assert_same_params(final_params(run, 40), final_params(trained, 40))

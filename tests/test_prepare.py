@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mqa import data, token_files
+from mqa.data import preparation, sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,8 +105,8 @@ def jsonl_source(tmp_path):
 
 @pytest.mark.parametrize("kind, tokenizer", [("text", "byte"), ("text", "bpe"), ("jsonl", "byte"), ("jsonl", "bpe")])
 def test_interrupted_preparation_resumes_to_identical_files_and_batches(kind, tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 4096)  # byte-token pieces of 4 kB: many shards from a small corpus
-    monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 20_000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 4096)  # byte-token pieces of 4 kB: many shards from a small corpus
+    monkeypatch.setattr(preparation, "ENCODE_BATCH_CHARS", 20_000)
     path, _ = (text_source if kind == "text" else jsonl_source)(tmp_path)
     config = data_config(path, tokenizer=tokenizer, bpe_vocab_size=300)
     shard_tokens = 6_000
@@ -134,7 +135,7 @@ def test_interrupted_preparation_resumes_to_identical_files_and_batches(kind, to
 
 
 def test_a_temporary_file_left_by_a_killed_preparation_is_removed_when_it_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 4096)
     path, _ = text_source(tmp_path)
     config = data_config(path)
     full = data.prepare(config, tmp_path / "full", shard_tokens=6_000)
@@ -151,7 +152,7 @@ def test_a_temporary_file_left_by_a_killed_preparation_is_removed_when_it_resume
 
 
 def record_reads(monkeypatch) -> list[tuple[str, int, int]]:
-    """(file name, offset, bytes) of every read of a source file by mqa.data from now on."""
+    """(file name, offset, bytes) of every read of a source file by mqa.data.sources from now on."""
     reads = []
 
     class Recorded(io.FileIO):
@@ -161,13 +162,13 @@ def record_reads(monkeypatch) -> list[tuple[str, int, int]]:
             reads.append((Path(self.name).name, offset, len(block)))
             return block
 
-    monkeypatch.setattr(data, "open", lambda file, mode: Recorded(file), raising=False)
+    monkeypatch.setattr(sources, "open", lambda file, mode: Recorded(file), raising=False)
     return reads
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_a_resumed_preparation_of_text_files_reads_them_only_from_where_its_shards_end(tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 4096)
     text = words_text(60_000).replace("of", "öf")  # characters of 1 and 2 bytes
     folder = tmp_path / "texts"
     folder.mkdir()
@@ -192,7 +193,7 @@ def test_a_resumed_preparation_of_text_files_reads_them_only_from_where_its_shar
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_text_file_keeps_its_tail_split_across_many_shards(tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 4096)
     path, text = text_source(tmp_path)
     corpus = data.load_corpus(data_config(path, tokenizer=tokenizer, bpe_vocab_size=300), tmp_path / "c",
                               min_tokens=1, shard_tokens=5_000)
@@ -330,25 +331,52 @@ def test_token_dir_is_shared_by_runs(tmp_path, monkeypatch):
     assert counter[0] == 0 and np.array_equal(np.asarray(first.train), np.asarray(second.train))
 
 
-def test_a_workdir_with_tokens_cached_by_the_previous_version_still_loads(tmp_path, monkeypatch):
-    path = tmp_path / "a.txt"
-    path.write_text(words_text(2_000))
-    stat = path.stat()
-    identity = ["path", [[str(path.resolve()), stat.st_size, stat.st_mtime_ns]]]
-    key = json.dumps([1, identity, "byte", None, 0.1])  # how the previous version named its cache
-    import hashlib
+# ----------------------------------------------------------------------------- rows without text
 
-    cache = tmp_path / "data" / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    cache.mkdir(parents=True)
-    old_train, old_heldout = np.arange(500, dtype=np.int32) % 256, np.arange(100, dtype=np.int32)
-    np.save(cache / "train.npy", old_train)
-    np.save(cache / "heldout.npy", old_heldout)
-    data.ByteTokenizer().save(cache)
-    (cache / "meta.json").write_text(json.dumps({"heldout_bytes": 123}))
-    counter = count_encoded_pieces(monkeypatch)
-    corpus = data.load_corpus(data_config(path), tmp_path / "data", min_tokens=1)
-    assert counter[0] == 0 and corpus.heldout_bytes == 123
-    assert np.array_equal(corpus.train, old_train) and np.array_equal(corpus.heldout, old_heldout)
+
+def jsonl_with_rows_without_text(path: Path) -> tuple[Path, list[str]]:
+    """A .jsonl file whose rows 3 and 7 have no text (missing, null); returns it and the texts kept."""
+    texts = [t.replace("\n", " ") for t in documents(12)]  # one line each
+    rows = [{"id": i, "text": t} for i, t in enumerate(texts)]
+    del rows[3]["text"]
+    rows[7]["text"] = None
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path, [t for i, t in enumerate(texts) if i not in (3, 7)]
+
+
+def test_rows_without_text_are_dropped_counted_reported_and_recorded(tmp_path, capsys):
+    path, kept = jsonl_with_rows_without_text(tmp_path / "d.jsonl")
+    corpus = data.load_corpus(data_config(path), tmp_path / "c", min_tokens=1)
+    both = corpus.tokenizer.decode(np.asarray(corpus.train)) + corpus.tokenizer.decode(np.asarray(corpus.heldout))
+    assert sorted(both.splitlines()) == sorted(kept)
+    assert corpus.dropped_rows == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dropped 2 rows without a 'text' value: 2 in file" in err[0] and "d.jsonl" in err[0]
+    [index] = (tmp_path / "c").glob("tokens-*/index.json")
+    assert json.loads(index.read_text())["dropped_rows"] == {f"file {str(path)!r}": 2}
+    data.load_corpus(data_config(path), tmp_path / "c", min_tokens=1)  # opened, not prepared: no report
+    assert capsys.readouterr().err == ""
+    # data.strict refuses the folder that was prepared without them, too
+    with pytest.raises(data.DataError, match=r"prepared without 2 rows .*data.strict=true refuses it") as error:
+        data.load_corpus(data_config(path, strict=True), tmp_path / "c", min_tokens=1)
+    assert "\n" not in str(error.value)
+
+
+def test_strict_data_makes_rows_without_text_an_error_naming_the_file_and_count(tmp_path):
+    path, _ = jsonl_with_rows_without_text(tmp_path / "d.jsonl")
+    with pytest.raises(data.DataError) as error:
+        data.load_corpus(data_config(path, strict=True), tmp_path / "c", min_tokens=1)
+    message = str(error.value)
+    assert "\n" not in message and "d.jsonl" in message and "has 2 of 12 rows without a 'text' value" in message
+    assert "data.strict=true" in message
+    assert not list((tmp_path / "c").glob("tokens-*/index.json"))  # nothing half-prepared looks complete
+
+
+def test_a_source_without_dropped_rows_writes_no_dropped_rows_field(tmp_path):
+    corpus = data.load_corpus(data_config(write_jsonl(tmp_path / "d.jsonl", documents(20))), tmp_path / "c",
+                              min_tokens=1)
+    [index] = (tmp_path / "c").glob("tokens-*/index.json")
+    assert "dropped_rows" not in json.loads(index.read_text()) and corpus.dropped_rows == 0
 
 
 # ----------------------------------------------------------------------------- errors
@@ -367,7 +395,7 @@ def test_an_unreadable_file_in_a_folder_is_named(tmp_path, monkeypatch):
                 raise PermissionError(13, "Permission denied", str(file))
             return open(file, *args, **kwargs)
 
-        monkeypatch.setattr(data, "open", refuse_b, raising=False)
+        monkeypatch.setattr(sources, "open", refuse_b, raising=False)
     with pytest.raises(data.DataError, match=r"cannot read file '.*texts/b.txt': Permission denied") as error:
         data.load_corpus(data_config(folder), tmp_path / "cache", min_tokens=1)
     assert "\n" not in str(error.value)
@@ -423,12 +451,16 @@ def test_preparing_a_corpus_larger_than_the_memory_limit(tmp_path):
 
 
 def test_prepare_command_writes_token_files_then_reports_bad_input_in_one_line(tmp_path):
-    (tmp_path / "a.txt").write_text(words_text(20_000))
-    command = [sys.executable, "-m", "mqa.data", "prepare", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}"]
-    result = subprocess.run([*command, f"--config.data.path={tmp_path / 'a.txt'}"],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    """The command prepares a .jsonl corpus printing only its report (and the dropped rows' line: no
+    log lines, e.g. absl's "JAX version ... available" from `datasets`); bad data exits 2 in one line."""
+    path, _ = jsonl_with_rows_without_text(tmp_path / "a.jsonl")
+    command = [sys.executable, "-m", "mqa.data", "prepare", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+               "--config.train.seq_len=16"]
+    result = subprocess.run([*command, f"--config.data.path={path}"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "a.txt" in result.stdout and "train /" in result.stdout and "RuntimeWarning" not in result.stderr
+    assert "a.jsonl" in result.stdout and "train /" in result.stdout
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        line for line in result.stderr.splitlines() if line.startswith("warning: ") and "dropped 2 rows" in line], result.stderr
     [index] = (tmp_path / "run" / "data").glob("tokens-*/index.json")
     assert json.loads(index.read_text())["dtype"] == "uint8"
     bad = subprocess.run([*command, f"--config.data.path={tmp_path / 'missing.txt'}"],

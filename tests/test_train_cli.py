@@ -1,4 +1,9 @@
-"""train.py end to end: learning, devices, hosts, kill-and-resume, and bad input."""
+"""Training end to end: learning, devices, hosts, stop signals, what a run prints, and bad input.
+
+Most runs call the library (`trainer.train`) in this process; subprocesses are left where the
+command line is the subject (one-line errors, exit statuses, signals) or where a run needs
+another device count or several processes.
+"""
 
 import json
 import os
@@ -7,35 +12,68 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mqa import data, trainer
-from mqa.config import load_config_file
+from mqa import data, metrics, trainer, train_report
+from mqa.config import ConfigError, ModelConfig, load_config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# A short run of the tiny config, logging every step.
-SHORT = ["--config.train.steps=12", "--config.train.log_every=1", "--config.train.eval_every=12",
-         "--config.train.eval_batches=2"]
+# A short run of the tiny config, logging every step (overrides, as after --config.).
+SHORT = ["train.steps=12", "train.log_every=1", "train.eval_every=12", "train.eval_batches=2",
+         "train.final_eval_tokens=4096"]
 
 
-def run_train(workdir, *args, devices=1, env=None, check=True, timeout=300):
-    environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                   "JAX_PLATFORMS": "cpu", **(env or {})}
+def tiny(*overrides: str):
+    """configs/tiny.py with "section.field=value" overrides."""
+    return load_config_file(REPO / "configs" / "tiny.py", overrides)
+
+
+def cli_env(devices: int = 1, *, optimize: bool = True) -> dict:
+    """A subprocess's environment: `devices` CPU devices, and the matmul precision conftest gives
+    this process, so that its runs and in-process ones compute the same bits. optimize=False
+    compiles 2-3x faster (LLVM -O0) and moves losses in their 7th digit: for runs that are
+    compared with each other within a tolerance, not bit for bit."""
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    if not optimize:
+        flags += " --xla_backend_optimization_level=0"
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+
+
+def run_train(workdir, *args, devices=1, check=True, timeout=300):
+    """`python train.py --workdir=WORKDIR ARGS...`, finished."""
     command = [sys.executable, "train.py", f"--workdir={workdir}", *args]
-    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True,
+    result = subprocess.run(command, cwd=REPO, env=cli_env(devices), capture_output=True, text=True,
                             timeout=timeout)
     if check and result.returncode:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
     return result
 
 
+def start_train(workdir, *args, optimize: bool = True) -> subprocess.Popen:
+    """`python train.py --workdir=WORKDIR ARGS...`, started (see cli_env for `optimize`)."""
+    return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *args], cwd=REPO,
+                            env=cli_env(optimize=optimize), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
 def losses(workdir):
     rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def wait_for_rows(workdir, proc, rows, timeout=240):
+    """Until the run `proc` has logged `rows` losses in WORKDIR/metrics.jsonl."""
+    deadline = time.time() + timeout
+    while not ((pathlib.Path(workdir) / "metrics.jsonl").exists() and len(losses(workdir)) >= rows):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.02)
 
 
 def final_params(workdir, step):
@@ -49,10 +87,39 @@ def free_port():
         return s.getsockname()[1]
 
 
+def assert_one_line_error(result, *fragments, status=2):
+    """A CLI that failed with `status` and one "error: ..." line last on stderr, no traceback."""
+    assert result.returncode == status, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def assert_one_line(error: pytest.ExceptionInfo, *fragments):
+    """A library error whose message is one line holding every fragment."""
+    message = str(error.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """configs/tiny.py for SHORT's 12 steps on one device, in this process: (workdir, {step: loss})."""
+    workdir = tmp_path_factory.mktemp("short")
+    trainer.train(tiny(*SHORT), workdir)
+    return workdir, losses(workdir)
+
+
+# ----------------------------------------------------------------------------- learning
+
+
 @pytest.mark.slow
-def test_tiny_config_learns_below_unigram_entropy(tmp_path):
+def test_tiny_config_learns_below_unigram_entropy(tmp_path, capsys):
     """configs/tiny.py on the embedded CPython docs, in well under a minute."""
-    config = load_config_file(REPO / "configs" / "tiny.py")
+    config = tiny()
     start = time.time()
     result = trainer.train(config, tmp_path)
     assert time.time() - start < 60
@@ -75,146 +142,233 @@ def test_tiny_config_learns_below_unigram_entropy(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) \
         == [100, 200, 300]
 
+    # What it prints: the model, a line before compiling, the sampled evaluations labelled as
+    # such, and one held-out figure at the end: the final evaluation's.
+    out = capsys.readouterr().out.splitlines()
+    assert "4 query heads, 2 KV heads" in next(line for line in out if line.startswith("model: "))
+    assert out.index("compiling the train step...") < next(i for i, l in enumerate(out) if l.startswith("step "))
+    windows = config.train.eval_batches * config.train.batch_size
+    sampled = [line for line in out if "eval_loss" in line]
+    assert sampled and all(f"eval_loss (sampled, {windows} windows)=" in line for line in sampled)
+    final = [line for line in out if "held-out" in line and not line.startswith("data: ")]
+    assert final == [out[-1]] and out[-1].startswith(f"held-out perplexity {result['eval_perplexity']:.4f} ")
+    assert f"over {result['eval_tokens']:,} held-out tokens" in out[-1]
+
+
+def test_the_model_line_describes_each_attention_family_and_its_cache():
+    def summary(**fields):
+        base = dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16,
+                    mlp_dim=128)
+        return train_report.attention_summary(ModelConfig(**{**base, **fields}))
+
+    assert summary() == "4 query heads, 1 KV head"
+    assert summary(num_kv_heads=2, kv_share_every=2) == "4 query heads, 2 KV heads, K/V shared by every 2 layers"
+    assert summary(attention="tied", num_kv_heads=2) == "4 query heads, 2 tied KV heads + a shared rope key of 8"
+    assert summary(attention="latent", num_kv_heads=4, kv_latent_dim=24, rope_head_dim=6) \
+        == "4 query heads, KV cache latent 24 + rope 6 per token"
+    assert train_report.plural(1, "row") == "1 row" and train_report.plural(1200, "row") == "1,200 rows"
+
+
+def test_progress_labels_the_sampled_evaluation(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    progress = metrics.Progress(0, 10, sampled_windows=32)
+    progress.update(5, {"loss": 2.0, "eval_loss": 1.5, "tokens_per_sec": 1234.0})
+    assert "loss=2.0000  eval_loss (sampled, 32 windows)=1.5000  tokens_per_sec=1234" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- devices and hosts
+
+
+TRAIN_CHILD = textwrap.dedent("""
+    import json, sys
+    from mqa import trainer
+    from mqa.config import load_config_file
+    for workdir, overrides in json.loads(sys.argv[1]):
+        trainer.train(load_config_file("configs/tiny.py", overrides), workdir)
+""")
+
+
+def train_in_child(runs: list[tuple[pathlib.Path, list[str]]], devices: int) -> None:
+    """trainer.train for each (workdir, overrides) in one child process with `devices` CPU devices,
+    compiled unoptimized (cli_env)."""
+    arg = json.dumps([(str(workdir), overrides) for workdir, overrides in runs])
+    result = subprocess.run([sys.executable, "-c", TRAIN_CHILD, arg], cwd=REPO, env=cli_env(devices, optimize=False),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# (name, overrides, the 2 x 2 meshes to try)
+FAMILIES = [
+    ("MHA", ["model.num_kv_heads=4"], [("data", "tensor")]),
+    # MQA, its one K/V head replicated, with cross-layer K/V sharing (shared_blocks)
+    ("MQA shared", ["model.num_kv_heads=1", "model.kv_share_every=2"], [("data", "tensor"), ("fsdp", "tensor")]),
+    ("GTA shared", ["model.num_kv_heads=2", "model.kv_share_every=2", "model.attention=tied"], [("fsdp", "tensor")]),
+    ("MLA windows", ["model.num_kv_heads=4", "model.attention=latent", "model.kv_latent_dim=24",
+                     "model.rope_head_dim=8", "model.q_latent_dim=32", "model.sliding_window=16",
+                     "model.global_every=2"], [("fsdp", "tensor")]),
+]
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kv_heads,kv_share_every,family,meshes", [
-    (4, 1, [], [("data", "tensor")]),                       # MHA
-    # MQA, its one K/V head replicated, with cross-layer K/V sharing (shared_blocks)
-    (1, 2, [], [("data", "tensor"), ("fsdp", "tensor")]),
-    (2, 2, ["--config.model.attention=tied"], [("fsdp", "tensor")]),
-    (4, 1, ["--config.model.attention=latent", "--config.model.kv_latent_dim=24",
-            "--config.model.rope_head_dim=8", "--config.model.q_latent_dim=32",
-            "--config.model.sliding_window=16", "--config.model.global_every=2"],
-     [("fsdp", "tensor")]),
-])
-def test_four_devices_match_one(tmp_path, kv_heads, kv_share_every, family, meshes):
+def test_four_devices_match_one(tmp_path):
     """2 x 2 meshes over 4 simulated devices train like one device, for MHA, for MQA
     with cross-layer K/V sharing, for tied attention with sharing and for latent attention
-    with low-rank queries and sliding windows."""
-    args = ["--config=configs/tiny.py", f"--config.model.num_kv_heads={kv_heads}",
-            f"--config.model.kv_share_every={kv_share_every}", *family, *SHORT]
-    run_train(tmp_path / "one", *args, devices=1)
-    one = losses(tmp_path / "one")
-    assert sorted(one) == list(range(1, 13))
-    for a, b in meshes:
-        workdir = tmp_path / f"{a}-{b}"
-        run_train(workdir, *args, "--config.mesh.data=1", f"--config.mesh.{a}=2",
-                  f"--config.mesh.{b}=2", devices=4)
-        four = losses(workdir)
+    with low-rank queries and sliding windows. The runs of each device count share a child."""
+    meshes = [(i, a, b) for i, (_, _, family_meshes) in enumerate(FAMILIES) for a, b in family_meshes]
+    train_in_child([(tmp_path / f"{i}-one", [*overrides, *SHORT]) for i, (_, overrides, _) in enumerate(FAMILIES)],
+                   devices=1)
+    train_in_child([(tmp_path / f"{i}-{a}-{b}", [*FAMILIES[i][1], *SHORT, "mesh.data=1", f"mesh.{a}=2",
+                                                  f"mesh.{b}=2"]) for i, a, b in meshes], devices=4)
+    for i, a, b in meshes:
+        one, four = losses(tmp_path / f"{i}-one"), losses(tmp_path / f"{i}-{a}-{b}")
+        assert sorted(one) == sorted(four) == list(range(1, 13))
         for step in one:
-            assert abs(one[step] - four[step]) / one[step] < 1e-4, (a, b, step, one[step], four[step])
+            assert abs(one[step] - four[step]) / one[step] < 1e-4, (FAMILIES[i][0], a, b, step, one[step], four[step])
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    """Two jax.distributed processes on 127.0.0.1 (gloo collectives), one CPU device each."""
-    args = ["--config=configs/tiny.py", *SHORT]
-    run_train(tmp_path / "single", *args, devices=2)
+def test_two_processes_match_one(tmp_path, short_run):
+    """Two jax.distributed processes on 127.0.0.1 (gloo collectives), one CPU device each,
+    train like one process on one device (within 1e-4: they sum in another order, and compile
+    unoptimized, see cli_env)."""
+    _, single = short_run
     address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu"}
+    args = ["--config=configs/tiny.py", *(f"--config.{o}" for o in SHORT)]
     procs = [subprocess.Popen(
         [sys.executable, "train.py", f"--workdir={tmp_path / 'multi'}", *args,
          f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=cli_env(optimize=False), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
-    single, multi = losses(tmp_path / "single"), losses(tmp_path / "multi")
+    multi = losses(tmp_path / "multi")
     assert sorted(multi) == list(range(1, 13))
     for step in single:
         assert abs(single[step] - multi[step]) / single[step] < 1e-4
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
-    args = ["--config=configs/tiny.py", "--config.train.steps=2000", "--config.checkpoint.every=1000",
-            "--config.train.log_every=1", "--config.train.eval_every=5000"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "train.py", f"--workdir={tmp_path}", *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not ((tmp_path / "metrics.jsonl").exists() and len(losses(tmp_path)) >= 3):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
-    assert "SIGTERM: saved a checkpoint at step" in stderr
-    step = int(stderr.split("checkpoint at step ")[1].split()[0])
-    assert (tmp_path / "checkpoints" / str(step)).exists() and step < 1000
-    resumed = run_train(tmp_path, *args[:1], "--config.train.steps=" + str(step + 2),
-                        *args[2:])
-    assert f"resumed from step {step}" in resumed.stdout
+# ----------------------------------------------------------------------------- stop signals
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
+def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
+    """SIGTERM at step 3 (sent from the metrics writer, so it lands in the loop): the step is
+    checkpointed, Preempted says so, and the same run resumes from it."""
+    write = metrics.MetricsWriter.write
+
+    def write_then_signal(self, step, row):
+        write(self, step, row)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", write_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(trainer.Preempted) as stop:
+        trainer.train(tiny(*SHORT), tmp_path)
+    assert stop.value.exit_status == 143 and signal.getsignal(signal.SIGTERM) is before
+    assert_one_line(stop, f"SIGTERM: saved a checkpoint at step 3 in {tmp_path / 'checkpoints'}",
+                    "run the same command to resume")
+    assert (tmp_path / "checkpoints" / "3").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    trainer.train(tiny(*SHORT), tmp_path)
+    assert "resumed from step 3" in capsys.readouterr().out
+    assert sorted(losses(tmp_path)) == list(range(1, 13))
 
 
 @pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits_130_in_one_line(tmp_path):
+    """SIGINT to a real train.py: the step under way is checkpointed and the command exits
+    like SIGTERM does, with 130 and one line instead of a KeyboardInterrupt traceback."""
+    proc = start_train(tmp_path, "--config=configs/tiny.py", "--config.train.steps=2000",
+                       "--config.checkpoint.every=1000", "--config.train.log_every=1",
+                       "--config.train.eval_every=5000", optimize=False)
+    wait_for_rows(tmp_path, proc, rows=3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "compiling the train step..." in stdout
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr and lines[-1].startswith("SIGINT: saved a checkpoint at step "), stderr
+    assert lines[-1].endswith("; run the same command to resume")
+    step = int(lines[-1].split("checkpoint at step ")[1].split()[0])
+    assert (tmp_path / "checkpoints" / str(step)).exists() and 3 <= step < 1000
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.slow
+def test_bad_input_on_the_command_line_exits_2_in_one_line(tmp_path):
+    """train.py's usage errors: a config field that does not exist (absl's parser), and a bad
+    value found once the run starts, here a missing data file."""
+    unknown = run_train(tmp_path / "a", "--config=configs/tiny.py", "--config.model.num_kv_head=2", check=False)
+    assert_one_line_error(unknown, "num_kv_head")
+    missing = run_train(tmp_path / "b", "--config=configs/tiny.py",
+                        f"--config.data.path={tmp_path / 'nope.txt'}", check=False)
+    assert_one_line_error(missing, "nope.txt", "does not exist")
+
+
 def test_missing_data_file(tmp_path):
-    result = run_train(tmp_path / "run", "--config=configs/tiny.py",
-                       f"--config.data.path={tmp_path / 'nope.txt'}", check=False)
-    assert_one_line_error(result, "nope.txt")
+    with pytest.raises(data.DataError) as error:
+        trainer.train(tiny(f"data.path={tmp_path / 'nope.txt'}"), tmp_path / "run")
+    assert_one_line(error, "nope.txt")
 
 
-@pytest.mark.slow
 def test_empty_data_file(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    result = run_train(tmp_path / "run", "--config=configs/tiny.py",
-                       f"--config.data.path={tmp_path / 'empty.txt'}", check=False)
-    assert_one_line_error(result, "empty.txt", "empty")
+    with pytest.raises(data.DataError) as error:
+        trainer.train(tiny(f"data.path={tmp_path / 'empty.txt'}"), tmp_path / "run")
+    assert_one_line(error, "empty.txt", "empty")
 
 
-@pytest.mark.slow
 def test_data_shorter_than_one_sequence(tmp_path):
     (tmp_path / "short.txt").write_text("To be, or not to be.\n" * 4)
-    result = run_train(tmp_path / "run", "--config=configs/tiny.py",
-                       f"--config.data.path={tmp_path / 'short.txt'}", check=False)
-    assert_one_line_error(result, "short.txt", "65")  # seq_len 64 + 1
+    with pytest.raises(data.DataError) as error:
+        trainer.train(tiny(f"data.path={tmp_path / 'short.txt'}"), tmp_path / "run")
+    assert_one_line(error, "short.txt", "65")  # seq_len 64 + 1
 
 
-@pytest.mark.slow
-def test_unknown_config_key(tmp_path):
-    result = run_train(tmp_path / "run", "--config=configs/tiny.py",
-                       "--config.model.num_kv_head=2", check=False)
-    assert result.returncode != 0
-    assert "num_kv_head" in result.stderr and "Traceback" not in result.stderr
+def test_invalid_value(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        trainer.train(tiny("model.num_kv_heads=3"), tmp_path / "run")
+    assert_one_line(error, "model.num_kv_heads=3 must divide model.num_heads=4", "valid: 1, 2, 4")
 
 
-@pytest.mark.slow
-def test_invalid_value_on_command_line(tmp_path):
-    result = run_train(tmp_path / "run", "--config=configs/tiny.py",
-                       "--config.model.num_kv_heads=3", check=False)
-    assert_one_line_error(result, "model.num_kv_heads=3 must divide model.num_heads=4",
-                          "valid: 1, 2, 4")
+def test_batch_not_divisible_by_data_parallel_size_and_microbatches(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        trainer.train(tiny("train.batch_size=6", "train.grad_accum=4"), tmp_path / "run")
+    assert_one_line(error, "train.batch_size=6", "(mesh.data x mesh.fsdp = 1) x train.grad_accum=4 = 4")
 
 
-@pytest.mark.slow
-def test_batch_not_divisible_by_data_parallel_size(tmp_path):
-    result = run_train(tmp_path / "run", "--config=configs/tiny.py", "--config.train.batch_size=6",
-                       "--config.mesh.data=4", devices=4, check=False)
-    assert_one_line_error(result, "train.batch_size=6", "4")
+def test_mesh_that_does_not_match_the_devices(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        trainer.train(tiny("mesh.data=3"), tmp_path / "run")
+    assert_one_line(error, "mesh data=3 x fsdp=1 x tensor=1 = 3 devices", f"{jax.device_count()} are available")
 
 
-@pytest.mark.slow
 def test_unwritable_workdir(tmp_path):
     (tmp_path / "file").write_text("")
-    result = run_train(tmp_path / "file" / "run", "--config=configs/tiny.py", check=False)
-    assert_one_line_error(result, "workdir", "not writable")
+    with pytest.raises(ConfigError) as error:
+        trainer.train(tiny(), tmp_path / "file" / "run")
+    assert_one_line(error, "workdir", "not writable")
+
+
+def test_no_config_and_no_saved_one(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        trainer.config_or_saved(None, tmp_path / "new")
+    assert_one_line(error, "no --config given", "config.json", "does not exist")
 
 
 @pytest.mark.slow
-def test_rerun_reads_config_json_and_refuses_a_changed_model(tmp_path):
-    run_train(tmp_path, "--config=configs/tiny.py", *SHORT)
-    result = run_train(tmp_path)  # no --config: config.json, and nothing left to do
-    assert "resumed from step 12" in result.stdout and "held-out perplexity" in result.stdout
-    result = run_train(tmp_path, "--config=configs/tiny.py", *SHORT,
-                       "--config.model.num_kv_heads=1", check=False)
-    assert_one_line_error(result, "model.num_kv_heads=2", "not 1", "new --workdir")
+def test_rerun_reads_config_json_and_refuses_a_changed_model(tmp_path, short_run, capsys):
+    import shutil
+
+    shutil.copytree(short_run[0], tmp_path / "run")
+    workdir = tmp_path / "run"
+    trainer.train(trainer.config_or_saved(None, workdir), workdir)  # nothing left to do
+    out = capsys.readouterr().out
+    assert "resumed from step 12" in out and "held-out perplexity" in out
+    assert "compiling the train step..." not in out
+    with pytest.raises(ConfigError) as error:
+        trainer.train(tiny(*SHORT, "model.num_kv_heads=1"), workdir)
+    assert_one_line(error, "model.num_kv_heads=2", "not 1", "new --workdir")

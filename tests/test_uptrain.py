@@ -15,7 +15,7 @@ from flax import nnx
 
 import mqa
 from mqa import data, trainer
-from mqa.config import build_model_config, ConfigError, ModelConfig, load_config_file
+from mqa.config import ConfigError, ModelConfig, build_model_config, load_config_file
 from mqa.convert.__main__ import main as convert_cli
 from mqa.convert.uptrain import KV_PROJECTIONS
 from mqa.model import Transformer
@@ -309,7 +309,7 @@ def test_uptraining_with_the_source_models_tokenizer(bpe_source, tmp_path, capsy
     # The run's tokenizer is the source's, and its token cache holds that tokenizer's ids.
     assert (run / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
     source_tokenizer = data.load_tokenizer(source)
-    train_text, heldout_text = data._split_text(text.read_text(), config.data.heldout_fraction)
+    train_text, heldout_text = data.split_text(text.read_text(), config.data.heldout_fraction)
     corpus = data.load_corpus(data_config(config), run / "data", min_tokens=1)
     np.testing.assert_array_equal(corpus.train, source_tokenizer.encode(train_text))
     heldout = source_tokenizer.encode(heldout_text)

@@ -66,7 +66,7 @@ def gguf_tokenizer(metadata: dict) -> tuple[tokenizers.Tokenizer | None, list[st
 
 
 def _byte_level(metadata: dict, notes: list[str]) -> tokenizers.Tokenizer:
-    chars = data._byte_level_chars()  # byte -> its character in GPT-2's alphabet
+    chars = data.byte_level_chars()  # byte -> its character in GPT-2's alphabet
     alphabet = set(chars)
 
     def spelled(token: str) -> str:  # a token written in plain text, as some files have
@@ -167,7 +167,7 @@ def _add_special_tokens(tokenizer: tokenizers.Tokenizer, metadata: dict, byte_le
     when decoding with skip_special_tokens; user-defined ones are matched whole too."""
     tokens = metadata["tokenizer.ggml.tokens"]
     types = metadata.get("tokenizer.ggml.token_type") or [0] * len(tokens)
-    alphabet = set(data._byte_level_chars())
+    alphabet = set(data.byte_level_chars())
     # A control token outside the byte alphabet in a byte-level vocabulary is a llama.cpp
     # mislabel (transformers skips it too): adding it would grow the vocabulary.
     special = [i for i, kind in enumerate(types)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import tokenizers
 
 from mqa.data.errors import DataError
-from mqa.token_files import write_atomically as _write_atomically
+from mqa.token_files import write_atomically
 
 TOKENIZER_NAMES = ("byte", "bpe")  # data.tokenizer may also name a tokenizer.json, or a folder holding one
 TOKENIZER_FILE = "tokenizer.json"
@@ -36,7 +36,7 @@ class ByteTokenizer:
 
     def decode_bytes(self, ids) -> bytes:
         """int [n] in 0..255 -> the n bytes they stand for."""
-        return _checked_ids(ids, self.vocab_size).astype(np.uint8).tobytes()
+        return checked_ids(ids, self.vocab_size).astype(np.uint8).tobytes()
 
     def decode(self, ids) -> str:
         """int [n] -> text; bytes that are not valid UTF-8 become U+FFFD."""
@@ -44,7 +44,7 @@ class ByteTokenizer:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes directory/tokenizer.json so that load_tokenizer(directory) restores this tokenizer."""
-        _write_atomically(Path(directory) / TOKENIZER_FILE, json.dumps({"mqa_tokenizer": "byte"}).encode())
+        write_atomically(Path(directory) / TOKENIZER_FILE, json.dumps({"mqa_tokenizer": "byte"}).encode())
 
 
 class BpeTokenizer:
@@ -59,7 +59,7 @@ class BpeTokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer):
         self._tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
-        byte_of_char = {char: byte for byte, char in enumerate(_byte_level_chars())}
+        byte_of_char = {char: byte for byte, char in enumerate(byte_level_chars())}
         tokens = [tokenizer.id_to_token(i) for i in range(self.vocab_size)]
         byte_level = isinstance(tokenizer.decoder, tokenizers.decoders.ByteLevel) and all(
             token is not None and all(char in byte_of_char for char in token) for token in tokens
@@ -74,9 +74,9 @@ class BpeTokenizer:
 
     @classmethod
     def train(cls, text: str | Iterable[str], vocab_size: int) -> BpeTokenizer:
-        """Learns merges on `text` (a str, or its pieces as _line_chunks cuts them, streamed) until the
+        """Learns merges on `text` (a str, or its pieces as line_chunks cuts them, streamed) until the
         vocabulary (256 byte tokens + merges) has vocab_size ids."""
-        _check_bpe_vocab_size(vocab_size)
+        check_bpe_vocab_size(vocab_size)
         tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
         tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = tokenizers.decoders.ByteLevel()
@@ -85,14 +85,14 @@ class BpeTokenizer:
             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not
             show_progress=False,
         )
-        tokenizer.train_from_iterator(_line_chunks(text) if isinstance(text, str) else text, trainer=trainer)
+        tokenizer.train_from_iterator(line_chunks(text) if isinstance(text, str) else text, trainer=trainer)
         return cls(tokenizer)
 
     def encode(self, text: str | bytes) -> np.ndarray:
         """str, or bytes that are UTF-8 -> int32 [number of tokens]."""
         if isinstance(text, bytes):
-            text = _decode_utf8(text, "bytes given to the BPE tokenizer")
-        pieces = list(_line_chunks(text))
+            text = decode_utf8(text, "bytes given to the BPE tokenizer")
+        pieces = list(line_chunks(text))
         ids = [  # a few MB per call keeps memory flat on large corpora
             piece_ids for i in range(0, len(pieces), 64) for piece_ids in self.encode_batch(pieces[i : i + 64])
         ]
@@ -109,7 +109,7 @@ class BpeTokenizer:
         For a vocabulary that is not byte-level this is best effort: the library's decoded text
         as UTF-8, exact for whole texts; a piece of a multi-byte character becomes U+FFFD.
         """
-        ids = _checked_ids(ids, self.vocab_size).tolist()
+        ids = checked_ids(ids, self.vocab_size).tolist()
         if self._token_bytes is None:
             return self._tokenizer.decode(ids, skip_special_tokens=False).encode("utf-8")
         return b"".join(self._token_bytes[i] for i in ids)
@@ -120,7 +120,7 @@ class BpeTokenizer:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes directory/tokenizer.json (the `tokenizers` format)."""
-        _write_atomically(Path(directory) / TOKENIZER_FILE, self._tokenizer.to_str().encode())
+        write_atomically(Path(directory) / TOKENIZER_FILE, self._tokenizer.to_str().encode())
 
 
 def load_tokenizer(directory: str | os.PathLike) -> ByteTokenizer | BpeTokenizer:
@@ -136,7 +136,7 @@ def load_tokenizer(directory: str | os.PathLike) -> ByteTokenizer | BpeTokenizer
     return BpeTokenizer(tokenizers.Tokenizer.from_str(text))
 
 
-def _byte_level_chars() -> list[str]:
+def byte_level_chars() -> list[str]:
     """The printable character that byte-level BPE uses for each byte value 0..255.
 
     Bytes that already print as a visible Latin-1 character stand for themselves; the others
@@ -153,17 +153,26 @@ def _byte_level_chars() -> list[str]:
     return chars
 
 
-def _line_chunks(text: str, size: int = 1 << 16):
-    """Yields consecutive pieces of `text` of about `size` characters, each cut just after a newline."""
-    start = 0
-    while start < len(text):
-        newline = text.find("\n", start + size)
-        end = len(text) if newline < 0 else newline + 1
-        yield text[start:end]
-        start = end
+def line_chunks(text: str | Iterable[str], size: int = 1 << 16, limit: int | None = None) -> Iterator[str]:
+    """Consecutive pieces of `text` (a str, or its consecutive blocks, read one at a time) of about
+    `size` characters, each cut just after the first newline at least `size` characters in; with a
+    `limit`, a piece that finds no newline within `limit` characters is cut there, so that memory
+    stays bounded on text without newlines. The pieces concatenated are the text."""
+    buffer = ""
+    for block in [text] if isinstance(text, str) else text:
+        buffer += block
+        start = 0
+        while ((newline := buffer.find("\n", start + size)) >= 0
+               or (limit is not None and len(buffer) - start > limit)):
+            end = newline + 1 if 0 <= newline and (limit is None or newline < start + limit) else start + limit
+            yield buffer[start:end]
+            start = end
+        buffer = buffer[start:]
+    if buffer:
+        yield buffer
 
 
-def _checked_ids(ids, vocab_size: int) -> np.ndarray:
+def checked_ids(ids, vocab_size: int) -> np.ndarray:
     """ids as a flat integer array [n], after checking each is in 0..vocab_size-1."""
     ids = np.asarray(ids).reshape(-1)
     outside = ids[(ids < 0) | (ids >= vocab_size)]
@@ -185,12 +194,12 @@ def pretrained_tokenizer_file(name: str) -> Path | None:
     return path
 
 
-def _check_bpe_vocab_size(vocab_size: int) -> None:
+def check_bpe_vocab_size(vocab_size: int) -> None:
     if vocab_size < 257:
         raise DataError(f"data.bpe_vocab_size={vocab_size} is too small; need at least 257 (256 bytes + 1 merge)")
 
 
-def _decode_utf8(data: bytes, what: str, offset: int = 0) -> str:
+def decode_utf8(data: bytes, what: str, offset: int = 0) -> str:
     """data as text; `offset`: where data starts in the file, for the message when it is not UTF-8."""
     try:
         return data.decode("utf-8")
