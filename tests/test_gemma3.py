@@ -230,6 +230,37 @@ def test_gemma3_gguf_with_k_quants_matches_transformers_gguf_loading(tmp_path):
     assert abs(result["loss"] - expected) < 1e-5 * abs(expected)
 
 
+@pytest.mark.slow
+def test_converted_gemma3_fine_tunes_with_its_own_tokenizer(tmp_path):
+    """train.init_from + data.tokenizer=init_from: the converted Gemma 3 (its config.json's
+    model section) trains on a text in its own tokens, and the result loads and decodes."""
+    from mqa import trainer
+    from mqa.workdir import read_config
+    gguf = pytest.importorskip("gguf")
+    original = tiny_gemma3(tmp_path / "hf", **GGUF_TINY)
+    path = write_gemma3_gguf(tmp_path / "tiny.gguf", original,
+                             lambda name: gguf.GGMLQuantizationType.F32)
+    convert_cli(["gguf", "--src", str(path), "--workdir", str(tmp_path / "gemma")])
+    (tmp_path / "text.txt").write_text(TEXT * 40)
+    config = read_config(tmp_path / "gemma")
+    config.data.update(path=str(tmp_path / "text.txt"), tokenizer="init_from")
+    config.train.update(init_from=str(tmp_path / "gemma"), steps=3, batch_size=2, seq_len=16,
+                        warmup_steps=1, learning_rate=1e-3, log_every=1, eval_every=3,
+                        eval_batches=1, final_eval_tokens=64)
+    metrics = trainer.train(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert rows[0]["step"] == 0 and np.isfinite(rows[0]["initial_eval_loss"])
+    assert rows[-1]["step"] == 3 and all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    tuned = mqa.load_model(tmp_path / "run")
+    before = mqa.load_model(tmp_path / "gemma")
+    assert tuned.model_config == before.model_config and tuned.tokenizer.bos_id == 2
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                           tuned.params, before.params)
+    assert all(jax.tree.leaves(changed))
+    prompt = np.concatenate([[2], tuned.tokenizer.encode("the cat sat")])[None]
+    assert mqa.generate(tuned, prompt, 8).shape == (1, prompt.shape[1] + 8)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -2,18 +2,20 @@
 a workdir through `mqa.workdir`; `python -m mqa.convert COMMAND` runs them (`__main__`):
 
   hf-llama   a Hugging Face Llama checkpoint in            `mqa.convert.hf_llama`
-  gguf       a llama.cpp GGUF file of a Llama in           `mqa.convert.gguf`
+  hf-gemma3  a Hugging Face Gemma 3 checkpoint in          `mqa.convert.hf_gemma3`
+  gguf       a llama.cpp GGUF file of a Llama or Gemma 3   `mqa.convert.gguf` (`gguf_gemma3`)
   to-hf      a workdir out as a Hugging Face Llama folder  `mqa.convert.to_hf`
   uptrain    a workdir with fewer K/V heads (uptraining)   `mqa.convert.uptrain`
 
 Each raises `ConvertError` (one line) for input it cannot convert. The Llama tensor layout
-both directions share is `mqa.convert.llama_layout`.
+both directions share is `mqa.convert.llama_layout`; Gemma 3's, `mqa.convert.gemma_layout`.
 """
 
 from mqa.convert.errors import ConvertError
 from mqa.convert.gguf import convert_gguf
+from mqa.convert.hf_gemma3 import convert_hf_gemma3
 from mqa.convert.hf_llama import convert_hf_llama
 from mqa.convert.to_hf import export_hf
 from mqa.convert.uptrain import convert_uptrain
 
-__all__ = ["ConvertError", "convert_gguf", "convert_hf_llama", "convert_uptrain", "export_hf"]
+__all__ = ["ConvertError", "convert_gguf", "convert_hf_gemma3", "convert_hf_llama", "convert_uptrain", "export_hf"]
