@@ -98,7 +98,7 @@ def main(argv):
         fail(str(error))
     except trainer.Preempted as stop:
         print(stop, file=sys.stderr)
-        sys.exit(143)
+        sys.exit(stop.exit_status)
     print("\n" + table)
     written = ["results.csv", "results.md", "results_by_seed.csv", "comparisons.csv",
                "tuning.csv", "tuning.png", "eval_loss.png", "eval_loss_diff.png",
