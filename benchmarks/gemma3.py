@@ -59,10 +59,14 @@ def main(argv=None) -> None:
     parser.add_argument("--max_windows", type=int, default=4)
     parser.add_argument("--context", type=int, default=2048, help="decode timing context")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch_threads", type=int, default=0,
+                        help="torch's threads (0: its default); on a loaded machine 1 is faster")
     args = parser.parse_args(argv)
 
     import torch
     import transformers
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     gguf_path = gemma3_gguf(args.gguf_dir)
     if not (args.workdir / "checkpoints").exists():
         subprocess.run([sys.executable, "-m", "mqa.convert", "gguf", "--src", str(gguf_path),

@@ -97,10 +97,14 @@ def heads(workdir: str | os.PathLike, text: str | None = None, out: str | None =
     if windows < 1 or (seq_len is not None and seq_len < 2):
         raise ConfigError(f"--windows={windows} must be >= 1 and --seq_len={seq_len} >= 2")
     model = load_model(workdir, step=step)
-    if model.model_config.attention != "grouped" or model.model_config.sliding_window:
-        raise ValueError(f"the model has model.attention={model.model_config.attention!r}, "
-                         f"model.sliding_window={model.model_config.sliding_window}; the head analysis "
+    c = model.model_config
+    if c.attention != "grouped" or c.sliding_window:
+        raise ValueError(f"the model has model.attention={c.attention!r}, "
+                         f"model.sliding_window={c.sliding_window}; the head analysis "
                          "compares the heads of grouped attention without a window only")
+    if c.qk_norm or c.attention_score_dim:  # Gemma 3's switches, which it does not model
+        raise ValueError(f"the model has model.qk_norm={c.qk_norm}, model.attention_score_dim="
+                         f"{c.attention_score_dim}; the head analysis takes neither (set them off)")
     seq_len = seq_len or min(model.config.train.seq_len, 256)
     tokens = analysis_tokens(model, text, windows, seq_len)
     layers = head_similarity.analyse(model.module(), tokens)

@@ -2,8 +2,7 @@
 
 `general.architecture` says which: "llama" is read here, "gemma3" by `mqa.convert.gguf_gemma3`
 through the same reader and checkpoint. A Llama's hyperparameters come from the `llama.*`
-metadata, the tokenizer from `tokenizer.ggml.*`
-(see `mqa.convert.gguf_tokenizer`), and the tensors (F32, F16, BF16 or any quantized type the
+metadata, the tokenizer from `tokenizer.ggml.*` (see `mqa.convert.gguf_tokenizer`), and the tensors (F32, F16, BF16 or any quantized type the
 `gguf` package can dequantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) are
 dequantized to float32 by `gguf.quants.dequantize`, the same code transformers' GGUF
 loader uses, so both read the same weights. No torch is needed.
@@ -12,7 +11,8 @@ Two llama.cpp conventions are undone: a GGUF tensor's shape is listed innermost 
 first (the reader's `data` has the numpy shape, [rows, columns] as in Hugging Face's
 [out, in]); and llama.cpp's convert_hf_to_gguf.py permutes the rows of q_proj and k_proj
 within each head from Hugging Face's rotate-half layout to interleaved pairs
-(`LlamaModel.permute`), which `unpermute_rows` inverts.
+(`LlamaModel.permute`), which `unpermute_rows` inverts (a Gemma 3's rows are not
+permuted; its norms are stored as 1 + w instead, see `gguf_gemma3`).
 """
 
 from __future__ import annotations
