@@ -217,7 +217,7 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None,
     seq_len: the window (default: train.seq_len); stride: score overlapping windows every
     `stride` tokens (`held_out_loss`); cached: through the KV cache (`evaluate_tokens`).
     max_windows: only the first this many windows (None: all; a run's final evaluation
-    scores `mqa.trainer.final_eval_windows`); part: None for all of them, "tuning" or
+    scores `mqa.train_schedule.final_eval_windows`); part: None for all of them, "tuning" or
     "test" for that half (`part_windows`). A model whose tokenizer has a BOS (`bos_id`: a
     converted Gemma's, Llama 2's) gets it at the start of every window.
     progress: a bar on stderr with tokens scored, tokens/s and the time left. What is

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mqa import data, metrics, trainer, train_report
-from mqa.config import ConfigError, ModelConfig, load_config_file
+from mqa.config import ConfigError, ModelConfig, build_model_config, load_config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A short run of the tiny config, logging every step (overrides, as after --config.).
@@ -159,7 +159,7 @@ def test_the_model_line_describes_each_attention_family_and_its_cache():
     def summary(**fields):
         base = dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16,
                     mlp_dim=128)
-        return train_report.attention_summary(ModelConfig(**{**base, **fields}))
+        return train_report.attention_summary(build_model_config(**{**base, **fields}))
 
     assert summary() == "4 query heads, 1 KV head"
     assert summary(num_kv_heads=2, kv_share_every=2) == "4 query heads, 2 KV heads, K/V shared by every 2 layers"

@@ -42,7 +42,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mqa import trainer
+from mqa import train_schedule, trainer
 from mqa.config import ConfigError, get_dotted, set_dotted, validate
 from mqa.evaluation import HELD_OUT_PARTS, evaluation_text, held_out_loss, model_batch_nll
 from mqa.loading import load_model
@@ -181,7 +181,7 @@ def reporting_point(point: Point, tuning: Tuning, value: Any) -> Point:
 
 def score_halves(point_dir: pathlib.Path, config: ml_collections.ConfigDict) -> dict[str, dict]:
     """{"tuning": {...}, "test": {...}}: the trained model in `point_dir` scored on each half
-    of the held-out windows its run's final evaluation scores (`trainer.final_eval_windows`
+    of the held-out windows its run's final evaluation scores (`train_schedule.final_eval_windows`
     of `config`, in batches of train.batch_size, as the trainer scores them), each with
     "eval_loss", "eval_perplexity", "eval_bits_per_byte" and "eval_tokens"."""
     model = load_model(point_dir)
@@ -192,7 +192,7 @@ def score_halves(point_dir: pathlib.Path, config: ml_collections.ConfigDict) -> 
     for part in HELD_OUT_PARTS:
         scored = held_out_loss(batch_nll, text.tokens, seq_len=seq_len,
                                batch_size=config.train.batch_size,
-                               max_windows=trainer.final_eval_windows(config),
+                               max_windows=train_schedule.final_eval_windows(config),
                                bytes_per_token=text.bytes_per_token, part=part)
         halves[part] = {f"eval_{key}": value for key, value in scored.items()}
     return halves
