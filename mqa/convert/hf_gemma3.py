@@ -9,7 +9,6 @@ layers) with `rope_local_base_freq` (local layers).
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import ml_collections
@@ -18,7 +17,7 @@ from mqa.config import build_model_config
 from mqa.convert.errors import ConvertError
 from mqa.convert.gemma_layout import (GLOBAL, LOCAL, gemma3_config, global_every, hf_gemma3_params,
                                       layers_description)
-from mqa.convert.hf_llama import SafetensorsCheckpoint, checked_tokenizer
+from mqa.convert.hf_llama import SafetensorsCheckpoint, checked_tokenizer, read_hf_config
 from mqa.workdir import check_new_workdir, write_workdir
 
 # transformers' Gemma3TextConfig defaults, for fields a config.json may leave out.
@@ -98,14 +97,7 @@ def convert_hf_gemma3(src: str | pathlib.Path, workdir: str | pathlib.Path) -> s
     """Writes the workdir for the HF Gemma 3 checkpoint in `src`; returns a one-line summary
     (notes, if any, are printed first)."""
     src, workdir = pathlib.Path(src).expanduser(), pathlib.Path(workdir).expanduser()
-    if not (src / "config.json").is_file():
-        what = "does not exist" if not src.exists() else "has no config.json"
-        raise ConvertError(f"--src {str(src)!r} {what}; give a Hugging Face model directory "
-                           "with config.json and *.safetensors")
-    try:
-        hf = json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as error:
-        raise ConvertError(f"{src / 'config.json'} is not valid JSON: {error}") from None
+    hf = read_hf_config(src)
     config = hf_gemma3_config(hf)
     check_new_workdir(workdir)
     model_config = build_model_config(config.model)

@@ -139,18 +139,23 @@ class SafetensorsCheckpoint:
 # ----------------------------------------------------------------------------- workdir
 
 
-def convert_hf_llama(src: str | pathlib.Path, workdir: str | pathlib.Path) -> str:
-    """Writes the workdir for the HF Llama checkpoint in `src`; returns a one-line summary
-    (notes, if any, are printed first)."""
-    src, workdir = pathlib.Path(src).expanduser(), pathlib.Path(workdir).expanduser()
+def read_hf_config(src: pathlib.Path) -> dict:
+    """A Hugging Face model directory's config.json; a ConvertError naming what is missing."""
     if not (src / "config.json").is_file():
         what = "does not exist" if not src.exists() else "has no config.json"
         raise ConvertError(f"--src {str(src)!r} {what}; give a Hugging Face model directory "
                            "with config.json and *.safetensors")
     try:
-        hf = json.loads((src / "config.json").read_text())
+        return json.loads((src / "config.json").read_text())
     except json.JSONDecodeError as error:
         raise ConvertError(f"{src / 'config.json'} is not valid JSON: {error}") from None
+
+
+def convert_hf_llama(src: str | pathlib.Path, workdir: str | pathlib.Path) -> str:
+    """Writes the workdir for the HF Llama checkpoint in `src`; returns a one-line summary
+    (notes, if any, are printed first)."""
+    src, workdir = pathlib.Path(src).expanduser(), pathlib.Path(workdir).expanduser()
+    hf = read_hf_config(src)
     config = hf_llama_config(hf)
     check_new_workdir(workdir)
     model_config = build_model_config(config.model)
