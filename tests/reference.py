@@ -243,8 +243,8 @@ def latent_absorbed_loops(layer, x, *, q_latent=False, sliding_window=0, quantiz
 
 def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, theta=10000.0,
                       eps=1e-5, attention="grouped", sliding_window=0, global_every=0,
-                      quantize_kv=False, q_latent=False):
-    """The language model's logits (tied embeddings), one layer after another.
+                      quantize_kv=False, q_latent=False, unembed=None):
+    """The language model's logits, one layer after another.
 
     layers: a list, in order, of dicts with `attention_norm`, `mlp_norm`, `gate`, `up`, `down`
       and the attention family's parameters (see `grouped_loops`, `tied_loops`,
@@ -255,6 +255,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
       `is_local_layer`, with global_every) attend to the last `sliding_window` positions.
     quantize_kv: what a cache holds is replaced by its int8 round trip before use.
     q_latent (latent only): queries through a normed low-rank q_down.
+    unembed: [m, vocab], the output matrix of untied embeddings (None: embed.T, tied).
     tokens: int [batch, seq] -> float64 logits [batch, seq, vocab].
     """
     if attention not in FAMILIES:
@@ -283,7 +284,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
         h = rms_norm(x, layer["mlp_norm"], eps)
         gate, up = h @ _f64(layer["gate"]), h @ _f64(layer["up"])
         x = x + (gate / (1 + np.exp(-gate)) * up) @ _f64(layer["down"])
-    return rms_norm(x, final_scale, eps) @ _f64(embed).T
+    return rms_norm(x, final_scale, eps) @ (_f64(embed).T if unembed is None else _f64(unembed))
 
 
 def family_layers(rng, attention, num_layers, m, h, kv, d, mlp, *, c=0, cq=0, r=0,
