@@ -36,6 +36,28 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def fast_compile():
+    """XLA without its slow optimization passes for this test (`helpers.fast_compile`);
+    a module takes it with `pytestmark = pytest.mark.usefixtures("fast_compile")`."""
+    from helpers import fast_compile
+    with fast_compile():
+        yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """PyTorch on one thread for this test: its tensors here are tiny, and its idle threads
+    spin against JAX's compiler for the two cores (3x the CPU time)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
 def shakespeare_path() -> pathlib.Path:
     path = DATA / "tinyshakespeare.txt"
     if not path.is_file():

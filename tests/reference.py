@@ -260,8 +260,8 @@ def latent_absorbed_loops(layer, x, *, q_latent=False, sliding_window=0, quantiz
 def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, theta=10000.0,
                       eps=1e-5, attention="grouped", sliding_window=0, global_every=0,
                       quantize_kv=False, q_latent=False, local_theta=0.0, score_dim=None,
-                      embed_scale=False, one_plus=False, activation="silu"):
-    """The language model's logits (tied embeddings), one layer after another.
+                      embed_scale=False, one_plus=False, activation="silu", unembed=None):
+    """The language model's logits, one layer after another.
 
     layers: a list, in order, of dicts with `attention_norm`, `mlp_norm`, `gate`, `up`, `down`
       and the attention family's parameters (see `grouped_loops`, `tied_loops`,
@@ -277,6 +277,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
     sqrt(m); one_plus scales every norm by 1 + its weight; activation "gelu_tanh" makes the
     MLP GeGLU; a layer with `q_norm`/`k_norm` norms its query/key heads (grouped), one with
     `attention_post_norm`/`mlp_post_norm` norms the attention/MLP output before its residual.
+    unembed: [m, vocab], the output matrix of untied embeddings (None: embed.T, tied).
     tokens: int [batch, seq] -> float64 logits [batch, seq, vocab].
     """
     if attention not in FAMILIES:
@@ -313,7 +314,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
         gate, up = h @ _f64(layer["gate"]), h @ _f64(layer["up"])
         act = gelu_tanh(gate) if activation == "gelu_tanh" else gate / (1 + np.exp(-gate))
         x = x + norm((act * up) @ _f64(layer["down"]), "mlp_post_norm")
-    return rms_norm(x, final_scale, eps, one_plus) @ _f64(embed).T
+    return rms_norm(x, final_scale, eps, one_plus) @ (_f64(embed).T if unembed is None else _f64(unembed))
 
 
 def family_layers(rng, attention, num_layers, m, h, kv, d, mlp, *, c=0, cq=0, r=0,

@@ -10,7 +10,9 @@ import pytest
 
 from mqa.attention import CacheEntry, attend, attend_jax, ordered_einsum, self_attention
 from mqa.kv_cache import to_cache_axes
-from tests.reference import attention_loops
+from helpers import jit
+from helpers import max_rel as rel_error
+from reference import attention_loops
 
 # (num_heads, num_kv_heads): MHA, GQA, MQA
 HEADS = [(4, 4), (4, 2), (4, 1), (6, 3)]
@@ -26,18 +28,13 @@ def random_qkv(heads, kv_heads, q_len, kv_len, dtype=jnp.float32, seed=0, batch=
     return tuple(jnp.asarray(a, dtype) for a in (q, k, v))
 
 
-def rel_error(actual, expected):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return np.abs(actual - expected).max() / np.abs(expected).max()
-
-
 @pytest.mark.parametrize("heads,kv_heads", HEADS)
 @pytest.mark.parametrize("q_len,kv_len", LENGTHS)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("impl", ["einsum", "xla"])
 def test_matches_float64_reference(impl, causal, q_len, kv_len, heads, kv_heads):
     q, k, v = random_qkv(heads, kv_heads, q_len, kv_len)
-    out = jax.jit(IMPLS[impl], static_argnames="causal")(q, k, v, causal=causal)
+    out = jit(IMPLS[impl], static_argnames="causal")(q, k, v, causal=causal)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel_error(out, attention_loops(q, k, v, causal=causal)) < 1e-5
 
@@ -48,8 +45,9 @@ def test_explicit_query_offset(impl, q_offset):
     """Queries placed anywhere among the keys, as with a partly filled KV cache."""
     q, k, v = random_qkv(4, 2, 3, 10, seed=1)
     expected = attention_loops(q, k, v, q_offset=q_offset)
-    assert rel_error(impl(q, k, v, q_offset=q_offset), expected) < 1e-5
-    traced = jax.jit(lambda off: impl(q, k, v, q_offset=off))(jnp.int32(q_offset))
+    static = jit(impl, static_argnames="q_offset")(q, k, v, q_offset=q_offset)
+    assert rel_error(static, expected) < 1e-5
+    traced = jit(lambda off: impl(q, k, v, q_offset=off))(jnp.int32(q_offset))
     assert rel_error(traced, expected) < 1e-5
 
 
@@ -63,7 +61,8 @@ def test_cache_layout_gives_the_same_result(impl, batch, kv_heads):
     layout = CacheEntry("k", kv_heads, 8).axes(batch)
     assert len(layout) == 2 + (batch > 1) + (kv_heads > 1)
     k, v = to_cache_axes(k, layout), to_cache_axes(v, layout)
-    assert rel_error(impl(q, k, v, q_offset=4, kv_layout=layout), expected) < 1e-5
+    out = jit(impl, static_argnames=("q_offset", "kv_layout"))(q, k, v, q_offset=4, kv_layout=layout)
+    assert rel_error(out, expected) < 1e-5
 
 
 @pytest.mark.parametrize("spec", ["bksd,bkgd->bkgs", "bkgs,bksd->bkgd", "ij,jk->ik", "bij,bkj->bki"])
@@ -84,7 +83,7 @@ def test_ordered_einsum_is_einsum_with_the_left_operand_kept(spec):
 @pytest.mark.parametrize("heads,kv_heads", HEADS)
 def test_bfloat16_inputs(impl, heads, kv_heads):
     q, k, v = random_qkv(heads, kv_heads, 16, 16, dtype=jnp.bfloat16, seed=2)
-    out = jax.jit(IMPLS[impl])(q, k, v)
+    out = jit(IMPLS[impl])(q, k, v)
     assert out.dtype == jnp.bfloat16
     expected = attention_loops(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))
     # bf16 keeps 8 significant bits: probabilities and outputs are each rounded once.
@@ -95,7 +94,7 @@ def test_bfloat16_inputs(impl, heads, kv_heads):
 def test_softmax_is_float32_for_bfloat16_inputs():
     """Long rows of nearly equal logits: a bf16 softmax would lose the small differences."""
     q, k, v = random_qkv(2, 1, 1, 512, dtype=jnp.bfloat16, seed=3)
-    out = attend(q, k, v)
+    out = jit(attend)(q, k, v)
     expected = attention_loops(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))
     assert rel_error(out, expected) < 2e-2
 
@@ -103,15 +102,15 @@ def test_softmax_is_float32_for_bfloat16_inputs():
 def test_mqa_equals_mha_with_repeated_heads():
     """Sharing one K/V head is the same as MHA whose K/V heads are all that head."""
     q, k, v = random_qkv(8, 1, 6, 6, seed=4)
-    repeated = attend(q, jnp.repeat(k, 8, axis=2), jnp.repeat(v, 8, axis=2))
-    np.testing.assert_allclose(attend(q, k, v), repeated, rtol=1e-6, atol=1e-6)
+    repeated = jit(attend)(q, jnp.repeat(k, 8, axis=2), jnp.repeat(v, 8, axis=2))
+    np.testing.assert_allclose(jit(attend)(q, k, v), repeated, rtol=1e-6, atol=1e-6)
 
 
 def test_gqa_groups_are_contiguous_query_heads():
     """Query heads 0..g-1 read K/V head 0: changing K/V head 1 leaves them untouched."""
     q, k, v = random_qkv(4, 2, 5, 5, seed=5)
-    out = attend(q, k, v)
-    out2 = attend(q, k.at[:, :, 1].add(1.0), v.at[:, :, 1].add(1.0))
+    out = jit(attend)(q, k, v)
+    out2 = jit(attend)(q, k.at[:, :, 1].add(1.0), v.at[:, :, 1].add(1.0))
     np.testing.assert_array_equal(out[:, :, :2], out2[:, :, :2])
     assert np.abs(np.asarray(out[:, :, 2:] - out2[:, :, 2:])).max() > 1e-3
 
@@ -132,7 +131,7 @@ def test_does_not_materialise_repeated_kv():
 def test_every_backend_runs_causal_self_attention_as_the_reference(impl, heads, kv_heads):
     """The backend registry, called as the model's SELF mode calls it (grouped core)."""
     q, k, v = random_qkv(heads, kv_heads, 12, 12, seed=4)
-    out = jax.jit(lambda q, k, v: self_attention(impl, 5)(attend, (q,), (k, v)))(q, k, v)
+    out = jit(lambda q, k, v: self_attention(impl, 5)(attend, (q,), (k, v)))(q, k, v)
     assert rel_error(out, attention_loops(q, k, v)) < 1e-5
 
 

@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 
 from mqa import accounting
-from mqa.config import ConfigError, ModelConfig, load_config_file, build_model_config, validate
+from mqa.config import ConfigError, build_model_config, load_config_file, validate
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

@@ -1,44 +1,45 @@
 """Generation with the KV cache against full-sequence recomputation; sampling; evaluation."""
 
-import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
+from helpers import loaded as as_loaded
+from helpers import make
 from mqa import data
-from mqa.config import ModelConfig, default_config, build_model_config
+from mqa.config import build_model_config
 from mqa.decode import _generate, generate, sample_token
 from mqa.evaluation import evaluate_tokens, scored_positions
 from mqa.kv_cache import init_cache
 from mqa.loading import LoadedModel
-from mqa.model import Transformer
+
+# XLA's HLO passes, where cache copies would appear, run all the same.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 CONFIG = build_model_config(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=1,
-                     head_dim=8, mlp_dim=64, max_seq_len=64)
+                            head_dim=8, mlp_dim=64, max_seq_len=64)
 
 
 def loaded(seed=0, **changes) -> LoadedModel:
-    model_config = dataclasses.replace(CONFIG, **changes)
-    graphdef, params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(seed)))
-    return LoadedModel(default_config(), model_config, graphdef, params, data.ByteTokenizer(),
-                       0, None)
+    return as_loaded(make(seed, config=CONFIG, **changes))
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 def test_greedy_generation_equals_argmax_of_full_recomputation(num_kv_heads):
+    """(The shapes of test_the_decoding_loop_updates_the_cache_in_place's batch of 3: one
+    compiled program for both, through the compilation cache.)"""
     model = loaded(num_kv_heads=num_kv_heads)
-    prompt = np.random.default_rng(0).integers(0, 256, (3, 5))
+    prompt = np.random.default_rng(0).integers(0, 256, (3, 4))
     out = generate(model, prompt, 12)
-    assert out.shape == (3, 17) and out.dtype == np.int32
-    np.testing.assert_array_equal(out[:, :5], prompt)
+    assert out.shape == (3, 16) and out.dtype == np.int32
+    np.testing.assert_array_equal(out[:, :4], prompt)
     # One causal forward pass over the output recomputes every prefix from scratch: the
-    # logits at t - 1 see exactly out[:, :t] (causality is tested in test_model.py).
+    # logits at t - 1 see exactly out[:, :t] (causality: the table in test_families.py).
     logits = np.asarray(model(out))
-    np.testing.assert_array_equal(out[:, 5:], np.argmax(logits[:, 4:-1], axis=-1))
+    np.testing.assert_array_equal(out[:, 4:], np.argmax(logits[:, 3:-1], axis=-1))
 
 
 def test_sampling_is_seeded_and_stays_in_top_k():

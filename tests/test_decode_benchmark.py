@@ -1,6 +1,5 @@
 """benchmarks/decode.py end to end, and its one-line errors for bad arguments."""
 
-import dataclasses
 import json
 
 import pytest
@@ -25,7 +24,10 @@ def test_bad_arguments_are_one_line_errors(argv, fragment, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_decode_benchmark_runs_and_reports_every_loop(tmp_path, capsys):
+def test_the_decode_benchmark_runs_and_reports_every_loop(tmp_path, capsys, fast_compile,
+                                                          one_torch_thread):
+    """Every loop runs and is reported (compiled without XLA's slow passes: the timings
+    are not what is tested)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     decode.main(["--contexts=32", "--batches=2", "--variants=MHA,MQA,GTA-1,MLA-48,MHA-local,MQA-int8",

@@ -19,11 +19,8 @@ from mqa import accounting
 from mqa.attention import attend, attend_jax
 from mqa.attention.blockwise import attend_blockwise
 from mqa.config import ConfigError, build_model_config, load_config_file
+from helpers import REPO, decode, forward, make, max_rel, reference_logits, tokens
 from mqa.model import Transformer
-from reference import transformer_loops
-from test_families import decode_in_pieces, make, reference_layers
-from test_model import max_rel, tokens
-from test_train_cli import REPO
 
 # A small MQA model with local (window 5) and global layers, as Gemma 3 has them.
 WINDOWED = dict(num_kv_heads=1, num_layers=4, sliding_window=5, global_every=2, rope_theta=500.0)
@@ -35,28 +32,18 @@ SWITCHES["all"] = GEMMA
 SWITCHES["all, d_model 48 != 4 heads x 8"] = dict(GEMMA, d_model=48)
 
 
-def gemma_reference(model: Transformer, toks) -> np.ndarray:
-    c = model.config
-    return transformer_loops(
-        reference_layers(model), model.embed[...], model.final_norm.scale[...], toks,
-        theta=c.rope_theta, eps=c.norm_eps, sliding_window=c.sliding_window,
-        global_every=c.global_every, local_theta=c.rope_local_theta,
-        score_dim=c.attention_score_dim or None, embed_scale=c.embed_scale,
-        one_plus=c.norm_scale == "one_plus_weight", activation=c.mlp_activation)
-
-
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_gemma_switch_matches_the_float64_reference_and_decodes_through_ring_caches(switch):
     model = make(**WINDOWED, **SWITCHES[switch])
     toks = tokens(length=24)
-    full = model(toks)
-    reference = gemma_reference(model, toks)
+    full = forward(model, toks)
+    reference = reference_logits(model, toks)
     assert max_rel(full, reference) < 1e-5
     default = make(**WINDOWED)  # the switch changes the computation (same weights where shared)
     if switch != "all, d_model 48 != 4 heads x 8":
-        assert max_rel(default(toks), reference) > 1e-3
+        assert max_rel(forward(default, toks), reference) > 1e-3
     # Decoding past the window (5) wraps each local layer's ring several times.
-    assert max_rel(decode_in_pieces(model, toks), full) < 1e-5
+    assert max_rel(decode(model, toks, 7, 1)[0], full) < 1e-5
 
 
 def test_parameters_of_the_gemma_switches_are_counted():
@@ -83,7 +70,7 @@ def test_one_plus_weight_norms_start_at_zero_and_at_the_identity_scale():
 def test_every_grouped_backend_takes_the_attention_scale(impl):
     model = make(**WINDOWED, **GEMMA, attention_impl=impl, attention_block=8)
     toks = tokens(length=24)
-    assert max_rel(model(toks), gemma_reference(model, toks)) < 1e-5
+    assert max_rel(forward(model, toks), reference_logits(model, toks)) < 1e-5
 
 
 def test_grouped_kernels_scale_scores_by_score_dim():

@@ -10,18 +10,20 @@ import pytest
 import scipy.spatial.distance
 from flax import nnx
 
+from helpers import make
 from mqa import head_similarity as hs
-from mqa.config import build_model_config, ModelConfig
+from mqa.config import build_model_config
 from mqa.workdir import params_by_name, params_from_names
-from mqa.model import Transformer
-from tests.reference import rope
+from reference import rope
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 BASE = build_model_config(vocab_size=61, d_model=48, num_layers=4, num_heads=6, num_kv_heads=6,
-                   head_dim=8, mlp_dim=64, max_seq_len=64)
+                          head_dim=8, mlp_dim=64, max_seq_len=64)
 
 
 def random_model(config, seed=0):
-    model = Transformer(config, rngs=nnx.Rngs(seed))
+    model = make(seed, config=config)
     # Larger query/key weights than at initialisation, so the heads attend differently.
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda a: a * 3 if a.ndim == 4 else a, params)
@@ -168,36 +170,36 @@ def test_analysis_of_a_model_with_duplicated_heads_finds_them():
         assert (0, 4) in pairs and (2, 5) in pairs
 
 
-@pytest.mark.slow
-def test_heads_command_end_to_end(tmp_path):
+def test_heads_command(tmp_path, capsys, monkeypatch):
+    """`python -m mqa.analysis heads` (its `main`, in this process) on a workdir's held-out
+    split: a table row per layer, heads.json with every matrix, a heatmap per layer; a
+    missing --text file is one line naming it."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from mqa import trainer
+    from helpers import REPO
+    from mqa import analysis
     from mqa.config import load_config_file
-    from tests.test_train_cli import REPO, assert_one_line_error
+    from mqa.workdir import write_workdir
 
     run = tmp_path / "run"
-    config = load_config_file(REPO / "configs" / "tiny.py", [
-        "model.num_kv_heads=4", "train.steps=10", "train.eval_every=10", "checkpoint.every=10",
-        "train.final_eval_tokens=2048"])
-    trainer.train(config, run)
-
-    def analysis(*args):
-        return subprocess.run([sys.executable, "-m", "mqa.analysis", "heads", f"--workdir={run}",
-                               *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
-
-    result = analysis("--windows=2", "--seq_len=32")
-    assert result.returncode == 0, result.stderr
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "layer" not in line]
+    config = load_config_file(REPO / "configs" / "tiny.py", ["model.num_kv_heads=4"])
+    write_workdir(run, config, nnx.state(make(config=build_model_config(config.model)), nnx.Param),
+                  tokenizer=None)
+    analysis.main(["heads", f"--workdir={run}", "--windows=2", "--seq_len=32"])
+    table = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ") and "layer" not in line]
     assert len(table) == 2  # one row per layer of configs/tiny.py
     saved = json.loads((run / "analysis" / "heads.json").read_text())
     assert saved["windows"] == 2 and saved["seq_len"] == 32 and len(saved["layers"]) == 2
     assert np.asarray(saved["layers"][0]["query_js"]).shape == (4, 4)
     assert all((run / "analysis" / f"heads_layer{i}.png").read_bytes()[:4] == b"\x89PNG"
                for i in range(2))
-    assert_one_line_error(analysis(f"--text={tmp_path / 'missing.txt'}"), "missing.txt",
-                          "does not exist")
+
+    def fail(message):  # mqa.cli.fail prints the line and ends the process
+        raise SystemExit(message)
+
+    monkeypatch.setattr(analysis, "fail", fail)
+    with pytest.raises(SystemExit) as error:
+        analysis.main(["heads", f"--workdir={run}", f"--text={tmp_path / 'missing.txt'}"])
+    assert "missing.txt" in str(error.value) and "does not exist" in str(error.value)
+    assert "\n" not in str(error.value)

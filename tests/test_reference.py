@@ -4,7 +4,7 @@ hold, checked on tiny shapes with NumPy only (no JAX, well under a second or two
 import numpy as np
 import pytest
 
-from tests.reference import (attention_loops, family_layers, grouped_loops, int8_round_trip,
+from reference import (attention_loops, family_layers, grouped_loops, int8_round_trip,
                              is_local_layer, latent_absorbed_loops, latent_loops, rope,
                              tied_loops, transformer_loops)
 

@@ -6,7 +6,7 @@ import sys
 import jax
 
 from mqa import hardware
-from tests.conftest import REPO
+from helpers import REPO
 
 
 def test_metrics_writer_does_not_import_pytorch(tmp_path):

@@ -1,18 +1,17 @@
-"""Tiled attention (`model.attention_impl="tiled"`): every family's values and gradients as
-the whole-matrix einsum core's and the float64 reference's, in fewer operations."""
+"""Tiled attention (`model.attention_impl="tiled"`): every family's core over query tiles
+gives the whole-matrix core's values and gradients, in fewer operations. (Every family's
+model through tiles, with and without windows, against the float64 reference: the table
+in test_families.py.)"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from mqa.attention import attend, self_attention
+from helpers import jit, max_rel, qkv
+from mqa.attention import attend, attend_latent_expanded, attend_tied, self_attention
 from mqa.attention.tiled import MAX_TILES
 from reference import attention_loops
-from test_blockwise import qkv
-from test_families import FAMILIES, WINDOWS, make, reference_logits
-from test_model import max_rel, tokens
 
 
 def attend_tiled(q, k, v, *, block, window=None):
@@ -20,22 +19,40 @@ def attend_tiled(q, k, v, *, block, window=None):
     return self_attention("tiled", block)(attend, (q,), (k, v), window=window)
 
 
-@pytest.mark.parametrize("name, window", [(name, "") for name in FAMILIES] + [
-    ("GQA", "local/global"), ("tied", "local"), ("latent", "local/global")])
-def test_every_family_matches_the_float64_reference_and_the_einsum_gradients(name, window):
-    """16 tokens in tiles of 5 (the last one short), against the reference's logits and
-    the einsum core's parameter gradients."""
-    tiled = make(**FAMILIES[name], **WINDOWS[window], attention_impl="tiled", attention_block=5)
-    whole = make(**FAMILIES[name], **WINDOWS[window])  # the same parameters, einsum core
-    toks = tokens(length=16)
-    assert max_rel(tiled(toks), reference_logits(tiled, toks)) < 1e-5
+def family_inputs(name, b=2, t=16, h=4, kv=2, d=8, r=4, seed=0):
+    """(core, queries, keys) as each family hands them to a backend in SELF mode."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    if name == "grouped":
+        return attend, (normal(b, t, h, d),), (normal(b, t, kv, d), normal(b, t, kv, d))
+    if name == "tied":
+        return attend_tied, (normal(b, t, h, d),), (normal(b, t, kv, d), normal(b, t, d // 2))
+    return (attend_latent_expanded, (normal(b, t, h, d), normal(b, t, h, r)),
+            (normal(b, t, h, d), normal(b, t, h, d), normal(b, t, r)))
 
-    def grads(model):
-        graphdef, params = nnx.split(model, nnx.Param)
-        loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(toks) ** 2)  # noqa: E731
-        return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
 
-    for a, b in zip(grads(tiled), grads(whole), strict=True):
+@pytest.mark.parametrize("window", [None, 5], ids=["global", "traced-window"])
+@pytest.mark.parametrize("name", ["grouped", "tied", "latent"])
+def test_every_family_core_has_the_whole_matrix_values_and_gradients(name, window):
+    """16 positions in tiles of 5 (the last one short), the window traced as the layer scan
+    passes it: values and the gradients of every input as the einsum backend's."""
+    core, queries, keys = family_inputs(name)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(queries[0].shape), jnp.float32)
+
+    def loss(impl):
+        def run(inputs, window):
+            out = self_attention(impl, 5)(core, inputs[:len(queries)], inputs[len(queries):],
+                                          window=window)
+            return jnp.sum(out * weights), out
+        return jax.grad(run, has_aux=True)
+
+    @jit
+    def both(inputs, window):
+        return loss("tiled")(inputs, window), loss("einsum")(inputs, window)
+
+    (tiled_grads, tiled), (whole_grads, whole) = both((*queries, *keys), window and jnp.int32(window))
+    assert max_rel(tiled, whole) < 1e-6
+    for a, b in zip(tiled_grads, whole_grads, strict=True):
         assert max_rel(a, b) < 1e-5
 
 
@@ -44,7 +61,7 @@ def test_every_family_matches_the_float64_reference_and_the_einsum_gradients(nam
 def test_tiles_and_a_static_window_match_the_float64_loops(length, kv_heads, block, window):
     """With a Python-int window the key tiles before the band are left out, not masked."""
     q, k, v = qkv(2, length, 4, kv_heads, 8)
-    out = attend_tiled(q, k, v, window=window, block=block)
+    out = jit(lambda q, k, v: attend_tiled(q, k, v, window=window, block=block))(q, k, v)
     np.testing.assert_allclose(out, attention_loops(q, k, v, window=window or 0),
                                rtol=1e-5, atol=1e-5)
 
@@ -55,7 +72,7 @@ def test_the_number_of_tiles_is_capped():
     dots = [e for e in jax.make_jaxpr(lambda *a: attend_tiled(*a, block=1))(q, k, v).eqns
             if e.primitive.name == "dot_general"]
     assert len(dots) == 2 * -(-40 // 3) <= 2 * MAX_TILES
-    out = jax.jit(lambda *a: attend_tiled(*a, block=1))(q, k, v)
+    out = jit(lambda *a: attend_tiled(*a, block=1))(q, k, v)
     np.testing.assert_allclose(out, attention_loops(q, k, v), rtol=1e-5, atol=1e-5)
 
 

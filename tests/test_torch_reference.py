@@ -5,8 +5,6 @@ with mqa; these tests keep that comparison honest: the same weights give the sam
 and its hand-written cached decoding loop gives mqa.generate's greedy tokens.
 """
 
-import dataclasses
-
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,23 +12,20 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 
 from benchmarks.torch_model import TorchTransformer, load_jax_params, make_decode_loop  # noqa: E402
-from mqa import data  # noqa: E402
-from mqa.config import ModelConfig, default_config, build_model_config  # noqa: E402
+from helpers import loaded, make  # noqa: E402
+from mqa.config import build_model_config  # noqa: E402
 from mqa.decode import generate  # noqa: E402
-from mqa.loading import LoadedModel  # noqa: E402
-from mqa.model import Transformer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("fast_compile", "one_torch_thread")
 
 CONFIG = build_model_config(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=1,
                      head_dim=8, mlp_dim=64, max_seq_len=64)
 
 
 def both(num_kv_heads: int):
-    config = dataclasses.replace(CONFIG, num_kv_heads=num_kv_heads)
-    graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(num_kv_heads)))
-    torch_model = load_jax_params(TorchTransformer(config), nnx.state(
-        nnx.merge(graphdef, params), nnx.Param)).eval()
-    return LoadedModel(default_config(), config, graphdef, params, data.ByteTokenizer(), 0,
-                       None), torch_model
+    model = make(num_kv_heads, config=CONFIG, num_kv_heads=num_kv_heads)
+    torch_model = load_jax_params(TorchTransformer(model.config), nnx.state(model, nnx.Param)).eval()
+    return loaded(model), torch_model
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
