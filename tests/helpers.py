@@ -1,10 +1,11 @@
-"""What the model-layer tests share (test modules import this, never each other).
+"""What the model-layer tests share (test modules import this, never each other; the tool
+tests share `commands.py` and `model_files.py`).
 
 - `BASE`, `make`: tiny models. Their parameters are drawn with NumPy at the initializer's
   scales (normal / sqrt(fan-in), embeddings 0.02) and the norm scales uniform in 0.5..1.5
   (ones would hide a mix-up), so building one compiles nothing; the initializer itself
   is what every training test runs.
-- `tokens`, `qkv`, `max_rel`, `param_count`, `assert_one_line_error`.
+- `tokens`, `qkv`, `max_rel`, `param_count`.
 - `forward`, `decode`: full-sequence logits and cached decoding (a prompt, chunks, then one
   token at a time), each one jitted function per model structure.
 - `reference_layers`, `reference_logits`: a model through the float64 reference in
@@ -24,7 +25,6 @@ import contextlib
 import dataclasses
 import functools
 import pathlib
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -325,17 +325,3 @@ def loaded(model: Transformer) -> "LoadedModel":
     from mqa.loading import LoadedModel
     graphdef, params = nnx.split(model)
     return LoadedModel(default_config(), model.config, graphdef, params, data.ByteTokenizer(), 0, None)
-
-
-# ----------------------------------------------------------------------------- command lines
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """A command failed with one line "error: ..." last on stderr naming every fragment,
-    and no traceback."""
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]

@@ -12,13 +12,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
-import tokenizers
-from tokenizers import decoders, models, normalizers, trainers
 
 import mqa
 from mqa import data
+from commands import refusal
+from model_files import llama_style_tokenizer, save_hf_llama
 from mqa.convert.__main__ import main as convert_cli
-from tests.transformers_utils import hf_logits, relative_error
+from transformers_utils import hf_logits, relative_error
 
 TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n"
 ROUND_TRIP = "the cat sat on the log.\nnaïve café, 42 🙂"
@@ -28,53 +28,6 @@ HF_CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_at
                  num_key_value_heads=2, intermediate_size=96, vocab_size=101, hidden_act="silu",
                  max_position_embeddings=64, rope_theta=500.0, rope_scaling=None, rms_norm_eps=1e-6,
                  tie_word_embeddings=True)
-
-
-def llama_style_tokenizer() -> tokenizers.Tokenizer:
-    """A SentencePiece-style vocabulary like Llama 2's: <unk> <s> </s>, the 256 byte
-    tokens <0x00>..<0xFF> for byte fallback, then "▁"-marked pieces learnt on TEXT."""
-    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    pieces = tokenizers.Tokenizer(models.BPE())
-    pieces.normalizer = normalizer
-    pieces.train_from_iterator(TEXT.splitlines(), trainers.BpeTrainer(vocab_size=40, show_progress=False))
-    learnt = json.loads(pieces.to_str())["model"]
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
-    for piece in sorted(learnt["vocab"], key=learnt["vocab"].get):
-        vocab[piece] = len(vocab)
-    merges = [tuple(merge) for merge in learnt["merges"]]
-    tokenizer = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
-    tokenizer.normalizer = normalizer
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
-    return tokenizer
-
-
-def save_hf_llama(src: pathlib.Path, *, kv_heads: int, tied: bool, vocab_size: int,
-                  bfloat16: bool = False, max_shard_size: str | None = None):
-    """Saves a random tiny LlamaForCausalLM to src; returns it in float32 (the reference)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
-        intermediate_size=96, vocab_size=vocab_size, max_position_embeddings=64, rope_theta=500.0,
-        rms_norm_eps=1e-6, tie_word_embeddings=tied, initializer_range=0.1,
-        attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if name.endswith("norm.weight"):  # they start at ones, which would hide a mix-up
-                weight.uniform_(0.5, 1.5)
-    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    if not bfloat16:
-        model.save_pretrained(src, safe_serialization=True, **shards)
-        return model
-    # As most released checkpoints are. The reference is what transformers computes from them
-    # in float32 (model.float() would keep the RoPE frequencies rounded to bfloat16).
-    model.to(torch.bfloat16).save_pretrained(src, safe_serialization=True, **shards)
-    return transformers.LlamaForCausalLM.from_pretrained(
-        src, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def to_transformers4_config(src: pathlib.Path) -> None:
@@ -179,18 +132,6 @@ def write_config(src: pathlib.Path, **changes) -> pathlib.Path:
     src.mkdir(parents=True, exist_ok=True)
     (src / "config.json").write_text(json.dumps({**HF_CONFIG, **changes}))
     return src
-
-
-def refusal(capfd, *argv) -> str:
-    """The one line `python -m mqa.convert ARGV` refuses with, run in this process: exit
-    status 2, nothing else on stderr, no traceback."""
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        convert_cli([str(arg) for arg in argv])
-    assert exit_info.value.code == 2
-    err = capfd.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err.strip()
 
 
 def convert_error(capfd, src, out) -> str:

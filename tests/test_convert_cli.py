@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from tests.test_export_hf import tiny_workdir
-from tests.test_train_cli import REPO
+from model_files import tiny_workdir
+from commands import REPO
 
 pytest.importorskip("gguf")
-from tests.test_gguf import tiny_gguf  # noqa: E402
+from model_files import tiny_gguf  # noqa: E402
 
 
 def run_convert(*args) -> subprocess.CompletedProcess:

@@ -9,61 +9,19 @@ run). The parity tests need torch and transformers and are skipped without them.
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 import safetensors.numpy
-from flax import nnx
 
 import mqa
-from mqa import data
 from mqa.checkpoint import Checkpointer
-from mqa.config import build_model_config, ModelConfig, load_config_file
 from mqa.convert.__main__ import main as convert_cli
-from mqa.model import Transformer
-from mqa.workdir import params_by_name, params_from_names, write_workdir
-from tests.test_convert import llama_style_tokenizer, refusal, save_hf_llama
+from mqa.workdir import params_by_name
+from commands import refusal
+from model_files import llama_style_tokenizer, random_params, save_hf_llama, tiny_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TEXT = "the cat sat on the mat.\nthe dog sat on the log.\nnaïve café, 42 🙂\n"
 SAMPLES = ["the cat sat on the log.", "naïve café — déjà vu", "emoji 🙂 and\nnewlines\n\n  x"]
-
-
-def random_params(config, seed: int = 1) -> nnx.State:
-    """Random parameters in numpy (no JAX compilation): norm scales in [0.5, 1.5] (ones
-    would hide a mix-up), matrices N(0, 1/fan_in), a large embedding (clear-cut next-token
-    choices)."""
-    model_config = build_model_config(config.model)
-    abstract = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))[1]
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract)):
-        name = jax.tree_util.keystr(path, simple=True, separator=".")
-        if "scale" in name:
-            arrays[name] = rng.uniform(0.5, 1.5, leaf.shape)
-        elif name == "embed":
-            arrays[name] = rng.normal(0.0, 0.5, leaf.shape)
-        else:  # [layers,] in..., out...: fan-in is d_model, heads x head_dim, or mlp_dim
-            fan_in = {"out": model_config.d_model, "down": model_config.mlp_dim}.get(
-                name.rsplit(".", 1)[-1], model_config.d_model)
-            arrays[name] = rng.normal(0.0, fan_in ** -0.5, leaf.shape)
-    return params_from_names(model_config, {k: v.astype(np.float32) for k, v in arrays.items()})
-
-
-def tiny_workdir(path: pathlib.Path, *overrides: str, tokenizer: str = "bpe") -> pathlib.Path:
-    """A configs/tiny.py workdir with random parameters and a BPE (or byte) tokenizer."""
-    overrides = [f"data.tokenizer={tokenizer}", *overrides]
-    saved = path.parent / f"{path.name}-tokenizer"
-    if tokenizer == "bpe":
-        bpe = data.BpeTokenizer.train(TEXT * 4, vocab_size=300)
-        bpe.save(saved)
-        overrides += [f"model.vocab_size={bpe.vocab_size}", "data.bpe_vocab_size=300"]
-    else:
-        data.ByteTokenizer().save(saved)
-    tokenizer_file = saved / data.TOKENIZER_FILE
-    config = load_config_file(REPO / "configs" / "tiny.py", overrides)
-    write_workdir(path, config, random_params(config), tokenizer_file)
-    return path
 
 
 def to_hf_error(capfd, src, out) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from mqa import trainer
 from mqa.config import ConfigError
-from tests.test_train_cli import (REPO, SHORT, assert_one_line, assert_one_line_error, final_params,
+from commands import (REPO, SHORT, assert_one_line, assert_one_line_error, final_params,
                                   losses, start_train, tiny, wait_for_rows)
 
 

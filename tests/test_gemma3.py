@@ -28,7 +28,7 @@ from mqa.convert.gemma_layout import GEMMA3
 from mqa.convert.gguf_gemma3 import GLOBAL_TENSORS, LAYER_TENSORS
 from mqa.evaluation import evaluate_tokens
 from mqa.kv_cache import init_cache
-from tests.transformers_utils import hf_logits, relative_error
+from transformers_utils import hf_logits, relative_error
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Layers 2 and 5 global (every 3rd), the others local with a window of 4 positions.
@@ -132,7 +132,7 @@ def write_gemma3_gguf(path: pathlib.Path, model, qtype_of) -> pathlib.Path:
     tensors, every norm as 1 + w in F32, q/k rows as they are, llama.cpp's metadata keys
     (no layer pattern, local RoPE base or query_pre_attn_scalar: llama.cpp fixes them)."""
     gguf = pytest.importorskip("gguf")
-    from tests.test_gguf import add_metadata, random_k_quant
+    from model_files import add_metadata, random_k_quant
     c = model.config
     names = {hf: g for g, hf in GLOBAL_TENSORS.items()}
     for i in range(c.num_hidden_layers):

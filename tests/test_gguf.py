@@ -29,8 +29,9 @@ import mqa  # noqa: E402
 from mqa.convert.__main__ import main as convert_cli  # noqa: E402
 from mqa.convert.gguf_tokenizer import gguf_tokenizer  # noqa: E402
 from mqa.convert.llama_layout import hf_llama_tensors  # noqa: E402
-from tests.test_convert import refusal  # noqa: E402
-from tests.transformers_utils import hf_logits, relative_error  # noqa: E402
+from commands import refusal  # noqa: E402
+from model_files import add_metadata, random_k_quant, tiny_gguf  # noqa: E402
+from transformers_utils import hf_logits, relative_error  # noqa: E402
 
 TEXT = ("the cat sat on the mat.\nthe dog sat on the log.\nnaïve cafés, déjà vu!\n"
         "numbers 2024 and 3.14; emoji 🙂 done.\n")
@@ -104,34 +105,6 @@ def gguf_name(hf_name: str) -> str:
         return GGUF_NAMES[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
     return f"blk.{layer}.{LAYER_NAMES[rest.removesuffix('.weight')]}.weight"
-
-
-def random_k_quant(rows: int, cols: int, qtype, rng) -> np.ndarray:
-    """Random blocks of a K-quant (which gguf cannot quantize) whose float16 scales are
-    small, so the values are weights of a sensible size (layouts from ggml-common.h)."""
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    if qtype in (T.Q4_K, T.Q5_K):  # half d, half dmin, then 6-bit scales/mins and quants
-        levels = 16 if qtype == T.Q4_K else 32  # dmin = d * mean level: values centred on 0
-        scales = np.array([2e-4, 2e-4 * (levels - 1) / 2], np.float16)
-        raw[..., 0:4] = np.frombuffer(scales.tobytes(), np.uint8)
-    elif qtype == T.Q6_K:          # quants, int8 scales, then half d
-        raw[..., 208:210] = np.frombuffer(np.array([5e-5], np.float16).tobytes(), np.uint8)
-    return raw.reshape(rows, -1)
-
-
-def add_metadata(writer, metadata: dict) -> None:
-    for key, value in metadata.items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_array(key, value)
 
 
 def write_gguf(path: pathlib.Path, config: dict, weights: dict, vocab: dict, qtype_of,
@@ -345,34 +318,6 @@ def test_smollm2_q4_1_matches_transformers(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
-def tiny_gguf(path: pathlib.Path, arch: str = "llama", qtype=T.F32, metadata=None,
-              extra_tensors=()) -> pathlib.Path:
-    """A minimal 1-layer Llama GGUF with zero weights (no torch needed)."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    for add, value in ((writer.add_block_count, 1), (writer.add_context_length, 64),
-                       (writer.add_embedding_length, 32), (writer.add_feed_forward_length, 64),
-                       (writer.add_head_count, 2), (writer.add_head_count_kv, 2),
-                       (writer.add_layer_norm_rms_eps, 1e-6)):
-        add(value)
-    add_metadata(writer, metadata or {})
-    shapes = {"token_embd.weight": (16, 32), "output_norm.weight": (32,)}
-    shapes.update({f"blk.0.{name}.weight": shape for name, shape in (
-        ("attn_norm", (32,)), ("ffn_norm", (32,)), ("attn_q", (32, 32)), ("attn_k", (32, 32)),
-        ("attn_v", (32, 32)), ("attn_output", (32, 32)), ("ffn_gate", (64, 32)),
-        ("ffn_up", (64, 32)), ("ffn_down", (32, 64)))})
-    shapes.update({name: (32,) for name in extra_tensors})
-    for name, shape in shapes.items():
-        if name == "blk.0.attn_q.weight" and qtype != T.F32:
-            writer.add_tensor(name, np.zeros(shape, np.int8), raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, np.zeros(shape, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def gguf_error(capfd, src, out) -> str:

@@ -7,7 +7,9 @@
 (b) no module imports another module's private (underscore) name, by `from m import _x`
     or as `m._x` of a module it imported;
 (c) no library module is over 400 lines;
-(d) the entry scripts `train.py`, `eval.py`, `sweep.py` are under 150 lines.
+(d) the entry scripts `train.py`, `eval.py`, `sweep.py` are under 150 lines;
+(e) no test module imports another: what tests share lives in `tests/helpers.py` (models),
+    `tests/commands.py` (running the tools), `tests/model_files.py` (converters' files).
 """
 
 from __future__ import annotations
@@ -23,9 +25,6 @@ MAX_MODULE_LINES = 400
 MAX_SCRIPT_LINES = 150
 SCRIPTS = ("train.py", "eval.py", "sweep.py")
 
-# Files being restructured on other branches (issue #24): the marks come off once merged.
-BEING_SPLIT: dict[str, str] = {}  # path -> why it may still break a rule (none now)
-PRIVATE_IMPORTS_ELSEWHERE: dict[str, str] = {}  # the same for private imports (none now)
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -152,11 +151,6 @@ def private_uses(module: str) -> list[str]:
     return found
 
 
-def _marked(items, reasons):
-    return [pytest.param(item, marks=pytest.mark.xfail(reason=reasons[item], strict=False))
-            if item in reasons else item for item in items]
-
-
 def _relative(path: pathlib.Path) -> str:
     return path.relative_to(REPO).as_posix()
 
@@ -183,19 +177,30 @@ def test_no_import_cycle_among_mqa_modules():
         "; ".join(" <-> ".join(c) for c in found)
 
 
-@pytest.mark.parametrize("module", _marked(
-    sorted(library()), {module_name(REPO / p): r for p, r in PRIVATE_IMPORTS_ELSEWHERE.items()}))
+@pytest.mark.parametrize("module", sorted(library()))
 def test_no_module_imports_another_modules_private_names(module):
     assert not private_uses(module), f"{module} uses private names: {private_uses(module)}"
 
 
-@pytest.mark.parametrize("path", _marked([_relative(p) for p in library().values()], BEING_SPLIT))
+@pytest.mark.parametrize("path", [_relative(p) for p in library().values()])
 def test_library_modules_are_at_most_400_lines(path):
     lines = len((REPO / path).read_text().splitlines())
     assert lines <= MAX_MODULE_LINES, f"{path} has {lines} lines"
 
 
-@pytest.mark.parametrize("path", _marked(SCRIPTS, BEING_SPLIT))
+@pytest.mark.parametrize("path", SCRIPTS)
 def test_entry_scripts_are_under_150_lines(path):
     lines = len((REPO / path).read_text().splitlines())
     assert lines < MAX_SCRIPT_LINES, f"{path} has {lines} lines"
+
+
+def test_no_test_module_imports_another():
+    tests = {path.stem for path in (REPO / "tests").glob("test_*.py")}
+    found = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in _imports(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""])
+            found += [f"{path.name}:{node.lineno} imports {name}" for name in names
+                      if name.removeprefix("tests.") in tests]
+    assert not found, "; ".join(found)

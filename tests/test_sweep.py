@@ -23,7 +23,7 @@ from mqa.sweep.points import (compared_pairs, configurations, declared_contrasts
                               parse_sweep_flags, point_name, points, sweep_fields,
                               training_config, with_seeds)
 from mqa.sweep.run import run_sweep
-from tests.test_train_cli import REPO, assert_one_line_error
+from commands import REPO, assert_one_line_error
 
 # configs/tiny.py with 4 query heads of 12 dimensions: removing K/V heads frees a multiple
 # of 3 * d_model parameters per layer, so match_mha_params gives exactly equal counts.

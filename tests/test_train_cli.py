@@ -9,7 +9,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,92 +16,12 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from mqa import data, metrics, trainer, train_report
-from mqa.config import ConfigError, ModelConfig, build_model_config, load_config_file
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# A short run of the tiny config, logging every step (overrides, as after --config.).
-SHORT = ["train.steps=12", "train.log_every=1", "train.eval_every=12", "train.eval_batches=2",
-         "train.final_eval_tokens=4096"]
-
-
-def tiny(*overrides: str):
-    """configs/tiny.py with "section.field=value" overrides."""
-    return load_config_file(REPO / "configs" / "tiny.py", overrides)
-
-
-def cli_env(devices: int = 1, *, optimize: bool = True) -> dict:
-    """A subprocess's environment: `devices` CPU devices, and the matmul precision conftest gives
-    this process, so that its runs and in-process ones compute the same bits. optimize=False
-    compiles 2-3x faster (LLVM -O0) and moves losses in their 7th digit: for runs that are
-    compared with each other within a tolerance, not bit for bit."""
-    flags = f"--xla_force_host_platform_device_count={devices}"
-    if not optimize:
-        flags += " --xla_backend_optimization_level=0"
-    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-
-
-def run_train(workdir, *args, devices=1, check=True, timeout=300):
-    """`python train.py --workdir=WORKDIR ARGS...`, finished."""
-    command = [sys.executable, "train.py", f"--workdir={workdir}", *args]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(devices), capture_output=True, text=True,
-                            timeout=timeout)
-    if check and result.returncode:
-        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def start_train(workdir, *args, optimize: bool = True) -> subprocess.Popen:
-    """`python train.py --workdir=WORKDIR ARGS...`, started (see cli_env for `optimize`)."""
-    return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *args], cwd=REPO,
-                            env=cli_env(optimize=optimize), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def losses(workdir):
-    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
-
-
-def wait_for_rows(workdir, proc, rows, timeout=240):
-    """Until the run `proc` has logged `rows` losses in WORKDIR/metrics.jsonl."""
-    deadline = time.time() + timeout
-    while not ((pathlib.Path(workdir) / "metrics.jsonl").exists() and len(losses(workdir)) >= rows):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.02)
-
-
-def final_params(workdir, step):
-    return ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step)
-                                              / "params")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def assert_one_line_error(result, *fragments, status=2):
-    """A CLI that failed with `status` and one "error: ..." line last on stderr, no traceback."""
-    assert result.returncode == status, (result.returncode, result.stderr)
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
-
-
-def assert_one_line(error: pytest.ExceptionInfo, *fragments):
-    """A library error whose message is one line holding every fragment."""
-    message = str(error.value)
-    assert "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
+from commands import (REPO, SHORT, assert_one_line, assert_one_line_error, cli_env, free_port,
+                      losses, run_train, start_train, tiny, wait_for_rows)
+from mqa.config import ConfigError, build_model_config
 
 
 @pytest.fixture(scope="module")
