@@ -368,7 +368,7 @@ def gemma3_270m(tmp_path_factory):
     return path, folder / "workdir"
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_gemma3_270m_q4_k_m_matches_transformers(gemma3_270m):
     """Logits on a prompt longer than the 512-token window within 1e-4 relative of
     transformers loading the same GGUF, and greedy tokens after a 1,500-token prompt equal

@@ -300,7 +300,7 @@ def smollm2_path() -> pathlib.Path:
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_smollm2_q4_1_matches_transformers(tmp_path):
     path = smollm2_path()
     convert_cli(["gguf", "--src", str(path), "--workdir", str(tmp_path / "smol")])
