@@ -77,8 +77,9 @@ flags.DEFINE_string("tune", None, "FIELD=V1,V2,...: train each configuration at 
                     "--tune=train.learning_rate=1e-3,2e-3,4e-3")
 flags.DEFINE_integer("tune_seeds", None, "Tuning seeds per configuration and value (default: "
                      "the config's sweep.tune_seeds, else 1).")
-flags.DEFINE_integer("decode_context", 1024, "Tokens in the KV cache while timing decoding "
-                     f"(capped at model.max_seq_len - {DECODE_STEPS}).", lower_bound=1)
+flags.DEFINE_integer("decode_context", None, "Tokens in the KV cache while timing decoding "
+                     "and counting KV bytes (default: the trained context, train.seq_len; "
+                     f"capped at model.max_seq_len - {DECODE_STEPS}).", lower_bound=1)
 flags.DEFINE_integer("decode_batch", 8, "Sequences decoded at once while timing.", lower_bound=1)
 FLAGS = flags.FLAGS
 

@@ -12,10 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from commands import (REPO, assert_one_line, assert_one_line_error, final_params, losses,
+                      start_train, tiny, wait_for_rows)
 from mqa import trainer
 from mqa.config import ConfigError
-from commands import (REPO, SHORT, assert_one_line, assert_one_line_error, final_params,
-                                  losses, start_train, tiny, wait_for_rows)
+from mqa.workdir import WorkdirLock
 
 
 def assert_same_params(a, b):
@@ -81,7 +82,7 @@ def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
     finally:
         first.kill()
         first.wait()
-    trainer.train(tiny(*SHORT), tmp_path)  # the lock died with the process
+    WorkdirLock(tmp_path).release()  # the lock died with the process
 
 
 def damage(step_dir, how: str) -> None:

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from mqa import accounting
+from mqa import accounting, trainer
 from mqa.config import build_model_config, ConfigError, ModelConfig, get_dotted, load_config_file, set_dotted
 from mqa.sweep import results as sweep_results
 from mqa.sweep.points import (compared_pairs, configurations, declared_contrasts,
                               parse_sweep_flags, point_name, points, sweep_fields,
                               training_config, with_seeds)
+from mqa.sweep.record import portable
 from mqa.sweep.run import run_sweep
 from commands import REPO, assert_one_line_error
 
@@ -250,15 +251,17 @@ def read_csv(path):
 
 
 @pytest.mark.slow
-def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, capsys):
+def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, tmp_path_factory, capsys, monkeypatch):
     """Two configurations x two seeds, with a contrast declared in the config: each table
     row summarises its per-seed rows (checked with scipy: intervals, paired t-test p, and
     Holm over a family of one, since the contrast is the baseline comparison the other way
     round), a re-run (sweep.py: its flags, --compare and printed table) trains and times
     nothing, and another baseline or other decode settings only recompute what they
-    change."""
+    change. The finished runs are recorded (`sweep.record`), and the same sweep in a fresh
+    workdir (as in a fresh clone) takes them from the record without training."""
     options = dict(sweep=["model.num_kv_heads=2,1"], seeds=2)
-    declared = tiny_config(*TINY, **{"model.num_kv_heads": [2, 1],
+    record = tmp_path_factory.mktemp("record")
+    declared = tiny_config(*TINY, **{"model.num_kv_heads": [2, 1], "record": str(record),
                                      "contrasts": ["num_kv_heads=2:num_kv_heads=1"]})
     start = time.time()
     table = run_sweep(declared, tmp_path, seeds=2, **DECODE)
@@ -353,6 +356,32 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert third.count("skipped") == 4 and third.count("tokens/s, decoding") == 2
     assert [int(row["decode_context"]) for row in read_csv(tmp_path / "results.csv")] == [32, 32]
     assert not (tmp_path / "comparisons.csv").exists()  # no contrasts this time
+
+    # The record: a fresh workdir continues from it and trains nothing (speeds.json copied,
+    # so nothing is timed either); a point whose config differs from its record's trains.
+    assert sorted(path.stem for path in record.glob("*.json")) == sorted(names)
+    fresh = tmp_path_factory.mktemp("fresh")
+    shutil.copy(tmp_path / "speeds.json", fresh / "speeds.json")
+
+    def train(*args, **kwargs):
+        raise AssertionError("trained")
+    monkeypatch.setattr(trainer, "train", train)
+    run_sweep(declared, fresh, seeds=2, **DECODE)
+    assert capsys.readouterr().out.count(f"recorded in {record}, skipped") == 4
+    held_out = lambda rows: [(r["point"], r["eval_loss"], r["eval_bits_per_byte"]) for r in rows]  # noqa: E731
+    assert held_out(read_csv(fresh / "results_by_seed.csv")) == held_out(by_seed)
+    assert not (fresh / names[0] / "checkpoints").exists()
+    declared.train.learning_rate = 0.01
+    with pytest.raises(AssertionError, match="trained"):
+        run_sweep(declared, tmp_path_factory.mktemp("changed"), seeds=2, **DECODE)
+
+
+def test_recorded_paths_are_relative_to_the_record(tmp_path):
+    for root in (tmp_path / "a", tmp_path / "deeper" / "b"):
+        record = root / "benchmarks" / "results" / "x"
+        config = {"data": {"path": str(root / "data" / "corpus.txt"), "tokenizer": "byte"}}
+        assert portable(config, record) == {
+            "data": {"path": "@record/../../../data/corpus.txt", "tokenizer": "byte"}}
 
 
 def test_pareto_front_keeps_the_configurations_nothing_beats():

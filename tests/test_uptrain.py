@@ -21,8 +21,7 @@ from mqa.convert.uptrain import KV_PROJECTIONS
 from mqa.model import Transformer
 from mqa.training import cross_entropy
 from mqa.workdir import data_config, params_by_name, write_workdir
-from commands import refusal
-from commands import REPO, assert_one_line_error, run_train
+from commands import REPO, assert_one_line_error, refusal, run_train
 
 HEADS = 4  # configs/tiny.py: 4 query heads, d_model 64, head_dim 16, 2 layers
 TOKENS = np.random.default_rng(0).integers(0, 256, size=(2, 32), dtype=np.int32)

@@ -29,8 +29,9 @@ over seeds (`mqa.statistics`), each against a baseline configuration
 
 Besides fields, the `sweep` field may hold the sweep's options (`SWEEP_OPTIONS`), which
 are not swept: `contrasts`, a list of "CONFIGURATION:AGAINST" pairs declared before any
-result exists (`declared_contrasts`), and `tune` / `tune_seeds`, a field each
-configuration is tuned over (`mqa.sweep.tuning`):
+result exists (`declared_contrasts`), `tune` / `tune_seeds`, a field each
+configuration is tuned over (`mqa.sweep.tuning`), and `record`, a folder where finished
+runs are recorded so that the sweep continues from a fresh clone (`mqa.sweep.record`):
 
   config.sweep = ml_collections.ConfigDict({
       "points": [...], "train.seed": list(range(8)),
@@ -54,7 +55,7 @@ SWEEP_FIELD = "sweep"
 POINTS_FIELD = "points"  # a list of named configurations: {"name": ..., "model.x": ...}
 SEED_FIELD = "train.seed"
 CONTRASTS = "contrasts"        # sweep.contrasts: ["A:B", ...] (`declared_contrasts`)
-SWEEP_OPTIONS = (CONTRASTS, "tune", "tune_seeds")  # sweep keys that are not swept fields
+SWEEP_OPTIONS = (CONTRASTS, "tune", "tune_seeds", "record")  # sweep keys that are not swept fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,7 @@ from mqa.sweep.points import POINTS_FIELD, SEED_FIELD, Point
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
+RESTORED = "restored_from_record"  # result.json key of a point laid out from its record (`mqa.sweep.record`)
 SUMMARIZED = ("eval_loss", "eval_bits_per_byte")  # held-out metrics summarised over seeds
 EVAL_KEYS = ("eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_tokens")
 P_STYLE = "{:.2g}"
@@ -106,12 +107,13 @@ def recorded_result(point_dir: pathlib.Path, point: Point) -> dict | None:
 
 def finished_result(point_dir: pathlib.Path, point: Point) -> dict | None:
     """The point's result if it finished with this very config: result.json records it
-    (`recorded_result`) at the last step, and the checkpoint at the last step exists.
-    Otherwise None (train or resume it)."""
+    (`recorded_result`) at the last step, and the checkpoint at the last step exists (or
+    the folder was laid out from a committed record, `mqa.sweep.record`). Otherwise None
+    (train or resume it)."""
     result = recorded_result(point_dir, point)
     steps = point.config.train.steps
     if (result is None or result.get("step") != steps
-            or not (point_dir / "checkpoints" / str(steps)).is_dir()):
+            or not ((point_dir / "checkpoints" / str(steps)).is_dir() or result.get(RESTORED))):
         return None
     return result
 

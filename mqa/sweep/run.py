@@ -24,7 +24,7 @@ import ml_collections
 from mqa import trainer
 from mqa import workdir as workdir_lib
 from mqa.config import build_model_config, ConfigError, get_dotted
-from mqa.sweep import plots, results
+from mqa.sweep import plots, record as record_lib, results
 from mqa.sweep import tuning as tuning_lib
 from mqa.sweep.points import (Point, baseline_configuration, compared_pairs, declared_contrasts,
                               parse_sweep_flags, points, sweep_fields, with_seeds)
@@ -35,7 +35,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
               sweep: Iterable[str] = (), seeds: int | None = None,
               baseline: Iterable[str] = (), compare: Iterable[str] = (),
               tune: str | None = None, tune_seeds: int | None = None,
-              decode_context: int = 1024, decode_batch: int = 8) -> str:
+              decode_context: int | None = None, decode_batch: int = 8) -> str:
     """Trains and times every point of a sweep, writes its tables and figures in `workdir`;
     returns the markdown tables (as results.md holds them, after its lines about the
     statistics).
@@ -52,14 +52,17 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     "FIELD=V1,V2,..." to choose per configuration, on tuning seeds and the held-out
     split's tuning half, reporting on its test half (replaces the config's `sweep.tune`);
     tune_seeds: how many tuning seeds (`mqa.sweep.tuning`). decode_context, decode_batch:
-    the KV-cache length and the sequences of the decoding timing (the context capped at
-    model.max_seq_len - 32).
+    the KV-cache length and the sequences of the decoding timing (the context: None is the
+    trained context, train.seq_len, so that quality and cost are measured at one length;
+    capped at model.max_seq_len - 32).
 
     Every option and every point is checked before anything trains: a bad one is a
     one-line `ConfigError`. Training errors are the trainer's (`trainer.NonFiniteLoss`,
     `trainer.Preempted`, `DataError`, ...); in a tuning run a NonFiniteLoss only marks
     its value diverged.
     """
+    if decode_context is None:
+        decode_context = int(config.train.seq_len)
     for name, value in (("decode_context", decode_context), ("decode_batch", decode_batch)):
         if value < 1:
             raise ConfigError(f"--{name}={value} must be >= 1")
@@ -75,17 +78,19 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if tuning is not None:
         tuning_lib.check_tuning(tuning, fields, plan)
         runs = tuning_lib.tuning_runs(plan, tuning)  # every value validated too
+    record = record_lib.record_dir(config)
     workdir = workdir_lib.prepare_workdir(workdir)
     chosen: dict[str, Any] = {}
     if tuning is not None:
-        chosen = tune_configurations(runs, tuning, workdir)
+        chosen = tune_configurations(runs, tuning, workdir,
+                                     record and record / tuning_lib.TUNING_DIR)
         plan = [tuning_lib.reporting_point(point, tuning, chosen[point.configuration])
                 for point in plan]
     # Seed-major order: every configuration's seed 0, then seed 1, ...
     order = sorted(plan, key=lambda point: point.seed)
     print(f"sweep: {len(plan)} points in {workdir}: {', '.join(p.name for p in order)}", flush=True)
     finished = {point.name: train_point(point, plan, workdir, f"[{index}/{len(plan)}] {point.name}",
-                                        halves=tuning is not None)
+                                        halves=tuning is not None, record=record)
                 for index, point in enumerate(order, 1)}
     speeds = measured_speeds(plan, workdir, decode_context, decode_batch)
     seed_rows, curves = [], {}
@@ -110,9 +115,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
 
 def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tuning,
-                        workdir: pathlib.Path) -> dict[str, Any]:
-    """Trains (or skips, when finished) every tuning run in WORKDIR/tuning/, seed-major,
-    writes tuning.csv and tuning.png, and returns {configuration: chosen value}."""
+                        workdir: pathlib.Path, record: pathlib.Path | None = None) -> dict[str, Any]:
+    """Trains (or skips, when finished or recorded in `record`) every tuning run in
+    WORKDIR/tuning/, seed-major, writes tuning.csv and tuning.png, and returns
+    {configuration: chosen value}."""
     tuning_dir = workdir_lib.prepare_workdir(workdir / tuning_lib.TUNING_DIR)
     order = sorted(runs, key=lambda run: run.point.seed)
     others = [run.point for run in runs]
@@ -121,7 +127,10 @@ def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tun
     finished = {}
     for index, run in enumerate(order, 1):
         point, label = run.point, f"[tuning {index}/{len(order)}] {run.point.name}"
-        result = results.recorded_result(tuning_dir / point.name, point)
+        point_dir = tuning_dir / point.name
+        if record is not None:
+            record_lib.restore(record, point_dir, point)
+        result = results.recorded_result(point_dir, point)
         if result is not None and (tuning_lib.HALVES in result or tuning_lib.DIVERGED in result):
             print(f"{label}: finished, skipped", flush=True)
         else:
@@ -130,7 +139,9 @@ def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tun
             except trainer.NonFiniteLoss as error:
                 print(f"{label}: diverged, never chosen: {error}", flush=True)
                 result = {**results.new_result(point, {}), tuning_lib.DIVERGED: str(error)}
-                results.write_result(tuning_dir / point.name, result)
+                results.write_result(point_dir, result)
+        if record is not None and not result.get(results.RESTORED):
+            record_lib.write_record(record, point_dir, result)
         finished[point.name] = result
     rows = tuning_lib.tuning_rows(runs, finished, tuning)
     chosen = tuning_lib.chosen_values(rows, tuning)
@@ -141,19 +152,25 @@ def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tun
 
 
 def train_point(point: Point, plan: list[Point], workdir: pathlib.Path, label: str, *,
-                halves: bool = False) -> dict:
+                halves: bool = False, record: pathlib.Path | None = None) -> dict:
     """Trains (or resumes) a point unless it has finished; returns its result.json contents.
     A point whose training twin has finished copies the twin's run and is only evaluated.
     label: how the progress lines name the point, e.g. "[3/10] MQA__seed=0". halves: also
     score the held-out split's tuning and test halves once (`mqa.sweep.tuning.score_halves`),
-    kept in result.json."""
+    kept in result.json. record: the sweep's record folder (`mqa.sweep.record`): a point
+    recorded there is finished, and a point that finishes is recorded."""
     point_dir = workdir / point.name
+    if record is not None and record_lib.restore(record, point_dir, point) is not None:
+        print(f"{label}: recorded in {record}, skipped", flush=True)
     result = results.finished_result(point_dir, point)
     if result is not None:
-        print(f"{label}: finished (step {result['step']}), skipped", flush=True)
+        if not result.get(results.RESTORED):
+            print(f"{label}: finished (step {result['step']}), skipped", flush=True)
         if halves and tuning_lib.HALVES not in result:
             result[tuning_lib.HALVES] = tuning_lib.score_halves(point_dir, point.config)
             results.write_result(point_dir, result)
+        if record is not None and not result.get(results.RESTORED):
+            record_lib.write_record(record, point_dir, result)
         return result
     twin = None if (point_dir / "checkpoints").exists() else training_twin(point, plan, workdir)
     if twin is not None:
@@ -171,6 +188,8 @@ def train_point(point: Point, plan: list[Point], workdir: pathlib.Path, label: s
     if halves:
         result[tuning_lib.HALVES] = tuning_lib.score_halves(point_dir, point.config)
     results.write_result(point_dir, result)
+    if record is not None:
+        record_lib.write_record(record, point_dir, result)
     return result
 
 
@@ -187,4 +206,5 @@ def training_twin(point: Point, plan: list[Point], workdir: pathlib.Path) -> Poi
     mine = training_part(point)
     return next((other for other in plan if other.name != point.name
                  and training_part(other) == mine
+                 and (workdir / other.name / "checkpoints").exists()  # not only recorded
                  and results.finished_result(workdir / other.name, other) is not None), None)

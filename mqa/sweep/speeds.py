@@ -20,8 +20,11 @@ import sys
 from typing import Callable
 
 import tqdm
+from flax import nnx
 
+from mqa.config import build_model_config
 from mqa.loading import load_model
+from mqa.model import Transformer
 from mqa.sweep.points import Point
 from mqa.sweep.results import config_snapshot
 from mqa.timing import alternating_medians, decode_loop, timed, train_loop
@@ -64,15 +67,15 @@ def time_speeds(representatives: dict[str, Point], workdir: pathlib.Path, contex
             train_run()  # compile
             bar.update()
             runs[("train", name)] = _counted(timed(train_run), bar)
-            model = load_model(workdir / point.name)
-            limit = model.model_config.max_seq_len - DECODE_STEPS
+            graphdef, params, model_config = decoding_model(point, workdir / point.name)
+            limit = model_config.max_seq_len - DECODE_STEPS
             used[name] = min(context, limit)
             if used[name] < context:
                 bar.write(f"{name}: decode context {context} capped to {limit} (model.max_seq_len="
-                          f"{model.model_config.max_seq_len} minus {DECODE_STEPS} timed steps)",
+                          f"{model_config.max_seq_len} minus {DECODE_STEPS} timed steps)",
                           file=sys.stdout)
-            decode_run, _, _ = decode_loop(model.graphdef, model.params, model.model_config,
-                                           batch, used[name], DECODE_STEPS)
+            decode_run, _, _ = decode_loop(graphdef, params, model_config, batch, used[name],
+                                           DECODE_STEPS)
             decode_run()  # compile
             bar.update()
             runs[("decode", name)] = _counted(timed(decode_run), bar)
@@ -89,6 +92,19 @@ def time_speeds(representatives: dict[str, Point], workdir: pathlib.Path, contex
                         "decode": {"context": used[name], "batch": batch, "steps": DECODE_STEPS,
                                    "tokens_per_sec": decode_rate, "requested_context": context}}
     return speeds
+
+
+def decoding_model(point: Point, point_dir: pathlib.Path):
+    """(graphdef, params, model config) that decode as the point's model: its trained
+    weights, or, for a point laid out from a record (`mqa.sweep.record`, no checkpoint),
+    freshly initialised ones of the same shapes (decoding's speed does not depend on the
+    values)."""
+    if (point_dir / "checkpoints").exists():
+        model = load_model(point_dir)
+        return model.graphdef, model.params, model.model_config
+    model_config = build_model_config(point.config.model)
+    graphdef, params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)))
+    return graphdef, params, model_config
 
 
 def measured_speeds(plan: list[Point], workdir: pathlib.Path, context: int,
