@@ -285,3 +285,34 @@ def test_readme_commands_run_in_the_clone(clone):
                                 capture_output=True, text=True, timeout=TIMEOUT)
         assert result.returncode == 0, f"README's Python block failed:\n{block}\n{result.stderr[-3000:]}"
 
+
+
+def readme_install_lines(readme: pathlib.Path) -> list[str]:
+    """The commands of the ```bash block under the README's "## Install", comments dropped."""
+    section = readme.read_text().split("## Install", 1)[1]
+    block = re.search(r"^```bash\n(.*?)^```", section, flags=re.S | re.M).group(1)
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
+
+
+@pytest.mark.slow
+def test_readme_install_makes_mqa_importable_from_any_folder(clone, tmp_path):
+    """The README's install block, run in the clone as written, except that the venv uses
+    this interpreter's packages, pip and setuptools included (--system-site-packages
+    --without-pip), and pip builds without an isolated build environment
+    (PIP_NO_BUILD_ISOLATION), so every requirement is found installed and nothing is
+    downloaded; then `import mqa` in another folder is the clone's package."""
+    lines = readme_install_lines(clone / "README.md")
+    assert lines[0].startswith("python3 -m venv .venv"), lines
+    lines[0] = lines[0].replace("python3 -m venv .venv", f"{sys.executable} -m venv --system-site-packages --without-pip .venv", 1)
+    script = "set -e\n" + "\n".join(lines)
+    env = {**environment(), "PIP_NO_BUILD_ISOLATION": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, f"README's install block failed:\n{script}\n{result.stderr[-3000:]}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    found = subprocess.run([str(clone / ".venv" / "bin" / "python"), "-c", "import mqa; print(mqa.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert found.returncode == 0, found.stderr
+    assert pathlib.Path(found.stdout.strip()).resolve().is_relative_to(clone.resolve()), found.stdout
