@@ -1,6 +1,6 @@
 """The KV-budget frontier: every way to shrink the KV cache, at an equal parameter count.
 
-  python sweep.py --config=configs/sweep_kv_budget.py --workdir=runs/kv_budget
+  python sweep.py --config=configs/sweep_kv_budget.py --workdir=runs/kv_budget --decode_context=1024
 
 The papers' own comparisons are declared below as the sweep's contrasts (`CONTRASTS`,
 sweep.contrasts; they were --compare flags when the published results were made): each is

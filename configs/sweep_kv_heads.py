@@ -1,7 +1,7 @@
 """The KV-head sweep with error bars: MHA, GQA-4, GQA-2, MQA and MQA with cross-layer
 sharing (CLA, kv_share_every=2), at an equal parameter count, over 13 seeds.
 
-  python sweep.py --config=configs/sweep_kv_heads.py --workdir=runs/kv_sweep
+  python sweep.py --config=configs/sweep_kv_heads.py --workdir=runs/kv_sweep --decode_context=1024
 
 A 4-layer, d_model 96 byte-level LM with 8 query heads of 12 dimensions on
 tinyshakespeare (data/tinyshakespeare.txt, shipped with the repository). Its SwiGLU is
