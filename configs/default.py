@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
         attention="grouped",     # grouped (MHA/GQA/MQA) | tied (GTA) | latent (MLA): mqa/attention/
         kv_latent_dim=0,         # latent: numbers per token of the cached K/V latent
         q_latent_dim=0,          # latent: > 0 gives low-rank queries through a latent this wide
-        rope_head_dim=0,         # latent: rotary dimensions of the shared key and of each query head
+        rope_head_dim=0,         # latent: rotary dims of the shared key and of each query head;
+                                 # grouped: > 0 rotates only the last this many of each head (even, < head_dim), 0 all
         sliding_window=0,        # > 0: layers attend to the last this many positions (ring-buffer cache)
         global_every=0,          # with a window, every N-th layer stays global; 0: all layers local
         kv_cache_dtype="",       # '': the compute dtype; int8: absmax-quantized per token and head
@@ -56,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,
         grad_accum=1,
         seed=0,
+        sampling="permutation",  # window starts: permutation (each once per pass) | uniform (with replacement)
         log_every=20,
         eval_every=200,
         eval_batches=16,         # batches of held-out windows scored at each evaluation

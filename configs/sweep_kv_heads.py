@@ -35,7 +35,8 @@ def get_config():
                         mlp_dim=384, match_mha_params=True, max_seq_len=2048,
                         attention_impl="einsum")  # the core the published runs trained with
     config.train.update(steps=400, batch_size=16, seq_len=128, learning_rate=2e-3,
-                        warmup_steps=40, log_every=50, eval_every=100, eval_batches=8)
+                        warmup_steps=40, log_every=50, eval_every=100, eval_batches=8,
+                        sampling="uniform")  # the windows the published runs trained on
     config.data.path = str(TINYSHAKESPEARE)
     config.checkpoint.every = 200
     config.sweep = ml_collections.ConfigDict({

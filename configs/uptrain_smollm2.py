@@ -26,7 +26,8 @@ def get_config():
     config.data.tokenizer = "init_from"  # the converted model's own 49,152-token BPE
     config.train.init_from = "runs/smollm2_uptrain/init_mean"  # mqa.convert uptrain's output
     config.train.update(steps=200, batch_size=4, seq_len=256, learning_rate=1e-4, warmup_steps=20,
-                        log_every=10, eval_every=50, eval_batches=8)
+                        log_every=10, eval_every=50, eval_batches=8,
+                        sampling="uniform")  # the windows the published runs trained on
     config.checkpoint.every = 50
     config.checkpoint.keep = 1
     return config

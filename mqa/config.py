@@ -30,6 +30,10 @@ __all__ = ["ConfigError", "ModelConfig", "default_config", "get_dotted", "load_c
            "build_model_config", "set_from_string", "validate", "with_defaults"]
 
 TRAINABLE = ("all", "attention")  # train.trainable
+SAMPLINGS = ("permutation", "uniform")  # train.sampling: mqa.data.train_batch's orders (mqa.data.SAMPLINGS)
+# Fields whose default differs from what runs did before the field existed: a config.json
+# saved without one reads as that run ran (windows were drawn uniformly before train.sampling).
+FORMER_BEHAVIOUR = {"train.sampling": "uniform"}
 DTYPES = ("float32", "bfloat16")
 
 # Fields that must be >= 1.
@@ -77,14 +81,18 @@ def _default_values() -> dict:
 
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:
     """A config saved by a run (its config.json), with any field added to the schema since
-    at its default, so workdirs written by earlier versions still load and resume."""
+    at its default, or at what the run did without it (`FORMER_BEHAVIOUR`), so workdirs
+    written by earlier versions still load and resume as they ran."""
     def merge(defaults: dict, values: dict) -> dict:
         merged = dict(defaults)
         for key, value in values.items():
             both_sections = isinstance(value, dict) and isinstance(defaults.get(key), dict)
             merged[key] = merge(defaults[key], value) if both_sections else value
         return merged
-    return ml_collections.ConfigDict(merge(default_config().to_dict(), dict(saved)))
+    defaults = default_config()
+    for name, value in FORMER_BEHAVIOUR.items():
+        set_dotted(defaults, name, value)
+    return ml_collections.ConfigDict(merge(defaults.to_dict(), dict(saved)))
 
 
 def load_config_file(path: str | pathlib.Path, overrides: Iterable[str] = (), *,
@@ -203,6 +211,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice("model.mlp_activation", m.mlp_activation, tuple(ACTIVATIONS))
     _check_choice("model.norm_scale", m.norm_scale, NORM_SCALES)
     _check_choice("train.trainable", config.train.trainable, TRAINABLE)
+    _check_choice("train.sampling", config.train.sampling, SAMPLINGS)
     if config.data.tokenizer == "init_from" and not config.train.init_from:
         raise ConfigError("data.tokenizer='init_from' needs train.init_from (the workdir whose "
                           "tokenizer to train with); or use 'byte', 'bpe' or a tokenizer.json path")
@@ -243,8 +252,8 @@ def _check_attention_family(m) -> None:
             if m[name]:
                 raise ConfigError(f"model.{name}={m[name]!r} is for model.attention='grouped' only "
                                   f"(model.attention={m.attention!r}); set it to {type(m[name])(0)!r}")
-    if m.attention != "latent":
-        for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim"):
+    if m.attention != "latent":  # rope_head_dim: each family's own (`validate`)
+        for name in ("kv_latent_dim", "q_latent_dim"):
             if m[name]:
                 raise ConfigError(f"model.{name}={m[name]} is for model.attention='latent' only "
                                   f"(model.attention={m.attention!r}); set it to 0")

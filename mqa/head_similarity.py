@@ -30,7 +30,7 @@ from flax import nnx
 from mqa.attention import causal_mask
 from mqa.model_config import ModelConfig
 from mqa.model import Transformer
-from mqa.rope import apply_rope
+from mqa.rope import apply_partial_rope
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -56,10 +56,11 @@ def layer_attention_probs(model: Transformer, tokens: np.ndarray) -> Iterator[np
         g, j = divmod(layer, s)
         h = inputs[layer]
         if j == 0:
-            keys = apply_rope(jnp.einsum("btm,mkd->btkd", h, blocks["k"][...][g]), positions,
-                              config.rope_theta)
+            keys = apply_partial_rope(jnp.einsum("btm,mkd->btkd", h, blocks["k"][...][g]), positions,
+                                      config.rope_theta, config.rope_head_dim)
         q_weight = blocks["q"][...][g] if j == 0 else shared["q"][...][g * (s - 1) + j - 1]
-        q = apply_rope(jnp.einsum("btm,mhd->bthd", h, q_weight), positions, config.rope_theta)
+        q = apply_partial_rope(jnp.einsum("btm,mhd->bthd", h, q_weight), positions, config.rope_theta,
+                               config.rope_head_dim)
         q = q.reshape(*q.shape[:2], config.num_kv_heads, group, config.head_dim)
         logits = np.einsum("btkgd,bskd->bkgts", np.asarray(q, np.float64),
                            np.asarray(keys, np.float64)) / math.sqrt(config.head_dim)

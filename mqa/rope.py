@@ -27,3 +27,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> ja
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
+
+
+def apply_partial_rope(x: jax.Array, positions: jax.Array, theta: float, rope_dim: int) -> jax.Array:
+    """`apply_rope` on the last `rope_dim` dimensions of each head only, its frequencies over
+    rope_dim (theta**(-2i/rope_dim)); the first head_dim - rope_dim pass unchanged. rope_dim 0
+    (or head_dim): every dimension, `apply_rope` itself. x: [batch, seq, heads, head_dim]."""
+    if rope_dim in (0, x.shape[-1]):
+        return apply_rope(x, positions, theta)
+    n = x.shape[-1] - rope_dim
+    return jnp.concatenate([x[..., :n], apply_rope(x[..., n:], positions, theta)], axis=-1)

@@ -47,10 +47,11 @@ class BatchFeeder:
         """This host's rows `local` of a global array of `shape` (rows first)."""
         return jax.make_array_from_process_local_data(self.sharding, local, shape)
 
-    def train_batch(self, tokens: data.Tokens, step: int, seed: int) -> jax.Array:
-        """int32 [batch_size, seq_len + 1]: `data.train_batch` of `step`, on the mesh."""
+    def train_batch(self, tokens: data.Tokens, step: int, seed: int, sampling: str) -> jax.Array:
+        """int32 [batch_size, seq_len + 1]: `data.train_batch` of `step` (train.seed, train.sampling),
+        on the mesh."""
         local = data.train_batch(tokens, step, seed=seed, batch_size=self.batch_size, seq_len=self.seq_len,
-                                 rows=self.rows)
+                                 sampling=sampling, rows=self.rows)
         return self.global_array(local, self.shape)
 
 

@@ -25,6 +25,8 @@ def attention_summary(config: ModelConfig) -> str:
         cache = f"{plural(config.num_kv_heads, 'tied KV head')} + a shared rope key of {config.head_dim // 2}"
     else:
         cache = plural(config.num_kv_heads, "KV head")
+        if config.rope_head_dim:
+            cache += f" (rope on {config.rope_head_dim} of {config.head_dim} dims)"
     shared = f", K/V shared by every {config.kv_share_every} layers" if config.kv_share_every > 1 else ""
     return f"{queries}, {cache}{shared}"
 

@@ -133,7 +133,8 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict | None]:
             if run.is_main and start < train.steps:
                 print("compiling the train step...", flush=True)
             for step in range(start, train.steps):
-                state, metrics = run.train_step(state, run.feeder.train_batch(run.corpus.train, step, train.seed))
+                batch = run.feeder.train_batch(run.corpus.train, step, train.seed, train.sampling)
+                state, metrics = run.train_step(state, batch)
                 done = step + 1
                 guard.observe(done, metrics["skipped"])
                 if step == start:  # leave compilation out of the throughput

@@ -40,7 +40,7 @@ from flax import nnx
 
 from mqa import data
 from mqa.checkpoint import Checkpointer
-from mqa.config import ConfigError, ModelConfig, with_defaults
+from mqa.config import ConfigError, ModelConfig, get_dotted, with_defaults
 from mqa.model import Transformer
 from mqa.training import TrainState
 
@@ -52,6 +52,9 @@ DAMAGED_CHECKPOINTS = "damaged_checkpoints"
 # stores the cache; where the same token files lie). sweep.py reuses a finished run for a
 # point that differs from it only in these.
 RESUMABLE_CHANGES = ("model.kv_cache_dtype", "data.token_dir", "data.strict")
+# train fields a resumed run may not change, besides every model and data field: they choose the
+# windows it reads (train.sampling; its value for a workdir saved without it: config.FORMER_BEHAVIOUR).
+FIXED_TRAIN_FIELDS = ("train.sampling",)
 
 
 class CheckpointError(ValueError):
@@ -133,20 +136,21 @@ def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """A workdir with checkpoints only continues with the model and data it was trained on
-    (one whose run failed before its first checkpoint, e.g. on a bad init_from, may change);
-    a ConfigError names the first field that differs."""
+    """A workdir with checkpoints only continues with the model and data it was trained on,
+    its windows in the same order (`FIXED_TRAIN_FIELDS`); one whose run failed before its
+    first checkpoint (e.g. on a bad init_from) may change. A ConfigError names the first
+    field that differs."""
     old = saved_config(workdir)
     if old is None or not any((workdir / CHECKPOINTS).glob("[0-9]*")):
         return
-    for section in ("model", "data"):
-        for key, value in config[section].items():
-            if f"{section}.{key}" in RESUMABLE_CHANGES:
-                continue
-            if old[section][key] != value:
-                raise ConfigError(
-                    f"workdir {str(workdir)!r} was trained with {section}.{key}="
-                    f"{old[section][key]!r}, not {value!r}; use a new --workdir to change it")
+    fixed = [f"{section}.{key}" for section in ("model", "data") for key in config[section]]
+    for name in fixed + list(FIXED_TRAIN_FIELDS):
+        if name in RESUMABLE_CHANGES:
+            continue
+        before, value = get_dotted(old, name), get_dotted(config, name)
+        if before != value:
+            raise ConfigError(f"workdir {str(workdir)!r} was trained with {name}={before!r}, "
+                              f"not {value!r}; use a new --workdir to change it")
 
 
 def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

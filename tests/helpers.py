@@ -42,6 +42,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 BASE = build_model_config(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                           head_dim=8, mlp_dim=48, max_seq_len=40, attention_impl="einsum")
 
+# A small MQA model with local (window 5) and global layers, as Gemma 3 has them, and
+# Gemma 3's switches (tests/test_gemma_model.py).
+WINDOWED = dict(num_kv_heads=1, num_layers=4, sliding_window=5, global_every=2, rope_theta=500.0)
+GEMMA = dict(qk_norm=True, post_norms=True, norm_scale="one_plus_weight",
+             mlp_activation="gelu_tanh", rope_local_theta=10.0, embed_scale=True,
+             attention_score_dim=12)
+
 # ----------------------------------------------------------------------------- the table
 
 LATENT = dict(attention="latent", kv_latent_dim=12, rope_head_dim=4)
@@ -274,7 +281,7 @@ def reference_logits(model: Transformer, toks, *, quantize_kv: bool = False) -> 
         q_latent=c.q_latent_dim > 0, unembed=None if c.tie_embeddings else model.unembed[...],
         local_theta=c.rope_local_theta, score_dim=c.attention_score_dim or None,
         embed_scale=c.embed_scale, one_plus=c.norm_scale == "one_plus_weight",
-        activation=c.mlp_activation)
+        activation=c.mlp_activation, rope_dim=c.rope_head_dim if c.attention == "grouped" else 0)
 
 
 # ----------------------------------------------------------------------------- table rows

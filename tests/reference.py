@@ -3,7 +3,8 @@
 Written from the mathematics, head by head, not from the JAX code:
 
 - `attention_loops`: the attention core (causal, optionally sliding-window) for MHA/GQA/MQA.
-- `rope`: rotary embeddings, pairing dimension i with i + dim/2.
+- `rope`: rotary embeddings, pairing dimension i with i + dim/2; `partial_rope`: on the last
+  dimensions of each head only.
 - `int8_round_trip`: what an int8 KV cache gives back for a tensor (per vector, last axis).
 - `grouped_loops`, `tied_loops`, `latent_loops`, `latent_absorbed_loops`: one attention
   layer of each family (grouped-query; Grouped-Tied Attention, Zadouri, Strauss & Dao 2025;
@@ -92,6 +93,25 @@ def rope(x, positions, theta):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def partial_rope(x, positions, theta, rope_dim):
+    """Rotary embeddings on the last `rope_dim` dimensions of each head only (0: all of them),
+    written pair by pair: with n = dim - rope_dim and r = rope_dim, dimensions n + i and
+    n + i + r/2 turn by position * theta**(-2i / r); dimensions 0..n-1 are left as they are.
+    x: [batch, seq, heads, dim]."""
+    x = _f64(x)
+    dim = x.shape[-1]
+    r = rope_dim or dim
+    n, pairs = dim - r, r // 2
+    out = x.copy()
+    for i in range(pairs):
+        angle = np.asarray(positions, np.float64) * theta ** (-2.0 * i / r)  # [seq]
+        cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
+        a, b = x[..., n + i], x[..., n + i + pairs]
+        out[..., n + i] = a * cos - b * sin
+        out[..., n + i + pairs] = b * cos + a * sin
+    return out
+
+
 def _rope_headless(x, positions, theta):
     """`rope` of x [batch, seq, dim] (no heads axis): one heads axis of size 1."""
     return rope(x[:, :, None, :], positions, theta)[:, :, 0, :]
@@ -115,25 +135,29 @@ def is_local_layer(index, sliding_window, global_every):
 
 
 def grouped_loops(layer, x, *, kv_state=None, sliding_window=0, quantize_kv=False,
-                  theta=10000.0, score_dim=None, eps=1e-5, one_plus=False):
+                  theta=10000.0, score_dim=None, eps=1e-5, one_plus=False, rope_dim=0):
     """One grouped-query attention layer (before the residual).
 
     layer: `q` [m, h, d], `out` [h, d, m] and, unless kv_state is given, `k`, `v` [m, kv, d];
     with `q_norm`, `k_norm` [d] each query and key head is RMS-normed (eps; one_plus: by
     1 + the scale) before rope (Gemma 3's QK-norm). x: the layer's normed input [batch, seq,
     m]. kv_state: (K, V) computed by an earlier layer (cross-layer sharing), used as is.
-    score_dim: see `attention_loops`. Returns (output [batch, seq, m], (K, V)), K after
-    rope; with quantize_kv both are int8 round trips per token and K/V head.
+    score_dim: see `attention_loops`. rope_dim > 0: rope on the last rope_dim dimensions of
+    each query and key head only (`partial_rope`; partial RoPE, "MHA-halfrope"). Returns
+    (output [batch, seq, m], (K, V)), K after rope; with quantize_kv both are int8 round
+    trips per token and K/V head.
     """
     positions = np.arange(x.shape[1])
 
     def head_norm(y, name):
         return rms_norm(y, layer[name], eps, one_plus) if name in layer else y
 
-    q = rope(head_norm(np.einsum("btm,mhd->bthd", x, _f64(layer["q"])), "q_norm"), positions, theta)
+    def rotate(y):
+        return partial_rope(y, positions, theta, rope_dim) if rope_dim else rope(y, positions, theta)
+
+    q = rotate(head_norm(np.einsum("btm,mhd->bthd", x, _f64(layer["q"])), "q_norm"))
     if kv_state is None:
-        k = rope(head_norm(np.einsum("btm,mkd->btkd", x, _f64(layer["k"])), "k_norm"), positions,
-                 theta)
+        k = rotate(head_norm(np.einsum("btm,mkd->btkd", x, _f64(layer["k"])), "k_norm"))
         v = np.einsum("btm,mkd->btkd", x, _f64(layer["v"]))
         if quantize_kv:
             k, v = int8_round_trip(k), int8_round_trip(v)
@@ -260,7 +284,8 @@ def latent_absorbed_loops(layer, x, *, q_latent=False, sliding_window=0, quantiz
 def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, theta=10000.0,
                       eps=1e-5, attention="grouped", sliding_window=0, global_every=0,
                       quantize_kv=False, q_latent=False, local_theta=0.0, score_dim=None,
-                      embed_scale=False, one_plus=False, activation="silu", unembed=None):
+                      embed_scale=False, one_plus=False, activation="silu", unembed=None,
+                      rope_dim=0):
     """The language model's logits, one layer after another.
 
     layers: a list, in order, of dicts with `attention_norm`, `mlp_norm`, `gate`, `up`, `down`
@@ -278,6 +303,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
     MLP GeGLU; a layer with `q_norm`/`k_norm` norms its query/key heads (grouped), one with
     `attention_post_norm`/`mlp_post_norm` norms the attention/MLP output before its residual.
     unembed: [m, vocab], the output matrix of untied embeddings (None: embed.T, tied).
+    rope_dim (grouped): rope on the last rope_dim dimensions of each head only (see `grouped_loops`).
     tokens: int [batch, seq] -> float64 logits [batch, seq, vocab].
     """
     if attention not in FAMILIES:
@@ -286,6 +312,8 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
         raise ValueError("latent attention does not share K/V across layers (kv_share_every=1)")
     if q_latent and attention != "latent":
         raise ValueError("q_latent is for latent attention only")
+    if rope_dim and attention != "grouped":
+        raise ValueError("rope_dim is for grouped attention only (tied and latent take their rotary width)")
     if kv_share_every < 1 or sliding_window < 0 or global_every < 0:
         raise ValueError("kv_share_every must be >= 1, sliding_window and global_every >= 0")
     x = _f64(embed)[np.asarray(tokens)] * (np.sqrt(_f64(embed).shape[1]) if embed_scale else 1.0)
@@ -304,7 +332,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
                       theta=local_theta if local and local_theta else theta)
         if attention == "grouped":
             attended, kv_state = grouped_loops(layer, h, kv_state=kv_state, score_dim=score_dim,
-                                               eps=eps, one_plus=one_plus, **common)
+                                               eps=eps, one_plus=one_plus, rope_dim=rope_dim, **common)
         elif attention == "tied":
             attended, kv_state = tied_loops(layer, h, kv_state=kv_state, **common)
         else:

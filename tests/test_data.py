@@ -235,31 +235,34 @@ def occurs_in(row: np.ndarray, tokens: np.ndarray) -> bool:
     return bool((sliding_window_view(tokens, len(row)) == row).all(axis=1).any())
 
 
-def test_train_batch_is_a_function_of_seed_and_step():
+@pytest.mark.parametrize("sampling", data.SAMPLINGS)
+def test_train_batch_is_a_function_of_seed_and_step(sampling):
     tokens = np.random.default_rng(0).integers(0, 1000, 500).astype(np.int32)
-    batch = data.train_batch(tokens, 7, seed=3, batch_size=8, seq_len=16)
+    batch = data.train_batch(tokens, 7, seed=3, batch_size=8, seq_len=16, sampling=sampling)
     assert batch.shape == (8, 17) and batch.dtype == np.int32
-    assert np.array_equal(batch, data.train_batch(tokens, 7, seed=3, batch_size=8, seq_len=16))
-    assert not np.array_equal(batch, data.train_batch(tokens, 8, seed=3, batch_size=8, seq_len=16))
-    assert not np.array_equal(batch, data.train_batch(tokens, 7, seed=4, batch_size=8, seq_len=16))
+    assert np.array_equal(batch, data.train_batch(tokens, 7, seed=3, batch_size=8, seq_len=16, sampling=sampling))
+    assert not np.array_equal(batch, data.train_batch(tokens, 8, seed=3, batch_size=8, seq_len=16, sampling=sampling))
+    assert not np.array_equal(batch, data.train_batch(tokens, 7, seed=4, batch_size=8, seq_len=16, sampling=sampling))
     assert all(occurs_in(row, tokens) for row in batch)
 
 
-def test_train_batch_rows_split_the_same_batch_across_hosts():
+@pytest.mark.parametrize("sampling", data.SAMPLINGS)
+def test_train_batch_rows_split_the_same_batch_across_hosts(sampling):
     tokens = np.random.default_rng(0).integers(0, 1000, 500).astype(np.int32)
-    full = data.train_batch(tokens, 11, seed=0, batch_size=8, seq_len=16)
+    batch = dict(seed=0, batch_size=8, seq_len=16, sampling=sampling)
+    full = data.train_batch(tokens, 11, **batch)
     hosts = 4
-    parts = [
-        data.train_batch(tokens, 11, seed=0, batch_size=8, seq_len=16, rows=slice(p * 8 // hosts, (p + 1) * 8 // hosts))
-        for p in range(hosts)
-    ]
+    parts = [data.train_batch(tokens, 11, **batch, rows=slice(p * 8 // hosts, (p + 1) * 8 // hosts))
+             for p in range(hosts)]
     assert all(part.shape == (2, 17) for part in parts)
     assert np.array_equal(np.concatenate(parts), full)
 
 
-def test_train_batch_reaches_every_valid_start_and_no_other():
+@pytest.mark.parametrize("sampling", data.SAMPLINGS)
+def test_train_batch_reaches_every_valid_start_and_no_other(sampling):
     tokens = np.arange(20, dtype=np.int32)  # a window's first token is its start
-    starts = {int(row[0]) for step in range(200) for row in data.train_batch(tokens, step, seed=0, batch_size=8, seq_len=4)}
+    starts = {int(row[0]) for step in range(200)
+              for row in data.train_batch(tokens, step, seed=0, batch_size=8, seq_len=4, sampling=sampling)}
     assert starts == set(range(16))
 
 
@@ -283,7 +286,7 @@ def test_eval_windows_with_stride_overlap():
 def test_batches_reject_too_few_tokens():
     tokens = np.arange(16, dtype=np.int32)
     with pytest.raises(data.DataError, match="16 tokens"):
-        data.train_batch(tokens, 0, seed=0, batch_size=2, seq_len=16)
+        data.train_batch(tokens, 0, seed=0, batch_size=2, seq_len=16, sampling="permutation")
     with pytest.raises(data.DataError, match="16 held-out tokens"):
         data.eval_windows(tokens, 16)
     with pytest.raises(data.DataError, match="stride=9"):

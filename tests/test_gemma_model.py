@@ -19,14 +19,9 @@ from mqa import accounting
 from mqa.attention import attend, attend_jax
 from mqa.attention.blockwise import attend_blockwise
 from mqa.config import ConfigError, build_model_config, load_config_file
-from helpers import REPO, decode, forward, make, max_rel, reference_logits, tokens
+from helpers import GEMMA, REPO, WINDOWED, decode, forward, make, max_rel, reference_logits, tokens
 from mqa.model import Transformer
 
-# A small MQA model with local (window 5) and global layers, as Gemma 3 has them.
-WINDOWED = dict(num_kv_heads=1, num_layers=4, sliding_window=5, global_every=2, rope_theta=500.0)
-GEMMA = dict(qk_norm=True, post_norms=True, norm_scale="one_plus_weight",
-             mlp_activation="gelu_tanh", rope_local_theta=10.0, embed_scale=True,
-             attention_score_dim=12)
 SWITCHES = {name: {name: value} for name, value in GEMMA.items()}
 SWITCHES["all"] = GEMMA
 SWITCHES["all, d_model 48 != 4 heads x 8"] = dict(GEMMA, d_model=48)

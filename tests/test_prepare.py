@@ -123,9 +123,10 @@ def test_interrupted_preparation_resumes_to_identical_files_and_batches(kind, to
     resumed = data.load_corpus(config, tmp_path / "resumed", min_tokens=65, shard_tokens=shard_tokens)
     assert 0 < counter[0] < full_pieces  # the shards already written were not tokenized again
     assert folder.name == full_folder.name and folder_files(folder) == folder_files(full_folder)
+    batch = dict(seed=0, batch_size=4, seq_len=64, sampling="permutation")
     for step in range(10):
-        assert np.array_equal(data.train_batch(resumed.train, step, seed=0, batch_size=4, seq_len=64),
-                              data.train_batch(full.train, step, seed=0, batch_size=4, seq_len=64))
+        assert np.array_equal(data.train_batch(resumed.train, step, **batch),
+                              data.train_batch(full.train, step, **batch))
     assert np.array_equal(np.asarray(resumed.heldout), np.asarray(full.heldout))
     assert resumed.heldout_bytes == full.heldout_bytes
 
@@ -222,7 +223,8 @@ def test_heldout_documents_never_appear_in_training_windows(tmp_path):
     markers = [t.split(":")[0] for t in heldout_docs]
     assert not any(marker in train for marker in markers)
     for step in range(50):
-        for window in data.train_batch(corpus.train, step, seed=0, batch_size=16, seq_len=64):
+        for window in data.train_batch(corpus.train, step, seed=0, batch_size=16, seq_len=64,
+                                       sampling="permutation"):
             assert not any(marker in corpus.tokenizer.decode(window) for marker in markers)
 
 

@@ -56,21 +56,24 @@ def test_windows_and_batches_over_shards_equal_those_of_the_array_in_memory(tmp_
     starts = np.arange(len(reference) - 16)
     assert np.array_equal(token_files.read_windows(stream, starts, 17), token_files.read_windows(reference, starts, 17))
     for step in range(20):
-        batch = data.train_batch(stream, step, seed=5, batch_size=8, seq_len=16)
-        assert batch.dtype == np.int32 and np.array_equal(batch, data.train_batch(reference, step, seed=5, batch_size=8, seq_len=16))
+        for sampling in ("permutation", "uniform"):
+            batch = data.train_batch(stream, step, seed=5, batch_size=8, seq_len=16, sampling=sampling)
+            assert batch.dtype == np.int32 and np.array_equal(
+                batch, data.train_batch(reference, step, seed=5, batch_size=8, seq_len=16, sampling=sampling))
     assert np.array_equal(data.eval_windows(stream, 16, stride=5), data.eval_windows(reference, 16, stride=5))
 
 
 def test_each_host_reads_its_rows_of_the_same_batch(tmp_path):
     reference = write_shards(tmp_path, [100, 3, 100, 50])
     stream = token_files.TokenStream.open(tmp_path, "train")
+    batch = dict(seed=1, batch_size=8, seq_len=32, sampling="permutation")
     for step in range(5):
-        full = data.train_batch(stream, step, seed=1, batch_size=8, seq_len=32)
+        full = data.train_batch(stream, step, **batch)
         for hosts in (1, 2):
-            parts = [data.train_batch(stream, step, seed=1, batch_size=8, seq_len=32,
-                                      rows=slice(p * 8 // hosts, (p + 1) * 8 // hosts)) for p in range(hosts)]
+            parts = [data.train_batch(stream, step, **batch, rows=slice(p * 8 // hosts, (p + 1) * 8 // hosts))
+                     for p in range(hosts)]
             assert np.array_equal(np.concatenate(parts), full)
-        assert np.array_equal(full, data.train_batch(reference, step, seed=1, batch_size=8, seq_len=32))
+        assert np.array_equal(full, data.train_batch(reference, step, **batch))
 
 
 def test_shard_writer_closes_shards_after_whole_pieces_and_records_them(tmp_path):

@@ -233,7 +233,8 @@ def test_training_starts_from_the_uptrained_params(mha_source, tmp_path, capsys)
 
     corpus = data.load_corpus(config.data, tmp_path / "run" / "data", min_tokens=1)
     batch = data.train_batch(corpus.train, 0, seed=config.train.seed,
-                             batch_size=config.train.batch_size, seq_len=config.train.seq_len)
+                             batch_size=config.train.batch_size, seq_len=config.train.seq_len,
+                             sampling=config.train.sampling)
     expected = float(np.mean(cross_entropy(converted(batch[:, :-1]), batch[:, 1:])))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert rows[0]["step"] == 0 and "initial_eval_loss" in rows[0]  # the converted model

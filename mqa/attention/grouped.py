@@ -4,7 +4,10 @@ Each of `num_kv_heads` K/V heads has its own key and value projection; query hea
 K/V head h // group (`core.attend`). The cache holds both, `2 * num_kv_heads * head_dim`
 numbers per token and K/V layer. Two Gemma 3 options: `model.qk_norm` normalises each query
 and key head (an RMSNorm over head_dim, before RoPE), and `model.attention_score_dim` sets
-the scores' scale (q.k / sqrt(score_dim), Gemma's query_pre_attn_scalar).
+the scores' scale (q.k / sqrt(score_dim), Gemma's query_pre_attn_scalar). Partial RoPE:
+`model.rope_head_dim` r > 0 rotates only the last r dimensions of each query and key head
+(frequencies over r, as GTA's and MLA's rotary parts), the rest carrying no position
+("MHA-halfrope" at r = head_dim / 2); 0 rotates them all.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, Self
 from mqa.errors import ConfigError
 from mqa.model_config import ModelConfig
 from mqa.norm import model_norm
-from mqa.rope import apply_rope
+from mqa.rope import apply_partial_rope
 
 
 class GroupedAttention(AttentionFamily):
@@ -43,6 +46,11 @@ class GroupedAttention(AttentionFamily):
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
+        r, d = config.rope_head_dim, config.head_dim
+        if r and (r < 0 or r % 2 or r >= d):
+            raise ConfigError(f"model.rope_head_dim={r} is invalid for model.attention='grouped'; "
+                              f"valid: 0 (rotate every dimension) or an even number below "
+                              f"model.head_dim={d} (rotate the last that many of each head)")
         if config.qk_norm and config.kv_share_every != 1:
             raise ConfigError(f"model.qk_norm does not combine with model.kv_share_every="
                               f"{config.kv_share_every}; use 1, or qk_norm=false")
@@ -65,14 +73,15 @@ class GroupedAttention(AttentionFamily):
 
     def project_kv(self, x: jax.Array, positions: jax.Array,
                    theta: jax.Array | float) -> dict[str, jax.Array]:
-        """x: [b, s, m] -> rotated keys "k" (normalised first with `qk_norm`) and values
-        "v", each [b, s, kv_heads, d]."""
+        """x: [b, s, m] -> rotated keys "k" (normalised first with `qk_norm`; the last
+        `rope_head_dim` dimensions only when it is set) and values "v", each [b, s, kv_heads, d]."""
         dtype = jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
         k = dense(x, self.k[...].astype(dtype))
         if self.config.qk_norm:
             k = self.k_norm(k)
-        return {"k": apply_rope(k, positions, theta), "v": dense(x, self.v[...].astype(dtype))}
+        return {"k": apply_partial_rope(k, positions, theta, self.config.rope_head_dim),
+                "v": dense(x, self.v[...].astype(dtype))}
 
     def queries(self, x: jax.Array, positions: jax.Array,
                 theta: jax.Array | float) -> tuple[jax.Array, ...]:
@@ -81,7 +90,7 @@ class GroupedAttention(AttentionFamily):
         q = dense(x.astype(dtype), self.q[...].astype(dtype))
         if self.config.qk_norm:
             q = self.q_norm(q)
-        return (apply_rope(q, positions, theta),)
+        return (apply_partial_rope(q, positions, theta, self.config.rope_head_dim),)
 
     def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
                window: jax.Array | int | None, backend: SelfAttention) -> jax.Array:

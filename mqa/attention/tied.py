@@ -21,7 +21,7 @@ from mqa.attention.core import (causal_mask, dense, init_output, init_params, ma
 from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention
 from mqa.errors import ConfigError
 from mqa.model_config import ModelConfig
-from mqa.rope import apply_rope
+from mqa.rope import apply_partial_rope, apply_rope
 
 
 def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout: str = "bskd",
@@ -81,6 +81,9 @@ class TiedAttention(AttentionFamily):
         if config.head_dim % 4:
             raise ConfigError(f"model.head_dim={config.head_dim} must be a multiple of 4 for "
                               "model.attention='tied' (a rotary half of head_dim / 2)")
+        if config.rope_head_dim:
+            raise ConfigError(f"model.rope_head_dim={config.rope_head_dim} is for model.attention="
+                              "'grouped' or 'latent'; 'tied' rotates head_dim / 2 of each head: set it to 0")
 
     @classmethod
     def cache_entries(cls, config: ModelConfig) -> tuple[CacheEntry, ...]:
@@ -107,10 +110,8 @@ class TiedAttention(AttentionFamily):
                 theta: jax.Array | float) -> tuple[jax.Array, ...]:
         """x: [b, t, m] -> (queries [b, t, h, d], their second half rotated,)."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
-        n = config.head_dim - config.head_dim // 2
         q = dense(x.astype(dtype), self.q[...].astype(dtype))
-        return (jnp.concatenate([q[..., :n], apply_rope(q[..., n:], positions, theta)],
-                                axis=-1),)
+        return (apply_partial_rope(q, positions, theta, config.head_dim // 2),)
 
     def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
                window: jax.Array | int | None, backend: SelfAttention) -> jax.Array:

@@ -1,7 +1,7 @@
 """A prepared corpus read back (`Corpus`, `load_corpus`), and the windows cut from it.
 
-Batches are pure functions of their arguments: train_batch(tokens, step, seed=...) gives the same
-windows for a step whether the run was interrupted or not, and on every host; each host reads
+Batches are pure functions of their arguments: train_batch(tokens, step, seed=..., sampling=...) gives
+the same windows for a step whether the run was interrupted or not, and on every host; each host reads
 only its rows. Held-out windows (eval_windows) are deterministic and cover the split in order.
 """
 
@@ -17,6 +17,7 @@ from mqa import token_files
 from mqa.data.preparation import SHARD_TOKENS, prepared_folder
 from mqa.data.errors import DataError
 from mqa.data.tokenizers import BpeTokenizer, ByteTokenizer, load_tokenizer
+from mqa.data.window_order import permuted_starts
 
 Tokens = np.ndarray | token_files.TokenStream  # int32 ids [n], in memory or memory-mapped
 
@@ -67,21 +68,36 @@ def load_corpus(data_config, cache_dir: str | os.PathLike, *, min_tokens: int,
     return corpus
 
 
-def train_batch(tokens: Tokens, step: int, *, seed: int, batch_size: int, seq_len: int,
-                rows: slice | None = None) -> np.ndarray:
-    """Random windows of seq_len + 1 tokens: int32 [batch_size, seq_len + 1], or [len(rows), seq_len + 1].
+SAMPLINGS = ("permutation", "uniform")  # train.sampling: how train_batch picks window starts
 
-    Window i is tokens[o_i : o_i + seq_len + 1], with o_i uniform on 0..len(tokens)-seq_len-1 drawn from
-    np.random.default_rng([seed, step]); so the batch depends only on its arguments, and a resumed run
-    sees the same batches as an uninterrupted one. `rows` picks this host's slice of the full batch
-    (host p of P: rows=slice(p * batch_size // P, (p + 1) * batch_size // P)); a host reads only its windows.
+
+def train_batch(tokens: Tokens, step: int, *, seed: int, batch_size: int, seq_len: int, sampling: str,
+                rows: slice | None = None) -> np.ndarray:
+    """Windows of seq_len + 1 tokens: int32 [batch_size, seq_len + 1], or [len(rows), seq_len + 1].
+
+    Window i is tokens[o_i : o_i + seq_len + 1], o_i one of the n = len(tokens) - seq_len starts:
+    - sampling="permutation": without replacement. The starts are visited pass after pass, each
+      pass a per-seed random order of all n (`window_order.permuted_starts`), and batch `step`
+      takes positions step * batch_size ... (step + 1) * batch_size - 1 of the concatenated passes
+      (a batch may straddle two passes);
+    - sampling="uniform": with replacement, o_i uniform on 0..n-1 drawn from
+      np.random.default_rng([seed, step]) (what every run did before train.sampling existed).
+    Either way the batch depends only on its arguments, so a resumed run sees the same batches as
+    an uninterrupted one. `rows` picks this host's slice of the full batch (host p of P:
+    rows=slice(p * batch_size // P, (p + 1) * batch_size // P)); a host reads only its windows.
     """
     num_starts = len(tokens) - seq_len
     if num_starts < 1:
         raise DataError(f"{len(tokens)} tokens cannot fill a training window of seq_len + 1 = {seq_len + 1} tokens")
-    starts = np.random.default_rng([seed, step]).integers(0, num_starts, size=batch_size)
-    if rows is not None:
-        starts = starts[rows]
+    if sampling == "uniform":
+        starts = np.random.default_rng([seed, step]).integers(0, num_starts, size=batch_size)
+        if rows is not None:
+            starts = starts[rows]
+    elif sampling == "permutation":
+        positions = step * batch_size + np.arange(batch_size, dtype=np.int64)[rows or slice(None)]
+        starts = permuted_starts(num_starts, positions, seed=seed)
+    else:
+        raise DataError(f"sampling={sampling!r} is not one of: {', '.join(map(repr, SAMPLINGS))}")
     return token_files.read_windows(tokens, starts, seq_len + 1)
 
 
