@@ -251,6 +251,7 @@ def read_csv(path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fast_compile")  # values, not what XLA makes of them
 def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, tmp_path_factory, capsys, monkeypatch):
     """Two configurations x two seeds, with a contrast declared in the config: each table
     row summarises its per-seed rows (checked with scipy: intervals, paired t-test p, and
@@ -447,6 +448,7 @@ def test_the_kv_budget_sweep_accounts_every_method_at_the_timed_context():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fast_compile")  # values, not what XLA makes of them
 def test_the_kv_budget_sweep_runs_end_to_end_at_toy_size(tmp_path, capsys):
     """configs/sweep_kv_budget.py for a few steps and one seed, two of its methods: MQA,
     and MQA with an int8 cache, which trains exactly as its float twin: the sweep copies
@@ -692,6 +694,7 @@ def test_the_chosen_value_has_the_lowest_mean_tuning_loss():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fast_compile")  # values, not what XLA makes of them
 def test_a_tuning_sweep_chooses_on_the_tuning_half_and_reports_the_test_half(tmp_path, capsys,
                                                                             monkeypatch):
     """Two configurations (a float and an int8 KV cache: training twins, so the int8 runs
