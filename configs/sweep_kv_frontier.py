@@ -34,7 +34,7 @@ needs n = 11 at sd 0.018 (2.23 * 0.018 / 3.32 = 0.0121). 11 reporting seeds (0-1
 
 Runs: 11 trained arms x (3 tuning + 11 reporting) = 154 runs of about 3 minutes on 2 CPU
 cores (about 8 hours), plus the int8 evaluations. Every finished run is recorded in
-benchmarks/results/kv_frontier/runs/ (`sweep.record`), which is committed as runs finish:
+benchmarks/results/kv_frontier/records/ (`sweep.record`), which is committed as runs finish:
 the same command in a fresh clone skips every recorded run and continues.
 """
 
@@ -81,6 +81,6 @@ def get_config():
         "tune": {"train.learning_rate": [1e-3, 2e-3, 4e-3]},
         "tune_seeds": 1,
         "contrasts": CONTRASTS,
-        "record": str(REPO / "benchmarks" / "results" / "kv_frontier" / "runs"),
+        "record": str(REPO / "benchmarks" / "results" / "kv_frontier" / "records"),
     }, allow_dotted_keys=True)
     return config
