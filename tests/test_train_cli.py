@@ -120,7 +120,7 @@ def train_in_child(runs: list[tuple[pathlib.Path, list[str]]], devices: int) -> 
 FAMILIES = [
     ("MHA", ["model.num_kv_heads=4"], [("data", "tensor")]),
     # MQA, its one K/V head replicated, with cross-layer K/V sharing (shared_blocks)
-    ("MQA shared", ["model.num_kv_heads=1", "model.kv_share_every=2"], [("data", "tensor"), ("fsdp", "tensor")]),
+    ("MQA shared", ["model.num_kv_heads=1", "model.kv_share_every=2"], [("fsdp", "tensor")]),
     ("GTA shared", ["model.num_kv_heads=2", "model.kv_share_every=2", "model.attention=tied"], [("fsdp", "tensor")]),
     ("MLA windows", ["model.num_kv_heads=4", "model.attention=latent", "model.kv_latent_dim=24",
                      "model.rope_head_dim=8", "model.q_latent_dim=32", "model.sliding_window=16",
