@@ -85,6 +85,42 @@ def test_hf_gemma3_converts_and_matches_transformers(tmp_path, capsys):
     assert np.array_equal(ours, hf_greedy(model, prompt, 20))
 
 
+def test_hf_gemma3_then_to_hf_gives_back_the_tensors_and_transformers_loads_it(tmp_path, capsys):
+    """hf-gemma3 then to-hf: every tensor of the original checkpoint comes back bit for bit
+    under its own name (none added, none missing), and transformers loads the folder as a
+    Gemma3ForCausalLM that computes the original's logits; the config.json round-trips
+    through hf-gemma3 to the same model fields."""
+    import safetensors.numpy
+    import transformers
+    src, ours, back = tmp_path / "hf", tmp_path / "ours", tmp_path / "back"
+    model = tiny_gemma3(src)
+    convert_cli(["hf-gemma3", "--src", str(src), "--workdir", str(ours)])
+    convert_cli(["to-hf", "--src", str(ours), "--workdir", str(back)])
+    assert ": Gemma3ForCausalLM, 6 layers" in capsys.readouterr().out
+    original = safetensors.numpy.load_file(str(src / "model.safetensors"))
+    exported = safetensors.numpy.load_file(str(back / "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert np.array_equal(exported[name], tensor.astype(np.float32)), name
+    reloaded = transformers.Gemma3ForCausalLM.from_pretrained(back, attn_implementation="eager").eval()
+    tokens = np.random.default_rng(1).integers(0, 101, size=(2, 20), dtype=np.int32)
+    assert relative_error(hf_logits(reloaded, tokens), hf_logits(model, tokens)) < 1e-6
+    convert_cli(["hf-gemma3", "--src", str(back), "--workdir", str(tmp_path / "again")])
+    assert mqa.load_model(tmp_path / "again").model_config == mqa.load_model(ours).model_config
+
+
+def test_a_model_with_some_of_gemmas_switches_is_refused_by_to_hf(tmp_path, capfd):
+    """qk_norm alone is neither a Llama nor a Gemma 3: to-hf says which field, in one line."""
+    from commands import refusal
+    from mqa.workdir import write_workdir
+    from mqa.config import load_config_file
+    from model_files import random_params
+    config = load_config_file(REPO / "configs" / "tiny.py", ["model.qk_norm=true"])
+    write_workdir(tmp_path / "w", config, random_params(config), tokenizer=None)
+    said = refusal(capfd, "to-hf", "--src", tmp_path / "w", "--workdir", tmp_path / "out")
+    assert "model.qk_norm=True cannot be expressed as a Hugging Face Llama" in said
+
+
 def test_gemma3_cache_bytes_are_what_init_cache_allocates_and_windows_save(tmp_path):
     """Gemma 3 270M's shape at 2K, 8K and 32K: 15 local layers keep 512 positions."""
     config = build_model_config(

@@ -90,3 +90,56 @@ def layers_description(m) -> str:
     if not globals_:
         return f"{layers}, all local ({window}-token window)"
     return f"{layers} ({globals_} global, {n - globals_} local with a {window}-token window)"
+
+
+# Fields a Gemma 3 config.json states beyond a Llama's (besides the switches in GEMMA3).
+GEMMA3_FIELDS = ("sliding_window", "global_every", "rope_local_theta", "attention_score_dim")
+
+
+def is_gemma3(config: ModelConfig) -> bool:
+    """Whether `config` sets every one of Gemma 3's switches (`GEMMA3`)."""
+    return all(getattr(config, name) == value for name, value in GEMMA3.items())
+
+
+def gemma3_config_json(config: ModelConfig) -> dict:
+    """config.json of a Gemma3ForCausalLM (model_type "gemma3_text") computing what `config`
+    does; the inverse of `mqa.convert.hf_gemma3.hf_gemma3_config`. RoPE per layer type both
+    as transformers 5 reads it (rope_parameters) and as transformers 4 did (rope_theta,
+    rope_local_base_freq)."""
+    layers, window = config.num_layers, config.sliding_window
+    types = [GLOBAL if not window or (config.global_every and (i + 1) % config.global_every == 0)
+             else LOCAL for i in range(layers)]
+    local_theta = config.rope_local_theta or config.rope_theta
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.mlp_dim,
+        "num_hidden_layers": layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {GLOBAL: {"rope_type": "default", "rope_theta": config.rope_theta},
+                            LOCAL: {"rope_type": "default", "rope_theta": local_theta}},
+        "rope_theta": config.rope_theta,
+        "rope_local_base_freq": local_theta,
+        "rope_scaling": None,
+        "sliding_window": window or config.max_seq_len,  # unused when every layer is global
+        "layer_types": types,
+        "query_pre_attn_scalar": config.attention_score_dim or config.head_dim,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_bidirectional_attention": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "use_cache": True,
+        "dtype": "float32",
+    }

@@ -98,25 +98,25 @@ def hf_params(checkpoint: LlamaTensors, config: ModelConfig, per_layer: LayerTab
 
 def hf_llama_tensors(params: nnx.State, config: ModelConfig) -> dict[str, np.ndarray]:
     """mqa's parameters -> {Hugging Face Llama name: float32 array}; the inverse of
-    `hf_llama_params` (projections back to [out, in], layers unstacked)."""
+    `hf_llama_params`."""
+    return hf_tensors(params, config, llama_layer_tensors(config))
+
+
+def hf_tensors(params: nnx.State, config: ModelConfig, per_layer: LayerTable) -> dict[str, np.ndarray]:
+    """mqa's parameters -> {Hugging Face name: float32 array} for any layer table (Llama's,
+    Gemma 3's): the inverse of `hf_params`. Each of ours goes back to its HF shape [out, in]
+    by the table's shapes alone (ours is [in, ...] with heads split out, so reshaping to
+    [in, out] and transposing undoes every transform the tables use), layers unstacked."""
     arrays = {name: np.asarray(value, np.float32) for name, value in params_by_name(params).items()}
-    m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
-    per_layer = {  # HF tensor in model.layers.{i} -> (ours, ours -> HF)
-        "self_attn.q_proj.weight": ("blocks.attention.q", lambda w: w.reshape(m, h * d).T),
-        "self_attn.k_proj.weight": ("blocks.attention.k", lambda w: w.reshape(m, kv * d).T),
-        "self_attn.v_proj.weight": ("blocks.attention.v", lambda w: w.reshape(m, kv * d).T),
-        "self_attn.o_proj.weight": ("blocks.attention.out", lambda w: w.reshape(h * d, m).T),
-        "input_layernorm.weight": ("blocks.attention_norm.scale", lambda w: w),
-        "post_attention_layernorm.weight": ("blocks.mlp_norm.scale", lambda w: w),
-        "mlp.gate_proj.weight": ("blocks.mlp.gate", np.transpose),
-        "mlp.up_proj.weight": ("blocks.mlp.up", np.transpose),
-        "mlp.down_proj.weight": ("blocks.mlp.down", np.transpose),
-    }
+
+    def to_hf(ours: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return ours if len(shape) == 1 else ours.reshape(shape[::-1]).T
+
     tensors = {"model.embed_tokens.weight": arrays["embed"],
                "model.norm.weight": arrays["final_norm.scale"]}
     for i in range(config.num_layers):
-        for name, (ours, transform) in per_layer.items():
-            tensors[f"model.layers.{i}.{name}"] = transform(arrays[ours][i])
+        for ours, (suffix, shape, _) in per_layer.items():
+            tensors[f"model.layers.{i}.{suffix}"] = to_hf(arrays[ours][i], shape)
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = arrays["unembed"].T
     return {name: np.ascontiguousarray(t, np.float32) for name, t in tensors.items()}

@@ -1,11 +1,13 @@
-"""Hugging Face Llama folders out: `python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]`.
+"""Hugging Face Llama and Gemma 3 folders out: `python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]`.
 
-Writes DIR/config.json (a LlamaConfig), DIR/model.safetensors (float32, written with
+Writes DIR/config.json (a LlamaConfig, or a Gemma3TextConfig for a model with Gemma 3's
+switches, `mqa.convert.gemma_layout.GEMMA3`), DIR/model.safetensors (float32, written with
 safetensors' numpy API, so no torch is needed) and, when the workdir's tokenizer is a
 `tokenizers` one (BPE, or one that came with a converted model), DIR/tokenizer.json and
-DIR/tokenizer_config.json, so that `LlamaForCausalLM.from_pretrained(DIR)` and
-`AutoTokenizer.from_pretrained(DIR)` work. The inverse of `hf-llama`: the tensors of a
-checkpoint converted with hf-llama come back bit for bit.
+DIR/tokenizer_config.json, so that `LlamaForCausalLM.from_pretrained(DIR)` (or
+`Gemma3ForCausalLM`) and `AutoTokenizer.from_pretrained(DIR)` work. The inverse of
+`hf-llama` and `hf-gemma3`: the tensors of a checkpoint converted with them come back bit
+for bit.
 
 Any model the Llama architecture can express is exported: MHA, GQA or MQA, tied or untied
 embeddings. One it cannot (cross-layer KV sharing, `model.kv_share_every` > 1, or any other
@@ -15,7 +17,6 @@ naming the field.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -26,7 +27,9 @@ import safetensors.numpy
 from mqa import data
 from mqa.config import ModelConfig, default_config
 from mqa.convert.errors import ConvertError
-from mqa.convert.llama_layout import hf_llama_tensors
+from mqa.convert.gemma_layout import (GEMMA3, GEMMA3_FIELDS, gemma3_config_json, gemma3_layer_tensors,
+                                      is_gemma3)
+from mqa.convert.llama_layout import hf_llama_tensors, hf_tensors
 from mqa.loading import load_model
 from mqa.workdir import check_new_workdir
 
@@ -38,18 +41,22 @@ HOW_FIELDS = ("attention_impl", "attention_block", "dtype", "remat", "scan_unrol
 
 
 def check_expressible(config: ModelConfig) -> None:
-    """A ConvertError naming the first field a LlamaForCausalLM cannot express: every
-    field that is neither in config.json nor a matter of how mqa computes must keep its
-    default in configs/default.py (so a field added later is refused until this module knows it)."""
+    """A ConvertError naming the first field the architecture it exports as (Gemma 3 when
+    every Gemma 3 switch is set, else Llama) cannot express: every field that is neither in
+    its config.json nor a matter of how mqa computes must keep its default in
+    configs/default.py (so a field added later is refused until this module knows it)."""
     defaults = default_config().model
+    gemma = is_gemma3(config)
+    stated = LLAMA_FIELDS + HOW_FIELDS + ((*GEMMA3, *GEMMA3_FIELDS) if gemma else ())
     for name in ModelConfig.field_names():
-        if name in LLAMA_FIELDS or name in HOW_FIELDS:
+        if name in stated:
             continue
         value = getattr(config, name)
         if value != defaults[name]:
             what = (" (cross-layer KV sharing)" if name == "kv_share_every" else "")
             raise ConvertError(f"model.{name}={value!r}{what} cannot be expressed as a "
-                               f"Hugging Face Llama; valid: {defaults[name]!r}")
+                               f"Hugging Face {'Gemma 3' if gemma else 'Llama'}; valid: "
+                               f"{defaults[name]!r}")
 
 
 def hf_config_json(config: ModelConfig) -> dict:
@@ -93,7 +100,9 @@ def export_hf(src: str | pathlib.Path, out: str | pathlib.Path, step: int | None
     source = load_model(src, step=step)
     config = source.model_config
     check_expressible(config)
-    tensors = hf_llama_tensors(source.params, config)
+    gemma = is_gemma3(config)
+    tensors = (hf_tensors(source.params, config, gemma3_layer_tensors(config)) if gemma
+               else hf_llama_tensors(source.params, config))
 
     out.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -101,10 +110,11 @@ def export_hf(src: str | pathlib.Path, out: str | pathlib.Path, step: int | None
     tokenizer_note = _write_tokenizer(source, out)
     if tokenizer_note.startswith("note:"):
         print(tokenizer_note)
-    (out / "config.json").write_text(json.dumps(hf_config_json(config), indent=2) + "\n")
+    hf_config = gemma3_config_json(config) if gemma else hf_config_json(config)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     kind = ("MHA" if config.num_kv_heads == config.num_heads else
             "MQA" if config.num_kv_heads == 1 else "GQA")
-    return (f"exported {source.path} (step {source.step}) -> {out}: LlamaForCausalLM, "
+    return (f"exported {source.path} (step {source.step}) -> {out}: {hf_config['architectures'][0]}, "
             f"{config.num_layers} layers, {config.num_heads} query / {config.num_kv_heads} "
             f"key-value heads ({kind}), {'tied' if config.tie_embeddings else 'untied'} "
             f"embeddings, {len(tensors)} tensors in model.safetensors"
