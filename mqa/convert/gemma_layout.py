@@ -20,7 +20,8 @@ from flax import nnx
 
 from mqa.config import ModelConfig
 from mqa.convert.errors import ConvertError
-from mqa.convert.llama_layout import LayerTable, LlamaTensors, hf_params, llama_config, llama_layer_tensors
+from mqa.convert.llama_layout import (HF_CONFIG_TAIL, LayerTable, LlamaTensors, hf_params, llama_config,
+                                      llama_layer_tensors)
 
 # The ModelConfig switches every Gemma 3 sets (configs/default.py documents each).
 GEMMA3 = dict(qk_norm=True, post_norms=True, norm_scale="one_plus_weight",
@@ -137,9 +138,5 @@ def gemma3_config_json(config: ModelConfig) -> dict:
         "attention_dropout": 0.0,
         "use_bidirectional_attention": False,
         "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        "use_cache": True,
-        "dtype": "float32",
+        **HF_CONFIG_TAIL,
     }

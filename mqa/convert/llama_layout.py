@@ -40,6 +40,11 @@ def llama_config(model: dict) -> ml_collections.ConfigDict:
     return validate(config)
 
 
+# The end of every config.json written out: no BOS/EOS/PAD ids (mqa does not record them),
+# float32 weights.
+HF_CONFIG_TAIL = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+                  "use_cache": True, "dtype": "float32"}
+
 # ours -> (the HF tensor in model.layers.{i}, its shape [out, in], HF -> ours)
 LayerTable = dict[str, tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]]
 

@@ -29,7 +29,7 @@ from mqa.config import ModelConfig, default_config
 from mqa.convert.errors import ConvertError
 from mqa.convert.gemma_layout import (GEMMA3, GEMMA3_FIELDS, gemma3_config_json, gemma3_layer_tensors,
                                       is_gemma3)
-from mqa.convert.llama_layout import hf_llama_tensors, hf_tensors
+from mqa.convert.llama_layout import HF_CONFIG_TAIL, hf_llama_tensors, hf_tensors
 from mqa.loading import load_model
 from mqa.workdir import check_new_workdir
 
@@ -83,11 +83,7 @@ def hf_config_json(config: ModelConfig) -> dict:
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        "use_cache": True,
-        "dtype": "float32",
+        **HF_CONFIG_TAIL,
     }
 
 
