@@ -485,6 +485,17 @@ def test_the_kv_budget_sweep_runs_end_to_end_at_toy_size(tmp_path, capsys):
     assert saved["model"]["kv_cache_dtype"] == "int8"
 
 
+def test_a_training_twin_runs_right_after_the_point_it_copies():
+    """Seed-major, and MHA-int8 (which trains exactly as MHA) right after MHA, so MHA's run is
+    still on the machine to copy (a sweep continued from its record has no checkpoint)."""
+    from mqa.sweep.run import training_order
+    config = kv_budget_config(names=("MHA", "MQA", "MHA-int8"))
+    plan = points(config, with_seeds(sweep_fields(config), 2))
+    assert [p.name for p in training_order(plan)] == [
+        "MHA__seed=0", "MHA-int8__seed=0", "MQA__seed=0",
+        "MHA__seed=1", "MHA-int8__seed=1", "MQA__seed=1"]
+
+
 def holm_reference(p):
     """Holm's adjusted p-values written out plainly: the k-th smallest (from 0) of m is
     the largest of (m - j) p_(j) for j <= k, capped at 1."""

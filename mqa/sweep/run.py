@@ -86,8 +86,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                                      record and record / tuning_lib.TUNING_DIR)
         plan = [tuning_lib.reporting_point(point, tuning, chosen[point.configuration])
                 for point in plan]
-    # Seed-major order: every configuration's seed 0, then seed 1, ...
-    order = sorted(plan, key=lambda point: point.seed)
+    order = training_order(plan)
     print(f"sweep: {len(plan)} points in {workdir}: {', '.join(p.name for p in order)}", flush=True)
     finished = {point.name: train_point(point, plan, workdir, f"[{index}/{len(plan)}] {point.name}",
                                         halves=tuning is not None, record=record)
@@ -120,8 +119,8 @@ def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tun
     WORKDIR/tuning/, seed-major, writes tuning.csv and tuning.png, and returns
     {configuration: chosen value}."""
     tuning_dir = workdir_lib.prepare_workdir(workdir / tuning_lib.TUNING_DIR)
-    order = sorted(runs, key=lambda run: run.point.seed)
     others = [run.point for run in runs]
+    order = [next(run for run in runs if run.point is point) for point in training_order(others)]
     print(f"tuning {tuning.field} over {', '.join(map(str, tuning.values))} with seeds "
           f"{', '.join(map(str, tuning.seeds))}: {len(runs)} runs in {tuning_dir}", flush=True)
     finished = {}
@@ -193,16 +192,29 @@ def train_point(point: Point, plan: list[Point], workdir: pathlib.Path, label: s
     return result
 
 
+def training_part(point: Point) -> dict:
+    """The point's config without the fields that do not change its training
+    (`mqa.workdir.RESUMABLE_CHANGES`, such as the KV cache's dtype)."""
+    snapshot = results.config_snapshot(point)
+    for field in workdir_lib.RESUMABLE_CHANGES:
+        section, _, key = field.rpartition(".")
+        get_dotted(snapshot, section).pop(key, None)
+    return snapshot
+
+
+def training_order(plan: list[Point]) -> list[Point]:
+    """Seed-major (every configuration's seed 0, then seed 1, ...), each point that trains
+    exactly as an earlier one (its training twin) right after it, so that the twin's run is
+    copied while it is still on this machine (a sweep continued elsewhere from its record
+    has no checkpoint to copy)."""
+    parts = [training_part(point) for point in plan]
+    first = [parts.index(part) for part in parts]  # the plan index of each point's first twin
+    return [plan[i] for i in sorted(range(len(plan)), key=lambda i: (plan[i].seed, first[i], i))]
+
+
 def training_twin(point: Point, plan: list[Point], workdir: pathlib.Path) -> Point | None:
     """A finished point of the plan that trained exactly as `point` would (their configs
     differ only in `mqa.workdir.RESUMABLE_CHANGES`, such as the KV cache's dtype), or None."""
-    def training_part(p: Point) -> dict:
-        snapshot = results.config_snapshot(p)
-        for field in workdir_lib.RESUMABLE_CHANGES:
-            section, _, key = field.rpartition(".")
-            get_dotted(snapshot, section).pop(key, None)
-        return snapshot
-
     mine = training_part(point)
     return next((other for other in plan if other.name != point.name
                  and training_part(other) == mine
