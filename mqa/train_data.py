@@ -36,10 +36,14 @@ def resolve_vocab(config: ml_collections.ConfigDict, tokenizer) -> None:
 
 class BatchFeeder:
     """Global batches of `batch_size` windows of `seq_len + 1` tokens in `batch_sharding`, each host
-    building only the rows its devices hold."""
+    building only the rows its devices hold. bos: the tokenizer's beginning-of-sequence id
+    (`bos_id`, a model such as Gemma that expects its text to start with one) or None: every
+    window, for training and held-out scoring alike, is then BOS and `seq_len` tokens of text,
+    as eval.py scores such a model (`mqa.evaluation.held_out_loss`)."""
 
-    def __init__(self, batch_sharding: jax.sharding.Sharding, batch_size: int, seq_len: int):
-        self.sharding, self.batch_size, self.seq_len = batch_sharding, batch_size, seq_len
+    def __init__(self, batch_sharding: jax.sharding.Sharding, batch_size: int, seq_len: int,
+                 bos: int | None = None):
+        self.sharding, self.batch_size, self.seq_len, self.bos = batch_sharding, batch_size, seq_len, bos
         self.shape = (batch_size, seq_len + 1)
         self.rows = local_rows(batch_sharding, self.shape)
 
@@ -49,9 +53,12 @@ class BatchFeeder:
 
     def train_batch(self, tokens: data.Tokens, step: int, seed: int, sampling: str) -> jax.Array:
         """int32 [batch_size, seq_len + 1]: `data.train_batch` of `step` (train.seed, train.sampling),
-        on the mesh."""
-        local = data.train_batch(tokens, step, seed=seed, batch_size=self.batch_size, seq_len=self.seq_len,
+        on the mesh; with a BOS, BOS then `data.train_batch`'s windows of seq_len tokens."""
+        text = self.seq_len if self.bos is None else self.seq_len - 1
+        local = data.train_batch(tokens, step, seed=seed, batch_size=self.batch_size, seq_len=text,
                                  sampling=sampling, rows=self.rows)
+        if self.bos is not None:
+            local = np.concatenate([np.full((len(local), 1), self.bos, local.dtype), local], axis=1)
         return self.global_array(local, self.shape)
 
 
@@ -67,7 +74,7 @@ def held_out_metrics(params, eval_step, corpus: data.Corpus, feeder: BatchFeeder
                      max_windows: int | None) -> dict[str, float]:
     """{"eval_loss" (nats/token), "eval_perplexity", "eval_bits_per_byte", "eval_tokens"} over the
     first `max_windows` non-overlapping held-out windows (None: all), scored in batches of the
-    feeder's shape by `eval_step(params, windows, weights)`."""
+    feeder's shape by `eval_step(params, windows, weights)`, each after the feeder's BOS if it has one."""
     batch_size, seq_len, rows = feeder.batch_size, feeder.seq_len, feeder.rows
 
     def batch_nll(windows: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
@@ -77,5 +84,6 @@ def held_out_metrics(params, eval_step, corpus: data.Corpus, feeder: BatchFeeder
 
     result = evaluation.held_out_loss(
         batch_nll, corpus.heldout, seq_len=seq_len, batch_size=batch_size,
-        max_windows=max_windows, bytes_per_token=corpus.heldout_bytes / len(corpus.heldout))
+        max_windows=max_windows, bytes_per_token=corpus.heldout_bytes / len(corpus.heldout),
+        bos=feeder.bos)
     return {f"eval_{key}": value for key, value in result.items()}

@@ -112,7 +112,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: b
     writer.drop_after(int(state.step))
     run = _Run(config, model_config, corpus, compiled_train_step(layout, optimizer, config.train, mesh),
                compiled_eval_step(layout), BatchFeeder(layout.batch_sharding, config.train.batch_size,
-                                                       config.train.seq_len),
+                                                       config.train.seq_len,
+                                                       getattr(corpus.tokenizer, "bos_id", None)),
                Schedule.from_config(config), checkpointer, writer, is_main)
     return run, state
 

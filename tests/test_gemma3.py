@@ -295,6 +295,18 @@ def test_converted_gemma3_fine_tunes_with_its_own_tokenizer(tmp_path):
     assert all(jax.tree.leaves(changed))
     prompt = np.concatenate([[2], tuned.tokenizer.encode("the cat sat")])[None]
     assert mqa.generate(tuned, prompt, 8).shape == (1, prompt.shape[1] + 8)
+    # Its tokenizer has a BOS: the run's held-out figure is eval.py's, which puts BOS first
+    # in every window, and so do the training windows.
+    from mqa.evaluation import evaluate
+    from mqa.train_data import BatchFeeder
+    scored = evaluate(tmp_path / "run", max_windows=64 // 16, progress=False)
+    assert scored["loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert scored["tokens"] == metrics["eval_tokens"]
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tokens = np.arange(100, dtype=np.int32) % 50 + 3
+    batch = np.asarray(BatchFeeder(sharding, 4, 16, bos=2).train_batch(tokens, 0, 0, "permutation"))
+    assert batch.shape == (4, 17) and (batch[:, 0] == 2).all()
+    assert all(np.array_equal(row[1:], tokens[row[1] - 3:row[1] - 3 + 16]) for row in batch)
 
 
 # ----------------------------------------------------------------------------- bad input
