@@ -2,6 +2,8 @@
 
   python benchmarks/serving.py                                  # budget 1 GB, context 2048
   python benchmarks/serving.py --budget_gb=0.25 --context=1024 --variants=MHA,MQA
+  python benchmarks/serving.py --variants=MQA --workdir=gemma3_270m=runs/gemma3_270m \
+      --out=benchmarks/results/serving_real          # a trained or converted model too
 
 For each attention variant of `benchmarks/decode.py`'s model (4 layers, d_model 256, 8
 query heads; MHA, GQA, MQA, GTA, MLA, a local/global window, int8 caches):
@@ -84,6 +86,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the median is kept")
     parser.add_argument("--bandwidth_mb", type=int, default=256,
                         help="array size for measuring read bandwidth (larger than the caches)")
+    parser.add_argument("--workdir", action="append", default=[], metavar="NAME=PATH",
+                        help="also a trained or converted model (mqa.load_model), named NAME")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "serving")
     args = parser.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
@@ -104,6 +108,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if min(args.steps, args.repeats, args.max_batch_cap) < 1:
         parser.error("--steps, --repeats and --max_batch_cap must be at least 1")
     args.variants = names
+    args.workdirs = {}
+    for item in args.workdir:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not pathlib.Path(path).is_dir():
+            parser.error(f"--workdir={item!r} must be NAME=PATH of an existing workdir")
+        args.workdirs[name] = pathlib.Path(path)
     return args
 
 
@@ -112,13 +122,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     budget = args.budget_gb * 1e9
     bandwidth = read_bandwidth(args.bandwidth_mb)
     models, rows = {}, []
-    for name in args.variants:
-        config = dataclasses.replace(variant_config(name), max_seq_len=args.context + args.steps)
+    sources = {name: variant_config(name) for name in args.variants}
+    sources.update(args.workdirs)
+    for name, source in sources.items():
+        if isinstance(source, pathlib.Path):
+            from mqa import load_model
+            loaded = load_model(source)
+            config = dataclasses.replace(loaded.model_config, max_seq_len=args.context + args.steps)
+            graphdef, params = loaded.graphdef, loaded.params
+        else:
+            config = dataclasses.replace(source, max_seq_len=args.context + args.steps)
+            graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
         most, per_sequence = max_batch(config, args.context, budget)
         if most < 1:
             raise SystemExit(f"error: {name}: one sequence's cache ({per_sequence:,} bytes at "
                              f"--context={args.context}) exceeds --budget_gb={args.budget_gb}")
-        graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
         models[name] = (config, graphdef, params, most, per_sequence)
         print(f"{name}: {per_sequence / args.context:,.0f} KV bytes/token, max batch {most}", flush=True)
     for fraction in args.fractions:
