@@ -17,7 +17,7 @@ status.json and the next one runs):
   4. serving: concurrent sequences under a 32 GB KV budget at 16K context
      (benchmarks/serving.py) -> serving/.
 Each part's output goes to OUT/PART.log. `--size=toy` runs the same parts at toy sizes (a 2-layer model with the tiled core only,
-MHA and MQA at contexts of 64, a 10 MB budget, one quick test file), so that tests/test_gpu_check.py checks on a CPU that the
+MQA at contexts of 64, a 10 MB budget, one quick test file), so that tests/test_gpu_check.py checks on a CPU that the
 command works before a GPU is lent. Writes OUT/status.json: per part, "ok", "failed" or
 "timed out", its seconds and its command.
 """
@@ -56,13 +56,13 @@ def parts(size: str, out: pathlib.Path) -> list[tuple[str, list[str], int]]:
             "--steps=10" if gpu else "--steps=1", "--rounds=3" if gpu else "--rounds=1", *overrides,
             f"--out={out / f'train_{impl}'}"], 60 if gpu else 120))
     found.append(("decode", [
-        py, "benchmarks/decode.py", "--no-torch", "--no-hf", f"--variants={variants if gpu else 'MHA,MQA'}",
+        py, "benchmarks/decode.py", "--no-torch", "--no-hf", f"--variants={variants if gpu else 'MQA'}",
         "--contexts=2048,16384" if gpu else "--contexts=64", "--batches=1,8,64" if gpu else "--batches=2",
         "--repeats=5" if gpu else "--repeats=1", "--steps=32" if gpu else "--steps=2",
         f"--out={out / 'decode'}"], 90 if gpu else 120))
     found.append(("serving", [
         py, "benchmarks/serving.py", "--budget_gb=32" if gpu else "--budget_gb=0.01",
-        "--context=16384" if gpu else "--context=64", f"--variants={variants if gpu else 'MHA,MQA'}",
+        "--context=16384" if gpu else "--context=64", f"--variants={variants if gpu else 'MQA'}",
         "--repeats=3" if gpu else "--repeats=1", "--steps=8" if gpu else "--steps=2",
         "--fractions=1,0.25" if gpu else "--fractions=1", f"--out={out / 'serving'}"], 60 if gpu else 120))
     return found

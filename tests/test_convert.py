@@ -20,6 +20,8 @@ from model_files import llama_style_tokenizer, save_hf_llama
 from mqa.convert.__main__ import main as convert_cli
 from transformers_utils import hf_logits, relative_error
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's quick compile
+
 TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n"
 ROUND_TRIP = "the cat sat on the log.\nnaïve café, 42 🙂"
 

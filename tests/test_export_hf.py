@@ -20,6 +20,8 @@ from mqa.workdir import params_by_name
 from commands import refusal
 from model_files import llama_style_tokenizer, random_params, save_hf_llama, tiny_workdir
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's quick compile
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES = ["the cat sat on the log.", "naïve café — déjà vu", "emoji 🙂 and\nnewlines\n\n  x"]
 

@@ -30,6 +30,8 @@ from mqa.evaluation import evaluate_tokens
 from mqa.kv_cache import init_cache
 from transformers_utils import hf_logits, relative_error
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's quick compile
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Layers 2 and 5 global (every 3rd), the others local with a window of 4 positions.
 TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=6,

@@ -22,6 +22,8 @@ from mqa.config import ConfigError, build_model_config, load_config_file
 from helpers import GEMMA, REPO, WINDOWED, decode, forward, make, max_rel, reference_logits, tokens
 from mqa.model import Transformer
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's quick compile
+
 SWITCHES = {name: {name: value} for name, value in GEMMA.items()}
 SWITCHES["all"] = GEMMA
 SWITCHES["all, d_model 48 != 4 heads x 8"] = dict(GEMMA, d_model=48)

@@ -33,6 +33,8 @@ from commands import refusal  # noqa: E402
 from model_files import add_metadata, random_k_quant, tiny_gguf  # noqa: E402
 from transformers_utils import hf_logits, relative_error  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's quick compile
+
 TEXT = ("the cat sat on the mat.\nthe dog sat on the log.\nnaïve cafés, déjà vu!\n"
         "numbers 2024 and 3.14; emoji 🙂 done.\n")
 SAMPLES = ["the cat sat on the log.", "Hello, World!", "naïve café — déjà vu",

@@ -25,6 +25,8 @@ from helpers import (BASE, GEMMA, REPO, WINDOWED, decode, forward, make, max_rel
                      reference_logits, tokens)
 from reference import partial_rope, rms_norm, rope
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's quick compile
+
 HALF = dict(rope_head_dim=BASE.head_dim // 2)  # 4 of 8
 MODELS = {  # name: the model's fields (BASE: 2 layers, 4 query heads of 8, 2 K/V heads)
     "MHA-halfrope": dict(num_kv_heads=4, **HALF),
