@@ -13,7 +13,6 @@ to one line.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -23,7 +22,7 @@ import sys
 import numpy as np
 
 from mqa import data, head_similarity
-from mqa.cli import fail
+from mqa.cli import ArgumentParser, fail
 from mqa.config import ConfigError
 from mqa.data import DataError
 from mqa.evaluation import encode_text_file
@@ -128,7 +127,7 @@ def heads(workdir: str | os.PathLike, text: str | None = None, out: str | None =
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mqa.analysis", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m mqa.analysis", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("heads", help="how alike each layer's attention heads are")
     cmd.add_argument("--workdir", required=True, help="a workdir or checkpoint directory")

@@ -9,8 +9,10 @@ Exit statuses:
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from typing import NoReturn
 
 from absl import flags
 
@@ -47,3 +49,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _usage_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(USAGE_ERROR)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse (its subcommands' parsers too), with a usage error in one line on the real
+    stderr and status 2, instead of the usage text and the error on two."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.__stderr__, flush=True)
+        raise SystemExit(USAGE_ERROR)

@@ -203,3 +203,20 @@ def test_heads_command(tmp_path, capsys, monkeypatch):
         analysis.main(["heads", f"--workdir={run}", f"--text={tmp_path / 'missing.txt'}"])
     assert "missing.txt" in str(error.value) and "does not exist" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_the_analysis_command_refuses_in_one_line(tmp_path):
+    """`python -m mqa.analysis` itself: a bad flag and a missing workdir are one line on
+    stderr and exit status 2, no usage text and no traceback."""
+    import subprocess
+    import sys
+
+    from commands import REPO, assert_one_line_error
+    run = lambda *args: subprocess.run([sys.executable, "-m", "mqa.analysis", *args], cwd=REPO,  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)
+    flag = run("heads", f"--workdir={tmp_path}", "--windws=2")
+    assert_one_line_error(flag, "unrecognized arguments: --windws=2")
+    assert len(flag.stderr.strip().splitlines()) == 1
+    missing = run("heads", f"--workdir={tmp_path / 'nope'}")
+    assert_one_line_error(missing, str(tmp_path / "nope"), "does not exist")

@@ -17,6 +17,7 @@ import argparse
 import sys
 from typing import NoReturn
 
+from mqa.cli import ArgumentParser
 from mqa.config import ConfigError
 from mqa.convert.errors import ConvertError
 from mqa.convert.gguf import convert_gguf
@@ -38,15 +39,8 @@ def refuse(message: str) -> NoReturn:
     raise SystemExit(REFUSED)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error in one line (and status 2) instead of the usage text."""
-
-    def error(self, message: str) -> NoReturn:
-        refuse(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
 def parser() -> argparse.ArgumentParser:
-    convert = _Parser(prog="python -m mqa.convert",
+    convert = ArgumentParser(prog="python -m mqa.convert",
                       description="Converts models into mqa workdirs and back.")
     commands = convert.add_subparsers(dest="command", required=True)
     hf_llama = commands.add_parser(
