@@ -6,6 +6,7 @@ each other): Hugging Face Llama folders, mqa workdirs, GGUF files.
 - `random_params`, `tiny_workdir`: a configs/tiny.py workdir with random parameters and a
   BPE or byte tokenizer, written without compiling anything.
 - `tiny_gguf`, `add_metadata`, `random_k_quant`: GGUF files written with gguf.GGUFWriter.
+- `damage`: a checkpoint made unreadable, as a crash or a full disk leaves one.
 """
 
 import json
@@ -168,3 +169,15 @@ def tiny_gguf(path: pathlib.Path, arch: str = "llama", qtype=T.F32, metadata=Non
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def damage(step_dir: pathlib.Path, how: str) -> None:
+    """Damages the checkpoint in STEP_DIR: "truncated" cuts its biggest params file to a third,
+    anything else removes its params manifest."""
+    params = step_dir / "params"
+    if how == "truncated":
+        biggest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        with biggest.open("r+b") as f:
+            f.truncate(biggest.stat().st_size // 3)
+    else:
+        (params / "manifest.ocdbt").unlink()

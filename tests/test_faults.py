@@ -14,6 +14,7 @@ import pytest
 
 from commands import (REPO, assert_one_line, assert_one_line_error, final_params, losses,
                       start_train, tiny, wait_for_rows)
+from model_files import damage
 from mqa import trainer
 from mqa.config import ConfigError
 from mqa.workdir import WorkdirLock
@@ -83,16 +84,6 @@ def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
         first.kill()
         first.wait()
     WorkdirLock(tmp_path).release()  # the lock died with the process
-
-
-def damage(step_dir, how: str) -> None:
-    params = step_dir / "params"
-    if how == "truncated":
-        biggest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-        with biggest.open("r+b") as f:
-            f.truncate(biggest.stat().st_size // 3)
-    else:
-        (params / "manifest.ocdbt").unlink()
 
 
 TRAINED = ["train.steps=40", "checkpoint.every=20", "train.eval_every=40", "train.final_eval_tokens=4096"]

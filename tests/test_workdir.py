@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import mqa
+from model_files import damage
 from mqa.checkpoint import Checkpointer, abstract_like
 from mqa.config import build_model_config, ConfigError, ModelConfig, load_config_file
 from mqa.model import Transformer
@@ -23,17 +24,6 @@ from mqa.workdir import (CheckpointError, check_new_workdir, damage_reason, para
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # What reading a damaged checkpoint must not print instead of the error (orbax's wrapper).
 UNINFORMATIVE = ("bound method", "pybind11", "tensorstore_spec")
-
-
-def damage(step_dir: pathlib.Path, how: str) -> None:
-    """As tests/test_faults.py: the biggest params file cut to a third, or the manifest gone."""
-    params = step_dir / "params"
-    if how == "truncated":
-        biggest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-        with biggest.open("r+b") as f:
-            f.truncate(biggest.stat().st_size // 3)
-    else:
-        (params / "manifest.ocdbt").unlink()
 
 
 # orbax's reads still pending when a damaged read failed complain when they are collected.
