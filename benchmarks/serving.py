@@ -40,7 +40,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.decode import VARIANTS, read_bandwidth, variant_config  # noqa: E402
-from mqa import accounting  # noqa: E402
+from mqa import accounting, load_model  # noqa: E402
 from mqa.kv_cache import init_cache  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
 from mqa.model_config import ModelConfig  # noqa: E402
@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sources.update(args.workdirs)
     for name, source in sources.items():
         if isinstance(source, pathlib.Path):
-            from mqa import load_model
             loaded = load_model(source)
             config = dataclasses.replace(loaded.model_config, max_seq_len=args.context + args.steps)
             graphdef, params = loaded.graphdef, loaded.params

@@ -5,7 +5,8 @@ each other): Hugging Face Llama folders, mqa workdirs, GGUF files.
   a random tiny LlamaForCausalLM saved by transformers (skips without torch).
 - `random_params`, `tiny_workdir`: a configs/tiny.py workdir with random parameters and a
   BPE or byte tokenizer, written without compiling anything.
-- `tiny_gguf`, `add_metadata`, `random_k_quant`: GGUF files written with gguf.GGUFWriter.
+- `tiny_gguf`, `add_metadata`, `random_k_quant`, `write_gguf_file`: GGUF files written with
+  gguf.GGUFWriter.
 - `damage`: a checkpoint made unreadable, as a crash or a full disk leaves one.
 """
 
@@ -164,6 +165,11 @@ def tiny_gguf(path: pathlib.Path, arch: str = "llama", qtype=T.F32, metadata=Non
             writer.add_tensor(name, np.zeros(shape, np.int8), raw_dtype=qtype)
         else:
             writer.add_tensor(name, np.zeros(shape, np.float32))
+    return write_gguf_file(writer, path)
+
+
+def write_gguf_file(writer, path: pathlib.Path) -> pathlib.Path:
+    """Writes out and closes a filled gguf.GGUFWriter; returns `path`."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -28,6 +28,7 @@ from mqa.convert.gemma_layout import GEMMA3
 from mqa.convert.gguf_gemma3 import GLOBAL_TENSORS, LAYER_TENSORS
 from mqa.evaluation import evaluate_tokens
 from mqa.kv_cache import init_cache
+from model_files import add_metadata, random_k_quant, random_params, write_gguf_file
 from transformers_utils import hf_logits, relative_error
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's quick compile
@@ -116,7 +117,6 @@ def test_a_model_with_some_of_gemmas_switches_is_refused_by_to_hf(tmp_path, capf
     from commands import refusal
     from mqa.workdir import write_workdir
     from mqa.config import load_config_file
-    from model_files import random_params
     config = load_config_file(REPO / "configs" / "tiny.py", ["model.qk_norm=true"])
     write_workdir(tmp_path / "w", config, random_params(config), tokenizer=None)
     said = refusal(capfd, "to-hf", "--src", tmp_path / "w", "--workdir", tmp_path / "out")
@@ -170,7 +170,6 @@ def write_gemma3_gguf(path: pathlib.Path, model, qtype_of) -> pathlib.Path:
     tensors, every norm as 1 + w in F32, q/k rows as they are, llama.cpp's metadata keys
     (no layer pattern, local RoPE base or query_pre_attn_scalar: llama.cpp fixes them)."""
     gguf = pytest.importorskip("gguf")
-    from model_files import add_metadata, random_k_quant
     c = model.config
     names = {hf: g for g, hf in GLOBAL_TENSORS.items()}
     for i in range(c.num_hidden_layers):
@@ -199,11 +198,7 @@ def write_gemma3_gguf(path: pathlib.Path, model, qtype_of) -> pathlib.Path:
             writer.add_tensor(names[name], random_k_quant(*weight.shape, qtype, rng), raw_dtype=qtype)
         else:
             writer.add_tensor(names[name], gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf_file(writer, path)
 
 
 def transformers_gguf(path: pathlib.Path):
@@ -344,11 +339,7 @@ def small_gemma3_gguf(path: pathlib.Path, arch: str = "gemma3") -> pathlib.Path:
         ("ffn_down.weight", (32, 64)), ("post_ffw_norm.weight", (32,)))})
     for name, shape in shapes.items():
         writer.add_tensor(name, np.zeros(shape, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf_file(writer, path)
 
 
 def test_small_gemma3_gguf_converts(tmp_path):

@@ -30,7 +30,7 @@ from mqa.convert.__main__ import main as convert_cli  # noqa: E402
 from mqa.convert.gguf_tokenizer import gguf_tokenizer  # noqa: E402
 from mqa.convert.llama_layout import hf_llama_tensors  # noqa: E402
 from commands import refusal  # noqa: E402
-from model_files import add_metadata, random_k_quant, tiny_gguf  # noqa: E402
+from model_files import add_metadata, random_k_quant, tiny_gguf, write_gguf_file  # noqa: E402
 from transformers_utils import hf_logits, relative_error  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's quick compile
@@ -140,11 +140,7 @@ def write_gguf(path: pathlib.Path, config: dict, weights: dict, vocab: dict, qty
             writer.add_tensor(gguf_name(name), random_k_quant(*weight.shape, qtype, rng), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name(name), gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf_file(writer, path)
 
 
 def random_llama(config: dict, vocab_size: int, tied: bool):

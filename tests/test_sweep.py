@@ -377,6 +377,27 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, tmp_path_factory, cap
         run_sweep(declared, tmp_path_factory.mktemp("changed"), seeds=2, **DECODE)
 
 
+def test_a_record_lacking_what_the_sweep_needs_is_not_restored(tmp_path):
+    """A tuning sweep needs each run's held-out halves, which a folder without checkpoints
+    cannot compute: a record without them is left alone (the point trains), one with them
+    is laid out."""
+    from mqa.sweep.record import restore
+    from mqa.sweep.results import RESTORED, config_snapshot
+    [point] = points(tiny_config(), {"model.num_kv_heads": [1]})
+    record = tmp_path / "record"
+    record.mkdir()
+    entry = {"result": {"name": point.name, "step": 4, "config": config_snapshot(point)},
+             "config": json.loads(point.config.to_json()), "metrics": [{"step": 4, "loss": 2.0}]}
+    (record / f"{point.name}.json").write_text(json.dumps(entry))
+    assert restore(record, tmp_path / "a", point, needs=("halves",)) is None
+    assert not (tmp_path / "a").exists()
+    entry["result"]["halves"] = {"tuning": {}, "test": {}}
+    (record / f"{point.name}.json").write_text(json.dumps(entry))
+    restored = restore(record, tmp_path / "b", point, needs=("halves",))
+    assert restored[RESTORED] and (tmp_path / "b" / "metrics.jsonl").read_text().strip() == \
+        json.dumps({"step": 4, "loss": 2.0})
+
+
 def test_recorded_paths_are_relative_to_the_record(tmp_path):
     for root in (tmp_path / "a", tmp_path / "deeper" / "b"):
         record = root / "benchmarks" / "results" / "x"

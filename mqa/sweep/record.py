@@ -63,15 +63,18 @@ def write_record(record: pathlib.Path, point_dir: pathlib.Path, result: dict) ->
     tmp.replace(target)
 
 
-def restore(record: pathlib.Path, point_dir: pathlib.Path, point: Point) -> dict | None:
-    """The point's recorded result when RECORD/<point>.json records this very config, its
-    folder laid out from the record (config.json, metrics.jsonl, result.json marked
+def restore(record: pathlib.Path, point_dir: pathlib.Path, point: Point,
+            needs: tuple[str, ...] = ()) -> dict | None:
+    """The point's recorded result when RECORD/<point>.json records this very config (and
+    holds the result keys `needs`, which a folder without checkpoints could not compute),
+    its folder laid out from the record (config.json, metrics.jsonl, result.json marked
     `results.RESTORED`); None when there is no such record or the folder already holds a run."""
     path = record / f"{point.name}.json"
     if not path.exists() or (point_dir / "checkpoints").exists():
         return None
     entry = json.loads(path.read_text())
-    if entry["result"].get("config") != portable(results.config_snapshot(point), record):
+    if (entry["result"].get("config") != portable(results.config_snapshot(point), record)
+            or any(key not in entry["result"] for key in needs)):
         return None
     point_dir.mkdir(parents=True, exist_ok=True)
     result = {**entry["result"], "config": results.config_snapshot(point), results.RESTORED: str(path)}

@@ -159,7 +159,8 @@ def train_point(point: Point, plan: list[Point], workdir: pathlib.Path, label: s
     kept in result.json. record: the sweep's record folder (`mqa.sweep.record`): a point
     recorded there is finished, and a point that finishes is recorded."""
     point_dir = workdir / point.name
-    if record is not None and record_lib.restore(record, point_dir, point) is not None:
+    needs = (tuning_lib.HALVES,) if halves else ()
+    if record is not None and record_lib.restore(record, point_dir, point, needs) is not None:
         print(f"{label}: recorded in {record}, skipped", flush=True)
     result = results.finished_result(point_dir, point)
     if result is not None:
