@@ -20,7 +20,7 @@ from mqa.convert.__main__ import main as convert_cli
 from mqa.convert.uptrain import KV_PROJECTIONS
 from mqa.model import Transformer
 from mqa.training import cross_entropy
-from mqa.workdir import data_config, params_by_name, write_workdir
+from mqa.workdir import data_config, params_by_name, params_from_names, write_workdir
 from commands import REPO, assert_one_line_error, refusal, run_train
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's quick compile
@@ -175,6 +175,145 @@ def test_widened_mlp_keeps_its_width(tmp_path):
     assert loaded.model_config.mlp_dim == source_mlp
 
 
+# ----------------------------------------------------------------------------- calibrated
+
+
+def calibration_text(tmp_path) -> pathlib.Path:
+    path = tmp_path / "calibration.txt"
+    rng = np.random.default_rng(5)
+    words = ["the", "river", "trade", "north", "island", "of", "and", "capital", "coast", "war"]
+    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(300)))
+    return path
+
+
+def commuting_rotation(rng, d: int, rope_dim: int) -> np.ndarray:
+    """A random orthogonal [d, d] that commutes with RoPE on the last rope_dim dimensions:
+    any orthogonal matrix on the others, a 2-D rotation in each rotary plane (0: all rotary)."""
+    rope_dim = rope_dim or d
+    free, half = d - rope_dim, rope_dim // 2
+    r = np.zeros((d, d))
+    r[:free, :free] = np.linalg.qr(rng.normal(size=(free, free)))[0] if free else r[:0, :0]
+    for i, angle in enumerate(rng.uniform(-np.pi, np.pi, half)):
+        a, b = free + i, free + half + i
+        r[np.ix_([a, b], [a, b])] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    return r
+
+
+@pytest.mark.parametrize("rope_dim", [0, 8])
+def test_rope_commuting_rotations_commute_and_are_recovered(rope_dim):
+    from mqa.convert.aligned import rope_commuting_rotation
+    from mqa.rope import apply_partial_rope
+    rng = np.random.default_rng(3)
+    r = commuting_rotation(rng, 16, rope_dim)
+    x = rng.normal(size=(1, 5, 1, 16))
+    positions = np.arange(5)
+    rotate = lambda a: np.asarray(apply_partial_rope(a, positions, 10000.0, rope_dim), np.float64)  # noqa: E731
+    np.testing.assert_allclose(rotate(x @ r), rotate(x) @ r, atol=1e-5)
+    source = rng.normal(size=(200, 16))
+    np.testing.assert_allclose(rope_commuting_rotation(source, source @ r, rope_dim), r, atol=1e-10)
+
+
+def rotated_copies(config, rope_dim: int):
+    """(MHA params whose K/V heads are rotated copies of head 0, with the rotations folded
+    into the queries and output rows, the MQA params they equal): the two compute the same
+    function, so aligning and pooling the MHA heads must give back the MQA model's logits."""
+    params = random_params(config)
+    rng = np.random.default_rng(4)
+    arrays = params_by_name(params)
+    q, k, v, out = (arrays[f"blocks.attention.{n}"].astype(np.float64) for n in ("q", "k", "v", "out"))
+    mqa_arrays = dict(arrays)
+    mqa_arrays["blocks.attention.k"], mqa_arrays["blocks.attention.v"] = k[:, :, :1], v[:, :, :1]
+    for layer in range(q.shape[0]):
+        for j in range(1, HEADS):  # MHA: query head j reads K/V head j
+            r, u = commuting_rotation(rng, 16, rope_dim), np.linalg.qr(rng.normal(size=(16, 16)))[0]
+            k[layer, :, j], v[layer, :, j] = k[layer, :, 0] @ r, v[layer, :, 0] @ u
+            q[layer, :, j] = q[layer, :, j] @ r
+            out[layer, j] = u.T @ out[layer, j]
+    for name, array in zip(("q", "k", "v", "out"), (q, k, v, out)):
+        arrays[f"blocks.attention.{name}"] = array.astype(np.float32)
+    mqa_config = tiny_config("model.num_kv_heads=1", f"model.rope_head_dim={rope_dim}")
+    return (params_from_names(build_model_config(config.model), arrays),
+            logits(mqa_config, params_from_names(build_model_config(mqa_config.model), mqa_arrays)))
+
+
+@pytest.mark.parametrize("rope_dim", [0, 8])
+def test_aligned_merging_recovers_heads_that_are_rotated_copies(tmp_path, capsys, rope_dim):
+    """Rotated copies of one head pooled into MQA: aligning first gives back the model
+    they equal; the plain mean does not."""
+    config = tiny_config(f"model.rope_head_dim={rope_dim}")
+    params, expected = rotated_copies(config, rope_dim)
+    source = write_source(tmp_path / "mha", config, params)
+    np.testing.assert_allclose(logits(config, params), expected, atol=2e-5, rtol=0)
+    convert_cli(["uptrain", "--src", str(source), "--num_kv_heads", "1", "--init", "aligned",
+                  "--text", str(calibration_text(tmp_path)), "--workdir", str(tmp_path / "aligned")])
+    assert "aligned on calibration text, then mean-pooled in groups of 4" in capsys.readouterr().out
+    np.testing.assert_allclose(mqa.load_model(tmp_path / "aligned")(TOKENS), expected, atol=1e-4, rtol=0)
+    mean = uptrain(source, tmp_path / "mean", 1)
+    assert np.max(np.abs(mean(TOKENS) - expected)) > 1e-2
+
+
+def test_alignment_keeps_the_function(tmp_path):
+    """Rotating each head onto the others (before pooling) changes no logit."""
+    from mqa.convert import aligned, calibration
+    config = tiny_config("model.rope_head_dim=8")
+    params = random_params(config)
+    source = mqa.load_model(write_source(tmp_path / "mha", config, params))
+    inputs = calibration.attention_inputs(source, calibration.calibration_tokens(
+        source, calibration_text(tmp_path), windows=4, seq_len=64))
+    rotated = aligned.align_kv_heads(params_by_name(params), source.model_config, inputs, 1)
+    assert not np.allclose(rotated["blocks.attention.k"], params_by_name(params)["blocks.attention.k"])
+    np.testing.assert_allclose(logits(config, params_from_names(source.model_config, rotated)),
+                               logits(config, params), atol=2e-5, rtol=0)
+
+
+def test_cross_layer_sharing_layout_and_least_squares(tmp_path, capsys):
+    """--kv_share_every 2: layer 0's parameters stay in blocks, layer 1's (but K/V) move to
+    shared_blocks; "first" keeps layer 0's K/V, and "aligned" is the float64 (ridge)
+    least-squares solution of the normal equations, which fits the group's keys better than either."""
+    from mqa.convert import calibration
+    from mqa.convert.cross_layer import RIDGE
+    config, params = tiny_config(), random_params(tiny_config())
+    source = write_source(tmp_path / "mha", config, params)
+    text = calibration_text(tmp_path)
+    src = params_by_name(params)
+    for init in ("first", "aligned"):
+        convert_cli(["uptrain", "--src", str(source), "--kv_share_every", "2", "--init", init,
+                      "--text", str(text), "--workdir", str(tmp_path / init)])
+    assert "K/V shared by 2 layers (a least-squares fit on calibration text)" in capsys.readouterr().out
+    first, fitted = (params_by_name(mqa.load_model(tmp_path / i).params) for i in ("first", "aligned"))
+    for name, array in src.items():
+        if name.startswith("blocks.") and name not in KV_PROJECTIONS:
+            assert np.array_equal(first[name], array[:1]) and np.array_equal(first["shared_" + name], array[1:])
+    assert np.array_equal(first["blocks.attention.k"], src["blocks.attention.k"][:1])
+
+    loaded = mqa.load_model(source)
+    x = calibration.attention_inputs(loaded, calibration.calibration_tokens(loaded, text)).astype(np.float64)
+    for name in KV_PROJECTIONS:
+        w = src[name].reshape(2, 64, -1).astype(np.float64)
+        target = (x[0] @ w[0] + x[1] @ w[1]) / 2
+        gram = x[0].T @ x[0] + RIDGE * np.trace(x[0].T @ x[0]) / 64 * np.eye(64)
+        normal = np.linalg.solve(gram, x[0].T @ target)
+        np.testing.assert_allclose(fitted[name].reshape(64, -1), normal, atol=2e-4, rtol=1e-3)
+        error = lambda kernel: sum(np.sum((x[0] @ kernel - x[l] @ w[l]) ** 2) for l in (0, 1))  # noqa: E731
+        assert error(fitted[name].reshape(64, -1)) < min(error(w[0]), error(w.mean(axis=0)))
+
+
+def test_config_only_retrofits(tmp_path, capsys):
+    """Windows and a quantized cache change the config and the cache, not the parameters."""
+    config, params = tiny_config(), random_params(tiny_config())
+    source = write_source(tmp_path / "mha", config, params)
+    convert_cli(["uptrain", "--src", str(source), "--sliding_window", "16", "--global_every", "2",
+                  "--kv_cache_dtype", "int8", "--workdir", str(tmp_path / "out")])
+    summary = capsys.readouterr().out
+    loaded = mqa.load_model(tmp_path / "out")
+    assert (loaded.model_config.sliding_window, loaded.model_config.global_every,
+            loaded.model_config.kv_cache_dtype) == (16, 2, "int8")
+    assert jax.tree.all(jax.tree.map(np.array_equal, loaded.params, params))
+    from mqa import accounting
+    per_token = accounting.kv_cache_bytes_per_token(loaded.model_config)
+    assert f"-> {per_token:,} bytes/token" in summary
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -197,6 +336,19 @@ def mha_source(tmp_path_factory) -> pathlib.Path:
 def test_bad_num_kv_heads_is_a_one_line_error(mha_source, tmp_path, capfd, num_kv_heads, named):
     message = uptrain_error(capfd, "--src", mha_source, "--num_kv_heads", num_kv_heads,
                             "--workdir", tmp_path / "out")
+    assert named in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--num_kv_heads", 1, "--init", "aligned"], "needs calibration text: pass --text FILE"),
+    (["--num_kv_heads", 1, "--init", "aligned", "--text", "missing.txt"], "--text file 'missing.txt' does not exist"),
+    (["--kv_share_every", 3], "--kv_share_every 3 must be >= 2 and divide the source's model.num_layers=2; valid: 2"),
+    (["--kv_share_every", 2, "--init", "random"], "--kv_share_every takes --init first, mean or aligned"),
+    (["--sliding_window", 0, "--global_every", 2], "global_every"),
+])
+def test_bad_retrofit_is_a_one_line_error(mha_source, tmp_path, capfd, args, named):
+    message = uptrain_error(capfd, "--src", mha_source, *args, "--workdir", tmp_path / "out")
     assert named in message
     assert not (tmp_path / "out").exists()
 

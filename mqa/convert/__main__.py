@@ -4,8 +4,9 @@
   python -m mqa.convert hf-gemma3 --src DIR --workdir OUT
   python -m mqa.convert gguf --src FILE.gguf --workdir OUT
   python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]     (--out DIR: the same)
-  python -m mqa.convert uptrain --src RUN --num_kv_heads K --workdir OUT [--init mean]
-      [--group adjacent|similarity] [--text FILE] [--step N]
+  python -m mqa.convert uptrain --src RUN --workdir OUT [--num_kv_heads K] [--init mean]
+      [--group adjacent|similarity] [--kv_share_every S] [--sliding_window W]
+      [--global_every N] [--kv_cache_dtype int8] [--text FILE] [--step N]
 
 Exit status: 0 when converted (a one-line summary on stdout, after any notes); 2 when
 refused (bad input or usage): one line on stderr, "error: " and what is wrong, no traceback.
@@ -26,6 +27,7 @@ from mqa.convert.hf_llama import convert_hf_llama
 from mqa.convert.to_hf import export_hf
 from mqa.convert.uptrain import KV_GROUPINGS, KV_INITS, convert_uptrain
 from mqa.data import DataError
+from mqa.kv_cache import CACHE_DTYPES
 from mqa.workdir import CheckpointError
 
 REFUSED = 2  # the exit status of a refusal, as argparse's for a usage error
@@ -52,19 +54,30 @@ def parser() -> argparse.ArgumentParser:
     hf_gemma3.add_argument("--src", required=True, help="the Hugging Face model directory")
     hf_gemma3.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
     uptrain = commands.add_parser(
-        "uptrain", help="a workdir of ours with fewer K/V heads, to uptrain (MHA -> GQA/MQA)")
+        "uptrain", help="a workdir of ours with a smaller KV cache, to uptrain or distil "
+        "(fewer K/V heads, cross-layer sharing, windows, a quantized cache)")
     uptrain.add_argument("--src", required=True, help="the workdir or checkpoint directory to convert")
-    uptrain.add_argument("--num_kv_heads", required=True, type=int,
-                         help="K/V heads of the result; must divide the source's")
+    uptrain.add_argument("--num_kv_heads", type=int,
+                         help="K/V heads of the result; must divide the source's (default: its own)")
     uptrain.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
     uptrain.add_argument("--init", choices=KV_INITS, default="mean",
-                         help="new K/V heads: mean-pool each group, its first head, or random")
+                         help="merged K/V heads (and shared layers): the mean, the first, random, "
+                         "or aligned on calibration --text first (a least-squares fit for layers)")
+    uptrain.add_argument("--kv_share_every", type=int,
+                         help="share K/V across groups of this many consecutive layers")
+    uptrain.add_argument("--sliding_window", type=int,
+                         help="local layers attend to (and cache) only this many positions")
+    uptrain.add_argument("--global_every", type=int,
+                         help="with --sliding_window: every N-th layer stays global")
+    uptrain.add_argument("--kv_cache_dtype", choices=[d for d in CACHE_DTYPES if d],
+                         help="store the cache quantized")
     uptrain.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
     uptrain.add_argument("--group", choices=KV_GROUPINGS, default="adjacent",
                          help="which heads share a K/V head: adjacent ones, or those whose "
                          "attention patterns are most alike (python -m mqa.analysis heads)")
-    uptrain.add_argument("--text", default=None, help="with --group similarity: the text the "
-                         "patterns are measured on (default: the run's held-out split)")
+    uptrain.add_argument("--text", default=None, help="calibration text: with --init aligned, "
+                         "what the fit reads (its held-out tail left out); with --group "
+                         "similarity, what patterns are measured on (default: the held-out split)")
     gguf = commands.add_parser(
         "gguf", help="a llama.cpp GGUF file of a Llama or a Gemma 3 (F32, F16, BF16 or quantized)")
     gguf.add_argument("--src", required=True, help="the .gguf file")
@@ -92,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
             summary = export_hf(args.src, args.workdir, args.step)
         else:
             summary = convert_uptrain(args.src, args.workdir, args.num_kv_heads, args.init,
-                                      args.step, args.group, args.text)
+                                      args.step, args.group, args.text,
+                                      kv_share_every=args.kv_share_every,
+                                      sliding_window=args.sliding_window,
+                                      global_every=args.global_every,
+                                      kv_cache_dtype=args.kv_cache_dtype)
     except REFUSALS as error:
         refuse(str(error))
     print(summary)

@@ -1,10 +1,22 @@
-"""Uptraining's starting point: `python -m mqa.convert uptrain --src RUN --num_kv_heads K
---workdir OUT [--init mean|first|random] [--group adjacent|similarity]`.
+"""Converting a model of ours into one with a smaller KV cache, as the starting point of
+uptraining or distillation: `python -m mqa.convert uptrain --src RUN --workdir OUT` with
+any of
 
-Turns a workdir of ours (MHA or GQA) into one with K key/value heads, as the starting point
-of uptraining (Ainslie et al. 2023): `train.py --config.train.init_from=OUT`. The heads
-pooled together are adjacent ones, or (`--group similarity`) those whose attention
-patterns are most alike (`mqa.head_similarity`). Every other parameter is copied unchanged.
+  --num_kv_heads K         fewer K/V heads (Ainslie et al. 2023): each group's heads merged by
+                           --init mean (default), first, random, or aligned (rotated onto
+                           each other on calibration text first, `mqa.convert.aligned`);
+                           --group similarity pools the heads that attend most alike
+  --kv_share_every S       K/V shared by groups of S layers (`mqa.convert.cross_layer`;
+                           --init first, mean or aligned: a least-squares fit)
+  --sliding_window W [--global_every N] [--attention_sinks S]
+                           local layers that cache only the last W positions (every N-th
+                           layer global) and the first S (StreamingLLM's sinks)
+  --kv_cache_dtype int8|int4   a quantized cache
+
+--init aligned reads calibration text (`--text FILE`, its held-out tail left out,
+`mqa.convert.calibration`). Every parameter not named above is copied unchanged; the
+windows, sinks and cache dtype change the config only. Then `train.py
+--config.train.init_from=OUT` uptrains it (with `train.distill_from`, towards the source).
 """
 
 from __future__ import annotations
@@ -17,13 +29,14 @@ import numpy as np
 from flax import nnx
 
 from mqa import accounting, analysis, data, head_similarity
+from mqa.convert import aligned, calibration, cross_layer
 from mqa.config import build_model_config, ModelConfig, validate
 from mqa.convert.errors import ConvertError
 from mqa.loading import load_model
 from mqa.model import Transformer
 from mqa.workdir import check_new_workdir, params_by_name, params_from_names, write_workdir
 
-KV_INITS = ("mean", "first", "random")
+KV_INITS = ("mean", "first", "random", "aligned")
 KV_GROUPINGS = ("adjacent", "similarity")
 KV_PROJECTIONS = ("blocks.attention.k", "blocks.attention.v")
 
@@ -63,9 +76,11 @@ def uptrain_params(params: nnx.State, source: ModelConfig, num_kv_heads: int, in
 
 
 def uptrain_config(config: ml_collections.ConfigDict, source: ModelConfig,
-                   num_kv_heads: int) -> ml_collections.ConfigDict:
-    """The source's experiment config with `num_kv_heads`; a widened MLP
-    (match_mha_params) is written out as its explicit mlp_dim so the shapes stay the source's."""
+                   num_kv_heads: int, **model: object) -> ml_collections.ConfigDict:
+    """The source's experiment config with `num_kv_heads` and the `model` fields given
+    (None: unchanged); a widened MLP (match_mha_params) is written out as its explicit
+    mlp_dim so the shapes stay the source's. One-line errors for a head count the source's
+    cannot be pooled into and for fields the model cannot take (`validate`)."""
     src_kv = source.num_kv_heads
     valid = [k for k in range(1, src_kv + 1) if src_kv % k == 0]
     if num_kv_heads not in valid:
@@ -75,6 +90,7 @@ def uptrain_config(config: ml_collections.ConfigDict, source: ModelConfig,
                            f"{src_kv}; valid: {', '.join(map(str, valid))}")
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.num_kv_heads = num_kv_heads
+    config.model.update({name: value for name, value in model.items() if value is not None})
     if config.model.match_mha_params:
         config.model.update(mlp_dim=source.mlp_dim, match_mha_params=False)
     return validate(config)
@@ -93,44 +109,75 @@ def similarity_order(source, num_kv_heads: int, text: str | None) -> tuple[nnx.S
     return params_from_names(source.model_config, arrays), orders
 
 
-def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path, num_kv_heads: int,
-                    init: str = "mean", step: int | None = None, group: str = "adjacent",
-                    text: str | None = None) -> str:
+def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
+                    num_kv_heads: int | None = None, init: str = "mean", step: int | None = None,
+                    group: str = "adjacent", text: str | None = None, *,
+                    kv_share_every: int | None = None, sliding_window: int | None = None,
+                    global_every: int | None = None, kv_cache_dtype: str | None = None) -> str:
     """Writes the model in `src` (a workdir or checkpoint of ours; `step`: default the
-    newest) with `num_kv_heads` K/V heads as a new workdir; returns a one-line summary.
+    newest) converted as the module docstring says into a new workdir; returns a one-line
+    summary. num_kv_heads None keeps the source's; init "aligned" reads calibration `text`.
 
     group: "adjacent" pools heads g*r .. g*r+r-1; "similarity" first reorders each layer's
     heads so that those with the most alike attention patterns on `text` are pooled
     together (`similarity_order`)."""
     if group not in KV_GROUPINGS:
         raise ConvertError(f"--group {group!r} is not one of: {', '.join(KV_GROUPINGS)}")
+    if init not in KV_INITS:
+        raise ConvertError(f"--init {init!r} is not one of: {', '.join(KV_INITS)}")
     workdir = pathlib.Path(workdir).expanduser()
     check_new_workdir(workdir)
     source = load_model(src, step=step)
-    if source.model_config.attention != "grouped":
-        raise ConvertError(f"the source has model.attention={source.model_config.attention!r}; "
-                           "uptrain pools the K/V heads of model.attention='grouped' only")
-    config = uptrain_config(source.config, source.model_config, num_kv_heads)
+    before = source.model_config
+    if before.attention != "grouped":
+        raise ConvertError(f"the source has model.attention={before.attention!r}; "
+                           "uptrain converts model.attention='grouped' only")
+    num_kv_heads = before.num_kv_heads if num_kv_heads is None else num_kv_heads
+    sharing = kv_share_every not in (None, before.kv_share_every)
+    if sharing:
+        cross_layer.check_sharing(before, kv_share_every, init)
+    config = uptrain_config(source.config, before, num_kv_heads, kv_share_every=kv_share_every,
+                            sliding_window=sliding_window, global_every=global_every,
+                            kv_cache_dtype=kv_cache_dtype)
+    merging = num_kv_heads != before.num_kv_heads
+    inputs = None
+    if init == "aligned" and (merging or sharing):
+        inputs = calibration.attention_inputs(source, calibration.calibration_tokens(source, text))
     params, grouping = source.params, ""
-    size = source.model_config.num_kv_heads // num_kv_heads
+    size = before.num_kv_heads // num_kv_heads
     if group == "similarity":
-        if source.model_config.sliding_window:
+        if before.sliding_window:
             raise ConvertError(f"--group similarity: the source has model.sliding_window="
-                               f"{source.model_config.sliding_window}, which the head analysis does "
+                               f"{before.sliding_window}, which the head analysis does "
                                "not model; use --group adjacent")
         params, orders = similarity_order(source, num_kv_heads, text)
         grouping = "; groups by attention similarity, per K/V layer: " + " ".join(
             "".join(f"({','.join(map(str, order[i:i + size]))})" for i in range(0, len(order), size))
             for order in orders)
-    params = uptrain_params(params, source.model_config, num_kv_heads, init,
-                            seed=config.train.seed)
+    if inputs is not None and merging:
+        params = params_from_names(before, aligned.align_kv_heads(
+            params_by_name(params), before, inputs, num_kv_heads))
+    merged = dataclasses.replace(before, num_kv_heads=num_kv_heads)
+    params = uptrain_params(params, before, num_kv_heads, init, seed=config.train.seed)
+    after = build_model_config(config.model)
+    if sharing:
+        params = params_from_names(after, cross_layer.share_layers(
+            params_by_name(params), merged, kv_share_every, init, inputs))
     tokenizer = source.path / data.TOKENIZER_FILE
     write_workdir(workdir, config, params, tokenizer if tokenizer.is_file() else None)
 
-    before, after = source.model_config, build_model_config(config.model)
     how = {"mean": f"mean-pooled in groups of {size}", "first": f"first head of each group of {size}",
-           "random": "re-initialised"}[init]
-    return (f"uptrained {src} (step {source.step}) -> {workdir}: K/V heads {before.num_kv_heads} -> "
-            f"{num_kv_heads} ({how}); parameters {accounting.param_count(before):,} -> "
-            f"{accounting.param_count(after):,}; KV cache {accounting.kv_cache_bytes_per_token(before):,}"
-            f" -> {accounting.kv_cache_bytes_per_token(after):,} bytes/token{grouping}")
+           "random": "re-initialised", "aligned": f"aligned on calibration text, then mean-pooled "
+           f"in groups of {size}"}[init]
+    changes = [f"K/V heads {before.num_kv_heads} -> {num_kv_heads}"
+               + (f" ({how})" if merging else "")] if merging or num_kv_heads == before.num_kv_heads else []
+    if sharing:
+        changes.append(f"K/V shared by {kv_share_every} layers ({cross_layer.HOW[init]})")
+    changes += [f"model.{name}={value}" for name, value in
+                (("sliding_window", sliding_window), ("global_every", global_every),
+                 ("kv_cache_dtype", kv_cache_dtype)) if value is not None]
+    per_token = accounting.kv_cache_bytes_per_token
+    return (f"uptrained {src} (step {source.step}) -> {workdir}: {'; '.join(changes)}; "
+            f"parameters {accounting.param_count(before):,} -> {accounting.param_count(after):,}; "
+            f"KV cache {per_token(before):,} -> {per_token(after):,} bytes/token"
+            f"{f' at {after.max_seq_len:,} tokens' if after.sliding_window else ''}{grouping}")

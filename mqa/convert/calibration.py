@@ -1,0 +1,53 @@
+"""Calibration data for the calibrated conversions (`mqa.convert uptrain --text FILE`).
+
+A calibration text is read the way a training run reads a text file: its last
+`data.heldout_fraction` is held out, and calibration sees only the part before it
+(`calibration_tokens`), so the same file's tail can score the converted model
+(`benchmarks/retrofit.py` does) without the conversion having seen it. What a conversion
+fits to is each layer's attention input on those tokens (`attention_inputs`).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from mqa.convert.errors import ConvertError
+from mqa.data.sources import split_text
+from mqa.loading import LoadedModel
+
+WINDOWS, SEQ_LEN = 16, 256  # calibration tokens: 16 windows of 256 by default (4,096 tokens)
+
+
+def calibration_tokens(model: LoadedModel, text: str | pathlib.Path | None, *,
+                       windows: int = WINDOWS, seq_len: int = SEQ_LEN) -> np.ndarray:
+    """int32 [windows, seq_len]: evenly spaced windows of the text file's calibration part
+    (all but its last `data.heldout_fraction`, as the source run's config sets it),
+    tokenized with the model's tokenizer. A ConvertError in one line for no text, a
+    missing file, a model without a tokenizer or too little text."""
+    if not text:
+        raise ConvertError("a calibrated conversion needs calibration text: pass --text FILE "
+                           "(for example data/factbook.txt; its held-out tail is not read)")
+    path = pathlib.Path(text)
+    if not path.is_file():
+        raise ConvertError(f"--text file {str(text)!r} does not exist")
+    if model.tokenizer is None:
+        raise ConvertError(f"{model.path} has no tokenizer.json, so --text cannot be encoded")
+    head, _ = split_text(path.read_text(encoding="utf-8"), model.config.data.heldout_fraction)
+    tokens = np.asarray(model.tokenizer.encode(head), np.int32)
+    if len(tokens) < seq_len:
+        raise ConvertError(f"--text {str(text)!r} has {len(tokens):,} calibration tokens, fewer "
+                           f"than one window of {seq_len}")
+    starts = np.linspace(0, len(tokens) - seq_len, windows).astype(int)
+    return np.stack([tokens[s:s + seq_len] for s in starts])
+
+
+def attention_inputs(model: LoadedModel, tokens: np.ndarray, batch: int = 4) -> np.ndarray:
+    """float32 [num_layers, windows * seq, d_model]: each layer's attention input (after its
+    norm) on tokens int32 [windows, seq], from the model's own layer loop."""
+    module, chunks = model.module(), []
+    for start in range(0, len(tokens), batch):
+        _, inputs = module(tokens[start:start + batch], attention_inputs=True)  # [L, b, t, m]
+        chunks.append(np.asarray(inputs, np.float32).reshape(inputs.shape[0], -1, inputs.shape[-1]))
+    return np.concatenate(chunks, axis=1)
