@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
         rope_head_dim=0,         # latent: rotary dims of the shared key and of each query head;
                                  # grouped: > 0 rotates only the last this many of each head (even, < head_dim), 0 all
         sliding_window=0,        # > 0: layers attend to the last this many positions (ring-buffer cache)
+        attention_sinks=0,       # with a window: the first this many positions stay visible (and cached)
         global_every=0,          # with a window, every N-th layer stays global; 0: all layers local
         kv_cache_dtype="",       # '': the compute dtype; int8: absmax-quantized per token and head
         head_dim=32,             # any even size; num_heads * head_dim need not equal d_model

@@ -235,13 +235,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+SINK_BACKENDS = ("einsum", "tiled")  # the backends whose masks take attention sinks
+
+
 def _check_attention_family(m) -> None:
     """`model.attention`'s own checks (its family's `validate`), the backend, and the
     fields and cache policies that combine with it."""
     _check_choice("model.attention", m.attention, tuple(FAMILIES))
     _check_choice("model.attention_impl", m.attention_impl, tuple(BACKENDS))
     _check_choice("model.kv_cache_dtype", m.kv_cache_dtype, CACHE_DTYPES)
-    for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window", "global_every"):
+    for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window", "global_every",
+                 "attention_sinks"):
         if m[name] < 0:
             raise ConfigError(f"model.{name}={m[name]} must be >= 0")
     for name in ("rope_local_theta", "attention_score_dim"):
@@ -265,6 +269,13 @@ def _check_attention_family(m) -> None:
         raise ConfigError(f"model.attention_impl={m.attention_impl!r} is for model.attention="
                           f"{' or '.join(map(repr, served))}; model.attention={m.attention!r} "
                           f"takes {' or '.join(map(repr, valid))}")
+    if m.attention_sinks and not m.sliding_window:
+        raise ConfigError(f"model.attention_sinks={m.attention_sinks} keeps the first positions "
+                          "visible through a sliding window and needs model.sliding_window > 0")
+    if m.attention_sinks and m.attention_impl not in SINK_BACKENDS:
+        raise ConfigError(f"model.attention_sinks={m.attention_sinks} does not combine with "
+                          f"model.attention_impl={m.attention_impl!r}; use "
+                          f"{' or '.join(map(repr, SINK_BACKENDS))}")
     if m.global_every and not m.sliding_window:
         raise ConfigError(f"model.global_every={m.global_every} needs model.sliding_window > 0")
     if m.rope_local_theta and not m.sliding_window:

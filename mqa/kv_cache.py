@@ -6,7 +6,8 @@ all heads, latent attention one latent and the shared rotary key), and two polic
 to any family:
   - a sliding window (`model.sliding_window`): a local layer's buffers are a ring of
     `min(sliding_window, max_len)` positions (position p in slot p % length), so their size
-    stays flat however long the context grows;
+    stays flat however long the context grows; with `model.attention_sinks` S the first S
+    slots keep positions 0..S-1 for good and the ring is the rest (`slot`);
   - `model.kv_cache_dtype="int8"`: every cached vector is stored as int8 with one float32
     absmax scale per token and head, quantized when written and dequantized when read.
 `mqa.accounting.kv_cache_bytes` counts exactly the bytes `init_cache` allocates.
@@ -67,9 +68,9 @@ def to_cache_axes(x: jax.Array, axes: str) -> jax.Array:
 
 
 def buffer_length(config: ModelConfig, kv_layer: int, max_len: int) -> int:
-    """Positions a K/V layer's buffers hold: max_len, or the window of a local layer."""
+    """Positions a K/V layer's buffers hold: max_len, or a local layer's window and sinks."""
     local = config.is_local(kv_layer * config.kv_share_every)
-    return min(config.sliding_window, max_len) if local else max_len
+    return min(config.sliding_window + config.attention_sinks, max_len) if local else max_len
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
@@ -117,21 +118,36 @@ def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
 # ----------------------------------------------------------------------------- writing
 
 
-def slot_positions(last: jax.Array, length: int) -> jax.Array:
+def slot(position: jax.Array, length: int, sinks: int = 0) -> jax.Array:
+    """The slot of a ring buffer of `length` slots that holds `position`: p % length, or
+    with `sinks` S the first S positions in slots 0..S-1 and the others in a ring of the
+    remaining length - S slots."""
+    if not sinks:
+        return position % length
+    return jnp.where(position < sinks, position, sinks + jnp.mod(position - sinks, length - sinks))
+
+
+def slot_positions(last: jax.Array, length: int, sinks: int = 0) -> jax.Array:
     """int32 [length]: the position each slot of a ring buffer holds once positions up to
-    `last` are written (position p lives in slot p % length); -1 where none has been."""
+    `last` are written (`slot`); a negative number (-1 with sinks) where none has been."""
     slots = jnp.arange(length)
-    return last - jnp.mod(last - slots, length)
+    if not sinks:
+        return last - jnp.mod(last - slots, length)
+    after = last - sinks  # the newest position, counted from the first the ring holds
+    ring = sinks + after - jnp.mod(after - (slots - sinks), length - sinks)
+    return jnp.where(slots < sinks, jnp.where(slots <= last, slots, -1),
+                     jnp.where(ring >= sinks, ring, -1))
 
 
 def update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[str, str],
-           index: jax.Array, *, ring: bool, dtype
+           index: jax.Array, *, ring: bool, dtype, sinks: int = 0
            ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array | None]:
     """Writes a layer's new vectors into its buffers and returns what attention reads.
 
     buffers: the layer's cache dict. new: entry name -> [batch, seq, heads, dim] (heads 1
       for a shared entry) at positions index .. index + seq - 1; axes: entry name -> its
-      buffer's axes (`CacheEntry.axes`). ring: the buffers are a sliding window's ring.
+      buffer's axes (`CacheEntry.axes`). ring: the buffers are a sliding window's ring
+      (with `sinks` of its first slots kept for the first positions, `slot`).
     Returns (the updated buffers, entry name -> every cached vector laid out as its buffer
     (dequantized, in `dtype`), the key positions int32 [keys], or None when slot s holds
     position s).
@@ -155,14 +171,14 @@ def update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[
     updated = dict(buffers)
     if not ring or t == 1:
         for name, (values, scales) in stored.items():
-            start = index % length[name] if ring else index
+            start = slot(index, length[name], sinks) if ring else index
             at = tuple(start if c == "s" else 0 for c in axes[name])
             updated[name] = jax.lax.dynamic_update_slice(buffers[name], values, at)
             if int8:
                 updated[f"{name}_scale"] = jax.lax.dynamic_update_slice(
                     buffers[f"{name}_scale"], scales, at[:-1])
         attended = {name: read(updated[name], updated.get(f"{name}_scale")) for name in new}
-        positions = slot_positions(index, length[next(iter(new))]) if ring else None
+        positions = slot_positions(index, length[next(iter(new))], sinks) if ring else None
         return updated, attended, positions
 
     # A chunk into a ring: attend to [the ring as it was, the chunk], then keep the chunk's tail.
@@ -171,24 +187,39 @@ def update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[
         axis, keep = s_axis[name], min(t, length[name])
         old = read(buffers[name], buffers.get(f"{name}_scale"))
         attended[name] = jnp.concatenate([old, read(values, scales)], axis=axis)
+        if sinks:  # each slot takes the chunk's vector of the position it holds afterwards
+            after = slot_positions(index + t - 1, length[name], sinks)
+            updated[name] = _gather_write(buffers[name], values, after - index, axis)
+            if int8:
+                updated[f"{name}_scale"] = _gather_write(buffers[f"{name}_scale"], scales, after - index, axis)
+            continue
         slots = jnp.mod(index + t - keep + jnp.arange(keep), length[name])
         updated[name] = _scatter(buffers[name], slots, jax.lax.slice_in_dim(values, t - keep, t, axis=axis), axis)
         if int8:
             updated[f"{name}_scale"] = _scatter(buffers[f"{name}_scale"], slots,
                                                 jax.lax.slice_in_dim(scales, t - keep, t, axis=axis), axis)
     first = next(iter(new))
-    positions = jnp.concatenate([slot_positions(index - 1, length[first]), index + jnp.arange(t)])
+    positions = jnp.concatenate([slot_positions(index - 1, length[first], sinks), index + jnp.arange(t)])
     return updated, attended, positions
 
 
 def write(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[str, str],
-          index: jax.Array, *, ring: bool, dtype) -> tuple[dict[str, jax.Array], Keys]:
+          index: jax.Array, *, ring: bool, dtype, sinks: int = 0) -> tuple[dict[str, jax.Array], Keys]:
     """`update`, returning what a layer attends to as `Keys` (CACHED mode): the updated
     buffers and every cached vector with its positions, the queries starting at `index`."""
-    buffers, attended, positions = update(buffers, new, axes, index, ring=ring, dtype=dtype)
+    buffers, attended, positions = update(buffers, new, axes, index, ring=ring, dtype=dtype,
+                                          sinks=sinks)
     return buffers, Keys(attended, {name: axes[name] for name in attended}, positions, index)
 
 
 def _scatter(buffer: jax.Array, slots: jax.Array, values: jax.Array, axis: int) -> jax.Array:
     """buffer with `values` written at indices `slots` along `axis`."""
     return buffer.at[(slice(None),) * axis + (slots,)].set(values)
+
+
+def _gather_write(buffer: jax.Array, values: jax.Array, offsets: jax.Array, axis: int) -> jax.Array:
+    """buffer with slot s along `axis` replaced by values[offsets[s]] where 0 <= offsets[s]
+    (the slot now holds one of the chunk's positions) and kept elsewhere."""
+    taken = jnp.take(values, jnp.clip(offsets, 0, values.shape[axis] - 1), axis=axis)
+    chosen = (offsets >= 0).reshape([-1 if a == axis else 1 for a in range(buffer.ndim)])
+    return jnp.where(chosen, taken, buffer)

@@ -185,7 +185,8 @@ class Transformer(nnx.Module):
                 else:
                     axes = kv_cache.entry_axes(config, x.shape[0])
                     buffers, keys = kv_cache.write(buffers, new, axes, index, ring=window is not None,
-                                                   dtype=jnp.dtype(config.dtype))
+                                                   dtype=jnp.dtype(config.dtype),
+                                                   sinks=config.attention_sinks)
             attended = block.attention.attend(queries, keys, mode=mode, window=window, backend=backend)
             if config.post_norms:
                 attended = block.attention_post_norm(attended)

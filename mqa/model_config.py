@@ -30,6 +30,7 @@ class ModelConfig:
     q_latent_dim: int
     rope_head_dim: int
     sliding_window: int
+    attention_sinks: int
     global_every: int
     kv_cache_dtype: str
     tie_embeddings: bool

@@ -68,6 +68,7 @@ OPTIONS = {
     "local": WINDOW,
     "local-global": LOCAL_GLOBAL,
     "int8": dict(LOCAL_GLOBAL, kv_cache_dtype="int8"),  # int8 rings and int8 global buffers
+    "sinks": dict(LOCAL_GLOBAL, attention_sinks=2, kv_cache_dtype="int8"),  # 2 sinks + a ring of 5
     "sharing": dict(num_layers=4, kv_share_every=2),  # two groups of two layers
     "tiled": dict(attention_impl="tiled", attention_block=5),  # 24 tokens: 5 tiles, one short
     "tiled-local-global": dict(LOCAL_GLOBAL, attention_impl="tiled", attention_block=5),
@@ -86,9 +87,10 @@ REFUSED = {  # (family, option) -> what the config says (one line)
 ROWS = [(f, o) for f in FAMILIES for o in OPTIONS if (f, o) not in REFUSED]
 # How a row decodes (`decode`'s chunk, chunks): by default a 4-token prompt and two 4-token
 # chunks, each shorter than a 5-position ring, the second wrapping it; a whole ring of
-# local layers and an int8 cache take a 7-token prompt, longer than the ring. Then every
+# local layers and an int8 cache take a 7-token prompt, longer than the ring (sinks: a
+# 9-token prompt, longer than the 2 sinks and the ring of 5 together). Then every
 # row decodes the rest a token at a time.
-SCHEDULES = {"local": (7, 1), "int8": (7, 1)}
+SCHEDULES = {"local": (7, 1), "int8": (7, 1), "sinks": (9, 1)}
 
 
 def row_config(family: str, option: str) -> ModelConfig:
@@ -281,7 +283,8 @@ def reference_logits(model: Transformer, toks, *, quantize_kv: bool = False) -> 
         q_latent=c.q_latent_dim > 0, unembed=None if c.tie_embeddings else model.unembed[...],
         local_theta=c.rope_local_theta, score_dim=c.attention_score_dim or None,
         embed_scale=c.embed_scale, one_plus=c.norm_scale == "one_plus_weight",
-        activation=c.mlp_activation, rope_dim=c.rope_head_dim if c.attention == "grouped" else 0)
+        activation=c.mlp_activation, rope_dim=c.rope_head_dim if c.attention == "grouped" else 0,
+        sinks=c.attention_sinks)
 
 
 # ----------------------------------------------------------------------------- table rows

@@ -35,15 +35,15 @@ def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def allowed_mask(q_len, kv_len, *, q_offset=None, window=0):
+def allowed_mask(q_len, kv_len, *, q_offset=None, window=0, sinks=0):
     """bool [q_len, kv_len]: query i (absolute position t = offset + i) may read key s iff
-    s <= t and, with window > 0, t - window < s."""
+    s <= t and, with window > 0, t - window < s or s < sinks (attention sinks)."""
     offset = kv_len - q_len if q_offset is None else q_offset
     t = (offset + np.arange(q_len))[:, None]
     s = np.arange(kv_len)[None, :]
     allowed = s <= t
     if window > 0:
-        allowed &= s > t - window
+        allowed &= (s > t - window) | (s < sinks)
     return allowed
 
 
@@ -56,7 +56,7 @@ def _masked_softmax(logits, allowed):
     return probs / probs.sum(axis=-1, keepdims=True)
 
 
-def attention_loops(q, k, v, *, causal=True, q_offset=None, window=0, score_dim=None):
+def attention_loops(q, k, v, *, causal=True, q_offset=None, window=0, score_dim=None, sinks=0):
     """Attention written head by head: query head h reads K/V head h // group.
 
     q: [batch, q_len, heads, dim]; k, v: [batch, kv_len, kv_heads, dim] -> [batch, q_len, heads, dim].
@@ -75,7 +75,7 @@ def attention_loops(q, k, v, *, causal=True, q_offset=None, window=0, score_dim=
         kh = h // group
         logits = np.einsum("btd,bsd->bts", q[:, :, h], k[:, :, kh]) / np.sqrt(score_dim or dim)
         if causal:
-            allowed = allowed_mask(q_len, kv_len, q_offset=offset, window=window)
+            allowed = allowed_mask(q_len, kv_len, q_offset=offset, window=window, sinks=sinks)
             logits = np.where(allowed[None], logits, -np.inf)
         logits -= logits.max(axis=-1, keepdims=True)
         probs = np.exp(logits)
@@ -135,7 +135,7 @@ def is_local_layer(index, sliding_window, global_every):
 
 
 def grouped_loops(layer, x, *, kv_state=None, sliding_window=0, quantize_kv=False,
-                  theta=10000.0, score_dim=None, eps=1e-5, one_plus=False, rope_dim=0):
+                  theta=10000.0, score_dim=None, eps=1e-5, one_plus=False, rope_dim=0, sinks=0):
     """One grouped-query attention layer (before the residual).
 
     layer: `q` [m, h, d], `out` [h, d, m] and, unless kv_state is given, `k`, `v` [m, kv, d];
@@ -163,11 +163,12 @@ def grouped_loops(layer, x, *, kv_state=None, sliding_window=0, quantize_kv=Fals
             k, v = int8_round_trip(k), int8_round_trip(v)
         kv_state = (k, v)
     k, v = kv_state
-    attended = attention_loops(q, k, v, window=sliding_window, score_dim=score_dim)
+    attended = attention_loops(q, k, v, window=sliding_window, score_dim=score_dim, sinks=sinks)
     return np.einsum("bthd,hdm->btm", attended, _f64(layer["out"])), kv_state
 
 
-def tied_loops(layer, x, *, kv_state=None, sliding_window=0, quantize_kv=False, theta=10000.0):
+def tied_loops(layer, x, *, kv_state=None, sliding_window=0, quantize_kv=False, theta=10000.0,
+               sinks=0):
     """One Grouped-Tied Attention layer (Zadouri, Strauss & Dao 2025), before the residual.
 
     layer: `q` [m, h, d], `out` [h, d, m] and, unless kv_state is given, `kv` [m, kv, d] and
@@ -192,7 +193,7 @@ def tied_loops(layer, x, *, kv_state=None, sliding_window=0, quantize_kv=False, 
     tied, rotary = kv_state
     kv_heads, r = tied.shape[2], rotary.shape[-1]
     n, group = d - r, heads // kv_heads
-    allowed = allowed_mask(seq, seq, window=sliding_window)
+    allowed = allowed_mask(seq, seq, window=sliding_window, sinks=sinks)
     output = np.zeros((batch, seq, wout.shape[-1]))
     for j in range(heads):
         c = j // group
@@ -220,15 +221,16 @@ def _latent_parts(layer, x, q_latent, quantize_kv, theta, eps):
     return latent, rotary, qin
 
 
-def _latent_setup(layer, x, q_latent, sliding_window, quantize_kv, theta, eps):
+def _latent_setup(layer, x, q_latent, sliding_window, quantize_kv, theta, eps, sinks):
     """What both latent forms start from: (L, R, the query input, positions, the mask)."""
     latent, rotary, qin = _latent_parts(layer, x, q_latent, quantize_kv, theta, eps)
     seq = x.shape[1]
-    return latent, rotary, qin, np.arange(seq), allowed_mask(seq, seq, window=sliding_window)
+    return latent, rotary, qin, np.arange(seq), allowed_mask(seq, seq, window=sliding_window,
+                                                             sinks=sinks)
 
 
 def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=False,
-                 theta=10000.0, eps=1e-5):
+                 theta=10000.0, eps=1e-5, sinks=0):
     """One Multi-head Latent Attention layer (DeepSeek-V2 2024), expanded, before the residual.
 
     layer: `kv_down` [m, c], `kv_norm` [c], `k_up` [c, h, d], `v_up` [c, h, d], `k_rope` [m, r],
@@ -240,7 +242,7 @@ def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=Fals
     With quantize_kv, [L, R] (after rope) is one int8 round trip per token. -> [batch, seq, m].
     """
     latent, rotary, qin, positions, allowed = _latent_setup(layer, x, q_latent, sliding_window,
-                                                            quantize_kv, theta, eps)
+                                                            quantize_kv, theta, eps, sinks)
     wq, wq_rope, k_up, v_up, wout = (_f64(layer[name]) for name in
                                      ("q", "q_rope", "k_up", "v_up", "out"))
     heads, d, r = wq.shape[1], wq.shape[2], rotary.shape[-1]
@@ -258,13 +260,13 @@ def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=Fals
 
 
 def latent_absorbed_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=False,
-                          theta=10000.0, eps=1e-5):
+                          theta=10000.0, eps=1e-5, sinks=0):
     """The same layer as `latent_loops` in the absorbed form DeepSeek decodes with: per head,
     q[:, j] @ k_up[:, j]^T maps queries into the latent space, scores are taken against L
     directly (plus the rotary part), and the attention-weighted latent leaves through
     v_up[:, j] @ out[j] [c, m]. Keys and values are never expanded. -> [batch, seq, m]."""
     latent, rotary, qin, positions, allowed = _latent_setup(layer, x, q_latent, sliding_window,
-                                                            quantize_kv, theta, eps)
+                                                            quantize_kv, theta, eps, sinks)
     wq, wq_rope, k_up, v_up, wout = (_f64(layer[name]) for name in
                                      ("q", "q_rope", "k_up", "v_up", "out"))
     heads, d, r = wq.shape[1], wq.shape[2], rotary.shape[-1]
@@ -285,7 +287,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
                       eps=1e-5, attention="grouped", sliding_window=0, global_every=0,
                       quantize_kv=False, q_latent=False, local_theta=0.0, score_dim=None,
                       embed_scale=False, one_plus=False, activation="silu", unembed=None,
-                      rope_dim=0):
+                      rope_dim=0, sinks=0):
     """The language model's logits, one layer after another.
 
     layers: a list, in order, of dicts with `attention_norm`, `mlp_norm`, `gate`, `up`, `down`
@@ -294,7 +296,8 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
       the layers whose index is a multiple of it need their K/V parameters (grouped `k`, `v`;
       tied `kv`, `k_rope`); the layers between reuse the K/V (T/R) that layer computed.
     attention: "grouped" | "tied" | "latent". sliding_window > 0: local layers (see
-      `is_local_layer`, with global_every) attend to the last `sliding_window` positions.
+      `is_local_layer`, with global_every) attend to the last `sliding_window` positions,
+      and to the first `sinks` (attention sinks).
     quantize_kv: what a cache holds is replaced by its int8 round trip before use.
     q_latent (latent only): queries through a normed low-rank q_down.
     Gemma 3's options: local_theta > 0 is the rope base of local layers; score_dim (grouped)
@@ -328,7 +331,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
         h = norm(x, "attention_norm")
         if i % kv_share_every == 0:
             kv_state = None
-        common = dict(sliding_window=window, quantize_kv=quantize_kv,
+        common = dict(sliding_window=window, quantize_kv=quantize_kv, sinks=sinks if local else 0,
                       theta=local_theta if local and local_theta else theta)
         if attention == "grouped":
             attended, kv_state = grouped_loops(layer, h, kv_state=kv_state, score_dim=score_dim,

@@ -156,6 +156,10 @@ def test_absorbed_latent_attention_equals_the_expanded_form():
     (["model.sliding_window=64", "model.kv_share_every=2"],
      "model.sliding_window=64 does not combine with model.kv_share_every=2"),
     (["model.sliding_window=-1"], "model.sliding_window=-1 must be >= 0"),
+    (["model.attention_sinks=4"], "model.attention_sinks=4 keeps the first positions visible "
+     "through a sliding window and needs model.sliding_window > 0"),
+    (["model.sliding_window=64", "model.attention_sinks=4", "model.attention_impl=blockwise"],
+     "model.attention_sinks=4 does not combine with model.attention_impl='blockwise'; use 'einsum' or 'tiled'"),
     (["model.kv_cache_dtype=int4"], "model.kv_cache_dtype='int4' is not one of: '', 'int8'"),
     (["model.attention=mla"], "model.attention='mla' is not one of: 'grouped', 'tied', 'latent'"),
     (["model.attention=latent", "model.kv_latent_dim=2048", "model.rope_head_dim=4",

@@ -303,11 +303,11 @@ def test_config_only_retrofits(tmp_path, capsys):
     config, params = tiny_config(), random_params(tiny_config())
     source = write_source(tmp_path / "mha", config, params)
     convert_cli(["uptrain", "--src", str(source), "--sliding_window", "16", "--global_every", "2",
-                  "--kv_cache_dtype", "int8", "--workdir", str(tmp_path / "out")])
+                  "--attention_sinks", "2", "--kv_cache_dtype", "int8", "--workdir", str(tmp_path / "out")])
     summary = capsys.readouterr().out
     loaded = mqa.load_model(tmp_path / "out")
     assert (loaded.model_config.sliding_window, loaded.model_config.global_every,
-            loaded.model_config.kv_cache_dtype) == (16, 2, "int8")
+            loaded.model_config.attention_sinks, loaded.model_config.kv_cache_dtype) == (16, 2, 2, "int8")
     assert jax.tree.all(jax.tree.map(np.array_equal, loaded.params, params))
     from mqa import accounting
     per_token = accounting.kv_cache_bytes_per_token(loaded.model_config)

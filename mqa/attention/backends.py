@@ -44,7 +44,8 @@ def _whole(core, queries, keys, *, window=None, **options):
 def _tiled(block: int) -> SelfAttention:
     def run(core, queries, keys, *, window=None, **options):
         tiled_core = functools.partial(core, **options) if options else core
-        return over_query_tiles(tiled_core, queries, keys, block=block, window=window)
+        return over_query_tiles(tiled_core, queries, keys, block=block, window=window,
+                                sinks=options.get("sinks", 0))
     return run
 
 

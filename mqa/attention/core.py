@@ -21,7 +21,7 @@ import jax.numpy as jnp
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
            q_offset: jax.Array | int | None = None, kv_layout: str = "bskd",
            window: jax.Array | int | None = None, k_positions: jax.Array | None = None,
-           score_dim: int | None = None) -> jax.Array:
+           score_dim: int | None = None, sinks: int = 0) -> jax.Array:
     """Softmax attention with K/V heads shared by groups of query heads.
 
     Args:
@@ -33,7 +33,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       causal: query i attends to keys at positions <= its own.
       q_offset: position of the first query among the keys (may be traced). Defaults to
         kv_len - q_len: the queries are the last q_len positions (the decoding convention).
-      window, k_positions: see `causal_mask` (a sliding window; keys in a ring buffer).
+      window, k_positions, sinks: see `causal_mask` (a sliding window; keys in a ring
+        buffer; attention sinks).
       score_dim: the scores are q.k / sqrt(score_dim); default head_dim (Gemma's
         query_pre_attn_scalar may differ, `ModelConfig.score_dim`).
     Returns:
@@ -53,7 +54,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     f32 = dict(preferred_element_type=jnp.float32)
     logits = ordered_einsum(f"{kv_layout},{q_axes}->{score_axes}", k, q, **f32)
     logits = logits / jnp.sqrt(jnp.float32(score_dim or d))
-    probs = masked_softmax(logits, causal_mask(t, kv_len, q_offset, window, k_positions)
+    probs = masked_softmax(logits, causal_mask(t, kv_len, q_offset, window, k_positions, sinks)
                            if causal else None).astype(v.dtype)
     out = ordered_einsum(f"{score_axes},{kv_layout}->{q_axes}", probs, v, **f32)
     return out.reshape(b, t, h, d).astype(q.dtype)
@@ -79,13 +80,15 @@ def ordered_einsum(spec: str, x: jax.Array, y: jax.Array, **kwargs) -> jax.Array
 
 
 def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int | None = None,
-                window: jax.Array | int | None = None, k_positions: jax.Array | None = None
-                ) -> jax.Array:
+                window: jax.Array | int | None = None, k_positions: jax.Array | None = None,
+                sinks: int = 0) -> jax.Array:
     """bool [q_len, kv_len]: True where query t (at position q_offset + t) may see key s.
 
     A key is visible when its position p satisfies q - window < p <= q (window None: no
-    lower bound) and p >= 0. k_positions: int [kv_len], each key's position (a ring buffer's
-    slots hold positions out of order, -1 for a slot not yet written); default 0..kv_len-1.
+    lower bound) and p >= 0; with `sinks` S > 0 also when p < S (attention sinks,
+    StreamingLLM: the first S positions stay visible through any window). k_positions: int
+    [kv_len], each key's position (a ring buffer's slots hold positions out of order, -1
+    for a slot not yet written); default 0..kv_len-1.
     """
     if q_offset is None:
         q_offset = kv_len - q_len
@@ -95,7 +98,7 @@ def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int | None = None
     if k_positions is not None:
         visible &= k_pos >= 0
     if window is not None:
-        visible &= k_pos > q_pos - window
+        visible &= (k_pos > q_pos - window) | (k_pos < sinks)
     return visible
 
 

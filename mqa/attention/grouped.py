@@ -18,7 +18,7 @@ from flax import nnx
 
 from mqa.attention.core import attend as grouped_core
 from mqa.attention.core import dense, init_output, init_params
-from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention
+from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention, sink_options
 from mqa.errors import ConfigError
 from mqa.model_config import ModelConfig
 from mqa.norm import model_norm
@@ -99,6 +99,7 @@ class GroupedAttention(AttentionFamily):
         k, v = keys.arrays["k"], keys.arrays["v"]
         # Gemma's attention scale, passed only when it is not the cores' own 1 / sqrt(head_dim)
         options = {"score_dim": self.config.score_dim} if self.config.attention_score_dim else {}
+        options.update(sink_options(self.config))
         if mode is Mode.SELF:
             out = backend(grouped_core, (q,), (k, v), window=window, **options)
         else:

@@ -26,7 +26,7 @@ from flax import nnx
 
 from mqa.attention.core import (causal_mask, dense, init_output, init_params, masked_softmax,
                                ordered_einsum)
-from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention
+from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention, sink_options
 from mqa.errors import ConfigError
 from mqa.model_config import ModelConfig
 from mqa.norm import RMSNorm
@@ -44,7 +44,7 @@ def attend_latent_expanded(q: jax.Array, q_rope: jax.Array, k: jax.Array, v: jax
                            k_rope: jax.Array, **mask) -> jax.Array:
     """q: [b, t, h, d]; q_rope: [b, t, h, r] rotated; k, v: [b, s, h, d], the latent
     expanded (`expand_latent`); k_rope: [b, s, r] rotated. mask: `causal_mask`'s q_offset,
-    window, k_positions. Returns [b, t, h, d]: softmax((q.k + q_rope.k_rope) / sqrt(d + r)) v."""
+    window, k_positions, sinks. Returns [b, t, h, d]: softmax((q.k + q_rope.k_rope) / sqrt(d + r)) v."""
     b, t, h, d = q.shape
     logits = (jnp.einsum("bthd,bshd->bhts", q, k, **F32)
               + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, **F32))
@@ -77,9 +77,9 @@ def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, cached: jax.Array, k
     return jnp.einsum("bthc,chd->bthd", out[..., :c].astype(q.dtype), v_up, **F32).astype(q.dtype)
 
 
-def _softmax(logits, key_dim, t, s, *, q_offset=0, window=None, k_positions=None):
+def _softmax(logits, key_dim, t, s, *, q_offset=0, window=None, k_positions=None, sinks=0):
     return masked_softmax(logits / jnp.sqrt(jnp.float32(key_dim)),
-                          causal_mask(t, s, q_offset, window, k_positions))
+                          causal_mask(t, s, q_offset, window, k_positions, sinks))
 
 
 class LatentAttention(AttentionFamily):
@@ -180,9 +180,11 @@ class LatentAttention(AttentionFamily):
             c = config.kv_latent_dim
             latent, k_rope = cached[..., :c], cached[..., c:]
             out = backend(attend_latent_expanded, (q, q_rope),
-                          (*expand_latent(latent, k_up, v_up), k_rope), window=window)
+                          (*expand_latent(latent, k_up, v_up), k_rope), window=window,
+                          **sink_options(config))
         else:
             out = attend_latent_absorbed(q, q_rope, cached, k_up, v_up,
                                          cached_layout=keys.axes["latent"], q_offset=keys.q_offset,
-                                         window=window, k_positions=keys.positions)
+                                         window=window, k_positions=keys.positions,
+                                         **sink_options(config))
         return dense(out, self.out[...].astype(dtype), contract=2)

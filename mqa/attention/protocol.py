@@ -145,6 +145,12 @@ class AttentionFamily(nnx.Module):
         raise NotImplementedError
 
 
+def sink_options(config: "ModelConfig") -> dict[str, int]:
+    """The cores' keyword for `model.attention_sinks` (`core.causal_mask`'s `sinks`), passed
+    only when set: without sinks every backend's call stays as it was."""
+    return {"sinks": config.attention_sinks} if config.attention_sinks else {}
+
+
 # A backend's way of running causal self-attention (Mode.SELF) through a family's einsum
 # core: backend(core, queries, keys, window=..., **options) -> [batch, seq, ...] (`backends.py`).
 SelfAttention = Callable[..., jax.Array]

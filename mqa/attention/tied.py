@@ -18,7 +18,7 @@ from flax import nnx
 
 from mqa.attention.core import (causal_mask, dense, init_output, init_params, masked_softmax,
                                ordered_einsum)
-from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention
+from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention, sink_options
 from mqa.errors import ConfigError
 from mqa.model_config import ModelConfig
 from mqa.rope import apply_partial_rope, apply_rope
@@ -26,7 +26,7 @@ from mqa.rope import apply_partial_rope, apply_rope
 
 def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout: str = "bskd",
                 q_offset: jax.Array | int = 0, window: jax.Array | int | None = None,
-                k_positions: jax.Array | None = None) -> jax.Array:
+                k_positions: jax.Array | None = None, sinks: int = 0) -> jax.Array:
     """Causal attention with tied keys and values and a shared rotary key.
 
     q: [b, t, h, d], its last d/2 dimensions already rotated; tied: [b, s, k, d] ("bskd")
@@ -54,7 +54,7 @@ def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout
     logits = (ordered_einsum(f"{key_axes},{q_axes}->{score_axes}", keys, q_keys, **f32)
               + ordered_einsum(f"{rope_axes},{q_axes}->{score_axes}", k_rope, q[..., n:], **f32))
     probs = masked_softmax(logits / jnp.sqrt(jnp.float32(d)),
-                           causal_mask(t, kv_len, q_offset, window, k_positions))
+                           causal_mask(t, kv_len, q_offset, window, k_positions, sinks))
     out = ordered_einsum(f"{score_axes},{tied_layout}->{q_axes}", probs.astype(tied.dtype), tied,
                          **f32)
     return out.reshape(b, t, h, d).astype(q.dtype)
@@ -118,9 +118,10 @@ class TiedAttention(AttentionFamily):
         """The queries against `keys` ("kv", "k_rope"), through the output projection: [b, t, m]."""
         (q,), dtype = queries, jnp.dtype(self.config.dtype)
         tied, k_rope = keys.arrays["kv"], keys.arrays["k_rope"]
+        sinks = sink_options(self.config)
         if mode is Mode.SELF:
-            out = backend(attend_tied, (q,), (tied, k_rope), window=window)
+            out = backend(attend_tied, (q,), (tied, k_rope), window=window, **sinks)
         else:
             out = attend_tied(q, tied, k_rope, tied_layout=keys.axes["kv"], q_offset=keys.q_offset,
-                              window=window, k_positions=keys.positions)
+                              window=window, k_positions=keys.positions, **sinks)
         return dense(out, self.out[...].astype(dtype), contract=2)

@@ -28,7 +28,7 @@ MAX_TILES = 16
 
 def over_query_tiles(core: Callable[..., jax.Array], queries: tuple[jax.Array, ...],
                      keys: tuple[jax.Array, ...], *, block: int,
-                     window: jax.Array | int | None = None) -> jax.Array:
+                     window: jax.Array | int | None = None, sinks: int = 0) -> jax.Array:
     """Causal self-attention `core(*queries, *keys, q_offset=..., window=window)`
     evaluated one query tile at a time against the keys up to the tile's end.
 
@@ -42,7 +42,7 @@ def over_query_tiles(core: Callable[..., jax.Array], queries: tuple[jax.Array, .
     tiles = []
     for start in range(0, t, block):
         end = min(start + block, t)
-        first = max(0, start - window + 1) if isinstance(window, int) else 0
+        first = max(0, start - window + 1) if isinstance(window, int) and not sinks else 0
         # Queries start..end-1 against keys first..end-1, positions counted from `first`.
         tiles.append(core(*(x[:, start:end] for x in queries), *(x[:, first:end] for x in keys),
                           q_offset=start - first, window=window))

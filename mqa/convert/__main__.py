@@ -6,7 +6,7 @@
   python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]     (--out DIR: the same)
   python -m mqa.convert uptrain --src RUN --workdir OUT [--num_kv_heads K] [--init mean]
       [--group adjacent|similarity] [--kv_share_every S] [--sliding_window W]
-      [--global_every N] [--kv_cache_dtype int8] [--text FILE] [--step N]
+      [--global_every N] [--attention_sinks S] [--kv_cache_dtype int8] [--text FILE] [--step N]
 
 Exit status: 0 when converted (a one-line summary on stdout, after any notes); 2 when
 refused (bad input or usage): one line on stderr, "error: " and what is wrong, no traceback.
@@ -69,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
                          help="local layers attend to (and cache) only this many positions")
     uptrain.add_argument("--global_every", type=int,
                          help="with --sliding_window: every N-th layer stays global")
+    uptrain.add_argument("--attention_sinks", type=int,
+                         help="with --sliding_window: the first this many positions stay visible")
     uptrain.add_argument("--kv_cache_dtype", choices=[d for d in CACHE_DTYPES if d],
                          help="store the cache quantized")
     uptrain.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                                       kv_share_every=args.kv_share_every,
                                       sliding_window=args.sliding_window,
                                       global_every=args.global_every,
+                                      attention_sinks=args.attention_sinks,
                                       kv_cache_dtype=args.kv_cache_dtype)
     except REFUSALS as error:
         refuse(str(error))

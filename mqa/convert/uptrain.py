@@ -113,7 +113,8 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
                     num_kv_heads: int | None = None, init: str = "mean", step: int | None = None,
                     group: str = "adjacent", text: str | None = None, *,
                     kv_share_every: int | None = None, sliding_window: int | None = None,
-                    global_every: int | None = None, kv_cache_dtype: str | None = None) -> str:
+                    global_every: int | None = None, attention_sinks: int | None = None,
+                    kv_cache_dtype: str | None = None) -> str:
     """Writes the model in `src` (a workdir or checkpoint of ours; `step`: default the
     newest) converted as the module docstring says into a new workdir; returns a one-line
     summary. num_kv_heads None keeps the source's; init "aligned" reads calibration `text`.
@@ -138,7 +139,7 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
         cross_layer.check_sharing(before, kv_share_every, init)
     config = uptrain_config(source.config, before, num_kv_heads, kv_share_every=kv_share_every,
                             sliding_window=sliding_window, global_every=global_every,
-                            kv_cache_dtype=kv_cache_dtype)
+                            attention_sinks=attention_sinks, kv_cache_dtype=kv_cache_dtype)
     merging = num_kv_heads != before.num_kv_heads
     inputs = None
     if init == "aligned" and (merging or sharing):
@@ -175,7 +176,8 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
         changes.append(f"K/V shared by {kv_share_every} layers ({cross_layer.HOW[init]})")
     changes += [f"model.{name}={value}" for name, value in
                 (("sliding_window", sliding_window), ("global_every", global_every),
-                 ("kv_cache_dtype", kv_cache_dtype)) if value is not None]
+                 ("attention_sinks", attention_sinks), ("kv_cache_dtype", kv_cache_dtype))
+                if value is not None]
     per_token = accounting.kv_cache_bytes_per_token
     return (f"uptrained {src} (step {source.step}) -> {workdir}: {'; '.join(changes)}; "
             f"parameters {accounting.param_count(before):,} -> {accounting.param_count(after):,}; "

