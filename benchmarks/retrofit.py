@@ -18,6 +18,23 @@ Per-window values go to WORKDIR/zero_shot.jsonl as they are computed, so an inte
 run resumes. Writes benchmarks/results/retrofit/zero_shot.{csv,json,md} and the frontier
 plot zero_shot.png (cache bytes per token against KL): the mean over windows with a 95%
 t-interval, the windows being the sample.
+
+  python benchmarks/retrofit.py --workdir=runs/retrofit --distill="GQA-1 aligned" --steps=50
+
+distils a conversion towards the original (`train.distill_from`, KL only: distill_weight
+1) on data/factbook.txt's head, --steps of --batch_size x --train_seq_len tokens, into
+WORKDIR/distilled/<name> (resumable: run the same command again), then scores it as above
+into WORKDIR/distilled.jsonl and benchmarks/results/retrofit/distilled.{csv,json,md}, with
+the recovered fraction 1 - KL_after / KL_zero-shot. The control arm, the unconverted model
+given the same training, is the original itself: distilling a model towards itself has no
+gradient (KL's gradient vanishes where the distributions agree; tested), so with the KL
+alone nothing is adapted to the domain and no adaptation is counted as recovery.
+
+  python benchmarks/retrofit.py --workdir=runs/retrofit --decode
+
+times cached decoding (batch --decode_batch, DECODE_STEPS tokens from a cache holding
+2,048 and 8,192 tokens) of the original and DECODED conversions side by side in
+alternating rounds, with their cache bytes: benchmarks/results/retrofit/decode.{csv,json,md}.
 """
 
 from __future__ import annotations
@@ -70,6 +87,11 @@ CONVERSIONS = {
     "GQA-1 aligned + int8": ("fewer heads + quantized", dict(num_kv_heads=1, init="aligned",
                                                              kv_cache_dtype="int8")),
 }
+
+
+DECODED = ("GQA-1 aligned", "CLA-2 aligned", "window 1024 + 4 sinks",
+           "window 152 + 4 sinks, 1 in 10 global", "int8 cache", "GQA-1 aligned + int8")
+DECODE_STEPS = 16
 
 
 def source_workdir(workdir: pathlib.Path, source: str | None) -> pathlib.Path:
@@ -189,32 +211,29 @@ def plot(table: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/retrofit")
-    parser.add_argument("--source", help="a workdir of ours to convert (default: SmolLM2-135M)")
-    parser.add_argument("--text", default=str(TEXT))
-    parser.add_argument("--windows", type=int, default=24)
-    parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--only", help="comma-separated conversion names (default: all)")
-    parser.add_argument("--out", default=str(OUT))
-    args = parser.parse_args()
-    workdir = pathlib.Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    names = args.only.split(",") if args.only else list(CONVERSIONS)
-    unknown = [n for n in names if n not in CONVERSIONS]
-    if unknown:
-        sys.exit(f"error: unknown conversion(s) {unknown}; valid: {', '.join(CONVERSIONS)}")
-    source = source_workdir(workdir, args.source)
-    for name in names:
-        path = workdir / name.replace(" ", "_")
-        if not (path / "config.json").is_file():
-            print(convert_uptrain(source, path, text=args.text, **CONVERSIONS[name][1]), flush=True)
+def distill(workdir: pathlib.Path, source: pathlib.Path, name: str, args) -> pathlib.Path:
+    """Trains conversion `name` towards the original (resumes a run already started);
+    returns its workdir."""
+    from mqa import trainer
+    from mqa.config import validate, with_defaults
+    converted = workdir / name.replace(" ", "_")
+    run = workdir / "distilled" / name.replace(" ", "_")
+    config = with_defaults(json.loads((converted / "config.json").read_text()))
+    config.data.update(path=str(pathlib.Path(args.text).resolve()), tokenizer="init_from")
+    config.train.update(init_from=str(converted.resolve()), distill_from=str(source.resolve()),
+                        distill_weight=1.0, steps=args.steps, batch_size=args.batch_size,
+                        seq_len=args.train_seq_len, learning_rate=args.learning_rate,
+                        warmup_steps=max(1, args.steps // 10), log_every=5,
+                        eval_every=args.steps, eval_batches=4)
+    config.checkpoint.update(every=5, keep=1)
+    trainer.train(validate(config), run)
+    return run
 
-    models = {"original": load_model(source)}
-    models.update({name: load_model(workdir / name.replace(" ", "_")) for name in names})
-    windows = heldout_windows(models["original"], pathlib.Path(args.text), args.windows, args.seq_len)
-    rows_path = workdir / "zero_shot.jsonl"
+
+def score(models: dict[str, LoadedModel], names: list[str], windows: np.ndarray,
+          rows_path: pathlib.Path) -> dict:
+    """Per window: KL(original || each model) and each model's loss, appended to rows_path
+    as computed and read back from it on a re-run."""
     rows = load_rows(rows_path)
     functions = {}
     for w, window in enumerate(windows):
@@ -232,6 +251,47 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
         print(f"window {w + 1}/{len(windows)}: " + ", ".join(
             f"{n} {rows[(n, w)]['kl']:.3f}" for n in names), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/retrofit")
+    parser.add_argument("--source", help="a workdir of ours to convert (default: SmolLM2-135M)")
+    parser.add_argument("--text", default=str(TEXT))
+    parser.add_argument("--windows", type=int, default=24)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--only", help="comma-separated conversion names (default: all)")
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--distill", help="a conversion to distil towards the original, then score")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--train_seq_len", type=int, default=512)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--decode", action="store_true", help="time cached decoding instead")
+    parser.add_argument("--decode_batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if args.distill:
+        return main_distill(args)
+    if args.decode:
+        return main_decode(args)
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = args.only.split(",") if args.only else list(CONVERSIONS)
+    unknown = [n for n in names if n not in CONVERSIONS]
+    if unknown:
+        sys.exit(f"error: unknown conversion(s) {unknown}; valid: {', '.join(CONVERSIONS)}")
+    source = source_workdir(workdir, args.source)
+    for name in names:
+        path = workdir / name.replace(" ", "_")
+        if not (path / "config.json").is_file():
+            print(convert_uptrain(source, path, text=args.text, **CONVERSIONS[name][1]), flush=True)
+
+    models = {"original": load_model(source)}
+    models.update({name: load_model(workdir / name.replace(" ", "_")) for name in names})
+    windows = heldout_windows(models["original"], pathlib.Path(args.text), args.windows, args.seq_len)
+    rows = score(models, names, windows, workdir / "zero_shot.jsonl")
 
     table = summarise(rows, ["original", *names], models, args.seq_len)
     out = pathlib.Path(args.out)
@@ -240,6 +300,81 @@ def main() -> None:
     (out / "zero_shot.md").write_text(markdown(table, args.seq_len, args.windows, args.seq_len))
     plot(table, out / "zero_shot.png")
     print(markdown(table, args.seq_len, args.windows, args.seq_len))
+
+
+def main_distill(args) -> None:
+    """--distill NAME: train it towards the original, score it, and write distilled.*."""
+    workdir = pathlib.Path(args.workdir)
+    source = source_workdir(workdir, args.source)
+    name = args.distill
+    if name not in CONVERSIONS or not (workdir / name.replace(" ", "_") / "config.json").is_file():
+        sys.exit(f"error: --distill {name!r} is not a conversion in {workdir}; run the zero-shot "
+                 f"stage first; valid: {', '.join(CONVERSIONS)}")
+    run = distill(workdir, source, name, args)
+    label = f"{name}, distilled"
+    models = {"original": load_model(source), label: load_model(run)}
+    windows = heldout_windows(models["original"], pathlib.Path(args.text), args.windows, args.seq_len)
+    rows = score(models, [label], windows, workdir / "distilled.jsonl")
+    zero = load_rows(workdir / "zero_shot.jsonl")
+    table = []
+    for label in sorted({n for n, _ in rows if n != "original"}):
+        base = label.rsplit(", distilled", 1)[0]
+        scored = [w for w in range(len(windows)) if (label, w) in rows and (base, w) in zero]
+        after = np.array([rows[(label, w)]["kl"] for w in scored])
+        before = np.array([zero[(base, w)]["kl"] for w in scored])
+        loss = np.array([rows[(label, w)]["nll"] for w in scored])
+        control = np.array([rows[("original", w)]["nll"] for w in scored])
+        last = json.loads((workdir / "distilled" / base.replace(" ", "_") / "metrics.jsonl")
+                          .read_text().splitlines()[-1])
+        table.append(dict(conversion=base, windows=len(scored), steps=last["step"],
+                          tokens=last["step"] * args.batch_size * args.train_seq_len,
+                          kl_zero_shot=float(before.mean()), kl_distilled=float(after.mean()),
+                          recovered=float(1 - after.mean() / before.mean()), loss=float(loss.mean()),
+                          control_loss=float(control.mean()),
+                          loss_gap_to_control=float((loss - control).mean())))
+    out = pathlib.Path(args.out)
+    write_results(out, "distilled", table, windows=args.windows, seq_len=args.seq_len,
+                  learning_rate=args.learning_rate, train_seq_len=args.train_seq_len)
+    lines = ["| conversion | tokens | KL zero-shot | KL distilled | recovered | loss | gap to control |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['conversion']} | {r['tokens']:,} | {r['kl_zero_shot']:.4f} | {r['kl_distilled']:.4f} | "
+              f"{r['recovered']:.3f} | {r['loss']:.4f} | {r['loss_gap_to_control']:+.4f} |" for r in table]
+    (out / "distilled.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main_decode(args) -> None:
+    """--decode: tokens/s and cache bytes of the original and DECODED at 2K and 8K context."""
+    from mqa.timing import alternating_medians, decode_loop, timed
+    workdir = pathlib.Path(args.workdir)
+    paths = {"original": source_workdir(workdir, args.source)}
+    paths.update({n: workdir / n.replace(" ", "_") for n in DECODED})
+    rows = []
+    for context in (2048, 8192):
+        runs, cache_bytes = {}, {}
+        for name, path in paths.items():
+            model = load_model(path)
+            loop, _, cache_bytes[name] = decode_loop(model.graphdef, model.params, model.model_config,
+                                                     args.decode_batch, context, DECODE_STEPS)
+            loop()  # compile
+            runs[name] = timed(loop)
+        seconds = alternating_medians(runs, args.repeats, group=lambda k: k, pause=0.5)
+        for name in runs:
+            rows.append(dict(model=name, decode_batch=args.decode_batch, decode_context=context,
+                             kv_cache_bytes=cache_bytes[name],
+                             cache_fraction=round(cache_bytes[name] / cache_bytes["original"], 4),
+                             decode_tokens_per_sec=args.decode_batch * DECODE_STEPS / seconds[name],
+                             speedup=seconds["original"] / seconds[name]))
+            print(rows[-1], flush=True)
+        del runs
+    out = pathlib.Path(args.out)
+    write_results(out, "decode", rows, repeats=args.repeats, steps=DECODE_STEPS)
+    lines = ["| model | context | cache bytes | of original | tokens/s | speed-up |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['model']} | {r['decode_context']:,} | {r['kv_cache_bytes']:,} | {r['cache_fraction']:.3f} | "
+              f"{r['decode_tokens_per_sec']:.1f} | {r['speedup']:.2f}x |" for r in rows]
+    (out / "decode.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

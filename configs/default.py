@@ -66,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
         max_nonfinite_steps=10,  # stop after this many updates in a row skipped for NaN/inf
         init_from="",            # workdir or checkpoint to start from (uptraining); '': random
         trainable="all",         # all | attention (train only the attention weights)
+        distill_from="",         # a teacher workdir: train towards its next-token distributions
+        distill_weight=1.0,      # with distill_from: loss = w * KL(teacher || model) + (1 - w) * LM loss
     ))
 
     config.data = ml_collections.ConfigDict(dict(

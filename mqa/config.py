@@ -211,6 +211,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice("model.mlp_activation", m.mlp_activation, tuple(ACTIVATIONS))
     _check_choice("model.norm_scale", m.norm_scale, NORM_SCALES)
     _check_choice("train.trainable", config.train.trainable, TRAINABLE)
+    if not 0.0 <= config.train.distill_weight <= 1.0:
+        raise ConfigError(f"train.distill_weight={config.train.distill_weight} must be in [0, 1] "
+                          "(the KL's share of the loss; the LM loss has the rest)")
     _check_choice("train.sampling", config.train.sampling, SAMPLINGS)
     if config.data.tokenizer == "init_from" and not config.train.init_from:
         raise ConfigError("data.tokenizer='init_from' needs train.init_from (the workdir whose "

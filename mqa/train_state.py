@@ -61,14 +61,25 @@ def fresh_state(model_config: ModelConfig, optimizer: optax.GradientTransformati
 
 
 def compiled_train_step(layout: StateLayout, optimizer: optax.GradientTransformation, train_config,
-                        mesh: Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                        mesh: Mesh, teacher: tuple[nnx.GraphDef, nnx.State] | None = None
+                        ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`train_step(state, batch) -> (state, metrics)` jitted for the layout: the state donated,
-    metrics replicated. It compiles on its first call."""
+    metrics replicated. It compiles on its first call. teacher: (structure, parameters) of
+    the model to distil from (`train.distill_from`), its parameters replicated on the mesh
+    and passed to every step."""
     step = make_train_step(layout.graphdef, optimizer, learning_rate_schedule(train_config),
-                           train_config.grad_accum)
-    return jax.jit(step, in_shardings=(layout.shardings, layout.batch_sharding),
-                   out_shardings=(layout.shardings, sharding.replicated(mesh)),
-                   donate_argnums=0, compiler_options=hardware.train_compiler_options())
+                           train_config.grad_accum, teacher=teacher and teacher[0],
+                           distill_weight=train_config.distill_weight)
+    if teacher is None:
+        return jax.jit(step, in_shardings=(layout.shardings, layout.batch_sharding),
+                       out_shardings=(layout.shardings, sharding.replicated(mesh)),
+                       donate_argnums=0, compiler_options=hardware.train_compiler_options())
+    replicated = sharding.replicated(mesh)
+    teacher_params = jax.device_put(teacher[1], replicated)
+    jitted = jax.jit(step, in_shardings=(layout.shardings, layout.batch_sharding, replicated),
+                     out_shardings=(layout.shardings, replicated),
+                     donate_argnums=0, compiler_options=hardware.train_compiler_options())
+    return lambda state, batch: jitted(state, batch, teacher_params)
 
 
 def compiled_eval_step(layout: StateLayout) -> Callable[[nnx.State, Batch, jax.Array], dict]:

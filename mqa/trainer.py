@@ -28,6 +28,7 @@ from flax import nnx
 from mqa import accounting, data, hardware
 from mqa.checkpoint import Checkpointer, abstract_like
 from mqa.config import ConfigError, ModelConfig, build_model_config, validate
+from mqa.loading import load_model
 from mqa.metrics import MetricsWriter, Progress
 from mqa.preemption import Preempted, StopSignals
 from mqa.train_data import BatchFeeder, held_out_metrics, load_run_corpus, resolve_vocab
@@ -110,7 +111,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: b
     writer = MetricsWriter(workdir, enabled=is_main)
     state = _resumed_or_initial(state, checkpointer, config.train.init_from, is_main)
     writer.drop_after(int(state.step))
-    run = _Run(config, model_config, corpus, compiled_train_step(layout, optimizer, config.train, mesh),
+    teacher = distillation_teacher(config, model_config)
+    run = _Run(config, model_config, corpus, compiled_train_step(layout, optimizer, config.train, mesh,
+                                                                 teacher),
                compiled_eval_step(layout), BatchFeeder(layout.batch_sharding, config.train.batch_size,
                                                        config.train.seq_len,
                                                        getattr(corpus.tokenizer, "bos_id", None)),
@@ -163,6 +166,21 @@ def _loop(run: _Run, state: TrainState) -> tuple[TrainState, dict | None]:
     finally:
         progress.close()
     return state, final
+
+
+def distillation_teacher(config: ml_collections.ConfigDict,
+                         model_config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State] | None:
+    """train.distill_from's model (structure, parameters), or None; a one-line ConfigError
+    when its vocabulary is not the trained model's (their distributions must be over the
+    same tokens)."""
+    if not config.train.distill_from:
+        return None
+    teacher = load_model(config.train.distill_from)
+    if teacher.model_config.vocab_size != model_config.vocab_size:
+        raise ConfigError(f"train.distill_from={config.train.distill_from!r} has a vocabulary of "
+                          f"{teacher.model_config.vocab_size:,} tokens, this model "
+                          f"{model_config.vocab_size:,}; distil from a model with the same tokenizer")
+    return teacher.graphdef, teacher.params
 
 
 def _resumed_or_initial(state: TrainState, checkpointer: Checkpointer, init_from: str,

@@ -71,32 +71,55 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
+def distillation_kl(teacher_logits: jax.Array, logits: jax.Array) -> jax.Array:
+    """Per-token KL(teacher || model) in nats: sum_v p_teacher (log p_teacher - log p_model).
+    Both [b, t, v]; float32."""
+    teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    model = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(teacher) * (teacher - model), axis=-1)
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum: int = 1
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    schedule: optax.Schedule, grad_accum: int = 1,
+                    teacher: nnx.GraphDef | None = None, distill_weight: float = 1.0
+                    ) -> Callable[..., tuple[TrainState, dict]]:
     """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
     With `grad_accum > 1` the batch is split into that many microbatches whose gradients
     are averaged; row j goes to microbatch j % grad_accum, so every device keeps its rows.
+
+    Distillation (`teacher`, the teacher's structure): `train_step(state, batch,
+    teacher_params)`, and the loss is distill_weight * KL(teacher || model) + (1 -
+    distill_weight) * the LM loss, per token averaged; the metrics add both parts
+    ("distill_kl", "lm_loss"). The teacher's logits carry no gradient.
     """
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, teacher_params):
         logits = nnx.merge(graphdef, params)(batch[:, :-1])
-        return jnp.mean(cross_entropy(logits, batch[:, 1:]))
+        lm_loss = jnp.mean(cross_entropy(logits, batch[:, 1:]))
+        if teacher is None:
+            return lm_loss, {}
+        teacher_logits = jax.lax.stop_gradient(nnx.merge(teacher, teacher_params)(batch[:, :-1]))
+        kl = jnp.mean(distillation_kl(teacher_logits, logits))
+        parts = {"distill_kl": kl, "lm_loss": lm_loss}
+        return distill_weight * kl + (1.0 - distill_weight) * lm_loss, parts
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: Batch, teacher_params=None) -> tuple[TrainState, dict]:
+        gradient = jax.value_and_grad(loss_fn, has_aux=True)
         if grad_accum == 1:
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+            (loss, parts), grads = gradient(state.params, batch, teacher_params)
         else:
             micro = batch.reshape(-1, grad_accum, batch.shape[-1]).swapaxes(0, 1)
 
             def accumulate(total, microbatch):
-                loss, grads = jax.value_and_grad(loss_fn)(state.params, microbatch)
-                return jax.tree.map(jnp.add, total, (loss, grads)), None
+                (loss, parts), grads = gradient(state.params, microbatch, teacher_params)
+                return jax.tree.map(jnp.add, total, (loss, parts, grads)), None
 
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-            loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: (lambda out: (out[0][0], out[0][1], out[1]))(
+                    gradient(state.params, micro[0], teacher_params))))
+            (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            loss, parts, grads = jax.tree.map(lambda x: x / grad_accum, (loss, parts, grads))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -107,7 +130,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-                   "skipped": jnp.logical_not(finite).astype(jnp.int32)}
+                   "skipped": jnp.logical_not(finite).astype(jnp.int32), **parts}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step

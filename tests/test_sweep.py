@@ -398,6 +398,29 @@ def test_a_record_lacking_what_the_sweep_needs_is_not_restored(tmp_path):
         json.dumps({"step": 4, "loss": 2.0})
 
 
+def test_records_and_speeds_outlive_fields_added_at_their_defaults(tmp_path):
+    """A record written before a field existed (here model.attention_sinks and
+    train.distill_from, dropped from it) still restores; the speeds' digest ignores fields
+    at their defaults, and changes with a field that is not."""
+    from mqa.sweep.record import restore
+    from mqa.sweep.results import RESTORED, config_snapshot
+    from mqa.sweep.speeds import config_digest
+    [point] = points(tiny_config(), {"model.num_kv_heads": [1]})
+    older = config_snapshot(point)
+    del older["model"]["attention_sinks"], older["train"]["distill_from"]
+    record = tmp_path / "record"
+    record.mkdir()
+    entry = {"result": {"name": point.name, "step": 4, "config": older}, "config": older,
+             "metrics": [{"step": 4, "loss": 2.0}]}
+    (record / f"{point.name}.json").write_text(json.dumps(entry))
+    assert restore(record, tmp_path / "a", point)[RESTORED]
+    [changed] = points(tiny_config("model.sliding_window=8", "model.attention_sinks=2"),
+                       {"model.num_kv_heads": [1]})
+    [windowed] = points(tiny_config("model.sliding_window=8"), {"model.num_kv_heads": [1]})
+    assert config_digest(changed) != config_digest(windowed) != config_digest(point)
+    assert restore(record, tmp_path / "b", changed) is None
+
+
 def test_recorded_paths_are_relative_to_the_record(tmp_path):
     for root in (tmp_path / "a", tmp_path / "deeper" / "b"):
         record = root / "benchmarks" / "results" / "x"

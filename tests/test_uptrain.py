@@ -402,6 +402,62 @@ def test_training_starts_from_the_uptrained_params(mha_source, tmp_path, capsys)
     assert "resumed from step 2" in capsys.readouterr().out
 
 
+def numpy_kl(teacher_logits, logits) -> np.ndarray:
+    """Per-token KL(teacher || model) in float64, written out."""
+    def log_softmax(x):
+        x = np.asarray(x, np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    p, q = log_softmax(teacher_logits), log_softmax(logits)
+    return (np.exp(p) * (p - q)).sum(axis=-1)
+
+
+def test_distillation_loss_is_the_kl_to_the_teacher_mixed_with_the_lm_loss(mha_source, tmp_path):
+    """train.distill_from: the first step's loss is w * KL(teacher || student) + (1 - w) *
+    LM loss on its batch, both computed here from the two models' logits in float64."""
+    init = tmp_path / "mqa_init"
+    student = uptrain(mha_source, init, 1)
+    teacher = mqa.load_model(mha_source)
+    config = short_run(f"train.init_from={init}", f"train.distill_from={mha_source}",
+                       "train.distill_weight=0.25")
+    trainer.train(config, tmp_path / "run")
+    corpus = data.load_corpus(config.data, tmp_path / "run" / "data", min_tokens=1)
+    batch = data.train_batch(corpus.train, 0, seed=config.train.seed,
+                             batch_size=config.train.batch_size, seq_len=config.train.seq_len,
+                             sampling=config.train.sampling)
+    kl = float(np.mean(numpy_kl(teacher(batch[:, :-1]), student(batch[:, :-1]))))
+    lm = float(np.mean(cross_entropy(student(batch[:, :-1]), batch[:, 1:])))
+    assert kl > 0.01
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()][1:]
+    assert rows[0]["distill_kl"] == pytest.approx(kl, rel=1e-4)
+    assert rows[0]["lm_loss"] == pytest.approx(lm, rel=1e-5)
+    assert rows[0]["loss"] == pytest.approx(0.25 * kl + 0.75 * lm, rel=1e-4)
+
+
+def test_distilling_from_itself_has_no_gradient():
+    """KL(p || q) has zero gradient at q = p: a model distilled from itself does not move."""
+    from mqa.training import make_optimizer, make_train_step, TrainState, learning_rate_schedule
+    config = short_run()
+    model_config = build_model_config(config.model)
+    graphdef, params = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)))
+    optimizer = make_optimizer(config.train)
+    step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(config.train),
+                                   teacher=graphdef, distill_weight=1.0))
+    state = TrainState(jax.numpy.zeros((), jax.numpy.int32), params, optimizer.init(params))
+    _, metrics = step(state, jax.numpy.asarray(np.concatenate([TOKENS, TOKENS[:, :1]], 1)), params)
+    assert float(metrics["distill_kl"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(metrics["grad_norm"]) < 1e-5
+
+
+def test_distilling_from_another_vocabulary_is_a_one_line_error(tmp_path):
+    other = tiny_config("model.vocab_size=300")
+    teacher = write_source(tmp_path / "teacher", other, random_params(other))
+    with pytest.raises(ConfigError) as error:
+        trainer.train(short_run(f"train.distill_from={teacher}"), tmp_path / "run")
+    assert "has a vocabulary of 300 tokens, this model 256" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 def test_init_from_that_does_not_fit_is_a_one_line_error(mha_source, tmp_path):
     config = short_run(f"train.init_from={mha_source}")  # 4 K/V heads into a 1-head model
     with pytest.raises(ConfigError) as error:

@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 
 from mqa import workdir as workdir_lib
-from mqa.config import ConfigError
+from mqa.config import ConfigError, with_defaults
 from mqa.sweep import results
 from mqa.sweep.points import Point, sweep_option
 
@@ -65,7 +65,9 @@ def write_record(record: pathlib.Path, point_dir: pathlib.Path, result: dict) ->
 
 def restore(record: pathlib.Path, point_dir: pathlib.Path, point: Point,
             needs: tuple[str, ...] = ()) -> dict | None:
-    """The point's recorded result when RECORD/<point>.json records this very config (and
+    """The point's recorded result when RECORD/<point>.json records this very config (fields
+    added to the schema since it was written counting at their defaults, as when a run
+    resumes; and
     holds the result keys `needs`, which a folder without checkpoints could not compute),
     its folder laid out from the record (config.json, metrics.jsonl, result.json marked
     `results.RESTORED`); None when there is no such record or the folder already holds a run."""
@@ -73,7 +75,8 @@ def restore(record: pathlib.Path, point_dir: pathlib.Path, point: Point,
     if not path.exists() or (point_dir / "checkpoints").exists():
         return None
     entry = json.loads(path.read_text())
-    if (entry["result"].get("config") != portable(results.config_snapshot(point), record)
+    recorded = json.loads(with_defaults(entry["result"].get("config") or {}).to_json())
+    if (recorded != portable(results.config_snapshot(point), record)  # new fields at their defaults
             or any(key not in entry["result"] for key in needs)):
         return None
     point_dir.mkdir(parents=True, exist_ok=True)

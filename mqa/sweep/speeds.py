@@ -22,7 +22,7 @@ from typing import Callable
 import tqdm
 from flax import nnx
 
-from mqa.config import build_model_config
+from mqa.config import build_model_config, default_config
 from mqa.loading import load_model
 from mqa.model import Transformer
 from mqa.sweep.points import Point
@@ -36,10 +36,26 @@ SPEEDS_FILE = "speeds.json"
 
 
 def config_digest(point: Point) -> str:
-    """sha256 of the point's training config (as JSON): what its speeds were measured for,
-    without writing the config (and its local paths) into speeds.json."""
-    text = json.dumps(config_snapshot(point), sort_keys=True)
+    """sha256 of the point's training config where it differs from `configs/default.py`
+    (as JSON): what its speeds were measured for, without writing the config (and its local
+    paths) into speeds.json. A field added to the schema at its default changes no digest,
+    so it does not send a finished sweep's speeds to be timed again."""
+    text = json.dumps(_changed(config_snapshot(point), default_config().to_dict()), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _changed(values: dict, defaults: dict) -> dict:
+    """The entries of `values` (nested) that differ from `defaults`."""
+    changed = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            inner = _changed(value, default)
+            if inner:
+                changed[key] = inner
+        elif value != default or key not in defaults:
+            changed[key] = value
+    return changed
 
 
 def _counted(run: Callable[[], float], bar: tqdm.tqdm) -> Callable[[], float]:
