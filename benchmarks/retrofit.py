@@ -84,13 +84,16 @@ CONVERSIONS = {
     "window 152 + 4 sinks, 1 in 10 global": ("window + sinks", dict(  # Gemma 3's layout
         sliding_window=148, attention_sinks=4, global_every=10)),
     "int8 cache": ("quantized cache", dict(kv_cache_dtype="int8")),
+    "int4 cache": ("quantized cache", dict(kv_cache_dtype="int4")),
     "GQA-1 aligned + int8": ("fewer heads + quantized", dict(num_kv_heads=1, init="aligned",
                                                              kv_cache_dtype="int8")),
+    "GQA-1 aligned + int4": ("fewer heads + quantized", dict(num_kv_heads=1, init="aligned",
+                                                             kv_cache_dtype="int4")),
 }
 
 
 DECODED = ("GQA-1 aligned", "CLA-2 aligned", "window 1024 + 4 sinks",
-           "window 152 + 4 sinks, 1 in 10 global", "int8 cache", "GQA-1 aligned + int8")
+           "window 152 + 4 sinks, 1 in 10 global", "int8 cache", "int4 cache", "GQA-1 aligned + int8")
 DECODE_STEPS = 16
 
 
@@ -176,16 +179,16 @@ def summarise(rows: dict, names: list[str], models: dict[str, LoadedModel], cont
     return table
 
 
-def markdown(table: list[dict], context: int, windows: int, seq_len: int) -> str:
-    lines = [f"Zero-shot conversions of SmolLM2-135M, scored on {windows} windows of {seq_len} tokens "
-             "of data/factbook.txt's held-out tail; KL(original || converted) nats/token and the "
-             f"converted model's loss, mean and 95% t-interval over windows; cache at {context:,} tokens.",
-             "", "| conversion | cache bytes/token | of original | KL | loss |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for r in table:
-        lines.append(f"| {r['conversion']} | {r['cache_bytes_per_token']:,.0f} | {r['cache_fraction']:.3f} | "
-                     f"{r['kl']:.4f} ± {r['kl_ci95']:.4f} | {r['loss']:.4f} ± {r['loss_ci95']:.4f} |")
-    return "\n".join(lines) + "\n"
+def publish(out: pathlib.Path, name: str, rows: list[dict], columns: dict[str, str],
+            intro: str = "", **context) -> None:
+    """out/name.{csv,json} (`write_results`) and out/name.md: a table with a column per
+    `columns` entry (header -> format string over a row), after `intro`; printed too."""
+    write_results(out, name, rows, **context)
+    lines = ([intro, ""] if intro else []) + ["| " + " | ".join(columns) + " |",
+                                              "| --- |" + " ---: |" * (len(columns) - 1)]
+    lines += ["| " + " | ".join(f.format(**r) for f in columns.values()) + " |" for r in rows]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def plot(table: list[dict], path: pathlib.Path) -> None:
@@ -295,11 +298,16 @@ def main() -> None:
 
     table = summarise(rows, ["original", *names], models, args.seq_len)
     out = pathlib.Path(args.out)
-    write_results(out, "zero_shot", table, windows=args.windows, seq_len=args.seq_len,
-                  text=str(pathlib.Path(args.text).name), source=str(source))
-    (out / "zero_shot.md").write_text(markdown(table, args.seq_len, args.windows, args.seq_len))
+    publish(out, "zero_shot", table, {
+        "conversion": "{conversion}", "cache bytes/token": "{cache_bytes_per_token:,.0f}",
+        "of original": "{cache_fraction:.3f}", "KL": "{kl:.4f} ± {kl_ci95:.4f}",
+        "loss": "{loss:.4f} ± {loss_ci95:.4f}"},
+        intro=f"Zero-shot conversions, scored on {args.windows} windows of {args.seq_len} tokens of "
+        f"{pathlib.Path(args.text).name}'s held-out tail: KL(original || converted) in nats/token and "
+        "the converted model's loss, mean and 95% t-interval over windows; cache at "
+        f"{args.seq_len:,} tokens of context.",
+        windows=args.windows, seq_len=args.seq_len, text=pathlib.Path(args.text).name, source=str(source))
     plot(table, out / "zero_shot.png")
-    print(markdown(table, args.seq_len, args.windows, args.seq_len))
 
 
 def main_distill(args) -> None:
@@ -332,15 +340,12 @@ def main_distill(args) -> None:
                           recovered=float(1 - after.mean() / before.mean()), loss=float(loss.mean()),
                           control_loss=float(control.mean()),
                           loss_gap_to_control=float((loss - control).mean())))
-    out = pathlib.Path(args.out)
-    write_results(out, "distilled", table, windows=args.windows, seq_len=args.seq_len,
-                  learning_rate=args.learning_rate, train_seq_len=args.train_seq_len)
-    lines = ["| conversion | tokens | KL zero-shot | KL distilled | recovered | loss | gap to control |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['conversion']} | {r['tokens']:,} | {r['kl_zero_shot']:.4f} | {r['kl_distilled']:.4f} | "
-              f"{r['recovered']:.3f} | {r['loss']:.4f} | {r['loss_gap_to_control']:+.4f} |" for r in table]
-    (out / "distilled.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(pathlib.Path(args.out), "distilled", table, {
+        "conversion": "{conversion}", "tokens": "{tokens:,}", "KL zero-shot": "{kl_zero_shot:.4f}",
+        "KL distilled": "{kl_distilled:.4f}", "recovered": "{recovered:.3f}", "loss": "{loss:.4f}",
+        "gap to control": "{loss_gap_to_control:+.4f}"},
+        windows=args.windows, seq_len=args.seq_len, learning_rate=args.learning_rate,
+        train_seq_len=args.train_seq_len)
 
 
 def main_decode(args) -> None:
@@ -367,14 +372,10 @@ def main_decode(args) -> None:
                              speedup=seconds["original"] / seconds[name]))
             print(rows[-1], flush=True)
         del runs
-    out = pathlib.Path(args.out)
-    write_results(out, "decode", rows, repeats=args.repeats, steps=DECODE_STEPS)
-    lines = ["| model | context | cache bytes | of original | tokens/s | speed-up |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['model']} | {r['decode_context']:,} | {r['kv_cache_bytes']:,} | {r['cache_fraction']:.3f} | "
-              f"{r['decode_tokens_per_sec']:.1f} | {r['speedup']:.2f}x |" for r in rows]
-    (out / "decode.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(pathlib.Path(args.out), "decode", rows, {
+        "model": "{model}", "context": "{decode_context:,}", "cache bytes": "{kv_cache_bytes:,}",
+        "of original": "{cache_fraction:.3f}", "tokens/s": "{decode_tokens_per_sec:.1f}",
+        "speed-up": "{speedup:.2f}x"}, repeats=args.repeats, steps=DECODE_STEPS)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
         sliding_window=0,        # > 0: layers attend to the last this many positions (ring-buffer cache)
         attention_sinks=0,       # with a window: the first this many positions stay visible (and cached)
         global_every=0,          # with a window, every N-th layer stays global; 0: all layers local
-        kv_cache_dtype="",       # '': the compute dtype; int8: absmax-quantized per token and head
+        kv_cache_dtype="",       # '': the compute dtype; int8: absmax-quantized per token and head;
+                                 # int4: KIVI (keys per channel, values per token, in groups)
+        kv_quant_group=32,       # int4: tokens per key group and channels per value group
         head_dim=32,             # any even size; num_heads * head_dim need not equal d_model
         mlp_dim=1024,            # the gated MLP's hidden width
         mlp_activation="silu",   # silu: SwiGLU (Llama) | gelu_tanh: GeGLU, tanh-approximated GELU (Gemma)

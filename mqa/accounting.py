@@ -76,12 +76,31 @@ def kv_cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype=Non
     entries = cache_entries(config)
     numbers = sum(max(e.heads, 1) * e.dim for e in entries)
     vectors = sum(max(e.heads, 1) for e in entries)
+    if config.kv_cache_dtype == "int4":
+        return batch_size * sum(int4_layer_bytes(config, buffer_length(config, g, context), dtype)
+                                for g in range(config.num_kv_layers))
     if config.kv_cache_dtype == "int8":
         per_position = numbers + vectors * jnp.dtype(SCALE_DTYPE).itemsize
     else:
         per_position = numbers * jnp.dtype(dtype or config.dtype).itemsize
     positions = sum(buffer_length(config, g, context) for g in range(config.num_kv_layers))
     return batch_size * positions * per_position
+
+
+def int4_layer_bytes(config: ModelConfig, length: int, dtype=None) -> int:
+    """One sequence's bytes of one K/V layer's int4 cache (`mqa.kv_int4`) of `length`
+    positions: per entry, half a byte a number over the padded positions, a float16 scale
+    and minimum per group (keys: per channel and group of tokens; values: per token and
+    group of channels), and for keys the exact residual of one group."""
+    group = config.kv_quant_group
+    padded = -(-length // group) * group
+    total = 0
+    for e in cache_entries(config):
+        numbers = max(e.heads, 1) * e.dim
+        total += padded * numbers // 2 + 2 * 2 * padded * numbers // group
+        if e.name == "k":
+            total += group * numbers * jnp.dtype(dtype or config.dtype).itemsize
+    return total
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype=None, *, context: int | None = None) -> float:

@@ -272,6 +272,14 @@ def _check_attention_family(m) -> None:
         raise ConfigError(f"model.attention_impl={m.attention_impl!r} is for model.attention="
                           f"{' or '.join(map(repr, served))}; model.attention={m.attention!r} "
                           f"takes {' or '.join(map(repr, valid))}")
+    if m.kv_cache_dtype == "int4":
+        if m.attention != "grouped" or m.sliding_window:
+            raise ConfigError("model.kv_cache_dtype='int4' is for model.attention='grouped' without "
+                              f"a sliding window (got attention={m.attention!r}, sliding_window="
+                              f"{m.sliding_window}); use 'int8'")
+        if m.kv_quant_group < 1 or m.head_dim % m.kv_quant_group or m.head_dim % 2:
+            raise ConfigError(f"model.kv_quant_group={m.kv_quant_group} must divide model.head_dim="
+                              f"{m.head_dim} (an even number) for model.kv_cache_dtype='int4'")
     if m.attention_sinks and not m.sliding_window:
         raise ConfigError(f"model.attention_sinks={m.attention_sinks} keeps the first positions "
                           "visible through a sliding window and needs model.sliding_window > 0")

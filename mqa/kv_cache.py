@@ -9,7 +9,8 @@ to any family:
     stays flat however long the context grows; with `model.attention_sinks` S the first S
     slots keep positions 0..S-1 for good and the ring is the rest (`slot`);
   - `model.kv_cache_dtype="int8"`: every cached vector is stored as int8 with one float32
-    absmax scale per token and head, quantized when written and dequantized when read.
+    absmax scale per token and head, quantized when written and dequantized when read;
+    "int4": KIVI's 4-bit cache, keys per channel and values per token (`mqa.kv_int4`).
 `mqa.accounting.kv_cache_bytes` counts exactly the bytes `init_cache` allocates.
 """
 
@@ -20,11 +21,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mqa import kv_int4
 from mqa.attention import CacheEntry, Keys, family
 from mqa.model_config import ModelConfig
 
 SCALE_DTYPE = jnp.float32  # int8 caches: one absmax scale per token and head
-CACHE_DTYPES = ("", "int8")  # model.kv_cache_dtype: '' stores the compute dtype
+CACHE_DTYPES = ("", "int8", "int4")  # model.kv_cache_dtype: '' stores the compute dtype
 
 
 class KVCache(NamedTuple):
@@ -79,6 +81,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
         raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={config.max_seq_len}")
     dtype = jnp.dtype(dtype or config.dtype)
     int8 = config.kv_cache_dtype == "int8"
+    int4 = config.kv_cache_dtype == "int4"
     layers = []
     for g in range(config.num_kv_layers):
         length = buffer_length(config, g, max_len)
@@ -86,6 +89,12 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
         for entry in cache_entries(config):
             size = dict(b=batch_size, k=entry.heads, s=length, d=entry.dim)
             shape = [size[c] for c in entry.axes(batch_size)]
+            if int4:
+                shape[entry.axes(batch_size).index("s")] = kv_int4.padded_length(length, config.kv_quant_group)
+                for name, (buffer_shape, buffer_dtype) in kv_int4.buffer_shapes(
+                        entry.name, shape, entry.axes(batch_size).index("s"), config.kv_quant_group).items():
+                    buffers[name] = jnp.zeros(buffer_shape, buffer_dtype or dtype)
+                continue
             buffers[entry.name] = jnp.zeros(shape, jnp.int8 if int8 else dtype)
             if int8:
                 buffers[f"{entry.name}_scale"] = jnp.zeros(shape[:-1], SCALE_DTYPE)
@@ -156,8 +165,14 @@ def update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[
     chunk (a prompt) attends to the ring as it was followed by the chunk itself, and then
     leaves the chunk's last `length` positions in the ring.
     """
-    int8 = any(name.endswith("_scale") for name in buffers)
     t = next(iter(new.values())).shape[1]
+    if any(name.endswith("_min") for name in buffers):  # int4 (never a ring)
+        group = next(b.shape[axes[n[:-len("_residual")]].index("s")]
+                     for n, b in buffers.items() if n.endswith("_residual"))
+        new = {name: to_cache_axes(x, axes[name]) for name, x in new.items()}
+        updated, attended = kv_int4.update(buffers, new, axes, index, dtype=dtype, group=group)
+        return updated, attended, None
+    int8 = any(name.endswith("_scale") for name in buffers)
     s_axis = {name: axes[name].index("s") for name in new}
     length = {name: buffers[name].shape[s_axis[name]] for name in new}
     stored = {}  # the new vectors as the buffers hold them (quantized for int8)

@@ -33,6 +33,7 @@ class ModelConfig:
     attention_sinks: int
     global_every: int
     kv_cache_dtype: str
+    kv_quant_group: int
     tie_embeddings: bool
     attention_impl: str
     attention_block: int

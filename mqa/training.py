@@ -143,15 +143,16 @@ def make_eval_step(graphdef: nnx.GraphDef, *, cached: bool | None = None
     batch: int32 [batch, seq_len + 1]; weights: float32 [batch, seq_len], how much each
     target counts (0 for padding rows and for targets a sliding window does not score).
     cached: score through the KV cache as decoding reads it (each window prefilled into an
-    empty cache, so an int8 cache's quantized keys and values are what the queries see);
-    the same logits otherwise. None: through the cache exactly when the model has an int8
-    cache, whose effect shows nowhere else (so its held-out loss is what decoding gets).
+    empty cache, so a quantized cache's keys and values are what the queries see);
+    the same logits otherwise. None: through the cache exactly when the model has a
+    quantized cache, whose effect shows nowhere else (so its held-out loss is what
+    decoding gets).
     """
 
     def eval_step(params: nnx.State, batch: Batch, weights: jax.Array) -> dict:
         model = nnx.merge(graphdef, params)
         tokens = batch[:, :-1]
-        if model.config.kv_cache_dtype == "int8" if cached is None else cached:
+        if bool(model.config.kv_cache_dtype) if cached is None else cached:
             logits, _ = model.step(tokens, init_cache(model.config, *tokens.shape))
         else:
             logits = model(tokens)

@@ -116,7 +116,7 @@ def test_wrong_type_in_override():
     ("model.attention_impl", "flash", "'einsum', 'tiled', 'blockwise', 'xla', 'cudnn'"),
     ("model.dtype", "float16", "'float32', 'bfloat16'"),
     ("model.attention", "sparse", "'grouped', 'tied', 'latent'"),
-    ("model.kv_cache_dtype", "int4", "'', 'int8'"),
+    ("model.kv_cache_dtype", "int2", "'', 'int8', 'int4'"),
 ])
 def test_choices(field, value, valid):
     expect_error(rf"{field.replace('.', '[.]')}='{value}' is not one of: {valid}", f"{field}={value}")

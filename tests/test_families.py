@@ -160,7 +160,7 @@ def test_absorbed_latent_attention_equals_the_expanded_form():
      "through a sliding window and needs model.sliding_window > 0"),
     (["model.sliding_window=64", "model.attention_sinks=4", "model.attention_impl=blockwise"],
      "model.attention_sinks=4 does not combine with model.attention_impl='blockwise'; use 'einsum' or 'tiled'"),
-    (["model.kv_cache_dtype=int4"], "model.kv_cache_dtype='int4' is not one of: '', 'int8'"),
+    (["model.kv_cache_dtype=int2"], "model.kv_cache_dtype='int2' is not one of: '', 'int8', 'int4'"),
     (["model.attention=mla"], "model.attention='mla' is not one of: 'grouped', 'tied', 'latent'"),
     (["model.attention=latent", "model.kv_latent_dim=2048", "model.rope_head_dim=4",
       "model.match_mha_params=true"], "matched model.mlp_dim=-"),

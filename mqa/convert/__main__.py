@@ -6,7 +6,7 @@
   python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]     (--out DIR: the same)
   python -m mqa.convert uptrain --src RUN --workdir OUT [--num_kv_heads K] [--init mean]
       [--group adjacent|similarity] [--kv_share_every S] [--sliding_window W]
-      [--global_every N] [--attention_sinks S] [--kv_cache_dtype int8] [--text FILE] [--step N]
+      [--global_every N] [--attention_sinks S] [--kv_cache_dtype int8|int4] [--text FILE] [--step N]
 
 Exit status: 0 when converted (a one-line summary on stdout, after any notes); 2 when
 refused (bad input or usage): one line on stderr, "error: " and what is wrong, no traceback.
