@@ -81,7 +81,7 @@ CONVERSIONS = {
     "window 1024 + 4 sinks": ("window + sinks", dict(sliding_window=1020, attention_sinks=4)),
     "window 683 + 4 sinks": ("window + sinks", dict(sliding_window=679, attention_sinks=4)),
     "window 341 + 4 sinks": ("window + sinks", dict(sliding_window=337, attention_sinks=4)),
-    "window 152 + 4 sinks, 1 in 10 global": ("window + sinks", dict(  # Gemma 3's layout
+    "window 152 + 4 sinks + 1 in 10 global": ("window + sinks", dict(  # Gemma 3's layout
         sliding_window=148, attention_sinks=4, global_every=10)),
     "int8 cache": ("quantized cache", dict(kv_cache_dtype="int8")),
     "int4 cache": ("quantized cache", dict(kv_cache_dtype="int4")),
@@ -93,7 +93,7 @@ CONVERSIONS = {
 
 
 DECODED = ("GQA-1 aligned", "CLA-2 aligned", "window 1024 + 4 sinks",
-           "window 152 + 4 sinks, 1 in 10 global", "int8 cache", "int4 cache", "GQA-1 aligned + int8")
+           "window 152 + 4 sinks + 1 in 10 global", "int8 cache", "int4 cache", "GQA-1 aligned + int8")
 DECODE_STEPS = 16
 
 
@@ -257,7 +257,7 @@ def score(models: dict[str, LoadedModel], names: list[str], windows: np.ndarray,
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/retrofit")
     parser.add_argument("--source", help="a workdir of ours to convert (default: SmolLM2-135M)")
@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true", help="time cached decoding instead")
     parser.add_argument("--decode_batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.distill:
         return main_distill(args)
     if args.decode:

@@ -1,0 +1,51 @@
+"""benchmarks/retrofit.py: its KL and loss against float64 NumPy, and its zero-shot stage end
+to end at toy size (a random configs/tiny.py model standing in for SmolLM2)."""
+
+import csv
+import json
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from commands import REPO
+from model_files import tiny_workdir
+
+sys.path.insert(0, str(REPO))
+from benchmarks import retrofit  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+def test_kl_and_loss_match_float64():
+    rng = np.random.default_rng(0)
+    reference, converted = (rng.normal(size=(6, 11)) * 3 for _ in range(2))
+    targets = rng.integers(0, 11, size=5)
+    log = lambda x: x - np.log(np.exp(x).sum(-1, keepdims=True))  # noqa: E731
+    p, q = log(reference), log(converted)
+    kl, nll = retrofit.compare(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32),
+                               jnp.asarray(targets))
+    assert float(kl) == pytest.approx(np.mean((np.exp(p) * (p - q)).sum(-1)), rel=1e-5)
+    assert float(nll) == pytest.approx(-np.mean(q[np.arange(5), targets]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_zero_shot_stage_at_toy_size(tmp_path):
+    source = tiny_workdir(tmp_path / "source", "model.num_kv_heads=4", "model.kv_quant_group=8",
+                          tokenizer="byte")
+    out = tmp_path / "out"
+    retrofit.main(["--workdir", str(tmp_path / "work"), "--source", str(source), "--windows", "3",
+                   "--seq_len", "64", "--out", str(out),
+                   "--only", "GQA-1 aligned,GQA-1 mean,int4 cache,window 152 + 4 sinks + 1 in 10 global"])
+    rows = {r["conversion"]: r for r in csv.DictReader((out / "zero_shot.csv").open())}
+    assert float(rows["original"]["kl"]) == 0.0
+    assert float(rows["GQA-1 aligned"]["cache_fraction"]) == 0.25  # 4 K/V heads to 1
+    assert float(rows["window 152 + 4 sinks + 1 in 10 global"]["kl"]) == 0.0  # 64 < the window
+    assert all(float(r["kl"]) >= 0 for r in rows.values()) and float(rows["GQA-1 mean"]["kl"]) > 0
+    assert json.loads((out / "zero_shot.json").read_text())["windows"] == 3
+    assert (out / "zero_shot.png").is_file() and (out / "zero_shot.md").is_file()
+    lines = (tmp_path / "work" / "zero_shot.jsonl").read_text().splitlines()
+    retrofit.main(["--workdir", str(tmp_path / "work"), "--source", str(source), "--windows", "3",
+                   "--seq_len", "64", "--out", str(out), "--only", "GQA-1 aligned"])
+    assert (tmp_path / "work" / "zero_shot.jsonl").read_text().splitlines() == lines  # resumed
