@@ -13,9 +13,8 @@ on the same weights:
   - a greedy continuation of a few prompts, token for token;
   - decoding tokens/s at batch 1 and 8 (cached steps as `mqa.generate` runs them, and
     transformers' `generate` from a prefilled cache), timed in alternating rounds.
-Writes benchmarks/results/real_model/real_model.{csv,json} and prints a markdown table. With
---uptrain it then runs benchmarks/smollm2_uptrain.py (the model converted to MQA and
-uptrained, about 1.5 hours on 2 cores), so one command reproduces docs/real-model.md.
+Writes benchmarks/results/real_model/real_model.{csv,json} and prints a markdown table.
+What shrinking this model's cache costs: benchmarks/retrofit.py (docs/retrofit.md).
 """
 
 from __future__ import annotations
@@ -76,8 +75,6 @@ def main(argv=None) -> None:
     parser.add_argument("--max_windows", type=int, default=8, help="windows scored per text")
     parser.add_argument("--context", type=int, default=512, help="decode timing context")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--uptrain", action="store_true",
-                        help="then run benchmarks/smollm2_uptrain.py (converted to MQA, uptrained)")
     args = parser.parse_args(argv)
 
     import torch
@@ -134,9 +131,6 @@ def main(argv=None) -> None:
     write_results(RESULTS / "real_model", "real_model", rows, gguf=gguf_path.name,
                   seq_len=args.seq_len, decode_steps=DECODE_STEPS,
                   torch_threads=torch.get_num_threads())
-    if args.uptrain:
-        from benchmarks import smollm2_uptrain
-        smollm2_uptrain.main([f"--workdir={args.workdir.parent / 'smollm2_uptrain'}"])
 
 
 if __name__ == "__main__":

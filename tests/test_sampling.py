@@ -123,7 +123,7 @@ def test_an_unknown_sampling_is_one_line():
 def test_the_default_permutes_and_the_published_experiments_draw_uniformly():
     assert config_lib.SAMPLINGS == data.SAMPLINGS
     assert load_config_file(REPO / "configs" / "default.py").train.sampling == "permutation"
-    for name in ("sweep_kv_heads", "sweep_kv_budget", "uptrain_smollm2"):
+    for name in ("sweep_kv_heads", "sweep_kv_budget"):
         config = load_config_file(REPO / "configs" / f"{name}.py", validate_config=False)  # sweeps add a section
         assert config.train.sampling == "uniform", name
 

@@ -92,9 +92,9 @@ def test_tiles_skip_the_work_above_the_diagonal():
 
 def test_default_config_trains_with_tiles_and_published_experiments_keep_their_core():
     """configs/default.py trains tiled; the configs whose results are published (the KV
-    sweeps, SmolLM2 uptraining) keep `einsum`."""
-    from configs import default, sweep_kv_budget, sweep_kv_heads, uptrain_smollm2
+    sweeps) keep `einsum`."""
+    from configs import default, sweep_kv_budget, sweep_kv_heads
     config = default.get_config().model
     assert (config.attention_impl, config.attention_block) == ("tiled", 64)
-    for published in (sweep_kv_heads, sweep_kv_budget, uptrain_smollm2):
+    for published in (sweep_kv_heads, sweep_kv_budget):
         assert published.get_config().model.attention_impl == "einsum", published.__name__

@@ -166,20 +166,25 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
             params_by_name(params), merged, kv_share_every, init, inputs))
     tokenizer = source.path / data.TOKENIZER_FILE
     write_workdir(workdir, config, params, tokenizer if tokenizer.is_file() else None)
-
-    how = {"mean": f"mean-pooled in groups of {size}", "first": f"first head of each group of {size}",
-           "random": "re-initialised", "aligned": f"aligned on calibration text, then mean-pooled "
-           f"in groups of {size}"}[init]
-    changes = [f"K/V heads {before.num_kv_heads} -> {num_kv_heads}"
-               + (f" ({how})" if merging else "")] if merging or num_kv_heads == before.num_kv_heads else []
-    if sharing:
-        changes.append(f"K/V shared by {kv_share_every} layers ({cross_layer.HOW[init]})")
-    changes += [f"model.{name}={value}" for name, value in
-                (("sliding_window", sliding_window), ("global_every", global_every),
-                 ("attention_sinks", attention_sinks), ("kv_cache_dtype", kv_cache_dtype))
-                if value is not None]
     per_token = accounting.kv_cache_bytes_per_token
-    return (f"uptrained {src} (step {source.step}) -> {workdir}: {'; '.join(changes)}; "
+    return (f"uptrained {src} (step {source.step}) -> {workdir}: "
+            + "; ".join(_changes(before, after, init, merging, sharing)) + "; "
             f"parameters {accounting.param_count(before):,} -> {accounting.param_count(after):,}; "
             f"KV cache {per_token(before):,} -> {per_token(after):,} bytes/token"
             f"{f' at {after.max_seq_len:,} tokens' if after.sliding_window else ''}{grouping}")
+
+
+def _changes(before: ModelConfig, after: ModelConfig, init: str, merging: bool,
+             sharing: bool) -> list[str]:
+    """The summary's account of what changed, e.g. "K/V heads 3 -> 1 (mean-pooled in groups
+    of 3)", "K/V shared by 2 layers (...)", "model.sliding_window=512"."""
+    size = before.num_kv_heads // after.num_kv_heads
+    how = {"mean": f"mean-pooled in groups of {size}", "first": f"first head of each group of {size}",
+           "random": "re-initialised",
+           "aligned": f"aligned on calibration text, then mean-pooled in groups of {size}"}[init]
+    changes = [f"K/V heads {before.num_kv_heads} -> {after.num_kv_heads}" + (f" ({how})" if merging else "")]
+    if sharing:
+        changes.append(f"K/V shared by {after.kv_share_every} layers ({cross_layer.HOW[init]})")
+    return changes + [f"model.{name}={getattr(after, name)}" for name in
+                      ("sliding_window", "global_every", "attention_sinks", "kv_cache_dtype")
+                      if getattr(after, name) != getattr(before, name)]
