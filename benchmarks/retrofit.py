@@ -40,9 +40,11 @@ alternating rounds, with their cache bytes: benchmarks/results/retrofit/decode.{
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +54,12 @@ import scipy.stats
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from mqa import accounting  # noqa: E402
+from mqa.config import ModelConfig, build_model_config  # noqa: E402
 from mqa.convert import convert_gguf, convert_uptrain  # noqa: E402
 from mqa.data.sources import split_text  # noqa: E402
 from mqa.kv_cache import init_cache  # noqa: E402
 from mqa.loading import LoadedModel, load_model  # noqa: E402
+from mqa.workdir import read_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = RESULTS / "retrofit"
@@ -159,8 +163,8 @@ def load_rows(path: pathlib.Path) -> dict[tuple[str, int], dict]:
     return rows
 
 
-def summarise(rows: dict, names: list[str], models: dict[str, LoadedModel], context: int) -> list[dict]:
-    original = models["original"].model_config
+def summarise(rows: dict, names: list[str], configs: dict[str, ModelConfig], context: int) -> list[dict]:
+    original = configs["original"]
     base = accounting.kv_cache_bytes(original, 1, context)
     table = []
     for name in names:
@@ -168,7 +172,7 @@ def summarise(rows: dict, names: list[str], models: dict[str, LoadedModel], cont
         nlls = np.array([r["nll"] for (n, _), r in sorted(rows.items()) if n == name])
         if not len(kls):
             continue
-        config = models[name].model_config
+        config = configs[name]
         cache = accounting.kv_cache_bytes(config, 1, context)
         half = lambda x: float(scipy.stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
         table.append(dict(
@@ -233,27 +237,36 @@ def distill(workdir: pathlib.Path, source: pathlib.Path, name: str, args) -> pat
     return run
 
 
-def score(models: dict[str, LoadedModel], names: list[str], windows: np.ndarray,
+MODELS_PER_PASS = 6  # conversions held in memory at once (SmolLM2 in float32: 540 MB each)
+
+
+def score(loaders: dict[str, Callable[[], LoadedModel]], names: list[str], windows: np.ndarray,
           rows_path: pathlib.Path) -> dict:
     """Per window: KL(original || each model) and each model's loss, appended to rows_path
-    as computed and read back from it on a re-run."""
+    as computed and read back from it on a re-run. loaders: name -> a function loading that
+    model ("original" among them); the models are loaded MODELS_PER_PASS at a time, each pass
+    over every window with the original's distributions computed again."""
     rows = load_rows(rows_path)
-    functions = {}
-    for w, window in enumerate(windows):
-        pending = [n for n in ["original", *names] if (n, w) not in rows]
-        if not pending:
-            continue
-        reference = log_probs_fn(models["original"])(window[None])
-        for name in pending:
-            if name not in functions:
-                functions[name] = log_probs_fn(models[name])
-            converted = reference if name == "original" else functions[name](window[None])
-            kl, nll = compare(reference, converted, jnp.asarray(window[1:]))
-            rows[(name, w)] = row = dict(name=name, window=w, kl=float(kl), nll=float(nll))
-            with rows_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        print(f"window {w + 1}/{len(windows)}: " + ", ".join(
-            f"{n} {rows[(n, w)]['kl']:.3f}" for n in names), flush=True)
+    missing = lambda name: [w for w in range(len(windows)) if (name, w) not in rows]  # noqa: E731
+    pending = [n for n in ["original", *names] if missing(n)]
+    reference_fn = log_probs_fn(loaders["original"]()) if pending else None
+    for start in range(0, len(pending), MODELS_PER_PASS):
+        functions = {n: (reference_fn if n == "original" else log_probs_fn(loaders[n]()))
+                     for n in pending[start:start + MODELS_PER_PASS]}
+        for w, window in enumerate(windows):
+            todo = [n for n in functions if (n, w) not in rows]
+            if not todo:
+                continue
+            reference = reference_fn(window[None])
+            for name in todo:
+                converted = reference if name == "original" else functions[name](window[None])
+                kl, nll = compare(reference, converted, jnp.asarray(window[1:]))
+                rows[(name, w)] = row = dict(name=name, window=w, kl=float(kl), nll=float(nll))
+                with rows_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            print(f"window {w + 1}/{len(windows)}: " + ", ".join(
+                f"{n} {rows[(n, w)]['kl']:.3f}" for n in todo), flush=True)
+        del functions
     return rows
 
 
@@ -291,12 +304,16 @@ def main(argv: list[str] | None = None) -> None:
         if not (path / "config.json").is_file():
             print(convert_uptrain(source, path, text=args.text, **CONVERSIONS[name][1]), flush=True)
 
-    models = {"original": load_model(source)}
-    models.update({name: load_model(workdir / name.replace(" ", "_")) for name in names})
-    windows = heldout_windows(models["original"], pathlib.Path(args.text), args.windows, args.seq_len)
-    rows = score(models, names, windows, workdir / "zero_shot.jsonl")
+    original = load_model(source)
+    loaders = {"original": lambda: original}
+    loaders.update({name: functools.partial(load_model, workdir / name.replace(" ", "_")) for name in names})
+    windows = heldout_windows(original, pathlib.Path(args.text), args.windows, args.seq_len)
+    rows = score(loaders, names, windows, workdir / "zero_shot.jsonl")
 
-    table = summarise(rows, ["original", *names], models, args.seq_len)
+    configs = {"original": original.model_config}
+    configs.update({name: build_model_config(read_config(workdir / name.replace(" ", "_")).model)
+                    for name in names})
+    table = summarise(rows, ["original", *names], configs, args.seq_len)
     out = pathlib.Path(args.out)
     publish(out, "zero_shot", table, {
         "conversion": "{conversion}", "cache bytes/token": "{cache_bytes_per_token:,.0f}",
@@ -311,7 +328,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def main_distill(args) -> None:
-    """--distill NAME: train it towards the original, score it, and write distilled.*."""
+    """--distill NAME: train it towards the original, score it (also through an int8 and an
+    int4 cache where the model takes them: a second budget from the same run), and write
+    distilled.* for every conversion distilled so far."""
+    from mqa.config import ConfigError
     workdir = pathlib.Path(args.workdir)
     source = source_workdir(workdir, args.source)
     name = args.distill
@@ -319,33 +339,53 @@ def main_distill(args) -> None:
         sys.exit(f"error: --distill {name!r} is not a conversion in {workdir}; run the zero-shot "
                  f"stage first; valid: {', '.join(CONVERSIONS)}")
     run = distill(workdir, source, name, args)
-    label = f"{name}, distilled"
-    models = {"original": load_model(source), label: load_model(run)}
-    windows = heldout_windows(models["original"], pathlib.Path(args.text), args.windows, args.seq_len)
-    rows = score(models, [label], windows, workdir / "distilled.jsonl")
+    original = load_model(source)
+    loaders = {"original": lambda: original, f"{name}, distilled": functools.partial(load_model, run)}
+    for dtype in ("int8", "int4"):
+        try:
+            load_model(run, overrides={"model.kv_cache_dtype": dtype})
+            loaders[f"{name}, distilled, {dtype} cache"] = functools.partial(
+                load_model, run, overrides={"model.kv_cache_dtype": dtype})
+        except ConfigError as error:  # int4: grouped attention without windows only
+            print(f"not scored through an {dtype} cache: {error}")
+    windows = heldout_windows(original, pathlib.Path(args.text), args.windows, args.seq_len)
+    rows = score(loaders, [n for n in loaders if n != "original"], windows, workdir / "distilled.jsonl")
     zero = load_rows(workdir / "zero_shot.jsonl")
     table = []
     for label in sorted({n for n, _ in rows if n != "original"}):
-        base = label.rsplit(", distilled", 1)[0]
-        scored = [w for w in range(len(windows)) if (label, w) in rows and (base, w) in zero]
+        base, _, rest = label.partition(", distilled")
+        dtype = rest.removeprefix(", ").removesuffix(" cache")
+        before_name = f"{base} + {dtype}" if dtype else base  # its zero-shot counterpart
+        scored = [w for w in range(len(windows)) if (label, w) in rows]
         after = np.array([rows[(label, w)]["kl"] for w in scored])
-        before = np.array([zero[(base, w)]["kl"] for w in scored])
-        loss = np.array([rows[(label, w)]["nll"] for w in scored])
-        control = np.array([rows[("original", w)]["nll"] for w in scored])
-        last = json.loads((workdir / "distilled" / base.replace(" ", "_") / "metrics.jsonl")
-                          .read_text().splitlines()[-1])
-        table.append(dict(conversion=base, windows=len(scored), steps=last["step"],
-                          tokens=last["step"] * args.batch_size * args.train_seq_len,
-                          kl_zero_shot=float(before.mean()), kl_distilled=float(after.mean()),
-                          recovered=float(1 - after.mean() / before.mean()), loss=float(loss.mean()),
-                          control_loss=float(control.mean()),
-                          loss_gap_to_control=float((loss - control).mean())))
+        before = np.array([zero[(before_name, w)]["kl"] for w in scored if (before_name, w) in zero])
+        gap = np.array([rows[(label, w)]["nll"] - rows[("original", w)]["nll"] for w in scored])
+        run_dir = workdir / "distilled" / base.replace(" ", "_")
+        config = load_model(run_dir, overrides={"model.kv_cache_dtype": dtype}).model_config if dtype \
+            else load_model(run_dir).model_config
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        table.append(dict(
+            conversion=label, windows=len(scored), steps=last["step"],
+            tokens=last["step"] * args.batch_size * args.train_seq_len,
+            cache_fraction=round(accounting.kv_cache_bytes(config, 1, args.seq_len)
+                                 / accounting.kv_cache_bytes(original.model_config, 1, args.seq_len), 4),
+            kl_zero_shot=float(before.mean()) if len(before) else float("nan"),
+            kl_distilled=float(after.mean()),
+            recovered=float(1 - after.mean() / before.mean()) if len(before) else float("nan"),
+            loss=float(np.mean([rows[(label, w)]["nll"] for w in scored])),
+            control_loss=float(np.mean([rows[("original", w)]["nll"] for w in scored])),
+            loss_gap_to_control=float(gap.mean()),
+            loss_gap_ci95=float(scipy.stats.t.ppf(0.975, len(gap) - 1) * gap.std(ddof=1) / np.sqrt(len(gap)))))
     publish(pathlib.Path(args.out), "distilled", table, {
-        "conversion": "{conversion}", "tokens": "{tokens:,}", "KL zero-shot": "{kl_zero_shot:.4f}",
-        "KL distilled": "{kl_distilled:.4f}", "recovered": "{recovered:.3f}", "loss": "{loss:.4f}",
-        "gap to control": "{loss_gap_to_control:+.4f}"},
+        "conversion": "{conversion}", "tokens": "{tokens:,}", "of original cache": "{cache_fraction:.3f}",
+        "KL zero-shot": "{kl_zero_shot:.4f}", "KL distilled": "{kl_distilled:.4f}",
+        "recovered": "{recovered:.3f}", "loss": "{loss:.4f}",
+        "gap to control": "{loss_gap_to_control:+.4f} ± {loss_gap_ci95:.4f}"},
+        intro=f"Distilled towards the original (KL only), scored on the zero-shot stage's {args.windows} "
+        f"windows of {args.seq_len} tokens; the control arm is the original (loss "
+        f"{table[0]['control_loss']:.4f}); gap: mean and 95% t-interval of the per-window difference.",
         windows=args.windows, seq_len=args.seq_len, learning_rate=args.learning_rate,
-        train_seq_len=args.train_seq_len)
+        train_seq_len=args.train_seq_len, batch_size=args.batch_size)
 
 
 def main_decode(args) -> None:

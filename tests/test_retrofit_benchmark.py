@@ -49,3 +49,16 @@ def test_zero_shot_stage_at_toy_size(tmp_path):
     retrofit.main(["--workdir", str(tmp_path / "work"), "--source", str(source), "--windows", "3",
                    "--seq_len", "64", "--out", str(out), "--only", "GQA-1 aligned"])
     assert (tmp_path / "work" / "zero_shot.jsonl").read_text().splitlines() == lines  # resumed
+
+    # Distillation: the aligned conversion trained towards the original, then scored, also
+    # through int8 and int4 caches; its KL to the original falls.
+    retrofit.main(["--workdir", str(tmp_path / "work"), "--source", str(source), "--windows", "3",
+                   "--seq_len", "64", "--out", str(out), "--distill", "GQA-1 aligned", "--steps", "8",
+                   "--batch_size", "4", "--train_seq_len", "32", "--learning_rate", "1e-3"])
+    distilled = {r["conversion"]: r for r in csv.DictReader((out / "distilled.csv").open())}
+    assert sorted(distilled) == ["GQA-1 aligned, distilled", "GQA-1 aligned, distilled, int4 cache",
+                                 "GQA-1 aligned, distilled, int8 cache"]
+    row = distilled["GQA-1 aligned, distilled"]
+    assert float(row["kl_zero_shot"]) == pytest.approx(float(rows["GQA-1 aligned"]["kl"]))
+    assert float(row["kl_distilled"]) < float(row["kl_zero_shot"]) and 0 < float(row["recovered"]) <= 1
+    assert int(row["tokens"]) == 8 * 4 * 32
