@@ -53,7 +53,7 @@ import scipy.stats
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
-from mqa import accounting  # noqa: E402
+from mqa import accounting, statistics  # noqa: E402
 from mqa.config import ModelConfig, build_model_config  # noqa: E402
 from mqa.convert import convert_gguf, convert_uptrain  # noqa: E402
 from mqa.data.sources import split_text  # noqa: E402
@@ -96,7 +96,14 @@ CONVERSIONS = {
 }
 
 
-DECODED = ("GQA-1 aligned", "CLA-2 aligned", "window 1024 + 4 sinks",
+# The comparisons the write-up tests (KL, paired by window; Holm over all of them): what
+# calibration buys over the plain conversion, what sinks buy a window, and the three
+# families that reach a sixth of the cache against each other.
+COMPARISONS = (("GQA-1 aligned", "GQA-1 mean"), ("CLA-2 aligned", "CLA-2 mean"),
+               ("window 1024 + 4 sinks", "window 1024"), ("window 341 + 4 sinks", "window 341"),
+               ("int4 cache", "window 341 + 4 sinks"), ("GQA-1 + CLA-2 aligned", "window 341 + 4 sinks"))
+
+DECODED = ("GQA-1 aligned", "CLA-2 aligned", "window 1024 + 4 sinks", "window 341 + 4 sinks",
            "window 152 + 4 sinks + 1 in 10 global", "int8 cache", "int4 cache", "GQA-1 aligned + int8")
 DECODE_STEPS = 16
 
@@ -181,6 +188,20 @@ def summarise(rows: dict, names: list[str], configs: dict[str, ModelConfig], con
             kl=float(kls.mean()), kl_ci95=half(kls), loss=float(nlls.mean()), loss_ci95=half(nlls),
             params=accounting.param_count(config)))
     return table
+
+
+def compare_pairs(rows: dict, windows: int) -> list[dict]:
+    """COMPARISONS whose conversions were both scored: the window-paired KL difference with
+    its interval and p-value, Holm-adjusted over those compared."""
+    found = []
+    for a, b in COMPARISONS:
+        scored = [w for w in range(windows) if (a, w) in rows and (b, w) in rows]
+        if len(scored) > 1:
+            by_window = lambda name: {w: rows[(name, w)]["kl"] for w in scored}  # noqa: E731
+            found.append(dict(a=a, b=b, **statistics.paired_difference(by_window(a), by_window(b))))
+    for row, adjusted in zip(found, statistics.holm([row["p"] for row in found])):
+        row.update(p_holm=adjusted, resolved=adjusted < 0.05)
+    return found
 
 
 def publish(out: pathlib.Path, name: str, rows: list[dict], columns: dict[str, str],
@@ -325,6 +346,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.seq_len:,} tokens of context.",
         windows=args.windows, seq_len=args.seq_len, text=pathlib.Path(args.text).name, source=str(source))
     plot(table, out / "zero_shot.png")
+    publish(out, "zero_shot_comparisons", compare_pairs(rows, len(windows)), {
+        "comparison": "{a} - {b}", "KL difference": "{mean:+.4f} ± {ci95:.4f}", "p": "{p:.2g}",
+        "Holm p": "{p_holm:.2g}", "resolved": "{resolved}"},
+        intro="KL(original || a) - KL(original || b), paired by window: mean, 95% t-interval, "
+        "two-sided paired t-test, Holm-adjusted over these comparisons.", windows=len(windows))
 
 
 def main_distill(args) -> None:

@@ -44,6 +44,9 @@ def test_zero_shot_stage_at_toy_size(tmp_path):
     assert float(rows["window 152 + 4 sinks + 1 in 10 global"]["kl"]) == 0.0  # 64 < the window
     assert all(float(r["kl"]) >= 0 for r in rows.values()) and float(rows["GQA-1 mean"]["kl"]) > 0
     assert json.loads((out / "zero_shot.json").read_text())["windows"] == 3
+    [pair] = list(csv.DictReader((out / "zero_shot_comparisons.csv").open()))  # of those declared
+    assert (pair["a"], pair["b"]) == ("GQA-1 aligned", "GQA-1 mean") and pair["p_holm"] == pair["p"]
+    assert float(pair["mean"]) == pytest.approx(float(rows["GQA-1 aligned"]["kl"]) - float(rows["GQA-1 mean"]["kl"]))
     assert (out / "zero_shot.png").is_file() and (out / "zero_shot.md").is_file()
     lines = (tmp_path / "work" / "zero_shot.jsonl").read_text().splitlines()
     retrofit.main(["--workdir", str(tmp_path / "work"), "--source", str(source), "--windows", "3",
