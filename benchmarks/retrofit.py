@@ -390,9 +390,10 @@ def main_distill(args) -> None:
         config = load_model(run_dir, overrides={"model.kv_cache_dtype": dtype}).model_config if dtype \
             else load_model(run_dir).model_config
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        trained = read_config(run_dir).train
         table.append(dict(
             conversion=label, windows=len(scored), steps=last["step"],
-            tokens=last["step"] * args.batch_size * args.train_seq_len,
+            tokens=last["step"] * trained.batch_size * trained.seq_len, learning_rate=trained.learning_rate,
             cache_fraction=round(accounting.kv_cache_bytes(config, 1, args.seq_len)
                                  / accounting.kv_cache_bytes(original.model_config, 1, args.seq_len), 4),
             kl_zero_shot=float(before.mean()) if len(before) else float("nan"),
