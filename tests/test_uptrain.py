@@ -353,6 +353,13 @@ def test_bad_retrofit_is_a_one_line_error(mha_source, tmp_path, capfd, args, nam
     assert not (tmp_path / "out").exists()
 
 
+def test_aligning_normalised_keys_is_a_one_line_error(tmp_path, capfd):
+    config = tiny_config("model.qk_norm=true")
+    source = write_source(tmp_path / "gemma-like", config, random_params(config))
+    assert "normalises keys (model.qk_norm)" in uptrain_error(
+        capfd, "--src", source, "--num_kv_heads", 1, "--init", "aligned", "--workdir", tmp_path / "out")
+
+
 def test_bad_src_or_workdir_is_a_one_line_error(mha_source, tmp_path, capfd):
     out = tmp_path / "out"
     assert "does not exist" in uptrain_error(capfd, "--src", tmp_path / "nope", "--num_kv_heads", 1,

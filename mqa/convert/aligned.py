@@ -71,6 +71,16 @@ def generalised_procrustes(heads: list[np.ndarray], solve) -> list[np.ndarray]:
     return transforms
 
 
+def check_source(config: ModelConfig) -> None:
+    """One-line ConvertErrors for a source whose heads cannot be aligned."""
+    if config.qk_norm:
+        raise ConvertError("--init aligned: the source normalises keys (model.qk_norm), which "
+                           "rotations do not commute with; use --init mean")
+    if config.kv_share_every != 1:
+        raise ConvertError(f"--init aligned needs a source with model.kv_share_every=1, not "
+                           f"{config.kv_share_every}; use --init mean")
+
+
 def align_kv_heads(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: np.ndarray,
                    num_kv_heads: int) -> dict[str, np.ndarray]:
     """The model's parameters (`workdir.params_by_name`) with every K/V head rotated onto the
@@ -78,12 +88,7 @@ def align_kv_heads(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: n
     and the rotations folded into the queries and output rows that read them: the same
     function, ready for mean-pooling (`uptrain.pool_kv_heads`). inputs: the attention
     inputs [num_layers, n, d_model] (`calibration_inputs`)."""
-    if config.qk_norm:
-        raise ConvertError("--init aligned: the source normalises keys (model.qk_norm), which "
-                           "rotations do not commute with; use --init mean")
-    if config.kv_share_every != 1:
-        raise ConvertError(f"--init aligned needs a source with model.kv_share_every=1, not "
-                           f"{config.kv_share_every}; use --init mean")
+    check_source(config)
     arrays = {name: np.array(a, copy=True) for name, a in arrays.items()}
     q, k, v, out = (arrays[f"blocks.attention.{n}"] for n in ("q", "k", "v", "out"))
     src_kv, group = config.num_kv_heads, config.num_heads // config.num_kv_heads

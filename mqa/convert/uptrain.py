@@ -142,6 +142,8 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
                             attention_sinks=attention_sinks, kv_cache_dtype=kv_cache_dtype)
     merging = num_kv_heads != before.num_kv_heads
     inputs = None
+    if init == "aligned" and merging:
+        aligned.check_source(before)
     if init == "aligned" and (merging or sharing):
         inputs = calibration.attention_inputs(source, calibration.calibration_tokens(source, text))
     params, grouping = source.params, ""
