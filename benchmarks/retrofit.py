@@ -439,7 +439,8 @@ def main_decode(args) -> None:
                              speedup=seconds["original"] / seconds[name]))
             print(rows[-1], flush=True)
         del runs
-    publish(pathlib.Path(args.out), "decode", rows, {
+    table = "decode" if args.decode_batch == 1 else f"decode_batch{args.decode_batch}"
+    publish(pathlib.Path(args.out), table, rows, {
         "model": "{model}", "context": "{decode_context:,}", "cache bytes": "{kv_cache_bytes:,}",
         "of original": "{cache_fraction:.3f}", "tokens/s": "{decode_tokens_per_sec:.1f}",
         "speed-up": "{speedup:.2f}x"}, repeats=args.repeats, steps=DECODE_STEPS)
