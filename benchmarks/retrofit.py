@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
+from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
@@ -57,8 +58,8 @@ from mqa import accounting, statistics  # noqa: E402
 from mqa.config import ModelConfig, build_model_config  # noqa: E402
 from mqa.convert import convert_gguf, convert_uptrain  # noqa: E402
 from mqa.data.sources import split_text  # noqa: E402
-from mqa.kv_cache import init_cache  # noqa: E402
 from mqa.loading import LoadedModel, load_model  # noqa: E402
+from mqa.training import cross_entropy, distillation_kl, scored_logits  # noqa: E402
 from mqa.workdir import read_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -133,31 +134,20 @@ def heldout_windows(model: LoadedModel, text: pathlib.Path, windows: int, seq_le
     return np.concatenate([np.full((windows, 1), bos, np.int32), rows], axis=1) if bos is not None else rows
 
 
-def log_probs_fn(model: LoadedModel):
-    """tokens [1, t] -> float32 log-probabilities [t, vocab]; through the cache (prefilled
-    in one chunk) when the cache is quantized."""
+def logits_fn(model: LoadedModel):
+    """tokens [1, t] -> float32 logits [t, vocab] as evaluation scores them (through the
+    cache, prefilled in one chunk, when the cache is quantized: `training.scored_logits`)."""
     graphdef = model.graphdef
-    quantized = bool(model.model_config.kv_cache_dtype)
-
-    @jax.jit
-    def log_probs(params, tokens):
-        from flax import nnx
-        module = nnx.merge(graphdef, params)
-        if quantized:
-            logits, _ = module.step(tokens, init_cache(module.config, *tokens.shape))
-        else:
-            logits = module(tokens)
-        return jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
-
-    return lambda tokens: log_probs(model.params, jnp.asarray(tokens))
+    logits = jax.jit(lambda params, tokens: scored_logits(nnx.merge(graphdef, params), tokens)[0])
+    return lambda tokens: logits(model.params, jnp.asarray(tokens))
 
 
 @jax.jit
 def compare(reference: jax.Array, converted: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean KL(reference || converted) per position, mean NLL of `targets` under converted)."""
-    kl = jnp.sum(jnp.exp(reference) * (reference - converted), axis=-1)
-    nll = -jnp.take_along_axis(converted[:-1], targets[:, None], axis=-1)
-    return jnp.mean(kl), jnp.mean(nll)
+    """Logits [t, vocab] of the original and a conversion, targets [t - 1] -> (mean
+    KL(original || converted) per position, mean NLL of the targets under the conversion)."""
+    return (jnp.mean(distillation_kl(reference, converted)),
+            jnp.mean(cross_entropy(converted[:-1], targets)))
 
 
 def load_rows(path: pathlib.Path) -> dict[tuple[str, int], dict]:
@@ -243,10 +233,10 @@ def distill(workdir: pathlib.Path, source: pathlib.Path, name: str, args) -> pat
     """Trains conversion `name` towards the original (resumes a run already started);
     returns its workdir."""
     from mqa import trainer
-    from mqa.config import validate, with_defaults
+    from mqa.config import validate
     converted = workdir / name.replace(" ", "_")
     run = workdir / "distilled" / name.replace(" ", "_")
-    config = with_defaults(json.loads((converted / "config.json").read_text()))
+    config = read_config(converted)
     config.data.update(path=str(pathlib.Path(args.text).resolve()), tokenizer="init_from")
     config.train.update(init_from=str(converted.resolve()), distill_from=str(source.resolve()),
                         distill_weight=1.0, steps=args.steps, batch_size=args.batch_size,
@@ -270,9 +260,9 @@ def score(loaders: dict[str, Callable[[], LoadedModel]], names: list[str], windo
     rows = load_rows(rows_path)
     missing = lambda name: [w for w in range(len(windows)) if (name, w) not in rows]  # noqa: E731
     pending = [n for n in ["original", *names] if missing(n)]
-    reference_fn = log_probs_fn(loaders["original"]()) if pending else None
+    reference_fn = logits_fn(loaders["original"]()) if pending else None
     for start in range(0, len(pending), MODELS_PER_PASS):
-        functions = {n: (reference_fn if n == "original" else log_probs_fn(loaders[n]()))
+        functions = {n: (reference_fn if n == "original" else logits_fn(loaders[n]()))
                      for n in pending[start:start + MODELS_PER_PASS]}
         for w, window in enumerate(windows):
             todo = [n for n in functions if (n, w) not in rows]

@@ -70,15 +70,14 @@ def compiled_train_step(layout: StateLayout, optimizer: optax.GradientTransforma
     step = make_train_step(layout.graphdef, optimizer, learning_rate_schedule(train_config),
                            train_config.grad_accum, teacher=teacher and teacher[0],
                            distill_weight=train_config.distill_weight)
-    if teacher is None:
-        return jax.jit(step, in_shardings=(layout.shardings, layout.batch_sharding),
-                       out_shardings=(layout.shardings, sharding.replicated(mesh)),
-                       donate_argnums=0, compiler_options=hardware.train_compiler_options())
     replicated = sharding.replicated(mesh)
-    teacher_params = jax.device_put(teacher[1], replicated)
-    jitted = jax.jit(step, in_shardings=(layout.shardings, layout.batch_sharding, replicated),
+    jitted = jax.jit(step, in_shardings=(layout.shardings, layout.batch_sharding,
+                                         *((replicated,) if teacher else ())),
                      out_shardings=(layout.shardings, replicated),
                      donate_argnums=0, compiler_options=hardware.train_compiler_options())
+    if teacher is None:
+        return jitted
+    teacher_params = jax.device_put(teacher[1], replicated)
     return lambda state, batch: jitted(state, batch, teacher_params)
 
 

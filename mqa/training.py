@@ -112,13 +112,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             micro = batch.reshape(-1, grad_accum, batch.shape[-1]).swapaxes(0, 1)
 
             def accumulate(total, microbatch):
-                (loss, parts), grads = gradient(state.params, microbatch, teacher_params)
-                return jax.tree.map(jnp.add, total, (loss, parts, grads)), None
+                return jax.tree.map(jnp.add, total, gradient(state.params, microbatch, teacher_params)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                lambda: (lambda out: (out[0][0], out[0][1], out[1]))(
-                    gradient(state.params, micro[0], teacher_params))))
-            (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(gradient, state.params, micro[0], teacher_params))
+            ((loss, parts), grads), _ = jax.lax.scan(accumulate, zeros, micro)
             loss, parts, grads = jax.tree.map(lambda x: x / grad_accum, (loss, parts, grads))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -136,6 +133,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return train_step
 
 
+def scored_logits(model, tokens: jax.Array, *, cached: bool | None = None) -> jax.Array:
+    """A Transformer's logits [b, t, v] for tokens [b, t] as evaluation scores them: through
+    the KV cache (prefilled whole into an empty one) when `cached`, or with None exactly
+    when the model's cache is quantized; else the full-sequence forward pass."""
+    if bool(model.config.kv_cache_dtype) if cached is None else cached:
+        return model.step(tokens, init_cache(model.config, *tokens.shape))[0]
+    return model(tokens)
+
+
 def make_eval_step(graphdef: nnx.GraphDef, *, cached: bool | None = None
                    ) -> Callable[[nnx.State, Batch, jax.Array], dict]:
     """Returns `eval_step(params, batch, weights) -> {"loss_sum", "tokens"}`.
@@ -150,12 +156,7 @@ def make_eval_step(graphdef: nnx.GraphDef, *, cached: bool | None = None
     """
 
     def eval_step(params: nnx.State, batch: Batch, weights: jax.Array) -> dict:
-        model = nnx.merge(graphdef, params)
-        tokens = batch[:, :-1]
-        if bool(model.config.kv_cache_dtype) if cached is None else cached:
-            logits, _ = model.step(tokens, init_cache(model.config, *tokens.shape))
-        else:
-            logits = model(tokens)
+        logits = scored_logits(nnx.merge(graphdef, params), batch[:, :-1], cached=cached)
         nll = cross_entropy(logits, batch[:, 1:])                        # [b, t]
         return {"loss_sum": jnp.sum(nll * weights), "tokens": jnp.sum(weights)}
 

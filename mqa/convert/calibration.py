@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 import numpy as np
+from flax import nnx
 
 from mqa.convert.errors import ConvertError
 from mqa.data.sources import split_text
@@ -46,8 +48,9 @@ def calibration_tokens(model: LoadedModel, text: str | pathlib.Path | None, *,
 def attention_inputs(model: LoadedModel, tokens: np.ndarray, batch: int = 4) -> np.ndarray:
     """float32 [num_layers, windows * seq, d_model]: each layer's attention input (after its
     norm) on tokens int32 [windows, seq], from the model's own layer loop."""
-    module, chunks = model.module(), []
+    graphdef, chunks = model.graphdef, []
+    layer_inputs = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x, attention_inputs=True)[1])
     for start in range(0, len(tokens), batch):
-        _, inputs = module(tokens[start:start + batch], attention_inputs=True)  # [L, b, t, m]
+        inputs = layer_inputs(model.params, tokens[start:start + batch])  # [L, b, t, m]
         chunks.append(np.asarray(inputs, np.float32).reshape(inputs.shape[0], -1, inputs.shape[-1]))
     return np.concatenate(chunks, axis=1)
