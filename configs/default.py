@@ -22,6 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
         q_latent_dim=0,          # latent: > 0 gives low-rank queries through a latent this wide
         rope_head_dim=0,         # latent: rotary dims of the shared key and of each query head;
                                  # grouped: > 0 rotates only the last this many of each head (even, < head_dim), 0 all
+        rope_key_heads=1,        # latent: rotary keys per token (1: DeepSeek's one shared key; more: query heads in groups)
+        rope_frequency_dim=0,    # latent: > 0: the rotary part turns at the highest frequencies of a head this wide
+                                 # (what a converted model's kept dimensions turned at); 0: frequencies over rope_head_dim
+        kv_latent_norm=True,     # latent: RMS-normalise the cached latent (DeepSeek); false: linear (converted models)
         sliding_window=0,        # > 0: layers attend to the last this many positions (ring-buffer cache)
         attention_sinks=0,       # with a window: the first this many positions stay visible (and cached)
         global_every=0,          # with a window, every N-th layer stays global; 0: all layers local

@@ -260,10 +260,12 @@ def _check_attention_family(m) -> None:
                 raise ConfigError(f"model.{name}={m[name]!r} is for model.attention='grouped' only "
                                   f"(model.attention={m.attention!r}); set it to {type(m[name])(0)!r}")
     if m.attention != "latent":  # rope_head_dim: each family's own (`validate`)
-        for name in ("kv_latent_dim", "q_latent_dim"):
-            if m[name]:
+        latent_only = dict(kv_latent_dim=0, q_latent_dim=0, rope_key_heads=1, rope_frequency_dim=0,
+                           kv_latent_norm=True)
+        for name, default in latent_only.items():
+            if m[name] != default:
                 raise ConfigError(f"model.{name}={m[name]} is for model.attention='latent' only "
-                                  f"(model.attention={m.attention!r}); set it to 0")
+                                  f"(model.attention={m.attention!r}); set it to {default}")
     FAMILIES[m.attention].validate(build_model_config(m, match_mha_params=False))
     served = BACKENDS[m.attention_impl].families
     if served is not None and m.attention not in served:

@@ -29,6 +29,9 @@ class ModelConfig:
     kv_latent_dim: int
     q_latent_dim: int
     rope_head_dim: int
+    rope_key_heads: int
+    rope_frequency_dim: int
+    kv_latent_norm: bool
     sliding_window: int
     attention_sinks: int
     global_every: int

@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
-    """Rotates each (x[i], x[i + d/2]) pair by `position * theta**(-2i/d)`.
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
+               frequency_dim: int = 0) -> jax.Array:
+    """Rotates each (x[i], x[i + d/2]) pair by `position * theta**(-2i/d)`, or with
+    `frequency_dim` D > 0 by `position * theta**(-2i/D)`: the d/2 highest frequencies of a
+    D-dimensional head (a converted model's kept rotary pairs, `mqa.convert.latent`).
 
     Args:
       x: [batch, seq, heads, head_dim], head_dim even.
@@ -18,7 +21,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> ja
       [batch, seq, heads, head_dim] in x's dtype (the rotation is computed in float32).
     """
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)   # [half]
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / (frequency_dim // 2 or half))  # [half]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq        # [(batch,) seq, half]
     if angles.ndim == 2:
         angles = angles[None]

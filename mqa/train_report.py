@@ -20,7 +20,8 @@ def attention_summary(config: ModelConfig) -> str:
     cache latent 24 + rope 8 per token"; cross-layer sharing appended."""
     queries = plural(config.num_heads, "query head")
     if config.attention == "latent":
-        cache = f"KV cache latent {config.kv_latent_dim} + rope {config.rope_head_dim} per token"
+        keys = f"{config.rope_key_heads} x " if config.rope_key_heads > 1 else ""
+        cache = f"KV cache latent {config.kv_latent_dim} + rope {keys}{config.rope_head_dim} per token"
     elif config.attention == "tied":
         cache = f"{plural(config.num_kv_heads, 'tied KV head')} + a shared rope key of {config.head_dim // 2}"
     else:

@@ -59,7 +59,10 @@ FAMILIES = {
     "tied": dict(attention="tied"),
     "tied-1": dict(attention="tied", num_kv_heads=1),
     "latent": LATENT,
-    "latent-q": dict(LATENT, q_latent_dim=10),
+    # low-rank queries, and a converted model's options: 2 rotary keys (each read by 2 query
+    # heads), the 2 highest frequencies of an 8-dim head, and a latent without its norm
+    "latent-q": dict(LATENT, q_latent_dim=10, rope_key_heads=2, rope_frequency_dim=8,
+                     kv_latent_norm=False),
 }
 WINDOW = dict(sliding_window=5)  # decoding 24 tokens wraps a local layer's ring 4 times
 LOCAL_GLOBAL = dict(WINDOW, global_every=2)  # layer 0 local, layer 1 global
@@ -284,7 +287,7 @@ def reference_logits(model: Transformer, toks, *, quantize_kv: bool = False) -> 
         local_theta=c.rope_local_theta, score_dim=c.attention_score_dim or None,
         embed_scale=c.embed_scale, one_plus=c.norm_scale == "one_plus_weight",
         activation=c.mlp_activation, rope_dim=c.rope_head_dim if c.attention == "grouped" else 0,
-        sinks=c.attention_sinks)
+        sinks=c.attention_sinks, rope_frequency_dim=c.rope_frequency_dim)
 
 
 # ----------------------------------------------------------------------------- table rows

@@ -84,10 +84,12 @@ def attention_loops(q, k, v, *, causal=True, q_offset=None, window=0, score_dim=
     return out
 
 
-def rope(x, positions, theta):
-    """Rotary embeddings, pairing dimension i with i + d/2. x: [batch, seq, heads, dim]."""
+def rope(x, positions, theta, frequency_dim=0):
+    """Rotary embeddings, pairing dimension i with i + d/2, turning by position *
+    theta**(-2i / D), D = frequency_dim or d. x: [batch, seq, heads, dim]."""
     half = x.shape[-1] // 2
-    angles = np.asarray(positions, np.float64)[:, None] * theta ** (-np.arange(half) / half)
+    angles = np.asarray(positions, np.float64)[:, None] * theta ** (
+        -2.0 * np.arange(half) / (frequency_dim or x.shape[-1]))
     cos, sin = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
     x1, x2 = x[..., :half], x[..., half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -206,43 +208,54 @@ def tied_loops(layer, x, *, kv_state=None, sliding_window=0, quantize_kv=False, 
     return output, kv_state
 
 
-def _latent_parts(layer, x, q_latent, quantize_kv, theta, eps):
-    """(L, R, qin) of a latent layer: the cached latent and rotary key, and the queries' input."""
+def _latent_parts(layer, x, q_latent, quantize_kv, theta, eps, frequency_dim):
+    """(L, R, qin) of a latent layer: the cached latent (RMS-normed when the layer has
+    `kv_norm`), the rotary keys [batch, seq, R, r] (R = k_rope's width / r), and the
+    queries' input."""
     if ("q_down" in layer) != q_latent:
         has = "has" if "q_down" in layer else "lacks"
         raise ValueError(f"q_latent={q_latent} but the layer {has} q_down")
     positions = np.arange(x.shape[1])
-    latent = rms_norm(x @ _f64(layer["kv_down"]), layer["kv_norm"], eps)
-    rotary = _rope_headless(x @ _f64(layer["k_rope"]), positions, theta)
-    if quantize_kv:  # one cached vector per token: the latent followed by the rotary key
-        both = int8_round_trip(np.concatenate([latent, rotary], -1))
-        latent, rotary = both[..., :latent.shape[-1]], both[..., latent.shape[-1]:]
+    latent = x @ _f64(layer["kv_down"])
+    if "kv_norm" in layer:
+        latent = rms_norm(latent, layer["kv_norm"], eps)
+    r = layer["q_rope"].shape[-1]
+    keys = x @ _f64(layer["k_rope"])
+    rotary = rope(keys.reshape(*keys.shape[:2], -1, r), positions, theta, frequency_dim)
+    if quantize_kv:  # one cached vector per token: the latent followed by the rotary keys
+        both = int8_round_trip(np.concatenate([latent, rotary.reshape(keys.shape)], -1))
+        latent = both[..., :latent.shape[-1]]
+        rotary = both[..., latent.shape[-1]:].reshape(rotary.shape)
     qin = rms_norm(x @ _f64(layer["q_down"]), layer["q_norm"], eps) if q_latent else x
     return latent, rotary, qin
 
 
-def _latent_setup(layer, x, q_latent, sliding_window, quantize_kv, theta, eps, sinks):
+def _latent_setup(layer, x, q_latent, sliding_window, quantize_kv, theta, eps, sinks,
+                  frequency_dim):
     """What both latent forms start from: (L, R, the query input, positions, the mask)."""
-    latent, rotary, qin = _latent_parts(layer, x, q_latent, quantize_kv, theta, eps)
+    latent, rotary, qin = _latent_parts(layer, x, q_latent, quantize_kv, theta, eps, frequency_dim)
     seq = x.shape[1]
     return latent, rotary, qin, np.arange(seq), allowed_mask(seq, seq, window=sliding_window,
                                                              sinks=sinks)
 
 
 def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=False,
-                 theta=10000.0, eps=1e-5, sinks=0):
+                 theta=10000.0, eps=1e-5, sinks=0, frequency_dim=0):
     """One Multi-head Latent Attention layer (DeepSeek-V2 2024), expanded, before the residual.
 
     layer: `kv_down` [m, c], `kv_norm` [c], `k_up` [c, h, d], `v_up` [c, h, d], `k_rope` [m, r],
     `out` [h, d, m]; queries from qin = x (q_latent=False: `q` [m, h, d], `q_rope` [m, h, r]) or
     qin = norm(x @ q_down, q_norm) (q_latent=True: `q_down` [m, cq], `q_norm` [cq], `q` [cq, h, d],
-    `q_rope` [cq, h, r]). L = norm(x @ kv_down, kv_norm); R = rope(x @ k_rope), one for all heads.
-    Head j: key = L @ k_up[:, j], value = L @ v_up[:, j], q_nope = qin @ q[:, j],
-    q_r = rope(qin @ q_rope[:, j]); logits = (q_nope . key + q_r . R) / sqrt(d + r).
+    `q_rope` [cq, h, r]). L = norm(x @ kv_down, kv_norm) (no norm when the layer lacks
+    kv_norm); rotary keys R_1..R_n = rope(x @ k_rope) split into n = k_rope's width / r
+    keys, head j reading R_(j // (h / n)). Rope turns at theta**(-2i / frequency_dim)
+    (0: r). Head j: key = L @ k_up[:, j], value = L @ v_up[:, j], q_nope = qin @ q[:, j],
+    q_r = rope(qin @ q_rope[:, j]); logits = (q_nope . key + q_r . R_j) / sqrt(d + r).
     With quantize_kv, [L, R] (after rope) is one int8 round trip per token. -> [batch, seq, m].
     """
     latent, rotary, qin, positions, allowed = _latent_setup(layer, x, q_latent, sliding_window,
-                                                            quantize_kv, theta, eps, sinks)
+                                                            quantize_kv, theta, eps, sinks,
+                                                            frequency_dim)
     wq, wq_rope, k_up, v_up, wout = (_f64(layer[name]) for name in
                                      ("q", "q_rope", "k_up", "v_up", "out"))
     heads, d, r = wq.shape[1], wq.shape[2], rotary.shape[-1]
@@ -251,22 +264,25 @@ def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=Fals
         key = np.einsum("bsc,cd->bsd", latent, k_up[:, j])
         value = np.einsum("bsc,cd->bsd", latent, v_up[:, j])
         q_nope = np.einsum("bti,id->btd", qin, wq[:, j])
-        q_r = _rope_headless(np.einsum("bti,ir->btr", qin, wq_rope[:, j]), positions, theta)
+        q_r = rope(np.einsum("bti,ir->btr", qin, wq_rope[:, j])[:, :, None], positions, theta,
+                   frequency_dim)[:, :, 0]
+        rotary_j = rotary[:, :, j // (heads // rotary.shape[2])]
         logits = (np.einsum("btd,bsd->bts", q_nope, key)
-                  + np.einsum("btr,bsr->bts", q_r, rotary)) / np.sqrt(d + r)
+                  + np.einsum("btr,bsr->bts", q_r, rotary_j)) / np.sqrt(d + r)
         probs = _masked_softmax(logits, allowed)
         output += np.einsum("bts,bsd->btd", probs, value) @ wout[j]
     return output
 
 
 def latent_absorbed_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=False,
-                          theta=10000.0, eps=1e-5, sinks=0):
+                          theta=10000.0, eps=1e-5, sinks=0, frequency_dim=0):
     """The same layer as `latent_loops` in the absorbed form DeepSeek decodes with: per head,
     q[:, j] @ k_up[:, j]^T maps queries into the latent space, scores are taken against L
     directly (plus the rotary part), and the attention-weighted latent leaves through
     v_up[:, j] @ out[j] [c, m]. Keys and values are never expanded. -> [batch, seq, m]."""
     latent, rotary, qin, positions, allowed = _latent_setup(layer, x, q_latent, sliding_window,
-                                                            quantize_kv, theta, eps, sinks)
+                                                            quantize_kv, theta, eps, sinks,
+                                                            frequency_dim)
     wq, wq_rope, k_up, v_up, wout = (_f64(layer[name]) for name in
                                      ("q", "q_rope", "k_up", "v_up", "out"))
     heads, d, r = wq.shape[1], wq.shape[2], rotary.shape[-1]
@@ -275,9 +291,11 @@ def latent_absorbed_loops(layer, x, *, q_latent=False, sliding_window=0, quantiz
         q_absorbed = np.einsum("id,cd->ic", wq[:, j], k_up[:, j])  # [qin dim, c]
         out_absorbed = np.einsum("cd,dm->cm", v_up[:, j], wout[j])  # [c, m]
         q_latent_space = np.einsum("bti,ic->btc", qin, q_absorbed)
-        q_r = _rope_headless(np.einsum("bti,ir->btr", qin, wq_rope[:, j]), positions, theta)
+        q_r = rope(np.einsum("bti,ir->btr", qin, wq_rope[:, j])[:, :, None], positions, theta,
+                   frequency_dim)[:, :, 0]
+        rotary_j = rotary[:, :, j // (heads // rotary.shape[2])]
         logits = (np.einsum("btc,bsc->bts", q_latent_space, latent)
-                  + np.einsum("btr,bsr->bts", q_r, rotary)) / np.sqrt(d + r)
+                  + np.einsum("btr,bsr->bts", q_r, rotary_j)) / np.sqrt(d + r)
         probs = _masked_softmax(logits, allowed)
         output += np.einsum("bts,bsc->btc", probs, latent) @ out_absorbed
     return output
@@ -287,7 +305,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
                       eps=1e-5, attention="grouped", sliding_window=0, global_every=0,
                       quantize_kv=False, q_latent=False, local_theta=0.0, score_dim=None,
                       embed_scale=False, one_plus=False, activation="silu", unembed=None,
-                      rope_dim=0, sinks=0):
+                      rope_dim=0, sinks=0, rope_frequency_dim=0):
     """The language model's logits, one layer after another.
 
     layers: a list, in order, of dicts with `attention_norm`, `mlp_norm`, `gate`, `up`, `down`
@@ -307,6 +325,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
     `attention_post_norm`/`mlp_post_norm` norms the attention/MLP output before its residual.
     unembed: [m, vocab], the output matrix of untied embeddings (None: embed.T, tied).
     rope_dim (grouped): rope on the last rope_dim dimensions of each head only (see `grouped_loops`).
+    rope_frequency_dim (latent): see `latent_loops`.
     tokens: int [batch, seq] -> float64 logits [batch, seq, vocab].
     """
     if attention not in FAMILIES:
@@ -339,7 +358,8 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
         elif attention == "tied":
             attended, kv_state = tied_loops(layer, h, kv_state=kv_state, **common)
         else:
-            attended = latent_loops(layer, h, q_latent=q_latent, eps=eps, **common)
+            attended = latent_loops(layer, h, q_latent=q_latent, eps=eps,
+                                    frequency_dim=rope_frequency_dim, **common)
         x = x + norm(attended, "attention_post_norm")
         h = norm(x, "mlp_norm")
         gate, up = h @ _f64(layer["gate"]), h @ _f64(layer["up"])

@@ -150,6 +150,12 @@ def test_absorbed_latent_attention_equals_the_expanded_form():
     (["model.attention=latent", "model.kv_latent_dim=8", "model.rope_head_dim=4",
       "model.kv_share_every=2"], "model.kv_share_every=2 does not combine with model.attention='latent'"),
     (["model.kv_latent_dim=8"], "model.kv_latent_dim=8 is for model.attention='latent' only"),
+    (["model.kv_latent_norm=false"], "model.kv_latent_norm=False is for model.attention='latent' only"),
+    (["model.attention=latent", "model.kv_latent_dim=8", "model.rope_head_dim=4",
+      "model.rope_key_heads=3"], "model.rope_key_heads=3 must divide model.num_heads="),
+    (["model.attention=latent", "model.kv_latent_dim=8", "model.rope_head_dim=4",
+      "model.rope_frequency_dim=2"], "model.rope_frequency_dim=2 must be 0 or an even number >= "
+     "model.rope_head_dim=4"),
     (["model.attention=tied", "model.attention_impl=xla"],
      "model.attention_impl='xla' is for model.attention='grouped'"),
     (["model.global_every=2"], "model.global_every=2 needs model.sliding_window > 0"),

@@ -7,6 +7,13 @@ all heads, met by a rotary part of each query. The cache holds exactly L and R, 
 side in one buffer (as DeepSeek's FlashMLA caches them): `c + r` numbers per token and
 layer, whatever the number of heads.
 
+Three options exist for models converted from grouped attention (`mqa.convert.latent`,
+MHA2MLA's and TransMLA's route), each off by default: `rope_key_heads` R > 1 rotary keys
+per token, query head h reading key h // (num_heads / R) as grouped attention does (the
+cache holds c + R * r numbers); `rope_frequency_dim` D, the rotary part turning at the r/2
+highest frequencies of a D-dimensional head (those the source's kept dimensions turned
+at); and `kv_latent_norm=False`, a linear latent, without the RMSNorm.
+
 Training and evaluation expand L into per-head keys and values (`expand_latent`,
 `attend_latent_expanded`).
 Cached decoding never does: it maps each query into the latent space (q @ k_up^T), scores
@@ -40,14 +47,39 @@ def expand_latent(latent: jax.Array, k_up: jax.Array, v_up: jax.Array) -> tuple[
     return (jnp.einsum("bsc,chd->bshd", latent, k_up), jnp.einsum("bsc,chd->bshd", latent, v_up))
 
 
+def rope_scores(q_rope: jax.Array, k_rope: jax.Array) -> jax.Array:
+    """The rotary part of the scores, float32 [b, h, t, s]: q_rope [b, t, h, r] against
+    k_rope [b, s, R * r], R rotary keys per token (`rope_key_heads`), query head h reading
+    key h // (h / R)."""
+    b, t, h, r = q_rope.shape
+    heads = k_rope.shape[-1] // r
+    if heads == 1:
+        return jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, **F32)
+    q = q_rope.reshape(b, t, heads, h // heads, r)
+    k = k_rope.reshape(*k_rope.shape[:-1], heads, r)
+    return jnp.einsum("btkgr,bskr->bkgts", q, k, **F32).reshape(b, h, t, -1)
+
+
+def rope_query_blocks(q_rope: jax.Array, heads: int) -> jax.Array:
+    """q_rope [b, t, h, r] -> [b, t, h, heads * r]: each query head's rotary part in the
+    block of the rotary key it reads, zeros in the others, so that the queries meet the
+    cached [latent, key 1, ..., key R] rows in one product."""
+    if heads == 1:
+        return q_rope
+    b, t, h, r = q_rope.shape
+    grouped = q_rope.reshape(b, t, heads, h // heads, r)
+    blocks = jnp.einsum("btkgr,kl->btkglr", grouped, jnp.eye(heads, dtype=q_rope.dtype))
+    return blocks.reshape(b, t, h, heads * r)
+
+
 def attend_latent_expanded(q: jax.Array, q_rope: jax.Array, k: jax.Array, v: jax.Array,
                            k_rope: jax.Array, **mask) -> jax.Array:
     """q: [b, t, h, d]; q_rope: [b, t, h, r] rotated; k, v: [b, s, h, d], the latent
-    expanded (`expand_latent`); k_rope: [b, s, r] rotated. mask: `causal_mask`'s q_offset,
-    window, k_positions, sinks. Returns [b, t, h, d]: softmax((q.k + q_rope.k_rope) / sqrt(d + r)) v."""
+    expanded (`expand_latent`); k_rope: [b, s, R * r] rotated (`rope_scores`). mask:
+    `causal_mask`'s q_offset, window, k_positions, sinks. Returns [b, t, h, d]:
+    softmax((q.k + q_rope.k_rope) / sqrt(d + r)) v."""
     b, t, h, d = q.shape
-    logits = (jnp.einsum("bthd,bshd->bhts", q, k, **F32)
-              + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, **F32))
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, **F32) + rope_scores(q_rope, k_rope)
     probs = _softmax(logits, d + q_rope.shape[-1], t, k.shape[1], **mask)
     return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, **F32).astype(q.dtype)
 
@@ -55,8 +87,8 @@ def attend_latent_expanded(q: jax.Array, q_rope: jax.Array, k: jax.Array, v: jax
 def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, cached: jax.Array, k_up: jax.Array,
                            v_up: jax.Array, *, cached_layout: str = "bsd", **mask) -> jax.Array:
     """`attend_latent_expanded`'s result computed in the latent space, from the cache:
-    cached [b, s, c + r] ("bsd"; "sd" without the batch axis at batch 1) holds each token's
-    latent and then its rotary key.
+    cached [b, s, c + R * r] ("bsd"; "sd" without the batch axis at batch 1) holds each
+    token's latent and then its R rotary keys.
 
     q.(latent @ k_up) = (q @ k_up^T).latent, and sum_s p (latent @ v_up) = (sum_s p latent) @ v_up.
     The queries' latent and rotary parts meet the cache in one product, and the values are
@@ -66,7 +98,9 @@ def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, cached: jax.Array, k
     b, t, h, d = q.shape
     c = k_up.shape[0]
     q_latent = jnp.einsum("bthd,chd->bthc", q, k_up, **F32).astype(q.dtype)
-    queries = jnp.concatenate([q_latent, q_rope], axis=-1)                 # [b, t, h, c + r]
+    rope_heads = (cached.shape[-1] - c) // q_rope.shape[-1]
+    queries = jnp.concatenate([q_latent, rope_query_blocks(q_rope, rope_heads)],
+                              axis=-1)                                      # [b, t, h, c + R r]
     rows, q_axes, score_axes = "bsc", "bthc", "bhts"
     if "b" not in cached_layout:
         rows, q_axes, score_axes, queries = "sc", "thc", "hts", queries[0]
@@ -83,8 +117,9 @@ def _softmax(logits, key_dim, t, s, *, q_offset=0, window=None, k_positions=None
 
 
 class LatentAttention(AttentionFamily):
-    """Weights: kv_down [m, c] and kv_norm (the latent), k_up and v_up [c, num_heads, d],
-    k_rope [m, r], out [num_heads, d, m]; queries q [m, num_heads, d] and q_rope
+    """Weights: kv_down [m, c] and kv_norm (the latent; none with kv_latent_norm=False),
+    k_up and v_up [c, num_heads, d], k_rope [m, R * r] (R = rope_key_heads), out
+    [num_heads, d, m]; queries q [m, num_heads, d] and q_rope
     [m, num_heads, r], or with `q_latent_dim` = e > 0 q_down [m, e], q_norm, q [e, num_heads,
     d] and q_rope [e, num_heads, r]."""
 
@@ -101,10 +136,11 @@ class LatentAttention(AttentionFamily):
         self.q = nnx.Param(init_params(rngs, (q_in, h, d), q_in))
         self.q_rope = nnx.Param(init_params(rngs, (q_in, h, r), q_in))
         self.kv_down = nnx.Param(init_params(rngs, (m, c), m))
-        self.kv_norm = RMSNorm(c, config.norm_eps)
+        if config.kv_latent_norm:
+            self.kv_norm = RMSNorm(c, config.norm_eps)
         self.k_up = nnx.Param(init_params(rngs, (c, h, d), c))
         self.v_up = nnx.Param(init_params(rngs, (c, h, d), c))
-        self.k_rope = nnx.Param(init_params(rngs, (m, r), m))
+        self.k_rope = nnx.Param(init_params(rngs, (m, config.rope_key_heads * r), m))
         self.out = nnx.Param(init_output(rngs, h, d, m, config.num_layers))
         self.config = config
 
@@ -119,24 +155,34 @@ class LatentAttention(AttentionFamily):
         if config.kv_share_every != 1:
             raise ConfigError(f"model.kv_share_every={config.kv_share_every} does not combine with "
                               "model.attention='latent'; use 1, or attention 'grouped' or 'tied'")
+        heads = config.rope_key_heads
+        if heads < 1 or config.num_heads % heads:
+            valid = [k for k in range(1, config.num_heads + 1) if config.num_heads % k == 0]
+            raise ConfigError(f"model.rope_key_heads={heads} must divide model.num_heads="
+                              f"{config.num_heads}; valid: {', '.join(map(str, valid))}")
+        f = config.rope_frequency_dim
+        if f and (f % 2 or f < config.rope_head_dim):
+            raise ConfigError(f"model.rope_frequency_dim={f} must be 0 or an even number >= "
+                              f"model.rope_head_dim={config.rope_head_dim}")
 
     @classmethod
     def cache_entries(cls, config: ModelConfig) -> tuple[CacheEntry, ...]:
-        return (CacheEntry("latent", 0, config.kv_latent_dim + config.rope_head_dim),)
+        return (CacheEntry("latent", 0, config.kv_latent_dim + config.rope_key_heads * config.rope_head_dim),)
 
     @classmethod
     def param_count(cls, config: ModelConfig, owns_kv: bool) -> int:
-        """out h*d*m; kv_down m*c, k_up and v_up c*h*d each, k_rope m*r; queries q m*h*d and
+        """out h*d*m; kv_down m*c, k_up and v_up c*h*d each, k_rope m*R*r; queries q m*h*d and
         q_rope m*h*r from x, or with e = q_latent_dim > 0 q_down m*e, q e*h*d, q_rope e*h*r."""
         m, h, d = config.d_model, config.num_heads, config.head_dim
         c, e, r = config.kv_latent_dim, config.q_latent_dim, config.rope_head_dim
         queries = (m * e + e * h * (d + r)) if e else m * h * (d + r)
-        return queries + m * c + 2 * c * h * d + m * r + h * d * m
+        return queries + m * c + 2 * c * h * d + m * config.rope_key_heads * r + h * d * m
 
     @classmethod
     def norm_count(cls, config: ModelConfig) -> int:
-        """kv_norm over the latent, and q_norm over the query latent if there is one."""
-        return config.kv_latent_dim + config.q_latent_dim
+        """kv_norm over the latent (unless kv_latent_norm=False), and q_norm over the query
+        latent if there is one."""
+        return config.kv_latent_dim * config.kv_latent_norm + config.q_latent_dim
 
     @classmethod
     def key_dim(cls, config: ModelConfig) -> int:
@@ -146,18 +192,24 @@ class LatentAttention(AttentionFamily):
     @classmethod
     def mha_equivalent(cls, config: ModelConfig) -> ModelConfig:
         return dataclasses.replace(super().mha_equivalent(config), kv_latent_dim=0, q_latent_dim=0,
-                                   rope_head_dim=0)
+                                   rope_head_dim=0, rope_key_heads=1, rope_frequency_dim=0,
+                                   kv_latent_norm=True)
 
     def project_kv(self, x: jax.Array, positions: jax.Array,
                    theta: jax.Array | float) -> dict[str, jax.Array]:
-        """x: [b, s, m] -> "latent" [b, s, 1, c + r]: the normalised latent and the rotated
-        shared key side by side, as the cache holds them."""
+        """x: [b, s, m] -> "latent" [b, s, 1, c + R * r]: the (normalised) latent and the R
+        rotated keys side by side, as the cache holds them."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
-        latent = self.kv_norm(dense(x, self.kv_down[...].astype(dtype)))           # [b, s, c]
-        k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype))[:, :, None], positions,
-                            theta)                                                   # [b, s, 1, r]
-        return {"latent": jnp.concatenate([latent[:, :, None], k_rope], axis=-1)}
+        b, s, _ = x.shape
+        latent = dense(x, self.kv_down[...].astype(dtype))                           # [b, s, c]
+        if config.kv_latent_norm:
+            latent = self.kv_norm(latent)
+        heads, r = config.rope_key_heads, config.rope_head_dim
+        k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype)).reshape(b, s, heads, r),
+                            positions, theta, config.rope_frequency_dim)            # [b, s, R, r]
+        return {"latent": jnp.concatenate([latent[:, :, None], k_rope.reshape(b, s, 1, heads * r)],
+                                          axis=-1)}
 
     def queries(self, x: jax.Array, positions: jax.Array,
                 theta: jax.Array | float) -> tuple[jax.Array, ...]:
@@ -166,7 +218,8 @@ class LatentAttention(AttentionFamily):
         x = x.astype(dtype)
         q_in = self.q_norm(dense(x, self.q_down[...].astype(dtype))) if config.q_latent_dim else x
         q = dense(q_in, self.q[...].astype(dtype))
-        return q, apply_rope(dense(q_in, self.q_rope[...].astype(dtype)), positions, theta)
+        return q, apply_rope(dense(q_in, self.q_rope[...].astype(dtype)), positions, theta,
+                             config.rope_frequency_dim)
 
     def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
                window: jax.Array | int | None, backend: SelfAttention) -> jax.Array:

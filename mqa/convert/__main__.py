@@ -7,6 +7,7 @@
   python -m mqa.convert uptrain --src RUN --workdir OUT [--num_kv_heads K] [--init mean]
       [--group adjacent|similarity] [--kv_share_every S] [--sliding_window W]
       [--global_every N] [--attention_sinks S] [--kv_cache_dtype int8|int4] [--text FILE] [--step N]
+      [--attention latent --kv_latent_dim C [--rope_head_dim P]]
 
 Exit status: 0 when converted (a one-line summary on stdout, after any notes); 2 when
 refused (bad input or usage): one line on stderr, "error: " and what is wrong, no traceback.
@@ -73,6 +74,13 @@ def parser() -> argparse.ArgumentParser:
                          help="with --sliding_window: the first this many positions stay visible")
     uptrain.add_argument("--kv_cache_dtype", choices=[d for d in CACHE_DTYPES if d],
                          help="store the cache quantized")
+    uptrain.add_argument("--attention", choices=("grouped", "latent"),
+                         help="latent: latent attention from calibration --text (MHA2MLA)")
+    uptrain.add_argument("--kv_latent_dim", type=int,
+                         help="with --attention latent: the latent's width (numbers per token)")
+    uptrain.add_argument("--rope_head_dim", type=int,
+                         help="with --attention latent: rotary dimensions kept per K/V head "
+                         "(the highest frequencies; default all)")
     uptrain.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
     uptrain.add_argument("--group", choices=KV_GROUPINGS, default="adjacent",
                          help="which heads share a K/V head: adjacent ones, or those whose "
@@ -112,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
                                       sliding_window=args.sliding_window,
                                       global_every=args.global_every,
                                       attention_sinks=args.attention_sinks,
-                                      kv_cache_dtype=args.kv_cache_dtype)
+                                      kv_cache_dtype=args.kv_cache_dtype,
+                                      attention=args.attention, kv_latent_dim=args.kv_latent_dim,
+                                      rope_head_dim=args.rope_head_dim)
     except REFUSALS as error:
         refuse(str(error))
     print(summary)

@@ -29,7 +29,7 @@ import numpy as np
 import scipy.linalg
 
 from mqa.config import ModelConfig
-from mqa.convert.errors import ConvertError
+from mqa.convert.calibration import check_plain_keys
 
 ALIGN_ROUNDS = 3  # rounds of generalised Procrustes (rotate onto the mean, re-average)
 
@@ -73,12 +73,7 @@ def generalised_procrustes(heads: list[np.ndarray], solve) -> list[np.ndarray]:
 
 def check_source(config: ModelConfig) -> None:
     """One-line ConvertErrors for a source whose heads cannot be aligned."""
-    if config.qk_norm:
-        raise ConvertError("--init aligned: the source normalises keys (model.qk_norm), which "
-                           "rotations do not commute with; use --init mean")
-    if config.kv_share_every != 1:
-        raise ConvertError(f"--init aligned needs a source with model.kv_share_every=1, not "
-                           f"{config.kv_share_every}; use --init mean")
+    check_plain_keys(config, "--init aligned", "which rotations do not commute with", "use --init mean")
 
 
 def align_kv_heads(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: np.ndarray,

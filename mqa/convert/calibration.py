@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mqa.config import ModelConfig
 from mqa.convert.errors import ConvertError
 from mqa.data.sources import split_text
 from mqa.loading import LoadedModel
@@ -54,3 +55,13 @@ def attention_inputs(model: LoadedModel, tokens: np.ndarray, batch: int = 4) -> 
         inputs = layer_inputs(model.params, tokens[start:start + batch])  # [L, b, t, m]
         chunks.append(np.asarray(inputs, np.float32).reshape(inputs.shape[0], -1, inputs.shape[-1]))
     return np.concatenate(chunks, axis=1)
+
+
+def check_plain_keys(config: ModelConfig, option: str, reason: str, remedy: str) -> None:
+    """One-line ConvertErrors for a source the calibrated rewrites of K/V cannot take: keys
+    normalised per head (`qk_norm`; `reason` says why not) or K/V shared across layers."""
+    if config.qk_norm:
+        raise ConvertError(f"{option}: the source normalises keys (model.qk_norm), {reason}; {remedy}")
+    if config.kv_share_every != 1:
+        raise ConvertError(f"{option} needs a source with model.kv_share_every=1, not "
+                           f"{config.kv_share_every}; {remedy}")

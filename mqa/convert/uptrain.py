@@ -12,8 +12,12 @@ any of
                            local layers that cache only the last W positions (every N-th
                            layer global) and the first S (StreamingLLM's sinks)
   --kv_cache_dtype int8|int4   a quantized cache
+  --attention latent --kv_latent_dim C [--rope_head_dim P]
+                           latent attention (MHA2MLA / TransMLA): P rotary dimensions per
+                           K/V head kept, the rest of the keys and the values compressed into
+                           a latent of C by PCA on calibration text (`mqa.convert.latent`)
 
---init aligned reads calibration text (`--text FILE`, its held-out tail left out,
+--init aligned and --attention latent read calibration text (`--text FILE`, its held-out tail left out,
 `mqa.convert.calibration`). Every parameter not named above is copied unchanged; the
 windows, sinks and cache dtype change the config only. Then `train.py
 --config.train.init_from=OUT` uptrains it (with `train.distill_from`, towards the source).
@@ -29,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from mqa import accounting, analysis, data, head_similarity
-from mqa.convert import aligned, calibration, cross_layer
+from mqa.convert import aligned, calibration, cross_layer, latent
 from mqa.config import build_model_config, ModelConfig, validate
 from mqa.convert.errors import ConvertError
 from mqa.loading import load_model
@@ -114,7 +118,8 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
                     group: str = "adjacent", text: str | None = None, *,
                     kv_share_every: int | None = None, sliding_window: int | None = None,
                     global_every: int | None = None, attention_sinks: int | None = None,
-                    kv_cache_dtype: str | None = None) -> str:
+                    kv_cache_dtype: str | None = None, attention: str | None = None,
+                    kv_latent_dim: int | None = None, rope_head_dim: int | None = None) -> str:
     """Writes the model in `src` (a workdir or checkpoint of ours; `step`: default the
     newest) converted as the module docstring says into a new workdir; returns a one-line
     summary. num_kv_heads None keeps the source's; init "aligned" reads calibration `text`.
@@ -137,11 +142,37 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
     sharing = kv_share_every not in (None, before.kv_share_every)
     if sharing:
         cross_layer.check_sharing(before, kv_share_every, init)
+    merging = num_kv_heads != before.num_kv_heads
+    to_latent = attention not in (None, "grouped")
+    fields = {}
+    if attention not in (None, "grouped", "latent"):
+        raise ConvertError(f"--attention {attention!r}: uptrain converts to 'grouped' or 'latent'")
+    if to_latent:
+        if merging or sharing:
+            raise ConvertError("--attention latent does not combine with --num_kv_heads or "
+                               "--kv_share_every; convert in two steps")
+        kv_latent_dim, rope_head_dim = latent.check(before, kv_latent_dim, rope_head_dim)
+        fields = latent.target_fields(before, kv_latent_dim, rope_head_dim)
+    elif kv_latent_dim is not None or rope_head_dim is not None:
+        raise ConvertError("--kv_latent_dim and --rope_head_dim are for --attention latent")
     config = uptrain_config(source.config, before, num_kv_heads, kv_share_every=kv_share_every,
                             sliding_window=sliding_window, global_every=global_every,
-                            attention_sinks=attention_sinks, kv_cache_dtype=kv_cache_dtype)
-    merging = num_kv_heads != before.num_kv_heads
+                            attention_sinks=attention_sinks, kv_cache_dtype=kv_cache_dtype, **fields)
     inputs = None
+    if to_latent:
+        inputs = calibration.attention_inputs(source, calibration.calibration_tokens(source, text))
+        arrays, kept = latent.to_latent(params_by_name(source.params), before, inputs,
+                                        kv_latent_dim, rope_head_dim)
+        after = build_model_config(config.model)
+        tokenizer = source.path / data.TOKENIZER_FILE
+        write_workdir(workdir, config, params_from_names(after, arrays),
+                      tokenizer if tokenizer.is_file() else None)
+        return _summary(src, source.step, workdir, before, after, [
+            f"attention grouped -> latent: {rope_head_dim} of {before.head_dim} dims per K/V head "
+            f"stay rotary (the highest frequencies; {100 * kept['rotary_kept']:.1f}% of the rotary "
+            f"2-norm contribution), the rest of the keys and the values in a latent of "
+            f"{kv_latent_dim} ({100 * kept['latent_energy']:.1f}% of their calibration energy)",
+            *_changes(before, after, init, False, False)[1:]])
     if init == "aligned" and merging:
         aligned.check_source(before)
     if init == "aligned" and (merging or sharing):
@@ -168,9 +199,15 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
             params_by_name(params), merged, kv_share_every, init, inputs))
     tokenizer = source.path / data.TOKENIZER_FILE
     write_workdir(workdir, config, params, tokenizer if tokenizer.is_file() else None)
+    return _summary(src, source.step, workdir, before, after,
+                    _changes(before, after, init, merging, sharing), grouping)
+
+
+def _summary(src, step: int, workdir: pathlib.Path, before: ModelConfig, after: ModelConfig,
+             changes: list[str], grouping: str = "") -> str:
+    """The one-line account of a conversion: what changed, parameters and cache bytes."""
     per_token = accounting.kv_cache_bytes_per_token
-    return (f"uptrained {src} (step {source.step}) -> {workdir}: "
-            + "; ".join(_changes(before, after, init, merging, sharing)) + "; "
+    return (f"uptrained {src} (step {step}) -> {workdir}: " + "; ".join(changes) + "; "
             f"parameters {accounting.param_count(before):,} -> {accounting.param_count(after):,}; "
             f"KV cache {per_token(before):,} -> {per_token(after):,} bytes/token"
             f"{f' at {after.max_seq_len:,} tokens' if after.sliding_window else ''}{grouping}")

@@ -1,0 +1,135 @@
+"""Grouped attention rewritten as latent attention (`mqa.convert uptrain --attention latent
+--kv_latent_dim C --rope_head_dim P --text FILE`): MHA2MLA's and TransMLA's route.
+
+A grouped layer caches, per token and K/V head, a key of d numbers that RoPE rotates and a
+value of d. The conversion splits each key head's rotary pairs in two:
+  - kept: the P/2 highest-frequency pairs of every K/V head stay rotary. They become the
+    latent family's rotary keys, one per source K/V head (`model.rope_key_heads`), turning
+    at the frequencies they turned at in the source (`model.rope_frequency_dim`), and the
+    query heads' same dimensions become their rotary queries. Exact.
+  - dropped: the other pairs lose their rotation and join the values. Those key dimensions
+    (d - P per K/V head) and the values (d per K/V head) are all linear in the layer's
+    input x, so together they are x @ W for one matrix W [m, n], n = K (2d - P). Their
+    principal subspace on calibration text (the top C eigenvectors U of W^T X^T X W, the
+    best rank-C approximation of the calibration rows x @ W) becomes the latent:
+    kv_down = W U [m, C], and U^T splits into each query head's k_up and v_up.
+So the cache holds C + K P numbers per token and layer, against the source's 2 K d. Two
+things are approximations: the dropped pairs turn no more (exact for a pair that turned
+little over the context: the lowest frequencies, which is why the highest are kept, as
+MHA2MLA's "high-frequency" strategy; its best strategy picks pairs per head by the product
+of query and key norms, which per-head frequency tables would need and this codebase does
+not have; `rotary_contribution` reports that measure for the kept pairs), and the latent
+when C < n. Keeping every rotary pair (P = the source's rotary width) with C >= n, which
+for a source that rotates whole heads is a cache of C + K P = 2 K d numbers, as large as
+the source's, the converted model computes the source's function
+(`tests/test_convert_latent.py`).
+
+The latent family's scores divide by sqrt(d + P) where the source's divide by
+sqrt(score_dim); the difference is folded into the query weights. The latent has no norm
+(`model.kv_latent_norm=False`: it must stay linear in x), and the query heads' unused
+nope dimensions (P of d) carry zeros.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mqa.config import ModelConfig
+from mqa.convert.calibration import check_plain_keys
+from mqa.convert.errors import ConvertError
+
+PREFIX = "blocks.attention."
+
+
+def check(source: ModelConfig, kv_latent_dim: int | None, rope_head_dim: int | None) -> tuple[int, int]:
+    """(C, P) after one-line ConvertErrors for what the conversion cannot take; P defaults
+    to the source's rotary width (every pair kept)."""
+    check_plain_keys(source, "--attention latent", "which a linear latent cannot hold",
+                     "convert a source without them")
+    rotary = source.rope_head_dim or source.head_dim
+    p = rotary if rope_head_dim is None else rope_head_dim
+    if p < 2 or p % 2 or p > rotary:
+        raise ConvertError(f"--rope_head_dim {p} must be even and in 2..{rotary} (the source's "
+                           "rotary dimensions per head; the rest of each key joins the latent)")
+    if kv_latent_dim is None or kv_latent_dim < 1:
+        raise ConvertError(f"--attention latent needs --kv_latent_dim >= 1 (numbers cached per token "
+                           f"besides the rotary keys), got {kv_latent_dim}")
+    return kv_latent_dim, p
+
+
+def target_fields(source: ModelConfig, kv_latent_dim: int, rope_head_dim: int) -> dict:
+    """The model fields of the converted config."""
+    rotary = source.rope_head_dim or source.head_dim
+    return dict(attention="latent", kv_latent_dim=kv_latent_dim, rope_head_dim=rope_head_dim,
+                rope_key_heads=source.num_kv_heads, kv_latent_norm=False, q_latent_dim=0,
+                rope_frequency_dim=rotary if rope_head_dim < rotary else 0, attention_score_dim=0)
+
+
+def split_dims(config: ModelConfig, rope_head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, dropped): indices into a source head's d dimensions. kept [P]: the P/2
+    highest-frequency rotary pairs in the rotate-half layout (first halves, then second
+    halves), so that they rotate as a P-dim head at the source's frequencies; dropped
+    [d - P]: the rest, in order."""
+    d = config.head_dim
+    rotary = config.rope_head_dim or d
+    first, half, keep = d - rotary, rotary // 2, rope_head_dim // 2
+    kept = np.concatenate([first + np.arange(keep), first + half + np.arange(keep)])
+    return kept, np.setdiff1d(np.arange(d), kept)
+
+
+def rotary_contribution(q: np.ndarray, k: np.ndarray, x: np.ndarray, config: ModelConfig,
+                        kept: np.ndarray) -> float:
+    """MHA2MLA's 2-norm measure of what rotary pairs contribute to the scores, summed over a
+    layer's query heads: for pair i of head h, |q_h,i| |k_kv(h),i| with norms over the
+    calibration tokens; returns the kept pairs' share. q [m, h, d], k [m, kv, d], x [n, m]."""
+    d = config.head_dim
+    rotary = config.rope_head_dim or d
+    first, half = d - rotary, rotary // 2
+    pairs = [np.array([first + i, first + half + i]) for i in range(half)]
+    qn = np.sqrt(np.sum(np.einsum("nm,mhd->nhd", x, q) ** 2, axis=0))   # [h, d]: per-dim norms
+    kn = np.sqrt(np.sum(np.einsum("nm,mkd->nkd", x, k) ** 2, axis=0))   # [kv, d]
+    kn = np.repeat(kn, config.group_size, axis=0)                        # [h, d]
+    score = np.array([np.sum(np.linalg.norm(qn[:, p], axis=1) * np.linalg.norm(kn[:, p], axis=1))
+                      for p in pairs])
+    kept_pairs = np.isin(np.arange(half), kept[:len(kept) // 2] - first)
+    return float(score[kept_pairs].sum() / score.sum())
+
+
+def to_latent(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: np.ndarray,
+              kv_latent_dim: int, rope_head_dim: int) -> tuple[dict[str, np.ndarray], dict]:
+    """The source's parameters (`workdir.params_by_name`) with each layer's grouped
+    attention rewritten as latent attention (the module docstring), every other parameter
+    unchanged; and what the conversion kept: the latent's share of the calibration rows'
+    energy and the kept rotary pairs' share of the 2-norm contribution, each averaged over
+    layers. inputs: the attention inputs [num_layers, n, d_model] (`calibration`)."""
+    q, k, v = (np.asarray(arrays[PREFIX + name], np.float64) for name in ("q", "k", "v"))
+    arrays = {name: a for name, a in arrays.items() if name not in (PREFIX + "k", PREFIX + "v")}
+    layers, m, h, d = q.shape
+    kv, group, c, p = config.num_kv_heads, config.group_size, kv_latent_dim, rope_head_dim
+    kept, dropped = split_dims(config, p)
+    scale = np.sqrt((d + p) / config.score_dim)  # the latent core divides by sqrt(d + P)
+    out = {name: np.zeros(shape) for name, shape in dict(
+        q=(layers, m, h, d), q_rope=(layers, m, h, p), k_rope=(layers, m, kv * p),
+        kv_down=(layers, m, c), k_up=(layers, c, h, d), v_up=(layers, c, h, d)).items()}
+    energy, contribution = [], []
+    for layer in range(layers):
+        x = inputs[layer].astype(np.float64)
+        out["q"][layer, :, :, :d - p] = q[layer][:, :, dropped] * scale
+        out["q_rope"][layer] = q[layer][:, :, kept] * scale
+        out["k_rope"][layer] = k[layer][:, :, kept].reshape(m, kv * p)
+        joint = np.concatenate([k[layer][:, :, dropped].reshape(m, -1), v[layer].reshape(m, -1)], axis=1)
+        rows = x @ joint                                             # [tokens, n]
+        eigenvalues, vectors = np.linalg.eigh(rows.T @ rows)         # ascending
+        basis = np.zeros((joint.shape[1], c))
+        width = min(c, joint.shape[1])
+        basis[:, :width] = vectors[:, ::-1][:, :width]               # the top C directions
+        energy.append(float(eigenvalues[::-1][:width].sum() / eigenvalues.sum()))
+        out["kv_down"][layer] = joint @ basis
+        up = basis.T                                                 # [C, n]: key nope, then values
+        keys = up[:, :kv * (d - p)].reshape(c, kv, d - p)
+        values = up[:, kv * (d - p):].reshape(c, kv, d)
+        out["k_up"][layer, :, :, :d - p] = np.repeat(keys, group, axis=1)
+        out["v_up"][layer] = np.repeat(values, group, axis=1)
+        contribution.append(rotary_contribution(q[layer], k[layer], x, config, kept))
+    arrays.update({PREFIX + name: a.astype(np.float32) for name, a in out.items()})
+    return arrays, dict(latent_energy=float(np.mean(energy)), rotary_kept=float(np.mean(contribution)))
