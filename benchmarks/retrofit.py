@@ -94,6 +94,13 @@ CONVERSIONS = {
                                                              kv_cache_dtype="int8")),
     "GQA-1 aligned + int4": ("fewer heads + quantized", dict(num_kv_heads=1, init="aligned",
                                                              kv_cache_dtype="int4")),
+    # latent attention (`mqa.convert.latent`): P rotary dims per K/V head + a latent of C;
+    # the first keeps everything (the original's cache size: a check that it is exact)
+    "MLA rope 64 + latent 192": ("latent", dict(attention="latent", rope_head_dim=64, kv_latent_dim=192)),
+    "MLA rope 16 + latent 144": ("latent", dict(attention="latent", rope_head_dim=16, kv_latent_dim=144)),
+    "MLA rope 16 + latent 80": ("latent", dict(attention="latent", rope_head_dim=16, kv_latent_dim=80)),
+    "MLA rope 8 + latent 104": ("latent", dict(attention="latent", rope_head_dim=8, kv_latent_dim=104)),
+    "MLA rope 8 + latent 40": ("latent", dict(attention="latent", rope_head_dim=8, kv_latent_dim=40)),
 }
 
 
@@ -102,7 +109,10 @@ CONVERSIONS = {
 # families that reach a sixth of the cache against each other.
 COMPARISONS = (("GQA-1 aligned", "GQA-1 mean"), ("CLA-2 aligned", "CLA-2 mean"),
                ("window 1024 + 4 sinks", "window 1024"), ("window 341 + 4 sinks", "window 341"),
-               ("int4 cache", "window 341 + 4 sinks"), ("GQA-1 + CLA-2 aligned", "window 341 + 4 sinks"))
+               ("int4 cache", "window 341 + 4 sinks"), ("GQA-1 + CLA-2 aligned", "window 341 + 4 sinks"),
+               # declared on 2026-12-05 with the latent conversions, before any was scored:
+               # latent attention against the best other rewrite of the weights at 1/3 and 1/2
+               ("MLA rope 16 + latent 80", "GQA-1 aligned"), ("MLA rope 16 + latent 144", "CLA-2 aligned"))
 
 DECODED = ("GQA-1 aligned", "CLA-2 aligned", "window 1024 + 4 sinks", "window 341 + 4 sinks",
            "window 152 + 4 sinks + 1 in 10 global", "int8 cache", "int4 cache", "GQA-1 aligned + int8")

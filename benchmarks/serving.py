@@ -21,9 +21,12 @@ query heads; MHA, GQA, MQA, GTA, MLA, a local/global window, int8 caches):
 Writes benchmarks/results/serving/serving.{csv,json,png}: one row per variant and timed
 batch (`is_max_batch` marks the budget's), and tokens/s against concurrent sequences.
 
-Every sequence of a batch holds the same context here: the cache has one write index for
-the whole batch, so a ragged batch (each row at its own length) is not expressible yet;
-docs/decoding.md says what ragged rows and a paged cache would add.
+With --ragged the rows of a batch hold different lengths, evenly spread from context / 8
+to context (mean 9/16 of it), each left-padded to the context and decoded at its own
+positions (`KVCache.starts`), as real traffic is; the cache is still allocated at the full
+context per row, so the budget admits the same batch, and the row's `max_batch_paged`
+says how many such sequences a paged cache (pages allocated as a row grows, vLLM's
+PagedAttention) would admit instead. docs/decoding.md says what paging would take here.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ from mqa.kv_cache import init_cache  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
 from mqa.model_config import ModelConfig  # noqa: E402
 from mqa.timing import alternating_medians, decode_loop, median_seconds, timed  # noqa: E402
+
+RAGGED_SHORTEST = 1 / 8  # --ragged: row lengths evenly spread from this fraction of the context to all of it
+
+
+def ragged_lengths(batch: int, context: int) -> list[int]:
+    """Each row's tokens in a ragged batch: evenly spread from context / 8 to context."""
+    if batch == 1:
+        return [context]
+    return [round(context * (RAGGED_SHORTEST + (1 - RAGGED_SHORTEST) * i / (batch - 1)))
+            for i in range(batch)]
 
 DEFAULT_VARIANTS = ("MHA", "GQA-2", "MQA", "GTA-1", "MLA-48", "MHA-local", "MQA-int8")
 
@@ -86,6 +99,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the median is kept")
     parser.add_argument("--bandwidth_mb", type=int, default=256,
                         help="array size for measuring read bandwidth (larger than the caches)")
+    parser.add_argument("--ragged", action="store_true",
+                        help="rows of different lengths (context/8 .. context), left-padded")
     parser.add_argument("--workdir", action="append", default=[], metavar="NAME=PATH",
                         help="also a trained or converted model (mqa.load_model), named NAME")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "serving")
@@ -142,7 +157,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs, cache_bytes, batches = {}, {}, {}
         for name, (config, graphdef, params, most, _) in models.items():
             batch = max(1, min(args.max_batch_cap, round(most * fraction)))
-            run, _, cache_bytes[name] = decode_loop(graphdef, params, config, batch, args.context, args.steps)
+            starts = ([args.context - n for n in ragged_lengths(batch, args.context)]
+                      if args.ragged and batch > 1 else None)
+            run, _, cache_bytes[name] = decode_loop(graphdef, params, config, batch, args.context,
+                                                    args.steps, starts)
             run()  # compile and warm up
             runs[name], batches[name] = timed(run), batch
         seconds = alternating_medians(runs, args.repeats)
@@ -150,9 +168,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             batch, step = batches[name], seconds[name] / args.steps
             weights = accounting.param_count(config) * 4
             floor = (weights + cache_bytes[name]) / bandwidth
+            mean_length = (sum(ragged_lengths(batch, args.context)) / batch if args.ragged
+                           else args.context)
             rows.append(dict(
                 configuration=name, kv_bytes_per_token=per_sequence / args.context,
                 max_batch=most, batch=batch, is_max_batch=batch == min(most, args.max_batch_cap),
+                ragged=args.ragged, mean_length=mean_length,
+                max_batch_paged=int(budget // (per_sequence / args.context * mean_length)),
                 tokens_per_sec=batch / step, ms_per_step=1e3 * step,
                 memory_floor_fraction=floor / step, context=args.context, budget_gb=args.budget_gb))
             print(f"{name}: batch {batch}: {batch / step:,.0f} tokens/s "

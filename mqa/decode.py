@@ -65,10 +65,10 @@ def decode_tokens(model: Transformer, layers: tuple, cache: KVCache, token: jax.
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
                                              "top_k", "top_p"))
-def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top_k, top_p):
+def _generate(graphdef, params, prompt, key, starts=None, *, max_new_tokens, temperature, top_k, top_p):
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt.shape
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+    cache = init_cache(model.config, batch, prompt_len + max_new_tokens, starts=starts)
     sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
     layers = model.layer_params()  # sliced once, outside the token loop
     logits, cache = model.step(prompt, cache, layers)
@@ -82,10 +82,23 @@ def generate(model: LoadedModel, prompt_tokens, max_new_tokens: int, *, temperat
              top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> np.ndarray:
     """Continues each prompt by `max_new_tokens` tokens.
 
-    prompt_tokens: int [batch, prompt_len] (or [prompt_len]).
-    Returns int32 [batch, prompt_len + max_new_tokens]: the prompts and their continuations.
+    prompt_tokens: int [batch, prompt_len] (or [prompt_len]), or a list of prompts of
+      different lengths: a ragged batch, decoded together with each row left-padded to the
+      longest and at its own positions (`KVCache.starts`), as each would be alone.
+    Returns int32 [batch, prompt_len + max_new_tokens]: the prompts and their continuations;
+    for a ragged batch a list of int32 arrays, each prompt followed by its continuation.
     """
-    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    ragged = isinstance(prompt_tokens, (list, tuple)) and len({len(p) for p in prompt_tokens}) > 1
+    starts = None
+    if ragged:
+        rows = [np.asarray(p, np.int32).reshape(-1) for p in prompt_tokens]
+        width = max(len(r) for r in rows)
+        if min(len(r) for r in rows) < 1:
+            raise ValueError("every prompt of a ragged batch needs at least one token")
+        prompt = jnp.asarray(np.stack([np.pad(r, (width - len(r), 0)) for r in rows]))
+        starts = jnp.asarray([width - len(r) for r in rows], jnp.int32)
+    else:
+        prompt = jnp.asarray(prompt_tokens, jnp.int32)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     total = prompt.shape[1] + max_new_tokens
     limit = model.model_config.max_seq_len
@@ -100,7 +113,7 @@ def generate(model: LoadedModel, prompt_tokens, max_new_tokens: int, *, temperat
         raise ValueError(f"invalid sampling settings temperature={temperature}, top_k={top_k}, "
                          f"top_p={top_p}; need temperature >= 0, 1 <= top_k <= vocab size, "
                          "0 < top_p <= 1")
-    out = _generate(model.graphdef, model.params, prompt, jax.random.key(seed),
-                    max_new_tokens=max_new_tokens, temperature=float(temperature),
-                    top_k=top_k, top_p=top_p)
-    return np.asarray(out)
+    out = np.asarray(_generate(model.graphdef, model.params, prompt, jax.random.key(seed), starts,
+                               max_new_tokens=max_new_tokens, temperature=float(temperature),
+                               top_k=top_k, top_p=top_p))
+    return [row[start:] for row, start in zip(out, np.asarray(starts))] if ragged else out

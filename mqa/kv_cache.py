@@ -16,6 +16,7 @@ to any family:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -47,10 +48,15 @@ class KVCache(NamedTuple):
         copy of the cache update into that reshape and copied the cache three times per
         layer and step (MQA decoding 1.7x slower).
     index: int32 scalar, the number of positions written; the next token goes there.
+    starts: None, or for a ragged batch int32 [batch]: row b's sequence starts at slot
+      starts[b] (its prompt left-padded by that many slots), so its token in slot s sits at
+      position s - starts[b], and slots before starts[b] are never attended to (`for_rows`).
+      All rows write at `index` together; only positions and masks differ.
     """
 
     layers: tuple[dict[str, jax.Array], ...]
     index: jax.Array
+    starts: jax.Array | None = None
 
 
 def cache_entries(config: ModelConfig) -> tuple[CacheEntry, ...]:
@@ -75,10 +81,17 @@ def buffer_length(config: ModelConfig, kv_layer: int, max_len: int) -> int:
     return min(config.sliding_window + config.attention_sinks, max_len) if local else max_len
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache for `batch_size` sequences of up to `max_len` tokens."""
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None,
+               starts: jax.Array | None = None) -> KVCache:
+    """An empty cache for `batch_size` sequences of up to `max_len` slots; `starts` int
+    [batch_size] for a ragged batch (`KVCache.starts`: row b's prompt left-padded by
+    starts[b] slots)."""
     if max_len > config.max_seq_len:
         raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={config.max_seq_len}")
+    if starts is not None and (config.attention_sinks or config.kv_cache_dtype == "int4"):
+        raise ValueError("a ragged batch (starts) does not combine with model.attention_sinks "
+                         "(the sink slots hold the batch's first slots, not each row's first "
+                         "tokens) or an int4 cache (its key groups span slots, padding included)")
     dtype = jnp.dtype(dtype or config.dtype)
     int8 = config.kv_cache_dtype == "int8"
     int4 = config.kv_cache_dtype == "int4"
@@ -99,7 +112,8 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
             if int8:
                 buffers[f"{entry.name}_scale"] = jnp.zeros(shape[:-1], SCALE_DTYPE)
         layers.append(buffers)
-    return KVCache(tuple(layers), jnp.zeros((), jnp.int32))
+    return KVCache(tuple(layers), jnp.zeros((), jnp.int32),
+                   None if starts is None else jnp.asarray(starts, jnp.int32))
 
 
 def cache_nbytes(cache: KVCache) -> int:
@@ -225,6 +239,22 @@ def write(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[s
     buffers, attended, positions = update(buffers, new, axes, index, ring=ring, dtype=dtype,
                                           sinks=sinks)
     return buffers, Keys(attended, {name: axes[name] for name in attended}, positions, index)
+
+
+def for_rows(keys: Keys, starts: jax.Array | None) -> Keys:
+    """`keys` as the rows of a ragged batch see them (`KVCache.starts`): each key's position
+    per row, int32 [batch, keys], its slot's position less the row's start (-1 for a slot
+    before the row's start or never written), and each row's first query position [batch].
+    Unchanged where starts is None."""
+    if starts is None:
+        return keys
+    name = next(iter(keys.arrays))
+    slots = keys.positions
+    if slots is None:
+        slots = jnp.arange(keys.arrays[name].shape[keys.axes[name].index("s")])
+    rows = slots[None, :] - starts[:, None]
+    positions = jnp.where((slots[None, :] >= starts[:, None]) & (slots[None, :] >= 0), rows, -1)
+    return dataclasses.replace(keys, positions=positions, q_offset=keys.q_offset - starts)
 
 
 def _scatter(buffer: jax.Array, slots: jax.Array, values: jax.Array, axis: int) -> jax.Array:

@@ -134,15 +134,18 @@ class Transformer(nnx.Module):
         """
         config = self.config
         positions = cache.index + jnp.arange(tokens.shape[1])
+        if cache.starts is not None:  # a ragged batch: each row's positions [batch, new]
+            positions = positions[None, :] - cache.starts[:, None]
         x = self._embed(tokens)
         updated = []
         for g, params in enumerate(layers or self.layer_params()):
             layer = g * config.kv_share_every
             window = config.sliding_window if config.is_local(layer) else None
             x, buffers, _ = self._group(x, positions, params, window, config.layer_rope_theta(layer),
-                                        Mode.CACHED, cache.layers[g], cache.index)
+                                        Mode.CACHED, cache.layers[g], cache.index, cache.starts)
             updated.append(buffers)
-        return self._logits(x), KVCache(tuple(updated), cache.index + tokens.shape[1])
+        return self._logits(x), cache._replace(layers=tuple(updated),
+                                               index=cache.index + tokens.shape[1])
 
     def layer_params(self) -> tuple[GroupParams, ...]:
         """Per KV group: (its first layer's parameters, the other layers' parameters),
@@ -157,10 +160,11 @@ class Transformer(nnx.Module):
 
     def _group(self, x: jax.Array, positions: jax.Array, params: GroupParams,
                window: jax.Array | int | None, theta: jax.Array | float, mode: Mode,
-               buffers: dict | None = None, index: jax.Array | None = None
-               ) -> tuple[jax.Array, dict | None, list[jax.Array]]:
-        """The layer loop: one K/V group. x: [batch, seq, m]; positions: int [seq]; theta:
-        the group's RoPE base.
+               buffers: dict | None = None, index: jax.Array | None = None,
+               starts: jax.Array | None = None) -> tuple[jax.Array, dict | None, list[jax.Array]]:
+        """The layer loop: one K/V group. x: [batch, seq, m]; positions: int [seq] (or
+        [batch, seq]: a ragged batch's, whose rows start at slots `starts`); theta: the
+        group's RoPE base.
 
         SELF: the keys are this sequence's (window and theta may be traced); CACHED: the
         group's cache `buffers` take the new keys at `index` (window: an int makes them a
@@ -187,6 +191,7 @@ class Transformer(nnx.Module):
                     buffers, keys = kv_cache.write(buffers, new, axes, index, ring=window is not None,
                                                    dtype=jnp.dtype(config.dtype),
                                                    sinks=config.attention_sinks)
+                    keys = kv_cache.for_rows(keys, starts)
             attended = block.attention.attend(queries, keys, mode=mode, window=window, backend=backend)
             if config.post_norms:
                 attended = block.attention_post_norm(attended)

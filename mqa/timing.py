@@ -62,11 +62,12 @@ def alternating_medians(runs: dict[Hashable, Callable[[], float]], repeats: int,
 
 
 def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, batch: int,
-                context: int, steps: int) -> tuple[Callable[[], None], Callable[[], str], int]:
+                context: int, steps: int, starts=None) -> tuple[Callable[[], None], Callable[[], str], int]:
     """(run, hlo, cache bytes): `run()` decodes `steps` cached steps of `batch` sequences
     from a cache holding `context` tokens, waiting for the result (the cache is donated and
     reused by the next call); `hlo()` is the compiled loop's HLO text. `context + steps`
-    must fit `config.max_seq_len`."""
+    must fit `config.max_seq_len`. starts int [batch]: a ragged batch, row b holding
+    context - starts[b] tokens (`KVCache.starts`)."""
 
     @functools.partial(jax.jit, donate_argnums=1)
     def decode(params, cache, token):
@@ -76,7 +77,7 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, 
                                           jnp.zeros((steps,)), greedy)
         return token, cache
 
-    cache = init_cache(config, batch, context + steps)
+    cache = init_cache(config, batch, context + steps, starts=starts)
     nbytes = cache_nbytes(cache)
     state = {"cache": cache, "token": jnp.zeros((batch,), jnp.int32)}
 

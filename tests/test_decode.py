@@ -142,3 +142,15 @@ def test_the_decoding_loop_updates_the_cache_in_place(family, batch):
     copies = [line for buffer in buffers.values()
               for line in cache_copies_in_loops(hlo, list(buffer.shape))]
     assert not copies, f"cache copied in the token loop: {copies}"
+
+
+def test_a_ragged_batch_decodes_with_the_cache_in_place_too():
+    """Rows at their own positions (`KVCache.starts`) change the masks and the rotary
+    positions, not how the cache is written or read."""
+    model = loaded(num_kv_heads=1)
+    hlo = _generate.lower(model.graphdef, model.params, jnp.zeros((3, 4), jnp.int32),
+                          jax.random.key(0), jnp.asarray([0, 2, 3], jnp.int32), max_new_tokens=12,
+                          temperature=0.0, top_k=None, top_p=None).compile().as_text()
+    buffers = init_cache(model.model_config, 3, 16).layers[0]
+    assert not [line for buffer in buffers.values()
+                for line in cache_copies_in_loops(hlo, list(buffer.shape))]

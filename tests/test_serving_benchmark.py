@@ -12,7 +12,7 @@ from benchmarks import serving
 def test_serving_runs_and_the_budget_admits_sequences_by_cache_size(tmp_path):
     rows = serving.main(["--budget_gb=0.002", "--context=32", "--variants=MHA,MQA",
                          "--fractions=1,0.5", "--steps=2", "--repeats=1", "--bandwidth_mb=16",
-                         "--out", str(tmp_path)])
+                         "--ragged", "--out", str(tmp_path)])
     by = {(r["configuration"], r["batch"]): r for r in rows}
     most = {r["configuration"]: r["max_batch"] for r in rows}
     # 8 K/V heads against 1: eight times the sequences in the same memory.
@@ -22,6 +22,12 @@ def test_serving_runs_and_the_budget_admits_sequences_by_cache_size(tmp_path):
         (name, b) for name in most for b in {most[name], max(1, round(most[name] / 2))}}
     assert all(r["tokens_per_sec"] > 0 and r["memory_floor_fraction"] > 0 for r in rows)
     assert all(r["prefill_s"] > 0 for r in rows if r["is_max_batch"])
+    # ragged rows: lengths 4..32 tokens; a paged cache would admit by their mean length
+    for r in rows:
+        lengths = serving.ragged_lengths(r["batch"], 32)
+        assert r["ragged"] and r["mean_length"] == sum(lengths) / r["batch"]
+        assert r["max_batch_paged"] == int(2_000_000 // (r["kv_bytes_per_token"] * r["mean_length"]))
+
     with (tmp_path / "serving.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "serving.png").stat().st_size > 0
@@ -38,3 +44,8 @@ def test_bad_arguments_are_one_line_errors(argv, fragment, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert fragment in capsys.readouterr().err.strip().splitlines()[-1]
     assert not list(tmp_path.iterdir())
+
+
+def test_ragged_lengths_spread_from_an_eighth_of_the_context_to_all_of_it():
+    assert serving.ragged_lengths(5, 2048) == [256, 704, 1152, 1600, 2048]
+    assert serving.ragged_lengths(1, 2048) == [2048]

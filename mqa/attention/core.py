@@ -88,12 +88,14 @@ def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int | None = None
     lower bound) and p >= 0; with `sinks` S > 0 also when p < S (attention sinks,
     StreamingLLM: the first S positions stay visible through any window). k_positions: int
     [kv_len], each key's position (a ring buffer's slots hold positions out of order, -1
-    for a slot not yet written); default 0..kv_len-1.
+    for a slot not yet written); default 0..kv_len-1. A ragged batch (`kv_cache.for_rows`)
+    gives per-row positions, q_offset [batch] and k_positions [batch, kv_len], and gets
+    a mask [batch, q_len, kv_len].
     """
     if q_offset is None:
         q_offset = kv_len - q_len
-    q_pos = (q_offset + jnp.arange(q_len))[:, None]
-    k_pos = (jnp.arange(kv_len) if k_positions is None else k_positions)[None, :]
+    q_pos = (jnp.asarray(q_offset)[..., None] + jnp.arange(q_len))[..., :, None]
+    k_pos = (jnp.arange(kv_len) if k_positions is None else k_positions)[..., None, :]
     visible = k_pos <= q_pos
     if k_positions is not None:
         visible &= k_pos >= 0
@@ -104,8 +106,11 @@ def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int | None = None
 
 def masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Softmax over the last axis (keys) of float32 logits [..., q_len, kv_len], where
-    `mask` (bool [q_len, kv_len], None: all) is False a key gets no weight."""
+    `mask` (bool [q_len, kv_len], or [batch, q_len, kv_len] for logits [batch, ..., q_len,
+    kv_len]; None: all) is False a key gets no weight."""
     if mask is not None:
+        if mask.ndim == 3:  # per row: the batch axis leads, the heads' axes between
+            mask = mask.reshape(mask.shape[0], *[1] * (logits.ndim - 3), *mask.shape[1:])
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits, axis=-1)
 
