@@ -101,6 +101,15 @@ CONVERSIONS = {
     "MLA rope 16 + latent 80": ("latent", dict(attention="latent", rope_head_dim=16, kv_latent_dim=80)),
     "MLA rope 8 + latent 104": ("latent", dict(attention="latent", rope_head_dim=8, kv_latent_dim=104)),
     "MLA rope 8 + latent 40": ("latent", dict(attention="latent", rope_head_dim=8, kv_latent_dim=40)),
+    # one rotary key mixed from the 3 K/V heads per frequency (TransMLA's RoRoPE)
+    "MLA shared rope 64 + latent 128": ("latent, shared rotary key", dict(
+        attention="latent", rope_keys="shared", rope_head_dim=64, kv_latent_dim=128)),
+    "MLA shared rope 64 + latent 64": ("latent, shared rotary key", dict(
+        attention="latent", rope_keys="shared", rope_head_dim=64, kv_latent_dim=64)),
+    "MLA shared rope 32 + latent 96": ("latent, shared rotary key", dict(
+        attention="latent", rope_keys="shared", rope_head_dim=32, kv_latent_dim=96)),
+    "MLA shared rope 32 + latent 32": ("latent, shared rotary key", dict(
+        attention="latent", rope_keys="shared", rope_head_dim=32, kv_latent_dim=32)),
 }
 
 
@@ -112,7 +121,10 @@ COMPARISONS = (("GQA-1 aligned", "GQA-1 mean"), ("CLA-2 aligned", "CLA-2 mean"),
                ("int4 cache", "window 341 + 4 sinks"), ("GQA-1 + CLA-2 aligned", "window 341 + 4 sinks"),
                # declared on 2026-12-05 with the latent conversions, before any was scored:
                # latent attention against the best other rewrite of the weights at 1/3 and 1/2
-               ("MLA rope 16 + latent 80", "GQA-1 aligned"), ("MLA rope 16 + latent 144", "CLA-2 aligned"))
+               ("MLA rope 16 + latent 80", "GQA-1 aligned"), ("MLA rope 16 + latent 144", "CLA-2 aligned"),
+               # declared with the shared-key conversions, after the per-head ones were scored
+               # and before any shared one was: one mixed key against a key per K/V head at 1/3
+               ("MLA shared rope 64 + latent 64", "MLA rope 16 + latent 80"))
 
 DECODED = ("GQA-1 aligned", "CLA-2 aligned", "window 1024 + 4 sinks", "window 341 + 4 sinks",
            "window 152 + 4 sinks + 1 in 10 global", "int8 cache", "int4 cache", "GQA-1 aligned + int8")

@@ -67,6 +67,23 @@ def test_conversion_with_nothing_dropped_keeps_the_logits(tmp_path, capsys, over
     np.testing.assert_array_equal(*generated)
 
 
+@pytest.mark.parametrize("kv", [1, 2], ids=["MQA", "GQA-2-proportional"])
+def test_one_shared_rotary_key_is_exact_where_the_heads_agree(tmp_path, capsys, kv):
+    """--rope_keys shared (TransMLA's RoRoPE): for an MQA source, or K/V heads whose keys are
+    multiples of one another (rank one per frequency), the mixed key holds all of it."""
+    config = tiny_config(f"model.num_kv_heads={kv}")
+    arrays = {name: np.array(a) for name, a in params_by_name(random_params(config)).items()}
+    arrays["blocks.attention.k"][:, :, -1] = -0.5 * arrays["blocks.attention.k"][:, :, 0]
+    params = params_from_names(build_model_config(config.model), arrays)
+    src = write_source(tmp_path / "src", config, params)
+    after = convert(src, tmp_path / "mla", calibration_text(tmp_path), "--kv_latent_dim", 2 * kv * D,
+                    "--rope_head_dim", D, "--rope_keys", "shared")
+    assert "holding 100.0% of the kept pairs' key energy" in capsys.readouterr().out
+    assert (after.model_config.rope_key_heads, after.model_config.kv_latent_dim) == (1, 2 * kv * D)
+    np.testing.assert_allclose(after(TOKENS), mqa.load_model(src)(TOKENS), atol=1e-4, rtol=0)
+    assert accounting.kv_cache_bytes_per_token(after.model_config) == 2 * 4 * (2 * kv * D + D)
+
+
 def test_a_smaller_latent_is_the_best_rank_c_fit_of_the_calibration_rows(tmp_path, capsys):
     """The dropped key dimensions and the values, as the latent reconstructs them on the
     calibration inputs, equal the truncated SVD of those rows (numpy, float64)."""
@@ -105,7 +122,7 @@ def test_a_smaller_latent_is_the_best_rank_c_fit_of_the_calibration_rows(tmp_pat
      "--rope_head_dim 3 must be even and in 2..16"),
     (["--attention", "latent", "--kv_latent_dim", 8, "--num_kv_heads", 1],
      "--attention latent does not combine with --num_kv_heads"),
-    (["--kv_latent_dim", 8], "--kv_latent_dim and --rope_head_dim are for --attention latent"),
+    (["--kv_latent_dim", 8], "--kv_latent_dim, --rope_head_dim and --rope_keys are for --attention latent"),
     (["--attention", "latent", "--kv_latent_dim", 8, "--kv_cache_dtype", "int4"],
      "model.kv_cache_dtype='int4' is for model.attention='grouped'"),
 ])

@@ -7,7 +7,7 @@
   python -m mqa.convert uptrain --src RUN --workdir OUT [--num_kv_heads K] [--init mean]
       [--group adjacent|similarity] [--kv_share_every S] [--sliding_window W]
       [--global_every N] [--attention_sinks S] [--kv_cache_dtype int8|int4] [--text FILE] [--step N]
-      [--attention latent --kv_latent_dim C [--rope_head_dim P]]
+      [--attention latent --kv_latent_dim C [--rope_head_dim P] [--rope_keys per_head|shared]]
 
 Exit status: 0 when converted (a one-line summary on stdout, after any notes); 2 when
 refused (bad input or usage): one line on stderr, "error: " and what is wrong, no traceback.
@@ -25,6 +25,7 @@ from mqa.convert.errors import ConvertError
 from mqa.convert.gguf import convert_gguf
 from mqa.convert.hf_gemma3 import convert_hf_gemma3
 from mqa.convert.hf_llama import convert_hf_llama
+from mqa.convert.latent import ROPE_KEYS
 from mqa.convert.to_hf import export_hf
 from mqa.convert.uptrain import KV_GROUPINGS, KV_INITS, convert_uptrain
 from mqa.data import DataError
@@ -81,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
     uptrain.add_argument("--rope_head_dim", type=int,
                          help="with --attention latent: rotary dimensions kept per K/V head "
                          "(the highest frequencies; default all)")
+    uptrain.add_argument("--rope_keys", choices=ROPE_KEYS, default="per_head",
+                         help="with --attention latent: a rotary key per K/V head (MHA2MLA), or one "
+                         "shared key mixed from all heads per frequency (TransMLA's RoRoPE)")
     uptrain.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
     uptrain.add_argument("--group", choices=KV_GROUPINGS, default="adjacent",
                          help="which heads share a K/V head: adjacent ones, or those whose "
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                                       attention_sinks=args.attention_sinks,
                                       kv_cache_dtype=args.kv_cache_dtype,
                                       attention=args.attention, kv_latent_dim=args.kv_latent_dim,
-                                      rope_head_dim=args.rope_head_dim)
+                                      rope_head_dim=args.rope_head_dim, rope_keys=args.rope_keys)
     except REFUSALS as error:
         refuse(str(error))
     print(summary)

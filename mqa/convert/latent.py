@@ -41,9 +41,12 @@ from mqa.convert.errors import ConvertError
 PREFIX = "blocks.attention."
 
 
-def check(source: ModelConfig, kv_latent_dim: int | None, rope_head_dim: int | None) -> tuple[int, int]:
+def check(source: ModelConfig, kv_latent_dim: int | None, rope_head_dim: int | None,
+          rope_keys: str = "per_head") -> tuple[int, int]:
     """(C, P) after one-line ConvertErrors for what the conversion cannot take; P defaults
     to the source's rotary width (every pair kept)."""
+    if rope_keys not in ROPE_KEYS:
+        raise ConvertError(f"--rope_keys {rope_keys!r} is not one of: {', '.join(ROPE_KEYS)}")
     check_plain_keys(source, "--attention latent", "which a linear latent cannot hold",
                      "convert a source without them")
     rotary = source.rope_head_dim or source.head_dim
@@ -57,11 +60,12 @@ def check(source: ModelConfig, kv_latent_dim: int | None, rope_head_dim: int | N
     return kv_latent_dim, p
 
 
-def target_fields(source: ModelConfig, kv_latent_dim: int, rope_head_dim: int) -> dict:
+def target_fields(source: ModelConfig, kv_latent_dim: int, rope_head_dim: int,
+                  rope_keys: str = "per_head") -> dict:
     """The model fields of the converted config."""
     rotary = source.rope_head_dim or source.head_dim
     return dict(attention="latent", kv_latent_dim=kv_latent_dim, rope_head_dim=rope_head_dim,
-                rope_key_heads=source.num_kv_heads, kv_latent_norm=False, q_latent_dim=0,
+                rope_key_heads=1 if rope_keys == "shared" else source.num_kv_heads, kv_latent_norm=False, q_latent_dim=0,
                 rope_frequency_dim=rotary if rope_head_dim < rotary else 0, attention_score_dim=0)
 
 
@@ -95,30 +99,78 @@ def rotary_contribution(q: np.ndarray, k: np.ndarray, x: np.ndarray, config: Mod
     return float(score[kept_pairs].sum() / score.sum())
 
 
+ROPE_KEYS = ("per_head", "shared")  # --rope_keys: MHA2MLA's per-K/V-head keys, or TransMLA's mixed one
+
+
+def per_head_rotary(q: np.ndarray, k: np.ndarray, x: np.ndarray, kept: np.ndarray,
+                    dropped: np.ndarray) -> tuple[np.ndarray, ...]:
+    """MHA2MLA's split of one layer: each K/V head keeps its own kept pairs as a rotary key.
+    q [m, h, d], k [m, kv, d] -> (query nope [m, h, n], query rotary [m, h, P], rotary keys
+    [m, kv * P], key nope [m, kv, n], the share of the kept pairs' calibration energy the
+    rotary keys hold: 1), n = d - P: the dropped dimensions."""
+    del x
+    return q[:, :, dropped], q[:, :, kept], k[:, :, kept].reshape(k.shape[0], -1), k[:, :, dropped], 1.0
+
+
+def shared_rotary(q: np.ndarray, k: np.ndarray, x: np.ndarray, kept: np.ndarray,
+                  dropped: np.ndarray) -> tuple[np.ndarray, ...]:
+    """TransMLA's split (RoRoPE) of one layer: one rotary key for all heads. For each kept
+    pair, the K/V heads' 2-vectors are mixed by the top eigenvector u of their calibration
+    covariance across heads (summed over the pair's two components, so that the mixing
+    acts alike on both and commutes with the rotation): the rotary key is sum_j u_j k_j,
+    query head h of K/V head j meets it with u_j q_h, and what the key head keeps besides,
+    k_j - u_j sum_i u_i k_i, joins the latent without rotation. Exact when the heads' kept
+    pairs are proportional to each other (an MQA source among them). Same shapes as
+    `per_head_rotary` with kv * P -> P and n = d; the share of the kept pairs' calibration
+    energy the mixed key holds (the top eigenvalues' share)."""
+    m, h, d = q.shape
+    kv, half = k.shape[1], len(kept) // 2
+    group = h // kv
+    mixing, held, total = np.zeros((half, kv)), 0.0, 0.0
+    for i in range(half):
+        pair = [kept[i], kept[half + i]]
+        heads = np.einsum("nm,mkc->nkc", x, k[:, :, pair])            # [tokens, kv, 2]
+        eigenvalues, vectors = np.linalg.eigh(np.einsum("nkc,njc->kj", heads, heads))
+        mixing[i], held, total = vectors[:, -1], held + eigenvalues[-1], total + eigenvalues.sum()
+    u = np.concatenate([mixing, mixing])                              # [P, kv]: per kept dim
+    rotary_key = np.einsum("mkp,pk->mp", k[:, :, kept], u)            # [m, P]
+    key_nope = k.copy()
+    key_nope[:, :, kept] -= np.einsum("pk,mp->mkp", u, rotary_key)
+    query_rotary = q[:, :, kept] * np.repeat(u.T, group, axis=0)[None]  # [m, h, P]
+    return q, query_rotary, rotary_key, key_nope, float(held / total)
+
+
 def to_latent(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: np.ndarray,
-              kv_latent_dim: int, rope_head_dim: int) -> tuple[dict[str, np.ndarray], dict]:
+              kv_latent_dim: int, rope_head_dim: int, rope_keys: str = "per_head"
+              ) -> tuple[dict[str, np.ndarray], dict]:
     """The source's parameters (`workdir.params_by_name`) with each layer's grouped
-    attention rewritten as latent attention (the module docstring), every other parameter
-    unchanged; and what the conversion kept: the latent's share of the calibration rows'
-    energy and the kept rotary pairs' share of the 2-norm contribution, each averaged over
-    layers. inputs: the attention inputs [num_layers, n, d_model] (`calibration`)."""
+    attention rewritten as latent attention (the module docstring; rope_keys "shared":
+    `shared_rotary`), every other parameter unchanged; and what the conversion kept: the
+    latent's share of the calibration rows' energy and the kept rotary pairs' share of the
+    2-norm contribution, and (shared) the mixed key's share of the kept pairs' energy, each
+    averaged over layers. inputs: the attention inputs
+    [num_layers, n, d_model] (`calibration`)."""
     q, k, v = (np.asarray(arrays[PREFIX + name], np.float64) for name in ("q", "k", "v"))
     arrays = {name: a for name, a in arrays.items() if name not in (PREFIX + "k", PREFIX + "v")}
     layers, m, h, d = q.shape
     kv, group, c, p = config.num_kv_heads, config.group_size, kv_latent_dim, rope_head_dim
     kept, dropped = split_dims(config, p)
+    split = shared_rotary if rope_keys == "shared" else per_head_rotary
     scale = np.sqrt((d + p) / config.score_dim)  # the latent core divides by sqrt(d + P)
+    keys_width = p if rope_keys == "shared" else kv * p
     out = {name: np.zeros(shape) for name, shape in dict(
-        q=(layers, m, h, d), q_rope=(layers, m, h, p), k_rope=(layers, m, kv * p),
+        q=(layers, m, h, d), q_rope=(layers, m, h, p), k_rope=(layers, m, keys_width),
         kv_down=(layers, m, c), k_up=(layers, c, h, d), v_up=(layers, c, h, d)).items()}
-    energy, contribution = [], []
+    energy, contribution, mixed = [], [], []
     for layer in range(layers):
         x = inputs[layer].astype(np.float64)
-        out["q"][layer, :, :, :d - p] = q[layer][:, :, dropped] * scale
-        out["q_rope"][layer] = q[layer][:, :, kept] * scale
-        out["k_rope"][layer] = k[layer][:, :, kept].reshape(m, kv * p)
-        joint = np.concatenate([k[layer][:, :, dropped].reshape(m, -1), v[layer].reshape(m, -1)], axis=1)
-        rows = x @ joint                                             # [tokens, n]
+        q_nope, q_rotary, out["k_rope"][layer], key_nope, share = split(q[layer], k[layer], x, kept, dropped)
+        mixed.append(share)
+        n = key_nope.shape[-1]  # nope dimensions per head: d - P, or d for a shared key
+        out["q"][layer, :, :, :n] = q_nope * scale
+        out["q_rope"][layer] = q_rotary * scale
+        joint = np.concatenate([key_nope.reshape(m, -1), v[layer].reshape(m, -1)], axis=1)
+        rows = x @ joint                                             # [tokens, kv * (n + d)]
         eigenvalues, vectors = np.linalg.eigh(rows.T @ rows)         # ascending
         basis = np.zeros((joint.shape[1], c))
         width = min(c, joint.shape[1])
@@ -126,10 +178,11 @@ def to_latent(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: np.nda
         energy.append(float(eigenvalues[::-1][:width].sum() / eigenvalues.sum()))
         out["kv_down"][layer] = joint @ basis
         up = basis.T                                                 # [C, n]: key nope, then values
-        keys = up[:, :kv * (d - p)].reshape(c, kv, d - p)
-        values = up[:, kv * (d - p):].reshape(c, kv, d)
-        out["k_up"][layer, :, :, :d - p] = np.repeat(keys, group, axis=1)
+        keys = up[:, :kv * n].reshape(c, kv, n)
+        values = up[:, kv * n:].reshape(c, kv, d)
+        out["k_up"][layer, :, :, :n] = np.repeat(keys, group, axis=1)
         out["v_up"][layer] = np.repeat(values, group, axis=1)
         contribution.append(rotary_contribution(q[layer], k[layer], x, config, kept))
     arrays.update({PREFIX + name: a.astype(np.float32) for name, a in out.items()})
-    return arrays, dict(latent_energy=float(np.mean(energy)), rotary_kept=float(np.mean(contribution)))
+    return arrays, dict(latent_energy=float(np.mean(energy)), rotary_kept=float(np.mean(contribution)),
+                        rotary_mixed=float(np.mean(mixed)))

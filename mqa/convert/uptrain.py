@@ -12,10 +12,11 @@ any of
                            local layers that cache only the last W positions (every N-th
                            layer global) and the first S (StreamingLLM's sinks)
   --kv_cache_dtype int8|int4   a quantized cache
-  --attention latent --kv_latent_dim C [--rope_head_dim P]
+  --attention latent --kv_latent_dim C [--rope_head_dim P] [--rope_keys per_head|shared]
                            latent attention (MHA2MLA / TransMLA): P rotary dimensions per
-                           K/V head kept, the rest of the keys and the values compressed into
-                           a latent of C by PCA on calibration text (`mqa.convert.latent`)
+                           K/V head kept (or in one key mixed from all heads), the rest of
+                           the keys and the values compressed into a latent of C by PCA on
+                           calibration text (`mqa.convert.latent`)
 
 --init aligned and --attention latent read calibration text (`--text FILE`, its held-out tail left out,
 `mqa.convert.calibration`). Every parameter not named above is copied unchanged; the
@@ -119,7 +120,8 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
                     kv_share_every: int | None = None, sliding_window: int | None = None,
                     global_every: int | None = None, attention_sinks: int | None = None,
                     kv_cache_dtype: str | None = None, attention: str | None = None,
-                    kv_latent_dim: int | None = None, rope_head_dim: int | None = None) -> str:
+                    kv_latent_dim: int | None = None, rope_head_dim: int | None = None,
+                    rope_keys: str = "per_head") -> str:
     """Writes the model in `src` (a workdir or checkpoint of ours; `step`: default the
     newest) converted as the module docstring says into a new workdir; returns a one-line
     summary. num_kv_heads None keeps the source's; init "aligned" reads calibration `text`.
@@ -151,10 +153,10 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
         if merging or sharing:
             raise ConvertError("--attention latent does not combine with --num_kv_heads or "
                                "--kv_share_every; convert in two steps")
-        kv_latent_dim, rope_head_dim = latent.check(before, kv_latent_dim, rope_head_dim)
-        fields = latent.target_fields(before, kv_latent_dim, rope_head_dim)
-    elif kv_latent_dim is not None or rope_head_dim is not None:
-        raise ConvertError("--kv_latent_dim and --rope_head_dim are for --attention latent")
+        kv_latent_dim, rope_head_dim = latent.check(before, kv_latent_dim, rope_head_dim, rope_keys)
+        fields = latent.target_fields(before, kv_latent_dim, rope_head_dim, rope_keys)
+    elif kv_latent_dim is not None or rope_head_dim is not None or rope_keys != "per_head":
+        raise ConvertError("--kv_latent_dim, --rope_head_dim and --rope_keys are for --attention latent")
     config = uptrain_config(source.config, before, num_kv_heads, kv_share_every=kv_share_every,
                             sliding_window=sliding_window, global_every=global_every,
                             attention_sinks=attention_sinks, kv_cache_dtype=kv_cache_dtype, **fields)
@@ -162,14 +164,17 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
     if to_latent:
         inputs = calibration.attention_inputs(source, calibration.calibration_tokens(source, text))
         arrays, kept = latent.to_latent(params_by_name(source.params), before, inputs,
-                                        kv_latent_dim, rope_head_dim)
+                                        kv_latent_dim, rope_head_dim, rope_keys)
+        keys = (f"as one key shared by all heads (TransMLA: the K/V heads mixed per frequency, "
+                f"holding {100 * kept['rotary_mixed']:.1f}% of the kept pairs' key energy)"
+                if rope_keys == "shared" else "per K/V head")
         after = build_model_config(config.model)
         tokenizer = source.path / data.TOKENIZER_FILE
         write_workdir(workdir, config, params_from_names(after, arrays),
                       tokenizer if tokenizer.is_file() else None)
         return _summary(src, source.step, workdir, before, after, [
-            f"attention grouped -> latent: {rope_head_dim} of {before.head_dim} dims per K/V head "
-            f"stay rotary (the highest frequencies; {100 * kept['rotary_kept']:.1f}% of the rotary "
+            f"attention grouped -> latent: {rope_head_dim} of {before.head_dim} dims stay rotary "
+            f"{keys} (the highest frequencies; {100 * kept['rotary_kept']:.1f}% of the rotary "
             f"2-norm contribution), the rest of the keys and the values in a latent of "
             f"{kv_latent_dim} ({100 * kept['latent_energy']:.1f}% of their calibration energy)",
             *_changes(before, after, init, False, False)[1:]])
