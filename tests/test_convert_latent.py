@@ -63,8 +63,8 @@ def test_conversion_with_nothing_dropped_keeps_the_logits(tmp_path, capsys, over
         assert "100.0% of the rotary 2-norm contribution" in summary and "(100.0% of their" in summary
     if rope == rotary == D:  # whole heads: the cache is the source's size
         assert accounting.kv_cache_bytes(c, 1, 64) == accounting.kv_cache_bytes(before.model_config, 1, 64)
-    generated = [mqa.generate(m, TOKENS[:1, :8], 6) for m in (before, after)]
-    np.testing.assert_array_equal(*generated)
+    if not overrides and not zeroed:  # cached decoding too (once: it compiles the token loop)
+        np.testing.assert_array_equal(*[mqa.generate(m, TOKENS[:1, :8], 6) for m in (before, after)])
 
 
 @pytest.mark.parametrize("kv", [1, 2], ids=["MQA", "GQA-2-proportional"])
