@@ -30,6 +30,11 @@ given the same training, is the original itself: distilling a model towards itse
 gradient (KL's gradient vanishes where the distributions agree; tested), so with the KL
 alone nothing is adapted to the domain and no adaptation is counted as recovery.
 
+  python benchmarks/retrofit.py --workdir=runs/retrofit_gemma3 --frontier gemma3 \
+      --source runs/gemma3_270m --out benchmarks/results/retrofit_gemma3 --windows 8
+
+does the same for Gemma 3 270M (GEMMA3_CONVERSIONS; benchmarks/gemma3.py imports it).
+
   python benchmarks/retrofit.py --workdir=runs/retrofit --decode
 
 times cached decoding (batch --decode_batch, DECODE_STEPS tokens from a cache holding
@@ -126,9 +131,36 @@ COMPARISONS = (("GQA-1 aligned", "GQA-1 mean"), ("CLA-2 aligned", "CLA-2 mean"),
                # and before any shared one was: one mixed key against a key per K/V head at 1/3
                ("MLA shared rope 64 + latent 64", "MLA rope 16 + latent 80"))
 
+# Gemma 3 270M (`--frontier gemma3 --source WORKDIR`, converted from its GGUF file: see
+# benchmarks/gemma3.py): already MQA, with 15 local layers (windows of 512) and 3 global
+# ones; what shorter windows, fewer global layers (each layer keeping its RoPE base,
+# `model.rope_global_every`), sinks and an int8 cache cost it. int4 takes no windows, and
+# the calibrated rewrites refuse its normalised keys (`qk_norm`).
+GEMMA3_CONVERSIONS = {
+    "window 256": ("shorter windows", dict(sliding_window=256)),
+    "window 512 + 4 sinks": ("windows + sinks", dict(sliding_window=508, attention_sinks=4)),
+    "window 256 + 4 sinks": ("windows + sinks", dict(sliding_window=252, attention_sinks=4)),
+    "window 128 + 4 sinks": ("windows + sinks", dict(sliding_window=124, attention_sinks=4)),
+    "1 global layer in 18": ("fewer global layers", dict(global_every=18)),
+    "no global layer": ("fewer global layers", dict(global_every=0)),
+    "no global layer + 4 sinks": ("fewer global layers", dict(global_every=0, sliding_window=508,
+                                                               attention_sinks=4)),
+    "int8 cache": ("quantized cache", dict(kv_cache_dtype="int8")),
+    "window 128 + 4 sinks + int8": ("windows + sinks + int8", dict(
+        sliding_window=124, attention_sinks=4, kv_cache_dtype="int8")),
+}
+# Declared on 2026-12-05 before any Gemma conversion was scored: do sinks help a model
+# trained with windows (shorter ones; all-local), and is cutting the global layers or
+# shortening the windows the better cut at about the same bytes (0.67 against 0.72)?
+GEMMA3_COMPARISONS = (("window 256 + 4 sinks", "window 256"),
+                      ("no global layer + 4 sinks", "no global layer"),
+                      ("no global layer + 4 sinks", "window 256 + 4 sinks"))
+
 DECODED = ("GQA-1 aligned", "CLA-2 aligned", "window 1024 + 4 sinks", "window 341 + 4 sinks",
            "window 152 + 4 sinks + 1 in 10 global", "int8 cache", "int4 cache", "GQA-1 aligned + int8")
 DECODE_STEPS = 16
+FRONTIERS = {"smollm2": (CONVERSIONS, COMPARISONS, "SmolLM2-135M"),
+             "gemma3": (GEMMA3_CONVERSIONS, GEMMA3_COMPARISONS, "Gemma 3 270M")}
 
 
 def source_workdir(workdir: pathlib.Path, source: str | None) -> pathlib.Path:
@@ -182,7 +214,8 @@ def load_rows(path: pathlib.Path) -> dict[tuple[str, int], dict]:
     return rows
 
 
-def summarise(rows: dict, names: list[str], configs: dict[str, ModelConfig], context: int) -> list[dict]:
+def summarise(rows: dict, names: list[str], configs: dict[str, ModelConfig], context: int,
+              conversions: dict = CONVERSIONS) -> list[dict]:
     original = configs["original"]
     base = accounting.kv_cache_bytes(original, 1, context)
     table = []
@@ -195,18 +228,18 @@ def summarise(rows: dict, names: list[str], configs: dict[str, ModelConfig], con
         cache = accounting.kv_cache_bytes(config, 1, context)
         half = lambda x: float(scipy.stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
         table.append(dict(
-            conversion=name, family=CONVERSIONS.get(name, ("original",))[0], windows=len(kls),
+            conversion=name, family=conversions.get(name, ("original",))[0], windows=len(kls),
             cache_bytes_per_token=cache / context, cache_fraction=round(cache / base, 4),
             kl=float(kls.mean()), kl_ci95=half(kls), loss=float(nlls.mean()), loss_ci95=half(nlls),
             params=accounting.param_count(config)))
     return table
 
 
-def compare_pairs(rows: dict, windows: int) -> list[dict]:
-    """COMPARISONS whose conversions were both scored: the window-paired KL difference with
-    its interval and p-value, Holm-adjusted over those compared."""
+def compare_pairs(rows: dict, windows: int, comparisons: tuple = COMPARISONS) -> list[dict]:
+    """The comparisons whose conversions were both scored: the window-paired KL difference
+    with its interval and p-value, Holm-adjusted over those compared."""
     found = []
-    for a, b in COMPARISONS:
+    for a, b in comparisons:
         scored = [w for w in range(windows) if (a, w) in rows and (b, w) in rows]
         if len(scored) > 1:
             by_window = lambda name: {w: rows[(name, w)]["kl"] for w in scored}  # noqa: E731
@@ -228,7 +261,7 @@ def publish(out: pathlib.Path, name: str, rows: list[dict], columns: dict[str, s
     print("\n".join(lines))
 
 
-def plot(table: list[dict], path: pathlib.Path) -> None:
+def plot(table: list[dict], path: pathlib.Path, model: str = "SmolLM2-135M") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -245,7 +278,7 @@ def plot(table: list[dict], path: pathlib.Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("KV-cache bytes per token (2,048-token context)")
     ax.set_ylabel("KL(original || converted), nats/token")
-    ax.set_title("SmolLM2-135M: zero-shot KV-cache retrofits")
+    ax.set_title(f"{model}: zero-shot KV-cache retrofits")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -311,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--only", help="comma-separated conversion names (default: all)")
+    parser.add_argument("--frontier", choices=tuple(FRONTIERS), default="smollm2",
+                        help="which model's conversions (gemma3 needs --source)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--distill", help="a conversion to distil towards the original, then score")
     parser.add_argument("--steps", type=int, default=50)
@@ -325,17 +360,20 @@ def main(argv: list[str] | None = None) -> None:
         return main_distill(args)
     if args.decode:
         return main_decode(args)
+    conversions, comparisons, model_name = FRONTIERS[args.frontier]
+    if args.frontier != "smollm2" and not args.source:
+        sys.exit(f"error: --frontier {args.frontier} needs --source WORKDIR (the imported model)")
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    names = args.only.split(",") if args.only else list(CONVERSIONS)
-    unknown = [n for n in names if n not in CONVERSIONS]
+    names = args.only.split(",") if args.only else list(conversions)
+    unknown = [n for n in names if n not in conversions]
     if unknown:
-        sys.exit(f"error: unknown conversion(s) {unknown}; valid: {', '.join(CONVERSIONS)}")
+        sys.exit(f"error: unknown conversion(s) {unknown}; valid: {', '.join(conversions)}")
     source = source_workdir(workdir, args.source)
     for name in names:
         path = workdir / name.replace(" ", "_")
         if not (path / "config.json").is_file():
-            print(convert_uptrain(source, path, text=args.text, **CONVERSIONS[name][1]), flush=True)
+            print(convert_uptrain(source, path, text=args.text, **conversions[name][1]), flush=True)
 
     original = load_model(source)
     loaders = {"original": lambda: original}
@@ -346,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = {"original": original.model_config}
     configs.update({name: build_model_config(read_config(workdir / name.replace(" ", "_")).model)
                     for name in names})
-    table = summarise(rows, ["original", *names], configs, args.seq_len)
+    table = summarise(rows, ["original", *names], configs, args.seq_len, conversions)
     out = pathlib.Path(args.out)
     publish(out, "zero_shot", table, {
         "conversion": "{conversion}", "cache bytes/token": "{cache_bytes_per_token:,.0f}",
@@ -357,8 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         "the converted model's loss, mean and 95% t-interval over windows; cache at "
         f"{args.seq_len:,} tokens of context.",
         windows=args.windows, seq_len=args.seq_len, text=pathlib.Path(args.text).name, source=str(source))
-    plot(table, out / "zero_shot.png")
-    publish(out, "zero_shot_comparisons", compare_pairs(rows, len(windows)), {
+    plot(table, out / "zero_shot.png", model_name)
+    publish(out, "zero_shot_comparisons", compare_pairs(rows, len(windows), comparisons), {
         "comparison": "{a} - {b}", "KL difference": "{mean:+.4f} ± {ci95:.4f}", "p": "{p:.2g}",
         "Holm p": "{p_holm:.2g}", "resolved": "{resolved}"},
         intro="KL(original || a) - KL(original || b), paired by window: mean, 95% t-interval, "

@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
         attention_block=64,      # tiled: query tile length; blockwise: block length
         rope_theta=10000.0,
         rope_local_theta=0.0,    # > 0: the RoPE base of local (sliding-window) layers (Gemma 3: 10000); 0: rope_theta
+        rope_global_every=0,     # with rope_local_theta: > 0: every N-th layer takes rope_theta, the others the local
+                                 # base, whatever their window (a retrofit with fewer global layers); 0: as global_every
         norm_eps=1e-5,
         norm_scale="weight",     # RMSNorm multiplier: weight (Llama) | one_plus_weight: 1 + weight, weight from 0 (Gemma)
         qk_norm=False,           # RMSNorm over each query and key head before RoPE (Gemma 3; grouped attention)

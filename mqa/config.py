@@ -294,6 +294,10 @@ def _check_attention_family(m) -> None:
     if m.rope_local_theta and not m.sliding_window:
         raise ConfigError(f"model.rope_local_theta={m.rope_local_theta} is the RoPE base of local "
                           "layers and needs model.sliding_window > 0; or set it to 0")
+    if m.rope_global_every < 0 or (m.rope_global_every and not m.rope_local_theta):
+        raise ConfigError(f"model.rope_global_every={m.rope_global_every} chooses which layers take "
+                          "model.rope_theta rather than model.rope_local_theta and needs "
+                          "model.rope_local_theta > 0; or set it to 0")
     if m.sliding_window and m.kv_share_every != 1:
         raise ConfigError(f"model.sliding_window={m.sliding_window} does not combine with "
                           f"model.kv_share_every={m.kv_share_every}; use one of them")

@@ -42,6 +42,7 @@ class ModelConfig:
     attention_block: int
     rope_theta: float
     rope_local_theta: float
+    rope_global_every: int
     norm_eps: float
     norm_scale: str
     qk_norm: bool
@@ -76,8 +77,15 @@ class ModelConfig:
 
     def layer_rope_theta(self, layer: int) -> float:
         """The RoPE base of layer `layer`: `rope_local_theta` for a local layer when it is
-        set (Gemma 3's 10,000 against 1,000,000 for its global layers), else `rope_theta`."""
-        return self.rope_local_theta if self.rope_local_theta and self.is_local(layer) else self.rope_theta
+        set (Gemma 3's 10,000 against 1,000,000 for its global layers), else `rope_theta`;
+        with `rope_global_every` N the layers N-1, 2N-1, ... take `rope_theta` and the others
+        the local base, whatever their windows (a model converted to fewer global layers
+        keeps each layer's base)."""
+        if not self.rope_local_theta:
+            return self.rope_theta
+        every = self.rope_global_every
+        local = (layer + 1) % every != 0 if every else self.is_local(layer)
+        return self.rope_local_theta if local else self.rope_theta
 
     @property
     def score_dim(self) -> int:

@@ -287,7 +287,8 @@ def reference_logits(model: Transformer, toks, *, quantize_kv: bool = False) -> 
         local_theta=c.rope_local_theta, score_dim=c.attention_score_dim or None,
         embed_scale=c.embed_scale, one_plus=c.norm_scale == "one_plus_weight",
         activation=c.mlp_activation, rope_dim=c.rope_head_dim if c.attention == "grouped" else 0,
-        sinks=c.attention_sinks, rope_frequency_dim=c.rope_frequency_dim)
+        sinks=c.attention_sinks, rope_frequency_dim=c.rope_frequency_dim,
+        rope_global_every=c.rope_global_every)
 
 
 # ----------------------------------------------------------------------------- table rows

@@ -305,7 +305,7 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
                       eps=1e-5, attention="grouped", sliding_window=0, global_every=0,
                       quantize_kv=False, q_latent=False, local_theta=0.0, score_dim=None,
                       embed_scale=False, one_plus=False, activation="silu", unembed=None,
-                      rope_dim=0, sinks=0, rope_frequency_dim=0):
+                      rope_dim=0, sinks=0, rope_frequency_dim=0, rope_global_every=0):
     """The language model's logits, one layer after another.
 
     layers: a list, in order, of dicts with `attention_norm`, `mlp_norm`, `gate`, `up`, `down`
@@ -325,7 +325,8 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
     `attention_post_norm`/`mlp_post_norm` norms the attention/MLP output before its residual.
     unembed: [m, vocab], the output matrix of untied embeddings (None: embed.T, tied).
     rope_dim (grouped): rope on the last rope_dim dimensions of each head only (see `grouped_loops`).
-    rope_frequency_dim (latent): see `latent_loops`.
+    rope_frequency_dim (latent): see `latent_loops`. rope_global_every > 0: layers i with
+    (i + 1) % rope_global_every == 0 take theta, the others local_theta, whatever their window.
     tokens: int [batch, seq] -> float64 logits [batch, seq, vocab].
     """
     if attention not in FAMILIES:
@@ -351,7 +352,8 @@ def transformer_loops(layers, embed, final_scale, tokens, *, kv_share_every=1, t
         if i % kv_share_every == 0:
             kv_state = None
         common = dict(sliding_window=window, quantize_kv=quantize_kv, sinks=sinks if local else 0,
-                      theta=local_theta if local and local_theta else theta)
+                      theta=local_theta if local_theta and (
+                          (i + 1) % rope_global_every if rope_global_every else local) else theta)
         if attention == "grouped":
             attended, kv_state = grouped_loops(layer, h, kv_state=kv_state, score_dim=score_dim,
                                                eps=eps, one_plus=one_plus, rope_dim=rope_dim, **common)

@@ -27,11 +27,13 @@ pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's q
 SWITCHES = {name: {name: value} for name, value in GEMMA.items()}
 SWITCHES["all"] = GEMMA
 SWITCHES["all, d_model 48 != 4 heads x 8"] = dict(GEMMA, d_model=48)
+# a retrofit to fewer global layers: layer 1 turns local but keeps the global RoPE base
+SWITCHES["fewer global layers, bases kept"] = dict(GEMMA, global_every=4, rope_global_every=2)
 
 
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_gemma_switch_matches_the_float64_reference_and_decodes_through_ring_caches(switch):
-    model = make(**WINDOWED, **SWITCHES[switch])
+    model = make(**{**WINDOWED, **SWITCHES[switch]})
     toks = tokens(length=24)
     full = forward(model, toks)
     reference = reference_logits(model, toks)
@@ -45,7 +47,7 @@ def test_gemma_switch_matches_the_float64_reference_and_decodes_through_ring_cac
 
 def test_parameters_of_the_gemma_switches_are_counted():
     for changes in SWITCHES.values():
-        model = make(**WINDOWED, **changes)
+        model = make(**{**WINDOWED, **changes})
         params = nnx.state(model, nnx.Param)
         assert sum(x.size for x in jax.tree.leaves(params)) == accounting.param_count(model.config)
     model = make(**WINDOWED, **GEMMA)
@@ -84,6 +86,7 @@ def test_grouped_kernels_scale_scores_by_score_dim():
     (["model.attention=tied", "model.num_kv_heads=2", "model.qk_norm=true"], "model.qk_norm=True is for model.attention='grouped' only"),
     (["model.attention=tied", "model.num_kv_heads=2", "model.attention_score_dim=16"], "model.attention_score_dim=16 is for"),
     (["model.rope_local_theta=10000"], "model.rope_local_theta=10000.0 is the RoPE base of local layers and needs model.sliding_window > 0"),
+    (["model.sliding_window=8", "model.rope_global_every=2"], "model.rope_global_every=2 chooses which layers"),
     (["model.attention_score_dim=-1"], "model.attention_score_dim=-1 must be >= 0"),
     (["model.mlp_activation=gelu"], "model.mlp_activation='gelu' is not one of: 'silu', 'gelu_tanh'"),
     (["model.norm_scale=plus_one"], "model.norm_scale='plus_one' is not one of: 'weight', 'one_plus_weight'"),

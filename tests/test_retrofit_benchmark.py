@@ -65,3 +65,23 @@ def test_zero_shot_stage_at_toy_size(tmp_path):
     assert float(row["kl_zero_shot"]) == pytest.approx(float(rows["GQA-1 aligned"]["kl"]))
     assert float(row["kl_distilled"]) < float(row["kl_zero_shot"]) and 0 < float(row["recovered"]) <= 1
     assert int(row["tokens"]) == 8 * 4 * 32
+
+
+@pytest.mark.slow
+def test_gemma3_frontier_at_toy_size(tmp_path):
+    """--frontier gemma3 on a Gemma-like toy (local layers on their own RoPE base, QK-norm):
+    fewer global layers keep each layer's base, and the declared comparison is tested."""
+    source = tiny_workdir(tmp_path / "source", "model.num_kv_heads=1", "model.sliding_window=16",
+                          "model.global_every=2", "model.rope_local_theta=100", "model.qk_norm=true",
+                          tokenizer="byte")
+    out = tmp_path / "out"
+    retrofit.main(["--workdir", str(tmp_path / "work"), "--frontier", "gemma3", "--source", str(source),
+                   "--windows", "3", "--seq_len", "64", "--out", str(out),
+                   "--only", "no global layer,no global layer + 4 sinks"])
+    rows = {r["conversion"]: r for r in csv.DictReader((out / "zero_shot.csv").open())}
+    assert float(rows["no global layer"]["cache_fraction"]) == pytest.approx(32 / 80)  # 2x16 of 16+64
+    assert rows["no global layer"]["family"] == "fewer global layers"
+    converted = json.loads((tmp_path / "work" / "no_global_layer" / "config.json").read_text())["model"]
+    assert (converted["global_every"], converted["rope_global_every"]) == (0, 2)
+    [pair] = list(csv.DictReader((out / "zero_shot_comparisons.csv").open()))
+    assert (pair["a"], pair["b"]) == ("no global layer + 4 sinks", "no global layer")

@@ -314,6 +314,20 @@ def test_config_only_retrofits(tmp_path, capsys):
     assert f"-> {per_token:,} bytes/token" in summary
 
 
+def test_fewer_global_layers_keep_each_layers_rope_base(tmp_path, capsys):
+    """A Gemma-like source (local layers on their own RoPE base) converted to all-local
+    layers: with windows longer than the text nothing else changes, so the logits stay the
+    source's only because layer 1 keeps its global base (`model.rope_global_every`)."""
+    config = tiny_config("model.sliding_window=64", "model.global_every=2", "model.rope_local_theta=100")
+    params = random_params(config)
+    source = write_source(tmp_path / "gemma-like", config, params)
+    convert_cli(["uptrain", "--src", str(source), "--global_every", "0", "--workdir", str(tmp_path / "out")])
+    assert "model.global_every=0; model.rope_global_every=2" in capsys.readouterr().out
+    converted = mqa.load_model(tmp_path / "out")
+    assert converted.model_config.is_local(1) and converted.model_config.layer_rope_theta(1) == 10000.0
+    np.testing.assert_allclose(converted(TOKENS), logits(config, params), atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

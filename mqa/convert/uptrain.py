@@ -159,7 +159,8 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
         raise ConvertError("--kv_latent_dim, --rope_head_dim and --rope_keys are for --attention latent")
     config = uptrain_config(source.config, before, num_kv_heads, kv_share_every=kv_share_every,
                             sliding_window=sliding_window, global_every=global_every,
-                            attention_sinks=attention_sinks, kv_cache_dtype=kv_cache_dtype, **fields)
+                            attention_sinks=attention_sinks, kv_cache_dtype=kv_cache_dtype,
+                            rope_global_every=kept_rope_bases(before, global_every), **fields)
     inputs = None
     if to_latent:
         inputs = calibration.attention_inputs(source, calibration.calibration_tokens(source, text))
@@ -218,6 +219,20 @@ def _summary(src, step: int, workdir: pathlib.Path, before: ModelConfig, after: 
             f"{f' at {after.max_seq_len:,} tokens' if after.sliding_window else ''}{grouping}")
 
 
+def kept_rope_bases(before: ModelConfig, global_every: int | None) -> int | None:
+    """model.rope_global_every for a conversion that moves the global layers (None: no
+    change): a source with a local RoPE base (Gemma 3) keeps each layer's base, the layers
+    that were global keeping `rope_theta` whatever their new window."""
+    if not before.rope_local_theta or global_every in (None, before.global_every):
+        return None
+    kept = before.rope_global_every or before.global_every
+    if not kept:
+        raise ConvertError(f"--global_every {global_every}: every layer of the source is local with "
+                           f"model.rope_local_theta={before.rope_local_theta}, so the new global "
+                           "layers would have no RoPE base of their own; keep --global_every 0")
+    return kept
+
+
 def _changes(before: ModelConfig, after: ModelConfig, init: str, merging: bool,
              sharing: bool) -> list[str]:
     """The summary's account of what changed, e.g. "K/V heads 3 -> 1 (mean-pooled in groups
@@ -230,5 +245,6 @@ def _changes(before: ModelConfig, after: ModelConfig, init: str, merging: bool,
     if sharing:
         changes.append(f"K/V shared by {after.kv_share_every} layers ({cross_layer.HOW[init]})")
     return changes + [f"model.{name}={getattr(after, name)}" for name in
-                      ("sliding_window", "global_every", "attention_sinks", "kv_cache_dtype")
+                      ("sliding_window", "global_every", "attention_sinks", "kv_cache_dtype",
+                       "rope_global_every")
                       if getattr(after, name) != getattr(before, name)]
