@@ -38,8 +38,9 @@ does the same for Gemma 3 270M (GEMMA3_CONVERSIONS; benchmarks/gemma3.py imports
   python benchmarks/retrofit.py --workdir=runs/retrofit --decode
 
 times cached decoding (batch --decode_batch, DECODE_STEPS tokens from a cache holding
-2,048 and 8,192 tokens) of the original and DECODED conversions side by side in
-alternating rounds, with their cache bytes: benchmarks/results/retrofit/decode.{csv,json,md}.
+2,048 and 8,192 tokens) of the original and DECODED conversions (or --only's) side by side
+in alternating rounds, with their cache bytes: benchmarks/results/retrofit/decode.{csv,json,md}
+(or --table's name).
 """
 
 from __future__ import annotations
@@ -354,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--decode", action="store_true", help="time cached decoding instead")
     parser.add_argument("--decode_batch", type=int, default=1)
+    parser.add_argument("--table", help="--decode: the results' name (default decode[_batchN])")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     if args.distill:
@@ -470,7 +472,7 @@ def main_decode(args) -> None:
     from mqa.timing import alternating_medians, decode_loop, timed
     workdir = pathlib.Path(args.workdir)
     paths = {"original": source_workdir(workdir, args.source)}
-    paths.update({n: workdir / n.replace(" ", "_") for n in DECODED})
+    paths.update({n: workdir / n.replace(" ", "_") for n in (args.only.split(",") if args.only else DECODED)})
     rows = []
     for context in (2048, 8192 - DECODE_STEPS):  # the last steps must fit max_seq_len
         runs, cache_bytes = {}, {}
@@ -489,7 +491,7 @@ def main_decode(args) -> None:
                              speedup=seconds["original"] / seconds[name]))
             print(rows[-1], flush=True)
         del runs
-    table = "decode" if args.decode_batch == 1 else f"decode_batch{args.decode_batch}"
+    table = args.table or ("decode" if args.decode_batch == 1 else f"decode_batch{args.decode_batch}")
     publish(pathlib.Path(args.out), table, rows, {
         "model": "{model}", "context": "{decode_context:,}", "cache bytes": "{kv_cache_bytes:,}",
         "of original": "{cache_fraction:.3f}", "tokens/s": "{decode_tokens_per_sec:.1f}",
