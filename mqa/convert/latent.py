@@ -1,33 +1,36 @@
 """Grouped attention rewritten as latent attention (`mqa.convert uptrain --attention latent
---kv_latent_dim C --rope_head_dim P --text FILE`): MHA2MLA's and TransMLA's route.
+--kv_latent_dim C --rope_head_dim P [--rope_keys per_head|shared] --text FILE`): MHA2MLA's
+and TransMLA's route.
 
 A grouped layer caches, per token and K/V head, a key of d numbers that RoPE rotates and a
 value of d. The conversion splits each key head's rotary pairs in two:
-  - kept: the P/2 highest-frequency pairs of every K/V head stay rotary. They become the
-    latent family's rotary keys, one per source K/V head (`model.rope_key_heads`), turning
-    at the frequencies they turned at in the source (`model.rope_frequency_dim`), and the
-    query heads' same dimensions become their rotary queries. Exact.
-  - dropped: the other pairs lose their rotation and join the values. Those key dimensions
-    (d - P per K/V head) and the values (d per K/V head) are all linear in the layer's
-    input x, so together they are x @ W for one matrix W [m, n], n = K (2d - P). Their
-    principal subspace on calibration text (the top C eigenvectors U of W^T X^T X W, the
-    best rank-C approximation of the calibration rows x @ W) becomes the latent:
-    kv_down = W U [m, C], and U^T splits into each query head's k_up and v_up.
-So the cache holds C + K P numbers per token and layer, against the source's 2 K d. Two
-things are approximations: the dropped pairs turn no more (exact for a pair that turned
-little over the context: the lowest frequencies, which is why the highest are kept, as
-MHA2MLA's "high-frequency" strategy; its best strategy picks pairs per head by the product
-of query and key norms, which per-head frequency tables would need and this codebase does
-not have; `rotary_contribution` reports that measure for the kept pairs), and the latent
-when C < n. Keeping every rotary pair (P = the source's rotary width) with C >= n, which
-for a source that rotates whole heads is a cache of C + K P = 2 K d numbers, as large as
-the source's, the converted model computes the source's function
+  - kept: the P/2 highest-frequency pairs stay rotary, turning at the frequencies they
+    turned at in the source (`model.rope_frequency_dim`). With rope_keys "per_head"
+    (MHA2MLA's partial RoPE) each K/V head keeps them as its own rotary key
+    (`model.rope_key_heads` = K; exact), the query heads' same dimensions becoming their
+    rotary queries; with "shared" (TransMLA's RoRoPE, `shared_rotary`) the K/V heads are
+    mixed per frequency into one rotary key for all heads, and what that key does not hold
+    joins the dropped dimensions.
+  - dropped: the other key dimensions turn no more and join the values. They and the
+    values (d per K/V head) are all linear in the layer's input x, so together they are
+    x @ W for one matrix W [m, n]. Their principal subspace on calibration text (the top C
+    eigenvectors U of W^T X^T X W, the best rank-C approximation of the calibration rows
+    x @ W) becomes the latent: kv_down = W U [m, C], and U^T splits into each query head's
+    k_up and v_up.
+The cache holds C + K P numbers per token and layer (C + P with one shared key), against
+the source's 2 K d. What is approximate: the dropped dimensions' rotation (small for a
+pair that turns little over the context, the lowest frequencies, which is why the highest
+are kept, MHA2MLA's "high-frequency" strategy; its best strategy picks pairs per head by
+the product of query and key norms, which would need per-head frequency tables that this
+family does not have; `rotary_contribution` reports that measure for the kept pairs), and
+the latent when C < n. Keeping every rotary pair per head with C >= n (for a source that
+rotates whole heads, a cache as large as the source's) computes the source's function
 (`tests/test_convert_latent.py`).
 
 The latent family's scores divide by sqrt(d + P) where the source's divide by
 sqrt(score_dim); the difference is folded into the query weights. The latent has no norm
 (`model.kv_latent_norm=False`: it must stay linear in x), and the query heads' unused
-nope dimensions (P of d) carry zeros.
+nope dimensions carry zeros.
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ def target_fields(source: ModelConfig, kv_latent_dim: int, rope_head_dim: int,
     """The model fields of the converted config."""
     rotary = source.rope_head_dim or source.head_dim
     return dict(attention="latent", kv_latent_dim=kv_latent_dim, rope_head_dim=rope_head_dim,
-                rope_key_heads=1 if rope_keys == "shared" else source.num_kv_heads, kv_latent_norm=False, q_latent_dim=0,
-                rope_frequency_dim=rotary if rope_head_dim < rotary else 0, attention_score_dim=0)
+                rope_key_heads=1 if rope_keys == "shared" else source.num_kv_heads,
+                kv_latent_norm=False, q_latent_dim=0, attention_score_dim=0,
+                rope_frequency_dim=rotary if rope_head_dim < rotary else 0)
 
 
 def split_dims(config: ModelConfig, rope_head_dim: int) -> tuple[np.ndarray, np.ndarray]:
