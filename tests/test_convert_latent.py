@@ -11,7 +11,7 @@ from mqa.convert import calibration
 from mqa.convert.__main__ import main as convert_cli
 from mqa.workdir import params_by_name, params_from_names
 from mqa.config import build_model_config
-from test_uptrain import TOKENS, calibration_text, random_params, tiny_config, uptrain_error, write_source
+from uptrain_sources import TOKENS, calibration_text, random_params, tiny_config, uptrain_error, write_source
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 

@@ -15,42 +15,24 @@ from flax import nnx
 
 import mqa
 from mqa import data, trainer
-from mqa.config import ConfigError, ModelConfig, build_model_config, load_config_file
+from mqa.config import ConfigError, build_model_config
 from mqa.convert.__main__ import main as convert_cli
 from mqa.convert.uptrain import KV_PROJECTIONS
 from mqa.model import Transformer
 from mqa.training import cross_entropy
 from mqa.workdir import data_config, params_by_name, params_from_names, write_workdir
-from commands import REPO, assert_one_line_error, refusal, run_train
+from commands import REPO, assert_one_line_error, run_train
+from uptrain_sources import (HEADS, TOKENS, calibration_text, random_params, tiny_config, uptrain_error,
+                             write_source)
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tests of values: XLA's quick compile
 
-HEADS = 4  # configs/tiny.py: 4 query heads, d_model 64, head_dim 16, 2 layers
-TOKENS = np.random.default_rng(0).integers(0, 256, size=(2, 32), dtype=np.int32)
 
 
-def tiny_config(*overrides: str):
-    """configs/tiny.py as MHA, with "section.field=value" overrides."""
-    return load_config_file(REPO / "configs" / "tiny.py", [f"model.num_kv_heads={HEADS}", *overrides])
 
 
-def random_params(config) -> nnx.State:
-    """A freshly initialised Transformer's parameters; the norm scales, which start at ones
-    and would hide a mix-up, made random too."""
-    params = nnx.split(Transformer(build_model_config(config.model), rngs=nnx.Rngs(1)))[1]
-    rng = np.random.default_rng(2)
-    pure = jax.tree_util.tree_map_with_path(
-        lambda path, x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
-        if "scale" in jax.tree_util.keystr(path) else x, nnx.to_pure_dict(params))
-    nnx.replace_by_pure_dict(params, pure)
-    return params
 
 
-def write_source(workdir: pathlib.Path, config, params: nnx.State) -> pathlib.Path:
-    """A workdir like a training run leaves: config.json, checkpoints/0/params, tokenizer."""
-    write_workdir(workdir, config, params, tokenizer=None)
-    data.ByteTokenizer().save(workdir)
-    return workdir
 
 
 def logits(config, params) -> np.ndarray:
@@ -178,12 +160,6 @@ def test_widened_mlp_keeps_its_width(tmp_path):
 # ----------------------------------------------------------------------------- calibrated
 
 
-def calibration_text(tmp_path) -> pathlib.Path:
-    path = tmp_path / "calibration.txt"
-    rng = np.random.default_rng(5)
-    words = ["the", "river", "trade", "north", "island", "of", "and", "capital", "coast", "war"]
-    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(300)))
-    return path
 
 
 def commuting_rotation(rng, d: int, rope_dim: int) -> np.ndarray:
@@ -331,9 +307,6 @@ def test_fewer_global_layers_keep_each_layers_rope_base(tmp_path, capsys):
 # ----------------------------------------------------------------------------- bad input
 
 
-def uptrain_error(capfd, *args) -> str:
-    """The one line `python -m mqa.convert uptrain ARGS` refuses with."""
-    return refusal(capfd, "uptrain", *args)
 
 
 @pytest.fixture(scope="module")
