@@ -109,13 +109,13 @@ CONVERSIONS = {
     "MLA rope 8 + latent 40": ("latent", dict(attention="latent", rope_head_dim=8, kv_latent_dim=40)),
     # one rotary key mixed from the 3 K/V heads per frequency (TransMLA's RoRoPE)
     "MLA shared rope 64 + latent 128": ("latent, shared rotary key", dict(
-        attention="latent", rope_keys="shared", rope_head_dim=64, kv_latent_dim=128)),
+        attention="latent", rope_keys="mixed", rope_head_dim=64, kv_latent_dim=128)),
     "MLA shared rope 64 + latent 64": ("latent, shared rotary key", dict(
-        attention="latent", rope_keys="shared", rope_head_dim=64, kv_latent_dim=64)),
+        attention="latent", rope_keys="mixed", rope_head_dim=64, kv_latent_dim=64)),
     "MLA shared rope 32 + latent 96": ("latent, shared rotary key", dict(
-        attention="latent", rope_keys="shared", rope_head_dim=32, kv_latent_dim=96)),
+        attention="latent", rope_keys="mixed", rope_head_dim=32, kv_latent_dim=96)),
     "MLA shared rope 32 + latent 32": ("latent, shared rotary key", dict(
-        attention="latent", rope_keys="shared", rope_head_dim=32, kv_latent_dim=32)),
+        attention="latent", rope_keys="mixed", rope_head_dim=32, kv_latent_dim=32)),
 }
 
 

@@ -69,7 +69,7 @@ def test_conversion_with_nothing_dropped_keeps_the_logits(tmp_path, capsys, over
 
 @pytest.mark.parametrize("kv", [1, 2], ids=["MQA", "GQA-2-proportional"])
 def test_one_shared_rotary_key_is_exact_where_the_heads_agree(tmp_path, capsys, kv):
-    """--rope_keys shared (TransMLA's RoRoPE): for an MQA source, or K/V heads whose keys are
+    """--rope_keys mixed (TransMLA's RoRoPE): for an MQA source, or K/V heads whose keys are
     multiples of one another (rank one per frequency), the mixed key holds all of it."""
     config = tiny_config(f"model.num_kv_heads={kv}")
     arrays = {name: np.array(a) for name, a in params_by_name(random_params(config)).items()}
@@ -77,7 +77,7 @@ def test_one_shared_rotary_key_is_exact_where_the_heads_agree(tmp_path, capsys, 
     params = params_from_names(build_model_config(config.model), arrays)
     src = write_source(tmp_path / "src", config, params)
     after = convert(src, tmp_path / "mla", calibration_text(tmp_path), "--kv_latent_dim", 2 * kv * D,
-                    "--rope_head_dim", D, "--rope_keys", "shared")
+                    "--rope_head_dim", D, "--rope_keys", "mixed")
     assert "holding 100.0% of the kept pairs' key energy" in capsys.readouterr().out
     assert (after.model_config.rope_key_heads, after.model_config.kv_latent_dim) == (1, 2 * kv * D)
     np.testing.assert_allclose(after(TOKENS), mqa.load_model(src)(TOKENS), atol=1e-4, rtol=0)

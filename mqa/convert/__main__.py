@@ -7,7 +7,7 @@
   python -m mqa.convert uptrain --src RUN --workdir OUT [--num_kv_heads K] [--init mean]
       [--group adjacent|similarity] [--kv_share_every S] [--sliding_window W]
       [--global_every N] [--attention_sinks S] [--kv_cache_dtype int8|int4] [--text FILE] [--step N]
-      [--attention latent --kv_latent_dim C [--rope_head_dim P] [--rope_keys per_head|shared]]
+      [--attention latent --kv_latent_dim C [--rope_head_dim P] [--rope_keys per_head|mixed]]
 
 Exit status: 0 when converted (a one-line summary on stdout, after any notes); 2 when
 refused (bad input or usage): one line on stderr, "error: " and what is wrong, no traceback.
@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
                          "(the highest frequencies; default all)")
     uptrain.add_argument("--rope_keys", choices=ROPE_KEYS, default="per_head",
                          help="with --attention latent: a rotary key per K/V head (MHA2MLA), or one "
-                         "shared key mixed from all heads per frequency (TransMLA's RoRoPE)")
+                         "key mixed from all heads per frequency (TransMLA's RoRoPE)")
     uptrain.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
     uptrain.add_argument("--group", choices=KV_GROUPINGS, default="adjacent",
                          help="which heads share a K/V head: adjacent ones, or those whose "

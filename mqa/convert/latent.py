@@ -1,5 +1,5 @@
 """Grouped attention rewritten as latent attention (`mqa.convert uptrain --attention latent
---kv_latent_dim C --rope_head_dim P [--rope_keys per_head|shared] --text FILE`): MHA2MLA's
+--kv_latent_dim C --rope_head_dim P [--rope_keys per_head|mixed] --text FILE`): MHA2MLA's
 and TransMLA's route.
 
 A grouped layer caches, per token and K/V head, a key of d numbers that RoPE rotates and a
@@ -8,7 +8,7 @@ value of d. The conversion splits each key head's rotary pairs in two:
     turned at in the source (`model.rope_frequency_dim`). With rope_keys "per_head"
     (MHA2MLA's partial RoPE) each K/V head keeps them as its own rotary key
     (`model.rope_key_heads` = K; exact), the query heads' same dimensions becoming their
-    rotary queries; with "shared" (TransMLA's RoRoPE, `shared_rotary`) the K/V heads are
+    rotary queries; with "mixed" (TransMLA's RoRoPE, `mixed_rotary`) the K/V heads are
     mixed per frequency into one rotary key for all heads, and what that key does not hold
     joins the dropped dimensions.
   - dropped: the other key dimensions turn no more and join the values. They and the
@@ -17,7 +17,7 @@ value of d. The conversion splits each key head's rotary pairs in two:
     eigenvectors U of W^T X^T X W, the best rank-C approximation of the calibration rows
     x @ W) becomes the latent: kv_down = W U [m, C], and U^T splits into each query head's
     k_up and v_up.
-The cache holds C + K P numbers per token and layer (C + P with one shared key), against
+The cache holds C + K P numbers per token and layer (C + P with one mixed key), against
 the source's 2 K d. What is approximate: the dropped dimensions' rotation (small for a
 pair that turns little over the context, the lowest frequencies, which is why the highest
 are kept, MHA2MLA's "high-frequency" strategy; its best strategy picks pairs per head by
@@ -68,7 +68,7 @@ def target_fields(source: ModelConfig, kv_latent_dim: int, rope_head_dim: int,
     """The model fields of the converted config."""
     rotary = source.rope_head_dim or source.head_dim
     return dict(attention="latent", kv_latent_dim=kv_latent_dim, rope_head_dim=rope_head_dim,
-                rope_key_heads=1 if rope_keys == "shared" else source.num_kv_heads,
+                rope_key_heads=1 if rope_keys == "mixed" else source.num_kv_heads,
                 kv_latent_norm=False, q_latent_dim=0, attention_score_dim=0,
                 rope_frequency_dim=rotary if rope_head_dim < rotary else 0)
 
@@ -103,7 +103,6 @@ def rotary_contribution(q: np.ndarray, k: np.ndarray, x: np.ndarray, config: Mod
     return float(score[kept_pairs].sum() / score.sum())
 
 
-ROPE_KEYS = ("per_head", "shared")  # --rope_keys: MHA2MLA's per-K/V-head keys, or TransMLA's mixed one
 
 
 def per_head_rotary(q: np.ndarray, k: np.ndarray, x: np.ndarray, kept: np.ndarray,
@@ -116,7 +115,7 @@ def per_head_rotary(q: np.ndarray, k: np.ndarray, x: np.ndarray, kept: np.ndarra
     return q[:, :, dropped], q[:, :, kept], k[:, :, kept].reshape(k.shape[0], -1), k[:, :, dropped], 1.0
 
 
-def shared_rotary(q: np.ndarray, k: np.ndarray, x: np.ndarray, kept: np.ndarray,
+def mixed_rotary(q: np.ndarray, k: np.ndarray, x: np.ndarray, kept: np.ndarray,
                   dropped: np.ndarray) -> tuple[np.ndarray, ...]:
     """TransMLA's split (RoRoPE) of one layer: one rotary key for all heads. For each kept
     pair, the K/V heads' 2-vectors are mixed by the top eigenvector u of their calibration
@@ -144,14 +143,18 @@ def shared_rotary(q: np.ndarray, k: np.ndarray, x: np.ndarray, kept: np.ndarray,
     return q, query_rotary, rotary_key, key_nope, float(held / total)
 
 
+# --rope_keys: MHA2MLA's rotary key per K/V head, or TransMLA's one key mixed from all heads
+ROTARY_SPLITS = {"per_head": per_head_rotary, "mixed": mixed_rotary}
+ROPE_KEYS = tuple(ROTARY_SPLITS)
+
 def to_latent(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: np.ndarray,
               kv_latent_dim: int, rope_head_dim: int, rope_keys: str = "per_head"
               ) -> tuple[dict[str, np.ndarray], dict]:
     """The source's parameters (`workdir.params_by_name`) with each layer's grouped
-    attention rewritten as latent attention (the module docstring; rope_keys "shared":
-    `shared_rotary`), every other parameter unchanged; and what the conversion kept: the
+    attention rewritten as latent attention (the module docstring; rope_keys "mixed":
+    `mixed_rotary`), every other parameter unchanged; and what the conversion kept: the
     latent's share of the calibration rows' energy and the kept rotary pairs' share of the
-    2-norm contribution, and (shared) the mixed key's share of the kept pairs' energy, each
+    2-norm contribution, and (mixed) the mixed key's share of the kept pairs' energy, each
     averaged over layers. inputs: the attention inputs
     [num_layers, n, d_model] (`calibration`)."""
     q, k, v = (np.asarray(arrays[PREFIX + name], np.float64) for name in ("q", "k", "v"))
@@ -159,9 +162,9 @@ def to_latent(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: np.nda
     layers, m, h, d = q.shape
     kv, group, c, p = config.num_kv_heads, config.group_size, kv_latent_dim, rope_head_dim
     kept, dropped = split_dims(config, p)
-    split = shared_rotary if rope_keys == "shared" else per_head_rotary
+    split = ROTARY_SPLITS[rope_keys]
     scale = np.sqrt((d + p) / config.score_dim)  # the latent core divides by sqrt(d + P)
-    keys_width = p if rope_keys == "shared" else kv * p
+    keys_width = (1 if rope_keys == "mixed" else kv) * p
     out = {name: np.zeros(shape) for name, shape in dict(
         q=(layers, m, h, d), q_rope=(layers, m, h, p), k_rope=(layers, m, keys_width),
         kv_down=(layers, m, c), k_up=(layers, c, h, d), v_up=(layers, c, h, d)).items()}
@@ -170,7 +173,7 @@ def to_latent(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: np.nda
         x = inputs[layer].astype(np.float64)
         q_nope, q_rotary, out["k_rope"][layer], key_nope, share = split(q[layer], k[layer], x, kept, dropped)
         mixed.append(share)
-        n = key_nope.shape[-1]  # nope dimensions per head: d - P, or d for a shared key
+        n = key_nope.shape[-1]  # nope dimensions per head: d - P, or d for a mixed key
         out["q"][layer, :, :, :n] = q_nope * scale
         out["q_rope"][layer] = q_rotary * scale
         joint = np.concatenate([key_nope.reshape(m, -1), v[layer].reshape(m, -1)], axis=1)

@@ -12,7 +12,7 @@ any of
                            local layers that cache only the last W positions (every N-th
                            layer global) and the first S (StreamingLLM's sinks)
   --kv_cache_dtype int8|int4   a quantized cache
-  --attention latent --kv_latent_dim C [--rope_head_dim P] [--rope_keys per_head|shared]
+  --attention latent --kv_latent_dim C [--rope_head_dim P] [--rope_keys per_head|mixed]
                            latent attention (MHA2MLA / TransMLA): P rotary dimensions per
                            K/V head kept (or in one key mixed from all heads), the rest of
                            the keys and the values compressed into a latent of C by PCA on
@@ -145,11 +145,11 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
     if sharing:
         cross_layer.check_sharing(before, kv_share_every, init)
     merging = num_kv_heads != before.num_kv_heads
-    to_latent = attention not in (None, "grouped")
+    latent_target = attention not in (None, "grouped")
     fields = {}
     if attention not in (None, "grouped", "latent"):
         raise ConvertError(f"--attention {attention!r}: uptrain converts to 'grouped' or 'latent'")
-    if to_latent:
+    if latent_target:
         if merging or sharing:
             raise ConvertError("--attention latent does not combine with --num_kv_heads or "
                                "--kv_share_every; convert in two steps")
@@ -162,13 +162,13 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
                             attention_sinks=attention_sinks, kv_cache_dtype=kv_cache_dtype,
                             rope_global_every=kept_rope_bases(before, global_every), **fields)
     inputs = None
-    if to_latent:
+    if latent_target:
         inputs = calibration.attention_inputs(source, calibration.calibration_tokens(source, text))
         arrays, kept = latent.to_latent(params_by_name(source.params), before, inputs,
                                         kv_latent_dim, rope_head_dim, rope_keys)
         keys = (f"as one key shared by all heads (TransMLA: the K/V heads mixed per frequency, "
                 f"holding {100 * kept['rotary_mixed']:.1f}% of the kept pairs' key energy)"
-                if rope_keys == "shared" else "per K/V head")
+                if rope_keys == "mixed" else "per K/V head")
         after = build_model_config(config.model)
         tokenizer = source.path / data.TOKENIZER_FILE
         write_workdir(workdir, config, params_from_names(after, arrays),
