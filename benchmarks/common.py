@@ -8,11 +8,13 @@ import json
 import os
 import pathlib
 import platform
+import subprocess
 import sys
 
 import jax
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
 
 
 def machine() -> str:
@@ -41,3 +43,12 @@ def write_results(out: pathlib.Path, name: str, rows: list[dict], **context) -> 
                 machine=machine(), jax=jax.__version__, command=" ".join(sys.argv),
                 **context, rows=rows)
     (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def converted(gguf_path: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
+    """`workdir`, holding `gguf_path` converted by `python -m mqa.convert gguf` (run here
+    unless it holds a checkpoint already)."""
+    if not (workdir / "checkpoints").exists():
+        subprocess.run([sys.executable, "-m", "mqa.convert", "gguf", "--src", str(gguf_path),
+                        "--workdir", str(workdir)], cwd=REPO, check=True)
+    return workdir

@@ -30,7 +30,6 @@ steps at the first context and batch asked for, by kind of XLA thunk
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import pathlib
 import sys
@@ -148,19 +147,35 @@ def transformers_runner(config: ModelConfig, batch: int, context: int,
     return hf_generate_runner(model, batch, context, steps)
 
 
+def hf_cache(model, batch: int, length: int):
+    """A transformers `DynamicCache` of `batch` sequences already holding `length` positions
+    of zero keys and values, laid out as the model's own prefill would leave it (local
+    layers keep their window, `get_seq_length() == length`), built without running the
+    model: the step's work does not depend on what the cache holds, and prefilling tens of
+    thousands of tokens takes minutes on a CPU."""
+    import torch
+    from transformers import DynamicCache
+    text = model.config.get_text_config()
+    heads = text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache = DynamicCache(config=model.config)
+    for layer in range(text.num_hidden_layers):
+        zeros = torch.zeros(batch, heads, length, head_dim, dtype=model.dtype)
+        cache.update(zeros, zeros, layer)
+    for layer in cache.layers:  # a local layer keeps a view of its last window: own it
+        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    return cache
+
+
 def hf_generate_runner(model, batch: int, context: int, steps: int) -> Callable[[], float]:
     """A call returns the seconds transformers' `model.generate` takes for `steps` greedy
-    tokens after a random prompt of `context` tokens whose first `context - 1` are already
-    in its KV cache (prefilled once; each call decodes from a fresh copy made before
-    timing). Warmed up once."""
+    tokens after a prompt of `context` tokens whose first `context - 1` are already in its
+    KV cache (`hf_cache`, made afresh before each call's clock starts). Warmed up once."""
     import torch
-    torch.manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, context))
-    with torch.no_grad():
-        prefilled = model(prompt[:, :-1], use_cache=True).cache
+    prompt = torch.zeros((batch, context), dtype=torch.long)
 
     def run() -> float:
-        cache = copy.deepcopy(prefilled)
+        cache = hf_cache(model, batch, context - 1)
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(prompt, attention_mask=torch.ones_like(prompt),

@@ -16,13 +16,7 @@ dequantized weights, float32:
     runs them, ring caches for the local layers; transformers' `generate` from a prefilled
     cache), timed in alternating rounds.
 Writes benchmarks/results/real_model/gemma3_270m.{csv,json} and prints each row.
-
-  python benchmarks/gemma3.py --decode_grid --contexts=2048,8192,32768 --batches=1,8
-
-only times decoding, at every context x batch (the cache holding `context` tokens, ring
-caches for the local layers; transformers beside ours at batch 1 up to `--hf_max_context`,
-since its timing prefills the whole context first, which takes minutes here past that), with the bytes a step reads (weights + cache) against the read bandwidth measured
-in the run: benchmarks/results/real_model/gemma3_270m_decode.{csv,json}.
+Decoding up to 32K tokens of context, beside transformers: benchmarks/long_context.py.
 """
 
 from __future__ import annotations
@@ -30,14 +24,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import mqa  # noqa: E402
-from benchmarks.common import RESULTS, write_results  # noqa: E402
+from benchmarks.common import RESULTS, converted, write_results  # noqa: E402
 from benchmarks.decode import hf_generate_runner  # noqa: E402
 from benchmarks.real_model import hf_nll  # noqa: E402
 from mqa import accounting, evaluation  # noqa: E402
@@ -68,13 +61,6 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--torch_threads", type=int, default=0,
                         help="torch's threads (0: its default); on a loaded machine 1 is faster")
-    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    parser.add_argument("--decode_grid", action="store_true", help="only time decoding, "
-                        "at every --contexts x --batches")
-    parser.add_argument("--contexts", type=ints, default=[2048, 8192, 32_768])
-    parser.add_argument("--batches", type=ints, default=[1, 8])
-    parser.add_argument("--hf_max_context", type=int, default=8192,
-                        help="time transformers at batch 1 up to this context (it prefills first)")
     args = parser.parse_args(argv)
 
     import torch
@@ -82,14 +68,7 @@ def main(argv=None) -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     gguf_path = gemma3_gguf(args.gguf_dir)
-    if not (args.workdir / "checkpoints").exists():
-        subprocess.run([sys.executable, "-m", "mqa.convert", "gguf", "--src", str(gguf_path),
-                        "--workdir", str(args.workdir)], cwd=REPO, check=True)
-    model = mqa.load_model(args.workdir)
-    if args.decode_grid:
-        return decode_grid(model, args, lambda: transformers.AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
-            attn_implementation="sdpa").eval())
+    model = mqa.load_model(converted(gguf_path, args.workdir))
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
         attn_implementation="eager").eval()
@@ -136,39 +115,6 @@ def main(argv=None) -> None:
     write_results(RESULTS / "real_model", "gemma3_270m", rows, gguf=gguf_path.name,
                   seq_len=args.seq_len, decode_steps=DECODE_STEPS,
                   torch_threads=torch.get_num_threads())
-
-
-def decode_grid(model, args, load_hf) -> list[dict]:
-    """Decoding tokens/s at each context x batch, ours and (up to --hf_max_context)
-    transformers', timed side by side per cell; the memory floor from the bytes a step reads."""
-    import torch
-    from benchmarks.decode import read_bandwidth
-    bandwidth = read_bandwidth(256)
-    config = dataclasses.replace(model.model_config, max_seq_len=max(args.contexts) + DECODE_STEPS)
-    weights = accounting.param_count(config) * 4
-    hf = load_hf() if min(args.contexts) <= args.hf_max_context else None
-    rows = []
-    for context in args.contexts:
-        for batch in args.batches:
-            run, _, cache_bytes = decode_loop(model.graphdef, model.params, config, batch, context,
-                                              DECODE_STEPS)
-            run()
-            runs = {"mqa": timed(run)}
-            if hf is not None and context <= args.hf_max_context and batch == 1:
-                runs["transformers"] = hf_generate_runner(hf, batch, context, DECODE_STEPS)
-            seconds = alternating_medians(runs, args.repeats, group=lambda k: k, pause=1.0)
-            step = seconds["mqa"] / DECODE_STEPS
-            rows.append(dict(kind="decode", context=context, batch=batch, cache_bytes=cache_bytes,
-                             mqa_tokens_per_sec=batch / step,
-                             memory_floor_fraction=(weights + cache_bytes) / bandwidth / step,
-                             transformers_tokens_per_sec=batch * DECODE_STEPS / seconds["transformers"]
-                             if "transformers" in seconds else None))
-            print(rows[-1], flush=True)
-            del run, runs
-    write_results(RESULTS / "real_model", "gemma3_270m_decode", rows, decode_steps=DECODE_STEPS,
-                  read_bandwidth_bytes_per_sec=bandwidth, torch_threads=torch.get_num_threads(),
-                  hf_max_context=args.hf_max_context)
-    return rows
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import mqa  # noqa: E402
-from benchmarks.common import RESULTS, write_results  # noqa: E402
+from benchmarks.common import RESULTS, converted, write_results  # noqa: E402
 from benchmarks.decode import hf_generate_runner  # noqa: E402
 from mqa import evaluation  # noqa: E402
 from mqa.timing import alternating_medians, decode_loop, timed  # noqa: E402
@@ -80,10 +79,7 @@ def main(argv=None) -> None:
     import torch
     import transformers
     gguf_path = smollm2_gguf()
-    if not (args.workdir / "checkpoints").exists():
-        subprocess.run([sys.executable, "-m", "mqa.convert", "gguf", "--src", str(gguf_path),
-                        "--workdir", str(args.workdir)], cwd=REPO, check=True)
-    model = mqa.load_model(args.workdir)
+    model = mqa.load_model(converted(gguf_path, args.workdir))
     hf = transformers.LlamaForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
     tokenizer = model.tokenizer

@@ -79,7 +79,9 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, 
 
     cache = init_cache(config, batch, context + steps, starts=starts)
     nbytes = cache_nbytes(cache)
-    state = {"cache": cache, "token": jnp.zeros((batch,), jnp.int32)}
+    # committed to the device, as the loop's outputs are: else the second call compiles again
+    state = jax.device_put({"cache": cache, "token": jnp.zeros((batch,), jnp.int32)},
+                           jax.devices()[0])
 
     def run():
         state["token"], state["cache"] = decode(

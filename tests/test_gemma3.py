@@ -67,6 +67,29 @@ def hf_greedy(model, prompt: np.ndarray, n: int) -> np.ndarray:
     return out.numpy()
 
 
+def test_the_benchmarks_transformers_cache_is_laid_out_as_a_prefill_leaves_it(tmp_path):
+    """benchmarks/decode.py times transformers from a cache it builds without a prefill
+    (`hf_cache`): given the prefill's keys and values, it decodes the same tokens as
+    transformers' own generate, so its layout (local layers' windows, lengths) is a
+    prefill's."""
+    import torch
+    from benchmarks.decode import hf_cache
+    model = tiny_gemma3(tmp_path / "hf")
+    prompt = torch.from_numpy(np.random.default_rng(0).integers(1, TINY["vocab_size"], (2, 12)))
+    with torch.no_grad():
+        prefilled = model(prompt[:, :-1], use_cache=True).cache
+    built = hf_cache(model, 2, 11)
+    assert built.get_seq_length() == prefilled.get_seq_length() == 11
+    for ours, theirs in zip(built.layers, prefilled.layers, strict=True):
+        assert type(ours) is type(theirs) and ours.keys.shape == theirs.keys.shape
+        ours.keys.copy_(theirs.keys)
+        ours.values.copy_(theirs.values)
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=built,
+                             max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(out.numpy(), hf_greedy(model, prompt.numpy(), 4))
+
+
 def test_hf_gemma3_converts_and_matches_transformers(tmp_path, capsys):
     src, out = tmp_path / "hf", tmp_path / "out"
     model = tiny_gemma3(src)

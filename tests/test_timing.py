@@ -25,3 +25,26 @@ def test_timed_returns_the_seconds_a_call_took():
     import time
     seconds = timed(lambda: time.sleep(0.02))()
     assert 0.02 <= seconds < 1.0
+
+
+def test_the_decode_loop_compiles_once(caplog):
+    """Every timed call of `decode_loop` runs the loop compiled for the first: a second
+    compilation (the first call's cache uncommitted, its outputs committed) would be timed."""
+    import logging
+
+    import jax
+    from flax import nnx
+
+    from mqa.config import build_model_config
+    from mqa.model import Transformer
+    from mqa.timing import decode_loop
+    config = build_model_config(vocab_size=32, d_model=16, num_layers=1, num_heads=2,
+                                num_kv_heads=1, head_dim=8, mlp_dim=32, max_seq_len=16)
+    graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+    params = jax.device_put(params, jax.devices()[0])  # committed, as `mqa.load_model` gives them
+    run, _, _ = decode_loop(graphdef, params, config, batch=2, context=4, steps=2)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            run()
+    compiled = [r for r in caplog.records if "Finished XLA compilation of jit(decode)" in r.getMessage()]
+    assert len(compiled) == 1
