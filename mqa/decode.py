@@ -45,18 +45,19 @@ def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
 
 
 def decode_tokens(model: Transformer, layers: tuple, cache: KVCache, token: jax.Array,
-                  keys: jax.Array, sample: Callable[[jax.Array, jax.Array], jax.Array]
-                  ) -> tuple[tuple[jax.Array, KVCache], jax.Array]:
+                  keys: jax.Array, sample: Callable[[jax.Array, jax.Array], jax.Array], *,
+                  wrap: bool = False) -> tuple[tuple[jax.Array, KVCache], jax.Array]:
     """The token loop: one cached step per key, each feeding back the token it samples.
 
     token: int32 [batch], the last token so far; keys: [steps] random keys; sample(logits
-    [batch, vocab], key) -> int32 [batch]; layers: `model.layer_params()`.
+    [batch, vocab], key) -> int32 [batch]; layers: `model.layer_params()`; wrap: every
+    layer's buffers are rings (`Transformer.step`; continuous batching, `mqa.serving`).
     Returns ((the last token, the cache), int32 [steps, batch] the sampled tokens).
     A `lax.scan`, so each step costs no Python; the cache is its carry, written in place.
     """
     def one(carry, step_key):
         token, cache = carry
-        logits, cache = model.step(token[:, None], cache, layers)
+        logits, cache = model.step(token[:, None], cache, layers, wrap=wrap)
         next_token = sample(logits[:, -1], step_key)
         return (next_token, cache), next_token
 

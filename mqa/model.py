@@ -124,12 +124,15 @@ class Transformer(nnx.Module):
         return logits
 
     def step(self, tokens: jax.Array, cache: KVCache,
-             layers: tuple[GroupParams, ...] | None = None) -> tuple[jax.Array, KVCache]:
+             layers: tuple[GroupParams, ...] | None = None, *,
+             wrap: bool = False) -> tuple[jax.Array, KVCache]:
         """Extends a cached sequence: the prompt at prefill, one token per decode step.
 
         tokens: int32 [batch, new]; cache: `KVCache` with `cache.index + new <= max_len`.
         layers: `self.layer_params()`, computed once outside a decoding loop so that the
           loop does not slice every layer's weights out of the stack at every token.
+        wrap: every layer's buffers are rings (continuous batching, `mqa.serving`): the
+          write head runs on past max_len, each row seeing its own last positions.
         Returns (float32 logits [batch, new, vocab], the cache with `new` more positions).
         """
         config = self.config
@@ -142,7 +145,8 @@ class Transformer(nnx.Module):
             layer = g * config.kv_share_every
             window = config.sliding_window if config.is_local(layer) else None
             x, buffers, _ = self._group(x, positions, params, window, config.layer_rope_theta(layer),
-                                        Mode.CACHED, cache.layers[g], cache.index, cache.starts)
+                                        Mode.CACHED, cache.layers[g], cache.index, cache.starts,
+                                        ring=wrap or window is not None)
             updated.append(buffers)
         return self._logits(x), cache._replace(layers=tuple(updated),
                                                index=cache.index + tokens.shape[1])
@@ -161,14 +165,15 @@ class Transformer(nnx.Module):
     def _group(self, x: jax.Array, positions: jax.Array, params: GroupParams,
                window: jax.Array | int | None, theta: jax.Array | float, mode: Mode,
                buffers: dict | None = None, index: jax.Array | None = None,
-               starts: jax.Array | None = None) -> tuple[jax.Array, dict | None, list[jax.Array]]:
+               starts: jax.Array | None = None, ring: bool = False
+               ) -> tuple[jax.Array, dict | None, list[jax.Array]]:
         """The layer loop: one K/V group. x: [batch, seq, m]; positions: int [seq] (or
         [batch, seq]: a ragged batch's, whose rows start at slots `starts`); theta: the
         group's RoPE base.
 
         SELF: the keys are this sequence's (window and theta may be traced); CACHED: the
-        group's cache `buffers` take the new keys at `index` (window: an int makes them a
-        ring, None for a global layer). Returns (x after the group's layers, the updated buffers or
+        group's cache `buffers` take the new keys at `index` (`ring`: the buffers are a ring,
+        as a local layer's are). Returns (x after the group's layers, the updated buffers or
         None, each layer's attention input [batch, seq, m]).
         """
         config = self.config
@@ -188,7 +193,7 @@ class Transformer(nnx.Module):
                     keys = Keys.of_activations(new, kv_cache.cache_entries(config))
                 else:
                     axes = kv_cache.entry_axes(config, x.shape[0])
-                    buffers, keys = kv_cache.write(buffers, new, axes, index, ring=window is not None,
+                    buffers, keys = kv_cache.write(buffers, new, axes, index, ring=ring,
                                                    dtype=jnp.dtype(config.dtype),
                                                    sinks=config.attention_sinks)
                     keys = kv_cache.for_rows(keys, starts)
