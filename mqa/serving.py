@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,9 @@ def decode_steps(graphdef, params, cache: KVCache, token: jax.Array, key: jax.Ar
     return tokens, cache
 
 
+POLICIES = ("continuous", "static")
+
+
 @dataclasses.dataclass
 class ServeStats:
     """What `serve` did: decoding steps of the whole batch, and prompts prefilled."""
@@ -124,12 +128,15 @@ class ServeStats:
     steps: int = 0
     prefills: int = 0
     tokens: int = 0  # tokens returned (each request's first comes from its prefill)
+    busy_row_steps: int = 0  # row-steps that decoded a token some request returned
+    prefill_seconds: float = 0.0  # wall time in prefill-and-insert, sampling included
+    decode_seconds: float = 0.0  # wall time in the batch's decoding steps
 
 
 def serve(model: LoadedModel, prompts, max_new_tokens, *, batch_size: int, max_len: int | None = None,
           steps_per_call: int = 8, temperature: float = 0.0, top_k: int | None = None,
-          top_p: float | None = None, seed: int = 0, stats: ServeStats | None = None
-          ) -> list[np.ndarray]:
+          top_p: float | None = None, seed: int = 0, stats: ServeStats | None = None,
+          policy: str = "continuous") -> list[np.ndarray]:
     """Continues every prompt by its number of new tokens, `batch_size` rows at a time with
     continuous batching (the module docstring).
 
@@ -138,6 +145,9 @@ def serve(model: LoadedModel, prompts, max_new_tokens, *, batch_size: int, max_l
       at most `model.max_seq_len`; every row's ring holds that many positions.
     steps_per_call: decoding steps between scheduling decisions: a row that finishes
       waits up to this many steps for its next prompt, and each call costs a dispatch.
+    policy: "continuous" refills a row as soon as its request is done; "static" refills
+      only once every row is done (the batch waits for its longest request: the baseline
+      continuous batching is measured against, `benchmarks/continuous.py`).
     Returns each prompt's continuation (int32 [its max_new_tokens]), in order: with
     temperature 0 each equals what `mqa.generate` gives that prompt alone.
     """
@@ -160,6 +170,8 @@ def serve(model: LoadedModel, prompts, max_new_tokens, *, batch_size: int, max_l
             f"max_len={max_len} must be at most model.max_seq_len={limit}, batch_size={batch_size} "
             f"and steps_per_call={steps_per_call} at least 1")
     config = model.model_config
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} is not one of: {', '.join(POLICIES)}")
     if config.attention_sinks or config.kv_cache_dtype == "int4":
         raise ValueError("continuous batching does not combine with model.attention_sinks or an "
                          "int4 cache (as a ragged batch does not)")
@@ -172,9 +184,11 @@ def serve(model: LoadedModel, prompts, max_new_tokens, *, batch_size: int, max_l
     out: list[list[int]] = [[] for _ in prompts]
     waiting = collections.deque(range(len(prompts)))
     while waiting or any(r is not None for r in rows):
+        refill = policy == "continuous" or all(r is None for r in rows)
         for row in range(batch_size):
-            if rows[row] is None and waiting:
+            if refill and rows[row] is None and waiting:
                 i = waiting.popleft()
+                started = time.perf_counter()
                 width = bucket(len(prompts[i]), max_len)
                 padded = np.pad(prompts[i], (width - len(prompts[i]), 0))
                 logits, cache = prefill_into(model.graphdef, model.params, cache, jnp.int32(row),
@@ -183,18 +197,23 @@ def serve(model: LoadedModel, prompts, max_new_tokens, *, batch_size: int, max_l
                 first = int(sample_token(logits[None], sub, **sampling)[0])
                 out[i].append(first)
                 stats.prefills += 1
+                stats.prefill_seconds += time.perf_counter() - started
                 rows[row], last[row] = (i if wanted[i] > 1 else None), first
         if not any(r is not None for r in rows):
             continue
+        started = time.perf_counter()
         key, sub = jax.random.split(key)
         tokens, cache = decode_steps(model.graphdef, model.params, cache, jnp.asarray(last), sub,
                                      steps=steps_per_call, **sampling)
         tokens = np.asarray(tokens)
+        stats.decode_seconds += time.perf_counter() - started
         stats.steps += steps_per_call
         last = tokens[-1].copy()
         for row, i in enumerate(rows):
             if i is not None:
-                out[i].extend(tokens[:wanted[i] - len(out[i]), row].tolist())
+                taken = tokens[:wanted[i] - len(out[i]), row].tolist()
+                out[i].extend(taken)
+                stats.busy_row_steps += len(taken)
                 if len(out[i]) == wanted[i]:
                     rows[row] = None
     stats.tokens += sum(len(o) for o in out)

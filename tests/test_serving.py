@@ -38,6 +38,24 @@ def test_each_request_gets_the_tokens_it_gets_alone(family, option):
         np.testing.assert_array_equal(out, mqa.generate(model, prompt[None], n)[0, len(prompt):])
 
 
+def test_static_batching_waits_for_the_longest_request():
+    """The baseline policy gives the same tokens, but a row that finishes early idles until
+    the whole batch is done: more steps for the same tokens."""
+    model = loaded(make(config=config_of("GQA", "none")))
+    prompts = [np.arange(1, n + 1, dtype=np.int32) for n in (3, 4, 5, 6)]
+    wanted = [12, 2, 12, 2]
+    runs = {}
+    for policy in ("continuous", "static"):
+        stats = ServeStats()
+        runs[policy] = serve(model, prompts, wanted, batch_size=2, steps_per_call=2,
+                             policy=policy, stats=stats), stats
+    for a, b in zip(runs["continuous"][0], runs["static"][0]):
+        np.testing.assert_array_equal(a, b)
+    continuous, static = runs["continuous"][1], runs["static"][1]
+    assert continuous.busy_row_steps == static.busy_row_steps == sum(wanted) - len(wanted)
+    assert static.steps > continuous.steps
+
+
 @jax.jit
 def alone(model, tokens):
     """Logits [len, vocab] of one sequence, prefilled from empty."""
@@ -82,6 +100,7 @@ def test_a_refilled_row_sees_only_its_new_sequence():
 @pytest.mark.parametrize("kwargs,fragment", [
     (dict(max_len=8), "request 0 (prompt of 6 tokens + 4 new) does not fit"),
     (dict(batch_size=0), "batch_size=0 and steps_per_call=8 at least 1"),
+    (dict(policy="eager"), "policy='eager' is not one of: continuous, static"),
     (dict(max_len=41), "max_len=41 must be at most model.max_seq_len=40"),
 ])
 def test_bad_requests_are_one_line_errors(kwargs, fragment):
