@@ -53,8 +53,9 @@ DAMAGED_CHECKPOINTS = "damaged_checkpoints"
 # point that differs from it only in these.
 RESUMABLE_CHANGES = ("model.kv_cache_dtype", "data.token_dir", "data.strict")
 # train fields a resumed run may not change, besides every model and data field: they choose the
-# windows it reads (train.sampling; its value for a workdir saved without it: config.FORMER_BEHAVIOUR).
-FIXED_TRAIN_FIELDS = ("train.sampling",)
+# windows each step reads (`data.train_batch` of step, seed, batch size, length and sampling;
+# train.sampling's value for a workdir saved without it: config.FORMER_BEHAVIOUR).
+FIXED_TRAIN_FIELDS = ("train.sampling", "train.seed", "train.batch_size", "train.seq_len")
 
 
 class CheckpointError(ValueError):

@@ -143,3 +143,17 @@ def test_a_resumed_run_keeps_its_sampling_and_old_workdirs_read_as_they_ran(tmp_
     assert "was trained with train.sampling='uniform', not 'permutation'" in str(error.value)
     config.train.sampling = "uniform"
     check_resumable(config, tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [("seed", 7), ("batch_size", 3), ("seq_len", 24)])
+def test_a_resumed_run_keeps_the_fields_that_choose_its_windows(tmp_path, field, value):
+    """Step s reads `data.train_batch(step=s, seed, batch_size, seq_len)`: a resumed run that
+    changed any of them would read other windows than the run it continues."""
+    config = load_config_file(REPO / "configs" / "tiny.py")
+    (tmp_path / "config.json").write_text(config.to_json())
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    before = config.train[field]
+    config.train[field] = value
+    with pytest.raises(ConfigError) as error:
+        check_resumable(config, tmp_path)
+    assert f"was trained with train.{field}={before!r}, not {value!r}" in str(error.value)
