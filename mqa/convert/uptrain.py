@@ -140,6 +140,7 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
     if before.attention != "grouped":
         raise ConvertError(f"the source has model.attention={before.attention!r}; "
                            "uptrain converts model.attention='grouped' only")
+    heads_asked = num_kv_heads is not None
     num_kv_heads = before.num_kv_heads if num_kv_heads is None else num_kv_heads
     sharing = kv_share_every not in (None, before.kv_share_every)
     if sharing:
@@ -178,7 +179,7 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
             f"{keys} (the highest frequencies; {100 * kept['rotary_kept']:.1f}% of the rotary "
             f"2-norm contribution), the rest of the keys and the values in a latent of "
             f"{kv_latent_dim} ({100 * kept['latent_energy']:.1f}% of their calibration energy)",
-            *_changes(before, after, init, False, False)[1:]])
+            *_changes(before, after, init, False, False, heads=False)])
     if init == "aligned" and merging:
         aligned.check_source(before)
     if init == "aligned" and (merging or sharing):
@@ -206,7 +207,7 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
     tokenizer = source.path / data.TOKENIZER_FILE
     write_workdir(workdir, config, params, tokenizer if tokenizer.is_file() else None)
     return _summary(src, source.step, workdir, before, after,
-                    _changes(before, after, init, merging, sharing), grouping)
+                    _changes(before, after, init, merging, sharing, heads=heads_asked), grouping)
 
 
 def _summary(src, step: int, workdir: pathlib.Path, before: ModelConfig, after: ModelConfig,
@@ -234,14 +235,16 @@ def kept_rope_bases(before: ModelConfig, global_every: int | None) -> int | None
 
 
 def _changes(before: ModelConfig, after: ModelConfig, init: str, merging: bool,
-             sharing: bool) -> list[str]:
+             sharing: bool, heads: bool = True) -> list[str]:
     """The summary's account of what changed, e.g. "K/V heads 3 -> 1 (mean-pooled in groups
-    of 3)", "K/V shared by 2 layers (...)", "model.sliding_window=512"."""
+    of 3)" (where --num_kv_heads was given: `heads`), "K/V shared by 2 layers (...)",
+    "model.sliding_window=512"."""
     size = before.num_kv_heads // after.num_kv_heads
     how = {"mean": f"mean-pooled in groups of {size}", "first": f"first head of each group of {size}",
            "random": "re-initialised",
            "aligned": f"aligned on calibration text, then mean-pooled in groups of {size}"}[init]
-    changes = [f"K/V heads {before.num_kv_heads} -> {after.num_kv_heads}" + (f" ({how})" if merging else "")]
+    changes = [f"K/V heads {before.num_kv_heads} -> {after.num_kv_heads}" + (f" ({how})" if merging else "")
+               ] if heads else []
     if sharing:
         changes.append(f"K/V shared by {after.kv_share_every} layers ({cross_layer.HOW[init]})")
     return changes + [f"model.{name}={getattr(after, name)}" for name in
