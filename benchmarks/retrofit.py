@@ -14,17 +14,20 @@ several budgets, scored against the original model.
    the converted model's loss. A conversion with a quantized cache is scored through the
    cache (each window prefilled into an empty one), as decoding would read it.
 
-Per-window values go to WORKDIR/zero_shot.jsonl as they are computed, so an interrupted
-run resumes. Writes benchmarks/results/retrofit/zero_shot.{csv,json,md} and the frontier
-plot zero_shot.png (cache bytes per token against KL): the mean over windows with a 95%
-t-interval, the windows being the sample.
+Per-window values go to benchmarks/results/retrofit/zero_shot_windows.jsonl (--out's) as
+they are computed, and what each scored model caches to zero_shot_models.json: both are
+committed, so an interrupted run resumes, a run with --only adds to the tables instead of
+replacing them, and a fresh clone continues where the last left off. Writes
+benchmarks/results/retrofit/zero_shot.{csv,json,md} (every model the windows file holds)
+and the frontier plot zero_shot.png (cache bytes per token against KL): the mean over
+windows with a 95% t-interval, the windows being the sample.
 
   python benchmarks/retrofit.py --workdir=runs/retrofit --distill="GQA-1 aligned" --steps=50
 
 distils a conversion towards the original (`train.distill_from`, KL only: distill_weight
 1) on data/factbook.txt's head, --steps of --batch_size x --train_seq_len tokens, into
 WORKDIR/distilled/<name> (resumable: run the same command again), then scores it as above
-into WORKDIR/distilled.jsonl and benchmarks/results/retrofit/distilled.{csv,json,md}, with
+into distilled_windows.jsonl and benchmarks/results/retrofit/distilled.{csv,json,md}, with
 the recovered fraction 1 - KL_after / KL_zero-shot. The control arm, the unconverted model
 given the same training, is the original itself: distilling a model towards itself has no
 gradient (KL's gradient vanishes where the distributions agree; tested), so with the KL
@@ -205,34 +208,60 @@ def compare(reference: jax.Array, converted: jax.Array, targets: jax.Array) -> t
             jnp.mean(cross_entropy(converted[:-1], targets)))
 
 
-def load_rows(path: pathlib.Path) -> dict[tuple[str, int], dict]:
+def load_rows(path: pathlib.Path, window_tokens: int | None = None) -> dict[tuple[str, int], dict]:
+    """(model, window) -> its scores, from a windows file; with `window_tokens`, only the
+    rows scored on windows of that many tokens."""
     rows = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                rows[(row["name"], row["window"])] = row
+                if window_tokens is None or row.get("window_tokens", window_tokens) == window_tokens:
+                    rows[(row["name"], row["window"])] = row
     return rows
 
 
-def summarise(rows: dict, names: list[str], configs: dict[str, ModelConfig], context: int,
+def check_published(out: pathlib.Path, names: list[str], seq_len: int) -> None:
+    """Exits with one line where the published table holds models that neither this run nor
+    the committed windows file scores: republishing would drop them (tables written before
+    the windows file was committed)."""
+    published = out / "zero_shot.json"
+    if not published.is_file():
+        return
+    models = out / "zero_shot_models.json"
+    known = json.loads(models.read_text()).get(str(seq_len), {}) if models.is_file() else {}
+    lost = [r["conversion"] for r in json.loads(published.read_text())["rows"]
+            if r["conversion"] not in ("original", *names, *known)]
+    if lost:
+        sys.exit(f"error: {published} holds {len(lost)} models whose per-window scores are not in "
+                 f"{out / 'zero_shot_windows.jsonl'} (first: {lost[0]!r}); run without --only to "
+                 "score them all again, or write elsewhere with --out")
+
+
+def describe(config: ModelConfig, context: int) -> dict:
+    """What `summarise` needs of a model: its cache bytes at `context` and parameters."""
+    return dict(cache_bytes=accounting.kv_cache_bytes(config, 1, context),
+                params=accounting.param_count(config))
+
+
+def summarise(rows: dict, names: list[str], described: dict[str, dict], context: int,
               conversions: dict = CONVERSIONS) -> list[dict]:
-    original = configs["original"]
-    base = accounting.kv_cache_bytes(original, 1, context)
+    """A row per model of `names` with scores: mean KL and loss over windows with 95%
+    t-intervals, its cache (described[name], `describe`) against the original's."""
+    base = described["original"]["cache_bytes"]
     table = []
     for name in names:
         kls = np.array([r["kl"] for (n, _), r in sorted(rows.items()) if n == name])
         nlls = np.array([r["nll"] for (n, _), r in sorted(rows.items()) if n == name])
         if not len(kls):
             continue
-        config = configs[name]
-        cache = accounting.kv_cache_bytes(config, 1, context)
+        cache = described[name]["cache_bytes"]
         half = lambda x: float(scipy.stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
         table.append(dict(
             conversion=name, family=conversions.get(name, ("original",))[0], windows=len(kls),
             cache_bytes_per_token=cache / context, cache_fraction=round(cache / base, 4),
             kl=float(kls.mean()), kl_ci95=half(kls), loss=float(nlls.mean()), loss_ci95=half(nlls),
-            params=accounting.param_count(config)))
+            params=described[name]["params"]))
     return table
 
 
@@ -313,7 +342,8 @@ def score(loaders: dict[str, Callable[[], LoadedModel]], names: list[str], windo
     as computed and read back from it on a re-run. loaders: name -> a function loading that
     model ("original" among them); the models are loaded MODELS_PER_PASS at a time, each pass
     over every window with the original's distributions computed again."""
-    rows = load_rows(rows_path)
+    rows = load_rows(rows_path, windows.shape[1])
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
     missing = lambda name: [w for w in range(len(windows)) if (name, w) not in rows]  # noqa: E731
     pending = [n for n in ["original", *names] if missing(n)]
     reference_fn = logits_fn(loaders["original"]()) if pending else None
@@ -328,7 +358,8 @@ def score(loaders: dict[str, Callable[[], LoadedModel]], names: list[str], windo
             for name in todo:
                 converted = reference if name == "original" else functions[name](window[None])
                 kl, nll = compare(reference, converted, jnp.asarray(window[1:]))
-                rows[(name, w)] = row = dict(name=name, window=w, kl=float(kl), nll=float(nll))
+                rows[(name, w)] = row = dict(name=name, window=w, window_tokens=window.shape[0],
+                                             kl=float(kl), nll=float(nll))
                 with rows_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             print(f"window {w + 1}/{len(windows)}: " + ", ".join(
@@ -381,13 +412,19 @@ def main(argv: list[str] | None = None) -> None:
     loaders = {"original": lambda: original}
     loaders.update({name: functools.partial(load_model, workdir / name.replace(" ", "_")) for name in names})
     windows = heldout_windows(original, pathlib.Path(args.text), args.windows, args.seq_len)
-    rows = score(loaders, names, windows, workdir / "zero_shot.jsonl")
-
-    configs = {"original": original.model_config}
-    configs.update({name: build_model_config(read_config(workdir / name.replace(" ", "_")).model)
-                    for name in names})
-    table = summarise(rows, ["original", *names], configs, args.seq_len, conversions)
     out = pathlib.Path(args.out)
+    check_published(out, names, args.seq_len)
+    rows = score(loaders, names, windows, out / "zero_shot_windows.jsonl")
+
+    models_path = out / "zero_shot_models.json"
+    described = json.loads(models_path.read_text()) if models_path.is_file() else {}
+    described[str(args.seq_len)] = known = described.get(str(args.seq_len), {})
+    known["original"] = describe(original.model_config, args.seq_len)
+    known.update({name: describe(build_model_config(read_config(workdir / name.replace(" ", "_")).model),
+                                 args.seq_len) for name in names})
+    models_path.write_text(json.dumps(described, indent=1) + "\n")
+    scored = [n for n in ["original", *conversions] if n in known]  # every model scored so far
+    table = summarise(rows, scored, known, args.seq_len, conversions)
     publish(out, "zero_shot", table, {
         "conversion": "{conversion}", "cache bytes/token": "{cache_bytes_per_token:,.0f}",
         "of original": "{cache_fraction:.3f}", "KL": "{kl:.4f} ± {kl_ci95:.4f}",
@@ -427,11 +464,17 @@ def main_distill(args) -> None:
         except ConfigError as error:  # int4: grouped attention without windows only
             print(f"not scored through an {dtype} cache: {error}")
     windows = heldout_windows(original, pathlib.Path(args.text), args.windows, args.seq_len)
-    rows = score(loaders, [n for n in loaders if n != "original"], windows, workdir / "distilled.jsonl")
-    zero = load_rows(workdir / "zero_shot.jsonl")
-    table = []
+    out = pathlib.Path(args.out)
+    rows = score(loaders, [n for n in loaders if n != "original"], windows, out / "distilled_windows.jsonl")
+    zero = load_rows(out / "zero_shot_windows.jsonl", windows.shape[1])
+    published = out / "distilled.json"  # rows of runs this machine no longer holds are kept
+    table = [r for r in (json.loads(published.read_text())["rows"] if published.is_file() else [])
+             if not (workdir / "distilled" / r["conversion"].partition(", distilled")[0]
+                     .replace(" ", "_")).is_dir()]
     for label in sorted({n for n, _ in rows if n != "original"}):
         base, _, rest = label.partition(", distilled")
+        if not (workdir / "distilled" / base.replace(" ", "_")).is_dir():
+            continue
         dtype = rest.removeprefix(", ").removesuffix(" cache")
         before_name = f"{base} + {dtype}" if dtype else base  # its zero-shot counterpart
         scored = [w for w in range(len(windows)) if (label, w) in rows]

@@ -48,10 +48,12 @@ def test_zero_shot_stage_at_toy_size(tmp_path):
     assert (pair["a"], pair["b"]) == ("GQA-1 aligned", "GQA-1 mean") and pair["p_holm"] == pair["p"]
     assert float(pair["mean"]) == pytest.approx(float(rows["GQA-1 aligned"]["kl"]) - float(rows["GQA-1 mean"]["kl"]))
     assert (out / "zero_shot.png").is_file() and (out / "zero_shot.md").is_file()
-    lines = (tmp_path / "work" / "zero_shot.jsonl").read_text().splitlines()
+    lines = (out / "zero_shot_windows.jsonl").read_text().splitlines()
     retrofit.main(["--workdir", str(tmp_path / "work"), "--source", str(source), "--windows", "3",
                    "--seq_len", "64", "--out", str(out), "--only", "GQA-1 aligned"])
-    assert (tmp_path / "work" / "zero_shot.jsonl").read_text().splitlines() == lines  # resumed
+    assert (out / "zero_shot_windows.jsonl").read_text().splitlines() == lines  # resumed
+    # a run with --only adds to the table: every model scored so far is still there
+    assert {r["conversion"] for r in csv.DictReader((out / "zero_shot.csv").open())} == set(rows)
 
     # Distillation: the aligned conversion trained towards the original, then scored, also
     # through int8 and int4 caches; its KL to the original falls.
@@ -85,3 +87,15 @@ def test_gemma3_frontier_at_toy_size(tmp_path):
     assert (converted["global_every"], converted["rope_global_every"]) == (0, 2)
     [pair] = list(csv.DictReader((out / "zero_shot_comparisons.csv").open()))
     assert (pair["a"], pair["b"]) == ("no global layer + 4 sinks", "no global layer")
+
+
+def test_a_table_whose_windows_are_not_kept_is_not_republished_without_them(tmp_path, capsys):
+    """Tables published before the per-window scores were committed cannot be extended
+    with --only: that would drop their other rows, so the run stops in one line."""
+    (tmp_path / "zero_shot.json").write_text(json.dumps({"rows": [
+        {"conversion": "original"}, {"conversion": "GQA-1 mean"}, {"conversion": "int8 cache"}]}))
+    with pytest.raises(SystemExit) as exit_info:
+        retrofit.check_published(tmp_path, ["int8 cache"], 2048)
+    assert "holds 1 models whose per-window scores are not in" in str(exit_info.value)
+    assert "'GQA-1 mean'" in str(exit_info.value)
+    retrofit.check_published(tmp_path, ["int8 cache", "GQA-1 mean"], 2048)  # all rescored: fine
