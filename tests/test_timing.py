@@ -27,7 +27,7 @@ def test_timed_returns_the_seconds_a_call_took():
     assert 0.02 <= seconds < 1.0
 
 
-def test_the_decode_loop_compiles_once(caplog):
+def test_the_decode_loop_compiles_once(caplog, fast_compile):
     """Every timed call of `decode_loop` runs the loop compiled for the first: a second
     compilation (the first call's cache uncommitted, its outputs committed) would be timed."""
     import logging
