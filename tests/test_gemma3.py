@@ -458,3 +458,8 @@ def test_gemma3_270m_q4_k_m_matches_transformers(gemma3_270m):
     torch.set_num_threads(2)
     ours = mqa.generate(loaded, prompt, 16)
     assert np.array_equal(ours, hf_greedy(reference, prompt, 16))
+    # continuous batching: the long prompt and a short one through one row, refilled
+    short = np.concatenate([[2], ids[:5]]).astype(np.int32)
+    served = mqa.serve(loaded, [prompt[0], short], [16, 8], batch_size=1, steps_per_call=4)
+    assert np.array_equal(served[0], ours[0, prompt.shape[1]:])
+    assert np.array_equal(served[1], mqa.generate(loaded, short[None], 8)[0, len(short):])
