@@ -61,10 +61,19 @@ def build_model_config(section: Any = None, **overrides) -> ModelConfig:
     unknown = sorted(set(values) - set(ModelConfig.field_names()) - {"match_mha_params"})
     if unknown:
         raise ConfigError(_unknown_key_message(f"model.{unknown[0]}", default_config().model))
+    values["rope_pairs"] = _integers("model.rope_pairs", values["rope_pairs"])  # hashable (static under jit)
     config = ModelConfig(**{name: values[name] for name in ModelConfig.field_names()})
     if values.get("match_mha_params"):
         config = dataclasses.replace(config, mlp_dim=accounting.mlp_dim_matching_mha(config))
     return config
+
+
+def _integers(name: str, values: Iterable) -> tuple[int, ...]:
+    """A list field of integers (the command line gives strings) as a tuple."""
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={list(values)!r} must be a list of integers") from None
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -261,9 +270,9 @@ def _check_attention_family(m) -> None:
                                   f"(model.attention={m.attention!r}); set it to {type(m[name])(0)!r}")
     if m.attention != "latent":  # rope_head_dim: each family's own (`validate`)
         latent_only = dict(kv_latent_dim=0, q_latent_dim=0, rope_key_heads=1, rope_frequency_dim=0,
-                           kv_latent_norm=True)
+                           kv_latent_norm=True, rope_pairs=[])
         for name, default in latent_only.items():
-            if m[name] != default:
+            if (list(m[name]) if name == "rope_pairs" else m[name]) != default:
                 raise ConfigError(f"model.{name}={m[name]} is for model.attention='latent' only "
                                   f"(model.attention={m.attention!r}); set it to {default}")
     FAMILIES[m.attention].validate(build_model_config(m, match_mha_params=False))

@@ -149,9 +149,14 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
         if name in RESUMABLE_CHANGES:
             continue
         before, value = get_dotted(old, name), get_dotted(config, name)
-        if before != value:
+        if _comparable(before) != _comparable(value):
             raise ConfigError(f"workdir {str(workdir)!r} was trained with {name}={before!r}, "
                               f"not {value!r}; use a new --workdir to change it")
+
+
+def _comparable(value):
+    """A config value as JSON reads it back: tuples as lists."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
