@@ -248,6 +248,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 SINK_BACKENDS = ("einsum", "tiled")  # the backends whose masks take attention sinks
+DECODE_IMPLS = ("einsum", "cpu_kernel")  # model.decode_impl: grouped attention over the cache
 
 
 def _check_attention_family(m) -> None:
@@ -255,6 +256,10 @@ def _check_attention_family(m) -> None:
     fields and cache policies that combine with it."""
     _check_choice("model.attention", m.attention, tuple(FAMILIES))
     _check_choice("model.attention_impl", m.attention_impl, tuple(BACKENDS))
+    _check_choice("model.decode_impl", m.decode_impl, DECODE_IMPLS)
+    if m.decode_impl == "cpu_kernel" and (m.attention != "grouped" or m.dtype != "float32"):
+        raise ConfigError(f"model.decode_impl='cpu_kernel' is for model.attention='grouped' in "
+                          f"float32 (got attention={m.attention!r}, dtype={m.dtype!r}); use 'einsum'")
     _check_choice("model.kv_cache_dtype", m.kv_cache_dtype, CACHE_DTYPES)
     for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window", "global_every",
                  "attention_sinks"):

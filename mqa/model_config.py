@@ -42,6 +42,7 @@ class ModelConfig:
     kv_quant_group: int
     tie_embeddings: bool
     attention_impl: str
+    decode_impl: str
     attention_block: int
     rope_theta: float
     rope_local_theta: float

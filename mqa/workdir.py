@@ -51,7 +51,7 @@ DAMAGED_CHECKPOINTS = "damaged_checkpoints"
 # Fields a run may change when it resumes: they do not change what is trained (how decoding
 # stores the cache; where the same token files lie). sweep.py reuses a finished run for a
 # point that differs from it only in these.
-RESUMABLE_CHANGES = ("model.kv_cache_dtype", "data.token_dir", "data.strict")
+RESUMABLE_CHANGES = ("model.kv_cache_dtype", "model.decode_impl", "data.token_dir", "data.strict")
 # train fields a resumed run may not change, besides every model and data field: they choose the
 # windows each step reads (`data.train_batch` of step, seed, batch size, length and sampling;
 # train.sampling's value for a workdir saved without it: config.FORMER_BEHAVIOUR).

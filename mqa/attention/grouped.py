@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mqa.attention import cpu_decode
 from mqa.attention.core import attend as grouped_core
 from mqa.attention.core import dense, init_output, init_params
 from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention, sink_options
@@ -103,6 +104,7 @@ class GroupedAttention(AttentionFamily):
         if mode is Mode.SELF:
             out = backend(grouped_core, (q,), (k, v), window=window, **options)
         else:
-            out = grouped_core(q, k, v, q_offset=keys.q_offset, kv_layout=keys.axes["k"],
-                               window=window, k_positions=keys.positions, **options)
+            core = cpu_decode.attend if self.config.decode_impl == "cpu_kernel" else grouped_core
+            out = core(q, k, v, q_offset=keys.q_offset, kv_layout=keys.axes["k"],
+                       window=window, k_positions=keys.positions, **options)
         return dense(out, self.out[...].astype(dtype), contract=2)
