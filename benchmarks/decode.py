@@ -63,6 +63,9 @@ VARIANTS = {
     "MHA-local": dict(sliding_window=256, global_every=4),           # 512, 3 of 4 layers a ring
     "MHA-int8": dict(kv_cache_dtype="int8"),                         # 512 bytes + 16 scales
     "MQA-int8": dict(num_kv_heads=1, kv_cache_dtype="int8"),         # 64 bytes + 2 scales
+    # the same caches read by the C++ kernel (`model.decode_impl`, mqa/attention/cpu_decode.py)
+    **{f"{name}-kernel": dict(num_kv_heads=kv, decode_impl="cpu_kernel")
+       for name, kv in (("MHA", 8), ("GQA-2", 2), ("MQA", 1))},
 }
 
 

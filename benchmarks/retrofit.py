@@ -119,6 +119,14 @@ CONVERSIONS = {
         attention="latent", rope_keys="mixed", rope_head_dim=32, kv_latent_dim=96)),
     "MLA shared rope 32 + latent 32": ("latent, shared rotary key", dict(
         attention="latent", rope_keys="mixed", rope_head_dim=32, kv_latent_dim=32)),
+    # the rotary pairs each key keeps chosen by their 2-norm contribution on the calibration
+    # text (MHA2MLA's best strategy), not the highest frequencies; the same budgets
+    **{f"MLA {shared}rope {p} by contribution + latent {c}": (
+        "latent, pairs by contribution" + (", shared rotary key" if shared else ""),
+        dict(attention="latent", rope_keys="mixed" if shared else "per_head",
+             rope_pairs="contribution", rope_head_dim=p, kv_latent_dim=c))
+       for shared, p, c in (("", 16, 144), ("", 16, 80), ("", 8, 104), ("", 8, 40),
+                            ("shared ", 32, 96), ("shared ", 32, 32))},
 }
 
 
@@ -133,7 +141,12 @@ COMPARISONS = (("GQA-1 aligned", "GQA-1 mean"), ("CLA-2 aligned", "CLA-2 mean"),
                ("MLA rope 16 + latent 80", "GQA-1 aligned"), ("MLA rope 16 + latent 144", "CLA-2 aligned"),
                # declared with the shared-key conversions, after the per-head ones were scored
                # and before any shared one was: one mixed key against a key per K/V head at 1/3
-               ("MLA shared rope 64 + latent 64", "MLA rope 16 + latent 80"))
+               ("MLA shared rope 64 + latent 64", "MLA rope 16 + latent 80"),
+               # declared on 2026-12-05 (session 14) with the pairs chosen by contribution,
+               # before any was scored: MHA2MLA's 2-norm choice against the highest frequencies
+               ("MLA rope 16 by contribution + latent 80", "MLA rope 16 + latent 80"),
+               ("MLA rope 8 by contribution + latent 40", "MLA rope 8 + latent 40"),
+               ("MLA shared rope 32 by contribution + latent 32", "MLA shared rope 32 + latent 32"))
 
 # Gemma 3 270M (`--frontier gemma3 --source WORKDIR`, converted from its GGUF file: see
 # benchmarks/gemma3.py): already MQA, with 15 local layers (windows of 512) and 3 global

@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
         rope_key_heads=1,        # latent: rotary keys per token (1: DeepSeek's one shared key; more: query heads in groups)
         rope_frequency_dim=0,    # latent: > 0: the rotary part turns at the highest frequencies of a head this wide
                                  # (what a converted model's kept dimensions turned at); 0: frequencies over rope_head_dim
+        rope_pairs=[],           # latent: per layer and rotary key, the frequency index (0..D/2-1, D as above or
+                                 # rope_head_dim) of each rotary pair, flattened [num_layers, rope_key_heads,
+                                 # rope_head_dim/2] (a conversion's per-head choice); []: 0..rope_head_dim/2-1
         kv_latent_norm=True,     # latent: RMS-normalise the cached latent (DeepSeek); false: linear (converted models)
         sliding_window=0,        # > 0: layers attend to the last this many positions (ring-buffer cache)
         attention_sinks=0,       # with a window: the first this many positions stay visible (and cached)
@@ -38,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
         match_mha_params=False,  # widen the MLP so parameters equal MHA's (Shazeer 2019)
         tie_embeddings=True,
         attention_impl="tiled",  # tiled (causal query tiles) | einsum | blockwise (linear memory) | xla | cudnn
+        decode_impl="einsum",    # grouped attention over the KV cache (prefill, decoding): einsum (XLA's dot products)
+                                 # | cpu_kernel (C++ via jax.ffi, each K/V head read once for its group; CPU, float32)
         attention_block=64,      # tiled: query tile length; blockwise: block length
         rope_theta=10000.0,
         rope_local_theta=0.0,    # > 0: the RoPE base of local (sliding-window) layers (Gemma 3: 10000); 0: rope_theta

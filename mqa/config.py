@@ -61,10 +61,19 @@ def build_model_config(section: Any = None, **overrides) -> ModelConfig:
     unknown = sorted(set(values) - set(ModelConfig.field_names()) - {"match_mha_params"})
     if unknown:
         raise ConfigError(_unknown_key_message(f"model.{unknown[0]}", default_config().model))
+    values["rope_pairs"] = _integers("model.rope_pairs", values["rope_pairs"])  # hashable (static under jit)
     config = ModelConfig(**{name: values[name] for name in ModelConfig.field_names()})
     if values.get("match_mha_params"):
         config = dataclasses.replace(config, mlp_dim=accounting.mlp_dim_matching_mha(config))
     return config
+
+
+def _integers(name: str, values: Iterable) -> tuple[int, ...]:
+    """A list field of integers (the command line gives strings) as a tuple."""
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={list(values)!r} must be a list of integers") from None
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -239,6 +248,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 SINK_BACKENDS = ("einsum", "tiled")  # the backends whose masks take attention sinks
+DECODE_IMPLS = ("einsum", "cpu_kernel")  # model.decode_impl: grouped attention over the cache
 
 
 def _check_attention_family(m) -> None:
@@ -246,6 +256,10 @@ def _check_attention_family(m) -> None:
     fields and cache policies that combine with it."""
     _check_choice("model.attention", m.attention, tuple(FAMILIES))
     _check_choice("model.attention_impl", m.attention_impl, tuple(BACKENDS))
+    _check_choice("model.decode_impl", m.decode_impl, DECODE_IMPLS)
+    if m.decode_impl == "cpu_kernel" and (m.attention != "grouped" or m.dtype != "float32"):
+        raise ConfigError(f"model.decode_impl='cpu_kernel' is for model.attention='grouped' in "
+                          f"float32 (got attention={m.attention!r}, dtype={m.dtype!r}); use 'einsum'")
     _check_choice("model.kv_cache_dtype", m.kv_cache_dtype, CACHE_DTYPES)
     for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window", "global_every",
                  "attention_sinks"):
@@ -261,9 +275,9 @@ def _check_attention_family(m) -> None:
                                   f"(model.attention={m.attention!r}); set it to {type(m[name])(0)!r}")
     if m.attention != "latent":  # rope_head_dim: each family's own (`validate`)
         latent_only = dict(kv_latent_dim=0, q_latent_dim=0, rope_key_heads=1, rope_frequency_dim=0,
-                           kv_latent_norm=True)
+                           kv_latent_norm=True, rope_pairs=[])
         for name, default in latent_only.items():
-            if m[name] != default:
+            if (list(m[name]) if name == "rope_pairs" else m[name]) != default:
                 raise ConfigError(f"model.{name}={m[name]} is for model.attention='latent' only "
                                   f"(model.attention={m.attention!r}); set it to {default}")
     FAMILIES[m.attention].validate(build_model_config(m, match_mha_params=False))

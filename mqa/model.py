@@ -33,6 +33,7 @@ from mqa.kv_cache import KVCache
 from mqa.mlp import GatedMLP
 from mqa.model_config import ModelConfig
 from mqa.norm import model_norm
+from mqa.rope import LayerRope
 
 
 class Block(nnx.Module):
@@ -105,18 +106,21 @@ class Transformer(nnx.Module):
                    if config.sliding_window else None)
         thetas = (jnp.array([config.layer_rope_theta(i) for i in range(config.num_layers)],
                             jnp.float32) if config.rope_local_theta else None)
+        # and a latent layer's rotary pairs [layers, rope_key_heads, rope_head_dim / 2], when set
+        pairs = (jnp.stack([config.layer_rope_pairs(i) for i in range(config.num_layers)])
+                 if config.rope_pairs else None)
 
         def scanned(x, params):
-            first, stacked, window, theta = params
+            first, stacked, window, theta, layer_pairs = params
             layers = tuple(jax.tree.map(lambda a: a[j], stacked) for j in range(per_group))
-            theta = config.rope_theta if theta is None else theta
-            x, _, inputs = self._group(x, positions, (first, layers), window, theta, Mode.SELF)
+            rope = LayerRope(config.rope_theta if theta is None else theta, layer_pairs)
+            x, _, inputs = self._group(x, positions, (first, layers), window, rope, Mode.SELF)
             return x, (jnp.stack(inputs) if attention_inputs else None)
 
         if config.remat:
             scanned = jax.checkpoint(scanned)
         x, inputs = jax.lax.scan(scanned, self._embed(tokens),
-                                 (nnx.state(self.blocks), shared, windows, thetas),
+                                 (nnx.state(self.blocks), shared, windows, thetas, pairs),
                                  unroll=config.scan_unroll)
         logits = self._logits(x)
         if attention_inputs:
@@ -144,8 +148,9 @@ class Transformer(nnx.Module):
         for g, params in enumerate(layers or self.layer_params()):
             layer = g * config.kv_share_every
             window = config.sliding_window if config.is_local(layer) else None
-            x, buffers, _ = self._group(x, positions, params, window, config.layer_rope_theta(layer),
-                                        Mode.CACHED, cache.layers[g], cache.index, cache.starts,
+            rope = LayerRope(config.layer_rope_theta(layer), config.layer_rope_pairs(layer))
+            x, buffers, _ = self._group(x, positions, params, window, rope, Mode.CACHED,
+                                        cache.layers[g], cache.index, cache.starts,
                                         ring=wrap or window is not None)
             updated.append(buffers)
         return self._logits(x), cache._replace(layers=tuple(updated),
@@ -163,15 +168,15 @@ class Transformer(nnx.Module):
                      for g in range(groups))
 
     def _group(self, x: jax.Array, positions: jax.Array, params: GroupParams,
-               window: jax.Array | int | None, theta: jax.Array | float, mode: Mode,
+               window: jax.Array | int | None, rope: LayerRope, mode: Mode,
                buffers: dict | None = None, index: jax.Array | None = None,
                starts: jax.Array | None = None, ring: bool = False
                ) -> tuple[jax.Array, dict | None, list[jax.Array]]:
         """The layer loop: one K/V group. x: [batch, seq, m]; positions: int [seq] (or
-        [batch, seq]: a ragged batch's, whose rows start at slots `starts`); theta: the
-        group's RoPE base.
+        [batch, seq]: a ragged batch's, whose rows start at slots `starts`); rope: the
+        group's RoPE base (and rotary pairs).
 
-        SELF: the keys are this sequence's (window and theta may be traced); CACHED: the
+        SELF: the keys are this sequence's (window and rope may be traced); CACHED: the
         group's cache `buffers` take the new keys at `index` (`ring`: the buffers are a ring,
         as a local layer's are). Returns (x after the group's layers, the updated buffers or
         None, each layer's attention input [batch, seq, m]).
@@ -186,9 +191,9 @@ class Transformer(nnx.Module):
         for block in blocks:
             h = block.attention_norm(x)
             inputs.append(h)
-            queries = block.attention.queries(h, positions, theta)
+            queries = block.attention.queries(h, positions, rope)
             if keys is None:  # the group's first layer computes (and caches) its keys
-                new = block.attention.project_kv(h, positions, theta)
+                new = block.attention.project_kv(h, positions, rope)
                 if mode is Mode.SELF:
                     keys = Keys.of_activations(new, kv_cache.cache_entries(config))
                 else:

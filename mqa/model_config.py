@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -31,6 +33,7 @@ class ModelConfig:
     rope_head_dim: int
     rope_key_heads: int
     rope_frequency_dim: int
+    rope_pairs: tuple[int, ...]
     kv_latent_norm: bool
     sliding_window: int
     attention_sinks: int
@@ -39,6 +42,7 @@ class ModelConfig:
     kv_quant_group: int
     tie_embeddings: bool
     attention_impl: str
+    decode_impl: str
     attention_block: int
     rope_theta: float
     rope_local_theta: float
@@ -86,6 +90,15 @@ class ModelConfig:
         every = self.rope_global_every
         local = (layer + 1) % every != 0 if every else self.is_local(layer)
         return self.rope_local_theta if local else self.rope_theta
+
+    def layer_rope_pairs(self, layer: int) -> np.ndarray | None:
+        """Latent attention's rotary pairs in layer `layer`: int [rope_key_heads,
+        rope_head_dim / 2], the frequency index each rotary key's pairs turn at (`rope_pairs`;
+        `mqa.rope.apply_rope`'s `pairs`), or None for the highest frequencies."""
+        if not self.rope_pairs:
+            return None
+        table = np.asarray(self.rope_pairs, np.int32).reshape(self.num_layers, self.rope_key_heads, -1)
+        return table[layer]
 
     @property
     def score_dim(self) -> int:

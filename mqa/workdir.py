@@ -51,7 +51,7 @@ DAMAGED_CHECKPOINTS = "damaged_checkpoints"
 # Fields a run may change when it resumes: they do not change what is trained (how decoding
 # stores the cache; where the same token files lie). sweep.py reuses a finished run for a
 # point that differs from it only in these.
-RESUMABLE_CHANGES = ("model.kv_cache_dtype", "data.token_dir", "data.strict")
+RESUMABLE_CHANGES = ("model.kv_cache_dtype", "model.decode_impl", "data.token_dir", "data.strict")
 # train fields a resumed run may not change, besides every model and data field: they choose the
 # windows each step reads (`data.train_batch` of step, seed, batch size, length and sampling;
 # train.sampling's value for a workdir saved without it: config.FORMER_BEHAVIOUR).
@@ -149,9 +149,14 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
         if name in RESUMABLE_CHANGES:
             continue
         before, value = get_dotted(old, name), get_dotted(config, name)
-        if before != value:
+        if _comparable(before) != _comparable(value):
             raise ConfigError(f"workdir {str(workdir)!r} was trained with {name}={before!r}, "
                               f"not {value!r}; use a new --workdir to change it")
+
+
+def _comparable(value):
+    """A config value as JSON reads it back: tuples as lists."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -60,9 +60,10 @@ FAMILIES = {
     "tied-1": dict(attention="tied", num_kv_heads=1),
     "latent": LATENT,
     # low-rank queries, and a converted model's options: 2 rotary keys (each read by 2 query
-    # heads), the 2 highest frequencies of an 8-dim head, and a latent without its norm
+    # heads), each turning at 2 of the 4 frequencies of an 8-dim head, its own per layer
+    # (rope_pairs [2 layers, 2 keys, 2 pairs]), and a latent without its norm
     "latent-q": dict(LATENT, q_latent_dim=10, rope_key_heads=2, rope_frequency_dim=8,
-                     kv_latent_norm=False),
+                     kv_latent_norm=False, rope_pairs=(3, 0, 1, 2, 2, 3, 0, 1)),
 }
 WINDOW = dict(sliding_window=5)  # decoding 24 tokens wraps a local layer's ring 4 times
 LOCAL_GLOBAL = dict(WINDOW, global_every=2)  # layer 0 local, layer 1 global
@@ -279,8 +280,11 @@ def reference_logits(model: Transformer, toks, *, quantize_kv: bool = False) -> 
     """The model's logits from the float64 reference (tied or untied embeddings, Gemma's
     switches included)."""
     c = model.config
+    layers = reference_layers(model)
+    if c.rope_pairs:  # latent attention's per-head rotary frequencies: config, not weights
+        layers = [dict(layer, rope_pairs=c.layer_rope_pairs(i)) for i, layer in enumerate(layers)]
     return transformer_loops(
-        reference_layers(model), model.embed[...], model.final_norm.scale[...], toks,
+        layers, model.embed[...], model.final_norm.scale[...], toks,
         kv_share_every=c.kv_share_every, theta=c.rope_theta, eps=c.norm_eps, attention=c.attention,
         sliding_window=c.sliding_window, global_every=c.global_every, quantize_kv=quantize_kv,
         q_latent=c.q_latent_dim > 0, unembed=None if c.tie_embeddings else model.unembed[...],

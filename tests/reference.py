@@ -84,13 +84,15 @@ def attention_loops(q, k, v, *, causal=True, q_offset=None, window=0, score_dim=
     return out
 
 
-def rope(x, positions, theta, frequency_dim=0):
+def rope(x, positions, theta, frequency_dim=0, pairs=None):
     """Rotary embeddings, pairing dimension i with i + d/2, turning by position *
-    theta**(-2i / D), D = frequency_dim or d. x: [batch, seq, heads, dim]."""
+    theta**(-2i / D), D = frequency_dim or d; with pairs [heads, d/2] pair i of head j turns
+    by position * theta**(-2 pairs[j, i] / D). x: [batch, seq, heads, dim]."""
     half = x.shape[-1] // 2
-    angles = np.asarray(positions, np.float64)[:, None] * theta ** (
-        -2.0 * np.arange(half) / (frequency_dim or x.shape[-1]))
-    cos, sin = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
+    index = np.arange(half)[None] if pairs is None else np.asarray(pairs, np.float64)  # [1 or heads, half]
+    angles = np.asarray(positions, np.float64)[:, None, None] * theta ** (
+        -2.0 * index / (frequency_dim or x.shape[-1]))                # [seq, 1 or heads, half]
+    cos, sin = np.cos(angles)[None], np.sin(angles)[None]
     x1, x2 = x[..., :half], x[..., half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -221,13 +223,21 @@ def _latent_parts(layer, x, q_latent, quantize_kv, theta, eps, frequency_dim):
         latent = rms_norm(latent, layer["kv_norm"], eps)
     r = layer["q_rope"].shape[-1]
     keys = x @ _f64(layer["k_rope"])
-    rotary = rope(keys.reshape(*keys.shape[:2], -1, r), positions, theta, frequency_dim)
+    rotary = rope(keys.reshape(*keys.shape[:2], -1, r), positions, theta, frequency_dim,
+                  layer.get("rope_pairs"))
     if quantize_kv:  # one cached vector per token: the latent followed by the rotary keys
         both = int8_round_trip(np.concatenate([latent, rotary.reshape(keys.shape)], -1))
         latent = both[..., :latent.shape[-1]]
         rotary = both[..., latent.shape[-1]:].reshape(rotary.shape)
     qin = rms_norm(x @ _f64(layer["q_down"]), layer["q_norm"], eps) if q_latent else x
     return latent, rotary, qin
+
+
+def _head_pairs(layer, key_head):
+    """The pairs [1, r/2] of rotary key `key_head`, which its query heads turn at too
+    (None without `rope_pairs`)."""
+    pairs = layer.get("rope_pairs")
+    return None if pairs is None else np.asarray(pairs)[key_head][None]
 
 
 def _latent_setup(layer, x, q_latent, sliding_window, quantize_kv, theta, eps, sinks,
@@ -249,7 +259,8 @@ def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=Fals
     `q_rope` [cq, h, r]). L = norm(x @ kv_down, kv_norm) (no norm when the layer lacks
     kv_norm); rotary keys R_1..R_n = rope(x @ k_rope) split into n = k_rope's width / r
     keys, head j reading R_(j // (h / n)). Rope turns at theta**(-2i / frequency_dim)
-    (0: r). Head j: key = L @ k_up[:, j], value = L @ v_up[:, j], q_nope = qin @ q[:, j],
+    (0: r), or with `rope_pairs` [n, r/2] in the layer, key R_k's pair i and its query
+    heads' at theta**(-2 rope_pairs[k, i] / frequency_dim). Head j: key = L @ k_up[:, j], value = L @ v_up[:, j], q_nope = qin @ q[:, j],
     q_r = rope(qin @ q_rope[:, j]); logits = (q_nope . key + q_r . R_j) / sqrt(d + r).
     With quantize_kv, [L, R] (after rope) is one int8 round trip per token. -> [batch, seq, m].
     """
@@ -264,9 +275,10 @@ def latent_loops(layer, x, *, q_latent=False, sliding_window=0, quantize_kv=Fals
         key = np.einsum("bsc,cd->bsd", latent, k_up[:, j])
         value = np.einsum("bsc,cd->bsd", latent, v_up[:, j])
         q_nope = np.einsum("bti,id->btd", qin, wq[:, j])
+        key_head = j // (heads // rotary.shape[2])
         q_r = rope(np.einsum("bti,ir->btr", qin, wq_rope[:, j])[:, :, None], positions, theta,
-                   frequency_dim)[:, :, 0]
-        rotary_j = rotary[:, :, j // (heads // rotary.shape[2])]
+                   frequency_dim, _head_pairs(layer, key_head))[:, :, 0]
+        rotary_j = rotary[:, :, key_head]
         logits = (np.einsum("btd,bsd->bts", q_nope, key)
                   + np.einsum("btr,bsr->bts", q_r, rotary_j)) / np.sqrt(d + r)
         probs = _masked_softmax(logits, allowed)
@@ -291,9 +303,10 @@ def latent_absorbed_loops(layer, x, *, q_latent=False, sliding_window=0, quantiz
         q_absorbed = np.einsum("id,cd->ic", wq[:, j], k_up[:, j])  # [qin dim, c]
         out_absorbed = np.einsum("cd,dm->cm", v_up[:, j], wout[j])  # [c, m]
         q_latent_space = np.einsum("bti,ic->btc", qin, q_absorbed)
+        key_head = j // (heads // rotary.shape[2])
         q_r = rope(np.einsum("bti,ir->btr", qin, wq_rope[:, j])[:, :, None], positions, theta,
-                   frequency_dim)[:, :, 0]
-        rotary_j = rotary[:, :, j // (heads // rotary.shape[2])]
+                   frequency_dim, _head_pairs(layer, key_head))[:, :, 0]
+        rotary_j = rotary[:, :, key_head]
         logits = (np.einsum("btc,bsc->bts", q_latent_space, latent)
                   + np.einsum("btr,bsr->bts", q_r, rotary_j)) / np.sqrt(d + r)
         probs = _masked_softmax(logits, allowed)

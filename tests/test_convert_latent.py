@@ -67,6 +67,43 @@ def test_conversion_with_nothing_dropped_keeps_the_logits(tmp_path, capsys, over
         np.testing.assert_array_equal(*[mqa.generate(m, TOKENS[:1, :8], 6) for m in (before, after)])
 
 
+def test_each_head_keeps_the_pairs_that_contribute_most(tmp_path, capsys):
+    """--rope_pairs contribution (MHA2MLA's 2-norm strategy): K/V head 0's keys rotate only
+    in pairs 5 and 7, head 1's only in 0 and 2 (layer 0; reversed in layer 1), so those are
+    the pairs each head keeps, each turning at its own frequencies (`model.rope_pairs`),
+    and the conversion is exact; the highest frequencies (pairs 0 and 1) lose head 0's
+    scores. The summary's kept share is MHA2MLA's measure computed directly."""
+    config = tiny_config(f"model.num_kv_heads={KV}")
+    arrays = {name: np.array(a) for name, a in params_by_name(random_params(config)).items()}
+    half, live = D // 2, {0: ([5, 7], [0, 2]), 1: ([0, 2], [5, 7])}  # layer: each head's pairs
+    for layer, heads in live.items():
+        for head, pairs in enumerate(heads):
+            dead = [i for i in range(half) if i not in pairs]
+            arrays["blocks.attention.k"][layer, :, head, dead + [half + i for i in dead]] = 0
+    src = write_source(tmp_path / "src", config, params_from_names(build_model_config(config.model), arrays))
+    before, text = mqa.load_model(src), calibration_text(tmp_path)
+    args = ("--kv_latent_dim", KV * (2 * D - 4), "--rope_head_dim", 4)
+    after = convert(src, tmp_path / "mla", text, *args, "--rope_pairs", "contribution")
+    assert "(the pairs contributing most; 100.0% of the rotary 2-norm contribution)" in capsys.readouterr().out
+    assert after.model_config.rope_pairs == (5, 7, 0, 2, 0, 2, 5, 7)
+    np.testing.assert_allclose(after(TOKENS), before(TOKENS), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(*[mqa.generate(m, TOKENS[:1, :8], 6) for m in (before, after)])
+
+    high = convert(src, tmp_path / "high", text, *args, "--rope_pairs", "high")
+    assert high.model_config.rope_pairs == ()
+    assert np.abs(high(TOKENS) - before(TOKENS)).max() > 1e-2
+    # the kept share, directly: per pair, |q rows| |k rows| summed over a K/V head's query heads
+    x = calibration.attention_inputs(before, calibration.calibration_tokens(before, text)).astype(np.float64)
+    shares = []
+    for layer in range(2):
+        q = np.einsum("nm,mhd->nhd", x[layer], arrays["blocks.attention.q"][layer])
+        k = np.einsum("nm,mkd->nkd", x[layer], arrays["blocks.attention.k"][layer])
+        score = np.array([[sum(np.linalg.norm(q[:, h, [i, half + i]]) * np.linalg.norm(k[:, h // 2, [i, half + i]])
+                               for h in range(2 * j, 2 * j + 2)) for i in range(half)] for j in range(KV)])
+        shares.append(score[:, :2].sum() / score.sum())
+    assert f"(the highest frequencies; {100 * np.mean(shares):.1f}% of the rotary 2-norm" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kv", [1, 2], ids=["MQA", "GQA-2-proportional"])
 def test_one_shared_rotary_key_is_exact_where_the_heads_agree(tmp_path, capsys, kv):
     """--rope_keys mixed (TransMLA's RoRoPE): for an MQA source, or K/V heads whose keys are
@@ -122,7 +159,7 @@ def test_a_smaller_latent_is_the_best_rank_c_fit_of_the_calibration_rows(tmp_pat
      "--rope_head_dim 3 must be even and in 2..16"),
     (["--attention", "latent", "--kv_latent_dim", 8, "--num_kv_heads", 1],
      "--attention latent does not combine with --num_kv_heads"),
-    (["--kv_latent_dim", 8], "--kv_latent_dim, --rope_head_dim and --rope_keys are for --attention latent"),
+    (["--kv_latent_dim", 8], "--kv_latent_dim, --rope_head_dim, --rope_keys and --rope_pairs are for --attention latent"),
     (["--attention", "latent", "--kv_latent_dim", 8, "--kv_cache_dtype", "int4"],
      "model.kv_cache_dtype='int4' is for model.attention='grouped'"),
 ])

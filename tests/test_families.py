@@ -156,6 +156,15 @@ def test_absorbed_latent_attention_equals_the_expanded_form():
     (["model.attention=latent", "model.kv_latent_dim=8", "model.rope_head_dim=4",
       "model.rope_frequency_dim=2"], "model.rope_frequency_dim=2 must be 0 or an even number >= "
      "model.rope_head_dim=4"),
+    (["model.attention=latent", "model.kv_latent_dim=8", "model.rope_head_dim=4",
+      "model.rope_pairs=0,1,2"], "model.rope_pairs has 3 entries; it needs num_layers x "
+     "rope_key_heads x rope_head_dim/2 = 2 x 1 x 2 = 4, or none"),
+    (["model.attention=latent", "model.kv_latent_dim=8", "model.rope_head_dim=4",
+      "model.rope_frequency_dim=8", "model.rope_pairs=0,1,3,4"],
+     "model.rope_pairs holds 4; each must be a frequency index in 0..3"),
+    (["model.attention=latent", "model.kv_latent_dim=8", "model.rope_head_dim=4",
+      "model.rope_pairs=0,x"], "model.rope_pairs=['0', 'x'] must be a list of integers"),
+    (["model.rope_pairs=0,1"], "model.rope_pairs=['0', '1'] is for model.attention='latent' only"),
     (["model.attention=tied", "model.attention_impl=xla"],
      "model.attention_impl='xla' is for model.attention='grouped'"),
     (["model.global_every=2"], "model.global_every=2 needs model.sliding_window > 0"),

@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mqa.attention import cpu_decode
 from mqa.attention.core import attend as grouped_core
 from mqa.attention.core import dense, init_output, init_params
 from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention, sink_options
 from mqa.errors import ConfigError
 from mqa.model_config import ModelConfig
 from mqa.norm import model_norm
-from mqa.rope import apply_partial_rope
+from mqa.rope import LayerRope, apply_partial_rope
 
 
 class GroupedAttention(AttentionFamily):
@@ -72,7 +73,7 @@ class GroupedAttention(AttentionFamily):
         return 2 * config.head_dim if config.qk_norm else 0
 
     def project_kv(self, x: jax.Array, positions: jax.Array,
-                   theta: jax.Array | float) -> dict[str, jax.Array]:
+                   rope: LayerRope) -> dict[str, jax.Array]:
         """x: [b, s, m] -> rotated keys "k" (normalised first with `qk_norm`; the last
         `rope_head_dim` dimensions only when it is set) and values "v", each [b, s, kv_heads, d]."""
         dtype = jnp.dtype(self.config.dtype)
@@ -80,17 +81,17 @@ class GroupedAttention(AttentionFamily):
         k = dense(x, self.k[...].astype(dtype))
         if self.config.qk_norm:
             k = self.k_norm(k)
-        return {"k": apply_partial_rope(k, positions, theta, self.config.rope_head_dim),
+        return {"k": apply_partial_rope(k, positions, rope.theta, self.config.rope_head_dim),
                 "v": dense(x, self.v[...].astype(dtype))}
 
     def queries(self, x: jax.Array, positions: jax.Array,
-                theta: jax.Array | float) -> tuple[jax.Array, ...]:
+                rope: LayerRope) -> tuple[jax.Array, ...]:
         """x: [b, t, m] -> (rotated queries [b, t, h, d] (normalised first with `qk_norm`),)."""
         dtype = jnp.dtype(self.config.dtype)
         q = dense(x.astype(dtype), self.q[...].astype(dtype))
         if self.config.qk_norm:
             q = self.q_norm(q)
-        return (apply_partial_rope(q, positions, theta, self.config.rope_head_dim),)
+        return (apply_partial_rope(q, positions, rope.theta, self.config.rope_head_dim),)
 
     def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
                window: jax.Array | int | None, backend: SelfAttention) -> jax.Array:
@@ -103,6 +104,7 @@ class GroupedAttention(AttentionFamily):
         if mode is Mode.SELF:
             out = backend(grouped_core, (q,), (k, v), window=window, **options)
         else:
-            out = grouped_core(q, k, v, q_offset=keys.q_offset, kv_layout=keys.axes["k"],
-                               window=window, k_positions=keys.positions, **options)
+            core = cpu_decode.attend if self.config.decode_impl == "cpu_kernel" else grouped_core
+            out = core(q, k, v, q_offset=keys.q_offset, kv_layout=keys.axes["k"],
+                       window=window, k_positions=keys.positions, **options)
         return dense(out, self.out[...].astype(dtype), contract=2)

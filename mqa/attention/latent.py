@@ -37,7 +37,7 @@ from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, Self
 from mqa.errors import ConfigError
 from mqa.model_config import ModelConfig
 from mqa.norm import RMSNorm
-from mqa.rope import apply_rope
+from mqa.rope import LayerRope, apply_rope
 
 F32 = dict(preferred_element_type=jnp.float32)
 
@@ -164,6 +164,17 @@ class LatentAttention(AttentionFamily):
         if f and (f % 2 or f < config.rope_head_dim):
             raise ConfigError(f"model.rope_frequency_dim={f} must be 0 or an even number >= "
                               f"model.rope_head_dim={config.rope_head_dim}")
+        if config.rope_pairs:
+            half, frequencies = config.rope_head_dim // 2, (f or config.rope_head_dim) // 2
+            size = config.num_layers * heads * half
+            if len(config.rope_pairs) != size:
+                raise ConfigError(f"model.rope_pairs has {len(config.rope_pairs)} entries; it needs "
+                                  f"num_layers x rope_key_heads x rope_head_dim/2 = {config.num_layers} "
+                                  f"x {heads} x {half} = {size}, or none")
+            wrong = [i for i in config.rope_pairs if not 0 <= i < frequencies]
+            if wrong:
+                raise ConfigError(f"model.rope_pairs holds {wrong[0]}; each must be a frequency "
+                                  f"index in 0..{frequencies - 1}")
 
     @classmethod
     def cache_entries(cls, config: ModelConfig) -> tuple[CacheEntry, ...]:
@@ -193,10 +204,10 @@ class LatentAttention(AttentionFamily):
     def mha_equivalent(cls, config: ModelConfig) -> ModelConfig:
         return dataclasses.replace(super().mha_equivalent(config), kv_latent_dim=0, q_latent_dim=0,
                                    rope_head_dim=0, rope_key_heads=1, rope_frequency_dim=0,
-                                   kv_latent_norm=True)
+                                   rope_pairs=(), kv_latent_norm=True)
 
     def project_kv(self, x: jax.Array, positions: jax.Array,
-                   theta: jax.Array | float) -> dict[str, jax.Array]:
+                   rope: LayerRope) -> dict[str, jax.Array]:
         """x: [b, s, m] -> "latent" [b, s, 1, c + R * r]: the (normalised) latent and the R
         rotated keys side by side, as the cache holds them."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
@@ -207,19 +218,24 @@ class LatentAttention(AttentionFamily):
             latent = self.kv_norm(latent)
         heads, r = config.rope_key_heads, config.rope_head_dim
         k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype)).reshape(b, s, heads, r),
-                            positions, theta, config.rope_frequency_dim)            # [b, s, R, r]
+                            positions, rope.theta, config.rope_frequency_dim,
+                            rope.pairs)                                        # [b, s, R, r]
         return {"latent": jnp.concatenate([latent[:, :, None], k_rope.reshape(b, s, 1, heads * r)],
                                           axis=-1)}
 
     def queries(self, x: jax.Array, positions: jax.Array,
-                theta: jax.Array | float) -> tuple[jax.Array, ...]:
-        """x: [b, t, m] -> (q [b, t, h, d], q_rope [b, t, h, r] rotated)."""
+                rope: LayerRope) -> tuple[jax.Array, ...]:
+        """x: [b, t, m] -> (q [b, t, h, d], q_rope [b, t, h, r] rotated, each head's at the
+        frequencies of the rotary key it reads)."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
         q_in = self.q_norm(dense(x, self.q_down[...].astype(dtype))) if config.q_latent_dim else x
         q = dense(q_in, self.q[...].astype(dtype))
-        return q, apply_rope(dense(q_in, self.q_rope[...].astype(dtype)), positions, theta,
-                             config.rope_frequency_dim)
+        pairs = rope.pairs
+        if pairs is not None:  # [R, r/2] -> [h, r/2]
+            pairs = jnp.repeat(jnp.asarray(pairs), config.num_heads // config.rope_key_heads, axis=0)
+        return q, apply_rope(dense(q_in, self.q_rope[...].astype(dtype)), positions, rope.theta,
+                             config.rope_frequency_dim, pairs)
 
     def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
                window: jax.Array | int | None, backend: SelfAttention) -> jax.Array:

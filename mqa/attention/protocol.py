@@ -11,10 +11,11 @@ config alone) and computes two things (methods):
   key_dim(config)             numbers per query-key dot product (FLOP accounting)
   mha_equivalent(config)      the same model with MHA, for `match_mha_params`
 
-  queries(x, positions, theta)     the queries, a tuple of arrays [batch, seq, heads, ...]
-  project_kv(x, positions, theta)  the vectors to cache: entry name -> [batch, seq, heads, dim]
-                              (heads 1 for an entry shared by all heads); theta: the layer's
-                              RoPE base (`ModelConfig.layer_rope_theta`; traced in the layer scan)
+  queries(x, positions, rope)     the queries, a tuple of arrays [batch, seq, heads, ...]
+  project_kv(x, positions, rope)  the vectors to cache: entry name -> [batch, seq, heads, dim]
+                              (heads 1 for an entry shared by all heads); rope: the layer's
+                              `mqa.rope.LayerRope` (its RoPE base, traced in the layer scan,
+                              and a latent layer's per-head rotary pairs)
   attend(queries, keys, *, mode, window, backend) -> [batch, seq, d_model]
                               the family's core over `keys`, then the output projection
 
@@ -37,6 +38,7 @@ from flax import nnx
 
 if TYPE_CHECKING:  # annotations only: the families import this module, not the model's
     from mqa.model_config import ModelConfig
+    from mqa.rope import LayerRope
 
 
 class Mode(enum.Enum):
@@ -133,11 +135,11 @@ class AttentionFamily(nnx.Module):
                                    kv_share_every=1)
 
     def queries(self, x: jax.Array, positions: jax.Array,
-                theta: jax.Array | float) -> tuple[jax.Array, ...]:
+                rope: "LayerRope") -> tuple[jax.Array, ...]:
         raise NotImplementedError
 
     def project_kv(self, x: jax.Array, positions: jax.Array,
-                   theta: jax.Array | float) -> dict[str, jax.Array]:
+                   rope: "LayerRope") -> dict[str, jax.Array]:
         raise NotImplementedError
 
     def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,

@@ -21,7 +21,7 @@ from mqa.attention.core import (causal_mask, dense, init_output, init_params, ma
 from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention, sink_options
 from mqa.errors import ConfigError
 from mqa.model_config import ModelConfig
-from mqa.rope import apply_partial_rope, apply_rope
+from mqa.rope import LayerRope, apply_partial_rope, apply_rope
 
 
 def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout: str = "bskd",
@@ -97,21 +97,21 @@ class TiedAttention(AttentionFamily):
         return 2 * m * h * d + (m * kv * d + m * (d // 2) if owns_kv else 0)
 
     def project_kv(self, x: jax.Array, positions: jax.Array,
-                   theta: jax.Array | float) -> dict[str, jax.Array]:
+                   rope: LayerRope) -> dict[str, jax.Array]:
         """x: [b, s, m] -> the tied state "kv" [b, s, kv_heads, d] and the rotated shared
         key half "k_rope" [b, s, 1, d/2]."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
         tied = dense(x, self.kv[...].astype(dtype))
-        k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype))[:, :, None], positions, theta)
+        k_rope = apply_rope(dense(x, self.k_rope[...].astype(dtype))[:, :, None], positions, rope.theta)
         return {"kv": tied, "k_rope": k_rope}
 
     def queries(self, x: jax.Array, positions: jax.Array,
-                theta: jax.Array | float) -> tuple[jax.Array, ...]:
+                rope: LayerRope) -> tuple[jax.Array, ...]:
         """x: [b, t, m] -> (queries [b, t, h, d], their second half rotated,)."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
         q = dense(x.astype(dtype), self.q[...].astype(dtype))
-        return (apply_partial_rope(q, positions, theta, config.head_dim // 2),)
+        return (apply_partial_rope(q, positions, rope.theta, config.head_dim // 2),)
 
     def attend(self, queries: tuple[jax.Array, ...], keys: Keys, *, mode: Mode,
                window: jax.Array | int | None, backend: SelfAttention) -> jax.Array:

@@ -25,7 +25,7 @@ from mqa.convert.errors import ConvertError
 from mqa.convert.gguf import convert_gguf
 from mqa.convert.hf_gemma3 import convert_hf_gemma3
 from mqa.convert.hf_llama import convert_hf_llama
-from mqa.convert.latent import ROPE_KEYS
+from mqa.convert.latent import ROPE_KEYS, ROPE_PAIRS
 from mqa.convert.to_hf import export_hf
 from mqa.convert.uptrain import KV_GROUPINGS, KV_INITS, convert_uptrain
 from mqa.data import DataError
@@ -81,10 +81,14 @@ def parser() -> argparse.ArgumentParser:
                          help="with --attention latent: the latent's width (numbers per token)")
     uptrain.add_argument("--rope_head_dim", type=int,
                          help="with --attention latent: rotary dimensions kept per K/V head "
-                         "(the highest frequencies; default all)")
+                         "(default all; which ones: --rope_pairs)")
     uptrain.add_argument("--rope_keys", choices=ROPE_KEYS, default="per_head",
                          help="with --attention latent: a rotary key per K/V head (MHA2MLA), or one "
                          "key mixed from all heads per frequency (TransMLA's RoRoPE)")
+    uptrain.add_argument("--rope_pairs", choices=ROPE_PAIRS, default="high",
+                         help="with --attention latent: which rotary pairs stay rotary: the highest "
+                         "frequencies, or per key those with the largest 2-norm contribution on "
+                         "the calibration --text (MHA2MLA's best strategy)")
     uptrain.add_argument("--step", type=int, help="the source's checkpoint step (default: newest)")
     uptrain.add_argument("--group", choices=KV_GROUPINGS, default="adjacent",
                          help="which heads share a K/V head: adjacent ones, or those whose "
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                                       attention_sinks=args.attention_sinks,
                                       kv_cache_dtype=args.kv_cache_dtype,
                                       attention=args.attention, kv_latent_dim=args.kv_latent_dim,
-                                      rope_head_dim=args.rope_head_dim, rope_keys=args.rope_keys)
+                                      rope_head_dim=args.rope_head_dim, rope_keys=args.rope_keys,
+                                      rope_pairs=args.rope_pairs)
     except REFUSALS as error:
         refuse(str(error))
     print(summary)

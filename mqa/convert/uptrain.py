@@ -13,8 +13,10 @@ any of
                            layer global) and the first S (StreamingLLM's sinks)
   --kv_cache_dtype int8|int4   a quantized cache
   --attention latent --kv_latent_dim C [--rope_head_dim P] [--rope_keys per_head|mixed]
+                     [--rope_pairs high|contribution]
                            latent attention (MHA2MLA / TransMLA): P rotary dimensions per
-                           K/V head kept (or in one key mixed from all heads), the rest of
+                           K/V head kept (or in one key mixed from all heads; the highest
+                           frequencies, or each head's pairs that contribute most), the rest of
                            the keys and the values compressed into a latent of C by PCA on
                            calibration text (`mqa.convert.latent`)
 
@@ -114,6 +116,10 @@ def similarity_order(source, num_kv_heads: int, text: str | None) -> tuple[nnx.S
     return params_from_names(source.model_config, arrays), orders
 
 
+# how the summary names --rope_pairs' choice
+PAIR_CHOICES = {"high": "the highest frequencies", "contribution": "the pairs contributing most"}
+
+
 def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
                     num_kv_heads: int | None = None, init: str = "mean", step: int | None = None,
                     group: str = "adjacent", text: str | None = None, *,
@@ -121,7 +127,7 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
                     global_every: int | None = None, attention_sinks: int | None = None,
                     kv_cache_dtype: str | None = None, attention: str | None = None,
                     kv_latent_dim: int | None = None, rope_head_dim: int | None = None,
-                    rope_keys: str = "per_head") -> str:
+                    rope_keys: str = "per_head", rope_pairs: str = "high") -> str:
     """Writes the model in `src` (a workdir or checkpoint of ours; `step`: default the
     newest) converted as the module docstring says into a new workdir; returns a one-line
     summary. num_kv_heads None keeps the source's; init "aligned" reads calibration `text`.
@@ -154,10 +160,13 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
         if merging or sharing:
             raise ConvertError("--attention latent does not combine with --num_kv_heads or "
                                "--kv_share_every; convert in two steps")
-        kv_latent_dim, rope_head_dim = latent.check(before, kv_latent_dim, rope_head_dim, rope_keys)
+        kv_latent_dim, rope_head_dim = latent.check(before, kv_latent_dim, rope_head_dim, rope_keys,
+                                                    rope_pairs)
         fields = latent.target_fields(before, kv_latent_dim, rope_head_dim, rope_keys)
-    elif kv_latent_dim is not None or rope_head_dim is not None or rope_keys != "per_head":
-        raise ConvertError("--kv_latent_dim, --rope_head_dim and --rope_keys are for --attention latent")
+    elif (kv_latent_dim is not None or rope_head_dim is not None or rope_keys != "per_head"
+          or rope_pairs != "high"):
+        raise ConvertError("--kv_latent_dim, --rope_head_dim, --rope_keys and --rope_pairs are for "
+                           "--attention latent")
     config = uptrain_config(source.config, before, num_kv_heads, kv_share_every=kv_share_every,
                             sliding_window=sliding_window, global_every=global_every,
                             attention_sinks=attention_sinks, kv_cache_dtype=kv_cache_dtype,
@@ -166,7 +175,9 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
     if latent_target:
         inputs = calibration.attention_inputs(source, calibration.calibration_tokens(source, text))
         arrays, kept = latent.to_latent(params_by_name(source.params), before, inputs,
-                                        kv_latent_dim, rope_head_dim, rope_keys)
+                                        kv_latent_dim, rope_head_dim, rope_keys, rope_pairs)
+        if kept["pairs"] is not None:  # each key's own frequencies
+            config.model.rope_pairs = [int(i) for i in kept["pairs"].reshape(-1)]
         keys = (f"as one key shared by all heads (TransMLA: the K/V heads mixed per frequency, "
                 f"holding {100 * kept['rotary_mixed']:.1f}% of the kept pairs' key energy)"
                 if rope_keys == "mixed" else "per K/V head")
@@ -176,7 +187,7 @@ def convert_uptrain(src: str | pathlib.Path, workdir: str | pathlib.Path,
                       tokenizer if tokenizer.is_file() else None)
         return _summary(src, source.step, workdir, before, after, [
             f"attention grouped -> latent: {rope_head_dim} of {before.head_dim} dims stay rotary "
-            f"{keys} (the highest frequencies; {100 * kept['rotary_kept']:.1f}% of the rotary "
+            f"{keys} ({PAIR_CHOICES[rope_pairs]}; {100 * kept['rotary_kept']:.1f}% of the rotary "
             f"2-norm contribution), the rest of the keys and the values in a latent of "
             f"{kv_latent_dim} ({100 * kept['latent_energy']:.1f}% of their calibration energy)",
             *_changes(before, after, init, False, False, heads=False)])

@@ -1,0 +1,107 @@
+"""Grouped attention over the KV cache through a C++ kernel on XLA's CPU backend
+(`model.decode_impl="cpu_kernel"`): `cpu_decode.cc`, a `jax.ffi` custom call.
+
+XLA computes cached attention as two batched dot products (`core.attend`). For MQA at a
+large batch each (row, K/V head) product is [positions, head_dim] against the group's G
+query heads, a small matrix product that XLA's CPU dot runs at a third of the memory
+bandwidth, and the [batch, heads, positions] scores leave the first product, are
+transposed, normalised and read again by the second (docs/speed-targets.md). The kernel
+reads each K/V head's keys and then its values once for all G query heads (and all query
+positions of a prefill chunk), keeping one row's scores in cache, on XLA's intra-op
+threads. It computes what `core.attend` computes (the same mask, `core.causal_mask`:
+windows, rings, sinks, ragged rows), with float32 scores; the cache as it lies is its
+operand (any reshape there would make XLA copy the whole cache at every step).
+
+The shared library is built with the system's C++ compiler (`$CXX`, default g++) on first
+use, for this machine's processor, into ~/.cache/mqa (or $XDG_CACHE_HOME/mqa), keyed by
+the source, the flags and the JAX version.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mqa.attention.core import causal_mask
+from mqa.errors import ConfigError
+
+SOURCE = pathlib.Path(__file__).with_name("cpu_decode.cc")
+TARGET = "mqa_cpu_decode_attend"
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++20", "-shared", "-fPIC")
+
+
+@functools.lru_cache(maxsize=1)
+def register() -> pathlib.Path:
+    """Builds the kernel (once per source, flags and JAX version) and registers it with
+    XLA's CPU backend; returns the library's path. A ConfigError in one line where it
+    cannot be built."""
+    compiler = os.environ.get("CXX", "g++")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS, jax.__version__)).encode())
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "mqa"
+    library = cache / f"cpu_decode-{key.hexdigest()[:16]}.so"
+    if not library.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")
+        try:
+            subprocess.run([compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)],
+                           check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", None) or str(error)
+            lines = [line for line in detail.splitlines() if "error" in line] or detail.splitlines() or [""]
+            raise ConfigError(f"model.decode_impl='cpu_kernel' could not build {SOURCE.name} with "
+                              f"{compiler!r} ({lines[0].strip()}); use 'einsum'") from None
+        partial.replace(library)  # atomic: another process may be building it too
+    handler = ctypes.cdll.LoadLibrary(str(library)).MqaCpuDecodeAttend
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    return library
+
+
+def available() -> bool:
+    """Whether the kernel builds (and is registered) on this machine."""
+    try:
+        register()
+    except ConfigError:
+        return False
+    return True
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | int | None = None,
+           kv_layout: str = "bksd", window: jax.Array | int | None = None,
+           k_positions: jax.Array | None = None, score_dim: int | None = None,
+           sinks: int = 0) -> jax.Array:
+    """`core.attend` over a cache, causal: q [b, t, h, d] float32; k, v float32 laid out as
+    the cache holds them (`kv_layout` "bksd", or without "b" or "k" where that axis has
+    size 1: heads before positions, always). Same arguments and result."""
+    if jax.default_backend() != "cpu":
+        raise ConfigError(f"model.decode_impl='cpu_kernel' runs on the CPU, not on "
+                          f"{jax.default_backend()!r}; use 'einsum'")
+    if "s" not in kv_layout or kv_layout.index("s") != len(kv_layout) - 2:
+        raise ValueError(f"cpu_kernel takes a cache layout with positions before the head dim, not {kv_layout!r}")
+    mask = causal_mask(q.shape[1], k.shape[-2], q_offset, window, k_positions, sinks)
+    return attend_masked(q, k, v, mask, score_dim or q.shape[-1])
+
+
+def attend_masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                  score_dim: int) -> jax.Array:
+    """The kernel itself: softmax(q.k / sqrt(score_dim), where `mask`) v. q [b, t, h, d];
+    k, v [b, kv, s, d] in memory (any shape holding that many numbers in that order, as a
+    cache layout does); mask bool [t, s], or [1 or b, t, s]. A query that sees no key gets
+    zeros. -> [b, t, h, d] in q's dtype, computed in float32."""
+    register()
+    b, t, h, d = q.shape
+    s = mask.shape[-1]
+    kv = k.size // (b * s * d)
+    g = h // kv
+    rows = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)  # [b, k, t g, d]
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
+        rows.astype(jnp.float32), k, v, mask.reshape(-1, t, s),
+        scale=np.float32(score_dim ** -0.5), groups=np.int64(g))
+    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)

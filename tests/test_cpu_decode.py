@@ -1,0 +1,94 @@
+"""The CPU decoding kernel (`model.decode_impl="cpu_kernel"`, mqa/attention/cpu_decode.cc):
+masked grouped attention against a float64 NumPy computation written here, for MHA, GQA
+and MQA shapes, head sizes with and without the vectorised paths, several query positions
+and per-row masks; and the model decoding through it as through the einsum core and the
+float64 reference, with windows, sinks, an int8 cache and prefill in chunks (ragged rows:
+tests/test_ragged.py)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import BASE, FAMILIES, OPTIONS, REPO, SCHEDULES, decode, forward, make, max_rel, reference_logits, tokens
+from mqa.attention import cpu_decode
+from mqa.config import ConfigError, load_config_file
+
+pytestmark = [pytest.mark.skipif(not cpu_decode.available(), reason="no C++ compiler builds the kernel"),
+              pytest.mark.usefixtures("fast_compile")]
+
+
+def masked_attention(q, k, v, mask, scale):
+    """float64: q [b, t, h, d], k and v [b, kv, s, d], mask [1 or b, t, s]; query head j
+    reads K/V head j // (h / kv); a query that sees nothing gets zeros."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, h, d = q.shape
+    out = np.zeros_like(q)
+    for row in range(b):
+        visible = np.asarray(mask)[row if len(mask) > 1 else 0]
+        for head in range(h):
+            kv = head // (h // k.shape[1])
+            logits = np.where(visible, q[row, :, head] @ k[row, kv].T * scale, -np.inf)
+            weights = np.exp(logits - logits.max(axis=1, keepdims=True, initial=-1e300))
+            total = weights.sum(axis=1, keepdims=True)
+            out[row, :, head] = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0) @ v[row, kv]
+    return out
+
+
+@pytest.mark.parametrize("b, t, h, kv, s, d, per_row", [
+    (3, 1, 8, 1, 150, 32, True),   # MQA decoding: 8 rows per K/V head, the 8-row dot path
+    (2, 3, 4, 2, 70, 24, False),   # GQA, 3 query positions (a prefill chunk), any head size
+    (1, 2, 8, 8, 33, 64, False),   # MHA
+    (2, 1, 16, 2, 20, 16, True),   # 8 query heads per K/V head, 16-dim heads
+])
+def test_the_kernel_is_masked_attention_in_float64(b, t, h, kv, s, d, per_row):
+    rng = np.random.default_rng(s)
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    k, v = (rng.normal(size=(b, kv, s, d)).astype(np.float32) for _ in range(2))
+    mask = rng.random((b if per_row else 1, t, s)) < 0.6
+    mask[..., 0] = True
+    if per_row:
+        mask[0, 0] = False  # a query that sees no key at all
+    got = np.asarray(cpu_decode.attend_masked(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                              jnp.asarray(mask), d))
+    np.testing.assert_allclose(got, masked_attention(q, k, v, mask, d ** -0.5), atol=2e-6, rtol=0)
+
+
+CASES = {  # (family, option) of the family table
+    "GQA, prefill in chunks": ("GQA", "none"),
+    "MHA, local layers' rings": ("MHA", "local"),
+    "MQA, local/global with sinks, int8": ("MQA", "sinks"),
+}
+
+
+def kernel_config(family, option, **changes):
+    return dataclasses.replace(BASE, **FAMILIES[family], **OPTIONS[option], decode_impl="cpu_kernel",
+                               **changes)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_decoding_through_the_kernel_is_decoding_through_the_einsum_core(case):
+    family, option = CASES[case]
+    config = kernel_config(family, option)
+    model = make(config=config)
+    einsum = make(config=dataclasses.replace(config, decode_impl="einsum"))  # the same weights
+    toks = tokens(length=24)
+    schedule = SCHEDULES.get(option, (4, 3))
+    decoded = decode(model, toks, *schedule)[0]
+    assert max_rel(decoded, decode(einsum, toks, *schedule)[0]) < 1e-5
+    if config.kv_cache_dtype == "":
+        assert max_rel(decoded, reference_logits(model, toks)) < 1e-5
+        assert max_rel(forward(model, toks), forward(einsum, toks)) == 0  # training is untouched
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.decode_impl=ffi"], "model.decode_impl='ffi' is not one of: 'einsum', 'cpu_kernel'"),
+    (["model.decode_impl=cpu_kernel", "model.attention=tied"],
+     "model.decode_impl='cpu_kernel' is for model.attention='grouped' in float32 (got attention='tied'"),
+    (["model.decode_impl=cpu_kernel", "model.dtype=bfloat16"], "dtype='bfloat16'); use 'einsum'"),
+])
+def test_what_the_kernel_cannot_take_is_a_one_line_error(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config_file(REPO / "configs" / "default.py", overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
