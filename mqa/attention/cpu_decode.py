@@ -24,6 +24,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 
 import jax
@@ -64,13 +65,9 @@ def register() -> pathlib.Path:
     return library
 
 
-def available() -> bool:
-    """Whether the kernel builds (and is registered) on this machine."""
-    try:
-        register()
-    except ConfigError:
-        return False
-    return True
+def compiler_found() -> bool:
+    """Whether the C++ compiler that builds the kernel ($CXX, default g++) is installed."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | int | None = None,

@@ -25,7 +25,7 @@ import shutil
 import safetensors.numpy
 
 from mqa import data
-from mqa.config import ModelConfig, default_config
+from mqa.config import ModelConfig, build_model_config
 from mqa.convert.errors import ConvertError
 from mqa.convert.gemma_layout import (GEMMA3, GEMMA3_FIELDS, gemma3_config_json, gemma3_layer_tensors,
                                       is_gemma3)
@@ -37,7 +37,8 @@ from mqa.workdir import check_new_workdir
 LLAMA_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "mlp_dim", "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len")
 # Fields that choose how mqa computes, not what: the exported model is the same without them.
-HOW_FIELDS = ("attention_impl", "attention_block", "dtype", "remat", "scan_unroll", "kv_cache_dtype")
+HOW_FIELDS = ("attention_impl", "attention_block", "dtype", "remat", "scan_unroll", "kv_cache_dtype",
+              "decode_impl")
 
 
 def check_expressible(config: ModelConfig) -> None:
@@ -45,18 +46,18 @@ def check_expressible(config: ModelConfig) -> None:
     every Gemma 3 switch is set, else Llama) cannot express: every field that is neither in
     its config.json nor a matter of how mqa computes must keep its default in
     configs/default.py (so a field added later is refused until this module knows it)."""
-    defaults = default_config().model
+    defaults = build_model_config()  # configs/default.py's values, as a ModelConfig holds them
     gemma = is_gemma3(config)
     stated = LLAMA_FIELDS + HOW_FIELDS + ((*GEMMA3, *GEMMA3_FIELDS) if gemma else ())
     for name in ModelConfig.field_names():
         if name in stated:
             continue
         value = getattr(config, name)
-        if value != defaults[name]:
+        if value != getattr(defaults, name):
             what = (" (cross-layer KV sharing)" if name == "kv_share_every" else "")
             raise ConvertError(f"model.{name}={value!r}{what} cannot be expressed as a "
                                f"Hugging Face {'Gemma 3' if gemma else 'Llama'}; valid: "
-                               f"{defaults[name]!r}")
+                               f"{getattr(defaults, name)!r}")
 
 
 def hf_config_json(config: ModelConfig) -> dict:
