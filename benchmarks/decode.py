@@ -66,6 +66,7 @@ VARIANTS = {
     # the same caches read by the C++ kernel (`model.decode_impl`, mqa/attention/cpu_decode.py)
     **{f"{name}-kernel": dict(num_kv_heads=kv, decode_impl="cpu_kernel")
        for name, kv in (("MHA", 8), ("GQA-2", 2), ("MQA", 1))},
+    "MQA-int8-kernel": dict(num_kv_heads=1, kv_cache_dtype="int8", decode_impl="cpu_kernel"),
 }
 
 

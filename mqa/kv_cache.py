@@ -179,13 +179,21 @@ def update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[
     chunk (a prompt) attends to the ring as it was followed by the chunk itself, and then
     leaves the chunk's last `length` positions in the ring.
     """
+    return _update(buffers, new, axes, index, ring=ring, dtype=dtype, sinks=sinks)[:3]
+
+
+def _update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[str, str],
+            index: jax.Array, *, ring: bool, dtype, sinks: int = 0):
+    """`update`, and for an int8 cache what it attends to as stored: entry name -> (int8
+    values, float32 scales) laid out as the attended arrays (None otherwise), for a reader
+    that dequantizes as it reads (`attention.cpu_decode`)."""
     t = next(iter(new.values())).shape[1]
     if any(name.endswith("_min") for name in buffers):  # int4 (never a ring)
         group = next(b.shape[axes[n[:-len("_residual")]].index("s")]
                      for n, b in buffers.items() if n.endswith("_residual"))
         new = {name: to_cache_axes(x, axes[name]) for name, x in new.items()}
         updated, attended = kv_int4.update(buffers, new, axes, index, dtype=dtype, group=group)
-        return updated, attended, None
+        return updated, attended, None, None
     int8 = any(name.endswith("_scale") for name in buffers)
     s_axis = {name: axes[name].index("s") for name in new}
     length = {name: buffers[name].shape[s_axis[name]] for name in new}
@@ -207,15 +215,19 @@ def update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[
                 updated[f"{name}_scale"] = jax.lax.dynamic_update_slice(
                     buffers[f"{name}_scale"], scales, at[:-1])
         attended = {name: read(updated[name], updated.get(f"{name}_scale")) for name in new}
+        raw = {name: (updated[name], updated[f"{name}_scale"]) for name in new} if int8 else None
         positions = slot_positions(index, length[next(iter(new))], sinks) if ring else None
-        return updated, attended, positions
+        return updated, attended, positions, raw
 
     # A chunk into a ring: attend to [the ring as it was, the chunk], then keep the chunk's tail.
-    attended = {}
+    attended, raw = {}, {} if int8 else None
     for name, (values, scales) in stored.items():
         axis, keep = s_axis[name], min(t, length[name])
         old = read(buffers[name], buffers.get(f"{name}_scale"))
         attended[name] = jnp.concatenate([old, read(values, scales)], axis=axis)
+        if int8:
+            raw[name] = (jnp.concatenate([buffers[name], values], axis=axis),
+                         jnp.concatenate([buffers[f"{name}_scale"], scales], axis=axis))
         if sinks:  # each slot takes the chunk's vector of the position it holds afterwards
             after = slot_positions(index + t - 1, length[name], sinks)
             updated[name] = _gather_write(buffers[name], values, after - index, axis)
@@ -229,16 +241,16 @@ def update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[
                                                 jax.lax.slice_in_dim(scales, t - keep, t, axis=axis), axis)
     first = next(iter(new))
     positions = jnp.concatenate([slot_positions(index - 1, length[first], sinks), index + jnp.arange(t)])
-    return updated, attended, positions
+    return updated, attended, positions, raw
 
 
 def write(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[str, str],
           index: jax.Array, *, ring: bool, dtype, sinks: int = 0) -> tuple[dict[str, jax.Array], Keys]:
     """`update`, returning what a layer attends to as `Keys` (CACHED mode): the updated
     buffers and every cached vector with its positions, the queries starting at `index`."""
-    buffers, attended, positions = update(buffers, new, axes, index, ring=ring, dtype=dtype,
-                                          sinks=sinks)
-    return buffers, Keys(attended, {name: axes[name] for name in attended}, positions, index)
+    buffers, attended, positions, raw = _update(buffers, new, axes, index, ring=ring, dtype=dtype,
+                                                sinks=sinks)
+    return buffers, Keys(attended, {name: axes[name] for name in attended}, positions, index, raw)
 
 
 def for_rows(keys: Keys, starts: jax.Array | None) -> Keys:

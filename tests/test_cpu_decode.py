@@ -2,7 +2,7 @@
 masked grouped attention against a float64 NumPy computation written here, for MHA, GQA
 and MQA shapes, head sizes with and without the vectorised paths, several query positions
 and per-row masks; and the model decoding through it as through the einsum core and the
-float64 reference, with windows, sinks, an int8 cache and prefill in chunks (ragged rows:
+float64 reference, with windows, sinks, an int8 cache read as stored and prefill in chunks (ragged rows:
 tests/test_ragged.py)."""
 
 import dataclasses
@@ -36,13 +36,17 @@ def masked_attention(q, k, v, mask, scale):
     return out
 
 
-@pytest.mark.parametrize("b, t, h, kv, s, d, per_row", [
-    (3, 1, 8, 1, 150, 32, True),   # MQA decoding: 8 rows per K/V head, the 8-row dot path
-    (2, 3, 4, 2, 70, 24, False),   # GQA, 3 query positions (a prefill chunk), any head size
-    (1, 2, 8, 8, 33, 64, False),   # MHA
-    (2, 1, 16, 2, 20, 16, True),   # 8 query heads per K/V head, 16-dim heads
+@pytest.mark.parametrize("b, t, h, kv, s, d, per_row, int8", [
+    (3, 1, 8, 1, 150, 32, True, False),   # MQA decoding: 8 rows per K/V head, the 8-row path
+    (3, 1, 8, 1, 150, 32, False, True),   # the same from an int8 cache
+    (2, 3, 4, 2, 70, 24, False, False),   # GQA, 3 query positions (a prefill chunk), any head size
+    (2, 3, 4, 2, 70, 24, True, True),     # the same from an int8 cache
+    (1, 2, 8, 8, 33, 64, False, False),   # MHA
+    (2, 1, 16, 2, 20, 16, True, False),   # 8 query heads per K/V head, 16-dim heads
 ])
-def test_the_kernel_is_masked_attention_in_float64(b, t, h, kv, s, d, per_row):
+def test_the_kernel_is_masked_attention_in_float64(b, t, h, kv, s, d, per_row, int8):
+    """int8: the kernel reads int8 vectors and their scales; the reference attends to what
+    they stand for, values x scale, in float64."""
     rng = np.random.default_rng(s)
     q = rng.normal(size=(b, t, h, d)).astype(np.float32)
     k, v = (rng.normal(size=(b, kv, s, d)).astype(np.float32) for _ in range(2))
@@ -50,8 +54,14 @@ def test_the_kernel_is_masked_attention_in_float64(b, t, h, kv, s, d, per_row):
     mask[..., 0] = True
     if per_row:
         mask[0, 0] = False  # a query that sees no key at all
-    got = np.asarray(cpu_decode.attend_masked(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                              jnp.asarray(mask), d))
+    stored = None
+    if int8:
+        stored = [(rng.integers(-127, 128, size=(b, kv, s, d)).astype(np.int8),
+                   rng.uniform(0.001, 0.02, size=(b, kv, s)).astype(np.float32)) for _ in range(2)]
+        k, v = (values * scales[..., None].astype(np.float64) for values, scales in stored)
+        stored = tuple((jnp.asarray(values), jnp.asarray(scales)) for values, scales in stored)
+    got = np.asarray(cpu_decode.attend_masked(jnp.asarray(q), jnp.asarray(k, jnp.float32),
+                                              jnp.asarray(v, jnp.float32), jnp.asarray(mask), d, stored))
     np.testing.assert_allclose(got, masked_attention(q, k, v, mask, d ** -0.5), atol=2e-6, rtol=0)
 
 

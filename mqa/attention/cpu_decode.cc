@@ -1,22 +1,24 @@
 // Grouped attention over a KV cache on the CPU, reading each K/V head's keys and values
 // once for all the query heads that share it (mqa/attention/cpu_decode.py).
 //
-//   q     float32 [B, K, R, D]   R = T * G query rows per K/V head: query position t, head g
-//   k, v  float32 [B, K, S, D]   the cache as it lies ("bksd"; an MQA cache "bsd" is K = 1)
-//   mask  bool    [M, T, S]      M = 1 or B: which keys each query position sees
-//   out   float32 [B, K, R, D]   softmax(q k^T * scale, masked) v
+//   q       float32 [B, K, R, D]   R = T * G query rows per K/V head: query position t, head g
+//   k, v    float32 or int8 [B, K, S, D], the cache as it lies ("bksd"; MQA's "bsd" is K = 1)
+//   scales  float32 [B, K, S] each (int8 only): vector (b, k, s) is its int8 values x scale
+//   mask    bool    [M, T, S]      M = 1 or B: which keys each query position sees
+//   out     float32 [B, K, R, D]   softmax(q k^T * scale, masked) v
 //
-// One task per (b, k): keys in blocks of BLOCK positions, the block's scores for all R rows
-// at once, then an online softmax (running max and sum per row, FlashAttention's
-// rescaling) and the values accumulated in R x D registers' worth of memory. Tasks run on
-// XLA's intra-op thread pool.
-
+// One task per (b, k), on XLA's intra-op thread pool: all R rows' scores against the S keys,
+// each key read once; the masked softmax of each row over the whole row (kept in cache);
+// then the values, each read once, accumulated in registers. An int8 cache is read as
+// stored, its scales applied to the sums (keys) and to the weights (values), so the bytes
+// read are the int8 ones.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <latch>
+#include <utility>
 #include <immintrin.h>
 #include <vector>
 
@@ -31,21 +33,38 @@ struct Shapes {
 };
 
 typedef float f16 __attribute__((vector_size(64)));
+typedef int8_t i16 __attribute__((vector_size(16)));
 
-// ROWS rows' weighted sums of the values, out [ROWS, D] = weights [ROWS, S] @ values [S, D],
-// weight (r, s) at weights[r * row_stride + s * step], accumulated in registers (16-float
-// vectors) over all S positions: each value row read once.
-template <int D, int ROWS>
+// 16 elements of a cache row as floats.
+inline f16 load16(const float* x) {
+  f16 v;
+  std::memcpy(&v, x, sizeof(v));
+  return v;
+}
+inline f16 load16(const int8_t* x) {
+  i16 v;
+  std::memcpy(&v, x, sizeof(v));
+  return __builtin_convertvector(v, f16);
+}
+
+// The scale of cache vector s: 1 for a float cache.
+inline float scale_of(const float* scales, int64_t s) { return scales ? scales[s] : 1.0f; }
+
+// ROWS rows' weighted sums of the values, out [ROWS, D] = weights [ROWS, S] @ values [S, D]
+// (times each value row's scale), weight (r, s) at weights[r * row_stride + s * step],
+// accumulated in registers (16-float vectors) over all S positions: each value row read once.
+template <int D, int ROWS, typename E>
 void values_tile(const float* weights, int64_t row_stride, int64_t step, int64_t S,
-                 const float* values, float* out) {
+                 const E* values, const float* scales, float* out) {
   constexpr int V = D / 16;
   f16 acc[ROWS][V] = {};
   for (int64_t s = 0; s < S; ++s) {
     f16 value[V];
-    std::memcpy(value, values + s * D, sizeof(value));
+    for (int i = 0; i < V; ++i) value[i] = load16(values + s * D + 16 * i);
+    const float scale = scale_of(scales, s);
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      const float w = weights[r * row_stride + s * step];
+      const float w = weights[r * row_stride + s * step] * scale;
 #pragma GCC unroll 4
       for (int i = 0; i < V; ++i) acc[r][i] += w * value[i];
     }
@@ -56,11 +75,17 @@ void values_tile(const float* weights, int64_t row_stride, int64_t step, int64_t
 #if defined(__AVX2__) && defined(__FMA__)
 // Eight rows' dot products with one key, for D a multiple of 8: 8 partial vectors summed
 // across lanes together (hadd tree), instead of one horizontal sum per row.
-inline __m256 dot8(const float* q, const float* key, int64_t D) {
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const int8_t* x) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x))));
+}
+
+template <typename E>
+inline __m256 dot8(const float* q, const E* key, int64_t D) {
   __m256 acc[8];
   for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
-    const __m256 kd = _mm256_loadu_ps(key + d);
+    const __m256 kd = load8(key + d);
     for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), kd, acc[r]);
   }
   const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
@@ -75,9 +100,9 @@ inline __m256 dot8(const float* q, const float* key, int64_t D) {
 // the softmax runs down the positions with each row in its own lane; then the values, each
 // read once, into 8 x D accumulators held in registers. mask: the 8 rows' query positions'
 // rows of the mask (rows r and r' share one when r / G == r' / G).
-template <int D>
-void attend8(const float* q, const float* k, const float* v, const bool* const* visible,
-             float* out, int64_t S, float scale, std::vector<float>& buffer) {
+template <int D, typename E>
+void attend8(const float* q, const E* k, const E* v, const float* k_scales, const float* v_scales,
+             const bool* const* visible, float* out, int64_t S, float scale, std::vector<float>& buffer) {
   buffer.resize(S * 8);
   float* p = buffer.data();
   const __m256 minus_inf = _mm256_set1_ps(-INFINITY), scaled = _mm256_set1_ps(scale);
@@ -85,7 +110,8 @@ void attend8(const float* q, const float* k, const float* v, const bool* const* 
   alignas(32) float open[8];
   for (int64_t s = 0; s < S; ++s) {
     for (int r = 0; r < 8; ++r) open[r] = visible[r][s] ? 0.0f : -INFINITY;
-    const __m256 scores = _mm256_add_ps(_mm256_mul_ps(dot8(q, k + s * D, D), scaled),
+    const __m256 factor = k_scales ? _mm256_mul_ps(scaled, _mm256_set1_ps(k_scales[s])) : scaled;
+    const __m256 scores = _mm256_add_ps(_mm256_mul_ps(dot8(q, k + s * D, D), factor),
                                         _mm256_load_ps(open));
     _mm256_storeu_ps(p + s * 8, scores);
     row_max = _mm256_max_ps(row_max, scores);
@@ -99,7 +125,7 @@ void attend8(const float* q, const float* k, const float* v, const bool* const* 
       sums[r] += p[s * 8 + r];
     }
   }
-  values_tile<D, 8>(p, 1, 8, S, v, out);
+  values_tile<D, 8>(p, 1, 8, S, v, v_scales, out);
   for (int r = 0; r < 8; ++r) {
     const float inverse = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
     for (int d = 0; d < D; ++d) out[r * D + d] *= inverse;
@@ -110,9 +136,10 @@ void attend8(const float* q, const float* k, const float* v, const bool* const* 
 // One (b, k) task: all R rows' scores against the S keys [R, S], their masked softmax per
 // row, then the values. D is a compile-time constant for the common head sizes (the inner
 // loops then vectorize fully), 0 for any other.
-template <int FIXED_D>
-void attend_head(const float* q, const float* k, const float* v, const bool* mask, float* out,
-                 const Shapes& n, float scale, std::vector<float>& scores) {
+template <int FIXED_D, typename E>
+void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
+                 const float* v_scales, const bool* mask, float* out, const Shapes& n, float scale,
+                 std::vector<float>& scores) {
   const int64_t D = FIXED_D ? FIXED_D : n.D;
   const int64_t R = n.R, S = n.S;
   int64_t first = 0;  // rows done
@@ -121,7 +148,7 @@ void attend_head(const float* q, const float* k, const float* v, const bool* mas
     for (; first + 8 <= R; first += 8) {
       const bool* visible[8];
       for (int r = 0; r < 8; ++r) visible[r] = mask + ((first + r) / n.G) * S;
-      attend8<FIXED_D>(q + first * D, k, v, visible, out + first * D, S, scale, scores);
+      attend8<FIXED_D>(q + first * D, k, v, k_scales, v_scales, visible, out + first * D, S, scale, scores);
     }
   }
 #endif
@@ -129,13 +156,13 @@ void attend_head(const float* q, const float* k, const float* v, const bool* mas
   scores.resize(R * S);
   float* p = scores.data();
   for (int64_t s = 0; s < S && first < R; ++s) {  // scores: each key read once for all rows
-    const float* key = k + s * D;
-    int64_t r = first;
-    for (; r < R; ++r) {
+    const E* key = k + s * D;
+    const float key_scale = scale_of(k_scales, s);
+    for (int64_t r = first; r < R; ++r) {
       const float* qr = q + r * D;
       float dot = 0.0f;
-      for (int64_t d = 0; d < D; ++d) dot += qr[d] * key[d];
-      p[r * S + s] = dot;
+      for (int64_t d = 0; d < D; ++d) dot += qr[d] * static_cast<float>(key[d]);
+      p[r * S + s] = dot * key_scale;
     }
   }
   std::vector<float> inverse(R);
@@ -157,15 +184,16 @@ void attend_head(const float* q, const float* k, const float* v, const bool* mas
   }
   int64_t r = first;
   if constexpr (FIXED_D > 0 && FIXED_D % 16 == 0 && FIXED_D <= 64) {
-    for (; r + 4 <= R; r += 4) values_tile<FIXED_D, 4>(p + r * S, S, 1, S, v, out + r * D);
+    for (; r + 4 <= R; r += 4) values_tile<FIXED_D, 4>(p + r * S, S, 1, S, v, v_scales, out + r * D);
   }
   std::fill(out + r * D, out + R * D, 0.0f);
   for (int64_t s = 0; s < S; ++s) {  // the other rows: values read once for all of them
-    const float* value = v + s * D;
+    const E* value = v + s * D;
+    const float value_scale = scale_of(v_scales, s);
     for (int64_t row = r; row < R; ++row) {
-      const float w = p[row * S + s];
+      const float w = p[row * S + s] * value_scale;
       float* o = out + row * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += w * value[d];
+      for (int64_t d = 0; d < D; ++d) o[d] += w * static_cast<float>(value[d]);
     }
   }
   for (int64_t row = first; row < R; ++row) {
@@ -173,55 +201,51 @@ void attend_head(const float* q, const float* k, const float* v, const bool* mas
   }
 }
 
-void attend_task(int64_t task, const float* q, const float* k, const float* v, const bool* mask,
-                 float* out, const Shapes& n, float scale, std::vector<float>& scores) {
+template <typename E>
+void attend_task(int64_t task, const float* q, const E* k, const E* v, const float* k_scales,
+                 const float* v_scales, const bool* mask, float* out, const Shapes& n, float scale,
+                 std::vector<float>& scores) {
   const int64_t b = task / n.K;
   const int64_t rows = n.R * n.D, keys = n.S * n.D;
   const float* qt = q + task * rows;
-  const float* kt = k + task * keys;
-  const float* vt = v + task * keys;
+  const E* kt = k + task * keys;
+  const E* vt = v + task * keys;
+  const float* kst = k_scales ? k_scales + task * n.S : nullptr;
+  const float* vst = v_scales ? v_scales + task * n.S : nullptr;
   const bool* mt = mask + (n.M == 1 ? 0 : b) * n.T * n.S;
   float* ot = out + task * rows;
   switch (n.D) {
-    case 16: return attend_head<16>(qt, kt, vt, mt, ot, n, scale, scores);
-    case 32: return attend_head<32>(qt, kt, vt, mt, ot, n, scale, scores);
-    case 64: return attend_head<64>(qt, kt, vt, mt, ot, n, scale, scores);
-    case 128: return attend_head<128>(qt, kt, vt, mt, ot, n, scale, scores);
-    default: return attend_head<0>(qt, kt, vt, mt, ot, n, scale, scores);
+    case 16: return attend_head<16>(qt, kt, vt, kst, vst, mt, ot, n, scale, scores);
+    case 32: return attend_head<32>(qt, kt, vt, kst, vst, mt, ot, n, scale, scores);
+    case 64: return attend_head<64>(qt, kt, vt, kst, vst, mt, ot, n, scale, scores);
+    case 128: return attend_head<128>(qt, kt, vt, kst, vst, mt, ot, n, scale, scores);
+    default: return attend_head<0>(qt, kt, vt, kst, vst, mt, ot, n, scale, scores);
   }
 }
 
-ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                  ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, float scale,
-                  int64_t groups, ffi::ResultBuffer<ffi::F32> out) {
-  // k and v come as the cache holds them (any rank: reshaping them here would make XLA copy
-  // the cache): their elements are [B, K, S, D] in order, K and B from q.
-  const auto qd = q.dimensions(), md = mask.dimensions();
+// Both handlers: k and v come as the cache holds them (any rank: reshaping them here would
+// make XLA copy the cache): their elements are [B, K, S, D] in order, K and B from q.
+template <typename E>
+ffi::Error Attend(ffi::ThreadPool& pool, const float* q, ffi::Span<const int64_t> qd,
+                  const E* k, const E* v, int64_t k_count, int64_t v_count, const float* k_scales,
+                  const float* v_scales, const bool* mask, ffi::Span<const int64_t> md, float scale,
+                  int64_t groups, float* out) {
   if (qd.size() != 4 || md.size() != 3) {
     return ffi::Error::InvalidArgument("cpu_decode: q must be 4-D and the mask 3-D");
   }
   Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0]};
-  if (k.element_count() != n.B * n.K * n.S * n.D || v.element_count() != k.element_count() ||
-      n.T * n.G != n.R || (n.M != 1 && n.M != n.B)) {
+  if (k_count != n.B * n.K * n.S * n.D || v_count != k_count || n.T * n.G != n.R ||
+      (n.M != 1 && n.M != n.B)) {
     return ffi::Error::InvalidArgument("cpu_decode: inconsistent shapes");
   }
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  const bool* mp = mask.typed_data();
-  float* op = out->typed_data();
   const int64_t tasks = n.B * n.K;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), tasks));
-  if (workers == 1) {
-    std::vector<float> scores;
-    for (int64_t t = 0; t < tasks; ++t) attend_task(t, qp, kp, vp, mp, op, n, scale, scores);
-    return ffi::Error::Success();
-  }
   std::atomic<int64_t> next{0};
   std::latch done(workers);
   auto work = [&] {
-    std::vector<float> scores;  // [R, S], reused across this worker's tasks
-    for (int64_t t = next++; t < tasks; t = next++) attend_task(t, qp, kp, vp, mp, op, n, scale, scores);
+    std::vector<float> scores;  // reused across this worker's tasks
+    for (int64_t t = next++; t < tasks; t = next++)
+      attend_task(t, q, k, v, k_scales, v_scales, mask, out, n, scale, scores);
     done.count_down();
   };
   for (int64_t w = 1; w < workers; ++w) pool.Schedule([&work] { work(); });
@@ -230,15 +254,48 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+ffi::Error AttendF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, float scale,
+                     int64_t groups, ffi::ResultBuffer<ffi::F32> out) {
+  return Attend(pool, q.typed_data(), q.dimensions(), k.typed_data(), v.typed_data(),
+                k.element_count(), v.element_count(), nullptr, nullptr, mask.typed_data(),
+                mask.dimensions(), scale, groups, out->typed_data());
+}
+
+ffi::Error AttendInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
+                      ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> k_scales,
+                      ffi::Buffer<ffi::F32> v_scales, ffi::Buffer<ffi::PRED> mask, float scale,
+                      int64_t groups, ffi::ResultBuffer<ffi::F32> out) {
+  if (k_scales.element_count() * q.dimensions()[3] != k.element_count() ||
+      v_scales.element_count() != k_scales.element_count()) {
+    return ffi::Error::InvalidArgument("cpu_decode: one scale per cached vector");
+  }
+  return Attend(pool, q.typed_data(), q.dimensions(), k.typed_data(), v.typed_data(),
+                k.element_count(), v.element_count(), k_scales.typed_data(), v_scales.typed_data(),
+                mask.typed_data(), mask.dimensions(), scale, groups, out->typed_data());
+}
+
+// The bindings: the thread pool and q, then the cache's buffers, then what both share.
+auto with_queries() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>(); }
+
+template <typename Binding>
+auto with_mask_and_attributes(Binding binding) {
+  return std::move(binding).template Arg<ffi::Buffer<ffi::PRED>>()
+      .template Attr<float>("scale")
+      .template Attr<int64_t>("groups")
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MqaCpuDecodeAttend, Attend,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("groups")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MqaCpuDecodeAttend, AttendF32,
+                              with_mask_and_attributes(with_queries()
+                                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                                           .Arg<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MqaCpuDecodeAttendInt8, AttendInt8,
+                              with_mask_and_attributes(with_queries()
+                                                           .Arg<ffi::Buffer<ffi::S8>>()
+                                                           .Arg<ffi::Buffer<ffi::S8>>()
+                                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                                           .Arg<ffi::Buffer<ffi::F32>>()));

@@ -36,6 +36,7 @@ from mqa.errors import ConfigError
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_decode.cc")
 TARGET = "mqa_cpu_decode_attend"
+TARGET_INT8 = "mqa_cpu_decode_attend_int8"  # an int8 cache, read as stored
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++20", "-shared", "-fPIC")
 
 
@@ -60,8 +61,10 @@ def register() -> pathlib.Path:
             raise ConfigError(f"model.decode_impl='cpu_kernel' could not build {SOURCE.name} with "
                               f"{compiler!r} ({lines[0].strip()}); use 'einsum'") from None
         partial.replace(library)  # atomic: another process may be building it too
-    handler = ctypes.cdll.LoadLibrary(str(library)).MqaCpuDecodeAttend
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    handlers = ctypes.cdll.LoadLibrary(str(library))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handlers.MqaCpuDecodeAttend), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_INT8, jax.ffi.pycapsule(handlers.MqaCpuDecodeAttendInt8),
+                                platform="cpu")
     return library
 
 
@@ -73,32 +76,40 @@ def compiler_found() -> bool:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | int | None = None,
            kv_layout: str = "bksd", window: jax.Array | int | None = None,
            k_positions: jax.Array | None = None, score_dim: int | None = None,
-           sinks: int = 0) -> jax.Array:
+           sinks: int = 0, int8: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
+           ) -> jax.Array:
     """`core.attend` over a cache, causal: q [b, t, h, d] float32; k, v float32 laid out as
     the cache holds them (`kv_layout` "bksd", or without "b" or "k" where that axis has
-    size 1: heads before positions, always). Same arguments and result."""
+    size 1: heads before positions, always). Same arguments and result. int8: for an int8
+    cache, ((k values, k scales), (v values, v scales)) as stored (`Keys.int8`), which the
+    kernel reads instead of k and v: a quarter of the bytes, and no dequantized copy."""
     if jax.default_backend() != "cpu":
         raise ConfigError(f"model.decode_impl='cpu_kernel' runs on the CPU, not on "
                           f"{jax.default_backend()!r}; use 'einsum'")
     if "s" not in kv_layout or kv_layout.index("s") != len(kv_layout) - 2:
         raise ValueError(f"cpu_kernel takes a cache layout with positions before the head dim, not {kv_layout!r}")
     mask = causal_mask(q.shape[1], k.shape[-2], q_offset, window, k_positions, sinks)
-    return attend_masked(q, k, v, mask, score_dim or q.shape[-1])
+    return attend_masked(q, k, v, mask, score_dim or q.shape[-1], int8)
 
 
-def attend_masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                  score_dim: int) -> jax.Array:
+def attend_masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, score_dim: int,
+                  int8: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
+                  ) -> jax.Array:
     """The kernel itself: softmax(q.k / sqrt(score_dim), where `mask`) v. q [b, t, h, d];
     k, v [b, kv, s, d] in memory (any shape holding that many numbers in that order, as a
-    cache layout does); mask bool [t, s], or [1 or b, t, s]. A query that sees no key gets
-    zeros. -> [b, t, h, d] in q's dtype, computed in float32."""
+    cache layout does); mask bool [t, s], or [1 or b, t, s]. int8: ((k int8, k scales
+    [b, kv, s]), (v int8, v scales)) read in place of k and v, vector i being its int8
+    values times its scale. A query that sees no key gets zeros. -> [b, t, h, d] in q's
+    dtype, computed in float32."""
     register()
     b, t, h, d = q.shape
     s = mask.shape[-1]
     kv = k.size // (b * s * d)
     g = h // kv
     rows = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)  # [b, k, t g, d]
-    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
-        rows.astype(jnp.float32), k, v, mask.reshape(-1, t, s),
+    cache = (k, v) if int8 is None else (*(values for values, _ in int8), *(scales for _, scales in int8))
+    out = jax.ffi.ffi_call(TARGET if int8 is None else TARGET_INT8,
+                           jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
+        rows.astype(jnp.float32), *cache, mask.reshape(-1, t, s),
         scale=np.float32(score_dim ** -0.5), groups=np.int64(g))
     return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)

@@ -104,6 +104,8 @@ class GroupedAttention(AttentionFamily):
         if mode is Mode.SELF:
             out = backend(grouped_core, (q,), (k, v), window=window, **options)
         else:
+            if self.config.decode_impl == "cpu_kernel":  # an int8 cache read as stored
+                options["int8"] = (keys.int8["k"], keys.int8["v"]) if keys.int8 else None
             core = cpu_decode.attend if self.config.decode_impl == "cpu_kernel" else grouped_core
             out = core(q, k, v, q_offset=keys.q_offset, kv_layout=keys.axes["k"],
                        window=window, k_positions=keys.positions, **options)

@@ -81,12 +81,16 @@ class Keys:
     positions: CACHED mode only: int32 [keys], each key's position where the buffers are a
       ring (-1: a slot not yet written), None where slot s holds position s.
     q_offset: CACHED mode only: the first query's position (the cache index).
+    int8: CACHED mode with an int8 cache only: entry name -> (int8 values, float32 scale per
+      vector), the same vectors as `arrays` before dequantization, for a core that reads the
+      cache as stored (`cpu_decode`); XLA drops whichever of the two a layer does not read.
     """
 
     arrays: dict[str, jax.Array]
     axes: dict[str, str]
     positions: jax.Array | None = None
     q_offset: jax.Array | int = 0
+    int8: dict[str, tuple[jax.Array, jax.Array]] | None = None
 
     @classmethod
     def of_activations(cls, arrays: dict[str, jax.Array], entries: tuple[CacheEntry, ...]) -> "Keys":
