@@ -42,6 +42,7 @@ def masked_attention(q, k, v, mask, scale):
     (2, 3, 4, 2, 70, 24, False, False),   # GQA, 3 query positions (a prefill chunk), any head size
     (2, 3, 4, 2, 70, 24, True, True),     # the same from an int8 cache
     (1, 2, 8, 8, 33, 64, False, False),   # MHA
+    (2, 1, 8, 1, 40, 64, True, True),     # 64-dim rows, 8 per K/V head (latent attention's shape), int8
     (2, 1, 16, 2, 20, 16, True, False),   # 8 query heads per K/V head, 16-dim heads
 ])
 def test_the_kernel_is_masked_attention_in_float64(b, t, h, kv, s, d, per_row, int8):
@@ -69,6 +70,9 @@ CASES = {  # (family, option) of the family table
     "GQA, prefill in chunks": ("GQA", "none"),
     "MHA, local layers' rings": ("MHA", "local"),
     "MQA, local/global with sinks, int8": ("MQA", "sinks"),
+    # latent attention's absorbed form: the cached rows are one K/V head's keys and values
+    "latent with per-key rotary pairs, local/global": ("latent-q", "local-global"),
+    "latent, int8": ("latent", "int8"),
 }
 
 
@@ -97,7 +101,7 @@ def test_decoding_through_the_kernel_matches_the_reference(case):
 @pytest.mark.parametrize("overrides, message", [
     (["model.decode_impl=ffi"], "model.decode_impl='ffi' is not one of: 'einsum', 'cpu_kernel'"),
     (["model.decode_impl=cpu_kernel", "model.attention=tied"],
-     "model.decode_impl='cpu_kernel' is for model.attention='grouped' in float32 (got attention='tied'"),
+     "model.decode_impl='cpu_kernel' is for model.attention='grouped' or 'latent' in float32 (got attention='tied'"),
     (["model.decode_impl=cpu_kernel", "model.dtype=bfloat16"], "dtype='bfloat16'); use 'einsum'"),
 ])
 def test_what_the_kernel_cannot_take_is_a_one_line_error(overrides, message):

@@ -95,7 +95,7 @@ inline __m256 dot8(const float* q, const E* key, int64_t D) {
                        _mm256_permute2f128_ps(u0, u1, 0x31));  // rows 0..7
 }
 
-// Eight rows (query heads of one K/V head, and query positions) at once, D = 16 or 32:
+// Eight rows (query heads of one K/V head, and query positions) at once, D = 16, 32 or 64:
 // scores kept position-major [S, 8], so that the 8 sums of a key leave in one store and
 // the softmax runs down the positions with each row in its own lane; then the values, each
 // read once, into 8 x D accumulators held in registers. mask: the 8 rows' query positions'
@@ -144,7 +144,7 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
   const int64_t R = n.R, S = n.S;
   int64_t first = 0;  // rows done
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (FIXED_D == 16 || FIXED_D == 32) {
+  if constexpr (FIXED_D == 16 || FIXED_D == 32 || FIXED_D == 64) {
     for (; first + 8 <= R; first += 8) {
       const bool* visible[8];
       for (int r = 0; r < 8; ++r) visible[r] = mask + ((first + r) / n.G) * S;

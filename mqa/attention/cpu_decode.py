@@ -1,5 +1,7 @@
 """Grouped attention over the KV cache through a C++ kernel on XLA's CPU backend
-(`model.decode_impl="cpu_kernel"`): `cpu_decode.cc`, a `jax.ffi` custom call.
+(`model.decode_impl="cpu_kernel"`): `cpu_decode.cc`, a `jax.ffi` custom call. Latent
+attention's absorbed decoding is the same computation with one K/V head whose keys and
+values are the cached rows (`latent.attend_latent_absorbed`).
 
 XLA computes cached attention as two batched dot products (`core.attend`). For MQA at a
 large batch each (row, K/V head) product is [positions, head_dim] against the group's G

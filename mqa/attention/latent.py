@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mqa.attention import cpu_decode
 from mqa.attention.core import (causal_mask, dense, init_output, init_params, masked_softmax,
                                ordered_einsum)
 from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention, sink_options
@@ -85,7 +86,8 @@ def attend_latent_expanded(q: jax.Array, q_rope: jax.Array, k: jax.Array, v: jax
 
 
 def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, cached: jax.Array, k_up: jax.Array,
-                           v_up: jax.Array, *, cached_layout: str = "bsd", **mask) -> jax.Array:
+                           v_up: jax.Array, *, cached_layout: str = "bsd", kernel: bool = False,
+                           int8: tuple[jax.Array, jax.Array] | None = None, **mask) -> jax.Array:
     """`attend_latent_expanded`'s result computed in the latent space, from the cache:
     cached [b, s, c + R * r] ("bsd"; "sd" without the batch axis at batch 1) holds each
     token's latent and then its R rotary keys.
@@ -101,6 +103,10 @@ def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, cached: jax.Array, k
     rope_heads = (cached.shape[-1] - c) // q_rope.shape[-1]
     queries = jnp.concatenate([q_latent, rope_query_blocks(q_rope, rope_heads)],
                               axis=-1)                                      # [b, t, h, c + R r]
+    if kernel:  # the cached rows are the keys and the values of one K/V head: read once
+        out = cpu_decode.attend(queries, cached, cached, kv_layout=cached_layout,
+                                score_dim=d + q_rope.shape[-1], int8=int8 and (int8, int8), **mask)
+        return jnp.einsum("bthc,chd->bthd", out[..., :c].astype(q.dtype), v_up, **F32).astype(q.dtype)
     rows, q_axes, score_axes = "bsc", "bthc", "bhts"
     if "b" not in cached_layout:
         rows, q_axes, score_axes, queries = "sc", "thc", "hts", queries[0]
@@ -252,7 +258,9 @@ class LatentAttention(AttentionFamily):
                           (*expand_latent(latent, k_up, v_up), k_rope), window=window,
                           **sink_options(config))
         else:
-            out = attend_latent_absorbed(q, q_rope, cached, k_up, v_up,
+            kernel = config.decode_impl == "cpu_kernel"
+            out = attend_latent_absorbed(q, q_rope, cached, k_up, v_up, kernel=kernel,
+                                         int8=keys.int8["latent"] if kernel and keys.int8 else None,
                                          cached_layout=keys.axes["latent"], q_offset=keys.q_offset,
                                          window=window, k_positions=keys.positions,
                                          **sink_options(config))
