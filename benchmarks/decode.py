@@ -68,6 +68,7 @@ VARIANTS = {
        for name, kv in (("MHA", 8), ("GQA-2", 2), ("MQA", 1))},
     "MQA-int8-kernel": dict(num_kv_heads=1, kv_cache_dtype="int8", decode_impl="cpu_kernel"),
     "MLA-48-kernel": dict(attention="latent", kv_latent_dim=48, rope_head_dim=16, decode_impl="cpu_kernel"),
+    "MHA-local-kernel": dict(sliding_window=256, global_every=4, decode_impl="cpu_kernel"),
 }
 
 
