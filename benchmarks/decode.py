@@ -69,6 +69,7 @@ VARIANTS = {
     "MQA-int8-kernel": dict(num_kv_heads=1, kv_cache_dtype="int8", decode_impl="cpu_kernel"),
     "MLA-48-kernel": dict(attention="latent", kv_latent_dim=48, rope_head_dim=16, decode_impl="cpu_kernel"),
     "MHA-local-kernel": dict(sliding_window=256, global_every=4, decode_impl="cpu_kernel"),
+    "GTA-1-kernel": dict(attention="tied", num_kv_heads=1, decode_impl="cpu_kernel"),
 }
 
 

@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
         tie_embeddings=True,
         attention_impl="tiled",  # tiled (causal query tiles) | einsum | blockwise (linear memory) | xla | cudnn
         decode_impl="einsum",    # attention over the KV cache (prefill, decoding): einsum (XLA's dot products)
-                                 # | cpu_kernel (C++ via jax.ffi, each K/V head read once for its group; grouped or latent, CPU, float32)
+                                 # | cpu_kernel (C++ via jax.ffi, each K/V head read once for its group; CPU, float32)
         attention_block=64,      # tiled: query tile length; blockwise: block length
         rope_theta=10000.0,
         rope_local_theta=0.0,    # > 0: the RoPE base of local (sliding-window) layers (Gemma 3: 10000); 0: rope_theta

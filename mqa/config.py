@@ -257,10 +257,9 @@ def _check_attention_family(m) -> None:
     _check_choice("model.attention", m.attention, tuple(FAMILIES))
     _check_choice("model.attention_impl", m.attention_impl, tuple(BACKENDS))
     _check_choice("model.decode_impl", m.decode_impl, DECODE_IMPLS)
-    if m.decode_impl == "cpu_kernel" and (m.attention == "tied" or m.dtype != "float32"):
-        raise ConfigError(f"model.decode_impl='cpu_kernel' is for model.attention='grouped' or "
-                          f"'latent' in float32 (got attention={m.attention!r}, dtype={m.dtype!r}); "
-                          "use 'einsum'")
+    if m.decode_impl == "cpu_kernel" and m.dtype != "float32":
+        raise ConfigError(f"model.decode_impl='cpu_kernel' computes in float32 (got model.dtype="
+                          f"{m.dtype!r}); use 'einsum'")
     _check_choice("model.kv_cache_dtype", m.kv_cache_dtype, CACHE_DTYPES)
     for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window", "global_every",
                  "attention_sinks"):

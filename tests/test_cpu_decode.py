@@ -1,6 +1,6 @@
 """The CPU decoding kernel (`model.decode_impl="cpu_kernel"`, mqa/attention/cpu_decode.cc):
 masked grouped attention against a float64 NumPy computation written here, for MHA, GQA
-and MQA shapes, head sizes with and without the vectorised paths, several query positions
+and MQA shapes and tied attention's keys, head sizes with and without the vectorised paths, several query positions
 and per-row masks; and the model decoding through it as through the einsum core and the
 float64 reference, with windows, sinks, an int8 cache read as stored and prefill in chunks (ragged rows:
 tests/test_ragged.py)."""
@@ -66,6 +66,30 @@ def test_the_kernel_is_masked_attention_in_float64(b, t, h, kv, s, d, per_row, i
     np.testing.assert_allclose(got, masked_attention(q, k, v, mask, d ** -0.5), atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kv, int8", [(1, False), (2, True)])
+def test_tied_keys_are_the_tied_state_and_the_shared_rotary_key(kv, int8):
+    """GTA's layout (`cpu_decode.attend_tied`): head k's key at s is [tied[s, k, :16],
+    k_rope[s]] and its value tied[s, k]; 8 query heads of 32 per K/V head (the 8-row path)
+    over 60 keys, the last 2 positions queried causally, against float64."""
+    b, t, h, s, d = 2, 2, 8 * kv, 60, 32
+    rng = np.random.default_rng(kv)
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    tied = rng.normal(size=(b, kv, s, d)).astype(np.float32)
+    rope = rng.normal(size=(b, s, d // 2)).astype(np.float32)
+    stored = None
+    if int8:
+        stored = [(rng.integers(-127, 128, size=x.shape).astype(np.int8),
+                   rng.uniform(0.005, 0.02, size=x.shape[:-1]).astype(np.float32)) for x in (tied, rope)]
+        tied, rope = (values * scales[..., None].astype(np.float64) for values, scales in stored)
+        stored = tuple((jnp.asarray(values), jnp.asarray(scales)) for values, scales in stored)
+    keys = np.concatenate([tied[..., :d // 2], np.broadcast_to(rope[:, None], (b, kv, s, d // 2))], -1)
+    causal = (np.arange(s)[None] <= np.arange(s - t, s)[:, None])[None]
+    got = cpu_decode.attend_tied(jnp.asarray(q), jnp.asarray(tied, jnp.float32), jnp.asarray(rope, jnp.float32),
+                                 q_offset=s - t, int8=stored)
+    np.testing.assert_allclose(np.asarray(got), masked_attention(q, keys, tied, causal, d ** -0.5),
+                               atol=2e-6, rtol=0)
+
+
 CASES = {  # (family, option) of the family table
     "GQA, prefill in chunks": ("GQA", "none"),
     "MHA, local layers' rings": ("MHA", "local"),
@@ -73,6 +97,9 @@ CASES = {  # (family, option) of the family table
     # latent attention's absorbed form: the cached rows are one K/V head's keys and values
     "latent with per-key rotary pairs, local/global": ("latent-q", "local-global"),
     "latent, int8": ("latent", "int8"),
+    # tied attention: the tied state and a rotary key shared by the K/V heads
+    "tied, K/V shared by 2 layers": ("tied", "sharing"),
+    "GTA-1, local/global with sinks, int8": ("tied-1", "sinks"),
 }
 
 
@@ -100,9 +127,8 @@ def test_decoding_through_the_kernel_matches_the_reference(case):
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.decode_impl=ffi"], "model.decode_impl='ffi' is not one of: 'einsum', 'cpu_kernel'"),
-    (["model.decode_impl=cpu_kernel", "model.attention=tied"],
-     "model.decode_impl='cpu_kernel' is for model.attention='grouped' or 'latent' in float32 (got attention='tied'"),
-    (["model.decode_impl=cpu_kernel", "model.dtype=bfloat16"], "dtype='bfloat16'); use 'einsum'"),
+    (["model.decode_impl=cpu_kernel", "model.dtype=bfloat16"],
+     "model.decode_impl='cpu_kernel' computes in float32 (got model.dtype='bfloat16'); use 'einsum'"),
 ])
 def test_what_the_kernel_cannot_take_is_a_one_line_error(overrides, message):
     with pytest.raises(ConfigError) as error:

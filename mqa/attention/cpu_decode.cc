@@ -32,6 +32,18 @@ struct Shapes {
   int64_t B, K, R, S, D, T, G, M;
 };
 
+// A second part of every key, for tied attention (GTA): a rotary key per position shared by
+// all K/V heads, k [S, D] (this row's), met by the queries' rotary parts q [R, D]; the key
+// of head k at s is then [the first buffer's key, this one] and the first buffer is also
+// the value. k == nullptr: none.
+template <typename E>
+struct SharedKey {
+  const float* q = nullptr;
+  const E* k = nullptr;
+  const float* scales = nullptr;
+  int64_t D = 0;
+};
+
 typedef float f16 __attribute__((vector_size(64)));
 typedef int8_t i16 __attribute__((vector_size(16)));
 
@@ -102,7 +114,8 @@ inline __m256 dot8(const float* q, const E* key, int64_t D) {
 // rows of the mask (rows r and r' share one when r / G == r' / G).
 template <int D, typename E>
 void attend8(const float* q, const E* k, const E* v, const float* k_scales, const float* v_scales,
-             const bool* const* visible, float* out, int64_t S, float scale, std::vector<float>& buffer) {
+             const SharedKey<E>& shared, const bool* const* visible, float* out, int64_t S, float scale,
+             std::vector<float>& buffer) {
   buffer.resize(S * 8);
   float* p = buffer.data();
   const __m256 minus_inf = _mm256_set1_ps(-INFINITY), scaled = _mm256_set1_ps(scale);
@@ -111,8 +124,11 @@ void attend8(const float* q, const E* k, const E* v, const float* k_scales, cons
   for (int64_t s = 0; s < S; ++s) {
     for (int r = 0; r < 8; ++r) open[r] = visible[r][s] ? 0.0f : -INFINITY;
     const __m256 factor = k_scales ? _mm256_mul_ps(scaled, _mm256_set1_ps(k_scales[s])) : scaled;
-    const __m256 scores = _mm256_add_ps(_mm256_mul_ps(dot8(q, k + s * D, D), factor),
-                                        _mm256_load_ps(open));
+    __m256 scores = _mm256_add_ps(_mm256_mul_ps(dot8(q, k + s * D, D), factor), _mm256_load_ps(open));
+    if (shared.k) {
+      const __m256 extra = shared.scales ? _mm256_mul_ps(scaled, _mm256_set1_ps(shared.scales[s])) : scaled;
+      scores = _mm256_fmadd_ps(dot8(shared.q, shared.k + s * shared.D, shared.D), extra, scores);
+    }
     _mm256_storeu_ps(p + s * 8, scores);
     row_max = _mm256_max_ps(row_max, scores);
   }
@@ -138,17 +154,20 @@ void attend8(const float* q, const E* k, const E* v, const float* k_scales, cons
 // loops then vectorize fully), 0 for any other.
 template <int FIXED_D, typename E>
 void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
-                 const float* v_scales, const bool* mask, float* out, const Shapes& n, float scale,
-                 std::vector<float>& scores) {
+                 const float* v_scales, const SharedKey<E>& shared, const bool* mask, float* out,
+                 const Shapes& n, float scale, std::vector<float>& scores) {
   const int64_t D = FIXED_D ? FIXED_D : n.D;
   const int64_t R = n.R, S = n.S;
   int64_t first = 0;  // rows done
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (FIXED_D == 16 || FIXED_D == 32 || FIXED_D == 64) {
-    for (; first + 8 <= R; first += 8) {
+    for (; first + 8 <= R && shared.D % 8 == 0; first += 8) {
       const bool* visible[8];
       for (int r = 0; r < 8; ++r) visible[r] = mask + ((first + r) / n.G) * S;
-      attend8<FIXED_D>(q + first * D, k, v, k_scales, v_scales, visible, out + first * D, S, scale, scores);
+      SharedKey<E> rows = shared;
+      rows.q = shared.q ? shared.q + first * shared.D : nullptr;
+      attend8<FIXED_D>(q + first * D, k, v, k_scales, v_scales, rows, visible, out + first * D, S,
+                       scale, scores);
     }
   }
 #endif
@@ -163,6 +182,12 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
       float dot = 0.0f;
       for (int64_t d = 0; d < D; ++d) dot += qr[d] * static_cast<float>(key[d]);
       p[r * S + s] = dot * key_scale;
+      if (shared.k) {
+        float extra = 0.0f;
+        for (int64_t d = 0; d < shared.D; ++d)
+          extra += shared.q[r * shared.D + d] * static_cast<float>(shared.k[s * shared.D + d]);
+        p[r * S + s] += extra * scale_of(shared.scales, s);
+      }
     }
   }
   std::vector<float> inverse(R);
@@ -203,8 +228,8 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
 
 template <typename E>
 void attend_task(int64_t task, const float* q, const E* k, const E* v, const float* k_scales,
-                 const float* v_scales, const bool* mask, float* out, const Shapes& n, float scale,
-                 std::vector<float>& scores) {
+                 const float* v_scales, const SharedKey<E>& shared, const bool* mask, float* out,
+                 const Shapes& n, float scale, std::vector<float>& scores) {
   const int64_t b = task / n.K;
   const int64_t rows = n.R * n.D, keys = n.S * n.D;
   const float* qt = q + task * rows;
@@ -214,12 +239,18 @@ void attend_task(int64_t task, const float* q, const E* k, const E* v, const flo
   const float* vst = v_scales ? v_scales + task * n.S : nullptr;
   const bool* mt = mask + (n.M == 1 ? 0 : b) * n.T * n.S;
   float* ot = out + task * rows;
+  SharedKey<E> st = shared;  // this task's queries, and this row's shared keys
+  if (shared.k) {
+    st.q = shared.q + task * n.R * shared.D;
+    st.k = shared.k + b * n.S * shared.D;
+    st.scales = shared.scales ? shared.scales + b * n.S : nullptr;
+  }
   switch (n.D) {
-    case 16: return attend_head<16>(qt, kt, vt, kst, vst, mt, ot, n, scale, scores);
-    case 32: return attend_head<32>(qt, kt, vt, kst, vst, mt, ot, n, scale, scores);
-    case 64: return attend_head<64>(qt, kt, vt, kst, vst, mt, ot, n, scale, scores);
-    case 128: return attend_head<128>(qt, kt, vt, kst, vst, mt, ot, n, scale, scores);
-    default: return attend_head<0>(qt, kt, vt, kst, vst, mt, ot, n, scale, scores);
+    case 16: return attend_head<16>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
+    case 32: return attend_head<32>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
+    case 64: return attend_head<64>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
+    case 128: return attend_head<128>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
+    default: return attend_head<0>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
   }
 }
 
@@ -229,7 +260,7 @@ template <typename E>
 ffi::Error Attend(ffi::ThreadPool& pool, const float* q, ffi::Span<const int64_t> qd,
                   const E* k, const E* v, int64_t k_count, int64_t v_count, const float* k_scales,
                   const float* v_scales, const bool* mask, ffi::Span<const int64_t> md, float scale,
-                  int64_t groups, float* out) {
+                  int64_t groups, float* out, SharedKey<E> shared = {}) {
   if (qd.size() != 4 || md.size() != 3) {
     return ffi::Error::InvalidArgument("cpu_decode: q must be 4-D and the mask 3-D");
   }
@@ -245,7 +276,7 @@ ffi::Error Attend(ffi::ThreadPool& pool, const float* q, ffi::Span<const int64_t
   auto work = [&] {
     std::vector<float> scores;  // reused across this worker's tasks
     for (int64_t t = next++; t < tasks; t = next++)
-      attend_task(t, q, k, v, k_scales, v_scales, mask, out, n, scale, scores);
+      attend_task(t, q, k, v, k_scales, v_scales, shared, mask, out, n, scale, scores);
     done.count_down();
   };
   for (int64_t w = 1; w < workers; ++w) pool.Schedule([&work] { work(); });
@@ -275,6 +306,42 @@ ffi::Error AttendInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
                 mask.typed_data(), mask.dimensions(), scale, groups, out->typed_data());
 }
 
+// Tied attention (GTA): the tied state is the first part of each key (the queries' rotary
+// half zeroed, `tied.attend_tied`) and the whole value; q_rope [B, K, R, Dr] meets the
+// shared rotary key rope [B, S, Dr].
+template <typename E>
+ffi::Error AttendTied(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& q_rope,
+                      const E* tied, int64_t tied_count, const E* rope, int64_t rope_count,
+                      const float* tied_scales, const float* rope_scales, ffi::Buffer<ffi::PRED>& mask,
+                      float scale, int64_t groups, float* out) {
+  const auto qd = q.dimensions(), rd = q_rope.dimensions();
+  if (rd.size() != 4 || qd.size() != 4 || rd[0] != qd[0] || rd[1] != qd[1] || rd[2] != qd[2] ||
+      rope_count != qd[0] * mask.dimensions()[2] * rd[3]) {
+    return ffi::Error::InvalidArgument("cpu_decode: inconsistent rotary shapes");
+  }
+  SharedKey<E> shared{q_rope.typed_data(), rope, rope_scales, rd[3]};
+  return Attend(pool, q.typed_data(), qd, tied, tied, tied_count, tied_count, tied_scales,
+                tied_scales, mask.typed_data(), mask.dimensions(), scale, groups, out, shared);
+}
+
+ffi::Error AttendTiedF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> q_rope,
+                         ffi::Buffer<ffi::F32> tied, ffi::Buffer<ffi::F32> rope,
+                         ffi::Buffer<ffi::PRED> mask, float scale, int64_t groups,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  return AttendTied(pool, q, q_rope, tied.typed_data(), tied.element_count(), rope.typed_data(),
+                    rope.element_count(), nullptr, nullptr, mask, scale, groups, out->typed_data());
+}
+
+ffi::Error AttendTiedInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> q_rope,
+                          ffi::Buffer<ffi::S8> tied, ffi::Buffer<ffi::S8> rope,
+                          ffi::Buffer<ffi::F32> tied_scales, ffi::Buffer<ffi::F32> rope_scales,
+                          ffi::Buffer<ffi::PRED> mask, float scale, int64_t groups,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  return AttendTied(pool, q, q_rope, tied.typed_data(), tied.element_count(), rope.typed_data(),
+                    rope.element_count(), tied_scales.typed_data(), rope_scales.typed_data(), mask,
+                    scale, groups, out->typed_data());
+}
+
 // The bindings: the thread pool and q, then the cache's buffers, then what both share.
 auto with_queries() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>(); }
 
@@ -295,6 +362,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MqaCpuDecodeAttend, AttendF32,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MqaCpuDecodeAttendInt8, AttendInt8,
                               with_mask_and_attributes(with_queries()
+                                                           .Arg<ffi::Buffer<ffi::S8>>()
+                                                           .Arg<ffi::Buffer<ffi::S8>>()
+                                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                                           .Arg<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MqaCpuDecodeAttendTied, AttendTiedF32,
+                              with_mask_and_attributes(with_queries()
+                                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                                           .Arg<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MqaCpuDecodeAttendTiedInt8, AttendTiedInt8,
+                              with_mask_and_attributes(with_queries()
+                                                           .Arg<ffi::Buffer<ffi::F32>>()
                                                            .Arg<ffi::Buffer<ffi::S8>>()
                                                            .Arg<ffi::Buffer<ffi::S8>>()
                                                            .Arg<ffi::Buffer<ffi::F32>>()

@@ -1,7 +1,8 @@
 """Grouped attention over the KV cache through a C++ kernel on XLA's CPU backend
 (`model.decode_impl="cpu_kernel"`): `cpu_decode.cc`, a `jax.ffi` custom call. Latent
 attention's absorbed decoding is the same computation with one K/V head whose keys and
-values are the cached rows (`latent.attend_latent_absorbed`).
+values are the cached rows (`latent.attend_latent_absorbed`); tied attention's keys add a
+rotary part shared by the K/V heads (`attend_tied`).
 
 XLA computes cached attention as two batched dot products (`core.attend`). For MQA at a
 large batch each (row, K/V head) product is [positions, head_dim] against the group's G
@@ -39,6 +40,8 @@ from mqa.errors import ConfigError
 SOURCE = pathlib.Path(__file__).with_name("cpu_decode.cc")
 TARGET = "mqa_cpu_decode_attend"
 TARGET_INT8 = "mqa_cpu_decode_attend_int8"  # an int8 cache, read as stored
+TARGET_TIED = "mqa_cpu_decode_attend_tied"  # tied attention: a second, shared part of each key
+TARGET_TIED_INT8 = "mqa_cpu_decode_attend_tied_int8"
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++20", "-shared", "-fPIC")
 
 
@@ -65,8 +68,10 @@ def register() -> pathlib.Path:
         partial.replace(library)  # atomic: another process may be building it too
     handlers = ctypes.cdll.LoadLibrary(str(library))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handlers.MqaCpuDecodeAttend), platform="cpu")
-    jax.ffi.register_ffi_target(TARGET_INT8, jax.ffi.pycapsule(handlers.MqaCpuDecodeAttendInt8),
-                                platform="cpu")
+    for target, handler in ((TARGET_INT8, handlers.MqaCpuDecodeAttendInt8),
+                            (TARGET_TIED, handlers.MqaCpuDecodeAttendTied),
+                            (TARGET_TIED_INT8, handlers.MqaCpuDecodeAttendTiedInt8)):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return library
 
 
@@ -114,4 +119,33 @@ def attend_masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sco
                            jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
         rows.astype(jnp.float32), *cache, mask.reshape(-1, t, s),
         scale=np.float32(score_dim ** -0.5), groups=np.int64(g))
+    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)
+
+
+def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout: str = "bksd",
+                q_offset: jax.Array | int = 0, window: jax.Array | int | None = None,
+                k_positions: jax.Array | None = None, sinks: int = 0,
+                int8: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
+                ) -> jax.Array:
+    """`tied.attend_tied` over a cache: q [b, t, h, d] (its last d/2 dimensions rotated);
+    tied [.., s, d] as the cache holds it; k_rope [(b,) s, d/2], shared by the K/V heads.
+    Head k's key at s is [tied[s, k, :n], k_rope[s]], its value tied[s, k]: the kernel
+    meets the tied state with the queries' first n dimensions (the rest zeroed, as the XLA
+    form does) and the shared rotary key with their last d/2. int8: ((tied int8, scales),
+    (k_rope int8, scales)) as stored."""
+    if jax.default_backend() != "cpu":
+        raise ConfigError(f"model.decode_impl='cpu_kernel' runs on the CPU, not on "
+                          f"{jax.default_backend()!r}; use 'einsum'")
+    register()
+    b, t, h, d = q.shape
+    s, r = tied.shape[-2], k_rope.shape[-1]
+    kv = tied.size // (b * s * d)
+    g = h // kv
+    mask = causal_mask(t, s, q_offset, window, k_positions, sinks).reshape(-1, t, s)
+    rows = q.astype(jnp.float32).reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
+    first, rotary = rows.at[..., d - r:].set(0), rows[..., d - r:]
+    cache = (tied, k_rope) if int8 is None else (*(x for x, _ in int8), *(scales for _, scales in int8))
+    out = jax.ffi.ffi_call(TARGET_TIED if int8 is None else TARGET_TIED_INT8,
+                           jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
+        first, rotary, *cache, mask, scale=np.float32(d ** -0.5), groups=np.int64(g))
     return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)

@@ -12,10 +12,13 @@ Letters as in `core`, and n = d - r the non-rotary half, r = d / 2 the rotary ha
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mqa.attention import cpu_decode
 from mqa.attention.core import (causal_mask, dense, init_output, init_params, masked_softmax,
                                ordered_einsum)
 from mqa.attention.protocol import AttentionFamily, CacheEntry, Keys, Mode, SelfAttention, sink_options
@@ -122,6 +125,10 @@ class TiedAttention(AttentionFamily):
         if mode is Mode.SELF:
             out = backend(attend_tied, (q,), (tied, k_rope), window=window, **sinks)
         else:
-            out = attend_tied(q, tied, k_rope, tied_layout=keys.axes["kv"], q_offset=keys.q_offset,
-                              window=window, k_positions=keys.positions, **sinks)
+            core = attend_tied
+            if self.config.decode_impl == "cpu_kernel":  # an int8 cache read as stored
+                core = functools.partial(cpu_decode.attend_tied, int8=keys.int8 and (
+                    keys.int8["kv"], keys.int8["k_rope"]))
+            out = core(q, tied, k_rope, tied_layout=keys.axes["kv"], q_offset=keys.q_offset,
+                       window=window, k_positions=keys.positions, **sinks)
         return dense(out, self.out[...].astype(dtype), contract=2)
