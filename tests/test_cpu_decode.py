@@ -1,9 +1,9 @@
 """The CPU decoding kernel (`model.decode_impl="cpu_kernel"`, mqa/attention/cpu_decode.cc):
 masked grouped attention against a float64 NumPy computation written here, for MHA, GQA
-and MQA shapes and tied attention's keys, head sizes with and without the vectorised paths, several query positions
-and per-row masks; and the model decoding through it as through the einsum core and the
-float64 reference, with windows, sinks, an int8 cache read as stored and prefill in chunks (ragged rows:
-tests/test_ragged.py)."""
+and MQA shapes and tied attention's keys, head sizes with and without the vectorised
+paths, several query positions, int8 caches read as stored, and per-row masks (as a
+ragged batch gives them); and every family decoding through it as through the einsum core
+or the float64 reference, with windows, sinks, int8 caches and prefill in chunks."""
 
 import dataclasses
 

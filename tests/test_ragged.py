@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from helpers import BASE, FAMILIES, OPTIONS, jit, make
-from mqa.attention import cpu_decode
 from mqa.kv_cache import init_cache
 
 LENGTHS = (4, 9, 6)   # the rows' prompts; the longest sets the padded width
@@ -17,14 +16,12 @@ STEPS = 3             # then decoded together, a token at a time
 CONFIGS = {  # (family, option) of the family table: plain and ring caches, int8 and int4
     "GQA": ("GQA", "none"), "MQA-local-global": ("MQA", "local-global"),
     "tied-int8": ("tied", "int8"), "latent-q-local": ("latent-q", "local"),
-    # the C++ decoding kernel's per-row masks (tests/test_cpu_decode.py)
-    "MQA-local-global-cpu-kernel": ("MQA", "local-global", dict(decode_impl="cpu_kernel")),
 }
 
 
 def config_of(name):
-    family, option, *changes = CONFIGS[name]
-    return dataclasses.replace(BASE, **FAMILIES[family], **OPTIONS[option], **(changes or [{}])[0])
+    family, option = CONFIGS[name]
+    return dataclasses.replace(BASE, **FAMILIES[family], **OPTIONS[option])
 
 
 @jit
@@ -40,9 +37,7 @@ def run(model, prompt, following, starts=None):
     return jnp.stack(out, axis=1)
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.skipif(
-    "cpu-kernel" in name and not cpu_decode.compiler_found(), reason="no C++ compiler to build the kernel"))
-    for name in CONFIGS])
+@pytest.mark.parametrize("name", CONFIGS)
 def test_a_ragged_batch_gives_each_row_its_own_logits(name):
     config = config_of(name)
     model = make(config=config)
