@@ -44,6 +44,7 @@ def masked_attention(q, k, v, mask, scale):
     (1, 2, 8, 8, 33, 64, False, False),   # MHA
     (2, 1, 8, 1, 40, 64, True, True),     # 64-dim rows, 8 per K/V head (latent attention's shape), int8
     (2, 1, 16, 2, 20, 16, True, False),   # 8 query heads per K/V head, 16-dim heads
+    (3, 3, 4, 1, 45, 32, True, True),     # 12 rows per K/V head: the 8-row path, then the 4-row one
 ])
 def test_the_kernel_is_masked_attention_in_float64(b, t, h, kv, s, d, per_row, int8):
     """int8: the kernel reads int8 vectors and their scales; the reference attends to what

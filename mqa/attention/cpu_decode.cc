@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <latch>
+#include <type_traits>
 #include <utility>
 #include <immintrin.h>
 #include <vector>
@@ -112,37 +113,66 @@ inline __m256 dot8(const float* q, const E* key, int64_t D) {
 // the softmax runs down the positions with each row in its own lane; then the values, each
 // read once, into 8 x D accumulators held in registers. mask: the 8 rows' query positions'
 // rows of the mask (rows r and r' share one when r / G == r' / G).
-template <int D, typename E>
-void attend8(const float* q, const E* k, const E* v, const float* k_scales, const float* v_scales,
-             const SharedKey<E>& shared, const bool* const* visible, float* out, int64_t S, float scale,
-             std::vector<float>& buffer) {
-  buffer.resize(S * 8);
+// The same for 4 rows: a shorter hadd tree.
+template <typename E>
+inline __m128 dot4(const float* q, const E* key, int64_t D) {
+  __m256 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 kd = load8(key + d);
+    for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), kd, acc[r]);
+  }
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));  // rows 0..3
+}
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef float f4 __attribute__((vector_size(16)));
+
+// ROWS (4 or 8) rows' sums with one key, as one vector of ROWS lanes.
+template <int ROWS, typename E>
+inline auto dot_rows(const float* q, const E* key, int64_t D) {
+  if constexpr (ROWS == 8) {
+    return reinterpret_cast<f8>(dot8(q, key, D));
+  } else {
+    return reinterpret_cast<f4>(dot4(q, key, D));
+  }
+}
+
+// ROWS (4 or 8) rows (query heads of one K/V head, and query positions) at once, D = 16, 32
+// or 64: scores kept position-major [S, ROWS], so that the sums of a key leave in one store
+// and the softmax runs down the positions with each row in its own lane; then the values,
+// each read once, into ROWS x D accumulators held in registers. visible: the rows' query
+// positions' rows of the mask (rows r and r' share one when r / G == r' / G).
+template <int D, int ROWS, typename E>
+void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, const float* v_scales,
+                 const SharedKey<E>& shared, const bool* const* visible, float* out, int64_t S,
+                 float scale, std::vector<float>& buffer) {
+  using Lanes = std::conditional_t<ROWS == 8, f8, f4>;
+  buffer.resize(S * ROWS);
   float* p = buffer.data();
-  const __m256 minus_inf = _mm256_set1_ps(-INFINITY), scaled = _mm256_set1_ps(scale);
-  __m256 row_max = minus_inf;
-  alignas(32) float open[8];
+  Lanes row_max = Lanes{} - INFINITY;
   for (int64_t s = 0; s < S; ++s) {
-    for (int r = 0; r < 8; ++r) open[r] = visible[r][s] ? 0.0f : -INFINITY;
-    const __m256 factor = k_scales ? _mm256_mul_ps(scaled, _mm256_set1_ps(k_scales[s])) : scaled;
-    __m256 scores = _mm256_add_ps(_mm256_mul_ps(dot8(q, k + s * D, D), factor), _mm256_load_ps(open));
+    Lanes open;
+    for (int r = 0; r < ROWS; ++r) open[r] = visible[r][s] ? 0.0f : -INFINITY;
+    Lanes scores = dot_rows<ROWS>(q, k + s * D, D) * (scale * scale_of(k_scales, s)) + open;
     if (shared.k) {
-      const __m256 extra = shared.scales ? _mm256_mul_ps(scaled, _mm256_set1_ps(shared.scales[s])) : scaled;
-      scores = _mm256_fmadd_ps(dot8(shared.q, shared.k + s * shared.D, shared.D), extra, scores);
+      scores += dot_rows<ROWS>(shared.q, shared.k + s * shared.D, shared.D) *
+                (scale * scale_of(shared.scales, s));
     }
-    _mm256_storeu_ps(p + s * 8, scores);
-    row_max = _mm256_max_ps(row_max, scores);
+    std::memcpy(p + s * ROWS, &scores, sizeof(scores));
+    row_max = scores > row_max ? scores : row_max;
   }
-  alignas(32) float maxes[8], sums[8] = {};
-  _mm256_store_ps(maxes, row_max);
-  for (int r = 0; r < 8; ++r) maxes[r] = maxes[r] == -INFINITY ? 0.0f : maxes[r];
+  float maxes[ROWS], sums[ROWS] = {};
+  for (int r = 0; r < ROWS; ++r) maxes[r] = row_max[r] == -INFINITY ? 0.0f : row_max[r];
   for (int64_t s = 0; s < S; ++s) {
-    for (int r = 0; r < 8; ++r) {
-      p[s * 8 + r] = std::exp(p[s * 8 + r] - maxes[r]);
-      sums[r] += p[s * 8 + r];
+    for (int r = 0; r < ROWS; ++r) {
+      p[s * ROWS + r] = std::exp(p[s * ROWS + r] - maxes[r]);
+      sums[r] += p[s * ROWS + r];
     }
   }
-  values_tile<D, 8>(p, 1, 8, S, v, v_scales, out);
-  for (int r = 0; r < 8; ++r) {
+  values_tile<D, ROWS>(p, 1, ROWS, S, v, v_scales, out);
+  for (int r = 0; r < ROWS; ++r) {
     const float inverse = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
     for (int d = 0; d < D; ++d) out[r * D + d] *= inverse;
   }
@@ -161,14 +191,18 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
   int64_t first = 0;  // rows done
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (FIXED_D == 16 || FIXED_D == 32 || FIXED_D == 64) {
-    for (; first + 8 <= R && shared.D % 8 == 0; first += 8) {
-      const bool* visible[8];
-      for (int r = 0; r < 8; ++r) visible[r] = mask + ((first + r) / n.G) * S;
-      SharedKey<E> rows = shared;
-      rows.q = shared.q ? shared.q + first * shared.D : nullptr;
-      attend8<FIXED_D>(q + first * D, k, v, k_scales, v_scales, rows, visible, out + first * D, S,
-                       scale, scores);
-    }
+    auto block = [&](auto rows) {  // rows: std::integral_constant<int, 4 or 8>
+      constexpr int ROWS = decltype(rows)::value;
+      const bool* visible[ROWS];
+      for (int r = 0; r < ROWS; ++r) visible[r] = mask + ((first + r) / n.G) * S;
+      SharedKey<E> part = shared;
+      part.q = shared.q ? shared.q + first * shared.D : nullptr;
+      attend_rows<FIXED_D, ROWS>(q + first * D, k, v, k_scales, v_scales, part, visible,
+                                 out + first * D, S, scale, scores);
+      first += ROWS;
+    };
+    while (shared.D % 8 == 0 && first + 8 <= R) block(std::integral_constant<int, 8>{});
+    while (shared.D % 8 == 0 && first + 4 <= R) block(std::integral_constant<int, 4>{});
   }
 #endif
   if (first == R) return;
