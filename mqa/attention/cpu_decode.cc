@@ -86,56 +86,35 @@ void values_tile(const float* weights, int64_t row_stride, int64_t step, int64_t
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Eight rows' dot products with one key, for D a multiple of 8: 8 partial vectors summed
-// across lanes together (hadd tree), instead of one horizontal sum per row.
+// 8 elements of a cache row as floats.
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 inline __m256 load8(const int8_t* x) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x))));
 }
 
-template <typename E>
-inline __m256 dot8(const float* q, const E* key, int64_t D) {
-  __m256 acc[8];
-  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) {
-    const __m256 kd = load8(key + d);
-    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), kd, acc[r]);
-  }
-  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
-  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                       _mm256_permute2f128_ps(u0, u1, 0x31));  // rows 0..7
-}
-
-// Eight rows (query heads of one K/V head, and query positions) at once, D = 16, 32 or 64:
-// scores kept position-major [S, 8], so that the 8 sums of a key leave in one store and
-// the softmax runs down the positions with each row in its own lane; then the values, each
-// read once, into 8 x D accumulators held in registers. mask: the 8 rows' query positions'
-// rows of the mask (rows r and r' share one when r / G == r' / G).
-// The same for 4 rows: a shorter hadd tree.
-template <typename E>
-inline __m128 dot4(const float* q, const E* key, int64_t D) {
-  __m256 acc[4];
-  for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) {
-    const __m256 kd = load8(key + d);
-    for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), kd, acc[r]);
-  }
-  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));  // rows 0..3
-}
-
 typedef float f8 __attribute__((vector_size(32)));
 typedef float f4 __attribute__((vector_size(16)));
 
-// ROWS (4 or 8) rows' sums with one key, as one vector of ROWS lanes.
+// ROWS (4 or 8) rows' dot products with one key, for D a multiple of 8, as one vector of
+// ROWS lanes: the rows' partial vectors summed across lanes together (a hadd tree), instead
+// of one horizontal sum per row.
 template <int ROWS, typename E>
 inline auto dot_rows(const float* q, const E* key, int64_t D) {
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 kd = load8(key + d);
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), kd, acc[r]);
+  }
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
   if constexpr (ROWS == 8) {
-    return reinterpret_cast<f8>(dot8(q, key, D));
+    const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return reinterpret_cast<f8>(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                              _mm256_permute2f128_ps(u0, u1, 0x31)));
   } else {
-    return reinterpret_cast<f4>(dot4(q, key, D));
+    const __m256 u = _mm256_hadd_ps(t0, t1);
+    return reinterpret_cast<f4>(_mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
   }
 }
 
