@@ -67,12 +67,31 @@ def register() -> pathlib.Path:
                               f"{compiler!r} ({lines[0].strip()}); use 'einsum'") from None
         partial.replace(library)  # atomic: another process may be building it too
     handlers = ctypes.cdll.LoadLibrary(str(library))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handlers.MqaCpuDecodeAttend), platform="cpu")
-    for target, handler in ((TARGET_INT8, handlers.MqaCpuDecodeAttendInt8),
+    for target, handler in ((TARGET, handlers.MqaCpuDecodeAttend),
+                            (TARGET_INT8, handlers.MqaCpuDecodeAttendInt8),
                             (TARGET_TIED, handlers.MqaCpuDecodeAttendTied),
                             (TARGET_TIED_INT8, handlers.MqaCpuDecodeAttendTiedInt8)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return library
+
+
+def _check_backend() -> None:
+    if jax.default_backend() != "cpu":
+        raise ConfigError(f"model.decode_impl='cpu_kernel' runs on the CPU, not on "
+                          f"{jax.default_backend()!r}; use 'einsum'")
+
+
+def _rows(q: jax.Array, kv: int) -> jax.Array:
+    """q [b, t, h, d] -> float32 [b, kv, t * g, d]: each K/V head's query rows."""
+    b, t, h, d = q.shape
+    return q.astype(jnp.float32).reshape(b, t, kv, h // kv, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, -1, d)
+
+
+def _unrows(out: jax.Array, q: jax.Array) -> jax.Array:
+    """`_rows`' inverse: [b, kv, t * g, d] -> [b, t, h, d] in q's dtype."""
+    b, t, h, d = q.shape
+    kv = out.shape[1]
+    return out.reshape(b, kv, t, h // kv, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
 def compiler_found() -> bool:
@@ -90,9 +109,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | in
     size 1: heads before positions, always). Same arguments and result. int8: for an int8
     cache, ((k values, k scales), (v values, v scales)) as stored (`Keys.int8`), which the
     kernel reads instead of k and v: a quarter of the bytes, and no dequantized copy."""
-    if jax.default_backend() != "cpu":
-        raise ConfigError(f"model.decode_impl='cpu_kernel' runs on the CPU, not on "
-                          f"{jax.default_backend()!r}; use 'einsum'")
+    _check_backend()
     if "s" not in kv_layout or kv_layout.index("s") != len(kv_layout) - 2:
         raise ValueError(f"cpu_kernel takes a cache layout with positions before the head dim, not {kv_layout!r}")
     mask = causal_mask(q.shape[1], k.shape[-2], q_offset, window, k_positions, sinks)
@@ -112,14 +129,13 @@ def attend_masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sco
     b, t, h, d = q.shape
     s = mask.shape[-1]
     kv = k.size // (b * s * d)
-    g = h // kv
-    rows = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)  # [b, k, t g, d]
+    rows = _rows(q, kv)
     cache = (k, v) if int8 is None else (*(values for values, _ in int8), *(scales for _, scales in int8))
     out = jax.ffi.ffi_call(TARGET if int8 is None else TARGET_INT8,
                            jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
-        rows.astype(jnp.float32), *cache, mask.reshape(-1, t, s),
-        scale=np.float32(score_dim ** -0.5), groups=np.int64(g))
-    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)
+        rows, *cache, mask.reshape(-1, t, s), scale=np.float32(score_dim ** -0.5),
+        groups=np.int64(h // kv))
+    return _unrows(out, q)
 
 
 def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout: str = "bksd",
@@ -133,19 +149,16 @@ def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout
     meets the tied state with the queries' first n dimensions (the rest zeroed, as the XLA
     form does) and the shared rotary key with their last d/2. int8: ((tied int8, scales),
     (k_rope int8, scales)) as stored."""
-    if jax.default_backend() != "cpu":
-        raise ConfigError(f"model.decode_impl='cpu_kernel' runs on the CPU, not on "
-                          f"{jax.default_backend()!r}; use 'einsum'")
+    _check_backend()
     register()
     b, t, h, d = q.shape
     s, r = tied.shape[-2], k_rope.shape[-1]
     kv = tied.size // (b * s * d)
-    g = h // kv
     mask = causal_mask(t, s, q_offset, window, k_positions, sinks).reshape(-1, t, s)
-    rows = q.astype(jnp.float32).reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
+    rows = _rows(q, kv)
     first, rotary = rows.at[..., d - r:].set(0), rows[..., d - r:]
     cache = (tied, k_rope) if int8 is None else (*(x for x, _ in int8), *(scales for _, scales in int8))
     out = jax.ffi.ffi_call(TARGET_TIED if int8 is None else TARGET_TIED_INT8,
                            jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
-        first, rotary, *cache, mask, scale=np.float32(d ** -0.5), groups=np.int64(g))
-    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)
+        first, rotary, *cache, mask, scale=np.float32(d ** -0.5), groups=np.int64(h // kv))
+    return _unrows(out, q)
