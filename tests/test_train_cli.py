@@ -107,13 +107,18 @@ TRAIN_CHILD = textwrap.dedent("""
 """)
 
 
-def train_in_child(runs: list[tuple[pathlib.Path, list[str]]], devices: int) -> None:
-    """trainer.train for each (workdir, overrides) in one child process with `devices` CPU devices,
-    compiled unoptimized (cli_env)."""
+def start_child(runs: list[tuple[pathlib.Path, list[str]]], devices: int) -> subprocess.Popen:
+    """trainer.train for each (workdir, overrides) in one child process with `devices` CPU
+    devices, compiled unoptimized (cli_env), started."""
     arg = json.dumps([(str(workdir), overrides) for workdir, overrides in runs])
-    result = subprocess.run([sys.executable, "-c", TRAIN_CHILD, arg], cwd=REPO, env=cli_env(devices, optimize=False),
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    return subprocess.Popen([sys.executable, "-c", TRAIN_CHILD, arg], cwd=REPO,
+                            env=cli_env(devices, optimize=False), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(child: subprocess.Popen) -> None:
+    _, stderr = child.communicate(timeout=900)
+    assert child.returncode == 0, stderr[-3000:]
 
 
 # (name, overrides, the 2 x 2 meshes to try)
@@ -132,13 +137,18 @@ FAMILIES = [
 def test_four_devices_match_one(tmp_path):
     """2 x 2 meshes over 4 simulated devices train like one device, for MHA, for MQA
     with cross-layer K/V sharing, for tied attention with sharing and for latent attention
-    with low-rank queries and sliding windows. The runs of each device count share a child."""
+    with low-rank queries and sliding windows. The runs of each device count share a child;
+    the two children run at once (each compiles mostly on one thread)."""
     meshes = [(i, a, b) for i, (_, _, family_meshes) in enumerate(FAMILIES) for a, b in family_meshes]
     short = [*SHORT, "train.steps=6", "train.eval_every=6"]
-    train_in_child([(tmp_path / f"{i}-one", [*overrides, *short]) for i, (_, overrides, _) in enumerate(FAMILIES)],
-                   devices=1)
-    train_in_child([(tmp_path / f"{i}-{a}-{b}", [*FAMILIES[i][1], *short, "mesh.data=1", f"mesh.{a}=2",
-                                                  f"mesh.{b}=2"]) for i, a, b in meshes], devices=4)
+    children = [
+        start_child([(tmp_path / f"{i}-one", [*overrides, *short])
+                     for i, (_, overrides, _) in enumerate(FAMILIES)], devices=1),
+        start_child([(tmp_path / f"{i}-{a}-{b}", [*FAMILIES[i][1], *short, "mesh.data=1",
+                                                   f"mesh.{a}=2", f"mesh.{b}=2"])
+                     for i, a, b in meshes], devices=4)]
+    for child in children:
+        finish(child)
     for i, a, b in meshes:
         one, four = losses(tmp_path / f"{i}-one"), losses(tmp_path / f"{i}-{a}-{b}")
         assert sorted(one) == sorted(four) == list(range(1, 7))

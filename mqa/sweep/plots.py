@@ -24,12 +24,14 @@ def plot_metric(rows: list[dict], x: str, y: str, series: list[str], path: pathl
     `series` columns (the other swept fields), with `error` (a column of half-widths, e.g.
     95% intervals) as error bars where it has a value, and a black star on the rows whose
     `resolved` column is true. Numeric x on a log2 axis when positive; other x
-    (configuration names) as categories in table order."""
-    fig, axis = plt.subplots(figsize=(6, 4))
+    (configuration names) as categories in table order, their labels slanted and the figure
+    widened to keep a dozen of them apart."""
+    numeric = all(isinstance(r[x], (int, float)) and not isinstance(r[x], bool) for r in rows)
+    categories = len({str(r[x]) for r in rows})
+    fig, axis = plt.subplots(figsize=(6 if numeric else max(6.0, 2.0 + 0.55 * categories), 4.5))
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[s] for s in series), []).append(row)
-    numeric = all(isinstance(r[x], (int, float)) and not isinstance(r[x], bool) for r in rows)
     for key, members in groups.items():
         members = [r for r in members if r.get(y) is not None]
         if numeric:
@@ -50,7 +52,7 @@ def plot_metric(rows: list[dict], x: str, y: str, series: list[str], path: pathl
         ticks = sorted({r[x] for r in rows})
         axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
     if not numeric:
-        axis.tick_params(axis="x", labelrotation=20)
+        plt.setp(axis.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
     axis.set_xlabel(x)
     axis.set_ylabel(ylabel)
     axis.set_title(title)
@@ -102,9 +104,12 @@ def pareto_front(rows: list[dict], x: str, y: str, *, lower_is_better: bool = Tr
 
 def plot_frontier(rows: list[dict], y: str, path: pathlib.Path, *, ylabel: str, title: str,
                   error: str | None = None, lower_is_better: bool = True,
-                  x: str = "kv_cache_bytes_per_token") -> None:
+                  x: str = "kv_cache_bytes_per_token", resolved: str | None = None,
+                  baseline: str | None = None) -> None:
     """`y` (with `error` half-widths as bars) against KV-cache bytes per token on a log
-    axis, a labelled point per configuration, the Pareto-optimal ones joined."""
+    axis, a labelled point per configuration, the Pareto-optimal ones joined, and a black
+    ring around the points whose `resolved` column is true (their difference from
+    `baseline` survives Holm's correction)."""
     rows = [r for r in rows if r.get(y) is not None and r.get(x)]
     fig, axis = plt.subplots(figsize=(7.5, 4.8))
     for index, row in enumerate(rows):
@@ -112,6 +117,11 @@ def plot_frontier(rows: list[dict], y: str, path: pathlib.Path, *, ylabel: str, 
                       fmt="o", capsize=4, color=f"C{index % 10}")
         axis.annotate(row["configuration"], (row[x], row[y]), textcoords="offset points",
                       xytext=(5, 5), fontsize="small")
+    ringed = [r for r in rows if resolved and r.get(resolved) is True]
+    if ringed:
+        axis.plot([r[x] for r in ringed], [r[y] for r in ringed], "o", markersize=13,
+                  markerfacecolor="none", color="black", zorder=3,
+                  label=f"differs from {baseline or 'the baseline'} (Holm-adjusted p < 0.05)")
     front = pareto_front(rows, x, y, lower_is_better=lower_is_better)
     axis.plot([r[x] for r in front], [r[y] for r in front], "-", color="black", linewidth=1,
               alpha=0.6, label="Pareto front (means)")
@@ -154,7 +164,8 @@ def write_figures(workdir: pathlib.Path, fields: Iterable[str], rows: list[dict]
     context = "/".join(sorted({str(r["decode_context"]) for r in rows}))
     plot_frontier(rows, "eval_loss_mean", workdir / "frontier.png", error="eval_loss_ci95",
                   ylabel="held-out loss (nats/token), mean and 95% interval",
-                  title=f"held-out loss against KV cache (at context {context})")
+                  title=f"held-out loss against KV cache (at context {context})",
+                  resolved="eval_loss_diff_resolved", baseline=baseline)
     plot_frontier(rows, "decode_tokens_per_sec", workdir / "frontier_decode.png",
                   lower_is_better=False, ylabel="decoding tokens/s",
                   title=f"decoding, batch {decode_batch}, context {context}")
