@@ -9,7 +9,9 @@ context, Gemma 3 270M (MQA, 15 of 18 layers on 512-slot rings) at 2K, 8K and 32K
 context batch 1, `--batches`, and the most sequences whose caches fit `--budget_gb`
 (`serving.max_batch`, the "max" rows). Each cell times `--steps` cached steps from a cache
 already holding `context` tokens, side by side in alternating rounds:
-  - mqa: the compiled loop `mqa.generate` runs (`timing.decode_loop`);
+  - mqa: the compiled loop `mqa.generate` runs (`timing.decode_loop`), attention over the
+    cache through XLA's products; mqa_kernel (with `--kernel`): the same loop through the
+    C++ kernel (`model.decode_impl=cpu_kernel`);
   - transformers: `generate` (sdpa attention, float32, torch's threads) from a
     `DynamicCache` holding the same positions (`decode.hf_cache`: built, not prefilled;
     what a step does does not depend on what the cache holds).
@@ -30,7 +32,10 @@ import mqa  # noqa: E402
 from benchmarks.common import REPO, RESULTS, converted, write_results  # noqa: E402
 from benchmarks.decode import hf_generate_runner, read_bandwidth  # noqa: E402
 from benchmarks.serving import max_batch  # noqa: E402
+from flax import nnx  # noqa: E402
 from mqa import accounting  # noqa: E402
+from mqa.model import Transformer  # noqa: E402
+from mqa.model_config import ModelConfig  # noqa: E402
 from mqa.timing import alternating_medians, decode_loop, timed  # noqa: E402
 
 # --model -> (its default workdir under runs/, its default contexts)
@@ -70,6 +75,8 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="mqa only")
+    parser.add_argument("--kernel", action="store_true",
+                        help="also time mqa through the C++ decoding kernel (mqa_kernel columns)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "long_context")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.budget_gb < 0:
@@ -79,6 +86,17 @@ def parse(argv) -> argparse.Namespace:
     args.workdir = args.workdir or REPO / "runs" / workdir
     args.contexts = args.contexts or contexts
     return args
+
+
+def timed_graphdefs(graphdef: nnx.GraphDef, config: ModelConfig, kernel: bool) -> dict:
+    """{column prefix: graphdef} to time: "mqa" (as loaded), and with `kernel` "mqa_kernel",
+    built from the config with decode_impl=cpu_kernel (the layers attend as the config in
+    their graphdef says: a replaced config passed beside a loaded graphdef changes nothing)."""
+    graphdefs = {"mqa": graphdef}
+    if kernel:
+        changed = dataclasses.replace(config, decode_impl="cpu_kernel")
+        graphdefs["mqa_kernel"] = nnx.graphdef(nnx.eval_shape(lambda: Transformer(changed, rngs=nnx.Rngs(0))))
+    return graphdefs
 
 
 def main(argv=None) -> None:
@@ -97,16 +115,19 @@ def main(argv=None) -> None:
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
             attn_implementation="sdpa").eval()
     config = dataclasses.replace(model.model_config, max_seq_len=max(args.contexts) + args.steps)
+    graphdefs = timed_graphdefs(model.graphdef, model.model_config, args.kernel)
     weights = accounting.param_count(config) * 4
     bandwidth = read_bandwidth(256)
     rows = []
     for context in args.contexts:
         most = max_batch(config, context, args.budget_gb * 1e9)[0] if args.budget_gb else 0
         for batch in sorted({1, *args.batches, *([most] if most else [])}):
-            run, _, cache_bytes = decode_loop(model.graphdef, model.params, config, batch,
-                                              context, args.steps)
-            run()
-            runs = {"mqa": timed(run)}
+            runs = {}
+            for name, graphdef in graphdefs.items():
+                run, _, cache_bytes = decode_loop(graphdef, model.params, config, batch, context,
+                                                  args.steps)
+                run()  # compile
+                runs[name] = timed(run)
             if hf is not None:
                 runs["transformers"] = hf_generate_runner(hf, batch, context, args.steps)
             seconds = alternating_medians(runs, args.repeats, group=lambda k: k, pause=1.0)
@@ -119,7 +140,7 @@ def main(argv=None) -> None:
                 row[f"{name}_floor_fraction"] = floor / step
             rows.append(row)
             print(row, flush=True)
-            del run, runs
+            del runs
     write_results(args.out, args.model, rows, decode_steps=args.steps, budget_gb=args.budget_gb,
                   read_bandwidth_bytes_per_sec=bandwidth, gguf=gguf_path.name,
                   torch_threads=_torch_threads())

@@ -67,7 +67,9 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, 
     from a cache holding `context` tokens, waiting for the result (the cache is donated and
     reused by the next call); `hlo()` is the compiled loop's HLO text. `context + steps`
     must fit `config.max_seq_len`. starts int [batch]: a ragged batch, row b holding
-    context - starts[b] tokens (`KVCache.starts`)."""
+    context - starts[b] tokens (`KVCache.starts`). `config` lays out the cache; how the
+    layers attend (`decode_impl`, ...) is the config inside `graphdef`, which a replaced
+    `config` does not change: build the graphdef from the config to time."""
 
     @functools.partial(jax.jit, donate_argnums=1)
     def decode(params, cache, token):

@@ -45,6 +45,12 @@ def masked_attention(q, k, v, mask, scale):
     (2, 1, 8, 1, 40, 64, True, True),     # 64-dim rows, 8 per K/V head (latent attention's shape), int8
     (2, 1, 16, 2, 20, 16, True, False),   # 8 query heads per K/V head, 16-dim heads
     (3, 3, 4, 1, 45, 32, True, True),     # 12 rows per K/V head: the 8-row path, then the 4-row one
+    (2, 1, 9, 3, 77, 64, True, False),    # SmolLM2's 3 rows per K/V head: a 4-row block, one row padded
+    (2, 1, 9, 3, 77, 64, True, True),     # the same from an int8 cache
+    (2, 1, 14, 2, 50, 32, True, False),   # 7 rows: a 4-row block, then 3 padded
+    (2, 2, 4, 1, 50, 256, True, False),   # Gemma 3's 256-dim heads: 64 value columns at a time
+    (1, 2, 8, 1, 30, 128, False, True),   # 128-dim rows, 16 per K/V head: two 8-row blocks, int8
+    (2, 1, 9, 1, 40, 128, True, False),   # 128-dim rows, 9: the plain loop (one pass over the cache)
 ])
 def test_the_kernel_is_masked_attention_in_float64(b, t, h, kv, s, d, per_row, int8):
     """int8: the kernel reads int8 vectors and their scales; the reference attends to what
@@ -67,12 +73,13 @@ def test_the_kernel_is_masked_attention_in_float64(b, t, h, kv, s, d, per_row, i
     np.testing.assert_allclose(got, masked_attention(q, k, v, mask, d ** -0.5), atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kv, int8", [(1, False), (2, True)])
-def test_tied_keys_are_the_tied_state_and_the_shared_rotary_key(kv, int8):
+@pytest.mark.parametrize("kv, group, t, int8", [(1, 8, 2, False), (2, 8, 2, True), (2, 3, 1, False)])
+def test_tied_keys_are_the_tied_state_and_the_shared_rotary_key(kv, group, t, int8):
     """GTA's layout (`cpu_decode.attend_tied`): head k's key at s is [tied[s, k, :16],
-    k_rope[s]] and its value tied[s, k]; 8 query heads of 32 per K/V head (the 8-row path)
-    over 60 keys, the last 2 positions queried causally, against float64."""
-    b, t, h, s, d = 2, 2, 8 * kv, 60, 32
+    k_rope[s]] and its value tied[s, k]; `group` query heads of 32 per K/V head (8: the 8-row
+    path; 3 decoding: a 4-row block with its rotary queries padded too) over 60 keys, the
+    last t positions queried causally, against float64."""
+    b, h, s, d = 2, group * kv, 60, 32
     rng = np.random.default_rng(kv)
     q = rng.normal(size=(b, t, h, d)).astype(np.float32)
     tied = rng.normal(size=(b, kv, s, d)).astype(np.float32)

@@ -1,8 +1,16 @@
-"""benchmarks/long_context.py's one-line errors, before any model is loaded."""
+"""benchmarks/long_context.py's one-line errors, before any model is loaded, and its
+kernel column's loop."""
+
+import dataclasses
 
 import pytest
+from flax import nnx
 
 from benchmarks import long_context
+from helpers import BASE
+from mqa.attention import cpu_decode
+from mqa.model import Transformer
+from mqa.timing import decode_loop
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -25,3 +33,17 @@ def test_defaults_follow_the_model():
     args = long_context.parse(["--model=smollm2", "--contexts=512"])
     assert args.contexts == [512] and args.workdir.name == "smollm2"
     assert long_context.parse(["--model=smollm2"]).contexts == [2048, 8176]  # + 16 steps: 8,192
+
+
+@pytest.mark.skipif(not cpu_decode.compiler_found(), reason="no C++ compiler to build the kernel")
+def test_the_kernel_column_decodes_through_the_kernel():
+    """`--kernel` times a loop that calls the kernel in every layer, and the plain column
+    one that does not: the loaded graphdef carries its own decode_impl."""
+    config = dataclasses.replace(BASE, num_layers=2, max_seq_len=64)
+    graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+    graphdefs = long_context.timed_graphdefs(graphdef, config, kernel=True)
+    calls = {}
+    for name, timed_graphdef in graphdefs.items():
+        _, hlo, _ = decode_loop(timed_graphdef, params, config, 2, 16, 2)
+        calls[name] = hlo().count(f'custom_call_target="{cpu_decode.TARGET}"')
+    assert calls == {"mqa": 0, "mqa_kernel": 2}

@@ -63,17 +63,18 @@ inline f16 load16(const int8_t* x) {
 // The scale of cache vector s: 1 for a float cache.
 inline float scale_of(const float* scales, int64_t s) { return scales ? scales[s] : 1.0f; }
 
-// ROWS rows' weighted sums of the values, out [ROWS, D] = weights [ROWS, S] @ values [S, D]
-// (times each value row's scale), weight (r, s) at weights[r * row_stride + s * step],
-// accumulated in registers (16-float vectors) over all S positions: each value row read once.
+// ROWS rows' weighted sums of D columns of the values, out [ROWS, D] = weights [ROWS, S] @
+// values [S, D] (times each value row's scale), weight (r, s) at weights[r * row_stride +
+// s * step], value row s at values + s * ld, out row r at out + r * out_ld, accumulated in
+// registers (16-float vectors) over all S positions: each value row read once.
 template <int D, int ROWS, typename E>
 void values_tile(const float* weights, int64_t row_stride, int64_t step, int64_t S,
-                 const E* values, const float* scales, float* out) {
+                 const E* values, int64_t ld, const float* scales, float* out, int64_t out_ld) {
   constexpr int V = D / 16;
   f16 acc[ROWS][V] = {};
   for (int64_t s = 0; s < S; ++s) {
     f16 value[V];
-    for (int i = 0; i < V; ++i) value[i] = load16(values + s * D + 16 * i);
+    for (int i = 0; i < V; ++i) value[i] = load16(values + s * ld + 16 * i);
     const float scale = scale_of(scales, s);
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
@@ -82,7 +83,7 @@ void values_tile(const float* weights, int64_t row_stride, int64_t step, int64_t
       for (int i = 0; i < V; ++i) acc[r][i] += w * value[i];
     }
   }
-  std::memcpy(out, acc, sizeof(acc));
+  for (int r = 0; r < ROWS; ++r) std::memcpy(out + r * out_ld, acc[r], sizeof(acc[r]));
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -118,10 +119,11 @@ inline auto dot_rows(const float* q, const E* key, int64_t D) {
   }
 }
 
-// ROWS (4 or 8) rows (query heads of one K/V head, and query positions) at once, D = 16, 32
-// or 64: scores kept position-major [S, ROWS], so that the sums of a key leave in one store
-// and the softmax runs down the positions with each row in its own lane; then the values,
-// each read once, into ROWS x D accumulators held in registers. visible: the rows' query
+// ROWS (4 or 8) rows (query heads of one K/V head, and query positions) at once, D = 16, 32,
+// 64, 128 or 256: scores kept position-major [S, ROWS], so that the sums of a key leave in
+// one store and the softmax runs down the positions with each row in its own lane; then the
+// values, each read once, into ROWS x 64 accumulators held in registers (wider rows: 64
+// columns at a time, each column block of the values read once). visible: the rows' query
 // positions' rows of the mask (rows r and r' share one when r / G == r' / G).
 template <int D, int ROWS, typename E>
 void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, const float* v_scales,
@@ -150,7 +152,8 @@ void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, 
       sums[r] += p[s * ROWS + r];
     }
   }
-  values_tile<D, ROWS>(p, 1, ROWS, S, v, v_scales, out);
+  constexpr int C = D < 64 ? D : 64;  // columns per register tile
+  for (int c = 0; c < D; c += C) values_tile<C, ROWS>(p, 1, ROWS, S, v + c, D, v_scales, out + c, D);
   for (int r = 0; r < ROWS; ++r) {
     const float inverse = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
     for (int d = 0; d < D; ++d) out[r * D + d] *= inverse;
@@ -169,19 +172,36 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
   const int64_t R = n.R, S = n.S;
   int64_t first = 0;  // rows done
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (FIXED_D == 16 || FIXED_D == 32 || FIXED_D == 64) {
-    auto block = [&](auto rows) {  // rows: std::integral_constant<int, 4 or 8>
+  if constexpr (FIXED_D == 16 || FIXED_D == 32 || FIXED_D == 64 || FIXED_D == 128 || FIXED_D == 256) {
+    // rows: std::integral_constant<int, 4 or 8>; q, q_shared: their queries; out: theirs.
+    auto block = [&](auto rows, const float* q_rows, const float* q_shared, float* o, int64_t live) {
       constexpr int ROWS = decltype(rows)::value;
       const bool* visible[ROWS];
-      for (int r = 0; r < ROWS; ++r) visible[r] = mask + ((first + r) / n.G) * S;
+      for (int r = 0; r < ROWS; ++r) visible[r] = mask + ((first + std::min<int64_t>(r, live - 1)) / n.G) * S;
       SharedKey<E> part = shared;
-      part.q = shared.q ? shared.q + first * shared.D : nullptr;
-      attend_rows<FIXED_D, ROWS>(q + first * D, k, v, k_scales, v_scales, part, visible,
-                                 out + first * D, S, scale, scores);
-      first += ROWS;
+      part.q = q_shared;
+      attend_rows<FIXED_D, ROWS>(q_rows, k, v, k_scales, v_scales, part, visible, o, S, scale, scores);
     };
-    while (shared.D % 8 == 0 && first + 8 <= R) block(std::integral_constant<int, 8>{});
-    while (shared.D % 8 == 0 && first + 4 <= R) block(std::integral_constant<int, 4>{});
+    auto shared_q = [&] { return shared.q ? shared.q + first * shared.D : nullptr; };
+    // Blocks of 8 and 4 rows, and 3 rows left padded to 4 (SmolLM2's 9 query heads on 3
+    // K/V heads); 1 or 2 rows left take the plain loop, which reads the cache again, so for
+    // rows of 128 or 256 numbers (where the plain loop is close) only when no row is left.
+    const bool covered = R % 4 == 0 || R % 4 == 3;
+    const bool blocks = shared.D % 8 == 0 && (FIXED_D <= 64 || covered);
+    for (; blocks && first + 8 <= R; first += 8)
+      block(std::integral_constant<int, 8>{}, q + first * D, shared_q(), out + first * D, 8);
+    for (; blocks && first + 4 <= R; first += 4)
+      block(std::integral_constant<int, 4>{}, q + first * D, shared_q(), out + first * D, 4);
+    if (blocks && first + 3 == R) {  // a 4-row block, the missing row's query 0
+      const int64_t live = R - first;
+      std::vector<float> pad(4 * (2 * D + shared.D), 0.0f);
+      float *q_pad = pad.data(), *out_pad = q_pad + 4 * D, *shared_pad = out_pad + 4 * D;
+      std::memcpy(q_pad, q + first * D, live * D * sizeof(float));
+      if (shared.q) std::memcpy(shared_pad, shared_q(), live * shared.D * sizeof(float));
+      block(std::integral_constant<int, 4>{}, q_pad, shared.q ? shared_pad : nullptr, out_pad, live);
+      std::memcpy(out + first * D, out_pad, live * D * sizeof(float));
+      first = R;
+    }
   }
 #endif
   if (first == R) return;
@@ -222,7 +242,7 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
   }
   int64_t r = first;
   if constexpr (FIXED_D > 0 && FIXED_D % 16 == 0 && FIXED_D <= 64) {
-    for (; r + 4 <= R; r += 4) values_tile<FIXED_D, 4>(p + r * S, S, 1, S, v, v_scales, out + r * D);
+    for (; r + 4 <= R; r += 4) values_tile<FIXED_D, 4>(p + r * S, S, 1, S, v, D, v_scales, out + r * D, D);
   }
   std::fill(out + r * D, out + R * D, 0.0f);
   for (int64_t s = 0; s < S; ++s) {  // the other rows: values read once for all of them
@@ -263,6 +283,7 @@ void attend_task(int64_t task, const float* q, const E* k, const E* v, const flo
     case 32: return attend_head<32>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
     case 64: return attend_head<64>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
     case 128: return attend_head<128>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
+    case 256: return attend_head<256>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
     default: return attend_head<0>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
   }
 }
