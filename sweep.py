@@ -81,6 +81,9 @@ flags.DEFINE_integer("decode_context", None, "Tokens in the KV cache while timin
                      "and counting KV bytes (default: the trained context, train.seq_len; "
                      f"capped at model.max_seq_len - {DECODE_STEPS}).", lower_bound=1)
 flags.DEFINE_integer("decode_batch", 8, "Sequences decoded at once while timing.", lower_bound=1)
+flags.DEFINE_bool("decode_kernel", False, "Also time decoding through the C++ kernel "
+                  "(model.decode_impl=cpu_kernel), in the same rounds: a "
+                  "decode_kernel_tokens_per_sec column. Needs a C++ compiler.")
 FLAGS = flags.FLAGS
 
 
@@ -94,7 +97,8 @@ def main(argv):
         table = run_sweep(FLAGS.config, FLAGS.workdir, sweep=FLAGS.sweep, seeds=FLAGS.seeds,
                           baseline=FLAGS.baseline, compare=FLAGS.compare,
                           tune=FLAGS.tune, tune_seeds=FLAGS.tune_seeds,
-                          decode_context=FLAGS.decode_context, decode_batch=FLAGS.decode_batch)
+                          decode_context=FLAGS.decode_context, decode_batch=FLAGS.decode_batch,
+                          decode_kernel=FLAGS.decode_kernel)
     except (ConfigError, DataError, CheckpointError, trainer.NonFiniteLoss) as error:
         fail(str(error))
     except trainer.Preempted as stop:

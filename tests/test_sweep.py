@@ -17,6 +17,7 @@ import pytest
 import scipy.stats
 
 from mqa import accounting, trainer
+from mqa.attention import cpu_decode
 from mqa.config import build_model_config, ConfigError, ModelConfig, get_dotted, load_config_file, set_dotted
 from mqa.sweep import results as sweep_results
 from mqa.sweep.points import (compared_pairs, configurations, declared_contrasts,
@@ -50,9 +51,9 @@ EXPECTED_SEED_COLUMNS = ["point", "configuration", "seed", "attention", "num_kv_
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def sweep_py(workdir, *args, timeout=300):
+def sweep_py(workdir, *args, timeout=300, env=None):
     """sweep.py in a subprocess: for what the command line itself does."""
-    environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run([sys.executable, "sweep.py", f"--workdir={workdir}", *args], cwd=REPO,
                           env=environment, capture_output=True, text=True, timeout=timeout)
 
@@ -193,6 +194,13 @@ def test_sweep_py_reports_a_bad_tune_flag_in_one_line(tmp_path):
     result = sweep_py(tmp_path / "a", *TINY_FLAGS, "--sweep=model.num_kv_heads=2,1",
                       "--tune=train.learning_rate=1e-3,fast")
     assert_one_line_error(result, "train.learning_rate='fast'")
+    assert not (tmp_path / "a").exists()
+
+
+def test_sweep_py_without_a_compiler_refuses_decode_kernel_before_training(tmp_path):
+    result = sweep_py(tmp_path / "a", *TINY_FLAGS, "--sweep=model.num_kv_heads=2,1",
+                      "--decode_kernel", env={"CXX": "no-such-compiler"})
+    assert_one_line_error(result, "--decode_kernel builds the C++ decoding kernel")
     assert not (tmp_path / "a").exists()
 
 
@@ -357,6 +365,24 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, tmp_path_factory, cap
     assert third.count("skipped") == 4 and third.count("tokens/s, decoding") == 2
     assert [int(row["decode_context"]) for row in read_csv(tmp_path / "results.csv")] == [32, 32]
     assert not (tmp_path / "comparisons.csv").exists()  # no contrasts this time
+
+    # Decoding through the C++ kernel too: both configurations timed again, side by side,
+    # the kernel's tokens/s in a column of its own and its speed ratio in the contrasts.
+    if cpu_decode.compiler_found():
+        run_sweep(tiny_config(*TINY), tmp_path, **options, decode_batch=2, decode_context=32,
+                  compare=["num_kv_heads=1:num_kv_heads=2"], decode_kernel=True)
+        fourth = capsys.readouterr().out
+        assert fourth.count("skipped") == 4 and fourth.count("through the kernel") == 2
+        kernel_rows = read_csv(tmp_path / "results.csv")
+        assert list(kernel_rows[0]) == [*EXPECTED_COLUMNS, "decode_kernel_tokens_per_sec"]
+        assert all(float(row["decode_kernel_tokens_per_sec"]) > 0 for row in kernel_rows)
+        assert list(read_csv(tmp_path / "results_by_seed.csv")[0])[-1] == "decode_kernel_tokens_per_sec"
+        [contrast] = read_csv(tmp_path / "comparisons.csv")
+        assert float(contrast["decode_kernel_speed_ratio"]) == pytest.approx(
+            float(kernel_rows[1]["decode_kernel_tokens_per_sec"])
+            / float(kernel_rows[0]["decode_kernel_tokens_per_sec"]))
+        saved = json.loads((tmp_path / "speeds.json").read_text())
+        assert all(entry["decode_kernel"]["tokens_per_sec"] > 0 for entry in saved.values())
 
     # The record: a fresh workdir continues from it and trains nothing (speeds.json copied,
     # so nothing is timed either); a point whose config differs from its record's trains.

@@ -62,7 +62,11 @@ COMPARISON_COLUMNS = {"configuration": "{}", "against": "{}", "declared": "{}", 
                       "eval_loss_diff_p": P_STYLE, "eval_loss_diff_p_holm": P_STYLE,
                       "eval_loss_diff_resolved": "{}", "kv_cache_ratio": "{:.3f}",
                       "decode_speed_ratio": "{:.2f}"}
-METRIC_COLUMNS = {**SEED_COLUMNS, **CONFIGURATION_COLUMNS, **COMPARISON_COLUMNS}
+# With --decode_kernel (`mqa.sweep.speeds`): decoding through the C++ kernel, after the others.
+KERNEL_COLUMNS = {"decode_kernel_tokens_per_sec": "{:,.0f}"}
+KERNEL_COMPARISON_COLUMNS = {"decode_kernel_speed_ratio": "{:.2f}"}
+METRIC_COLUMNS = {**SEED_COLUMNS, **CONFIGURATION_COLUMNS, **COMPARISON_COLUMNS, **KERNEL_COLUMNS,
+                  **KERNEL_COMPARISON_COLUMNS}
 
 
 def config_snapshot(point: Point) -> dict:
@@ -152,6 +156,8 @@ def seed_row(point: Point, result: dict, model_config: ModelConfig, speeds: dict
     values = {name: value["name"] if name == POINTS_FIELD else value
               for name, value in point.values.items() if name != SEED_FIELD}
     decode = speeds.get("decode") or {}
+    kernel = {"decode_kernel_tokens_per_sec": speeds["decode_kernel"]["tokens_per_sec"]} \
+        if "decode_kernel" in speeds else {}
     return {
         "point": point.name, "configuration": point.configuration, **values, **(tuned or {}),
         "seed": point.seed,
@@ -166,6 +172,7 @@ def seed_row(point: Point, result: dict, model_config: ModelConfig, speeds: dict
         "train_tokens_per_sec": speeds.get("train_tokens_per_sec"),
         "decode_context": decode.get("context"),
         "decode_tokens_per_sec": decode.get("tokens_per_sec"),
+        **kernel,
     }
 
 
@@ -224,13 +231,15 @@ def comparison_rows(seed_rows: list[dict], baseline: str, declared: list[tuple[s
     for (name, against), diff in zip(pairs, family.compared(seed_rows, tested, "eval_loss", pairs)):
         a, b = first[name], first[against]
         speeds = (a.get("decode_tokens_per_sec"), b.get("decode_tokens_per_sec"))
+        kernel = (a.get("decode_kernel_tokens_per_sec"), b.get("decode_kernel_tokens_per_sec"))
         table.append({"configuration": name, "against": against,
                       "declared": (name, against) in declared, "n": diff["n"],
                       "eval_loss_diff": diff["mean"], "eval_loss_diff_ci95": diff["ci95"],
                       "eval_loss_diff_p": diff["p"], "eval_loss_diff_p_holm": diff["p_holm"],
                       "eval_loss_diff_resolved": diff["resolved"],
                       "kv_cache_ratio": a["kv_cache_bytes_per_token"] / b["kv_cache_bytes_per_token"],
-                      "decode_speed_ratio": speeds[0] / speeds[1] if all(speeds) else None})
+                      "decode_speed_ratio": speeds[0] / speeds[1] if all(speeds) else None,
+                      **({"decode_kernel_speed_ratio": kernel[0] / kernel[1]} if all(kernel) else {})})
     return table
 
 
@@ -281,18 +290,21 @@ def write_tables(workdir: pathlib.Path, fields: Iterable[str], seed_rows: list[d
     `configuration_rows` against `baseline` with these contrasts; tuned: the tuned field's
     column (a tuning sweep); note: a sentence for results.md's head (what was scored)."""
     fields, declared, asked = list(fields), list(declared), list(asked)
-    columns = configuration_columns(fields, tuned)
+    kernel = any("decode_kernel_tokens_per_sec" in row for row in seed_rows)  # --decode_kernel
+    columns = [*configuration_columns(fields, tuned), *(KERNEL_COLUMNS if kernel else ())]
     table = markdown_table(rows, columns)
     write_csv(rows, columns, workdir / "results.csv")
-    write_csv(seed_rows, seed_columns(fields, tuned), workdir / "results_by_seed.csv")
+    write_csv(seed_rows, [*seed_columns(fields, tuned), *(KERNEL_COLUMNS if kernel else ())],
+              workdir / "results_by_seed.csv")
     if declared or asked:
         compared = comparison_rows(seed_rows, baseline, declared, asked)
-        write_csv(compared, list(COMPARISON_COLUMNS), workdir / "comparisons.csv")
+        compared_columns = [*COMPARISON_COLUMNS, *(KERNEL_COMPARISON_COLUMNS if kernel else ())]
+        write_csv(compared, compared_columns, workdir / "comparisons.csv")
         table += ("\nContrasts (declared: in the config's sweep.contrasts; the others from "
                   "--compare): seed-paired differences in held-out loss (configuration minus "
                   "against, 95% interval, p and Holm-adjusted p as above), and the ratios of "
                   "KV-cache bytes and decoding speed:\n\n"
-                  + markdown_table(compared, list(COMPARISON_COLUMNS)))
+                  + markdown_table(compared, compared_columns))
     else:  # an earlier run's contrasts are not this one's
         (workdir / "comparisons.csv").unlink(missing_ok=True)
     against, declared_count, asked_count = family_sizes([r["configuration"] for r in rows],

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from mqa import trainer
+from mqa.attention import cpu_decode
 from mqa import workdir as workdir_lib
 from mqa.config import build_model_config, ConfigError, get_dotted
 from mqa.sweep import plots, record as record_lib, results
@@ -35,7 +36,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
               sweep: Iterable[str] = (), seeds: int | None = None,
               baseline: Iterable[str] = (), compare: Iterable[str] = (),
               tune: str | None = None, tune_seeds: int | None = None,
-              decode_context: int | None = None, decode_batch: int = 8) -> str:
+              decode_context: int | None = None, decode_batch: int = 8,
+              decode_kernel: bool = False) -> str:
     """Trains and times every point of a sweep, writes its tables and figures in `workdir`;
     returns the markdown tables (as results.md holds them, after its lines about the
     statistics).
@@ -54,7 +56,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     tune_seeds: how many tuning seeds (`mqa.sweep.tuning`). decode_context, decode_batch:
     the KV-cache length and the sequences of the decoding timing (the context: None is the
     trained context, train.seq_len, so that quality and cost are measured at one length;
-    capped at model.max_seq_len - 32).
+    capped at model.max_seq_len - 32). decode_kernel: also time decoding through the C++
+    kernel (`model.decode_impl=cpu_kernel`; a decode_kernel_tokens_per_sec column).
 
     Every option and every point is checked before anything trains: a bad one is a
     one-line `ConfigError`. Training errors are the trainer's (`trainer.NonFiniteLoss`,
@@ -66,6 +69,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     for name, value in (("decode_context", decode_context), ("decode_batch", decode_batch)):
         if value < 1:
             raise ConfigError(f"--{name}={value} must be >= 1")
+    if decode_kernel and not cpu_decode.compiler_found():  # before anything trains
+        raise ConfigError("--decode_kernel builds the C++ decoding kernel, and no C++ compiler "
+                          "($CXX, default g++) was found; install g++ or leave the flag out")
     sweep = list(sweep)
     fields = parse_sweep_flags(sweep, config) if sweep else sweep_fields(config)
     if seeds is not None:
@@ -91,7 +97,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     finished = {point.name: train_point(point, plan, workdir, f"[{index}/{len(plan)}] {point.name}",
                                         halves=tuning is not None, record=record)
                 for index, point in enumerate(order, 1)}
-    speeds = measured_speeds(plan, workdir, decode_context, decode_batch)
+    speeds = measured_speeds(plan, workdir, decode_context, decode_batch, decode_kernel)
     seed_rows, curves = [], {}
     for point in plan:
         point_dir = workdir / point.name

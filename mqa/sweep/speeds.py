@@ -5,10 +5,12 @@ Each configuration (its first point standing for all its seeds) has its train st
 decoding (`DECODE_STEPS` steps of `decode_batch` sequences from a cache holding
 `decode_context` tokens) compiled first, then all are timed in `TIMING_ROUNDS` alternating
 rounds (`mqa.timing.alternating_medians`), so that the machine's load falls on all alike.
-The medians are kept in WORKDIR/speeds.json, {configuration: {"train_tokens_per_sec",
-"config_sha256", "decode": {"context", "batch", "steps", "tokens_per_sec",
-"requested_context"}}}, and timed again, all together, when any configuration is new or
-trained with another config, or the decode settings differ.
+With `kernel`, each configuration's decoding is also timed through the C++ kernel
+(`model.decode_impl=cpu_kernel`, the same loop and cache) in the same rounds. The medians
+are kept in WORKDIR/speeds.json, {configuration: {"train_tokens_per_sec", "config_sha256",
+"decode": {"context", "batch", "steps", "tokens_per_sec", "requested_context"},
+"decode_kernel": {"tokens_per_sec"} (with `kernel`)}}, and timed again, all together, when
+any configuration is new or trained with another config, or the decode settings differ.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import json
 import pathlib
 import sys
 from typing import Callable
+
+import dataclasses
 
 import tqdm
 from flax import nnx
@@ -68,12 +72,14 @@ def _counted(run: Callable[[], float], bar: tqdm.tqdm) -> Callable[[], float]:
 
 
 def time_speeds(representatives: dict[str, Point], workdir: pathlib.Path, context: int,
-                batch: int) -> dict[str, dict]:
+                batch: int, kernel: bool = False) -> dict[str, dict]:
     """Train-step and decoding tokens/s of each configuration (by name, each represented by
-    its first point, whose trained weights decode), as speeds.json holds them. A progress
-    bar on stderr counts the compilations and then the timed runs."""
+    its first point, whose trained weights decode), and with `kernel` its decoding through
+    the C++ kernel, as speeds.json holds them. A progress bar on stderr counts the
+    compilations and then the timed runs."""
     runs, used, tokens = {}, {}, {}
-    total = 2 * len(representatives) * (1 + TIMING_ROUNDS)
+    kernels = sum(kernel and point.config.model.dtype == "float32" for point in representatives.values())
+    total = (2 * len(representatives) + kernels) * (1 + TIMING_ROUNDS)
     bar = tqdm.tqdm(total=total, desc="timing", unit="run", file=sys.stderr, dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)
     with bar:
@@ -95,18 +101,35 @@ def time_speeds(representatives: dict[str, Point], workdir: pathlib.Path, contex
             decode_run()  # compile
             bar.update()
             runs[("decode", name)] = _counted(timed(decode_run), bar)
+            if kernel and model_config.dtype == "float32":  # the kernel computes in float32
+                # the layers attend as the config in their graphdef says
+                kernel_config = dataclasses.replace(model_config, decode_impl="cpu_kernel")
+                kernel_graphdef = nnx.graphdef(nnx.eval_shape(
+                    lambda: Transformer(kernel_config, rngs=nnx.Rngs(0))))
+                kernel_run, _, _ = decode_loop(kernel_graphdef, params, kernel_config, batch,
+                                               used[name], DECODE_STEPS)
+                kernel_run()  # compile
+                bar.update()
+                runs[("decode_kernel", name)] = _counted(timed(kernel_run), bar)
         bar.set_postfix_str(f"{TIMING_ROUNDS} alternating rounds")
         medians = alternating_medians(runs, TIMING_ROUNDS)
     speeds = {}
     for name, point in representatives.items():
         train_rate = tokens[name] / medians[("train", name)]
         decode_rate = batch * DECODE_STEPS / medians[("decode", name)]
-        print(f"{name}: training {train_rate:,.0f} tokens/s, decoding {decode_rate:,.0f} "
-              f"tokens/s (batch {batch}, context {used[name]})", flush=True)
+        through_kernel = ""
         speeds[name] = {"train_tokens_per_sec": train_rate,
                         "config_sha256": config_digest(point),
                         "decode": {"context": used[name], "batch": batch, "steps": DECODE_STEPS,
                                    "tokens_per_sec": decode_rate, "requested_context": context}}
+        if kernel:  # None: not float32, which the kernel does not take
+            timed_run = medians.get(("decode_kernel", name))
+            kernel_rate = batch * DECODE_STEPS / timed_run if timed_run else None
+            speeds[name]["decode_kernel"] = {"tokens_per_sec": kernel_rate}
+            if kernel_rate:
+                through_kernel = f", {kernel_rate:,.0f} through the kernel"
+        print(f"{name}: training {train_rate:,.0f} tokens/s, decoding {decode_rate:,.0f} "
+              f"tokens/s{through_kernel} (batch {batch}, context {used[name]})", flush=True)
     return speeds
 
 
@@ -124,10 +147,11 @@ def decoding_model(point: Point, point_dir: pathlib.Path):
 
 
 def measured_speeds(plan: list[Point], workdir: pathlib.Path, context: int,
-                    batch: int) -> dict[str, dict]:
+                    batch: int, kernel: bool = False) -> dict[str, dict]:
     """Each configuration's speeds, by name: WORKDIR/speeds.json's when it holds every
-    configuration of the plan, measured for its config and these decode settings;
-    otherwise all timed again side by side (`time_speeds`) and saved."""
+    configuration of the plan, measured for its config and these decode settings (and
+    through the kernel too, with `kernel`); otherwise all timed again side by side
+    (`time_speeds`) and saved."""
     representatives = {}
     for point in plan:
         representatives.setdefault(point.configuration, point)
@@ -136,10 +160,11 @@ def measured_speeds(plan: list[Point], workdir: pathlib.Path, context: int,
     current = all(
         name in saved and saved[name].get("config_sha256") == config_digest(point)
         and (saved[name]["decode"]["requested_context"], saved[name]["decode"]["batch"])
-        == (context, batch) for name, point in representatives.items())
+        == (context, batch) and (not kernel or "decode_kernel" in saved[name])
+        for name, point in representatives.items())
     if current:
         return saved
-    speeds = time_speeds(representatives, workdir, context, batch)
+    speeds = time_speeds(representatives, workdir, context, batch, kernel)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(speeds, indent=2) + "\n")
     tmp.replace(path)
