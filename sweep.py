@@ -108,7 +108,7 @@ def main(argv):
     written = ["results.csv", "results.md", "results_by_seed.csv", "comparisons.csv",
                "tuning.csv", "tuning.png", "eval_loss.png", "eval_loss_diff.png",
                "decode_tokens_per_sec.png", "loss_curves.png", "frontier.png",
-               "frontier_decode.png"]
+               "frontier_decode.png", "frontier_decode_kernel.png"]
     written = [name for name in written if os.path.exists(os.path.join(FLAGS.workdir, name))]
     print(f"wrote {FLAGS.workdir}/{', '.join(written[:-1])} and {written[-1]}")
 

@@ -383,6 +383,7 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, tmp_path_factory, cap
             / float(kernel_rows[0]["decode_kernel_tokens_per_sec"]))
         saved = json.loads((tmp_path / "speeds.json").read_text())
         assert all(entry["decode_kernel"]["tokens_per_sec"] > 0 for entry in saved.values())
+        assert (tmp_path / "frontier_decode_kernel.png").read_bytes()[:8] == PNG_SIGNATURE
 
     # The record: a fresh workdir continues from it and trains nothing (speeds.json copied,
     # so nothing is timed either); a point whose config differs from its record's trains.

@@ -141,8 +141,8 @@ def write_figures(workdir: pathlib.Path, fields: Iterable[str], rows: list[dict]
                   baseline: str, decode_batch: int) -> None:
     """Writes WORKDIR/eval_loss.png, eval_loss_diff.png, decode_tokens_per_sec.png (against
     num_kv_heads, else the first swept field, else the configuration names; a line per
-    value of the other swept fields), loss_curves.png, frontier.png and
-    frontier_decode.png. fields: the swept dotted names; rows: the configuration rows
+    value of the other swept fields), loss_curves.png, frontier.png,
+    frontier_decode.png and, where the kernel was timed, frontier_decode_kernel.png. fields: the swept dotted names; rows: the configuration rows
     (`mqa.sweep.results.configuration_rows`); curves: as `plot_loss_curves` takes them."""
     swept = [name for name in fields if name != SEED_FIELD]
     x = ("num_kv_heads" if "model.num_kv_heads" in swept
@@ -169,6 +169,11 @@ def write_figures(workdir: pathlib.Path, fields: Iterable[str], rows: list[dict]
     plot_frontier(rows, "decode_tokens_per_sec", workdir / "frontier_decode.png",
                   lower_is_better=False, ylabel="decoding tokens/s",
                   title=f"decoding, batch {decode_batch}, context {context}")
+    if any(r.get("decode_kernel_tokens_per_sec") for r in rows):  # sweep.py --decode_kernel
+        plot_frontier(rows, "decode_kernel_tokens_per_sec", workdir / "frontier_decode_kernel.png",
+                      lower_is_better=False, ylabel="decoding tokens/s, C++ kernel",
+                      title=f"decoding through the C++ kernel, batch {decode_batch}, "
+                      f"context {context}")
 
 
 def plot_tuning(rows: list[dict], column: str, chosen: Mapping[str, Any], path: pathlib.Path,
