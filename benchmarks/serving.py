@@ -4,6 +4,8 @@
   python benchmarks/serving.py --budget_gb=0.25 --context=1024 --variants=MHA,MQA
   python benchmarks/serving.py --variants=MQA --workdir=gemma3_270m=runs/gemma3_270m \
       --out=benchmarks/results/serving_real          # a trained or converted model too
+  python benchmarks/serving.py --variants=MQA --workdir=smollm2=runs/smollm2 \
+      --workdir=smollm2-kernel=runs/smollm2   # NAME-kernel: through the C++ decoding kernel
 
 For each attention variant of `benchmarks/decode.py`'s model (4 layers, d_model 256, 8
 query heads; MHA, GQA, MQA, GTA, MLA, a local/global window, int8 caches):
@@ -102,7 +104,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ragged", action="store_true",
                         help="rows of different lengths (context/8 .. context), left-padded")
     parser.add_argument("--workdir", action="append", default=[], metavar="NAME=PATH",
-                        help="also a trained or converted model (mqa.load_model), named NAME")
+                        help="also a trained or converted model (mqa.load_model), named NAME; "
+                        "a NAME ending in -kernel decodes through the C++ kernel")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "serving")
     args = parser.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
@@ -140,8 +143,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sources = {name: variant_config(name) for name in args.variants}
     sources.update(args.workdirs)
     for name, source in sources.items():
-        if isinstance(source, pathlib.Path):
-            loaded = load_model(source)
+        if isinstance(source, pathlib.Path):  # NAME-kernel: decoding through the C++ kernel
+            loaded = load_model(source, overrides={"model.decode_impl": "cpu_kernel"}
+                                if name.endswith("-kernel") else None)
             config = dataclasses.replace(loaded.model_config, max_seq_len=args.context + args.steps)
             graphdef, params = loaded.graphdef, loaded.params
         else:

@@ -6,6 +6,8 @@ import csv
 import pytest
 
 from benchmarks import serving
+from model_files import tiny_workdir
+from mqa.attention import cpu_decode
 
 
 @pytest.mark.slow
@@ -49,3 +51,21 @@ def test_bad_arguments_are_one_line_errors(argv, fragment, tmp_path, capsys):
 def test_ragged_lengths_spread_from_an_eighth_of_the_context_to_all_of_it():
     assert serving.ragged_lengths(5, 2048) == [256, 704, 1152, 1600, 2048]
     assert serving.ragged_lengths(1, 2048) == [2048]
+
+
+@pytest.mark.skipif(not cpu_decode.compiler_found(), reason="no C++ compiler to build the kernel")
+def test_a_workdir_named_kernel_decodes_through_the_kernel(tmp_path, monkeypatch):
+    """--workdir=NAME-kernel=PATH loads the model with decode_impl=cpu_kernel: its rows are
+    timed beside the same model through XLA, and the kernel is what its layers call."""
+    workdir = tiny_workdir(tmp_path / "tiny", tokenizer="byte")
+    calls = []
+    attend = cpu_decode.attend
+    monkeypatch.setattr(cpu_decode, "attend", lambda *a, **k: calls.append(1) or attend(*a, **k))
+    rows = serving.main(["--budget_gb=0.001", "--context=32", "--variants=MQA", "--fractions=1",
+                         "--steps=2", "--repeats=1", "--bandwidth_mb=16",
+                         f"--workdir=tiny={workdir}", f"--workdir=tiny-kernel={workdir}",
+                         "--out", str(tmp_path / "out")])
+    by = {r["configuration"]: r for r in rows}
+    assert set(by) == {"MQA", "tiny", "tiny-kernel"}
+    assert by["tiny"]["max_batch"] == by["tiny-kernel"]["max_batch"] > 0
+    assert by["tiny-kernel"]["tokens_per_sec"] > 0 and calls  # traced through the kernel
