@@ -112,11 +112,18 @@ def plot_frontier(rows: list[dict], y: str, path: pathlib.Path, *, ylabel: str, 
     `baseline` survives Holm's correction)."""
     rows = [r for r in rows if r.get(y) is not None and r.get(x)]
     fig, axis = plt.subplots(figsize=(7.5, 4.8))
+    spread = (max(r[y] for r in rows) - min(r[y] for r in rows)) if rows else 0.0
+    placed: list[tuple[float, float]] = []  # points whose label went above them
     for index, row in enumerate(rows):
         axis.errorbar([row[x]], [row[y]], yerr=[row.get(error) or 0.0] if error else None,
                       fmt="o", capsize=4, color=f"C{index % 10}")
+        # a point on top of a labelled one (same bytes, a close value) gets its label below
+        crowded = any(abs(row[x] / px - 1) < 0.05 and abs(row[y] - py) <= 0.04 * spread
+                      for px, py in placed)
         axis.annotate(row["configuration"], (row[x], row[y]), textcoords="offset points",
-                      xytext=(5, 5), fontsize="small")
+                      xytext=(5, -11 if crowded else 5), fontsize="small")
+        if not crowded:
+            placed.append((row[x], row[y]))
     ringed = [r for r in rows if resolved and r.get(resolved) is True]
     if ringed:
         axis.plot([r[x] for r in ringed], [r[y] for r in ringed], "o", markersize=13,
