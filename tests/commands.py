@@ -48,11 +48,11 @@ def cli_env(devices: int = 1, *, optimize: bool = True) -> dict:
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
 
 
-def run_train(workdir, *args, devices=1, check=True, timeout=300):
-    """`python train.py --workdir=WORKDIR ARGS...`, finished."""
+def run_train(workdir, *args, devices=1, check=True, timeout=300, optimize=True):
+    """`python train.py --workdir=WORKDIR ARGS...`, finished (see cli_env for `optimize`)."""
     command = [sys.executable, "train.py", f"--workdir={workdir}", *args]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(devices), capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(command, cwd=REPO, env=cli_env(devices, optimize=optimize),
+                            capture_output=True, text=True, timeout=timeout)
     if check and result.returncode:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
     return result

@@ -468,15 +468,16 @@ def test_init_from_that_does_not_fit_is_a_one_line_error(mha_source, tmp_path):
 
 @pytest.mark.slow
 def test_uptraining_from_the_command_line(tmp_path):
-    """The README's flow, as subprocesses: train MHA, convert, uptrain MQA; and a bad one."""
+    """The README's flow, as subprocesses: train MHA, convert, uptrain MQA; and a bad one.
+    (Compiled unoptimized: no number here is compared with another run's.)"""
     tiny = ["--config=configs/tiny.py", "--config.train.steps=4", "--config.train.log_every=1",
             "--config.train.eval_every=4", "--config.train.eval_batches=1"]
-    run_train(tmp_path / "mha", *tiny, "--config.model.num_kv_heads=4")
+    run_train(tmp_path / "mha", *tiny, "--config.model.num_kv_heads=4", optimize=False)
     convert_cli(["uptrain", "--src", str(tmp_path / "mha"), "--num_kv_heads", "1",
                   "--workdir", str(tmp_path / "mqa_init")])
     result = run_train(tmp_path / "mqa_up", *tiny, "--config.model.num_kv_heads=1",
                        f"--config.train.init_from={tmp_path / 'mqa_init'}",
-                       "--config.train.warmup_steps=1")
+                       "--config.train.warmup_steps=1", optimize=False)
     assert "initialised the parameters from step 0" in result.stdout
     result = run_train(tmp_path / "gqa_up", *tiny, "--config.model.num_kv_heads=2",
                        f"--config.train.init_from={tmp_path / 'mqa_init'}", check=False)
