@@ -34,9 +34,8 @@ from benchmarks.decode import hf_generate_runner, read_bandwidth  # noqa: E402
 from benchmarks.serving import max_batch  # noqa: E402
 from flax import nnx  # noqa: E402
 from mqa import accounting  # noqa: E402
-from mqa.model import Transformer  # noqa: E402
 from mqa.model_config import ModelConfig  # noqa: E402
-from mqa.timing import alternating_medians, decode_loop, timed  # noqa: E402
+from mqa.timing import alternating_medians, decode_loop, graphdef_for, timed  # noqa: E402
 
 # --model -> (its default workdir under runs/, its default contexts)
 MODELS = {"smollm2": ("smollm2", [2048, 8192 - 16]), "gemma3": ("gemma3_270m", [2048, 8192, 32_768 - 16])}
@@ -90,12 +89,11 @@ def parse(argv) -> argparse.Namespace:
 
 def timed_graphdefs(graphdef: nnx.GraphDef, config: ModelConfig, kernel: bool) -> dict:
     """{column prefix: graphdef} to time: "mqa" (as loaded), and with `kernel` "mqa_kernel",
-    built from the config with decode_impl=cpu_kernel (the layers attend as the config in
-    their graphdef says: a replaced config passed beside a loaded graphdef changes nothing)."""
+    the same model with decode_impl=cpu_kernel (`timing.graphdef_for`: the layers attend as
+    the config in their graphdef says)."""
     graphdefs = {"mqa": graphdef}
     if kernel:
-        changed = dataclasses.replace(config, decode_impl="cpu_kernel")
-        graphdefs["mqa_kernel"] = nnx.graphdef(nnx.eval_shape(lambda: Transformer(changed, rngs=nnx.Rngs(0))))
+        graphdefs["mqa_kernel"] = graphdef_for(dataclasses.replace(config, decode_impl="cpu_kernel"))
     return graphdefs
 
 

@@ -46,9 +46,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.decode import VARIANTS, read_bandwidth, variant_config  # noqa: E402
 from mqa import accounting, load_model  # noqa: E402
+from mqa.errors import ConfigError  # noqa: E402
 from mqa.kv_cache import init_cache  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
 from mqa.model_config import ModelConfig  # noqa: E402
+from mqa.workdir import CheckpointError  # noqa: E402
 from mqa.timing import alternating_medians, decode_loop, median_seconds, timed  # noqa: E402
 
 RAGGED_SHORTEST = 1 / 8  # --ragged: row lengths evenly spread from this fraction of the context to all of it
@@ -144,8 +146,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sources.update(args.workdirs)
     for name, source in sources.items():
         if isinstance(source, pathlib.Path):  # NAME-kernel: decoding through the C++ kernel
-            loaded = load_model(source, overrides={"model.decode_impl": "cpu_kernel"}
-                                if name.endswith("-kernel") else None)
+            try:
+                loaded = load_model(source, overrides={"model.decode_impl": "cpu_kernel"}
+                                    if name.endswith("-kernel") else None)
+            except (ConfigError, CheckpointError) as error:
+                raise SystemExit(f"error: --workdir={name}={source}: {error}") from None
             config = dataclasses.replace(loaded.model_config, max_seq_len=args.context + args.steps)
             graphdef, params = loaded.graphdef, loaded.params
         else:

@@ -61,6 +61,12 @@ def alternating_medians(runs: dict[Hashable, Callable[[], float]], repeats: int,
     return {key: float(np.median(values)) for key, values in samples.items()}
 
 
+def graphdef_for(config: ModelConfig) -> nnx.GraphDef:
+    """The graphdef of a `Transformer` built from `config` (nothing allocated): with a loaded
+    model's params, the same model attending as `config` says (its `decode_impl`, ...)."""
+    return nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+
+
 def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, batch: int,
                 context: int, steps: int, starts=None) -> tuple[Callable[[], None], Callable[[], str], int]:
     """(run, hlo, cache bytes): `run()` decodes `steps` cached steps of `batch` sequences
@@ -69,7 +75,7 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, 
     must fit `config.max_seq_len`. starts int [batch]: a ragged batch, row b holding
     context - starts[b] tokens (`KVCache.starts`). `config` lays out the cache; how the
     layers attend (`decode_impl`, ...) is the config inside `graphdef`, which a replaced
-    `config` does not change: build the graphdef from the config to time."""
+    `config` does not change: time another config through `graphdef_for(config)`."""
 
     @functools.partial(jax.jit, donate_argnums=1)
     def decode(params, cache, token):

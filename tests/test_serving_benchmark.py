@@ -69,3 +69,14 @@ def test_a_workdir_named_kernel_decodes_through_the_kernel(tmp_path, monkeypatch
     assert set(by) == {"MQA", "tiny", "tiny-kernel"}
     assert by["tiny"]["max_batch"] == by["tiny-kernel"]["max_batch"] > 0
     assert by["tiny-kernel"]["tokens_per_sec"] > 0 and calls  # traced through the kernel
+
+
+def test_a_kernel_workdir_the_kernel_cannot_take_is_one_line(tmp_path, capsys):
+    """A bfloat16 model named NAME-kernel: the kernel computes in float32, said in one line
+    naming the workdir, before anything is timed."""
+    workdir = tiny_workdir(tmp_path / "tiny", "model.dtype=bfloat16", tokenizer="byte")
+    with pytest.raises(SystemExit) as exit_info:
+        serving.main(["--variants=MQA", f"--workdir=tiny-kernel={workdir}", "--out", str(tmp_path / "out")])
+    message = str(exit_info.value)
+    assert message.startswith(f"error: --workdir=tiny-kernel={workdir}: ") and "\n" not in message
+    assert "float32" in message and not (tmp_path / "out").exists()

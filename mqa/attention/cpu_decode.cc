@@ -194,7 +194,8 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
       block(std::integral_constant<int, 4>{}, q + first * D, shared_q(), out + first * D, 4);
     if (blocks && first + 3 == R) {  // a 4-row block, the missing row's query 0
       const int64_t live = R - first;
-      std::vector<float> pad(4 * (2 * D + shared.D), 0.0f);
+      thread_local std::vector<float> pad;  // this worker's, reused across tasks
+      pad.assign(4 * (2 * D + shared.D), 0.0f);
       float *q_pad = pad.data(), *out_pad = q_pad + 4 * D, *shared_pad = out_pad + 4 * D;
       std::memcpy(q_pad, q + first * D, live * D * sizeof(float));
       if (shared.q) std::memcpy(shared_pad, shared_q(), live * shared.D * sizeof(float));

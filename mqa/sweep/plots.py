@@ -148,9 +148,10 @@ def write_figures(workdir: pathlib.Path, fields: Iterable[str], rows: list[dict]
                   baseline: str, decode_batch: int) -> None:
     """Writes WORKDIR/eval_loss.png, eval_loss_diff.png, decode_tokens_per_sec.png (against
     num_kv_heads, else the first swept field, else the configuration names; a line per
-    value of the other swept fields), loss_curves.png, frontier.png,
-    frontier_decode.png and, where the kernel was timed, frontier_decode_kernel.png. fields: the swept dotted names; rows: the configuration rows
-    (`mqa.sweep.results.configuration_rows`); curves: as `plot_loss_curves` takes them."""
+    value of the other swept fields), loss_curves.png, frontier.png, frontier_decode.png
+    and, where the kernel was timed, frontier_decode_kernel.png. fields: the swept dotted
+    names; rows: the configuration rows (`mqa.sweep.results.configuration_rows`); curves: as
+    `plot_loss_curves` takes them."""
     swept = [name for name in fields if name != SEED_FIELD]
     x = ("num_kv_heads" if "model.num_kv_heads" in swept
          else "configuration" if not swept or swept[0] == POINTS_FIELD else swept[0])

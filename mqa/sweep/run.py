@@ -22,8 +22,8 @@ from typing import Any, Iterable
 import ml_collections
 
 from mqa import trainer
-from mqa.attention import cpu_decode
 from mqa import workdir as workdir_lib
+from mqa.attention import cpu_decode
 from mqa.config import build_model_config, ConfigError, get_dotted
 from mqa.sweep import plots, record as record_lib, results
 from mqa.sweep import tuning as tuning_lib

@@ -15,13 +15,12 @@ any configuration is new or trained with another config, or the decode settings 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pathlib
 import sys
 from typing import Callable
-
-import dataclasses
 
 import tqdm
 from flax import nnx
@@ -31,7 +30,7 @@ from mqa.loading import load_model
 from mqa.model import Transformer
 from mqa.sweep.points import Point
 from mqa.sweep.results import config_snapshot
-from mqa.timing import alternating_medians, decode_loop, timed, train_loop
+from mqa.timing import alternating_medians, decode_loop, graphdef_for, timed, train_loop
 
 DECODE_STEPS = 32    # cached decoding steps per timing
 TRAIN_STEPS = 3      # train steps per timing
@@ -102,12 +101,9 @@ def time_speeds(representatives: dict[str, Point], workdir: pathlib.Path, contex
             bar.update()
             runs[("decode", name)] = _counted(timed(decode_run), bar)
             if kernel and model_config.dtype == "float32":  # the kernel computes in float32
-                # the layers attend as the config in their graphdef says
                 kernel_config = dataclasses.replace(model_config, decode_impl="cpu_kernel")
-                kernel_graphdef = nnx.graphdef(nnx.eval_shape(
-                    lambda: Transformer(kernel_config, rngs=nnx.Rngs(0))))
-                kernel_run, _, _ = decode_loop(kernel_graphdef, params, kernel_config, batch,
-                                               used[name], DECODE_STEPS)
+                kernel_run, _, _ = decode_loop(graphdef_for(kernel_config), params, kernel_config,
+                                               batch, used[name], DECODE_STEPS)
                 kernel_run()  # compile
                 bar.update()
                 runs[("decode_kernel", name)] = _counted(timed(kernel_run), bar)
