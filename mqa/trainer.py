@@ -36,6 +36,7 @@ from mqa.train_monitors import NonFiniteGuard, NonFiniteLoss, Throughput  # noqa
 from mqa.train_report import data_line, final_line, initial_line, model_line
 from mqa.train_schedule import Schedule
 from mqa.train_state import compiled_eval_step, compiled_train_step, fresh_state, make_mesh
+from mqa.token_files import write_atomically
 from mqa.training import TrainState, make_optimizer
 from mqa.workdir import (WorkdirLock, check_resumable, init_params_from, prepare_workdir,
                          restore_newest_intact, saved_config)
@@ -98,8 +99,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: b
     corpus = load_run_corpus(config, workdir)
     resolve_vocab(config, corpus.tokenizer)
     check_resumable(config, workdir)
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    if is_main:  # atomically: the other hosts may be reading it (check_resumable)
+        write_atomically(workdir / "config.json", (config.to_json(indent=2) + "\n").encode())
         corpus.tokenizer.save(workdir)  # load_model and eval.py read WORKDIR/tokenizer.json
     model_config = build_model_config(config.model)
     if is_main:
