@@ -16,7 +16,9 @@ already holding `context` tokens, side by side in alternating rounds:
     `DynamicCache` holding the same positions (`decode.hf_cache`: built, not prefilled;
     what a step does does not depend on what the cache holds).
 "% of floor": the bytes a step must read (float32 weights + the whole cache) over the
-read bandwidth measured in the same run, against the measured step.
+read bandwidth measured in the same run, against the measured step; "compute floor": the
+step's matmul FLOPs (`accounting.decode_step_flops`: Gemma 3's local layers attend 512
+positions) over the matmul rate measured in the same run, against the same step.
 Writes benchmarks/results/long_context/<model>.{csv,json} and prints each row.
 """
 
@@ -31,9 +33,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import mqa  # noqa: E402
 from benchmarks.common import REPO, RESULTS, converted, write_results  # noqa: E402
 from benchmarks.decode import hf_generate_runner, read_bandwidth  # noqa: E402
-from benchmarks.serving import max_batch  # noqa: E402
+from benchmarks.serving import MATMUL_SIZE, max_batch  # noqa: E402
 from flax import nnx  # noqa: E402
-from mqa import accounting  # noqa: E402
+from mqa import accounting, hardware  # noqa: E402
 from mqa.model_config import ModelConfig  # noqa: E402
 from mqa.timing import alternating_medians, decode_loop, graphdef_for, timed  # noqa: E402
 
@@ -116,6 +118,7 @@ def main(argv=None) -> None:
     graphdefs = timed_graphdefs(model.graphdef, model.model_config, args.kernel)
     weights = accounting.param_count(config) * 4
     bandwidth = read_bandwidth(256)
+    matmul_rate = hardware.measured_matmul_flops("float32", MATMUL_SIZE)
     rows = []
     for context in args.contexts:
         most = max_batch(config, context, args.budget_gb * 1e9)[0] if args.budget_gb else 0
@@ -130,17 +133,20 @@ def main(argv=None) -> None:
                 runs["transformers"] = hf_generate_runner(hf, batch, context, args.steps)
             seconds = alternating_medians(runs, args.repeats, group=lambda k: k, pause=1.0)
             floor = (weights + cache_bytes) / bandwidth  # seconds a step needs at least
+            compute_floor = accounting.decode_step_flops(config, batch, context) / matmul_rate
             row = dict(model=args.model, context=context, batch=batch, is_max_batch=batch == most,
                        cache_bytes=cache_bytes, weight_bytes=weights)
             for name, total in seconds.items():
                 step = total / args.steps
                 row[f"{name}_tokens_per_sec"] = batch / step
                 row[f"{name}_floor_fraction"] = floor / step
+                row[f"{name}_compute_floor_fraction"] = compute_floor / step
             rows.append(row)
             print(row, flush=True)
             del runs
     write_results(args.out, args.model, rows, decode_steps=args.steps, budget_gb=args.budget_gb,
-                  read_bandwidth_bytes_per_sec=bandwidth, gguf=gguf_path.name,
+                  read_bandwidth_bytes_per_sec=bandwidth, matmul_flops_per_sec=matmul_rate,
+                  gguf=gguf_path.name,
                   torch_threads=_torch_threads())
 
 

@@ -18,6 +18,9 @@ query heads; MHA, GQA, MQA, GTA, MLA, a local/global window, int8 caches):
     fraction are timed in alternating rounds;
   - the fraction of the memory floor reached: the bytes a step reads (weights + the whole
     cache) over the read bandwidth measured in the same run, against the measured step;
+    of the compute floor: the step's matmul FLOPs (`accounting.decode_step_flops`, each
+    row's own length when ragged) over the matmul rate measured in the same run; and of the
+    roofline, the larger of the two floors (at large batches compute binds as much as memory);
   - prefill: seconds to run the whole context through the model into an empty cache, one
     sequence.
 Writes benchmarks/results/serving/serving.{csv,json,png}: one row per variant and timed
@@ -45,7 +48,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.decode import VARIANTS, read_bandwidth, variant_config  # noqa: E402
-from mqa import accounting, load_model  # noqa: E402
+from mqa import accounting, hardware, load_model  # noqa: E402
 from mqa.errors import ConfigError  # noqa: E402
 from mqa.kv_cache import init_cache  # noqa: E402
 from mqa.model import Transformer  # noqa: E402
@@ -62,6 +65,8 @@ def ragged_lengths(batch: int, context: int) -> list[int]:
         return [context]
     return [round(context * (RAGGED_SHORTEST + (1 - RAGGED_SHORTEST) * i / (batch - 1)))
             for i in range(batch)]
+
+MATMUL_SIZE = 2048  # the compute floor's rate: a float32 [n, n] @ [n, n] product of this size
 
 DEFAULT_VARIANTS = ("MHA", "GQA-2", "MQA", "GTA-1", "MLA-48", "MHA-local", "MQA-int8")
 
@@ -141,6 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
     budget = args.budget_gb * 1e9
     bandwidth = read_bandwidth(args.bandwidth_mb)
+    matmul_rate = hardware.measured_matmul_flops("float32", MATMUL_SIZE)
     models, rows = {}, []
     sources = {name: variant_config(name) for name in args.variants}
     sources.update(args.workdirs)
@@ -177,22 +183,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
             batch, step = batches[name], seconds[name] / args.steps
             weights = accounting.param_count(config) * 4
             floor = (weights + cache_bytes[name]) / bandwidth
-            mean_length = (sum(ragged_lengths(batch, args.context)) / batch if args.ragged
-                           else args.context)
+            lengths = ragged_lengths(batch, args.context) if args.ragged else [args.context] * batch
+            mean_length = sum(lengths) / batch
+            compute_floor = sum(accounting.decode_step_flops(config, 1, n) for n in lengths) / matmul_rate
             rows.append(dict(
                 configuration=name, kv_bytes_per_token=per_sequence / args.context,
                 max_batch=most, batch=batch, is_max_batch=batch == min(most, args.max_batch_cap),
                 ragged=args.ragged, mean_length=mean_length,
                 max_batch_paged=int(budget // (per_sequence / args.context * mean_length)),
                 tokens_per_sec=batch / step, ms_per_step=1e3 * step,
-                memory_floor_fraction=floor / step, context=args.context, budget_gb=args.budget_gb))
-            print(f"{name}: batch {batch}: {batch / step:,.0f} tokens/s "
-                  f"({100 * floor / step:.0f}% of the memory floor)", flush=True)
+                memory_floor_fraction=floor / step, compute_floor_fraction=compute_floor / step,
+                roofline_fraction=max(floor, compute_floor) / step, context=args.context,
+                budget_gb=args.budget_gb))
+            print(f"{name}: batch {batch}: {batch / step:,.0f} tokens/s ({100 * floor / step:.0f}% "
+                  f"of the memory floor, {100 * compute_floor / step:.0f}% of the compute floor)",
+                  flush=True)
     for row in rows:
         config, graphdef, params, _, _ = models[row["configuration"]]
         if row["is_max_batch"]:
             row["prefill_s"] = prefill_seconds(graphdef, params, config, args.context, args.repeats)
     write_results(args.out, "serving", rows, read_bandwidth_bytes_per_sec=bandwidth,
+                  matmul_flops_per_sec=matmul_rate,
                   steps=args.steps, repeats=args.repeats)
     plot(rows, args.out / "serving.png")
     return rows

@@ -68,6 +68,24 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True)
     return 3 * forward if training else forward
 
 
+def decode_step_flops(config: ModelConfig, batch_size: int, context: int) -> int:
+    """Matmul FLOPs of one decoding step: `batch_size` sequences each add one token to a
+    cache holding `context` (the compute floor's numerator, beside the memory floor's bytes).
+
+    2 per weight used per sequence (the output projection included), plus each layer's
+    products with the positions it attends: every cached position on a global layer, at
+    most the window (and sinks) on a local one, `cached_dims` numbers per key and per value
+    and query head (a latent layer's absorbed rows). Softmax, norms and RoPE are left out
+    (elementwise, a few percent at these shapes).
+    """
+    c = config
+    weights = param_count(c, embeddings=False) - norm_params(c) + c.vocab_size * c.d_model
+    key_numbers, value_numbers = family(c).cached_dims(c)
+    positions = sum(min(context, c.sliding_window + c.attention_sinks) if c.is_local(layer) else context
+                    for layer in range(c.num_layers))
+    return batch_size * (2 * weights + 2 * c.num_heads * (key_numbers + value_numbers) * positions)
+
+
 def kv_cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype=None) -> int:
     """Bytes of the KV cache `kv_cache.init_cache(config, batch_size, context)` allocates:
     per K/V layer, `context` positions (or a local layer's window, if smaller) of what the

@@ -2,10 +2,13 @@
 row measured and written, and one-line errors for bad arguments."""
 
 import csv
+import json
 
 import pytest
 
 from benchmarks import serving
+from benchmarks.decode import variant_config
+from mqa import accounting
 from model_files import tiny_workdir
 from mqa.attention import cpu_decode
 
@@ -30,6 +33,13 @@ def test_serving_runs_and_the_budget_admits_sequences_by_cache_size(tmp_path):
         assert r["ragged"] and r["mean_length"] == sum(lengths) / r["batch"]
         assert r["max_batch_paged"] == int(2_000_000 // (r["kv_bytes_per_token"] * r["mean_length"]))
 
+    # the compute floor: each row's own length's matmul FLOPs at the run's matmul rate
+    rate = json.loads((tmp_path / "serving.json").read_text())["matmul_flops_per_sec"]
+    for r in rows:
+        config = variant_config(r["configuration"])
+        flops = sum(accounting.decode_step_flops(config, 1, n) for n in serving.ragged_lengths(r["batch"], 32))
+        assert r["compute_floor_fraction"] == pytest.approx(flops / rate / (r["ms_per_step"] / 1e3))
+        assert r["roofline_fraction"] == max(r["compute_floor_fraction"], r["memory_floor_fraction"])
     with (tmp_path / "serving.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "serving.png").stat().st_size > 0

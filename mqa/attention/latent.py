@@ -207,6 +207,14 @@ class LatentAttention(AttentionFamily):
         return config.head_dim + config.rope_head_dim
 
     @classmethod
+    def cached_dims(cls, config: ModelConfig) -> tuple[int, int]:
+        """Absorbed decoding multiplies whole cached rows, c + R * r numbers, for the keys
+        and again for the values (`attend_latent_absorbed`); q @ k_up and out @ v_up are
+        weight products, once per token."""
+        row = config.kv_latent_dim + config.rope_key_heads * config.rope_head_dim
+        return row, row
+
+    @classmethod
     def mha_equivalent(cls, config: ModelConfig) -> ModelConfig:
         return dataclasses.replace(super().mha_equivalent(config), kv_latent_dim=0, q_latent_dim=0,
                                    rope_head_dim=0, rope_key_heads=1, rope_frequency_dim=0,

@@ -9,6 +9,8 @@ config alone) and computes two things (methods):
   cache_entries(config)       what it caches per token and K/V layer (`CacheEntry`s)
   param_count(config, owns_kv) one layer's attention weights; norm_count(config) its norms
   key_dim(config)             numbers per query-key dot product (FLOP accounting)
+  cached_dims(config)         numbers per key and per value the cached core multiplies
+                              (decoding's FLOP accounting)
   mha_equivalent(config)      the same model with MHA, for `match_mha_params`
 
   queries(x, positions, rope)     the queries, a tuple of arrays [batch, seq, heads, ...]
@@ -130,6 +132,12 @@ class AttentionFamily(nnx.Module):
     def key_dim(cls, config: "ModelConfig") -> int:
         """Numbers in one query-key dot product."""
         return config.head_dim
+
+    @classmethod
+    def cached_dims(cls, config: "ModelConfig") -> tuple[int, int]:
+        """(numbers per key, numbers per value) each query head multiplies per cached
+        position in CACHED mode. Default: `key_dim` and `head_dim`."""
+        return cls.key_dim(config), config.head_dim
 
     @classmethod
     def mha_equivalent(cls, config: "ModelConfig") -> "ModelConfig":

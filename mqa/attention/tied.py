@@ -99,6 +99,12 @@ class TiedAttention(AttentionFamily):
         m, h, kv, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
         return 2 * m * h * d + (m * kv * d + m * (d // 2) if owns_kv else 0)
 
+    @classmethod
+    def cached_dims(cls, config: ModelConfig) -> tuple[int, int]:
+        """Over a cache the tied state is read whole (d numbers, against queries whose rotary
+        half is zeroed) and the shared rotary key (d/2) beside it: 3d/2 per key; d per value."""
+        return config.head_dim + config.head_dim // 2, config.head_dim
+
     def project_kv(self, x: jax.Array, positions: jax.Array,
                    rope: LayerRope) -> dict[str, jax.Array]:
         """x: [b, s, m] -> the tied state "kv" [b, s, kv_heads, d] and the rotated shared
