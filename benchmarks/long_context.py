@@ -18,7 +18,8 @@ already holding `context` tokens, side by side in alternating rounds:
 "% of floor": the bytes a step must read (float32 weights + the whole cache) over the
 read bandwidth measured in the same run, against the measured step; "compute floor": the
 step's matmul FLOPs (`accounting.decode_step_flops`: Gemma 3's local layers attend 512
-positions) over the matmul rate measured in the same run, against the same step.
+positions) over the matmul rate measured in the same run (a 1024^2 float32 product, as
+for MFU), against the same step.
 Writes benchmarks/results/long_context/<model>.{csv,json} and prints each row.
 """
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import mqa  # noqa: E402
 from benchmarks.common import REPO, RESULTS, converted, write_results  # noqa: E402
 from benchmarks.decode import hf_generate_runner, read_bandwidth  # noqa: E402
-from benchmarks.serving import MATMUL_SIZE, max_batch  # noqa: E402
+from benchmarks.serving import max_batch  # noqa: E402
 from flax import nnx  # noqa: E402
 from mqa import accounting, hardware  # noqa: E402
 from mqa.model_config import ModelConfig  # noqa: E402
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
     graphdefs = timed_graphdefs(model.graphdef, model.model_config, args.kernel)
     weights = accounting.param_count(config) * 4
     bandwidth = read_bandwidth(256)
-    matmul_rate = hardware.measured_matmul_flops("float32", MATMUL_SIZE)
+    matmul_rate = hardware.measured_matmul_flops("float32")
     rows = []
     for context in args.contexts:
         most = max_batch(config, context, args.budget_gb * 1e9)[0] if args.budget_gb else 0

@@ -19,8 +19,9 @@ query heads; MHA, GQA, MQA, GTA, MLA, a local/global window, int8 caches):
   - the fraction of the memory floor reached: the bytes a step reads (weights + the whole
     cache) over the read bandwidth measured in the same run, against the measured step;
     of the compute floor: the step's matmul FLOPs (`accounting.decode_step_flops`, each
-    row's own length when ragged) over the matmul rate measured in the same run; and of the
-    roofline, the larger of the two floors (at large batches compute binds as much as memory);
+    row's own length when ragged) over the matmul rate measured in the same run (a 1024^2
+    float32 product, as for MFU); and of the roofline, the larger of the two floors (at
+    large batches compute binds as much as memory);
   - prefill: seconds to run the whole context through the model into an empty cache, one
     sequence.
 Writes benchmarks/results/serving/serving.{csv,json,png}: one row per variant and timed
@@ -65,8 +66,6 @@ def ragged_lengths(batch: int, context: int) -> list[int]:
         return [context]
     return [round(context * (RAGGED_SHORTEST + (1 - RAGGED_SHORTEST) * i / (batch - 1)))
             for i in range(batch)]
-
-MATMUL_SIZE = 2048  # the compute floor's rate: a float32 [n, n] @ [n, n] product of this size
 
 DEFAULT_VARIANTS = ("MHA", "GQA-2", "MQA", "GTA-1", "MLA-48", "MHA-local", "MQA-int8")
 
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
     budget = args.budget_gb * 1e9
     bandwidth = read_bandwidth(args.bandwidth_mb)
-    matmul_rate = hardware.measured_matmul_flops("float32", MATMUL_SIZE)
+    matmul_rate = hardware.measured_matmul_flops("float32")  # as MFU
     models, rows = {}, []
     sources = {name: variant_config(name) for name in args.variants}
     sources.update(args.workdirs)
