@@ -63,10 +63,14 @@ VARIANTS = {
     "MHA-local": dict(sliding_window=256, global_every=4),           # 512, 3 of 4 layers a ring
     "MHA-int8": dict(kv_cache_dtype="int8"),                         # 512 bytes + 16 scales
     "MQA-int8": dict(num_kv_heads=1, kv_cache_dtype="int8"),         # 64 bytes + 2 scales
+    "MHA-int4": dict(kv_cache_dtype="int4"),                         # 256 bytes + 64 of stats (KIVI, groups of 32)
+    "MQA-int4": dict(num_kv_heads=1, kv_cache_dtype="int4"),         # 32 bytes + 8 of stats
     # the same caches read by the C++ kernel (`model.decode_impl`, mqa/attention/cpu_decode.py)
     **{f"{name}-kernel": dict(num_kv_heads=kv, decode_impl="cpu_kernel")
        for name, kv in (("MHA", 8), ("GQA-2", 2), ("MQA", 1))},
     "MQA-int8-kernel": dict(num_kv_heads=1, kv_cache_dtype="int8", decode_impl="cpu_kernel"),
+    **{f"{name}-int4-kernel": dict(num_kv_heads=kv, kv_cache_dtype="int4", decode_impl="cpu_kernel")
+       for name, kv in (("MHA", 8), ("MQA", 1))},
     "MLA-48-kernel": dict(attention="latent", kv_latent_dim=48, rope_head_dim=16, decode_impl="cpu_kernel"),
     "MHA-local-kernel": dict(sliding_window=256, global_every=4, decode_impl="cpu_kernel"),
     "GTA-1-kernel": dict(attention="tied", num_kv_heads=1, decode_impl="cpu_kernel"),

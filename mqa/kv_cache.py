@@ -250,7 +250,8 @@ def write(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[s
     buffers and every cached vector with its positions, the queries starting at `index`."""
     buffers, attended, positions, raw = _update(buffers, new, axes, index, ring=ring, dtype=dtype,
                                                 sinks=sinks)
-    return buffers, Keys(attended, {name: axes[name] for name in attended}, positions, index, raw)
+    int4 = buffers if any(name.endswith("_min") for name in buffers) else None
+    return buffers, Keys(attended, {name: axes[name] for name in attended}, positions, index, raw, int4)
 
 
 def for_rows(keys: Keys, starts: jax.Array | None) -> Keys:

@@ -98,6 +98,50 @@ def test_tied_keys_are_the_tied_state_and_the_shared_rotary_key(kv, group, t, in
                                atol=2e-6, rtol=0)
 
 
+def kivi_buffers(rng, b, kv, s, d, key_group, value_group):
+    """Random int4 buffers as `mqa.kv_int4` lays them out ([b, kv, s, ...]), and the keys and
+    values they stand for in float64, unpacked here: byte i of a row holds numbers 2i (low
+    nibble) and 2i + 1 (high); keys per channel and group of positions, values per
+    position and group of channels, level x scale + minimum."""
+    levels = [rng.integers(0, 16, size=(b, kv, s, d)) for _ in range(2)]
+    packed = [(x[..., 0::2] | (x[..., 1::2] << 4)).astype(np.uint8) for x in levels]
+    stats = lambda shape: [rng.uniform(0.01, 0.2, shape).astype(np.float16),  # noqa: E731
+                           rng.uniform(-1.0, 0.0, shape).astype(np.float16)]
+    k_scale, k_min = stats((b, kv, s // key_group, d))
+    v_scale, v_min = stats((b, kv, s, d // value_group))
+    per_position = lambda x: np.repeat(x.astype(np.float64), key_group, axis=2)  # noqa: E731
+    per_channel = lambda x: np.repeat(x.astype(np.float64), value_group, axis=3)  # noqa: E731
+    k = levels[0] * per_position(k_scale) + per_position(k_min)
+    v = levels[1] * per_channel(v_scale) + per_channel(v_min)
+    residual = rng.normal(size=(b, kv, key_group, d)).astype(np.float32)
+    buffers = dict(k=packed[0], k_scale=k_scale, k_min=k_min, k_residual=residual,
+                   v=packed[1], v_scale=v_scale, v_min=v_min)
+    return {name: jnp.asarray(x) for name, x in buffers.items()}, k, v, residual
+
+
+@pytest.mark.parametrize("b, t, h, kv, s, d, key_group, value_group, written", [
+    (2, 1, 8, 1, 96, 32, 32, 32, 70),    # MQA: 2 groups quantized, the third the residual
+    (1, 1, 9, 3, 64, 64, 32, 32, 64),    # SmolLM2's 9 on 3: every group quantized (none written past)
+    (2, 3, 4, 2, 64, 64, 16, 64, 40),    # a prefill chunk of 3; groups of 16 positions, 64 channels
+    (1, 1, 8, 1, 32, 128, 32, 32, 5),    # 128-dim rows, the only group the residual
+    (1, 2, 4, 1, 64, 256, 32, 128, 33),  # 256-dim rows (Gemma 3's)
+])
+def test_an_int4_cache_is_read_as_stored(b, t, h, kv, s, d, key_group, value_group, written):
+    """The kernel meets KIVI's packed levels, float16 scales and minima and the keys'
+    exact residual where they lie; the reference attends in float64 to the keys and values
+    they stand for, the residual's group (the one holding position `written`) exact."""
+    rng = np.random.default_rng(d + s + written)
+    buffers, k, v, residual = kivi_buffers(rng, b, kv, s, d, key_group, value_group)
+    start = written // key_group * key_group
+    if start < s:
+        k[:, :, start:start + key_group] = residual
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    mask = np.arange(s)[None, None, :] < written - t + 1 + np.arange(t)[None, :, None]  # causal
+    assert cpu_decode.reads_int4(buffers)
+    got = np.asarray(cpu_decode.attend_int4(jnp.asarray(q), buffers, jnp.asarray(mask), d, written=written))
+    np.testing.assert_allclose(got, masked_attention(q, k, v, mask, d ** -0.5), atol=5e-5, rtol=1e-5)
+
+
 CASES = {  # (family, option) of the family table
     "GQA, prefill in chunks": ("GQA", "none"),
     "MHA, local layers' rings": ("MHA", "local"),
@@ -131,6 +175,28 @@ def test_decoding_through_the_kernel_matches_the_reference(case):
         assert max_rel(decoded, decode(einsum, toks, *schedule)[0]) < 1e-5
     else:
         assert max_rel(decoded, reference_logits(model, toks)) < 1e-5
+
+
+def test_an_int4_cache_decodes_through_the_kernel_as_through_the_einsum_core(monkeypatch):
+    """A model with 32-dim heads and groups of 32 decodes 48 tokens (prefill chunks of 4,
+    then one at a time: one key group quantized, the next the residual) through the kernel
+    reading the int4 buffers as stored, and through XLA's dequantized arrays: the same
+    logits. Heads of 8 (the family table's) take the dequantized arrays (`reads_int4`)."""
+    config = kernel_config("GQA", "none", head_dim=32, max_seq_len=80, kv_cache_dtype="int4",
+                           kv_quant_group=32)
+    calls = []
+    read = cpu_decode.attend_int4
+    monkeypatch.setattr(cpu_decode, "attend_int4", lambda *a, **k: calls.append(1) or read(*a, **k))
+    toks = tokens(length=48)
+    decoded = decode(make(config=config), toks)[0]
+    assert calls  # traced through the int4 path
+    einsum = make(config=dataclasses.replace(config, decode_impl="einsum"))  # the same weights
+    assert max_rel(decoded, decode(einsum, toks)[0]) < 1e-5
+    calls.clear()
+    small = kernel_config("GQA", "none", max_seq_len=40, kv_cache_dtype="int4", kv_quant_group=4)
+    small_decoded = decode(make(config=small), tokens(length=24))[0]
+    assert not calls and max_rel(small_decoded, decode(make(config=dataclasses.replace(
+        small, decode_impl="einsum")), tokens(length=24))[0]) < 1e-5
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -47,6 +47,8 @@ struct SharedKey {
 
 typedef float f16 __attribute__((vector_size(64)));
 typedef int8_t i16 __attribute__((vector_size(16)));
+typedef uint8_t u16 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 // 16 elements of a cache row as floats.
 inline f16 load16(const float* x) {
@@ -58,6 +60,27 @@ inline f16 load16(const int8_t* x) {
   i16 v;
   std::memcpy(&v, x, sizeof(v));
   return __builtin_convertvector(v, f16);
+}
+
+// A row of scores scaled, the positions it does not see set to -inf, 16 at a time (as one
+// loop GCC keeps it scalar, a comparison and a branch per score); returns its maximum.
+inline float mask_and_scale(float* scores, const bool* seen, int64_t S, float scale) {
+  f16 row_max = f16{} - INFINITY;
+  int64_t s = 0;
+  for (; s + 16 <= S; s += 16) {
+    u16 visible;
+    std::memcpy(&visible, seen + s, sizeof(visible));
+    const f16 x = __builtin_convertvector(visible, i32x16) != 0 ? load16(scores + s) * scale : f16{} - INFINITY;
+    std::memcpy(scores + s, &x, sizeof(x));
+    row_max = x > row_max ? x : row_max;
+  }
+  float most = -INFINITY;
+  for (int i = 0; i < 16; ++i) most = row_max[i] > most ? row_max[i] : most;
+  for (; s < S; ++s) {
+    scores[s] = seen[s] ? scores[s] * scale : -INFINITY;
+    most = scores[s] > most ? scores[s] : most;
+  }
+  return most;
 }
 
 // The scale of cache vector s: 1 for a float cache.
@@ -227,12 +250,7 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
   std::vector<float> inverse(R);
   for (int64_t r = first; r < R; ++r) {  // masked softmax per row, vectorized over positions
     float* pr = p + r * S;
-    const bool* visible = mask + (r / n.G) * S;
-    float row_max = -INFINITY;
-    for (int64_t s = 0; s < S; ++s) {
-      pr[s] = visible[s] ? pr[s] * scale : -INFINITY;
-      row_max = std::max(row_max, pr[s]);
-    }
+    float row_max = mask_and_scale(pr, mask + (r / n.G) * S, S, scale);
     if (row_max == -INFINITY) row_max = 0.0f;  // nothing visible: every weight 0
     float sum = 0.0f;
     for (int64_t s = 0; s < S; ++s) {
@@ -377,6 +395,290 @@ ffi::Error AttendTiedInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
                     scale, groups, out->typed_data());
 }
 
+// ----------------------------------------------------------------------------- int4
+// A KIVI int4 cache (mqa/kv_int4.py) read as stored, for head sizes D and value groups of
+// channels that are multiples of 32 (16 bytes of a row: 32 numbers, the even-indexed ones
+// in the low nibbles, the odd-indexed in the high ones, all in one group of channels):
+//   k        uint8   [B, K, S, D/2]     levels 0..15, two to a byte
+//   k_scale  float16 [B, K, S/Gk, D]    per channel and group of Gk positions; and k_min
+//   residual float32 [B, K, Gk, D]      the exact keys of the group at residual_start
+//   v        uint8   [B, K, S, D/2]
+//   v_scale  float16 [B, K, S, D/Gv]    per position and group of Gv channels; and v_min
+// A key is levels * scale + min per channel, so q.key = (q * scale).levels + q.min: the
+// queries are scaled once per group of positions, and each packed key is met as it lies.
+// A value likewise: sum_s p (levels * scale + min) = sum_s (p * scale) levels + sum_s p min.
+// The even and odd channels are kept apart until the output is written.
+typedef _Float16 h16 __attribute__((vector_size(32)));
+
+struct Int4 {
+  const uint8_t *k, *v;
+  const _Float16 *k_scale, *k_min, *v_scale, *v_min;
+  const float* residual;
+  int64_t key_group, value_group, residual_start;
+};
+
+
+// 32 numbers of a packed row as (even-indexed, odd-indexed) float vectors (through int32:
+// GCC converts bytes straight to floats one lane at a time).
+inline std::pair<f16, f16> unpack32(const uint8_t* x) {
+  u16 b;
+  std::memcpy(&b, x, sizeof(b));
+  return {__builtin_convertvector(__builtin_convertvector(b & 15, i32x16), f16),
+          __builtin_convertvector(__builtin_convertvector(b >> 4, i32x16), f16)};
+}
+
+// 32 float16 numbers as (even-indexed, odd-indexed) float vectors.
+inline std::pair<f16, f16> halves32(const _Float16* x) {
+  h16 lo, hi;
+  std::memcpy(&lo, x, sizeof(lo));
+  std::memcpy(&hi, x + 16, sizeof(hi));
+  const f16 a = __builtin_convertvector(lo, f16), b = __builtin_convertvector(hi, f16);
+  return {__builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+          __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)};
+}
+
+inline float sum16(f16 x) {
+  typedef float f8v __attribute__((vector_size(32)));
+  typedef float f4v __attribute__((vector_size(16)));
+  const f8v a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f4v b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return b[0] + b[1] + b[2] + b[3];
+}
+
+// 16 vectors' lane sums as one vector, sums[i] = the sum of x[i]'s lanes: four rounds of
+// adding two vectors' halves side by side (15 additions, where 16 separate sums take 60+).
+inline f16 sum_lanes16(const f16* x) {
+  f16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+
+// The values for B rows (live of them real; the rest repeat the last and are dropped) of
+// an int4 task: weights p [R, S] (normalised by `inverse` at the end), each value row
+// unpacked once per B rows, its sums kept in registers. out [R, D].
+template <int C, int B>
+void int4_values(const float* p, int64_t first, int64_t live, const Int4& c, const uint8_t* visible,
+                 const int* group_of, int64_t groups, const float* inverse, float* out, const Shapes& n) {
+  constexpr int D = 32 * C;
+  const int64_t S = n.S;
+  const float* weights[B];
+  for (int b = 0; b < B; ++b) weights[b] = p + (first + std::min<int64_t>(b, live - 1)) * S;
+  f16 even[B][C] = {}, odd[B][C] = {};
+  float low[B][C] = {};  // sum_s p v_min per group of channels (groups <= C)
+  for (int64_t s = 0; s < S; ++s) {
+    if (!visible[s]) continue;
+    std::pair<f16, f16> value[C];
+    float scale[C], minimum[C];
+    for (int j = 0; j < C; ++j) {
+      value[j] = unpack32(c.v + s * (D / 2) + 16 * j);
+      scale[j] = static_cast<float>(c.v_scale[s * groups + group_of[j]]);
+    }
+    for (int64_t g = 0; g < groups; ++g) minimum[g] = static_cast<float>(c.v_min[s * groups + g]);
+#pragma GCC unroll 8
+    for (int b = 0; b < B; ++b) {
+      const float w = weights[b][s];
+      for (int j = 0; j < C; ++j) {
+        even[b][j] += (w * scale[j]) * value[j].first;
+        odd[b][j] += (w * scale[j]) * value[j].second;
+      }
+      for (int64_t g = 0; g < groups; ++g) low[b][g] += w * minimum[g];
+    }
+  }
+  for (int b = 0; b < live; ++b) {
+    float* o = out + (first + b) * D;
+    const float norm = inverse[first + b];
+    for (int j = 0; j < C; ++j) {
+      const float shift = low[b][group_of[j]];
+      for (int i = 0; i < 16; ++i) {
+        o[32 * j + 2 * i] = (even[b][j][i] + shift) * norm;
+        o[32 * j + 2 * i + 1] = (odd[b][j][i] + shift) * norm;
+      }
+    }
+  }
+}
+
+// One (b, k) task of an int4 cache: the R rows' scores [R, S], their masked softmax, the
+// values. C = D / 32 chunks per row; positions 16 at a time, their keys unpacked once for
+// all rows and their R x 16 dot products summed across lanes together.
+template <int D>
+void attend_head_int4(const float* q, const Int4& c, const bool* mask, float* out, const Shapes& n,
+                      float scale, std::vector<float>& scores) {
+  constexpr int C = D / 32;
+  const int64_t R = n.R, S = n.S, Gk = c.key_group, Gv = c.value_group, groups = D / Gv;
+  thread_local std::vector<f16> work;  // this worker's: queries split, and scaled per key group
+  work.assign(4 * R * C, f16{});
+  f16 *q_even = work.data(), *q_odd = q_even + R * C, *scaled_even = q_odd + R * C,
+      *scaled_odd = scaled_even + R * C;
+  for (int64_t r = 0; r < R; ++r) {
+    for (int j = 0; j < C; ++j) {
+      f16 a = load16(q + r * D + 32 * j), b = load16(q + r * D + 32 * j + 16);
+      q_even[r * C + j] = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      q_odd[r * C + j] = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    }
+  }
+  // positions any row sees: one row of the mask per query position
+  thread_local std::vector<uint8_t> visible;
+  visible.assign(S, 0);
+  for (int64_t t = 0; t < n.T; ++t)
+    for (int64_t s = 0; s < S; ++s) visible[s] |= mask[t * S + s];
+  scores.resize(R * S);
+  float* p = scores.data();
+  std::vector<float> offset(R);
+  for (int64_t first = 0; first < S; first += Gk) {  // scores, one group of Gk positions at a time
+    const int64_t last = std::min(first + Gk, S);
+    if (std::find(visible.begin() + first, visible.begin() + last, 1) == visible.begin() + last) {
+      for (int64_t r = 0; r < R; ++r) std::fill(p + r * S + first, p + r * S + last, -INFINITY);
+      continue;
+    }
+    if (first == c.residual_start) {  // this group's keys wait exact, unquantized
+      for (int64_t s = first; s < last; ++s) {
+        const float* key = c.residual + (s - first) * D;
+        for (int64_t r = 0; r < R; ++r) {
+          f16 acc{};
+          for (int j = 0; j < 2 * C; ++j) acc += load16(q + r * D + 16 * j) * load16(key + 16 * j);
+          p[r * S + s] = sum16(acc);
+        }
+      }
+      continue;
+    }
+    const _Float16 *group_scale = c.k_scale + (first / Gk) * D, *group_min = c.k_min + (first / Gk) * D;
+    std::fill(offset.begin(), offset.end(), 0.0f);
+    for (int j = 0; j < C; ++j) {  // q.key = (q * scale).levels + q.min
+      auto [scale_even, scale_odd] = halves32(group_scale + 32 * j);
+      auto [min_even, min_odd] = halves32(group_min + 32 * j);
+      for (int64_t r = 0; r < R; ++r) {
+        scaled_even[r * C + j] = q_even[r * C + j] * scale_even;
+        scaled_odd[r * C + j] = q_odd[r * C + j] * scale_odd;
+        offset[r] += sum16(q_even[r * C + j] * min_even + q_odd[r * C + j] * min_odd);
+      }
+    }
+    int64_t s = first;
+    for (; s + 16 <= last; s += 16) {
+      std::pair<f16, f16> keys[16][C];
+      for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < C; ++j) keys[i][j] = unpack32(c.k + (s + i) * (D / 2) + 16 * j);
+      for (int64_t r = 0; r < R; ++r) {
+        f16 dots[16];
+        for (int i = 0; i < 16; ++i) {
+          f16 acc{};
+          for (int j = 0; j < C; ++j)
+            acc += scaled_even[r * C + j] * keys[i][j].first + scaled_odd[r * C + j] * keys[i][j].second;
+          dots[i] = acc;
+        }
+        const f16 sums = sum_lanes16(dots) + offset[r];
+        std::memcpy(p + r * S + s, &sums, sizeof(sums));
+      }
+    }
+    for (; s < last; ++s) {  // a group of positions not a multiple of 16
+      for (int64_t r = 0; r < R; ++r) {
+        f16 acc{};
+        for (int j = 0; j < C; ++j) {
+          const auto [even, odd] = unpack32(c.k + s * (D / 2) + 16 * j);
+          acc += scaled_even[r * C + j] * even + scaled_odd[r * C + j] * odd;
+        }
+        p[r * S + s] = sum16(acc) + offset[r];
+      }
+    }
+  }
+  std::vector<float> inverse(R);
+  for (int64_t r = 0; r < R; ++r) {  // masked softmax per row
+    float* pr = p + r * S;
+    float row_max = mask_and_scale(pr, mask + (r / n.G) * S, S, scale);
+    if (row_max == -INFINITY) row_max = 0.0f;
+    float sum = 0.0f;
+    for (int64_t s = 0; s < S; ++s) {
+      pr[s] = std::exp(pr[s] - row_max);
+      sum += pr[s];
+    }
+    inverse[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+  }
+  int group_of[C];  // each chunk's group of channels
+  for (int j = 0; j < C; ++j) group_of[j] = static_cast<int>(32 * j / Gv);
+  // Rows at a time: up to 16 vectors of sums in registers (2 * C per row), and no more rows
+  // than are left, rounded up to a power of two (3 rows: 4, one of them repeated).
+  constexpr int most = C <= 8 ? 8 / C : 1;
+  for (int64_t r = 0; r < R;) {
+    const int64_t left = R - r;
+    const int rows = left >= most ? most : left > 2 ? 4 : static_cast<int>(left);
+    auto values = [&](auto block) {
+      int4_values<C, decltype(block)::value>(p, r, std::min<int64_t>(block, left), c, visible.data(),
+                                              group_of, groups, inverse.data(), out, n);
+    };
+    if (rows >= 8) values(std::integral_constant<int, std::min(8, most)>{});
+    else if (rows >= 4) values(std::integral_constant<int, std::min(4, most)>{});
+    else if (rows == 2) values(std::integral_constant<int, std::min(2, most)>{});
+    else values(std::integral_constant<int, 1>{});
+    r += std::min<int64_t>(rows, left);
+  }
+}
+
+ffi::Error AttendInt4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8> k,
+                      ffi::Buffer<ffi::F16> k_scale, ffi::Buffer<ffi::F16> k_min,
+                      ffi::Buffer<ffi::F32> residual, ffi::Buffer<ffi::U8> v,
+                      ffi::Buffer<ffi::F16> v_scale, ffi::Buffer<ffi::F16> v_min,
+                      ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> residual_start, float scale,
+                      int64_t groups, int64_t key_group, int64_t value_group,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || md.size() != 3) {
+    return ffi::Error::InvalidArgument("cpu_decode: q must be 4-D and the mask 3-D");
+  }
+  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0]};
+  const int64_t heads = n.B * n.K, numbers = heads * n.S * n.D;
+  if (n.D % 32 || value_group % 32 || n.D % value_group || key_group < 1 || n.S % key_group ||
+      n.T * n.G != n.R || n.M != 1 || 2 * k.element_count() != numbers ||
+      v.element_count() != k.element_count() || k_scale.element_count() * key_group != numbers ||
+      k_min.element_count() != k_scale.element_count() ||
+      residual.element_count() != heads * key_group * n.D ||
+      v_scale.element_count() * value_group != numbers || v_min.element_count() != v_scale.element_count()) {
+    return ffi::Error::InvalidArgument("cpu_decode: inconsistent int4 shapes");
+  }
+  const auto half = [](auto& buffer) { return reinterpret_cast<const _Float16*>(buffer.typed_data()); };
+  const Int4 cache{k.typed_data(), v.typed_data(), half(k_scale), half(k_min), half(v_scale), half(v_min),
+                   residual.typed_data(), key_group, value_group, residual_start.typed_data()[0]};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), heads));
+  std::atomic<int64_t> next{0};
+  std::latch done(workers);
+  auto work = [&] {
+    std::vector<float> scores;
+    for (int64_t t = next++; t < heads; t = next++) {
+      const int64_t numbers_per_head = n.S * n.D;
+      Int4 c = cache;  // this head's buffers
+      c.k += t * numbers_per_head / 2;
+      c.v += t * numbers_per_head / 2;
+      c.k_scale += t * numbers_per_head / key_group;
+      c.k_min += t * numbers_per_head / key_group;
+      c.v_scale += t * numbers_per_head / value_group;
+      c.v_min += t * numbers_per_head / value_group;
+      c.residual += t * key_group * n.D;
+      const float* qt = q.typed_data() + t * n.R * n.D;
+      float* ot = out->typed_data() + t * n.R * n.D;
+      switch (n.D) {
+        case 32: attend_head_int4<32>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
+        case 64: attend_head_int4<64>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
+        case 128: attend_head_int4<128>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
+        default: attend_head_int4<256>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
+      }
+    }
+    done.count_down();
+  };
+  for (int64_t w = 1; w < workers; ++w) pool.Schedule([&work] { work(); });
+  work();
+  done.wait();
+  return ffi::Error::Success();
+}
+
 // The bindings: the thread pool and q, then the cache's buffers, then what both share.
 auto with_queries() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>(); }
 
@@ -415,3 +717,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MqaCpuDecodeAttendTiedInt8, AttendTiedInt8,
                                                            .Arg<ffi::Buffer<ffi::S8>>()
                                                            .Arg<ffi::Buffer<ffi::F32>>()
                                                            .Arg<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MqaCpuDecodeAttendInt4, AttendInt4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // q
+                                  .Arg<ffi::Buffer<ffi::U8>>()     // k
+                                  .Arg<ffi::Buffer<ffi::F16>>()    // k_scale
+                                  .Arg<ffi::Buffer<ffi::F16>>()    // k_min
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // k_residual
+                                  .Arg<ffi::Buffer<ffi::U8>>()     // v
+                                  .Arg<ffi::Buffer<ffi::F16>>()    // v_scale
+                                  .Arg<ffi::Buffer<ffi::F16>>()    // v_min
+                                  .Arg<ffi::Buffer<ffi::PRED>>()   // mask
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // residual_start
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("key_group")
+                                  .Attr<int64_t>("value_group")
+                                  .Ret<ffi::Buffer<ffi::F32>>());

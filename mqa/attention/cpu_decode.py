@@ -42,6 +42,7 @@ TARGET = "mqa_cpu_decode_attend"
 TARGET_INT8 = "mqa_cpu_decode_attend_int8"  # an int8 cache, read as stored
 TARGET_TIED = "mqa_cpu_decode_attend_tied"  # tied attention: a second, shared part of each key
 TARGET_TIED_INT8 = "mqa_cpu_decode_attend_tied_int8"
+TARGET_INT4 = "mqa_cpu_decode_attend_int4"  # a KIVI int4 cache (`mqa.kv_int4`), read as stored
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++20", "-shared", "-fPIC")
 
 
@@ -70,7 +71,8 @@ def register() -> pathlib.Path:
     for target, handler in ((TARGET, handlers.MqaCpuDecodeAttend),
                             (TARGET_INT8, handlers.MqaCpuDecodeAttendInt8),
                             (TARGET_TIED, handlers.MqaCpuDecodeAttendTied),
-                            (TARGET_TIED_INT8, handlers.MqaCpuDecodeAttendTiedInt8)):
+                            (TARGET_TIED_INT8, handlers.MqaCpuDecodeAttendTiedInt8),
+                            (TARGET_INT4, handlers.MqaCpuDecodeAttendInt4)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return library
 
@@ -102,18 +104,52 @@ def compiler_found() -> bool:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | int | None = None,
            kv_layout: str = "bksd", window: jax.Array | int | None = None,
            k_positions: jax.Array | None = None, score_dim: int | None = None,
-           sinks: int = 0, int8: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
-           ) -> jax.Array:
+           sinks: int = 0, int8: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+           int4: dict[str, jax.Array] | None = None) -> jax.Array:
     """`core.attend` over a cache, causal: q [b, t, h, d] float32; k, v float32 laid out as
     the cache holds them (`kv_layout` "bksd", or without "b" or "k" where that axis has
     size 1: heads before positions, always). Same arguments and result. int8: for an int8
     cache, ((k values, k scales), (v values, v scales)) as stored (`Keys.int8`), which the
-    kernel reads instead of k and v: a quarter of the bytes, and no dequantized copy."""
+    kernel reads instead of k and v: a quarter of the bytes, and no dequantized copy.
+    int4: a KIVI int4 cache's buffers (`Keys.int4`, where `reads_int4` holds), read as
+    stored in place of k and v (about a sixth of the bytes)."""
     _check_backend()
     if "s" not in kv_layout or kv_layout.index("s") != len(kv_layout) - 2:
         raise ValueError(f"cpu_kernel takes a cache layout with positions before the head dim, not {kv_layout!r}")
     mask = causal_mask(q.shape[1], k.shape[-2], q_offset, window, k_positions, sinks)
+    if int4 is not None:
+        # the residual's group holds the next position to write (`kv_int4.read_keys`)
+        return attend_int4(q, int4, mask, score_dim or q.shape[-1], written=q_offset + q.shape[1])
     return attend_masked(q, k, v, mask, score_dim or q.shape[-1], int8)
+
+
+def reads_int4(buffers: dict[str, jax.Array]) -> bool:
+    """Whether the kernel reads this int4 cache layer as stored: head sizes and value groups
+    of channels multiples of 32 (else it attends over the dequantized arrays)."""
+    d = 2 * buffers["v"].shape[-1]
+    return d % 32 == 0 and (d // buffers["v_scale"].shape[-1]) % 32 == 0
+
+
+def attend_int4(q: jax.Array, buffers: dict[str, jax.Array], mask: jax.Array, score_dim: int, *,
+                written: jax.Array | int) -> jax.Array:
+    """`attend_masked` over a KIVI int4 cache (`mqa.kv_int4`) as stored: buffers "k",
+    "k_scale", "k_min", "k_residual", "v", "v_scale", "v_min" laid out as the entries
+    ([b, kv, s, ...] in memory); positions ..written-1 written, so the key group holding
+    `written` is the exact residual. mask bool [t, s] or [1, t, s] (no ragged rows)."""
+    register()
+    b, t, h, d = q.shape
+    s = mask.shape[-1]
+    kv = 2 * buffers["k"].size // (b * s * d)
+    key_group = buffers["k_residual"].shape[-2]
+    rows = _rows(q, kv)
+    out = jax.ffi.ffi_call(TARGET_INT4, jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
+        rows, buffers["k"], buffers["k_scale"], buffers["k_min"],
+        buffers["k_residual"].astype(jnp.float32), buffers["v"], buffers["v_scale"],
+        buffers["v_min"], mask.reshape(1, t, s),
+        ((jnp.asarray(written, jnp.int32) // key_group) * key_group).reshape(1),
+        scale=np.float32(score_dim ** -0.5), groups=np.int64(h // kv),
+        key_group=np.int64(key_group), value_group=np.int64(d // buffers["v_scale"].shape[-1]))
+    return _unrows(out, q)
 
 
 def attend_masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, score_dim: int,

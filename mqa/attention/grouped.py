@@ -104,8 +104,10 @@ class GroupedAttention(AttentionFamily):
         if mode is Mode.SELF:
             out = backend(grouped_core, (q,), (k, v), window=window, **options)
         else:
-            if self.config.decode_impl == "cpu_kernel":  # an int8 cache read as stored
+            if self.config.decode_impl == "cpu_kernel":  # an int8 or int4 cache read as stored
                 options["int8"] = (keys.int8["k"], keys.int8["v"]) if keys.int8 else None
+                if keys.int4 and cpu_decode.reads_int4(keys.int4):
+                    options["int4"] = keys.int4
             core = cpu_decode.attend if self.config.decode_impl == "cpu_kernel" else grouped_core
             out = core(q, k, v, q_offset=keys.q_offset, kv_layout=keys.axes["k"],
                        window=window, k_positions=keys.positions, **options)

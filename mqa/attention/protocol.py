@@ -86,6 +86,8 @@ class Keys:
     int8: CACHED mode with an int8 cache only: entry name -> (int8 values, float32 scale per
       vector), the same vectors as `arrays` before dequantization, for a core that reads the
       cache as stored (`cpu_decode`); XLA drops whichever of the two a layer does not read.
+    int4: CACHED mode with an int4 cache only: the layer's buffers as stored (`mqa.kv_int4`:
+      packed levels, float16 scales and minima, the keys' exact residual), likewise.
     """
 
     arrays: dict[str, jax.Array]
@@ -93,6 +95,7 @@ class Keys:
     positions: jax.Array | None = None
     q_offset: jax.Array | int = 0
     int8: dict[str, tuple[jax.Array, jax.Array]] | None = None
+    int4: dict[str, jax.Array] | None = None
 
     @classmethod
     def of_activations(cls, arrays: dict[str, jax.Array], entries: tuple[CacheEntry, ...]) -> "Keys":
