@@ -43,7 +43,8 @@ does the same for Gemma 3 270M (GEMMA3_CONVERSIONS; benchmarks/gemma3.py imports
 times cached decoding (batch --decode_batch, DECODE_STEPS tokens from a cache holding
 2,048 and 8,192 tokens) of the original and DECODED conversions (or --only's) side by side
 in alternating rounds, with their cache bytes: benchmarks/results/retrofit/decode.{csv,json,md}
-(or --table's name).
+(or --table's name); with --kernel each also through the C++ decoding kernel
+(`model.decode_impl=cpu_kernel`: int8 and int4 caches read as stored), named "NAME, kernel".
 """
 
 from __future__ import annotations
@@ -399,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--decode", action="store_true", help="time cached decoding instead")
     parser.add_argument("--decode_batch", type=int, default=1)
+    parser.add_argument("--kernel", action="store_true",
+                        help="--decode: each model also through the C++ decoding kernel")
     parser.add_argument("--table", help="--decode: the results' name (default decode[_batchN])")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
@@ -529,11 +532,14 @@ def main_decode(args) -> None:
     workdir = pathlib.Path(args.workdir)
     paths = {"original": source_workdir(workdir, args.source)}
     paths.update({n: workdir / n.replace(" ", "_") for n in (args.only.split(",") if args.only else DECODED)})
+    overrides = {name: None for name in paths}
+    if args.kernel:
+        overrides.update({f"{name}, kernel": {"model.decode_impl": "cpu_kernel"} for name in paths})
     rows = []
     for context in (2048, 8192 - DECODE_STEPS):  # the last steps must fit max_seq_len
         runs, cache_bytes = {}, {}
-        for name, path in paths.items():
-            model = load_model(path)
+        for name, changes in overrides.items():
+            model = load_model(paths[name.removesuffix(", kernel")], overrides=changes)
             loop, _, cache_bytes[name] = decode_loop(model.graphdef, model.params, model.model_config,
                                                      args.decode_batch, context, DECODE_STEPS)
             loop()  # compile
