@@ -13,7 +13,8 @@ reads each K/V head's keys and then its values once for all G query heads (and a
 positions of a prefill chunk), keeping one row's scores in cache, on XLA's intra-op
 threads. It computes what `core.attend` computes (the same mask, `core.causal_mask`:
 windows, rings, sinks, ragged rows), with float32 scores; the cache as it lies is its
-operand (any reshape there would make XLA copy the whole cache at every step).
+operand (any reshape there would make XLA copy the whole cache at every step). int8 and
+KIVI int4 caches are read as stored, without a dequantized copy (`attend_int4`).
 
 The shared library is built with the system's C++ compiler (`$CXX`, default g++) on first
 use, for this machine's processor, into ~/.cache/mqa (or $XDG_CACHE_HOME/mqa), keyed by
@@ -119,7 +120,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | in
     mask = causal_mask(q.shape[1], k.shape[-2], q_offset, window, k_positions, sinks)
     if int4 is not None:
         # the residual's group holds the next position to write (`kv_int4.read_keys`)
-        return attend_int4(q, int4, mask, score_dim or q.shape[-1], written=q_offset + q.shape[1])
+        return attend_int4(q, int4, mask, score_dim or q.shape[-1], written=(q_offset or 0) + q.shape[1])
     return attend_masked(q, k, v, mask, score_dim or q.shape[-1], int8)
 
 
