@@ -120,7 +120,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | in
     mask = causal_mask(q.shape[1], k.shape[-2], q_offset, window, k_positions, sinks)
     if int4 is not None:
         # the residual's group holds the next position to write (`kv_int4.read_keys`)
-        return attend_int4(q, int4, mask, score_dim or q.shape[-1], written=(q_offset or 0) + q.shape[1])
+        written = (0 if q_offset is None else q_offset) + q.shape[1]
+        return attend_int4(q, int4, mask, score_dim or q.shape[-1], written=written)
     return attend_masked(q, k, v, mask, score_dim or q.shape[-1], int8)
 
 
