@@ -534,6 +534,10 @@ def main_decode(args) -> None:
     paths.update({n: workdir / n.replace(" ", "_") for n in (args.only.split(",") if args.only else DECODED)})
     overrides = {name: None for name in paths}
     if args.kernel:
+        from mqa.attention import cpu_decode
+        if not cpu_decode.compiler_found():
+            sys.exit("error: --kernel builds the C++ decoding kernel, and no C++ compiler ($CXX, "
+                     "default g++) was found; install g++ or leave the flag out")
         overrides.update({f"{name}, kernel": {"model.decode_impl": "cpu_kernel"} for name in paths})
     rows = []
     for context in (2048, 8192 - DECODE_STEPS):  # the last steps must fit max_seq_len

@@ -50,6 +50,12 @@ def param_count(config: ModelConfig, *, embeddings: bool = True) -> int:
     return total
 
 
+def matmul_weights(config: ModelConfig) -> int:
+    """Weights a token is multiplied by: all but the norms and the input embedding (a lookup),
+    the output projection included (the tied embedding, where it is tied)."""
+    return param_count(config, embeddings=False) - norm_params(config) + config.vocab_size * config.d_model
+
+
 def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True) -> int:
     """Matmul FLOPs per token: 2 per weight used (forward), plus attention's QK^T and AV.
 
@@ -60,8 +66,7 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True)
     training). Training (forward + backward) is 3x the forward pass.
     """
     c = config
-    weights = param_count(c, embeddings=False) - norm_params(c)
-    weights += c.vocab_size * c.d_model  # the output projection; lookups are free
+    weights = matmul_weights(c)
     key_dim = family(c).key_dim(c)
     attention = 2 * c.num_layers * c.num_heads * (key_dim + c.head_dim) * seq_len
     forward = 2 * weights + attention
@@ -79,7 +84,7 @@ def decode_step_flops(config: ModelConfig, batch_size: int, context: int) -> int
     (elementwise, a few percent at these shapes).
     """
     c = config
-    weights = param_count(c, embeddings=False) - norm_params(c) + c.vocab_size * c.d_model
+    weights = matmul_weights(c)
     key_numbers, value_numbers = family(c).cached_dims(c)
     positions = sum(min(context, c.sliding_window + c.attention_sinks) if c.is_local(layer) else context
                     for layer in range(c.num_layers))

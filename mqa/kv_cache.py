@@ -188,7 +188,7 @@ def _update(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict
     values, float32 scales) laid out as the attended arrays (None otherwise), for a reader
     that dequantizes as it reads (`attention.cpu_decode`)."""
     t = next(iter(new.values())).shape[1]
-    if any(name.endswith("_min") for name in buffers):  # int4 (never a ring)
+    if kv_int4.holds_int4(buffers):  # never a ring
         group = next(b.shape[axes[n[:-len("_residual")]].index("s")]
                      for n, b in buffers.items() if n.endswith("_residual"))
         new = {name: to_cache_axes(x, axes[name]) for name, x in new.items()}
@@ -250,7 +250,7 @@ def write(buffers: dict[str, jax.Array], new: dict[str, jax.Array], axes: dict[s
     buffers and every cached vector with its positions, the queries starting at `index`."""
     buffers, attended, positions, raw = _update(buffers, new, axes, index, ring=ring, dtype=dtype,
                                                 sinks=sinks)
-    int4 = buffers if any(name.endswith("_min") for name in buffers) else None
+    int4 = buffers if kv_int4.holds_int4(buffers) else None
     return buffers, Keys(attended, {name: axes[name] for name in attended}, positions, index, raw, int4)
 
 

@@ -29,6 +29,11 @@ STATS_DTYPE = jnp.float16  # scales and minima, as KIVI keeps them
 KEY_ENTRIES = ("k",)  # quantized per channel; every other entry per token
 
 
+def holds_int4(buffers: dict) -> bool:
+    """Whether a K/V layer's buffers are an int4 cache's (they have minima)."""
+    return any(name.endswith("_min") for name in buffers)
+
+
 def padded_length(length: int, group: int) -> int:
     """Positions an int4 buffer holds: `length` rounded up to whole key groups."""
     return -(-length // group) * group

@@ -177,6 +177,15 @@ def test_decoding_through_the_kernel_matches_the_reference(case):
         assert max_rel(decoded, reference_logits(model, toks)) < 1e-5
 
 
+@pytest.mark.parametrize("d, value_group, read", [(64, 32, True), (256, 128, True), (96, 32, False),
+                                                  (64, 16, False), (8, 4, False)])
+def test_which_int4_layers_the_kernel_reads_as_stored(d, value_group, read):
+    """Heads of 32, 64, 128 or 256 numbers with value groups of a multiple of 32; others
+    (96: a multiple of 32 the kernel has no path for) take the dequantized arrays."""
+    buffers = {"v": jnp.zeros((5, 64, d // 2), jnp.uint8),
+               "v_scale": jnp.zeros((5, 64, d // value_group), jnp.float16)}
+    assert cpu_decode.reads_int4(buffers) is read
+
 def test_an_int4_cache_decodes_through_the_kernel_as_through_the_einsum_core(monkeypatch):
     """A model with 32-dim heads and groups of 32 decodes 48 tokens (prefill chunks of 4,
     then one at a time: one key group quantized, the next the residual) through the kernel

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <latch>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <immintrin.h>
@@ -86,9 +87,7 @@ inline float mask_and_scale(float* scores, const bool* seen, int64_t S, float sc
 // The cache streams through each task once, far ahead of what the hardware prefetchers
 // fetch on their own: a row's cache lines PREFETCH_BYTES ahead are asked for as it is read
 // (on a 2-core Xeon, MQA's attention at 476 rows: 1.6-2x faster 8-64 KB ahead than without).
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 16384
-#endif
+constexpr int64_t PREFETCH_BYTES = 16384;
 inline void prefetch_ahead(const void* row, int64_t bytes) {
   const char* at = static_cast<const char*>(row) + PREFETCH_BYTES;
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(at + i);
@@ -322,6 +321,23 @@ void attend_task(int64_t task, const float* q, const E* k, const E* v, const flo
   }
 }
 
+// Runs task(t, scores) for t in [0, tasks) on XLA's intra-op threads, each worker taking
+// the next task as it finishes one, with its own scores buffer reused across its tasks.
+template <typename Task>
+void run_tasks(ffi::ThreadPool& pool, int64_t tasks, const Task& task) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), tasks));
+  std::atomic<int64_t> next{0};
+  std::latch done(workers);
+  auto work = [&] {
+    std::vector<float> scores;
+    for (int64_t t = next++; t < tasks; t = next++) task(t, scores);
+    done.count_down();
+  };
+  for (int64_t w = 1; w < workers; ++w) pool.Schedule([&work] { work(); });
+  work();
+  done.wait();
+}
+
 // Both handlers: k and v come as the cache holds them (any rank: reshaping them here would
 // make XLA copy the cache): their elements are [B, K, S, D] in order, K and B from q.
 template <typename E>
@@ -337,19 +353,9 @@ ffi::Error Attend(ffi::ThreadPool& pool, const float* q, ffi::Span<const int64_t
       (n.M != 1 && n.M != n.B)) {
     return ffi::Error::InvalidArgument("cpu_decode: inconsistent shapes");
   }
-  const int64_t tasks = n.B * n.K;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), tasks));
-  std::atomic<int64_t> next{0};
-  std::latch done(workers);
-  auto work = [&] {
-    std::vector<float> scores;  // reused across this worker's tasks
-    for (int64_t t = next++; t < tasks; t = next++)
-      attend_task(t, q, k, v, k_scales, v_scales, shared, mask, out, n, scale, scores);
-    done.count_down();
-  };
-  for (int64_t w = 1; w < workers; ++w) pool.Schedule([&work] { work(); });
-  work();
-  done.wait();
+  run_tasks(pool, n.B * n.K, [&](int64_t t, std::vector<float>& scores) {
+    attend_task(t, q, k, v, k_scales, v_scales, shared, mask, out, n, scale, scores);
+  });
   return ffi::Error::Success();
 }
 
@@ -411,8 +417,8 @@ ffi::Error AttendTiedInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
 }
 
 // ----------------------------------------------------------------------------- int4
-// A KIVI int4 cache (mqa/kv_int4.py) read as stored, for head sizes D and value groups of
-// channels that are multiples of 32 (16 bytes of a row: 32 numbers, the even-indexed ones
+// A KIVI int4 cache (mqa/kv_int4.py) read as stored, for head sizes D of 32, 64, 128 or 256
+// and value groups of channels that are multiples of 32 (16 bytes of a row: 32 numbers, the even-indexed ones
 // in the low nibbles, the odd-indexed in the high ones, all in one group of channels):
 //   k        uint8   [B, K, S, D/2]     levels 0..15, two to a byte
 //   k_scale  float16 [B, K, S/Gk, D]    per channel and group of Gk positions; and k_min
@@ -442,14 +448,18 @@ inline std::pair<f16, f16> unpack32(const uint8_t* x) {
           __builtin_convertvector(__builtin_convertvector(b >> 4, i32x16), f16)};
 }
 
+// 32 numbers in two vectors as (even-indexed, odd-indexed) ones.
+inline std::pair<f16, f16> even_odd(f16 a, f16 b) {
+  return {__builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+          __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)};
+}
+
 // 32 float16 numbers as (even-indexed, odd-indexed) float vectors.
 inline std::pair<f16, f16> halves32(const _Float16* x) {
   h16 lo, hi;
   std::memcpy(&lo, x, sizeof(lo));
   std::memcpy(&hi, x + 16, sizeof(hi));
-  const f16 a = __builtin_convertvector(lo, f16), b = __builtin_convertvector(hi, f16);
-  return {__builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
-          __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)};
+  return even_odd(__builtin_convertvector(lo, f16), __builtin_convertvector(hi, f16));
 }
 
 inline float sum16(f16 x) {
@@ -538,9 +548,8 @@ void attend_head_int4(const float* q, const Int4& c, const bool* mask, float* ou
       *scaled_odd = scaled_even + R * C;
   for (int64_t r = 0; r < R; ++r) {
     for (int j = 0; j < C; ++j) {
-      f16 a = load16(q + r * D + 32 * j), b = load16(q + r * D + 32 * j + 16);
-      q_even[r * C + j] = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-      q_odd[r * C + j] = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+      std::tie(q_even[r * C + j], q_odd[r * C + j]) =
+          even_odd(load16(q + r * D + 32 * j), load16(q + r * D + 32 * j + 16));
     }
   }
   // positions any row sees: one row of the mask per query position
@@ -653,7 +662,7 @@ ffi::Error AttendInt4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   }
   Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0]};
   const int64_t heads = n.B * n.K, numbers = heads * n.S * n.D;
-  if (n.D % 32 || value_group % 32 || n.D % value_group || key_group < 1 || n.S % key_group ||
+  if ((n.D != 32 && n.D != 64 && n.D != 128 && n.D != 256) || value_group % 32 || n.D % value_group || key_group < 1 || n.S % key_group ||
       n.T * n.G != n.R || n.M != 1 || 2 * k.element_count() != numbers ||
       v.element_count() != k.element_count() || k_scale.element_count() * key_group != numbers ||
       k_min.element_count() != k_scale.element_count() ||
@@ -664,35 +673,25 @@ ffi::Error AttendInt4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   const auto half = [](auto& buffer) { return reinterpret_cast<const _Float16*>(buffer.typed_data()); };
   const Int4 cache{k.typed_data(), v.typed_data(), half(k_scale), half(k_min), half(v_scale), half(v_min),
                    residual.typed_data(), key_group, value_group, residual_start.typed_data()[0]};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), heads));
-  std::atomic<int64_t> next{0};
-  std::latch done(workers);
-  auto work = [&] {
-    std::vector<float> scores;
-    for (int64_t t = next++; t < heads; t = next++) {
-      const int64_t numbers_per_head = n.S * n.D;
-      Int4 c = cache;  // this head's buffers
-      c.k += t * numbers_per_head / 2;
-      c.v += t * numbers_per_head / 2;
-      c.k_scale += t * numbers_per_head / key_group;
-      c.k_min += t * numbers_per_head / key_group;
-      c.v_scale += t * numbers_per_head / value_group;
-      c.v_min += t * numbers_per_head / value_group;
-      c.residual += t * key_group * n.D;
-      const float* qt = q.typed_data() + t * n.R * n.D;
-      float* ot = out->typed_data() + t * n.R * n.D;
-      switch (n.D) {
-        case 32: attend_head_int4<32>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
-        case 64: attend_head_int4<64>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
-        case 128: attend_head_int4<128>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
-        default: attend_head_int4<256>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
-      }
+  run_tasks(pool, heads, [&](int64_t t, std::vector<float>& scores) {
+    const int64_t numbers_per_head = n.S * n.D;
+    Int4 c = cache;  // this head's buffers
+    c.k += t * numbers_per_head / 2;
+    c.v += t * numbers_per_head / 2;
+    c.k_scale += t * numbers_per_head / key_group;
+    c.k_min += t * numbers_per_head / key_group;
+    c.v_scale += t * numbers_per_head / value_group;
+    c.v_min += t * numbers_per_head / value_group;
+    c.residual += t * key_group * n.D;
+    const float* qt = q.typed_data() + t * n.R * n.D;
+    float* ot = out->typed_data() + t * n.R * n.D;
+    switch (n.D) {
+      case 32: attend_head_int4<32>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
+      case 64: attend_head_int4<64>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
+      case 128: attend_head_int4<128>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
+      default: attend_head_int4<256>(qt, c, mask.typed_data(), ot, n, scale, scores); break;
     }
-    done.count_down();
-  };
-  for (int64_t w = 1; w < workers; ++w) pool.Schedule([&work] { work(); });
-  work();
-  done.wait();
+  });
   return ffi::Error::Success();
 }
 

@@ -126,10 +126,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | in
 
 
 def reads_int4(buffers: dict[str, jax.Array]) -> bool:
-    """Whether the kernel reads this int4 cache layer as stored: head sizes and value groups
-    of channels multiples of 32 (else it attends over the dequantized arrays)."""
+    """Whether the kernel reads this int4 cache layer as stored: heads of 32, 64, 128 or 256
+    numbers and value groups of channels a multiple of 32 (else it attends over the
+    dequantized arrays)."""
     d = 2 * buffers["v"].shape[-1]
-    return d % 32 == 0 and (d // buffers["v_scale"].shape[-1]) % 32 == 0
+    return d in (32, 64, 128, 256) and (d // buffers["v_scale"].shape[-1]) % 32 == 0
 
 
 def attend_int4(q: jax.Array, buffers: dict[str, jax.Array], mask: jax.Array, score_dim: int, *,
