@@ -73,6 +73,52 @@ def test_the_kernel_is_masked_attention_in_float64(b, t, h, kv, s, d, per_row, i
     np.testing.assert_allclose(got, masked_attention(q, k, v, mask, d ** -0.5), atol=2e-6, rtol=0)
 
 
+@pytest.fixture
+def chunk_bytes():
+    """Sets the kernel's chunk size for one test (`cpu_decode.set_chunk_bytes`)."""
+    previous = []
+    yield lambda size: previous.append(cpu_decode.set_chunk_bytes(size))
+    if previous:
+        cpu_decode.set_chunk_bytes(previous[0])
+
+
+@pytest.mark.parametrize("kv, h, s, d, int8, window", [
+    (1, 8, 700, 64, False, None),   # MLA's shape: 8 rows on one buffer, chunks of 64 positions
+    (1, 9, 600, 128, False, 100),   # SmolLM2's latent rows: 9 on 128 numbers, a window (chunks a row never sees)
+    (1, 9, 600, 192, True, None),   # a width with no compiled size (the blocks at run-time width), int8
+    (2, 6, 500, 48, False, 64),     # 48 wide, 3 rows a K/V head (a 4-row block, one padded)
+    (2, 2, 300, 80, False, None),   # 80 (not a multiple of 16): the plain loop
+])
+def test_keys_that_are_the_values_are_read_in_chunks_once(kv, h, s, d, int8, window, chunk_bytes):
+    """One buffer as keys and values (latent attention's cached rows, tied attention's tied
+    state): the kernel takes the positions in chunks (here of 16 KB), each chunk's two
+    products while it lies in the processor's cache, and merges the chunks by their softmax
+    statistics. The last 2 positions queried causally (and in a window), one row seeing
+    nothing, against float64."""
+    chunk_bytes(16384)
+    b, t = 2, 2
+    rng = np.random.default_rng(d)
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    kv_rows = rng.normal(size=(b, kv, s, d)).astype(np.float32)
+    positions = np.arange(s - t, s)[:, None]
+    mask = np.arange(s)[None] <= positions
+    if window:
+        mask &= np.arange(s)[None] > positions - window
+    mask = np.broadcast_to(mask, (b, t, s)).copy()
+    mask[0, 0] = False  # a query that sees no key at all
+    stored, cache = None, jnp.asarray(kv_rows)
+    if int8:
+        values = rng.integers(-127, 128, size=kv_rows.shape).astype(np.int8)
+        scales = rng.uniform(0.001, 0.02, size=kv_rows.shape[:-1]).astype(np.float32)
+        kv_rows = values * scales[..., None].astype(np.float64)
+        pair = (jnp.asarray(values), jnp.asarray(scales))
+        stored, cache = (pair, pair), jnp.asarray(kv_rows, jnp.float32)
+    before = cpu_decode.chunked_tasks()
+    got = np.asarray(cpu_decode.attend_masked(jnp.asarray(q), cache, cache, jnp.asarray(mask), d, stored))
+    assert cpu_decode.chunked_tasks() - before == b * kv  # every (row, K/V head) task in chunks
+    np.testing.assert_allclose(got, masked_attention(q, kv_rows, kv_rows, mask, d ** -0.5), atol=2e-6, rtol=0)
+
+
 @pytest.mark.parametrize("kv, group, t, int8", [(1, 8, 2, False), (2, 8, 2, True), (2, 3, 1, False)])
 def test_tied_keys_are_the_tied_state_and_the_shared_rotary_key(kv, group, t, int8):
     """GTA's layout (`cpu_decode.attend_tied`): head k's key at s is [tied[s, k, :16],
@@ -160,21 +206,40 @@ def kernel_config(family, option, **changes):
                                **changes)
 
 
+def decode_case(case):
+    """CASES[case]'s config and model through the kernel, and its 24-token decode schedule
+    as a function of a model: -> logits."""
+    family, option = CASES[case]
+    config = kernel_config(family, option)
+    toks, schedule = tokens(length=24), SCHEDULES.get(option, (4, 3))
+    return config, make(config=config), lambda model: decode(model, toks, *schedule)[0]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_decoding_through_the_kernel_matches_the_reference(case):
     """Against the float64 reference, or with an int8 cache (which the reference does not
     quantize as the cache does) against decoding through the einsum core."""
-    family, option = CASES[case]
-    config = kernel_config(family, option)
-    model = make(config=config)
-    toks = tokens(length=24)
-    schedule = SCHEDULES.get(option, (4, 3))
-    decoded = decode(model, toks, *schedule)[0]
+    config, model, decoded_by = decode_case(case)
+    decoded = decoded_by(model)
     if config.kv_cache_dtype:
         einsum = make(config=dataclasses.replace(config, decode_impl="einsum"))  # the same weights
-        assert max_rel(decoded, decode(einsum, toks, *schedule)[0]) < 1e-5
+        assert max_rel(decoded, decoded_by(einsum)) < 1e-5
     else:
-        assert max_rel(decoded, reference_logits(model, toks)) < 1e-5
+        assert max_rel(decoded, reference_logits(model, tokens(length=24))) < 1e-5
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if CASES[case][0].startswith(("latent", "tied"))])
+def test_keys_that_are_the_values_decode_in_chunks_as_in_one_pass(case, chunk_bytes):
+    """Latent and tied attention decoding through the kernel with chunks of 16 positions
+    (the 24-token schedule's caches take two): the same logits as the kernel's two whole
+    passes, and the chunked path was taken."""
+    _, model, decoded_by = decode_case(case)
+    whole = decoded_by(model)
+    chunk_bytes(16)  # 16 positions
+    before = cpu_decode.chunked_tasks()
+    chunked = decoded_by(model)
+    assert cpu_decode.chunked_tasks() > before
+    assert max_rel(chunked, whole) < 1e-5
 
 
 @pytest.mark.parametrize("d, value_group, read", [(64, 32, True), (256, 128, True), (96, 32, False),

@@ -11,7 +11,8 @@
 // each key read once; the masked softmax of each row over the whole row (kept in cache);
 // then the values, each read once, accumulated in registers. An int8 cache is read as
 // stored, its scales applied to the sums (keys) and to the weights (values), so the bytes
-// read are the int8 ones.
+// read are the int8 ones. Keys that are also the values (one buffer) go in chunks that stay
+// in the processor's cache for both passes (`attend_chunked`): read from memory once.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -32,6 +33,7 @@ namespace {
 
 struct Shapes {
   int64_t B, K, R, S, D, T, G, M;
+  int64_t mask_ld;  // the mask's row length: S, or the whole cache's for a chunk of it
 };
 
 // A second part of every key, for tied attention (GTA): a rotary key per position shared by
@@ -154,23 +156,33 @@ inline auto dot_rows(const float* q, const E* key, int64_t D) {
 }
 
 // ROWS (4 or 8) rows (query heads of one K/V head, and query positions) at once, D = 16, 32,
-// 64, 128 or 256: scores kept position-major [S, ROWS], so that the sums of a key leave in
-// one store and the softmax runs down the positions with each row in its own lane; then the
-// values, each read once, into ROWS x 64 accumulators held in registers (wider rows: 64
-// columns at a time, each column block of the values read once). visible: the rows' query
-// positions' rows of the mask (rows r and r' share one when r / G == r' / G).
-template <int D, int ROWS, typename E>
+// 64, 128 or 256 (FIXED_D; 0: width, any multiple of 16): scores kept position-major [S, ROWS],
+// so that the sums of a key leave in one store and the softmax runs down the positions with
+// each row in its own lane; then the values, each read once, into ROWS x 64 accumulators
+// held in registers (wider rows: 64 columns at a time, each column block of the values read
+// once). visible: the rows' query positions' rows of the mask (rows r and r' share one when
+// r / G == r' / G). stats (if not null): each row's [score maximum, sum of its exp] [ROWS, 2].
+template <int FIXED_D, int ROWS, typename E>
 void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, const float* v_scales,
                  const SharedKey<E>& shared, const bool* const* visible, float* out, int64_t S,
-                 float scale, std::vector<float>& buffer) {
+                 int64_t width, float scale, std::vector<float>& buffer, float* stats) {
+  const int64_t D = FIXED_D ? FIXED_D : width;
   using Lanes = std::conditional_t<ROWS == 8, f8, f4>;
   buffer.resize(S * ROWS);
   float* p = buffer.data();
   Lanes row_max = Lanes{} - INFINITY;
+  // one row of the mask for all ROWS (decoding: each K/V head's query heads at one
+  // position) is one byte a position, not ROWS bytes each inserted into a lane
+  bool one_mask_row = true;
+  for (int r = 1; r < ROWS; ++r) one_mask_row &= visible[r] == visible[0];
   for (int64_t s = 0; s < S; ++s) {
     prefetch_ahead(k + s * D, D * sizeof(E));
-    Lanes open;
-    for (int r = 0; r < ROWS; ++r) open[r] = visible[r][s] ? 0.0f : -INFINITY;
+    Lanes open = Lanes{};
+    if (one_mask_row) {
+      if (!visible[0][s]) open -= INFINITY;
+    } else {
+      for (int r = 0; r < ROWS; ++r) open[r] = visible[r][s] ? 0.0f : -INFINITY;
+    }
     Lanes scores = dot_rows<ROWS>(q, k + s * D, D) * (scale * scale_of(k_scales, s)) + open;
     if (shared.k) {
       scores += dot_rows<ROWS>(shared.q, shared.k + s * shared.D, shared.D) *
@@ -187,9 +199,15 @@ void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, 
       sums[r] += p[s * ROWS + r];
     }
   }
-  constexpr int C = D < 64 ? D : 64;  // columns per register tile
-  for (int c = 0; c < D; c += C) values_tile<C, ROWS>(p, 1, ROWS, S, v + c, D, v_scales, out + c, D);
+  if constexpr (FIXED_D > 0 && FIXED_D < 64) {
+    values_tile<FIXED_D, ROWS>(p, 1, ROWS, S, v, D, v_scales, out, D);
+  } else {  // 64 columns at a time, then 16
+    int64_t c = 0;
+    for (; c + 64 <= D; c += 64) values_tile<64, ROWS>(p, 1, ROWS, S, v + c, D, v_scales, out + c, D);
+    for (; c < D; c += 16) values_tile<16, ROWS>(p, 1, ROWS, S, v + c, D, v_scales, out + c, D);
+  }
   for (int r = 0; r < ROWS; ++r) {
+    if (stats) stats[2 * r] = maxes[r], stats[2 * r + 1] = sums[r];
     const float inverse = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
     for (int d = 0; d < D; ++d) out[r * D + d] *= inverse;
   }
@@ -197,45 +215,53 @@ void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, 
 #endif
 
 // One (b, k) task: all R rows' scores against the S keys [R, S], their masked softmax per
-// row, then the values. D is a compile-time constant for the common head sizes (the inner
-// loops then vectorize fully), 0 for any other.
+// row, then the values (out [R, D], normalised; stats, if not null, each row's [score
+// maximum, sum of its exp] [R, 2]). D is a compile-time constant for the common head sizes
+// (the inner loops then vectorize fully), 0 for any other. in_cache: the keys and values lie
+// in the processor's cache (a chunk of one buffer, `attend_chunked`), so that a second pass
+// over them costs no memory traffic.
 template <int FIXED_D, typename E>
 void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
                  const float* v_scales, const SharedKey<E>& shared, const bool* mask, float* out,
-                 const Shapes& n, float scale, std::vector<float>& scores) {
+                 const Shapes& n, float scale, std::vector<float>& scores, float* stats = nullptr,
+                 bool in_cache = false) {
   const int64_t D = FIXED_D ? FIXED_D : n.D;
   const int64_t R = n.R, S = n.S;
   int64_t first = 0;  // rows done
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (FIXED_D == 16 || FIXED_D == 32 || FIXED_D == 64 || FIXED_D == 128 || FIXED_D == 256) {
-    // rows: std::integral_constant<int, 4 or 8>; q, q_shared: their queries; out: theirs.
-    auto block = [&](auto rows, const float* q_rows, const float* q_shared, float* o, int64_t live) {
+  if (FIXED_D || D % 16 == 0) {
+    // rows: std::integral_constant<int, 4 or 8>; q, q_shared: their queries; out, st: theirs.
+    auto block = [&](auto rows, const float* q_rows, const float* q_shared, float* o, float* st, int64_t live) {
       constexpr int ROWS = decltype(rows)::value;
       const bool* visible[ROWS];
-      for (int r = 0; r < ROWS; ++r) visible[r] = mask + ((first + std::min<int64_t>(r, live - 1)) / n.G) * S;
+      for (int r = 0; r < ROWS; ++r) visible[r] = mask + ((first + std::min<int64_t>(r, live - 1)) / n.G) * n.mask_ld;
       SharedKey<E> part = shared;
       part.q = q_shared;
-      attend_rows<FIXED_D, ROWS>(q_rows, k, v, k_scales, v_scales, part, visible, o, S, scale, scores);
+      attend_rows<FIXED_D, ROWS>(q_rows, k, v, k_scales, v_scales, part, visible, o, S, D, scale, scores, st);
     };
     auto shared_q = [&] { return shared.q ? shared.q + first * shared.D : nullptr; };
+    auto stats_of = [&] { return stats ? stats + 2 * first : nullptr; };
     // Blocks of 8 and 4 rows, and 3 rows left padded to 4 (SmolLM2's 9 query heads on 3
     // K/V heads); 1 or 2 rows left take the plain loop, which reads the cache again, so for
-    // rows of 128 or 256 numbers (where the plain loop is close) only when no row is left.
-    const bool covered = R % 4 == 0 || R % 4 == 3;
-    const bool blocks = shared.D % 8 == 0 && (FIXED_D <= 64 || covered);
+    // rows of 128 or more numbers (where the plain loop is close) only when no row is left
+    // or the keys and values lie in the processor's cache.
+    const bool covered = R % 4 == 0 || R % 4 == 3 || in_cache;
+    const bool blocks = shared.D % 8 == 0 && ((FIXED_D && FIXED_D <= 64) || covered);
     for (; blocks && first + 8 <= R; first += 8)
-      block(std::integral_constant<int, 8>{}, q + first * D, shared_q(), out + first * D, 8);
+      block(std::integral_constant<int, 8>{}, q + first * D, shared_q(), out + first * D, stats_of(), 8);
     for (; blocks && first + 4 <= R; first += 4)
-      block(std::integral_constant<int, 4>{}, q + first * D, shared_q(), out + first * D, 4);
+      block(std::integral_constant<int, 4>{}, q + first * D, shared_q(), out + first * D, stats_of(), 4);
     if (blocks && first + 3 == R) {  // a 4-row block, the missing row's query 0
       const int64_t live = R - first;
       thread_local std::vector<float> pad;  // this worker's, reused across tasks
-      pad.assign(4 * (2 * D + shared.D), 0.0f);
-      float *q_pad = pad.data(), *out_pad = q_pad + 4 * D, *shared_pad = out_pad + 4 * D;
+      pad.assign(4 * (2 * D + shared.D + 2), 0.0f);
+      float *q_pad = pad.data(), *out_pad = q_pad + 4 * D, *shared_pad = out_pad + 4 * D,
+            *stats_pad = shared_pad + 4 * shared.D;
       std::memcpy(q_pad, q + first * D, live * D * sizeof(float));
       if (shared.q) std::memcpy(shared_pad, shared_q(), live * shared.D * sizeof(float));
-      block(std::integral_constant<int, 4>{}, q_pad, shared.q ? shared_pad : nullptr, out_pad, live);
+      block(std::integral_constant<int, 4>{}, q_pad, shared.q ? shared_pad : nullptr, out_pad, stats_pad, live);
       std::memcpy(out + first * D, out_pad, live * D * sizeof(float));
+      if (stats) std::memcpy(stats_of(), stats_pad, live * 2 * sizeof(float));
       first = R;
     }
   }
@@ -263,7 +289,7 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
   std::vector<float> inverse(R);
   for (int64_t r = first; r < R; ++r) {  // masked softmax per row, vectorized over positions
     float* pr = p + r * S;
-    float row_max = mask_and_scale(pr, mask + (r / n.G) * S, S, scale);
+    float row_max = mask_and_scale(pr, mask + (r / n.G) * n.mask_ld, S, scale);
     if (row_max == -INFINITY) row_max = 0.0f;  // nothing visible: every weight 0
     float sum = 0.0f;
     for (int64_t s = 0; s < S; ++s) {
@@ -271,6 +297,7 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
       sum += pr[s];
     }
     inverse[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    if (stats) stats[2 * r] = row_max, stats[2 * r + 1] = sum;
   }
   int64_t r = first;
   if constexpr (FIXED_D > 0 && FIXED_D % 16 == 0 && FIXED_D <= 64) {
@@ -289,6 +316,66 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
   }
   for (int64_t row = first; row < R; ++row) {
     for (int64_t d = 0; d < D; ++d) out[row * D + d] *= inverse[row];
+  }
+}
+
+// attend_head for this D.
+template <typename E>
+void attend_any(const float* q, const E* k, const E* v, const float* k_scales, const float* v_scales,
+                const SharedKey<E>& shared, const bool* mask, float* out, const Shapes& n, float scale,
+                std::vector<float>& scores, float* stats = nullptr, bool in_cache = false) {
+  switch (n.D) {
+    case 16: return attend_head<16>(q, k, v, k_scales, v_scales, shared, mask, out, n, scale, scores, stats, in_cache);
+    case 32: return attend_head<32>(q, k, v, k_scales, v_scales, shared, mask, out, n, scale, scores, stats, in_cache);
+    case 64: return attend_head<64>(q, k, v, k_scales, v_scales, shared, mask, out, n, scale, scores, stats, in_cache);
+    case 128: return attend_head<128>(q, k, v, k_scales, v_scales, shared, mask, out, n, scale, scores, stats, in_cache);
+    case 256: return attend_head<256>(q, k, v, k_scales, v_scales, shared, mask, out, n, scale, scores, stats, in_cache);
+    default: return attend_head<0>(q, k, v, k_scales, v_scales, shared, mask, out, n, scale, scores, stats, in_cache);
+  }
+}
+
+// Keys that are also the values, one buffer (latent attention's cached rows, tied
+// attention's tied state), read from memory once: the positions in chunks of chunk_bytes,
+// each chunk's scores and then its values computed while it lies in the processor's cache,
+// and the chunks' results merged by their rows' softmax statistics (score maximum m, sum of
+// exp l: out = sum_c e^(m_c - m) l_c out_c / sum_c e^(m_c - m) l_c, as flash-decoding merges
+// its splits). Two passes over the whole buffer read it twice from memory.
+std::atomic<int64_t> chunk_bytes{262144};  // `MqaCpuDecodeSetChunkBytes`; 256 KB: an eighth of a Xeon core's L2
+std::atomic<int64_t> chunked_tasks{0};  // tasks that took this path, for the tests
+
+template <typename E>
+void attend_chunked(const float* q, const E* kv, const float* kv_scales, const SharedKey<E>& shared,
+                    const bool* mask, float* out, const Shapes& n, float scale,
+                    std::vector<float>& scores, int64_t chunk) {
+  const int64_t R = n.R, D = n.D;
+  thread_local std::vector<float> work;  // a chunk's out [R, D] and stats [R, 2]; the running stats
+  work.assign(R * D + 4 * R, 0.0f);
+  float *chunk_out = work.data(), *chunk_stats = chunk_out + R * D, *stats = chunk_stats + 2 * R;
+  for (int64_t s0 = 0; s0 < n.S; s0 += chunk) {
+    Shapes part = n;
+    part.S = std::min(chunk, n.S - s0);
+    SharedKey<E> shared_part = shared;
+    if (shared.k) {
+      shared_part.k += s0 * shared.D;
+      if (shared.scales) shared_part.scales += s0;
+    }
+    const E* rows = kv + s0 * D;
+    const float* row_scales = kv_scales ? kv_scales + s0 : nullptr;
+    const bool first = s0 == 0;
+    attend_any(q, rows, rows, row_scales, row_scales, shared_part, mask + s0, first ? out : chunk_out,
+               part, scale, scores, first ? stats : chunk_stats, true);
+    if (first) continue;
+    for (int64_t r = 0; r < R; ++r) {
+      float &m = stats[2 * r], &l = stats[2 * r + 1];
+      const float m_c = chunk_stats[2 * r], l_c = chunk_stats[2 * r + 1];
+      if (l_c == 0.0f) continue;  // the row sees nothing in this chunk
+      const float top = std::max(m, m_c);
+      const float a = l == 0.0f ? 0.0f : l * std::exp(m - top), b = l_c * std::exp(m_c - top);
+      const float wa = a / (a + b), wb = b / (a + b);
+      for (int64_t d = 0; d < D; ++d) out[r * D + d] = wa * out[r * D + d] + wb * chunk_out[r * D + d];
+      m = top;
+      l = a + b;
+    }
   }
 }
 
@@ -311,14 +398,12 @@ void attend_task(int64_t task, const float* q, const E* k, const E* v, const flo
     st.k = shared.k + b * n.S * shared.D;
     st.scales = shared.scales ? shared.scales + b * n.S : nullptr;
   }
-  switch (n.D) {
-    case 16: return attend_head<16>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
-    case 32: return attend_head<32>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
-    case 64: return attend_head<64>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
-    case 128: return attend_head<128>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
-    case 256: return attend_head<256>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
-    default: return attend_head<0>(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
+  const int64_t chunk = std::max<int64_t>(16, chunk_bytes.load(std::memory_order_relaxed) / (n.D * sizeof(E)) / 16 * 16);
+  if (kt == vt && kst == vst && n.S > chunk) {
+    chunked_tasks.fetch_add(1, std::memory_order_relaxed);
+    return attend_chunked(qt, kt, kst, st, mt, ot, n, scale, scores, chunk);
   }
+  attend_any(qt, kt, vt, kst, vst, st, mt, ot, n, scale, scores);
 }
 
 // Runs task(t, scores) for t in [0, tasks) on XLA's intra-op threads, each worker taking
@@ -348,7 +433,7 @@ ffi::Error Attend(ffi::ThreadPool& pool, const float* q, ffi::Span<const int64_t
   if (qd.size() != 4 || md.size() != 3) {
     return ffi::Error::InvalidArgument("cpu_decode: q must be 4-D and the mask 3-D");
   }
-  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0]};
+  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0], md[2]};
   if (k_count != n.B * n.K * n.S * n.D || v_count != k_count || n.T * n.G != n.R ||
       (n.M != 1 && n.M != n.B)) {
     return ffi::Error::InvalidArgument("cpu_decode: inconsistent shapes");
@@ -660,7 +745,7 @@ ffi::Error AttendInt4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   if (qd.size() != 4 || md.size() != 3) {
     return ffi::Error::InvalidArgument("cpu_decode: q must be 4-D and the mask 3-D");
   }
-  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0]};
+  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0], md[2]};
   const int64_t heads = n.B * n.K, numbers = heads * n.S * n.D;
   if ((n.D != 32 && n.D != 64 && n.D != 128 && n.D != 256) || value_group % 32 || n.D % value_group || key_group < 1 || n.S % key_group ||
       n.T * n.G != n.R || n.M != 1 || 2 * k.element_count() != numbers ||
@@ -752,3 +837,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MqaCpuDecodeAttendInt4, AttendInt4,
                                   .Attr<int64_t>("key_group")
                                   .Attr<int64_t>("value_group")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// How many (row, K/V head) tasks have read keys that are also the values in chunks, once.
+extern "C" int64_t MqaCpuDecodeChunkedTasks() { return chunked_tasks.load(); }
+
+// Sets the chunks' size in bytes (at least 16 positions; the default 256 KB), returns the old.
+extern "C" int64_t MqaCpuDecodeSetChunkBytes(int64_t bytes) { return chunk_bytes.exchange(bytes); }

@@ -14,7 +14,10 @@ positions of a prefill chunk), keeping one row's scores in cache, on XLA's intra
 threads. It computes what `core.attend` computes (the same mask, `core.causal_mask`:
 windows, rings, sinks, ragged rows), with float32 scores; the cache as it lies is its
 operand (any reshape there would make XLA copy the whole cache at every step). int8 and
-KIVI int4 caches are read as stored, without a dequantized copy (`attend_int4`).
+KIVI int4 caches are read as stored, without a dequantized copy (`attend_int4`). Where the
+keys are also the values (latent attention's rows, tied attention's tied state: one
+buffer), the positions go in chunks that stay in the processor's cache for both products,
+merged by their softmax statistics, so the buffer is read from memory once, not twice.
 
 The shared library is built with the system's C++ compiler (`$CXX`, default g++) on first
 use, for this machine's processor, into ~/.cache/mqa (or $XDG_CACHE_HOME/mqa), keyed by
@@ -95,6 +98,23 @@ def _unrows(out: jax.Array, q: jax.Array) -> jax.Array:
     b, t, h, d = q.shape
     kv = out.shape[1]
     return out.reshape(b, kv, t, h // kv, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)
+
+
+def chunked_tasks() -> int:
+    """How many (row, K/V head) tasks this process has run through the kernel's one-pass path
+    for keys that are also the values (latent attention's cached rows, tied attention's tied
+    state): positions in chunks that stay in the processor's cache for both products."""
+    count = ctypes.CDLL(str(register())).MqaCpuDecodeChunkedTasks
+    count.restype = ctypes.c_int64
+    return count()
+
+
+def set_chunk_bytes(size: int) -> int:
+    """Sets the size of those chunks in bytes (default 262,144; at least 16 positions are
+    taken), for tests and tuning; returns the previous size."""
+    setter = ctypes.CDLL(str(register())).MqaCpuDecodeSetChunkBytes
+    setter.restype, setter.argtypes = ctypes.c_int64, [ctypes.c_int64]
+    return setter(size)
 
 
 def compiler_found() -> bool:
