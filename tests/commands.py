@@ -7,7 +7,8 @@ this, never each other).
   run left in its workdir; `free_port` for a multi-process run.
 - `assert_one_line_error`: a command's refusal (status, one "error: ..." line, no
   traceback); `assert_one_line`: a library error's one-line message; `refusal`: the line
-  `python -m mqa.convert` refuses with, run in this process.
+  `python -m mqa.convert` refuses with, run in this process; `usage_error`: the line a
+  benchmark's `main` refuses its arguments with.
 """
 
 import json
@@ -118,3 +119,14 @@ def refusal(capfd, *argv) -> str:
     err = capfd.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err.strip()
+
+
+def usage_error(main, argv, capsys) -> str:
+    """The last line of what `main(argv)` (an argparse command run in this process) printed
+    refusing its arguments: exit status 2, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip().splitlines()[-1]

@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks import decode
 from mqa import accounting
+from commands import usage_error
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -15,11 +16,7 @@ from mqa import accounting
     (["--steps=0"], "--steps=0 must be at least 1"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, fragment, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        decode.main([*argv, "--out", str(tmp_path)])
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
-    assert fragment in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
+    assert fragment in usage_error(decode.main, [*argv, "--out", str(tmp_path)], capsys)
     assert not list(tmp_path.iterdir())  # nothing measured or written
 
 
