@@ -14,7 +14,8 @@ point times cached decoding steps exactly as `mqa.generate` runs them (a compile
 starting from a cache already holding `context` tokens; at each context and batch, all the
 variants are timed in alternating rounds, so that the shared machine's load falls on all
 of them alike. Next to each time: the bytes the
-step must read (all weights + the whole KV-cache buffer) and the "memory floor", those
+step must read (all weights + the whole KV-cache buffer, once per layer that reads it:
+`accounting.decode_step_bytes`) and the "memory floor", those
 bytes over the machine's read bandwidth measured in the same run. Beside each point, the
 same model and weights decoded by the loop one would write by hand in PyTorch (eager, a
 preallocated cache written in place, grouped heads without repeated K/V;
@@ -314,14 +315,14 @@ def main(argv=None) -> None:
             for variant in args.variants:
                 config, point = variant_config(variant), points[variant]
                 seconds, cache_bytes = point["jax"], point["cache_bytes"]
-                weight_bytes = accounting.param_count(config) * 4
-                floor = (weight_bytes + cache_bytes) / bandwidth
+                bytes_read = accounting.decode_step_bytes(config, cache_bytes)
+                floor = bytes_read / bandwidth
                 row = dict(variant=variant, attention=config.attention,
                            num_kv_heads=config.num_kv_heads, batch=batch, context=context,
                            step_ms=seconds * 1e3, steps_per_sec=1 / seconds,
                            tokens_per_sec=batch / seconds,
                            kv_cache_bytes=accounting.kv_cache_bytes(config, batch, context),
-                           bytes_read_per_step=weight_bytes + cache_bytes,
+                           bytes_read_per_step=bytes_read,
                            floor_ms=floor * 1e3, fraction_of_floor=floor / seconds)
                 if "torch" in point:
                     row.update(torch_step_ms=point["torch"] * 1e3,

@@ -15,7 +15,8 @@ already holding `context` tokens, side by side in alternating rounds:
   - transformers: `generate` (sdpa attention, float32, torch's threads) from a
     `DynamicCache` holding the same positions (`decode.hf_cache`: built, not prefilled;
     what a step does does not depend on what the cache holds).
-"% of floor": the bytes a step must read (float32 weights + the whole cache) over the
+"% of floor": the bytes a step must read (float32 weights + the whole cache,
+`accounting.decode_step_bytes`) over the
 read bandwidth measured in the same run, against the measured step; "compute floor": the
 step's matmul FLOPs (`accounting.decode_step_flops`: Gemma 3's local layers attend 512
 positions) over the matmul rate measured in the same run (a 1024^2 float32 product, as
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
             if hf is not None:
                 runs["transformers"] = hf_generate_runner(hf, batch, context, args.steps)
             seconds = alternating_medians(runs, args.repeats, group=lambda k: k, pause=1.0)
-            floor = (weights + cache_bytes) / bandwidth  # seconds a step needs at least
+            floor = accounting.decode_step_bytes(config, cache_bytes) / bandwidth  # seconds a step needs at least
             compute_floor = accounting.decode_step_flops(config, batch, context) / matmul_rate
             row = dict(model=args.model, context=context, batch=batch, is_max_batch=batch == most,
                        cache_bytes=cache_bytes, weight_bytes=weights)

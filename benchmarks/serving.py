@@ -17,7 +17,7 @@ query heads; MHA, GQA, MQA, GTA, MLA, a local/global window, int8 caches):
     loop `mqa.generate` runs (`mqa.timing.decode_loop`); the batches of all variants at one
     fraction are timed in alternating rounds;
   - the fraction of the memory floor reached: the bytes a step reads (weights + the whole
-    cache) over the read bandwidth measured in the same run, against the measured step;
+    cache, once per layer that reads it: `accounting.decode_step_bytes`) over the read bandwidth measured in the same run, against the measured step;
     of the compute floor: the step's matmul FLOPs (`accounting.decode_step_flops`, each
     row's own length when ragged) over the matmul rate measured in the same run (a 1024^2
     float32 product, as for MFU); and of the roofline, the larger of the two floors (at
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         seconds = alternating_medians(runs, args.repeats)
         for name, (config, graphdef, params, most, per_sequence) in models.items():
             batch, step = batches[name], seconds[name] / args.steps
-            weights = accounting.param_count(config) * 4
-            floor = (weights + cache_bytes[name]) / bandwidth
+            floor = accounting.decode_step_bytes(config, cache_bytes[name]) / bandwidth
             lengths = ragged_lengths(batch, args.context) if args.ragged else [args.context] * batch
             mean_length = sum(lengths) / batch
             compute_floor = sum(accounting.decode_step_flops(config, 1, n) for n in lengths) / matmul_rate

@@ -91,6 +91,16 @@ def decode_step_flops(config: ModelConfig, batch_size: int, context: int) -> int
     return batch_size * (2 * weights + 2 * c.num_heads * (key_numbers + value_numbers) * positions)
 
 
+def decode_step_bytes(config: ModelConfig, cache_bytes: int) -> int:
+    """Bytes one decoding step reads (the memory floor's numerator): every parameter once,
+    in float32, and the KV cache of `cache_bytes` (as allocated: `kv_cache_bytes`) once per
+    layer that attends to it. With cross-layer sharing (`kv_share_every` S) each buffer is
+    read by S layers, one after another: sharing divides what a server holds per sequence
+    by S, not what a step reads (XLA's own count of a compiled step agrees:
+    tests/test_accounting.py)."""
+    return param_count(config) * 4 + config.kv_share_every * cache_bytes
+
+
 def kv_cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype=None) -> int:
     """Bytes of the KV cache `kv_cache.init_cache(config, batch_size, context)` allocates:
     per K/V layer, `context` positions (or a local layer's window, if smaller) of what the

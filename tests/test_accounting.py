@@ -70,9 +70,10 @@ def test_decode_step_flops_by_hand():
     assert accounting.decode_step_flops(local, 1, 100) == 2 * weights + 2 * 8 * 64 * (3 * 16 + 100)
 
 
-def xla_decode_flops(config, batch: int, context: int) -> float:
-    """FLOPs XLA's cost analysis counts for one cached step (`Transformer.step`, one token
-    per row) from a cache holding `context` positions, nothing allocated."""
+def xla_decode_cost(config, batch: int, context: int, what: str = "flops") -> float:
+    """What XLA's cost analysis counts (`what`: "flops" or "bytes accessed") for one cached
+    step (`Transformer.step`, one token per row) from a cache holding `context` positions,
+    nothing allocated."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -88,7 +89,7 @@ def xla_decode_flops(config, batch: int, context: int) -> float:
     cache = jax.eval_shape(lambda: init_cache(config, batch, context))
     cache = cache._replace(index=jax.ShapeDtypeStruct((), jnp.int32))
     token = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return jax.jit(step).lower(params, cache, token).cost_analysis()["flops"]
+    return jax.jit(step).lower(params, cache, token).cost_analysis()[what]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -105,5 +106,33 @@ def test_decode_step_flops_against_xla(overrides):
                                           num_kv_heads=8, head_dim=32, mlp_dim=256,
                                           max_seq_len=1024), **overrides})
     for batch, context in [(1, 512), (4, 900)]:
-        ratio = xla_decode_flops(config, batch, context) / accounting.decode_step_flops(config, batch, context)
+        ratio = xla_decode_cost(config, batch, context) / accounting.decode_step_flops(config, batch, context)
         assert 1.0 <= ratio < 1.06, (batch, context, ratio)
+
+
+def test_decode_step_bytes_by_hand():
+    # float32 weights, and the cache once per layer that reads it: 2 layers to a buffer
+    # with cross-layer sharing, so half the cache is read twice.
+    shared = dataclasses.replace(MHA, kv_share_every=2)
+    cache = accounting.kv_cache_bytes(shared, 3, 100)
+    assert cache == accounting.kv_cache_bytes(MHA, 3, 100) // 2
+    assert accounting.decode_step_bytes(MHA, 1000) == accounting.param_count(MHA) * 4 + 1000
+    assert accounting.decode_step_bytes(shared, cache) == accounting.param_count(shared) * 4 + 2 * cache
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])
+def test_sharing_kv_across_layers_halves_the_cache_not_a_steps_reads(kv_heads):
+    """XLA's count of the bytes a compiled step accesses grows with the context by the same
+    amount with and without cross-layer sharing (each layer of a pair reads the shared
+    buffer), while the cache it holds halves: what `decode_step_bytes` counts."""
+    configs = [build_model_config(vocab_size=512, d_model=128, num_layers=4, num_heads=8,
+                                  num_kv_heads=kv_heads, head_dim=32, mlp_dim=256, max_seq_len=2048,
+                                  kv_share_every=share) for share in (1, 2)]
+    slope = [xla_decode_cost(c, 4, 1536, "bytes accessed") - xla_decode_cost(c, 4, 512, "bytes accessed")
+             for c in configs]
+    assert slope[1] == pytest.approx(slope[0], rel=1e-3)
+    held = [accounting.kv_cache_bytes(c, 4, 1536) - accounting.kv_cache_bytes(c, 4, 512) for c in configs]
+    assert held[1] == held[0] // 2
+    read = [accounting.decode_step_bytes(c, accounting.kv_cache_bytes(c, 4, 1536)) -
+            accounting.decode_step_bytes(c, accounting.kv_cache_bytes(c, 4, 512)) for c in configs]
+    assert read[1] == read[0] and slope[0] >= read[0]  # XLA's also counts the scores
