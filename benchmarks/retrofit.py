@@ -41,7 +41,7 @@ does the same for Gemma 3 270M (GEMMA3_CONVERSIONS; benchmarks/gemma3.py imports
   python benchmarks/retrofit.py --workdir=runs/retrofit --decode
 
 times cached decoding (batch --decode_batch, DECODE_STEPS tokens from a cache holding
-2,048 and 8,192 tokens) of the original and DECODED conversions (or --only's) side by side
+2,048 and 8,176 tokens, or --decode_contexts) of the original and DECODED conversions (or --only's) side by side
 in alternating rounds, with their cache bytes: benchmarks/results/retrofit/decode.{csv,json,md}
 (or --table's name); with --kernel each also through the C++ decoding kernel
 (`model.decode_impl=cpu_kernel`: int8 and int4 caches read as stored), named "NAME, kernel".
@@ -400,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--decode", action="store_true", help="time cached decoding instead")
     parser.add_argument("--decode_batch", type=int, default=1)
+    parser.add_argument("--decode_contexts", default=f"2048,{8192 - DECODE_STEPS}",
+                        help="--decode: tokens in the cache, comma-separated (each + "
+                             f"{DECODE_STEPS} steps must fit the model's max_seq_len)")
     parser.add_argument("--kernel", action="store_true",
                         help="--decode: each model also through the C++ decoding kernel")
     parser.add_argument("--table", help="--decode: the results' name (default decode[_batchN])")
@@ -539,8 +542,16 @@ def main_decode(args) -> None:
             sys.exit("error: --kernel builds the C++ decoding kernel, and no C++ compiler ($CXX, "
                      "default g++) was found; install g++ or leave the flag out")
         overrides.update({f"{name}, kernel": {"model.decode_impl": "cpu_kernel"} for name in paths})
+    try:
+        contexts = [int(c) for c in args.decode_contexts.split(",")]
+    except ValueError:
+        contexts = []
+    longest = read_config(paths["original"]).model.max_seq_len - DECODE_STEPS
+    if not contexts or not all(0 < c <= longest for c in contexts):
+        sys.exit(f"error: --decode_contexts={args.decode_contexts!r}: comma-separated numbers of "
+                 f"tokens from 1 to {longest} (the model's max_seq_len less {DECODE_STEPS} steps)")
     rows = []
-    for context in (2048, 8192 - DECODE_STEPS):  # the last steps must fit max_seq_len
+    for context in contexts:
         runs, cache_bytes = {}, {}
         for name, changes in overrides.items():
             model = load_model(paths[name.removesuffix(", kernel")], overrides=changes)

@@ -11,6 +11,7 @@ import pytest
 
 from commands import REPO
 from model_files import tiny_workdir
+from mqa.attention import cpu_decode
 
 sys.path.insert(0, str(REPO))
 from benchmarks import retrofit  # noqa: E402
@@ -54,6 +55,21 @@ def test_zero_shot_stage_at_toy_size(tmp_path):
     assert (out / "zero_shot_windows.jsonl").read_text().splitlines() == lines  # resumed
     # a run with --only adds to the table: every model scored so far is still there
     assert {r["conversion"] for r in csv.DictReader((out / "zero_shot.csv").open())} == set(rows)
+
+    # Decoding, each model through XLA and through the C++ kernel, at a toy context.
+    decode = ["--workdir", str(tmp_path / "work"), "--source", str(source), "--out", str(out), "--decode",
+              "--only", "GQA-1 aligned,int4 cache", "--repeats", "1", "--decode_batch", "2"]
+    if cpu_decode.compiler_found():
+        retrofit.main([*decode, "--kernel", "--decode_contexts", "32", "--table", "decode_toy"])
+        timed = {r["model"]: r for r in csv.DictReader((out / "decode_toy.csv").open())}
+        assert sorted(timed) == sorted(f"{name}{kernel}" for name in ("original", "GQA-1 aligned", "int4 cache")
+                                       for kernel in ("", ", kernel"))
+        assert float(timed["GQA-1 aligned, kernel"]["cache_fraction"]) == 0.25
+        assert all(int(r["decode_context"]) == 32 and float(r["decode_tokens_per_sec"]) > 0
+                   for r in timed.values())
+    with pytest.raises(SystemExit) as refused:
+        retrofit.main([*decode, "--decode_contexts", "2K"])
+    assert "--decode_contexts='2K': comma-separated numbers of tokens from 1 to" in str(refused.value)
 
     # Distillation: the aligned conversion trained towards the original, then scored, also
     # through int8 and int4 caches; its KL to the original falls.
