@@ -20,11 +20,11 @@ pytestmark = [pytest.mark.skipif(not cpu_decode.compiler_found(), reason="no C++
 
 
 def masked_attention(q, k, v, mask, scale):
-    """float64: q [b, t, h, d], k and v [b, kv, s, d], mask [1 or b, t, s]; query head j
-    reads K/V head j // (h / kv); a query that sees nothing gets zeros."""
+    """float64: q [b, t, h, d], k [b, kv, s, d], v [b, kv, s, dv], mask [1 or b, t, s];
+    query head j reads K/V head j // (h / kv); a query that sees nothing gets zeros."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, t, h, d = q.shape
-    out = np.zeros_like(q)
+    out = np.zeros((b, t, h, v.shape[-1]))
     for row in range(b):
         visible = np.asarray(mask)[row if len(mask) > 1 else 0]
         for head in range(h):
@@ -82,19 +82,21 @@ def chunk_bytes():
         cpu_decode.set_chunk_bytes(previous[0])
 
 
-@pytest.mark.parametrize("kv, h, s, d, int8, window", [
-    (1, 8, 700, 64, False, None),   # MLA's shape: 8 rows on one buffer, chunks of 64 positions
-    (1, 9, 600, 128, False, 100),   # SmolLM2's latent rows: 9 on 128 numbers, a window (chunks a row never sees)
-    (1, 9, 600, 192, True, None),   # a width with no compiled size (the blocks at run-time width), int8
-    (2, 6, 500, 48, False, 64),     # 48 wide, 3 rows a K/V head (a 4-row block, one padded)
-    (2, 2, 300, 80, False, None),   # 80 (not a multiple of 16): the plain loop
+@pytest.mark.parametrize("kv, h, s, d, dv, int8, window", [
+    (1, 8, 700, 64, 48, False, None),   # MLA-48's shape: 8 rows on rows of 48 + 16, chunks of 64 positions
+    (1, 8, 40, 64, 48, False, None),    # the same in one piece (shorter than a chunk)
+    (1, 9, 600, 128, 64, False, 100),   # SmolLM2's latent rows: 9 on 64 + 64, a window (chunks a row never sees)
+    (1, 9, 600, 192, 128, True, None),  # a width with no compiled size (the blocks at run-time width), int8
+    (2, 6, 500, 48, 48, False, 64),     # 48 wide, 3 rows a K/V head (a 4-row block, one padded), all values
+    (2, 2, 300, 80, 40, False, None),   # 80 (not a multiple of 16): the plain loop
 ])
-def test_keys_that_are_the_values_are_read_in_chunks_once(kv, h, s, d, int8, window, chunk_bytes):
+def test_keys_that_are_the_values_are_read_in_chunks_once(kv, h, s, d, dv, int8, window, chunk_bytes):
     """One buffer as keys and values (latent attention's cached rows, tied attention's tied
     state): the kernel takes the positions in chunks (here of 16 KB), each chunk's two
     products while it lies in the processor's cache, and merges the chunks by their softmax
-    statistics. The last 2 positions queried causally (and in a window), one row seeing
-    nothing, against float64."""
+    statistics; the values are each row's first dv numbers (a latent row ends in its rotary
+    key). The last 2 positions queried causally (and in a window), one row seeing nothing,
+    against float64."""
     chunk_bytes(16384)
     b, t = 2, 2
     rng = np.random.default_rng(d)
@@ -114,9 +116,12 @@ def test_keys_that_are_the_values_are_read_in_chunks_once(kv, h, s, d, int8, win
         pair = (jnp.asarray(values), jnp.asarray(scales))
         stored, cache = (pair, pair), jnp.asarray(kv_rows, jnp.float32)
     before = cpu_decode.chunked_tasks()
-    got = np.asarray(cpu_decode.attend_masked(jnp.asarray(q), cache, cache, jnp.asarray(mask), d, stored))
-    assert cpu_decode.chunked_tasks() - before == b * kv  # every (row, K/V head) task in chunks
-    np.testing.assert_allclose(got, masked_attention(q, kv_rows, kv_rows, mask, d ** -0.5), atol=2e-6, rtol=0)
+    got = np.asarray(cpu_decode.attend_masked(jnp.asarray(q), cache, cache, jnp.asarray(mask), d, stored,
+                                              value_dim=dv))
+    chunk = max(16, 16384 // (d * (1 if int8 else 4)) // 16 * 16)
+    assert cpu_decode.chunked_tasks() - before == (b * kv if s > chunk else 0)  # every task in chunks
+    expected = masked_attention(q, kv_rows, kv_rows[..., :dv], mask, d ** -0.5)
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kv, group, t, int8", [(1, 8, 2, False), (2, 8, 2, True), (2, 3, 1, False)])

@@ -5,7 +5,8 @@
 //   k, v    float32 or int8 [B, K, S, D], the cache as it lies ("bksd"; MQA's "bsd" is K = 1)
 //   scales  float32 [B, K, S] each (int8 only): vector (b, k, s) is its int8 values x scale
 //   mask    bool    [M, T, S]      M = 1 or B: which keys each query position sees
-//   out     float32 [B, K, R, D]   softmax(q k^T * scale, masked) v
+//   out     float32 [B, K, R, Dv]  softmax(q k^T * scale, masked) v[:, :Dv]: the values' first
+//                                  Dv <= D numbers (latent attention's rows end in a rotary key)
 //
 // One task per (b, k), on XLA's intra-op thread pool: all R rows' scores against the S keys,
 // each key read once; the masked softmax of each row over the whole row (kept in cache);
@@ -34,6 +35,7 @@ namespace {
 struct Shapes {
   int64_t B, K, R, S, D, T, G, M;
   int64_t mask_ld;  // the mask's row length: S, or the whole cache's for a chunk of it
+  int64_t Dv;       // numbers of each value row summed (its first), out's row length
 };
 
 // A second part of every key, for tied attention (GTA): a rotary key per position shared by
@@ -180,7 +182,7 @@ inline auto dot_rows(const float* q, const E* key, int64_t D) {
 template <int FIXED_D, int ROWS, typename E>
 void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, const float* v_scales,
                  const SharedKey<E>& shared, const bool* const* visible, float* out, int64_t S,
-                 int64_t width, float scale, std::vector<float>& buffer, float* stats) {
+                 int64_t width, int64_t Dv, float scale, std::vector<float>& buffer, float* stats) {
   const int64_t D = FIXED_D ? FIXED_D : width;
   using Lanes = std::conditional_t<ROWS == 8, f8, f4>;
   buffer.resize(S * ROWS);
@@ -214,17 +216,17 @@ void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, 
       sums[r] += p[s * ROWS + r];
     }
   }
-  if constexpr (FIXED_D > 0 && FIXED_D < 64) {
-    values_tile<FIXED_D, ROWS>(p, 1, ROWS, S, v, D, v_scales, out, D);
-  } else {  // 64 columns at a time, then 16
-    int64_t c = 0;
-    for (; c + 64 <= D; c += 64) values_tile<64, ROWS>(p, 1, ROWS, S, v + c, D, v_scales, out + c, D);
-    for (; c < D; c += 16) values_tile<16, ROWS>(p, 1, ROWS, S, v + c, D, v_scales, out + c, D);
+  int64_t c = 0;  // the values' columns: 64 at a time, then the 16, 32 or 48 left in one tile
+  for (; c + 64 <= Dv; c += 64) values_tile<64, ROWS>(p, 1, ROWS, S, v + c, D, v_scales, out + c, Dv);
+  switch (Dv - c) {
+    case 16: values_tile<16, ROWS>(p, 1, ROWS, S, v + c, D, v_scales, out + c, Dv); break;
+    case 32: values_tile<32, ROWS>(p, 1, ROWS, S, v + c, D, v_scales, out + c, Dv); break;
+    case 48: values_tile<48, ROWS>(p, 1, ROWS, S, v + c, D, v_scales, out + c, Dv); break;
   }
   for (int r = 0; r < ROWS; ++r) {
     if (stats) stats[2 * r] = maxes[r], stats[2 * r + 1] = sums[r];
     const float inverse = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
-    for (int d = 0; d < D; ++d) out[r * D + d] *= inverse;
+    for (int64_t d = 0; d < Dv; ++d) out[r * Dv + d] *= inverse;
   }
 }
 #endif
@@ -241,7 +243,7 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
                  const Shapes& n, float scale, std::vector<float>& scores, float* stats = nullptr,
                  bool in_cache = false) {
   const int64_t D = FIXED_D ? FIXED_D : n.D;
-  const int64_t R = n.R, S = n.S;
+  const int64_t R = n.R, S = n.S, Dv = n.Dv;
   int64_t first = 0;  // rows done
 #if defined(__AVX2__) && defined(__FMA__)
   if (FIXED_D || D % 16 == 0) {
@@ -252,7 +254,7 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
       for (int r = 0; r < ROWS; ++r) visible[r] = mask + ((first + std::min<int64_t>(r, live - 1)) / n.G) * n.mask_ld;
       SharedKey<E> part = shared;
       part.q = q_shared;
-      attend_rows<FIXED_D, ROWS>(q_rows, k, v, k_scales, v_scales, part, visible, o, S, D, scale, scores, st);
+      attend_rows<FIXED_D, ROWS>(q_rows, k, v, k_scales, v_scales, part, visible, o, S, D, Dv, scale, scores, st);
     };
     auto shared_q = [&] { return shared.q ? shared.q + first * shared.D : nullptr; };
     auto stats_of = [&] { return stats ? stats + 2 * first : nullptr; };
@@ -261,21 +263,21 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
     // rows of 128 or more numbers (where the plain loop is close) only when no row is left
     // or the keys and values lie in the processor's cache.
     const bool covered = R % 4 == 0 || R % 4 == 3 || in_cache;
-    const bool blocks = shared.D % 8 == 0 && ((FIXED_D && FIXED_D <= 64) || covered);
+    const bool blocks = shared.D % 8 == 0 && Dv % 16 == 0 && ((FIXED_D && FIXED_D <= 64) || covered);
     for (; blocks && first + 8 <= R; first += 8)
-      block(std::integral_constant<int, 8>{}, q + first * D, shared_q(), out + first * D, stats_of(), 8);
+      block(std::integral_constant<int, 8>{}, q + first * D, shared_q(), out + first * Dv, stats_of(), 8);
     for (; blocks && first + 4 <= R; first += 4)
-      block(std::integral_constant<int, 4>{}, q + first * D, shared_q(), out + first * D, stats_of(), 4);
+      block(std::integral_constant<int, 4>{}, q + first * D, shared_q(), out + first * Dv, stats_of(), 4);
     if (blocks && first + 3 == R) {  // a 4-row block, the missing row's query 0
       const int64_t live = R - first;
       thread_local std::vector<float> pad;  // this worker's, reused across tasks
-      pad.assign(4 * (2 * D + shared.D + 2), 0.0f);
-      float *q_pad = pad.data(), *out_pad = q_pad + 4 * D, *shared_pad = out_pad + 4 * D,
+      pad.assign(4 * (D + Dv + shared.D + 2), 0.0f);
+      float *q_pad = pad.data(), *out_pad = q_pad + 4 * D, *shared_pad = out_pad + 4 * Dv,
             *stats_pad = shared_pad + 4 * shared.D;
       std::memcpy(q_pad, q + first * D, live * D * sizeof(float));
       if (shared.q) std::memcpy(shared_pad, shared_q(), live * shared.D * sizeof(float));
       block(std::integral_constant<int, 4>{}, q_pad, shared.q ? shared_pad : nullptr, out_pad, stats_pad, live);
-      std::memcpy(out + first * D, out_pad, live * D * sizeof(float));
+      std::memcpy(out + first * Dv, out_pad, live * Dv * sizeof(float));
       if (stats) std::memcpy(stats_of(), stats_pad, live * 2 * sizeof(float));
       first = R;
     }
@@ -316,21 +318,21 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
   }
   int64_t r = first;
   if constexpr (FIXED_D > 0 && FIXED_D % 16 == 0 && FIXED_D <= 64) {
-    for (; r + 4 <= R; r += 4) values_tile<FIXED_D, 4>(p + r * S, S, 1, S, v, D, v_scales, out + r * D, D);
+    for (; r + 4 <= R && Dv == D; r += 4) values_tile<FIXED_D, 4>(p + r * S, S, 1, S, v, D, v_scales, out + r * Dv, Dv);
   }
-  std::fill(out + r * D, out + R * D, 0.0f);
+  std::fill(out + r * Dv, out + R * Dv, 0.0f);
   for (int64_t s = 0; s < S; ++s) {  // the other rows: values read once for all of them
     const E* value = v + s * D;
     prefetch_ahead(value, D * sizeof(E));
     const float value_scale = scale_of(v_scales, s);
     for (int64_t row = r; row < R; ++row) {
       const float w = p[row * S + s] * value_scale;
-      float* o = out + row * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += w * static_cast<float>(value[d]);
+      float* o = out + row * Dv;
+      for (int64_t d = 0; d < Dv; ++d) o[d] += w * static_cast<float>(value[d]);
     }
   }
   for (int64_t row = first; row < R; ++row) {
-    for (int64_t d = 0; d < D; ++d) out[row * D + d] *= inverse[row];
+    for (int64_t d = 0; d < Dv; ++d) out[row * Dv + d] *= inverse[row];
   }
 }
 
@@ -362,10 +364,10 @@ template <typename E>
 void attend_chunked(const float* q, const E* kv, const float* kv_scales, const SharedKey<E>& shared,
                     const bool* mask, float* out, const Shapes& n, float scale,
                     std::vector<float>& scores, int64_t chunk) {
-  const int64_t R = n.R, D = n.D;
-  thread_local std::vector<float> work;  // a chunk's out [R, D] and stats [R, 2]; the running stats
-  work.assign(R * D + 4 * R, 0.0f);
-  float *chunk_out = work.data(), *chunk_stats = chunk_out + R * D, *stats = chunk_stats + 2 * R;
+  const int64_t R = n.R, D = n.D, Dv = n.Dv;
+  thread_local std::vector<float> work;  // a chunk's out [R, Dv] and stats [R, 2]; the running stats
+  work.assign(R * Dv + 4 * R, 0.0f);
+  float *chunk_out = work.data(), *chunk_stats = chunk_out + R * Dv, *stats = chunk_stats + 2 * R;
   for (int64_t s0 = 0; s0 < n.S; s0 += chunk) {
     Shapes part = n;
     part.S = std::min(chunk, n.S - s0);
@@ -387,7 +389,7 @@ void attend_chunked(const float* q, const E* kv, const float* kv_scales, const S
       const float top = std::max(m, m_c);
       const float a = l == 0.0f ? 0.0f : l * std::exp(m - top), b = l_c * std::exp(m_c - top);
       const float wa = a / (a + b), wb = b / (a + b);
-      for (int64_t d = 0; d < D; ++d) out[r * D + d] = wa * out[r * D + d] + wb * chunk_out[r * D + d];
+      for (int64_t d = 0; d < Dv; ++d) out[r * Dv + d] = wa * out[r * Dv + d] + wb * chunk_out[r * Dv + d];
       m = top;
       l = a + b;
     }
@@ -406,7 +408,7 @@ void attend_task(int64_t task, const float* q, const E* k, const E* v, const flo
   const float* kst = k_scales ? k_scales + task * n.S : nullptr;
   const float* vst = v_scales ? v_scales + task * n.S : nullptr;
   const bool* mt = mask + (n.M == 1 ? 0 : b) * n.T * n.S;
-  float* ot = out + task * rows;
+  float* ot = out + task * n.R * n.Dv;
   SharedKey<E> st = shared;  // this task's queries, and this row's shared keys
   if (shared.k) {
     st.q = shared.q + task * n.R * shared.D;
@@ -444,13 +446,13 @@ template <typename E>
 ffi::Error Attend(ffi::ThreadPool& pool, const float* q, ffi::Span<const int64_t> qd,
                   const E* k, const E* v, int64_t k_count, int64_t v_count, const float* k_scales,
                   const float* v_scales, const bool* mask, ffi::Span<const int64_t> md, float scale,
-                  int64_t groups, float* out, SharedKey<E> shared = {}) {
-  if (qd.size() != 4 || md.size() != 3) {
-    return ffi::Error::InvalidArgument("cpu_decode: q must be 4-D and the mask 3-D");
+                  int64_t groups, float* out, ffi::Span<const int64_t> od, SharedKey<E> shared = {}) {
+  if (qd.size() != 4 || md.size() != 3 || od.size() != 4) {
+    return ffi::Error::InvalidArgument("cpu_decode: q and out must be 4-D and the mask 3-D");
   }
-  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0], md[2]};
+  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0], md[2], od[3]};
   if (k_count != n.B * n.K * n.S * n.D || v_count != k_count || n.T * n.G != n.R ||
-      (n.M != 1 && n.M != n.B)) {
+      (n.M != 1 && n.M != n.B) || od[0] != n.B || od[1] != n.K || od[2] != n.R || n.Dv < 1 || n.Dv > n.D) {
     return ffi::Error::InvalidArgument("cpu_decode: inconsistent shapes");
   }
   run_tasks(pool, n.B * n.K, [&](int64_t t, std::vector<float>& scores) {
@@ -464,7 +466,7 @@ ffi::Error AttendF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
                      int64_t groups, ffi::ResultBuffer<ffi::F32> out) {
   return Attend(pool, q.typed_data(), q.dimensions(), k.typed_data(), v.typed_data(),
                 k.element_count(), v.element_count(), nullptr, nullptr, mask.typed_data(),
-                mask.dimensions(), scale, groups, out->typed_data());
+                mask.dimensions(), scale, groups, out->typed_data(), out->dimensions());
 }
 
 ffi::Error AttendInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
@@ -477,7 +479,7 @@ ffi::Error AttendInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   }
   return Attend(pool, q.typed_data(), q.dimensions(), k.typed_data(), v.typed_data(),
                 k.element_count(), v.element_count(), k_scales.typed_data(), v_scales.typed_data(),
-                mask.typed_data(), mask.dimensions(), scale, groups, out->typed_data());
+                mask.typed_data(), mask.dimensions(), scale, groups, out->typed_data(), out->dimensions());
 }
 
 // Tied attention (GTA): the tied state is the first part of each key (the queries' rotary
@@ -487,7 +489,7 @@ template <typename E>
 ffi::Error AttendTied(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& q_rope,
                       const E* tied, int64_t tied_count, const E* rope, int64_t rope_count,
                       const float* tied_scales, const float* rope_scales, ffi::Buffer<ffi::PRED>& mask,
-                      float scale, int64_t groups, float* out) {
+                      float scale, int64_t groups, ffi::ResultBuffer<ffi::F32>& out) {
   const auto qd = q.dimensions(), rd = q_rope.dimensions();
   if (rd.size() != 4 || qd.size() != 4 || rd[0] != qd[0] || rd[1] != qd[1] || rd[2] != qd[2] ||
       rope_count != qd[0] * mask.dimensions()[2] * rd[3]) {
@@ -495,7 +497,8 @@ ffi::Error AttendTied(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buff
   }
   SharedKey<E> shared{q_rope.typed_data(), rope, rope_scales, rd[3]};
   return Attend(pool, q.typed_data(), qd, tied, tied, tied_count, tied_count, tied_scales,
-                tied_scales, mask.typed_data(), mask.dimensions(), scale, groups, out, shared);
+                tied_scales, mask.typed_data(), mask.dimensions(), scale, groups, out->typed_data(),
+                out->dimensions(), shared);
 }
 
 ffi::Error AttendTiedF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> q_rope,
@@ -503,7 +506,7 @@ ffi::Error AttendTiedF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
                          ffi::Buffer<ffi::PRED> mask, float scale, int64_t groups,
                          ffi::ResultBuffer<ffi::F32> out) {
   return AttendTied(pool, q, q_rope, tied.typed_data(), tied.element_count(), rope.typed_data(),
-                    rope.element_count(), nullptr, nullptr, mask, scale, groups, out->typed_data());
+                    rope.element_count(), nullptr, nullptr, mask, scale, groups, out);
 }
 
 ffi::Error AttendTiedInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> q_rope,
@@ -513,7 +516,7 @@ ffi::Error AttendTiedInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
                           ffi::ResultBuffer<ffi::F32> out) {
   return AttendTied(pool, q, q_rope, tied.typed_data(), tied.element_count(), rope.typed_data(),
                     rope.element_count(), tied_scales.typed_data(), rope_scales.typed_data(), mask,
-                    scale, groups, out->typed_data());
+                    scale, groups, out);
 }
 
 // ----------------------------------------------------------------------------- int4
@@ -760,7 +763,7 @@ ffi::Error AttendInt4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   if (qd.size() != 4 || md.size() != 3) {
     return ffi::Error::InvalidArgument("cpu_decode: q must be 4-D and the mask 3-D");
   }
-  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0], md[2]};
+  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0], md[2], qd[3]};
   const int64_t heads = n.B * n.K, numbers = heads * n.S * n.D;
   if ((n.D != 32 && n.D != 64 && n.D != 128 && n.D != 256) || value_group % 32 || n.D % value_group || key_group < 1 || n.S % key_group ||
       n.T * n.G != n.R || n.M != 1 || 2 * k.element_count() != numbers ||

@@ -94,10 +94,10 @@ def _rows(q: jax.Array, kv: int) -> jax.Array:
 
 
 def _unrows(out: jax.Array, q: jax.Array) -> jax.Array:
-    """`_rows`' inverse: [b, kv, t * g, d] -> [b, t, h, d] in q's dtype."""
-    b, t, h, d = q.shape
-    kv = out.shape[1]
-    return out.reshape(b, kv, t, h // kv, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)
+    """`_rows`' inverse: [b, kv, t * g, dv] -> [b, t, h, dv] in q's dtype."""
+    b, t, h, _ = q.shape
+    kv, dv = out.shape[1], out.shape[-1]
+    return out.reshape(b, kv, t, h // kv, dv).transpose(0, 2, 1, 3, 4).reshape(b, t, h, dv).astype(q.dtype)
 
 
 def chunked_tasks() -> int:
@@ -126,14 +126,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | in
            kv_layout: str = "bksd", window: jax.Array | int | None = None,
            k_positions: jax.Array | None = None, score_dim: int | None = None,
            sinks: int = 0, int8: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
-           int4: dict[str, jax.Array] | None = None) -> jax.Array:
+           int4: dict[str, jax.Array] | None = None, value_dim: int | None = None) -> jax.Array:
     """`core.attend` over a cache, causal: q [b, t, h, d] float32; k, v float32 laid out as
     the cache holds them (`kv_layout` "bksd", or without "b" or "k" where that axis has
     size 1: heads before positions, always). Same arguments and result. int8: for an int8
     cache, ((k values, k scales), (v values, v scales)) as stored (`Keys.int8`), which the
     kernel reads instead of k and v: a quarter of the bytes, and no dequantized copy.
     int4: a KIVI int4 cache's buffers (`Keys.int4`, where `reads_int4` holds), read as
-    stored in place of k and v (about a sixth of the bytes)."""
+    stored in place of k and v (about a sixth of the bytes). value_dim: sum only each value
+    row's first this many numbers (latent attention's rows end in a rotary key that is no
+    value) -> [b, t, h, value_dim]."""
     _check_backend()
     if "s" not in kv_layout or kv_layout.index("s") != len(kv_layout) - 2:
         raise ValueError(f"cpu_kernel takes a cache layout with positions before the head dim, not {kv_layout!r}")
@@ -142,7 +144,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | in
         # the residual's group holds the next position to write (`kv_int4.read_keys`)
         written = (0 if q_offset is None else q_offset) + q.shape[1]
         return attend_int4(q, int4, mask, score_dim or q.shape[-1], written=written)
-    return attend_masked(q, k, v, mask, score_dim or q.shape[-1], int8)
+    return attend_masked(q, k, v, mask, score_dim or q.shape[-1], int8, value_dim)
 
 
 def reads_int4(buffers: dict[str, jax.Array]) -> bool:
@@ -176,14 +178,15 @@ def attend_int4(q: jax.Array, buffers: dict[str, jax.Array], mask: jax.Array, sc
 
 
 def attend_masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, score_dim: int,
-                  int8: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
-                  ) -> jax.Array:
+                  int8: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+                  value_dim: int | None = None) -> jax.Array:
     """The kernel itself: softmax(q.k / sqrt(score_dim), where `mask`) v. q [b, t, h, d];
     k, v [b, kv, s, d] in memory (any shape holding that many numbers in that order, as a
     cache layout does); mask bool [t, s], or [1 or b, t, s]. int8: ((k int8, k scales
     [b, kv, s]), (v int8, v scales)) read in place of k and v, vector i being its int8
-    values times its scale. A query that sees no key gets zeros. -> [b, t, h, d] in q's
-    dtype, computed in float32."""
+    values times its scale. A query that sees no key gets zeros. value_dim: each value
+    row's first this many numbers summed (default d). -> [b, t, h, value_dim] in q's dtype,
+    computed in float32."""
     register()
     b, t, h, d = q.shape
     s = mask.shape[-1]
@@ -191,7 +194,7 @@ def attend_masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sco
     rows = _rows(q, kv)
     cache = (k, v) if int8 is None else (*(values for values, _ in int8), *(scales for _, scales in int8))
     out = jax.ffi.ffi_call(TARGET if int8 is None else TARGET_INT8,
-                           jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
+                           jax.ShapeDtypeStruct((*rows.shape[:-1], value_dim or d), jnp.float32))(
         rows, *cache, mask.reshape(-1, t, s), scale=np.float32(score_dim ** -0.5),
         groups=np.int64(h // kv))
     return _unrows(out, q)

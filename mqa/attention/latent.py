@@ -103,10 +103,10 @@ def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, cached: jax.Array, k
     rope_heads = (cached.shape[-1] - c) // q_rope.shape[-1]
     queries = jnp.concatenate([q_latent, rope_query_blocks(q_rope, rope_heads)],
                               axis=-1)                                      # [b, t, h, c + R r]
-    if kernel:  # the cached rows are the keys and the values of one K/V head: read once
-        out = cpu_decode.attend(queries, cached, cached, kv_layout=cached_layout,
+    if kernel:  # the cached rows are the keys and the values (their latent part) of one K/V head
+        out = cpu_decode.attend(queries, cached, cached, kv_layout=cached_layout, value_dim=c,
                                 score_dim=d + q_rope.shape[-1], int8=int8 and (int8, int8), **mask)
-        return jnp.einsum("bthc,chd->bthd", out[..., :c].astype(q.dtype), v_up, **F32).astype(q.dtype)
+        return jnp.einsum("bthc,chd->bthd", out.astype(q.dtype), v_up, **F32).astype(q.dtype)
     rows, q_axes, score_axes = "bsc", "bthc", "bhts"
     if "b" not in cached_layout:
         rows, q_axes, score_axes, queries = "sc", "thc", "hts", queries[0]
