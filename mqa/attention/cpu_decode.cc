@@ -441,7 +441,8 @@ void run_tasks(ffi::ThreadPool& pool, int64_t tasks, const Task& task) {
 }
 
 // Both handlers: k and v come as the cache holds them (any rank: reshaping them here would
-// make XLA copy the cache): their elements are [B, K, S, D] in order, K and B from q.
+// make XLA copy the cache): their elements are [B, K, S, D] in order, K and B from q; out
+// [B, K, R, Dv] says how many of each value row's first numbers are summed.
 template <typename E>
 ffi::Error Attend(ffi::ThreadPool& pool, const float* q, ffi::Span<const int64_t> qd,
                   const E* k, const E* v, int64_t k_count, int64_t v_count, const float* k_scales,
