@@ -1,7 +1,9 @@
 // Grouped attention over a KV cache on the CPU, reading each K/V head's keys and values
 // once for all the query heads that share it (mqa/attention/cpu_decode.py).
 //
-//   q       float32 [B, K, R, D]   R = T * G query rows per K/V head: query position t, head g
+//   q       float32 [B, K, R, Dq]  R = T * G query rows per K/V head: query position t, head g;
+//                                  they meet each key's first Dq <= D numbers (tied attention's
+//                                  tied state: its first half; the rest of the row is value)
 //   k, v    float32 or int8 [B, K, S, D], the cache as it lies ("bksd"; MQA's "bsd" is K = 1)
 //   scales  float32 [B, K, S] each (int8 only): vector (b, k, s) is its int8 values x scale
 //   mask    bool    [M, T, S]      M = 1 or B: which keys each query position sees
@@ -36,6 +38,7 @@ struct Shapes {
   int64_t B, K, R, S, D, T, G, M;
   int64_t mask_ld;  // the mask's row length: S, or the whole cache's for a chunk of it
   int64_t Dv;       // numbers of each value row summed (its first), out's row length
+  int64_t Dq;       // numbers of each key row met by the queries (its first), q's row length
 };
 
 // A second part of every key, for tied attention (GTA): a rotary key per position shared by
@@ -136,9 +139,11 @@ typedef float f4 __attribute__((vector_size(16)));
 
 // ROWS (4 or 8) rows' dot products with one key, for D a multiple of 8, as one vector of
 // ROWS lanes: the rows' partial vectors summed across lanes together (a hadd tree), instead
-// of one horizontal sum per row.
+// of one horizontal sum per row. q2, key2, D2 (if q2): a second part of the key, met by a
+// second part of the rows (tied attention's shared rotary key), summed in the same tree.
 template <int ROWS, typename E>
-inline auto dot_rows(const float* q, const E* key, int64_t D) {
+inline auto dot_rows(const float* q, const E* key, int64_t D, const float* q2 = nullptr,
+                     const E* key2 = nullptr, int64_t D2 = 0) {
   __m256 acc[ROWS];
 #if defined(__AVX512F__)
   if (D % 16 == 0 && D >= 64) {  // half the multiplications, 16 lanes each; each row's halves then added
@@ -159,6 +164,10 @@ inline auto dot_rows(const float* q, const E* key, int64_t D) {
       const __m256 kd = load8(key + d);
       for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), kd, acc[r]);
     }
+  }
+  for (int64_t d = 0; q2 && d < D2; d += 8) {
+    const __m256 kd = load8(key2 + d);
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + r * D2 + d), kd, acc[r]);
   }
   const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
   if constexpr (ROWS == 8) {
@@ -182,7 +191,8 @@ inline auto dot_rows(const float* q, const E* key, int64_t D) {
 template <int FIXED_D, int ROWS, typename E>
 void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, const float* v_scales,
                  const SharedKey<E>& shared, const bool* const* visible, float* out, int64_t S,
-                 int64_t width, int64_t Dv, float scale, std::vector<float>& buffer, float* stats) {
+                 int64_t width, int64_t Dq, int64_t Dv, float scale, std::vector<float>& buffer,
+                 float* stats) {
   const int64_t D = FIXED_D ? FIXED_D : width;
   using Lanes = std::conditional_t<ROWS == 8, f8, f4>;
   buffer.resize(S * ROWS);
@@ -200,10 +210,15 @@ void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, 
     } else {
       for (int r = 0; r < ROWS; ++r) open[r] = visible[r][s] ? 0.0f : -INFINITY;
     }
-    Lanes scores = dot_rows<ROWS>(q, k + s * D, D) * (scale * scale_of(k_scales, s)) + open;
-    if (shared.k) {
-      scores += dot_rows<ROWS>(shared.q, shared.k + s * shared.D, shared.D) *
-                (scale * scale_of(shared.scales, s));
+    Lanes scores;
+    if (shared.k && !k_scales && !shared.scales) {  // float: both parts of the key in one sum
+      scores = dot_rows<ROWS>(q, k + s * D, Dq, shared.q, shared.k + s * shared.D, shared.D) * scale + open;
+    } else {
+      scores = dot_rows<ROWS>(q, k + s * D, Dq) * (scale * scale_of(k_scales, s)) + open;
+      if (shared.k) {
+        scores += dot_rows<ROWS>(shared.q, shared.k + s * shared.D, shared.D) *
+                  (scale * scale_of(shared.scales, s));
+      }
     }
     std::memcpy(p + s * ROWS, &scores, sizeof(scores));
     row_max = scores > row_max ? scores : row_max;
@@ -243,7 +258,7 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
                  const Shapes& n, float scale, std::vector<float>& scores, float* stats = nullptr,
                  bool in_cache = false) {
   const int64_t D = FIXED_D ? FIXED_D : n.D;
-  const int64_t R = n.R, S = n.S, Dv = n.Dv;
+  const int64_t R = n.R, S = n.S, Dq = n.Dq, Dv = n.Dv;
   int64_t first = 0;  // rows done
 #if defined(__AVX2__) && defined(__FMA__)
   if (FIXED_D || D % 16 == 0) {
@@ -254,7 +269,8 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
       for (int r = 0; r < ROWS; ++r) visible[r] = mask + ((first + std::min<int64_t>(r, live - 1)) / n.G) * n.mask_ld;
       SharedKey<E> part = shared;
       part.q = q_shared;
-      attend_rows<FIXED_D, ROWS>(q_rows, k, v, k_scales, v_scales, part, visible, o, S, D, Dv, scale, scores, st);
+      attend_rows<FIXED_D, ROWS>(q_rows, k, v, k_scales, v_scales, part, visible, o, S, D, Dq, Dv, scale, scores,
+                                 st);
     };
     auto shared_q = [&] { return shared.q ? shared.q + first * shared.D : nullptr; };
     auto stats_of = [&] { return stats ? stats + 2 * first : nullptr; };
@@ -263,18 +279,18 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
     // rows of 128 or more numbers (where the plain loop is close) only when no row is left
     // or the keys and values lie in the processor's cache.
     const bool covered = R % 4 == 0 || R % 4 == 3 || in_cache;
-    const bool blocks = shared.D % 8 == 0 && Dv % 16 == 0 && ((FIXED_D && FIXED_D <= 64) || covered);
+    const bool blocks = shared.D % 8 == 0 && Dq % 8 == 0 && Dv % 16 == 0 && ((FIXED_D && FIXED_D <= 64) || covered);
     for (; blocks && first + 8 <= R; first += 8)
-      block(std::integral_constant<int, 8>{}, q + first * D, shared_q(), out + first * Dv, stats_of(), 8);
+      block(std::integral_constant<int, 8>{}, q + first * Dq, shared_q(), out + first * Dv, stats_of(), 8);
     for (; blocks && first + 4 <= R; first += 4)
-      block(std::integral_constant<int, 4>{}, q + first * D, shared_q(), out + first * Dv, stats_of(), 4);
+      block(std::integral_constant<int, 4>{}, q + first * Dq, shared_q(), out + first * Dv, stats_of(), 4);
     if (blocks && first + 3 == R) {  // a 4-row block, the missing row's query 0
       const int64_t live = R - first;
       thread_local std::vector<float> pad;  // this worker's, reused across tasks
-      pad.assign(4 * (D + Dv + shared.D + 2), 0.0f);
-      float *q_pad = pad.data(), *out_pad = q_pad + 4 * D, *shared_pad = out_pad + 4 * Dv,
+      pad.assign(4 * (Dq + Dv + shared.D + 2), 0.0f);
+      float *q_pad = pad.data(), *out_pad = q_pad + 4 * Dq, *shared_pad = out_pad + 4 * Dv,
             *stats_pad = shared_pad + 4 * shared.D;
-      std::memcpy(q_pad, q + first * D, live * D * sizeof(float));
+      std::memcpy(q_pad, q + first * Dq, live * Dq * sizeof(float));
       if (shared.q) std::memcpy(shared_pad, shared_q(), live * shared.D * sizeof(float));
       block(std::integral_constant<int, 4>{}, q_pad, shared.q ? shared_pad : nullptr, out_pad, stats_pad, live);
       std::memcpy(out + first * Dv, out_pad, live * Dv * sizeof(float));
@@ -291,9 +307,9 @@ void attend_head(const float* q, const E* k, const E* v, const float* k_scales,
     prefetch_ahead(key, D * sizeof(E));
     const float key_scale = scale_of(k_scales, s);
     for (int64_t r = first; r < R; ++r) {
-      const float* qr = q + r * D;
+      const float* qr = q + r * Dq;
       float dot = 0.0f;
-      for (int64_t d = 0; d < D; ++d) dot += qr[d] * static_cast<float>(key[d]);
+      for (int64_t d = 0; d < Dq; ++d) dot += qr[d] * static_cast<float>(key[d]);
       p[r * S + s] = dot * key_scale;
       if (shared.k) {
         float extra = 0.0f;
@@ -401,8 +417,8 @@ void attend_task(int64_t task, const float* q, const E* k, const E* v, const flo
                  const float* v_scales, const SharedKey<E>& shared, const bool* mask, float* out,
                  const Shapes& n, float scale, std::vector<float>& scores) {
   const int64_t b = task / n.K;
-  const int64_t rows = n.R * n.D, keys = n.S * n.D;
-  const float* qt = q + task * rows;
+  const int64_t keys = n.S * n.D;
+  const float* qt = q + task * n.R * n.Dq;
   const E* kt = k + task * keys;
   const E* vt = v + task * keys;
   const float* kst = k_scales ? k_scales + task * n.S : nullptr;
@@ -451,9 +467,11 @@ ffi::Error Attend(ffi::ThreadPool& pool, const float* q, ffi::Span<const int64_t
   if (qd.size() != 4 || md.size() != 3 || od.size() != 4) {
     return ffi::Error::InvalidArgument("cpu_decode: q and out must be 4-D and the mask 3-D");
   }
-  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0], md[2], od[3]};
+  const int64_t vectors = qd[0] * qd[1] * md[2];  // B * K * S: D, each row's length, from k
+  Shapes n{qd[0], qd[1], qd[2], md[2], vectors ? k_count / vectors : 0, md[1], groups, md[0], md[2], od[3], qd[3]};
   if (k_count != n.B * n.K * n.S * n.D || v_count != k_count || n.T * n.G != n.R ||
-      (n.M != 1 && n.M != n.B) || od[0] != n.B || od[1] != n.K || od[2] != n.R || n.Dv < 1 || n.Dv > n.D) {
+      (n.M != 1 && n.M != n.B) || od[0] != n.B || od[1] != n.K || od[2] != n.R || n.Dv < 1 ||
+      n.Dv > n.D || n.Dq < 1 || n.Dq > n.D) {
     return ffi::Error::InvalidArgument("cpu_decode: inconsistent shapes");
   }
   run_tasks(pool, n.B * n.K, [&](int64_t t, std::vector<float>& scores) {
@@ -474,7 +492,7 @@ ffi::Error AttendInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
                       ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> k_scales,
                       ffi::Buffer<ffi::F32> v_scales, ffi::Buffer<ffi::PRED> mask, float scale,
                       int64_t groups, ffi::ResultBuffer<ffi::F32> out) {
-  if (k_scales.element_count() * q.dimensions()[3] != k.element_count() ||
+  if (k_scales.element_count() != q.dimensions()[0] * q.dimensions()[1] * mask.dimensions()[2] ||
       v_scales.element_count() != k_scales.element_count()) {
     return ffi::Error::InvalidArgument("cpu_decode: one scale per cached vector");
   }
@@ -483,9 +501,9 @@ ffi::Error AttendInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
                 mask.typed_data(), mask.dimensions(), scale, groups, out->typed_data(), out->dimensions());
 }
 
-// Tied attention (GTA): the tied state is the first part of each key (the queries' rotary
-// half zeroed, `tied.attend_tied`) and the whole value; q_rope [B, K, R, Dr] meets the
-// shared rotary key rope [B, S, Dr].
+// Tied attention (GTA): the tied state's first Dq numbers are the first part of each key (q
+// [B, K, R, Dq]: the queries' unrotated part, `tied.attend_tied`) and the whole state the
+// value; q_rope [B, K, R, Dr] meets the shared rotary key rope [B, S, Dr].
 template <typename E>
 ffi::Error AttendTied(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& q_rope,
                       const E* tied, int64_t tied_count, const E* rope, int64_t rope_count,
@@ -764,7 +782,7 @@ ffi::Error AttendInt4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   if (qd.size() != 4 || md.size() != 3) {
     return ffi::Error::InvalidArgument("cpu_decode: q must be 4-D and the mask 3-D");
   }
-  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0], md[2], qd[3]};
+  Shapes n{qd[0], qd[1], qd[2], md[2], qd[3], md[1], groups, md[0], md[2], qd[3], qd[3]};
   const int64_t heads = n.B * n.K, numbers = heads * n.S * n.D;
   if ((n.D != 32 && n.D != 64 && n.D != 128 && n.D != 256) || value_group % 32 || n.D % value_group || key_group < 1 || n.S % key_group ||
       n.T * n.G != n.R || n.M != 1 || 2 * k.element_count() != numbers ||

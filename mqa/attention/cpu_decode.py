@@ -208,9 +208,9 @@ def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout
     """`tied.attend_tied` over a cache: q [b, t, h, d] (its last d/2 dimensions rotated);
     tied [.., s, d] as the cache holds it; k_rope [(b,) s, d/2], shared by the K/V heads.
     Head k's key at s is [tied[s, k, :n], k_rope[s]], its value tied[s, k]: the kernel
-    meets the tied state with the queries' first n dimensions (the rest zeroed, as the XLA
-    form does) and the shared rotary key with their last d/2. int8: ((tied int8, scales),
-    (k_rope int8, scales)) as stored."""
+    meets the first n numbers of the tied state with the queries' first n dimensions (the
+    XLA form meets the whole state with the rest zeroed) and the shared rotary key with
+    their last d/2. int8: ((tied int8, scales), (k_rope int8, scales)) as stored."""
     _check_backend()
     register()
     b, t, h, d = q.shape
@@ -218,7 +218,7 @@ def attend_tied(q: jax.Array, tied: jax.Array, k_rope: jax.Array, *, tied_layout
     kv = tied.size // (b * s * d)
     mask = causal_mask(t, s, q_offset, window, k_positions, sinks).reshape(-1, t, s)
     rows = _rows(q, kv)
-    first, rotary = rows.at[..., d - r:].set(0), rows[..., d - r:]
+    first, rotary = rows[..., :d - r], rows[..., d - r:]
     cache = (tied, k_rope) if int8 is None else (*(x for x, _ in int8), *(scales for _, scales in int8))
     out = jax.ffi.ffi_call(TARGET_TIED if int8 is None else TARGET_TIED_INT8,
                            jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
