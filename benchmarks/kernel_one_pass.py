@@ -23,6 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.decode import VARIANTS, variant_config  # noqa: E402
+from mqa.workdir import CheckpointError, find_workdir  # noqa: E402
 
 TWO_PASSES = 1 << 62  # a chunk larger than any cache: each product reads the whole buffer
 STEPS = 16
@@ -47,8 +48,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--variants: {bad[0]!r} is not one of "
                      f"{', '.join(v for v in VARIANTS if v.endswith('-kernel'))}")
     for spec in args.workdir:
-        if "=" not in spec or not pathlib.Path(spec.split("=", 1)[1]).is_dir():
-            parser.error(f"--workdir {spec!r}: expected NAME=PATH, PATH an existing workdir")
+        if "=" not in spec:
+            parser.error(f"--workdir {spec!r}: expected NAME=PATH, PATH a workdir")
+        try:
+            find_workdir(spec.split("=", 1)[1])
+        except CheckpointError as error:
+            parser.error(f"--workdir {spec!r}: {error}")
     if not args.variants and not args.workdir:
         parser.error("nothing to time: give --variants and/or --workdir")
     if min(args.batch, args.context, args.repeats) < 1:
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     from mqa.timing import alternating_medians, decode_loop, timed
     if not cpu_decode.compiler_found():
         sys.exit("error: the C++ decoding kernel needs a C++ compiler ($CXX, default g++); none was found")
-    default = cpu_decode.set_chunk_bytes(TWO_PASSES)
+    default = cpu_decode.set_chunk_bytes(TWO_PASSES)  # the size it replaces: the one in use
     cpu_decode.set_chunk_bytes(default)
     rows = []
     for name, (graphdef, params, config) in models(args):

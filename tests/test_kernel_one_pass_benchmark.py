@@ -30,6 +30,7 @@ def test_both_paths_are_timed_and_written(tmp_path):
     (["--variants=MLA-48"], "--variants: 'MLA-48' is not one of"),
     ([], "nothing to time: give --variants and/or --workdir"),
     (["--workdir=runs/nowhere"], "--workdir 'runs/nowhere': expected NAME=PATH"),
+    (["--workdir=x=configs"], "--workdir 'x=configs': "),  # a folder, not a workdir
     (["--variants=GTA-1-kernel", "--batch=0"], "--batch=0, --context=2048 and --repeats=7 must be at least 1"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, fragment, capsys):

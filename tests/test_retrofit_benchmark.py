@@ -115,3 +115,11 @@ def test_a_table_whose_windows_are_not_kept_is_not_republished_without_them(tmp_
     assert "holds 1 models whose per-window scores are not in" in str(exit_info.value)
     assert "'GQA-1 mean'" in str(exit_info.value)
     retrofit.check_published(tmp_path, ["int8 cache", "GQA-1 mean"], 2048)  # all rescored: fine
+
+
+@pytest.mark.parametrize("stage", [[], ["--decode"]])
+def test_a_source_that_is_not_a_workdir_is_a_one_line_error(tmp_path, stage):
+    with pytest.raises(SystemExit) as refused:
+        retrofit.main([*stage, "--workdir", str(tmp_path / "work"), "--source", str(tmp_path)])
+    assert str(refused.value) == (f"error: --source: {str(tmp_path.resolve())!r} is not a workdir "
+                                  "(no config.json) or a checkpoint in one")

@@ -247,8 +247,8 @@ void attend_rows(const float* q, const E* k, const E* v, const float* k_scales, 
 #endif
 
 // One (b, k) task: all R rows' scores against the S keys [R, S], their masked softmax per
-// row, then the values (out [R, D], normalised; stats, if not null, each row's [score
-// maximum, sum of its exp] [R, 2]). D is a compile-time constant for the common head sizes
+// row, then the values (q [R, Dq]; out [R, Dv], normalised; stats, if not null, each row's
+// [score maximum, sum of its exp] [R, 2]). D is a compile-time constant for the common head sizes
 // (the inner loops then vectorize fully), 0 for any other. in_cache: the keys and values lie
 // in the processor's cache (a chunk of one buffer, `attend_chunked`), so that a second pass
 // over them costs no memory traffic.
