@@ -774,6 +774,27 @@ def test_the_chosen_value_has_the_lowest_mean_tuning_loss():
     with pytest.raises(ConfigError, match="every --tune value of train.learning_rate diverged for D"):
         tuning_lib.chosen_values(everything_diverged, tuning)
 
+    # How firmly each was chosen: the runner-up by mean, the seed-paired margin (scipy's
+    # paired t-test and interval), and each tuning seed's own best.
+    choices = {r["configuration"]: r for r in tuning_lib.choice_rows(rows, tuning, tuning_lib.chosen_values(rows, tuning))}
+    a = choices["A"]
+    paired = scipy.stats.ttest_rel([1.2, 1.9], [1.5, 1.5])  # 4e-3 against 2e-3, seed by seed
+    low, high = paired.confidence_interval(0.95)
+    assert (a["runner_up"], a["margin"]) == (4e-3, pytest.approx(0.05))
+    assert a["margin_ci95"] == pytest.approx((high - low) / 2) and a["margin_p"] == pytest.approx(paired.pvalue)
+    assert a["seed_choices"] == "1000:0.004 1001:0.002" and a["seeds_agree"] is False
+    b = choices["B"]  # the tie: the runner-up is 2e-3 at margin 0; 4e-3 diverged, so it is no runner-up
+    assert (b["runner_up"], b["margin"], b["margin_p"]) == (2e-3, pytest.approx(0.0, abs=1e-12), pytest.approx(1.0))
+    assert b["seed_choices"] == "1000:0.004 1001:0.002"  # seed 1000 alone would take 4e-3
+    c = choices["C"]  # one seed: no interval
+    assert (c["runner_up"], c["margin"], c["margin_ci95"], c["margin_p"]) == (1e-3, 0.5, None, None)
+    assert (c["seed_choices"], c["seeds_agree"]) == ("1000:0.002", True)
+    assert tuning_lib.describe_choice(a, tuning.field) == (
+        f"tuning: A takes train.learning_rate=0.002 (runner-up 0.004 by 0.0500 nats +- "
+        f"{(high - low) / 2:.4f}, seeds 1000:0.004 1001:0.002)")
+    assert tuning_lib.describe_choice(c, tuning.field) == \
+        "tuning: C takes train.learning_rate=0.002 (runner-up 0.001 by 0.5000 nats)"
+
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")  # values, not what XLA makes of them
@@ -816,7 +837,13 @@ def test_a_tuning_sweep_chooses_on_the_tuning_half_and_reports_the_test_half(tmp
         best = min(mine, key=lambda r: float(r["eval_loss"]))
         assert [r["chosen"] for r in mine] == [str(r is best) for r in mine]
         chosen[name] = float(best["learning_rate"])
-        assert f"tuning: {name} takes train.learning_rate={chosen[name]}" in printed
+        other = max(mine, key=lambda r: float(r["eval_loss"]))
+        margin = float(other["eval_loss"]) - float(best["eval_loss"])
+        assert (f"tuning: {name} takes train.learning_rate={chosen[name]} (runner-up "
+                f"{float(other['learning_rate'])} by {margin:.4f} nats)") in printed
+    choices = {r["configuration"]: r for r in read_csv(tmp_path / "tuning_choices.csv")}
+    assert {name: float(r["chosen"]) for name, r in choices.items()} == chosen
+    assert all(r["seeds_agree"] == "True" and r["margin_ci95"] == "" for r in choices.values())
     assert (tmp_path / "tuning.png").read_bytes()[:8] == PNG_SIGNATURE
 
     rows = read_csv(tmp_path / "results.csv")

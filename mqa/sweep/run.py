@@ -150,9 +150,8 @@ def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tun
         finished[point.name] = result
     rows = tuning_lib.tuning_rows(runs, finished, tuning)
     chosen = tuning_lib.chosen_values(rows, tuning)
-    tuning_lib.write_tuning(workdir, rows, chosen, tuning)
-    for name, value in chosen.items():
-        print(f"tuning: {name} takes {tuning.field}={value}", flush=True)
+    for choice in tuning_lib.write_tuning(workdir, rows, chosen, tuning):
+        print(tuning_lib.describe_choice(choice, tuning.field), flush=True)
     return chosen
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mqa import train_schedule, trainer
+from mqa import statistics, train_schedule, trainer
 from mqa.config import ConfigError, get_dotted, set_dotted, validate
 from mqa.evaluation import HELD_OUT_PARTS, evaluation_text, held_out_loss, model_batch_nll
 from mqa.loading import load_model
@@ -55,6 +55,7 @@ TUNE_SEEDS = "tune_seeds"   # sweep.tune_seeds: how many tuning seeds (default 1
 TUNING_SEED_BASE = 1000     # tuning seeds are 1000, 1001, ...
 TUNING_DIR = "tuning"       # WORKDIR/tuning/<tuning run>/
 TUNING_FILE = "tuning.csv"
+CHOICES_FILE = "tuning_choices.csv"
 HALVES = "halves"           # result.json: {"tuning": {eval_*}, "test": {eval_*}}
 DIVERGED = "diverged"       # result.json of a tuning run that diverged: the error's line
 
@@ -244,15 +245,75 @@ def chosen_values(rows: list[dict], tuning: Tuning) -> dict[str, Any]:
     return chosen
 
 
+def _finite_losses(rows: list[dict], tuning: Tuning) -> dict[str, dict[int, dict[int, float]]]:
+    """{configuration: {value index: {seed: tuning-half loss}}}, finite runs only."""
+    losses: dict[str, dict[int, dict[int, float]]] = {}
+    index = {repr(v): i for i, v in enumerate(tuning.values)}
+    for row in rows:
+        by_value = losses.setdefault(row["configuration"], {})
+        loss = row["eval_loss"]
+        if loss is not None and not row.get(DIVERGED) and math.isfinite(loss):
+            by_value.setdefault(index[repr(row[tuning.column])], {})[row["seed"]] = loss
+    return losses
+
+
+def choice_rows(rows: list[dict], tuning: Tuning, chosen: dict[str, Any]) -> list[dict]:
+    """How firmly each configuration's value was chosen, a row each (tuning_choices.csv):
+    "chosen"; "runner_up", the value with the next-lowest mean tuning-half loss (empty when
+    no other value finished); "margin", its mean loss minus the chosen value's (>= 0), and
+    over the tuning seeds both finished, "margin_ci95" (the seed-paired t interval's
+    half-width) and "margin_p" (the paired t-test's p; both empty with one seed): a
+    margin whose interval holds zero is a choice the tuning seeds do not resolve;
+    "seed_choices", each tuning seed's own best value ("seed:value", the first listed on
+    a tie), and "seeds_agree", whether every seed's own best is the chosen value."""
+    means, finite = mean_losses(rows, tuning), _finite_losses(rows, tuning)
+    found = []
+    for name, value in chosen.items():
+        best = [repr(v) for v in tuning.values].index(repr(value))
+        others = [i for i in range(len(tuning.values)) if i != best and math.isfinite(means[name][i])]
+        row = {"configuration": name, "chosen": value, "runner_up": None, "margin": None,
+               "margin_ci95": None, "margin_p": None}
+        if others:
+            second = min(others, key=lambda i: (means[name][i], i))
+            paired = statistics.paired_difference(finite[name][second], finite[name][best])
+            row.update(runner_up=tuning.values[second], margin=means[name][second] - means[name][best],
+                       margin_ci95=paired["ci95"], margin_p=paired["p"])
+        own = {}
+        for seed in tuning.seeds:
+            scored = [(finite[name][i][seed], i) for i in finite[name] if seed in finite[name][i]]
+            if scored:
+                own[seed] = tuning.values[min(scored)[1]]
+        row["seed_choices"] = " ".join(f"{seed}:{v}" for seed, v in own.items())
+        row["seeds_agree"] = all(repr(v) == repr(value) for v in own.values())
+        found.append(row)
+    return found
+
+
+def describe_choice(row: dict, field: str) -> str:
+    """One line for the sweep's output: the choice, its runner-up and margin, and the
+    tuning seeds' own choices when there are several."""
+    line = f"tuning: {row['configuration']} takes {field}={row['chosen']}"
+    if row["runner_up"] is not None:
+        line += f" (runner-up {row['runner_up']} by {row['margin']:.4f} nats"
+        if row["margin_ci95"] is not None:
+            line += f" +- {row['margin_ci95']:.4f}, seeds {row['seed_choices']}"
+        line += ")"
+    return line
+
+
 def write_tuning(workdir: pathlib.Path, rows: list[dict], chosen: dict[str, Any],
-                 tuning: Tuning) -> None:
+                 tuning: Tuning) -> list[dict]:
     """Writes WORKDIR/tuning.csv (`tuning_rows`, and "chosen": whether the row's value is
-    its configuration's choice) and tuning.png (`plots.plot_tuning`)."""
+    its configuration's choice), tuning_choices.csv (`choice_rows`, which it returns) and
+    tuning.png (`plots.plot_tuning`)."""
     for row in rows:
         row["chosen"] = repr(row[tuning.column]) == repr(chosen[row["configuration"]])
     columns = ["configuration", tuning.column, "seed", "point", "eval_loss",
                "eval_bits_per_byte", "eval_tokens", DIVERGED, "chosen"]
     results.write_csv(rows, columns, workdir / TUNING_FILE)
+    choices = choice_rows(rows, tuning, chosen)
+    results.write_csv(choices, list(choices[0]) if choices else ["configuration"], workdir / CHOICES_FILE)
     plots.plot_tuning(rows, tuning.column, chosen, workdir / "tuning.png",
                       xlabel=tuning.field, means=mean_losses(rows, tuning),
                       values=list(tuning.values))
+    return choices
