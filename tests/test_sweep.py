@@ -178,7 +178,7 @@ def test_bad_options_are_one_line_errors_before_anything_is_created(tmp_path, op
     ({"tune": {"train.learning_rate": [1e-3, "fast"]}},
      ["tuning num_kv_heads=2 at train.learning_rate='fast'"]),
     ({"tune": {"train.learning_rate": [1e-3, 2e-3]}, "tune_seeds": "two"},
-     ["--tune_seeds='two' must be an integer >= 1"]),
+     ["sweep.tune_seeds='two' must be an integer >= 1"]),
 ])
 def test_bad_sweep_options_in_the_config_are_one_line_errors(tmp_path, sweep, fragments):
     config = tiny_config(*TINY, **{"model.num_kv_heads": [2, 1], **sweep})

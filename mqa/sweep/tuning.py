@@ -116,7 +116,8 @@ def tuning_options(config: ml_collections.ConfigDict, tune: str | None = None,
     count = tune_seeds if tune_seeds is not None else (
         sweep_option(config, TUNE_SEEDS, 1) if declared else 1)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ConfigError(f"--tune_seeds={count!r} must be an integer >= 1 (tuning seeds per "
+        named = "--tune_seeds" if tune_seeds is not None else "sweep.tune_seeds"
+        raise ConfigError(f"{named}={count!r} must be an integer >= 1 (tuning seeds per "
                           "configuration and value)")
     return Tuning(field, tuple(values), tuple(range(TUNING_SEED_BASE, TUNING_SEED_BASE + count)))
 
