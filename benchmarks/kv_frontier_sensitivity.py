@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO))
 from mqa import statistics  # noqa: E402
 from mqa.config import ConfigError, load_config_file  # noqa: E402
 from mqa.sweep import family, results, tuning as tuning_lib  # noqa: E402
-from mqa.sweep.points import declared_contrasts, sweep_option  # noqa: E402
+from mqa.sweep.points import (Point, compared_pairs, configurations, declared_contrasts,  # noqa: E402
+                              points, sweep_fields)
 
 # pending: this test's two-seed analysis is not complete (an arm's tuning seeds or its
 # reporting runs at the chosen rate are not all recorded yet)
@@ -39,45 +40,39 @@ def load_records(folder: pathlib.Path) -> dict[str, dict]:
     return {path.stem: json.loads(path.read_text())["result"] for path in sorted(folder.glob("*.json"))}
 
 
-def chosen_rates(tuning_records: dict[str, dict], arms: list[str],
+def chosen_rates(runs: list[tuning_lib.TuningRun], tuning_records: dict[str, dict],
                  tuning: tuning_lib.Tuning) -> tuple[dict, dict, set[str]]:
-    """(each arm's rate by all tuning seeds where they have all finished, else by the first;
-    each arm's rate by the first tuning seed; the arms not finished on every seed)."""
-    rows = []
-    for arm in arms:
-        for value in tuning.values:
-            for seed in tuning.seeds:
-                result = tuning_records.get(f"{arm}__{tuning.column}={value}__seed={seed}")
-                if result is not None:
-                    loss = (result.get(tuning_lib.HALVES) or {}).get("tuning", {}).get("eval_loss")
-                    rows.append({"configuration": arm, tuning.column: value, "seed": seed, "eval_loss": loss,
-                                 tuning_lib.DIVERGED: result.get(tuning_lib.DIVERGED)})
+    """(each configuration's value by all tuning seeds where every run of it is recorded,
+    else by the first seed; each one's value by the first seed; those not complete)."""
+    recorded = [run for run in runs if run.point.name in tuning_records]
+    rows = tuning_lib.tuning_rows(recorded, tuning_records, tuning)
     first = tuning_lib.chosen_values([r for r in rows if r["seed"] == tuning.seeds[0]], tuning)
-    complete = {arm for arm in arms
-                if sum(r["configuration"] == arm for r in rows) == len(tuning.values) * len(tuning.seeds)}
-    both = tuning_lib.chosen_values([r for r in rows if r["configuration"] in complete], tuning)
-    return {**first, **both}, first, set(arms) - complete
+    pending = {run.configuration for run in runs if run.point.name not in tuning_records}
+    both = tuning_lib.chosen_values([r for r in rows if r["configuration"] not in pending], tuning)
+    return {**first, **both}, first, pending
 
 
-def test_losses(records: dict[str, dict], arm: str, column: str, rate, seeds: list[int]) -> dict[int, float] | None:
-    """{seed: test-half loss} of arm's reporting runs at rate, or None unless all are recorded."""
+def reporting_losses(records: dict[str, dict], plan: list[Point], tuning: tuning_lib.Tuning,
+                     configuration: str, value) -> dict[int, float] | None:
+    """{seed: test-half loss} of the configuration's reporting runs at value, or None
+    unless all of them are recorded."""
     found = {}
-    for seed in seeds:
-        result = records.get(f"{arm}__{column}={rate}__seed={seed}")
+    for point in (p for p in plan if p.configuration == configuration):
+        result = records.get(tuning_lib.reporting_point(point, tuning, value).name)
         if result is None:
             return None
-        found[seed] = result[tuning_lib.HALVES]["test"]["eval_loss"]
+        found[point.seed] = result[tuning_lib.HALVES]["test"]["eval_loss"]
     return found
 
 
-def compare(records, pairs, rates, column, seeds) -> list[dict]:
-    """Each declared (arm, against) pair's seed-paired difference at the given rates, and
-    the family's Holm-adjusted p-values (a pair not yet recorded: p = 1, no difference)."""
+def compare(records, plan, tuning, pairs, values) -> list[dict]:
+    """Each pair's seed-paired test-half difference at the given values, and the family's
+    Holm-adjusted p-values (a pair not all recorded: p = 1, no difference)."""
     rows = []
     for arm, against in pairs:
-        mine, theirs = (test_losses(records, name, column, rates[name], seeds) for name in (arm, against))
+        mine, theirs = (reporting_losses(records, plan, tuning, name, values[name]) for name in (arm, against))
         paired = statistics.paired_difference(mine, theirs) if mine and theirs else None
-        rows.append({"configuration": arm, "against": against, "rate": rates[arm], "against_rate": rates[against],
+        rows.append({"configuration": arm, "against": against, "rate": values[arm], "against_rate": values[against],
                      "n": paired and paired["n"], "diff": paired and paired["mean"],
                      "ci95": paired and paired["ci95"], "p": paired["p"] if paired else 1.0})
     for row, adjusted in zip(rows, statistics.holm([row["p"] for row in rows])):
@@ -108,18 +103,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         config = load_config_file(args.config, validate_config=False)
         tuning = tuning_lib.tuning_options(config, tune_seeds=args.tune_seeds)
-        if tuning is None:
-            raise ConfigError(f"--config {args.config} tunes nothing: no sensitivity to a tuning seed")
+        plan = points(config, sweep_fields(config))
+        pairs = family.comparison_family(configurations(plan), plan[0].configuration,
+                                         compared_pairs(plan, declared_contrasts(config), "sweep.contrasts"))
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")
-    arms = [point["name"] for point in config.sweep.points]
     folder = pathlib.Path(config.sweep.record)
     records, tuning_records = load_records(folder), load_records(folder / tuning_lib.TUNING_DIR)
-    rates, first, pending = chosen_rates(tuning_records, arms, tuning)
-    pairs = family.comparison_family(arms, arms[0], [tuple(c.split(":")) for c in declared_contrasts(config)])
-    seeds = list(sweep_option(config, "train.seed"))
-    rows = compare(records, pairs, rates, tuning.column, seeds)
-    for row, primary in zip(rows, compare(records, pairs, first, tuning.column, seeds)):
+    values, first, pending = chosen_rates(tuning_lib.tuning_runs(plan, tuning), tuning_records, tuning)
+    rows = compare(records, plan, tuning, pairs, values)
+    for row, primary in zip(rows, compare(records, plan, tuning, pairs, first)):
         row["pending"] = row["diff"] is None or bool({row["configuration"], row["against"]} & pending)
         row.update(primary_diff=primary["diff"], primary_p_holm=primary["p_holm"],
                    primary_resolved=primary["resolved"])

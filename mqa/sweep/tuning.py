@@ -218,19 +218,25 @@ def tuning_rows(runs: list[TuningRun], results: dict[str, dict], tuning: Tuning)
     return rows
 
 
-def mean_losses(rows: list[dict], tuning: Tuning) -> dict[str, list[float]]:
-    """{configuration: [mean tuning-half loss over the tuning seeds, per value]}; a value
-    with a diverged (or non-finite) run counts as infinite."""
-    losses: dict[str, dict[int, list[float]]] = {}
+def losses_by_value(rows: list[dict], tuning: Tuning) -> dict[str, dict[int, dict[int, float]]]:
+    """{configuration: {value index: {seed: tuning-half loss}}}; a diverged (or
+    non-finite) run's loss is infinite."""
+    losses: dict[str, dict[int, dict[int, float]]] = {}
+    index = {repr(v): i for i, v in enumerate(tuning.values)}
     for row in rows:
         loss = row["eval_loss"]
         finite = loss is not None and not row.get(DIVERGED) and math.isfinite(loss)
-        index = [repr(v) for v in tuning.values].index(repr(row[tuning.column]))
-        losses.setdefault(row["configuration"], {}).setdefault(index, []).append(
-            loss if finite else math.inf)
-    return {name: [float(np.mean(by_value.get(index, [math.inf])))
+        losses.setdefault(row["configuration"], {}).setdefault(
+            index[repr(row[tuning.column])], {})[row["seed"]] = loss if finite else math.inf
+    return losses
+
+
+def mean_losses(rows: list[dict], tuning: Tuning) -> dict[str, list[float]]:
+    """{configuration: [mean tuning-half loss over the tuning seeds, per value]}; a value
+    with a diverged (or non-finite) run counts as infinite."""
+    return {name: [float(np.mean(list(by_value.get(index, {0: math.inf}).values())))
                    for index in range(len(tuning.values))]
-            for name, by_value in losses.items()}
+            for name, by_value in losses_by_value(rows, tuning).items()}
 
 
 def chosen_values(rows: list[dict], tuning: Tuning) -> dict[str, Any]:
@@ -246,18 +252,6 @@ def chosen_values(rows: list[dict], tuning: Tuning) -> dict[str, Any]:
     return chosen
 
 
-def _finite_losses(rows: list[dict], tuning: Tuning) -> dict[str, dict[int, dict[int, float]]]:
-    """{configuration: {value index: {seed: tuning-half loss}}}, finite runs only."""
-    losses: dict[str, dict[int, dict[int, float]]] = {}
-    index = {repr(v): i for i, v in enumerate(tuning.values)}
-    for row in rows:
-        by_value = losses.setdefault(row["configuration"], {})
-        loss = row["eval_loss"]
-        if loss is not None and not row.get(DIVERGED) and math.isfinite(loss):
-            by_value.setdefault(index[repr(row[tuning.column])], {})[row["seed"]] = loss
-    return losses
-
-
 def choice_rows(rows: list[dict], tuning: Tuning, chosen: dict[str, Any]) -> list[dict]:
     """How firmly each configuration's value was chosen, a row each (tuning_choices.csv):
     "chosen"; "runner_up", the value with the next-lowest mean tuning-half loss (empty when
@@ -267,7 +261,10 @@ def choice_rows(rows: list[dict], tuning: Tuning, chosen: dict[str, Any]) -> lis
     margin whose interval holds zero is a choice the tuning seeds do not resolve;
     "seed_choices", each tuning seed's own best value ("seed:value", the first listed on
     a tie), and "seeds_agree", whether every seed's own best is the chosen value."""
-    means, finite = mean_losses(rows, tuning), _finite_losses(rows, tuning)
+    means = mean_losses(rows, tuning)
+    finite = {name: {i: {seed: loss for seed, loss in by_seed.items() if math.isfinite(loss)}
+                     for i, by_seed in by_value.items()}
+              for name, by_value in losses_by_value(rows, tuning).items()}
     found = []
     for name, value in chosen.items():
         best = [repr(v) for v in tuning.values].index(repr(value))
