@@ -33,4 +33,10 @@ def test_a_matmul_dominated_step_is_attributed_to_its_matmuls():
     assert 0 < result["covered_ms"] <= result["wall_ms"] * 1.01
     assert result["by_category"]["matmul 2-D"] > 0.5 * result["thunk_ms"]
     assert result["by_category"]["matmul batched"] > 0
-    assert result["top"][0]["category"] == "matmul 2-D"
+    # the instructions, slowest first, each in its category (which single one is slowest is
+    # a race under load: a 512^2 tanh can outlast one matmul when the other core is busy)
+    top = result["top"]
+    assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+    assert sum(t["category"] == "matmul 2-D" for t in top) >= 4  # the loop's four matmuls
+    for category in CATEGORIES:
+        assert sum(t["ms"] for t in top if t["category"] == category) <= result["by_category"][category] + 1e-6
