@@ -85,8 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(dict(
         path="",              # local text file or folder; '' and no hf_name: CPython's docs
-        hf_name="",           # Hugging Face hub dataset, e.g. 'wikitext'
-        hf_config="",         # e.g. 'wikitext-103-raw-v1'
+        hf_name="",           # Hugging Face hub dataset, e.g. 'roneneldan/TinyStories'
+        hf_config="",         # the dataset's configuration, if it has several
         tokenizer="byte",     # byte | bpe | init_from (train.init_from's) | a tokenizer.json or its folder
         bpe_vocab_size=1024,
         bpe_train_bytes=100_000_000,  # BPE learns its merges on at most this much train text
