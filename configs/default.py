@@ -29,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
                                  # rope_head_dim) of each rotary pair, flattened [num_layers, rope_key_heads,
                                  # rope_head_dim/2] (a conversion's per-head choice); []: 0..rope_head_dim/2-1
         kv_latent_norm=True,     # latent: RMS-normalise the cached latent (DeepSeek); false: linear (converted models)
+        qk_nope_dim=0,           # latent: numbers in each query's and expanded key's non-rotary part (DeepSeek's
+                                 # qk_nope_head_dim); 0: head_dim (per-head rotary conversions: head_dim - rope_head_dim)
         sliding_window=0,        # > 0: layers attend to the last this many positions (ring-buffer cache)
         attention_sinks=0,       # with a window: the first this many positions stay visible (and cached)
         global_every=0,          # with a window, every N-th layer stays global; 0: all layers local

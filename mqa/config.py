@@ -261,8 +261,8 @@ def _check_attention_family(m) -> None:
         raise ConfigError(f"model.decode_impl='cpu_kernel' computes in float32 (got model.dtype="
                           f"{m.dtype!r}); use 'einsum'")
     _check_choice("model.kv_cache_dtype", m.kv_cache_dtype, CACHE_DTYPES)
-    for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "sliding_window", "global_every",
-                 "attention_sinks"):
+    for name in ("kv_latent_dim", "q_latent_dim", "rope_head_dim", "qk_nope_dim", "sliding_window",
+                 "global_every", "attention_sinks"):
         if m[name] < 0:
             raise ConfigError(f"model.{name}={m[name]} must be >= 0")
     for name in ("rope_local_theta", "attention_score_dim"):
@@ -275,7 +275,7 @@ def _check_attention_family(m) -> None:
                                   f"(model.attention={m.attention!r}); set it to {type(m[name])(0)!r}")
     if m.attention != "latent":  # rope_head_dim: each family's own (`validate`)
         latent_only = dict(kv_latent_dim=0, q_latent_dim=0, rope_key_heads=1, rope_frequency_dim=0,
-                           kv_latent_norm=True, rope_pairs=[])
+                           kv_latent_norm=True, qk_nope_dim=0, rope_pairs=[])
         for name, default in latent_only.items():
             if (list(m[name]) if name == "rope_pairs" else m[name]) != default:
                 raise ConfigError(f"model.{name}={m[name]} is for model.attention='latent' only "

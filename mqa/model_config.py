@@ -35,6 +35,7 @@ class ModelConfig:
     rope_frequency_dim: int
     rope_pairs: tuple[int, ...]
     kv_latent_norm: bool
+    qk_nope_dim: int
     sliding_window: int
     attention_sinks: int
     global_every: int

@@ -33,7 +33,7 @@ RULES = {
     "q_rope": (None, "fsdp", "tensor", None),       # latent: [layers, m or q latent, heads, r]
     "q_down": (None, "fsdp", None),                 # latent: [layers, m, q latent]
     "kv_down": (None, "fsdp", None),                # latent: [layers, m, latent]
-    "k_up": (None, "fsdp", "tensor", None),         # latent: [layers, latent, heads, d]
+    "k_up": (None, "fsdp", "tensor", None),         # latent: [layers, latent, heads, n]
     "v_up": (None, "fsdp", "tensor", None),
     "gate": (None, "fsdp", "tensor"),               # [layers, m, mlp]
     "up": (None, "fsdp", "tensor"),

@@ -61,9 +61,10 @@ FAMILIES = {
     "latent": LATENT,
     # low-rank queries, and a converted model's options: 2 rotary keys (each read by 2 query
     # heads), each turning at 2 of the 4 frequencies of an 8-dim head, its own per layer
-    # (rope_pairs [2 layers, 2 keys, 2 pairs]), and a latent without its norm
+    # (rope_pairs [2 layers, 2 keys, 2 pairs]), a latent without its norm, and queries and
+    # keys of 6 non-rotary numbers beside values of 8
     "latent-q": dict(LATENT, q_latent_dim=10, rope_key_heads=2, rope_frequency_dim=8,
-                     kv_latent_norm=False, rope_pairs=(3, 0, 1, 2, 2, 3, 0, 1)),
+                     kv_latent_norm=False, rope_pairs=(3, 0, 1, 2, 2, 3, 0, 1), qk_nope_dim=6),
 }
 WINDOW = dict(sliding_window=5)  # decoding 24 tokens wraps a local layer's ring 4 times
 LOCAL_GLOBAL = dict(WINDOW, global_every=2)  # layer 0 local, layer 1 global

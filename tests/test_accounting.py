@@ -95,7 +95,8 @@ def xla_decode_cost(config, batch: int, context: int, what: str = "flops") -> fl
 @pytest.mark.parametrize("overrides", [
     {}, dict(num_kv_heads=1), dict(num_kv_heads=2, kv_share_every=2),
     dict(attention="tied", num_kv_heads=2), dict(attention="latent", kv_latent_dim=48, rope_head_dim=16),
-    dict(attention="latent", kv_latent_dim=48, rope_head_dim=16, rope_key_heads=2, num_kv_heads=1),
+    dict(attention="latent", kv_latent_dim=48, rope_head_dim=16, rope_key_heads=2, num_kv_heads=1,
+         qk_nope_dim=16),
     dict(sliding_window=64, global_every=4), dict(sliding_window=64, attention_sinks=4),
 ], ids=["MHA", "MQA", "GQA2-CLA2", "GTA-2", "MLA", "MLA-2rope", "local-global", "window-sinks"])
 def test_decode_step_flops_against_xla(overrides):

@@ -58,6 +58,7 @@ def test_conversion_with_nothing_dropped_keeps_the_logits(tmp_path, capsys, over
         "latent", latent, rope, KV, False)
     rotary = before.model_config.rope_head_dim or D
     assert c.rope_frequency_dim == (rotary if rope < rotary else 0)
+    assert c.qk_nope_dim == (D - rope if rope < D else 0)  # each score's d numbers, split; no zeros
     np.testing.assert_allclose(after(TOKENS), before(TOKENS), atol=1e-4, rtol=0)
     if not zeroed:  # every pair kept and C = n: the latent holds all of it
         assert "100.0% of the rotary 2-norm contribution" in summary and "(100.0% of their" in summary

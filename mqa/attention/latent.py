@@ -14,13 +14,17 @@ cache holds c + R * r numbers); `rope_frequency_dim` D, the rotary part turning 
 highest frequencies of a D-dimensional head (those the source's kept dimensions turned
 at); and `kv_latent_norm=False`, a linear latent, without the RMSNorm.
 
+`qk_nope_dim` n (DeepSeek's qk_nope_head_dim; 0: head_dim d) is the width of each query's
+and expanded key's non-rotary part, so scores have n + r numbers while values keep d (a
+per-head rotary conversion uses n = d - r: the source's d numbers per score, split).
+
 Training and evaluation expand L into per-head keys and values (`expand_latent`,
 `attend_latent_expanded`).
 Cached decoding never does: it maps each query into the latent space (q @ k_up^T), scores
 it against L itself, and maps the attention-weighted latent out through v_up and the output
 projection (`attend_latent_absorbed`). Both compute the same function.
 
-Letters as in `core`, and c latent, r rotary, e query latent.
+Letters as in `core`, and c latent, r rotary, e query latent, n non-rotary query/key part.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ F32 = dict(preferred_element_type=jnp.float32)
 
 
 def expand_latent(latent: jax.Array, k_up: jax.Array, v_up: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """latent: [b, s, c]; k_up, v_up: [c, h, d] -> per-head keys and values [b, s, h, d]."""
+    """latent: [b, s, c]; k_up [c, h, n], v_up [c, h, d] -> per-head keys [b, s, h, n] and
+    values [b, s, h, d]."""
     return (jnp.einsum("bsc,chd->bshd", latent, k_up), jnp.einsum("bsc,chd->bshd", latent, v_up))
 
 
@@ -75,13 +80,13 @@ def rope_query_blocks(q_rope: jax.Array, heads: int) -> jax.Array:
 
 def attend_latent_expanded(q: jax.Array, q_rope: jax.Array, k: jax.Array, v: jax.Array,
                            k_rope: jax.Array, **mask) -> jax.Array:
-    """q: [b, t, h, d]; q_rope: [b, t, h, r] rotated; k, v: [b, s, h, d], the latent
-    expanded (`expand_latent`); k_rope: [b, s, R * r] rotated (`rope_scores`). mask:
+    """q: [b, t, h, n]; q_rope: [b, t, h, r] rotated; k [b, s, h, n], v [b, s, h, d], the
+    latent expanded (`expand_latent`); k_rope: [b, s, R * r] rotated (`rope_scores`). mask:
     `causal_mask`'s q_offset, window, k_positions, sinks. Returns [b, t, h, d]:
-    softmax((q.k + q_rope.k_rope) / sqrt(d + r)) v."""
-    b, t, h, d = q.shape
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, **F32) + rope_scores(q_rope, k_rope)
-    probs = _softmax(logits, d + q_rope.shape[-1], t, k.shape[1], **mask)
+    softmax((q.k + q_rope.k_rope) / sqrt(n + r)) v."""
+    b, t, h, n = q.shape
+    logits = jnp.einsum("bthn,bshn->bhts", q, k, **F32) + rope_scores(q_rope, k_rope)
+    probs = _softmax(logits, n + q_rope.shape[-1], t, k.shape[1], **mask)
     return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, **F32).astype(q.dtype)
 
 
@@ -97,21 +102,21 @@ def attend_latent_absorbed(q: jax.Array, q_rope: jax.Array, cached: jax.Array, k
     the same rows (their rotary part dropped from the small result): each product reads the
     cache once, as it lies, like MQA's keys and values (`core.ordered_einsum`).
     """
-    b, t, h, d = q.shape
+    b, t, h, n = q.shape                                                    # k_up [c, h, n]
     c = k_up.shape[0]
-    q_latent = jnp.einsum("bthd,chd->bthc", q, k_up, **F32).astype(q.dtype)
+    q_latent = jnp.einsum("bthn,chn->bthc", q, k_up, **F32).astype(q.dtype)
     rope_heads = (cached.shape[-1] - c) // q_rope.shape[-1]
     queries = jnp.concatenate([q_latent, rope_query_blocks(q_rope, rope_heads)],
                               axis=-1)                                      # [b, t, h, c + R r]
     if kernel:  # the cached rows are the keys and the values (their latent part) of one K/V head
         out = cpu_decode.attend(queries, cached, cached, kv_layout=cached_layout, value_dim=c,
-                                score_dim=d + q_rope.shape[-1], int8=int8 and (int8, int8), **mask)
+                                score_dim=n + q_rope.shape[-1], int8=int8 and (int8, int8), **mask)
         return jnp.einsum("bthc,chd->bthd", out.astype(q.dtype), v_up, **F32).astype(q.dtype)
     rows, q_axes, score_axes = "bsc", "bthc", "bhts"
     if "b" not in cached_layout:
         rows, q_axes, score_axes, queries = "sc", "thc", "hts", queries[0]
     logits = ordered_einsum(f"{rows},{q_axes}->{score_axes}", cached, queries, **F32)
-    probs = _softmax(logits, d + q_rope.shape[-1], t, cached.shape[-2], **mask)
+    probs = _softmax(logits, n + q_rope.shape[-1], t, cached.shape[-2], **mask)
     out = ordered_einsum(f"{score_axes},{rows}->{q_axes}", probs.astype(cached.dtype), cached,
                          **F32).reshape(b, t, h, -1)
     return jnp.einsum("bthc,chd->bthd", out[..., :c].astype(q.dtype), v_up, **F32).astype(q.dtype)
@@ -124,31 +129,36 @@ def _softmax(logits, key_dim, t, s, *, q_offset=0, window=None, k_positions=None
 
 class LatentAttention(AttentionFamily):
     """Weights: kv_down [m, c] and kv_norm (the latent; none with kv_latent_norm=False),
-    k_up and v_up [c, num_heads, d], k_rope [m, R * r] (R = rope_key_heads), out
-    [num_heads, d, m]; queries q [m, num_heads, d] and q_rope
+    k_up [c, num_heads, n] (n = `nope_dim`), v_up [c, num_heads, d], k_rope [m, R * r]
+    (R = rope_key_heads), out [num_heads, d, m]; queries q [m, num_heads, n] and q_rope
     [m, num_heads, r], or with `q_latent_dim` = e > 0 q_down [m, e], q_norm, q [e, num_heads,
-    d] and q_rope [e, num_heads, r]."""
+    n] and q_rope [e, num_heads, r]."""
 
     name = "latent"
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, owns_kv: bool = True):
         del owns_kv  # latent attention does not combine with cross-layer sharing (`validate`)
-        m, h, d = config.d_model, config.num_heads, config.head_dim
+        m, h, d, n = config.d_model, config.num_heads, config.head_dim, self.nope_dim(config)
         c, e, r = config.kv_latent_dim, config.q_latent_dim, config.rope_head_dim
         q_in = e or m
         if e:
             self.q_down = nnx.Param(init_params(rngs, (m, e), m))
             self.q_norm = RMSNorm(e, config.norm_eps)
-        self.q = nnx.Param(init_params(rngs, (q_in, h, d), q_in))
+        self.q = nnx.Param(init_params(rngs, (q_in, h, n), q_in))
         self.q_rope = nnx.Param(init_params(rngs, (q_in, h, r), q_in))
         self.kv_down = nnx.Param(init_params(rngs, (m, c), m))
         if config.kv_latent_norm:
             self.kv_norm = RMSNorm(c, config.norm_eps)
-        self.k_up = nnx.Param(init_params(rngs, (c, h, d), c))
+        self.k_up = nnx.Param(init_params(rngs, (c, h, n), c))
         self.v_up = nnx.Param(init_params(rngs, (c, h, d), c))
         self.k_rope = nnx.Param(init_params(rngs, (m, config.rope_key_heads * r), m))
         self.out = nnx.Param(init_output(rngs, h, d, m, config.num_layers))
         self.config = config
+
+    @staticmethod
+    def nope_dim(config: ModelConfig) -> int:
+        """n: the non-rotary numbers of each query and expanded key (`qk_nope_dim`, or d)."""
+        return config.qk_nope_dim or config.head_dim
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -188,12 +198,12 @@ class LatentAttention(AttentionFamily):
 
     @classmethod
     def param_count(cls, config: ModelConfig, owns_kv: bool) -> int:
-        """out h*d*m; kv_down m*c, k_up and v_up c*h*d each, k_rope m*R*r; queries q m*h*d and
-        q_rope m*h*r from x, or with e = q_latent_dim > 0 q_down m*e, q e*h*d, q_rope e*h*r."""
-        m, h, d = config.d_model, config.num_heads, config.head_dim
+        """out h*d*m; kv_down m*c, k_up c*h*n, v_up c*h*d, k_rope m*R*r; queries q m*h*n and
+        q_rope m*h*r from x, or with e = q_latent_dim > 0 q_down m*e, q e*h*n, q_rope e*h*r."""
+        m, h, d, n = config.d_model, config.num_heads, config.head_dim, cls.nope_dim(config)
         c, e, r = config.kv_latent_dim, config.q_latent_dim, config.rope_head_dim
-        queries = (m * e + e * h * (d + r)) if e else m * h * (d + r)
-        return queries + m * c + 2 * c * h * d + m * config.rope_key_heads * r + h * d * m
+        queries = (m * e + e * h * (n + r)) if e else m * h * (n + r)
+        return queries + m * c + c * h * (n + d) + m * config.rope_key_heads * r + h * d * m
 
     @classmethod
     def norm_count(cls, config: ModelConfig) -> int:
@@ -203,8 +213,8 @@ class LatentAttention(AttentionFamily):
 
     @classmethod
     def key_dim(cls, config: ModelConfig) -> int:
-        """The expanded key's d and the rotary part's r (as training computes it)."""
-        return config.head_dim + config.rope_head_dim
+        """The expanded key's n and the rotary part's r (as training computes it)."""
+        return cls.nope_dim(config) + config.rope_head_dim
 
     @classmethod
     def cached_dims(cls, config: ModelConfig) -> tuple[int, int]:
@@ -218,7 +228,7 @@ class LatentAttention(AttentionFamily):
     def mha_equivalent(cls, config: ModelConfig) -> ModelConfig:
         return dataclasses.replace(super().mha_equivalent(config), kv_latent_dim=0, q_latent_dim=0,
                                    rope_head_dim=0, rope_key_heads=1, rope_frequency_dim=0,
-                                   rope_pairs=(), kv_latent_norm=True)
+                                   rope_pairs=(), kv_latent_norm=True, qk_nope_dim=0)
 
     def project_kv(self, x: jax.Array, positions: jax.Array,
                    rope: LayerRope) -> dict[str, jax.Array]:
@@ -239,7 +249,7 @@ class LatentAttention(AttentionFamily):
 
     def queries(self, x: jax.Array, positions: jax.Array,
                 rope: LayerRope) -> tuple[jax.Array, ...]:
-        """x: [b, t, m] -> (q [b, t, h, d], q_rope [b, t, h, r] rotated, each head's at the
+        """x: [b, t, m] -> (q [b, t, h, n], q_rope [b, t, h, r] rotated, each head's at the
         frequencies of the rotary key it reads)."""
         config, dtype = self.config, jnp.dtype(self.config.dtype)
         x = x.astype(dtype)

@@ -29,10 +29,11 @@ latent when C < n. Keeping every rotary pair per head with C >= n (for a source 
 rotates whole heads, a cache as large as the source's) computes the source's function
 (`tests/test_convert_latent.py`).
 
-The latent family's scores divide by sqrt(d + P) where the source's divide by
-sqrt(score_dim); the difference is folded into the query weights. The latent has no norm
-(`model.kv_latent_norm=False`: it must stay linear in x), and the query heads' unused
-nope dimensions carry zeros.
+Per-head rotary keys leave each query and key n = d - P non-rotary numbers
+(`model.qk_nope_dim`: the source's d per score, split); a mixed key leaves them all d, the
+kept dimensions' remainder among them. The latent family's scores divide by sqrt(n + P)
+where the source's divide by sqrt(score_dim); the difference is folded into the query
+weights. The latent has no norm (`model.kv_latent_norm=False`: it must stay linear in x).
 """
 
 from __future__ import annotations
@@ -67,13 +68,22 @@ def check(source: ModelConfig, kv_latent_dim: int | None, rope_head_dim: int | N
     return kv_latent_dim, p
 
 
+def nope_dim(source: ModelConfig, rope_head_dim: int, rope_keys: str) -> int:
+    """n, the converted queries' and keys' non-rotary numbers per head: d - P with per-head
+    rotary keys, d with a mixed key, and d (zeros) where per-head keys keep every dimension."""
+    d = source.head_dim
+    return d - rope_head_dim if rope_keys == "per_head" and rope_head_dim < d else d
+
+
 def target_fields(source: ModelConfig, kv_latent_dim: int, rope_head_dim: int,
                   rope_keys: str = "per_head") -> dict:
     """The model fields of the converted config."""
     rotary = source.rope_head_dim or source.head_dim
+    n = nope_dim(source, rope_head_dim, rope_keys)
     return dict(attention="latent", kv_latent_dim=kv_latent_dim, rope_head_dim=rope_head_dim,
                 rope_key_heads=1 if rope_keys == "mixed" else source.num_kv_heads,
                 kv_latent_norm=False, q_latent_dim=0, attention_score_dim=0,
+                qk_nope_dim=0 if n == source.head_dim else n,
                 rope_frequency_dim=rotary if rope_head_dim < rotary else 0)
 
 
@@ -187,10 +197,11 @@ def to_latent(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: np.nda
     kv, group, c, p = config.num_kv_heads, config.group_size, kv_latent_dim, rope_head_dim
     keys = 1 if rope_keys == "mixed" else kv
     split = ROTARY_SPLITS[rope_keys]
-    scale = np.sqrt((d + p) / config.score_dim)  # the latent core divides by sqrt(d + P)
+    nope = nope_dim(config, p, rope_keys)
+    scale = np.sqrt((nope + p) / config.score_dim)  # the latent core divides by sqrt(n + P)
     out = {name: np.zeros(shape) for name, shape in dict(
-        q=(layers, m, h, d), q_rope=(layers, m, h, p), k_rope=(layers, m, keys * p),
-        kv_down=(layers, m, c), k_up=(layers, c, h, d), v_up=(layers, c, h, d)).items()}
+        q=(layers, m, h, nope), q_rope=(layers, m, h, p), k_rope=(layers, m, keys * p),
+        kv_down=(layers, m, c), k_up=(layers, c, h, nope), v_up=(layers, c, h, d)).items()}
     energy, contribution, mixed, chosen = [], [], [], []
     for layer in range(layers):
         x = inputs[layer].astype(np.float64)
@@ -202,7 +213,7 @@ def to_latent(arrays: dict[str, np.ndarray], config: ModelConfig, inputs: np.nda
         kept, dropped = split_dims(config, pairs)
         q_nope, q_rotary, out["k_rope"][layer], key_nope, share = split(q[layer], k[layer], x, kept, dropped)
         mixed.append(share)
-        n = key_nope.shape[-1]  # nope dimensions per head: d - P, or d for a mixed key
+        n = key_nope.shape[-1]  # d - P (0 when per-head keys keep all d), or d for a mixed key
         out["q"][layer, :, :, :n] = q_nope * scale
         out["q_rope"][layer] = q_rotary * scale
         joint = np.concatenate([key_nope.reshape(m, -1), v[layer].reshape(m, -1)], axis=1)
