@@ -14,7 +14,9 @@ override applies to every point. Each point is an ordinary resumable training ru
 WORKDIR/<point name> (e.g. WORKDIR/num_kv_heads=8__seed=0), trained in this process one
 after another, seed 0 of every configuration first, so that an interrupted sweep leaves
 complete seed pairs; running the same command again skips finished points and resumes an
-interrupted one. Then every configuration's train step and decoding (--decode_batch
+interrupted one; --only=NAME,NAME,... takes just those configurations, in that order
+(their tuning runs, points and contrasts; its tables cover them alone, corrected over
+their comparisons). Then every configuration's train step and decoding (--decode_batch
 sequences at --decode_context tokens) are timed side by side in alternating rounds, and
 the sweep writes:
 
@@ -77,6 +79,10 @@ flags.DEFINE_string("tune", None, "FIELD=V1,V2,...: train each configuration at 
                     "--tune=train.learning_rate=1e-3,2e-3,4e-3")
 flags.DEFINE_integer("tune_seeds", None, "Tuning seeds per configuration and value (default: "
                      "the config's sweep.tune_seeds, else 1).")
+flags.DEFINE_list("only", [], "NAME,NAME,...: tune, train and report only these "
+                  "configurations of the sweep, in this order, and the contrasts among them "
+                  "(e.g. to continue a long sweep with the arms that matter first; the full "
+                  "command brings back the full tables).")
 flags.DEFINE_integer("decode_context", None, "Tokens in the KV cache while timing decoding "
                      "and counting KV bytes (default: the trained context, train.seq_len; "
                      f"capped at model.max_seq_len - {DECODE_STEPS}).", lower_bound=1)
@@ -98,7 +104,7 @@ def main(argv):
                           baseline=FLAGS.baseline, compare=FLAGS.compare,
                           tune=FLAGS.tune, tune_seeds=FLAGS.tune_seeds,
                           decode_context=FLAGS.decode_context, decode_batch=FLAGS.decode_batch,
-                          decode_kernel=FLAGS.decode_kernel)
+                          decode_kernel=FLAGS.decode_kernel, only=FLAGS.only)
     except (ConfigError, DataError, CheckpointError, trainer.NonFiniteLoss) as error:
         fail(str(error))
     except trainer.Preempted as stop:

@@ -156,6 +156,8 @@ def test_sweep_py_reports_a_bad_sweep_flag_in_one_line_before_creating_anything(
     (dict(sweep=["model.num_kv_heads=2,1"], tune="train.learning_rate=1e-3,2e-3", tune_seeds=0),
      ["--tune_seeds=0 must be an integer >= 1"]),
     (dict(sweep=["model.num_kv_heads=2,1"], tune_seeds=2), ["--tune_seeds=2 needs a field to tune"]),
+    (dict(sweep=["model.num_kv_heads=2,1"], only=["num_kv_heads=1", "num_kv_heads=4"]),
+     ["--only='num_kv_heads=4' is not a configuration", "num_kv_heads=2, num_kv_heads=1"]),
     (dict(sweep=["model.num_kv_heads=2", "train.seed=0,1000"], tune="train.learning_rate=1e-3,2e-3"),
      ["reporting seeds [1000] are in the tuning seeds' range", "below 1000"]),
 ])
@@ -194,6 +196,13 @@ def test_sweep_py_reports_a_bad_tune_flag_in_one_line(tmp_path):
     result = sweep_py(tmp_path / "a", *TINY_FLAGS, "--sweep=model.num_kv_heads=2,1",
                       "--tune=train.learning_rate=1e-3,fast")
     assert_one_line_error(result, "train.learning_rate='fast'")
+    assert not (tmp_path / "a").exists()
+
+
+def test_sweep_py_reports_a_bad_only_flag_in_one_line(tmp_path):
+    result = sweep_py(tmp_path / "a", *TINY_FLAGS, "--sweep=model.num_kv_heads=2,1",
+                      "--only=num_kv_heads=1,MQA")
+    assert_one_line_error(result, "--only='MQA' is not a configuration", "num_kv_heads=2, num_kv_heads=1")
     assert not (tmp_path / "a").exists()
 
 
@@ -398,6 +407,15 @@ def test_seeded_sweep_end_to_end_and_rerun_skips(tmp_path, tmp_path_factory, cap
     assert capsys.readouterr().out.count(f"recorded in {record}, skipped") == 4
     held_out = lambda rows: [(r["point"], r["eval_loss"], r["eval_bits_per_byte"]) for r in rows]  # noqa: E731
     assert held_out(read_csv(fresh / "results_by_seed.csv")) == held_out(by_seed)
+
+    # --only: one configuration of the declared sweep, from the same records; the declared
+    # contrast, which needs the other, is left out.
+    run_sweep(declared, fresh, seeds=2, only=["num_kv_heads=1"], **DECODE)
+    only_out = capsys.readouterr().out
+    assert only_out.count("skipped") == 2 and "sweep: 2 points" in only_out
+    assert [r["configuration"] for r in read_csv(fresh / "results.csv")] == ["num_kv_heads=1"]
+    assert held_out(read_csv(fresh / "results_by_seed.csv")) == held_out(by_seed[2:])
+    assert not (fresh / "comparisons.csv").exists()
     assert not (fresh / names[0] / "checkpoints").exists()
     declared.train.learning_rate = 0.01
     with pytest.raises(AssertionError, match="trained"):
@@ -554,6 +572,13 @@ def test_the_kv_budget_sweep_runs_end_to_end_at_toy_size(tmp_path, capsys):
     assert 0 < abs(int8_run["eval_loss"] - float_run["eval_loss"]) < 0.01 * float_run["eval_loss"]
     saved = json.loads((tmp_path / "MQA-int8__seed=0" / "config.json").read_text())
     assert saved["model"]["kv_cache_dtype"] == "int8"
+
+    # --only the int8 arm: its twin is outside the selection and still copied, not retrained.
+    shutil.rmtree(tmp_path / "MQA-int8__seed=0")
+    run_sweep(config, tmp_path, seeds=1, decode_batch=2, decode_context=256, only=["MQA-int8"])
+    printed = capsys.readouterr().out
+    assert "training in" not in printed and "trains exactly as MQA__seed=0" in printed
+    assert [r["configuration"] for r in read_csv(tmp_path / "results.csv")] == ["MQA-int8"]
 
 
 def test_a_training_twin_runs_right_after_the_point_it_copies():

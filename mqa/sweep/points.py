@@ -234,6 +234,19 @@ def configurations(plan: Iterable[Point]) -> list[str]:
     return list(dict.fromkeys(point.configuration for point in plan))
 
 
+def only_configurations(plan: list[Point], names: Iterable[str]) -> list[Point]:
+    """The plan's points of the configurations `names` lists (`--only`), in that order
+    (each configuration's seeds in plan order); a ConfigError naming the configurations for
+    a name that is not one of them."""
+    known = configurations(plan)
+    wanted = list(dict.fromkeys(name.strip() for name in names if name.strip()))
+    for name in wanted:
+        if name not in known:
+            raise ConfigError(f"--only={name!r} is not a configuration of this sweep; its "
+                              f"configurations: {', '.join(known)}")
+    return [point for name in wanted for point in plan if point.configuration == name]
+
+
 def baseline_configuration(plan: list[Point], items: Iterable[str],
                            config: ml_collections.ConfigDict) -> str:
     """The configuration that `items` (FIELD=VALUE strings, each value read like a

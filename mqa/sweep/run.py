@@ -27,8 +27,9 @@ from mqa.attention import cpu_decode
 from mqa.config import build_model_config, ConfigError, get_dotted
 from mqa.sweep import plots, record as record_lib, results
 from mqa.sweep import tuning as tuning_lib
-from mqa.sweep.points import (Point, baseline_configuration, compared_pairs, declared_contrasts,
-                              parse_sweep_flags, points, sweep_fields, with_seeds)
+from mqa.sweep.points import (Point, baseline_configuration, compared_pairs, configurations,
+                              declared_contrasts, only_configurations, parse_sweep_flags, points,
+                              sweep_fields, with_seeds)
 from mqa.sweep.speeds import measured_speeds
 
 
@@ -37,7 +38,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
               baseline: Iterable[str] = (), compare: Iterable[str] = (),
               tune: str | None = None, tune_seeds: int | None = None,
               decode_context: int | None = None, decode_batch: int = 8,
-              decode_kernel: bool = False) -> str:
+              decode_kernel: bool = False, only: Iterable[str] = ()) -> str:
     """Trains and times every point of a sweep, writes its tables and figures in `workdir`;
     returns the markdown tables (as results.md holds them, after its lines about the
     statistics).
@@ -58,6 +59,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     trained context, train.seq_len, so that quality and cost are measured at one length;
     capped at model.max_seq_len - 32). decode_kernel: also time decoding through the C++
     kernel (`model.decode_impl=cpu_kernel`; a decode_kernel_tokens_per_sec column).
+    only: configuration names (`points.only_configurations`): tune, train and report only
+    those, in that order, with the contrasts among them (the others' runs and records are
+    left as they are; the full sweep's tables come back with the full command).
 
     Every option and every point is checked before anything trains: a bad one is a
     one-line `ConfigError`. Training errors are the trainer's (`trainer.NonFiniteLoss`,
@@ -77,24 +81,33 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if seeds is not None:
         fields = with_seeds(fields, seeds)
     plan = points(config, fields)  # every point validated before anything trains
-    baseline = baseline_configuration(plan, baseline, config)
     declared = [] if sweep else compared_pairs(plan, declared_contrasts(config), "sweep.contrasts")
     asked = compared_pairs(plan, compare)
+    full_plan, only = plan, list(only)
+    if only:
+        plan = only_configurations(plan, only)
+        kept = set(configurations(plan))
+        declared, asked = ([pair for pair in pairs if set(pair) <= kept] for pairs in (declared, asked))
+    baseline = baseline_configuration(plan, baseline, config)
     tuning = tuning_lib.tuning_options(config, tune, tune_seeds, declared=not sweep)
+    twins, tuning_twins = full_plan, None  # where a point's training twin may be (`training_twin`)
     if tuning is not None:
-        tuning_lib.check_tuning(tuning, fields, plan)
+        tuning_lib.check_tuning(tuning, fields, full_plan)
         runs = tuning_lib.tuning_runs(plan, tuning)  # every value validated too
+        tuning_twins = [run.point for run in tuning_lib.tuning_runs(full_plan, tuning)]
+        twins = [tuning_lib.reporting_point(point, tuning, value)
+                 for point in full_plan for value in tuning.values]
     record = record_lib.record_dir(config)
     workdir = workdir_lib.prepare_workdir(workdir)
     chosen: dict[str, Any] = {}
     if tuning is not None:
         chosen = tune_configurations(runs, tuning, workdir,
-                                     record and record / tuning_lib.TUNING_DIR)
+                                     record and record / tuning_lib.TUNING_DIR, tuning_twins)
         plan = [tuning_lib.reporting_point(point, tuning, chosen[point.configuration])
                 for point in plan]
     order = training_order(plan)
     print(f"sweep: {len(plan)} points in {workdir}: {', '.join(p.name for p in order)}", flush=True)
-    finished = {point.name: train_point(point, plan, workdir, f"[{index}/{len(plan)}] {point.name}",
+    finished = {point.name: train_point(point, twins, workdir, f"[{index}/{len(plan)}] {point.name}",
                                         halves=tuning is not None, record=record)
                 for index, point in enumerate(order, 1)}
     speeds = measured_speeds(plan, workdir, decode_context, decode_batch, decode_kernel)
@@ -120,12 +133,15 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
 
 def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tuning,
-                        workdir: pathlib.Path, record: pathlib.Path | None = None) -> dict[str, Any]:
+                        workdir: pathlib.Path, record: pathlib.Path | None = None,
+                        twins: list[Point] | None = None) -> dict[str, Any]:
     """Trains (or skips, when finished or recorded in `record`) every tuning run in
     WORKDIR/tuning/, seed-major, writes tuning.csv and tuning.png, and returns
-    {configuration: chosen value}."""
+    {configuration: chosen value}. twins: the tuning runs a run's training twin may be
+    among (default: `runs`')."""
     tuning_dir = workdir_lib.prepare_workdir(workdir / tuning_lib.TUNING_DIR)
     others = [run.point for run in runs]
+    twins = others if twins is None else twins
     order = [next(run for run in runs if run.point is point) for point in training_order(others)]
     print(f"tuning {tuning.field} over {', '.join(map(str, tuning.values))} with seeds "
           f"{', '.join(map(str, tuning.seeds))}: {len(runs)} runs in {tuning_dir}", flush=True)
@@ -140,7 +156,7 @@ def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tun
             print(f"{label}: finished, skipped", flush=True)
         else:
             try:
-                result = train_point(point, others, tuning_dir, label, halves=True)
+                result = train_point(point, twins, tuning_dir, label, halves=True)
             except trainer.NonFiniteLoss as error:
                 print(f"{label}: diverged, never chosen: {error}", flush=True)
                 result = {**results.new_result(point, {}), tuning_lib.DIVERGED: str(error)}
@@ -155,10 +171,11 @@ def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tun
     return chosen
 
 
-def train_point(point: Point, plan: list[Point], workdir: pathlib.Path, label: str, *,
+def train_point(point: Point, twins: list[Point], workdir: pathlib.Path, label: str, *,
                 halves: bool = False, record: pathlib.Path | None = None) -> dict:
     """Trains (or resumes) a point unless it has finished; returns its result.json contents.
-    A point whose training twin has finished copies the twin's run and is only evaluated.
+    A point whose training twin (among `twins`) has finished copies the twin's run and is
+    only evaluated.
     label: how the progress lines name the point, e.g. "[3/10] MQA__seed=0". halves: also
     score the held-out split's tuning and test halves once (`mqa.sweep.tuning.score_halves`),
     kept in result.json. record: the sweep's record folder (`mqa.sweep.record`): a point
@@ -177,7 +194,7 @@ def train_point(point: Point, plan: list[Point], workdir: pathlib.Path, label: s
         if record is not None and not result.get(results.RESTORED):
             record_lib.write_record(record, point_dir, result)
         return result
-    twin = None if (point_dir / "checkpoints").exists() else training_twin(point, plan, workdir)
+    twin = None if (point_dir / "checkpoints").exists() else training_twin(point, twins, workdir)
     if twin is not None:
         differ = [field for field in workdir_lib.RESUMABLE_CHANGES
                   if get_dotted(point.config, field) != get_dotted(twin.config, field)]
@@ -218,11 +235,11 @@ def training_order(plan: list[Point]) -> list[Point]:
     return [plan[i] for i in sorted(range(len(plan)), key=lambda i: (plan[i].seed, first[i], i))]
 
 
-def training_twin(point: Point, plan: list[Point], workdir: pathlib.Path) -> Point | None:
-    """A finished point of the plan that trained exactly as `point` would (their configs
+def training_twin(point: Point, twins: list[Point], workdir: pathlib.Path) -> Point | None:
+    """A finished point among `twins` that trained exactly as `point` would (their configs
     differ only in `mqa.workdir.RESUMABLE_CHANGES`, such as the KV cache's dtype), or None."""
     mine = training_part(point)
-    return next((other for other in plan if other.name != point.name
-                 and training_part(other) == mine
+    return next((other for other in twins if other.name != point.name
                  and (workdir / other.name / "checkpoints").exists()  # not only recorded
+                 and training_part(other) == mine
                  and results.finished_result(workdir / other.name, other) is not None), None)
