@@ -50,14 +50,16 @@ def test_gguf_of_a_truncated_or_missing_file(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_to_hf_of_a_latent_attention_workdir(tmp_path):
+def test_to_hf_of_a_converted_latent_workdir(tmp_path):
+    """Latent attention exports as DeepSeek-V2 (tests/test_export_hf.py), but not a grouped
+    model's conversion with a rotary key per K/V head, which DeepSeek-V2 cannot express."""
     workdir = tiny_workdir(tmp_path / "mla", "model.attention=latent", "model.kv_latent_dim=32",
-                           "model.rope_head_dim=8")
+                           "model.rope_head_dim=8", "model.rope_key_heads=2")
     assert_refused(run_convert("to-hf", "--src", workdir, "--workdir", tmp_path / "hf"),
-                   "model.attention='latent'", "cannot be expressed as a Hugging Face Llama",
-                   "valid: 'grouped'")
+                   "model.rope_key_heads=2", "cannot be expressed as a Hugging Face DeepSeek-V2",
+                   "valid: 1")
     assert_refused(run_convert("to-hf", "--src", workdir, "--out", tmp_path / "hf"),  # the alias
-                   "model.attention='latent'")
+                   "model.rope_key_heads=2")
     assert not (tmp_path / "hf").exists()
 
 

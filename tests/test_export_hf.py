@@ -1,6 +1,6 @@
 """mqa.convert to-hf (mqa.convert.to_hf): exported workdirs load in transformers with the same logits, greedy
-continuations and token ids; hf-llama then to-hf gives back the tensors bit for bit; models
-Llama cannot express are one-line errors.
+continuations and token ids; hf-llama then to-hf gives back the tensors bit for bit; latent
+attention goes out as DeepSeek-V2; models none of them can express are one-line errors.
 
 Workdirs are random configs/tiny.py-sized models written straight to disk (no training
 run). The parity tests need torch and transformers and are skipped without them.
@@ -36,6 +36,26 @@ def relative_error(ours, reference) -> float:
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
+def assert_same_model(case, ours, hf, seq_len):
+    """Our model and transformers' `hf` give the same logits on random tokens (relative
+    1e-5) and the same 16 greedy tokens after a prompt, each through its own cache."""
+    import torch
+    tokens = np.random.default_rng(0).integers(0, ours.model_config.vocab_size, size=(2, seq_len),
+                                               dtype=np.int32)
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    error = relative_error(ours(tokens), theirs)
+    print(f"{case}: max relative logit error {error:.2e}")
+    assert error < 1e-5
+
+    prompt = ours.tokenizer.encode("the cat sat")
+    greedy = mqa.generate(ours, prompt, 16, temperature=0.0)
+    with torch.no_grad():
+        hf_greedy = hf.generate(torch.from_numpy(prompt[None]).long(), max_new_tokens=16, do_sample=False,
+                                attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert hf_greedy.numpy().tolist() == greedy.tolist()
+
+
 CASES = {  # name: config overrides
     "gqa-untied": ["model.tie_embeddings=false"],
     "mqa-tied": ["model.num_kv_heads=1"],
@@ -60,25 +80,48 @@ def test_exported_model_matches_in_transformers(case, tmp_path, capsys):
     assert hf.config.num_key_value_heads == m.num_kv_heads
     assert hf.config.tie_word_embeddings == m.tie_embeddings
 
-    tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=(2, 32), dtype=np.int32)
-    with torch.no_grad():
-        theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
-    error = relative_error(ours(tokens), theirs)
-    print(f"{case}: max relative logit error {error:.2e}")
-    assert error < 1e-5
-
-    prompt = ours.tokenizer.encode("the cat sat")
-    greedy = mqa.generate(ours, prompt, 16, temperature=0.0)
-    with torch.no_grad():
-        hf_greedy = hf.generate(torch.from_numpy(prompt[None]).long(), max_new_tokens=16, do_sample=False,
-                                attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    assert hf_greedy.numpy().tolist() == greedy.tolist()
+    assert_same_model(case, ours, hf, seq_len=32)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in SAMPLES:
         ids = ours.tokenizer.encode(text).tolist()
         assert tokenizer(text).input_ids == ids
         assert tokenizer.decode(ids) == text
+
+
+LATENT = ["model.attention=latent", "model.kv_latent_dim=24", "model.rope_head_dim=8"]
+LATENT_CASES = {  # name: config overrides
+    "mla": LATENT,
+    # DeepSeek-V2's low-rank queries, non-rotary query/key parts narrower than the values
+    "mla-q-latent-nope-untied": [*LATENT, "model.q_latent_dim=20", "model.qk_nope_dim=12",
+                                 "model.tie_embeddings=false"],
+}
+
+
+@pytest.mark.parametrize("case", LATENT_CASES)
+def test_exported_latent_model_matches_deepseek_v2_in_transformers(case, tmp_path, capsys):
+    """Latent attention exports as a DeepseekV2ForCausalLM (every layer dense): the same
+    logits as transformers' own MLA, whose rotary pairs are interleaved where ours are
+    halves, and the same greedy tokens through both caches (its compressed cache and our
+    absorbed decoding)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV2ForCausalLM"):
+        pytest.skip("this transformers has no DeepSeek-V2")
+    workdir = tiny_workdir(tmp_path / "run", *LATENT_CASES[case])
+    convert_cli(["to-hf", "--src", str(workdir), "--out", str(tmp_path / "hf")])
+    assert "DeepseekV2ForCausalLM, 2 layers, 4 query heads on a latent of 24" in capsys.readouterr().out
+
+    ours = mqa.load_model(workdir)
+    hf = transformers.DeepseekV2ForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager").eval()
+    m = ours.model_config
+    assert (hf.config.kv_lora_rank, hf.config.qk_rope_head_dim, hf.config.v_head_dim) == (24, 8, 16)
+    assert hf.config.qk_nope_head_dim == (m.qk_nope_dim or m.head_dim)
+    assert hf.config.q_lora_rank == (m.q_latent_dim or None)
+    assert sum(p.numel() for p in hf.parameters()) == mqa.accounting.param_count(m)
+
+    assert_same_model(case, ours, hf, seq_len=48)
 
 
 @pytest.mark.parametrize("kv_heads, tied", [(2, False), (1, True)])

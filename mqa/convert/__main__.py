@@ -101,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     gguf.add_argument("--src", required=True, help="the .gguf file")
     gguf.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
     to_hf = commands.add_parser(
-        "to-hf", help="a workdir of ours as a Hugging Face Llama folder (LlamaForCausalLM)")
+        "to-hf", help="a workdir of ours as a Hugging Face folder: Llama, Gemma 3, or DeepSeek-V2 for latent attention")
     to_hf.add_argument("--src", required=True, help="the workdir or checkpoint directory to export")
     to_hf.add_argument("--workdir", "--out", dest="workdir", required=True,
                        help="the Hugging Face folder to write (new or empty); --out is the same")

@@ -1,18 +1,20 @@
-"""Hugging Face Llama and Gemma 3 folders out: `python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]`.
+"""Hugging Face Llama, Gemma 3 and DeepSeek-V2 folders out: `python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]`.
 
-Writes DIR/config.json (a LlamaConfig, or a Gemma3TextConfig for a model with Gemma 3's
-switches, `mqa.convert.gemma_layout.GEMMA3`), DIR/model.safetensors (float32, written with
+Writes DIR/config.json (a LlamaConfig; a Gemma3TextConfig for a model with Gemma 3's
+switches, `mqa.convert.gemma_layout.GEMMA3`; a DeepseekV2Config, every layer dense, for
+latent attention, `mqa.convert.deepseek_layout`), DIR/model.safetensors (float32, written with
 safetensors' numpy API, so no torch is needed) and, when the workdir's tokenizer is a
 `tokenizers` one (BPE, or one that came with a converted model), DIR/tokenizer.json and
 DIR/tokenizer_config.json, so that `LlamaForCausalLM.from_pretrained(DIR)` (or
-`Gemma3ForCausalLM`) and `AutoTokenizer.from_pretrained(DIR)` work. The inverse of
+`Gemma3ForCausalLM`, `DeepseekV2ForCausalLM`) and `AutoTokenizer.from_pretrained(DIR)` work. The inverse of
 `hf-llama` and `hf-gemma3`: the tensors of a checkpoint converted with them come back bit
 for bit.
 
 Any model the Llama architecture can express is exported: MHA, GQA or MQA, tied or untied
-embeddings. One it cannot (cross-layer KV sharing, `model.kv_share_every` > 1, or any other
-field that changes the computation away from its default) is a one-line ConvertError
-naming the field.
+embeddings; and DeepSeek's latent attention (MLA, with or without low-rank queries). One
+none of them can (cross-layer KV sharing, `model.kv_share_every` > 1, a converted latent
+model's per-head rotary keys, or any other field that changes the computation away from its
+default) is a one-line ConvertError naming the field.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import safetensors.numpy
 
 from mqa import data
 from mqa.config import ModelConfig, build_model_config
+from mqa.convert.deepseek_layout import DEEPSEEK_FIELDS, deepseek_config_json, deepseek_tensors, is_deepseek
 from mqa.convert.errors import ConvertError
 from mqa.convert.gemma_layout import (GEMMA3, GEMMA3_FIELDS, gemma3_config_json, gemma3_layer_tensors,
                                       is_gemma3)
@@ -43,12 +46,18 @@ HOW_FIELDS = ("attention_impl", "attention_block", "dtype", "remat", "scan_unrol
 
 def check_expressible(config: ModelConfig) -> None:
     """A ConvertError naming the first field the architecture it exports as (Gemma 3 when
-    every Gemma 3 switch is set, else Llama) cannot express: every field that is neither in
-    its config.json nor a matter of how mqa computes must keep its default in
-    configs/default.py (so a field added later is refused until this module knows it)."""
+    every Gemma 3 switch is set, DeepSeek-V2 for latent attention, else Llama) cannot
+    express: every field that is neither in its config.json nor a matter of how mqa computes
+    must keep its default in configs/default.py (so a field added later is refused until
+    this module knows it)."""
     defaults = build_model_config()  # configs/default.py's values, as a ModelConfig holds them
-    gemma = is_gemma3(config)
-    stated = LLAMA_FIELDS + HOW_FIELDS + ((*GEMMA3, *GEMMA3_FIELDS) if gemma else ())
+    gemma, deepseek = is_gemma3(config), is_deepseek(config)
+    stated = LLAMA_FIELDS + HOW_FIELDS + ((*GEMMA3, *GEMMA3_FIELDS) if gemma else ()) + (
+        DEEPSEEK_FIELDS if deepseek else ())
+    architecture = "Gemma 3" if gemma else "DeepSeek-V2" if deepseek else "Llama"
+    if deepseek and config.d_model % config.num_heads:
+        raise ConvertError(f"model.d_model={config.d_model} is not a multiple of model.num_heads="
+                           f"{config.num_heads}, which a Hugging Face DeepSeek-V2 config requires")
     for name in ModelConfig.field_names():
         if name in stated:
             continue
@@ -56,8 +65,7 @@ def check_expressible(config: ModelConfig) -> None:
         if value != getattr(defaults, name):
             what = (" (cross-layer KV sharing)" if name == "kv_share_every" else "")
             raise ConvertError(f"model.{name}={value!r}{what} cannot be expressed as a "
-                               f"Hugging Face {'Gemma 3' if gemma else 'Llama'}; valid: "
-                               f"{getattr(defaults, name)!r}")
+                               f"Hugging Face {architecture}; valid: {getattr(defaults, name)!r}")
 
 
 def hf_config_json(config: ModelConfig) -> dict:
@@ -90,15 +98,16 @@ def hf_config_json(config: ModelConfig) -> dict:
 
 def export_hf(src: str | pathlib.Path, out: str | pathlib.Path, step: int | None = None) -> str:
     """Writes the model in `src` (a workdir or checkpoint of ours; `step`: default the
-    newest) as a Hugging Face Llama folder `out`; returns a one-line summary (a note on the
+    newest) as a Hugging Face Llama, Gemma 3 or DeepSeek-V2 folder `out`; returns a one-line summary (a note on the
     tokenizer, if any, is printed first)."""
     out = pathlib.Path(out).expanduser()
     check_new_workdir(out)
     source = load_model(src, step=step)
     config = source.model_config
     check_expressible(config)
-    gemma = is_gemma3(config)
+    gemma, deepseek = is_gemma3(config), is_deepseek(config)
     tensors = (hf_tensors(source.params, config, gemma3_layer_tensors(config)) if gemma
+               else deepseek_tensors(source.params, config) if deepseek
                else hf_llama_tensors(source.params, config))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -107,13 +116,16 @@ def export_hf(src: str | pathlib.Path, out: str | pathlib.Path, step: int | None
     tokenizer_note = _write_tokenizer(source, out)
     if tokenizer_note.startswith("note:"):
         print(tokenizer_note)
-    hf_config = gemma3_config_json(config) if gemma else hf_config_json(config)
+    hf_config = (gemma3_config_json(config) if gemma else deepseek_config_json(config) if deepseek
+                 else hf_config_json(config))
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     kind = ("MHA" if config.num_kv_heads == config.num_heads else
             "MQA" if config.num_kv_heads == 1 else "GQA")
+    heads = (f"{config.num_heads} query heads on a latent of {config.kv_latent_dim} + rotary key of "
+             f"{config.rope_head_dim} (MLA)" if deepseek else
+             f"{config.num_heads} query / {config.num_kv_heads} key-value heads ({kind})")
     return (f"exported {source.path} (step {source.step}) -> {out}: {hf_config['architectures'][0]}, "
-            f"{config.num_layers} layers, {config.num_heads} query / {config.num_kv_heads} "
-            f"key-value heads ({kind}), {'tied' if config.tie_embeddings else 'untied'} "
+            f"{config.num_layers} layers, {heads}, {'tied' if config.tie_embeddings else 'untied'} "
             f"embeddings, {len(tensors)} tensors in model.safetensors"
             f"{'' if tokenizer_note.startswith('note:') else '; ' + tokenizer_note}")
 
