@@ -6,6 +6,7 @@ Workdirs are random configs/tiny.py-sized models written straight to disk (no tr
 run). The parity tests need torch and transformers and are skipped without them.
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -122,6 +123,57 @@ def test_exported_latent_model_matches_deepseek_v2_in_transformers(case, tmp_pat
     assert sum(p.numel() for p in hf.parameters()) == mqa.accounting.param_count(m)
 
     assert_same_model(case, ours, hf, seq_len=48)
+
+    # hf-deepseek-v2 reads the folder back: every parameter bit for bit.
+    convert_cli(["hf-deepseek-v2", "--src", str(tmp_path / "hf"), "--workdir", str(tmp_path / "back")])
+    back = mqa.load_model(tmp_path / "back")
+    # num_kv_heads plays no part in latent attention: DeepSeek-V2's config has it as num_heads
+    assert back.model_config == dataclasses.replace(ours.model_config, num_kv_heads=4)
+    before, after = params_by_name(ours.params), params_by_name(back.params)
+    assert sorted(after) == sorted(before)
+    for name in before:
+        assert np.asarray(after[name]).tobytes() == np.asarray(before[name]).tobytes(), name
+
+
+def test_a_dense_deepseek_v2_from_transformers_converts_and_matches(tmp_path, capsys):
+    """A DeepSeek-V2 made and saved by transformers itself (random weights, every layer
+    dense, low-rank queries, non-rotary parts of 12 beside values of 16) comes in through
+    hf-deepseek-v2 with transformers' logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV2ForCausalLM"):
+        pytest.skip("this transformers has no DeepSeek-V2")
+    config = transformers.DeepseekV2Config(
+        vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, first_k_dense_replace=2,
+        num_attention_heads=4, kv_lora_rank=24, q_lora_rank=20, qk_nope_head_dim=12,
+        qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV2ForCausalLM(config).eval()
+    with torch.no_grad():  # transformers initialises norms to ones: vary them, or a mix-up hides
+        for name, weight in hf.named_parameters():
+            if weight.ndim == 1:
+                weight.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    convert_cli(["hf-deepseek-v2", "--src", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run")])
+    assert "DeepSeek-V2, 2 dense layers" in capsys.readouterr().out
+    ours = mqa.load_model(tmp_path / "run")
+    m = ours.model_config
+    assert (m.attention, m.kv_latent_dim, m.q_latent_dim, m.rope_head_dim, m.qk_nope_dim, m.head_dim) == (
+        "latent", 24, 20, 8, 12, 16)
+    tokens = np.random.default_rng(1).integers(0, 96, size=(2, 40), dtype=np.int32)
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    assert relative_error(ours(tokens), theirs) < 1e-5
+
+
+def test_a_deepseek_v2_with_experts_is_a_one_line_error(tmp_path, capfd):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(
+        model_type="deepseek_v2", num_hidden_layers=27, first_k_dense_replace=1)))
+    error = refusal(capfd, "hf-deepseek-v2", "--src", tmp_path / "hf", "--workdir", tmp_path / "run")
+    assert "first_k_dense_replace=1 < num_hidden_layers=27" in error and "mixture-of-experts" in error
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("kv_heads, tied", [(2, False), (1, True)])

@@ -1,7 +1,8 @@
-"""python -m mqa.convert hf-llama|hf-gemma3|gguf|to-hf|uptrain ...: the converters' command line.
+"""python -m mqa.convert hf-llama|hf-gemma3|hf-deepseek-v2|gguf|to-hf|uptrain ...: the converters' command line.
 
   python -m mqa.convert hf-llama --src DIR --workdir OUT
   python -m mqa.convert hf-gemma3 --src DIR --workdir OUT
+  python -m mqa.convert hf-deepseek-v2 --src DIR --workdir OUT    (every layer dense)
   python -m mqa.convert gguf --src FILE.gguf --workdir OUT
   python -m mqa.convert to-hf --src WORKDIR --workdir DIR [--step N]     (--out DIR: the same)
   python -m mqa.convert uptrain --src RUN --workdir OUT [--num_kv_heads K] [--init mean]
@@ -23,6 +24,7 @@ from mqa.cli import ArgumentParser
 from mqa.config import ConfigError
 from mqa.convert.errors import ConvertError
 from mqa.convert.gguf import convert_gguf
+from mqa.convert.hf_deepseek import convert_hf_deepseek
 from mqa.convert.hf_gemma3 import convert_hf_gemma3
 from mqa.convert.hf_llama import convert_hf_llama
 from mqa.convert.latent import ROPE_KEYS, ROPE_PAIRS
@@ -55,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
         "hf-gemma3", help="a Hugging Face Gemma 3 text checkpoint (Gemma3ForCausalLM)")
     hf_gemma3.add_argument("--src", required=True, help="the Hugging Face model directory")
     hf_gemma3.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
+    hf_deepseek = commands.add_parser(
+        "hf-deepseek-v2", help="a Hugging Face DeepSeek-V2 checkpoint whose every layer is dense "
+        "(latent attention; what to-hf writes for it)")
+    hf_deepseek.add_argument("--src", required=True, help="the Hugging Face model directory")
+    hf_deepseek.add_argument("--workdir", required=True, help="the mqa workdir to write (new or empty)")
     uptrain = commands.add_parser(
         "uptrain", help="a workdir of ours with a smaller KV cache, to uptrain or distil "
         "(fewer K/V heads, cross-layer sharing, windows, a quantized cache)")
@@ -117,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
             summary = convert_hf_llama(args.src, args.workdir)
         elif args.command == "hf-gemma3":
             summary = convert_hf_gemma3(args.src, args.workdir)
+        elif args.command == "hf-deepseek-v2":
+            summary = convert_hf_deepseek(args.src, args.workdir)
         elif args.command == "gguf":
             summary = convert_gguf(args.src, args.workdir)
         elif args.command == "to-hf":

@@ -13,12 +13,10 @@ import pathlib
 
 import ml_collections
 
-from mqa.config import build_model_config
 from mqa.convert.errors import ConvertError
 from mqa.convert.gemma_layout import (GLOBAL, LOCAL, gemma3_config, global_every, hf_gemma3_params,
                                       layers_description)
-from mqa.convert.hf_llama import SafetensorsCheckpoint, checked_tokenizer, read_hf_config
-from mqa.workdir import check_new_workdir, write_workdir
+from mqa.convert.hf_llama import write_hf_workdir
 
 # transformers' Gemma3TextConfig defaults, for fields a config.json may leave out.
 DEFAULT_LOCAL_THETA, DEFAULT_GLOBAL_THETA, DEFAULT_PATTERN = 10_000.0, 1_000_000.0, 6
@@ -96,13 +94,7 @@ def _field(hf: dict, name: str):
 def convert_hf_gemma3(src: str | pathlib.Path, workdir: str | pathlib.Path) -> str:
     """Writes the workdir for the HF Gemma 3 checkpoint in `src`; returns a one-line summary
     (notes, if any, are printed first)."""
-    src, workdir = pathlib.Path(src).expanduser(), pathlib.Path(workdir).expanduser()
-    hf = read_hf_config(src)
-    config = hf_gemma3_config(hf)
-    check_new_workdir(workdir)
-    model_config = build_model_config(config.model)
-    params = hf_gemma3_params(SafetensorsCheckpoint(src), model_config)
-    write_workdir(workdir, config, params, checked_tokenizer(src, model_config.vocab_size))
+    src, workdir, config = write_hf_workdir(src, workdir, hf_gemma3_config, hf_gemma3_params)
     return summary(src, workdir, config.model)
 
 

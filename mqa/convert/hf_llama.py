@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any, Callable
 
 import ml_collections
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so bf16 safetensors load
@@ -151,16 +152,26 @@ def read_hf_config(src: pathlib.Path) -> dict:
         raise ConvertError(f"{src / 'config.json'} is not valid JSON: {error}") from None
 
 
+def write_hf_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path,
+                     read_config: Callable[[dict], ml_collections.ConfigDict],
+                     read_params: Callable[[SafetensorsCheckpoint, ModelConfig], Any],
+                     ) -> tuple[pathlib.Path, pathlib.Path, ml_collections.ConfigDict]:
+    """What every Hugging Face reader does: config.json through `read_config` (a
+    ConvertError before anything is written), the safetensors through `read_params`, then
+    the workdir with the folder's tokenizer.json if it has one. Returns (src, workdir, config)."""
+    src, workdir = pathlib.Path(src).expanduser(), pathlib.Path(workdir).expanduser()
+    config = read_config(read_hf_config(src))
+    check_new_workdir(workdir)
+    model_config = build_model_config(config.model)
+    params = read_params(SafetensorsCheckpoint(src), model_config)
+    write_workdir(workdir, config, params, checked_tokenizer(src, model_config.vocab_size))
+    return src, workdir, config
+
+
 def convert_hf_llama(src: str | pathlib.Path, workdir: str | pathlib.Path) -> str:
     """Writes the workdir for the HF Llama checkpoint in `src`; returns a one-line summary
     (notes, if any, are printed first)."""
-    src, workdir = pathlib.Path(src).expanduser(), pathlib.Path(workdir).expanduser()
-    hf = read_hf_config(src)
-    config = hf_llama_config(hf)
-    check_new_workdir(workdir)
-    model_config = build_model_config(config.model)
-    params = hf_llama_params(SafetensorsCheckpoint(src), model_config)
-    write_workdir(workdir, config, params, checked_tokenizer(src, model_config.vocab_size))
+    src, workdir, config = write_hf_workdir(src, workdir, hf_llama_config, hf_llama_params)
     m = config.model
     return (f"converted {src} -> {workdir}: {m.num_layers} layers, d_model {m.d_model}, "
             f"{m.num_heads} query / {m.num_kv_heads} key-value heads, vocab {m.vocab_size}, "
