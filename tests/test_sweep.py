@@ -897,3 +897,13 @@ def test_a_tuning_sweep_chooses_on_the_tuning_half_and_reports_the_test_half(tmp
     assert "training in" not in again and "trains exactly as" not in again
     assert again.count("finished, skipped") == 4 and again.count("finished (step 4), skipped") == 2
     assert read_csv(tmp_path / "results.csv") == rows
+
+    # --only one configuration: its own tuning runs and point, the same row.
+    run_sweep(config, tmp_path, seeds=1, only=["int8"], **DECODE)
+    only = capsys.readouterr().out
+    assert only.count("finished, skipped") == 2 and only.count("finished (step 4), skipped") == 1
+    assert "tuning: int8 takes" in only and "tuning: float" not in only
+    [alone] = read_csv(tmp_path / "results.csv")  # int8 now its own baseline
+    [before] = [r for r in rows if r["configuration"] == "int8"]
+    assert [alone[k] for k in ("configuration", "learning_rate", "eval_loss_mean")] == [
+        before[k] for k in ("configuration", "learning_rate", "eval_loss_mean")]

@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from mqa.config import ModelConfig
-from mqa.convert.errors import ConvertError
-from mqa.convert.llama_layout import HF_CONFIG_TAIL, LlamaTensors
-from mqa.workdir import params_by_name, params_from_names
+from mqa.convert.llama_layout import (HF_CONFIG_TAIL, LayerTable, LlamaTensors, hf_params, hf_tensors,
+                                      llama_layer_tensors)
+from mqa.workdir import params_by_name
 
 # ModelConfig fields config.json states beside Llama's (num_kv_heads plays no part in MLA).
 DEEPSEEK_FIELDS = ("attention", "kv_latent_dim", "q_latent_dim", "rope_head_dim", "qk_nope_dim",
@@ -77,88 +77,60 @@ def deepseek_config_json(config: ModelConfig) -> dict:
     }
 
 
-def deepseek_tensors(params: nnx.State, config: ModelConfig) -> dict[str, np.ndarray]:
-    """mqa's parameters -> {Hugging Face DeepSeek-V2 name: float32 array [out, in]}."""
-    a = {name: np.asarray(value, np.float32) for name, value in params_by_name(params).items()}
+# Ours that share one HF tensor with another of ours (DeepSeek joins them; `deepseek_tensors`).
+JOINED = {"blocks.attention.q": "blocks.attention.q_rope", "blocks.attention.kv_down": "blocks.attention.k_rope",
+          "blocks.attention.k_up": "blocks.attention.v_up"}
+
+
+def deepseek_layer_tensors(config: ModelConfig) -> LayerTable:
+    """Where each of a dense DeepSeek-V2 layer's parameters is in a Hugging Face checkpoint:
+    Llama's norms and MLP, and the attention's, the pairs in `JOINED` each one part of one
+    HF tensor (their rotary parts in DeepSeek's interleaved order)."""
     h, d, m = config.num_heads, config.head_dim, config.d_model
-    e = config.q_latent_dim
-
-    def out_in(ours: np.ndarray) -> np.ndarray:  # [in, ...] -> [out, in]
-        return ours.reshape(ours.shape[0], -1).T
-
-    tensors = {"model.embed_tokens.weight": a["embed"], "model.norm.weight": a["final_norm.scale"]}
-    if not config.tie_embeddings:
-        tensors["lm_head.weight"] = a["unembed"].T
-    for i in range(config.num_layers):
-        layer = {name.removeprefix("blocks."): value[i] for name, value in a.items()
-                 if name.startswith("blocks.")}
-        prefix = f"model.layers.{i}."
-        queries = out_in(np.concatenate([layer["attention.q"], interleaved(layer["attention.q_rope"])],
-                                        axis=-1))                     # per head: nope, then rotary
-        if e:
-            tensors[prefix + "self_attn.q_a_proj.weight"] = layer["attention.q_down"].T
-            tensors[prefix + "self_attn.q_a_layernorm.weight"] = layer["attention.q_norm.scale"]
-            tensors[prefix + "self_attn.q_b_proj.weight"] = queries
-        else:
-            tensors[prefix + "self_attn.q_proj.weight"] = queries
-        tensors[prefix + "self_attn.kv_a_proj_with_mqa.weight"] = np.concatenate(
-            [layer["attention.kv_down"], interleaved(layer["attention.k_rope"])], axis=-1).T
-        tensors[prefix + "self_attn.kv_a_layernorm.weight"] = layer["attention.kv_norm.scale"]
-        tensors[prefix + "self_attn.kv_b_proj.weight"] = out_in(
-            np.concatenate([layer["attention.k_up"], layer["attention.v_up"]], axis=-1))  # [c, h, n + d]
-        tensors[prefix + "self_attn.o_proj.weight"] = layer["attention.out"].reshape(h * d, m).T
-        tensors[prefix + "input_layernorm.weight"] = layer["attention_norm.scale"]
-        tensors[prefix + "post_attention_layernorm.weight"] = layer["mlp_norm.scale"]
-        tensors[prefix + "mlp.gate_proj.weight"] = layer["mlp.gate"].T
-        tensors[prefix + "mlp.up_proj.weight"] = layer["mlp.up"].T
-        tensors[prefix + "mlp.down_proj.weight"] = layer["mlp.down"].T
-    return {name: np.ascontiguousarray(t, np.float32) for name, t in tensors.items()}
+    c, e, r = config.kv_latent_dim, config.q_latent_dim, config.rope_head_dim
+    n, q_in = config.qk_nope_dim or d, config.q_latent_dim or config.d_model
+    queries = ("self_attn.q_b_proj.weight" if e else "self_attn.q_proj.weight", (h * (n + r), q_in))
+    kv_a = ("self_attn.kv_a_proj_with_mqa.weight", (c + r, m))
+    kv_b = ("self_attn.kv_b_proj.weight", (h * (n + d), c))
+    per_head_q = lambda w: w.T.reshape(q_in, h, n + r)  # noqa: E731  per head: non-rotary, rotary
+    per_head_kv = lambda w: w.T.reshape(c, h, n + d)    # noqa: E731  per head: key, value
+    table = {name: entry for name, entry in llama_layer_tensors(config).items()
+             if not name.startswith("blocks.attention.")}
+    table.update({
+        "blocks.attention.q": (*queries, lambda w: per_head_q(w)[..., :n]),
+        "blocks.attention.q_rope": (*queries, lambda w: halves(per_head_q(w)[..., n:])),
+        "blocks.attention.kv_down": (*kv_a, lambda w: w.T[:, :c]),
+        "blocks.attention.k_rope": (*kv_a, lambda w: halves(w.T[:, c:])),
+        "blocks.attention.kv_norm.scale": ("self_attn.kv_a_layernorm.weight", (c,), lambda w: w),
+        "blocks.attention.k_up": (*kv_b, lambda w: per_head_kv(w)[..., :n]),
+        "blocks.attention.v_up": (*kv_b, lambda w: per_head_kv(w)[..., n:]),
+        "blocks.attention.out": ("self_attn.o_proj.weight", (m, h * d), lambda w: w.T.reshape(h, d, m)),
+    })
+    if e:
+        table["blocks.attention.q_down"] = ("self_attn.q_a_proj.weight", (e, m), np.transpose)
+        table["blocks.attention.q_norm.scale"] = ("self_attn.q_a_layernorm.weight", (e,), lambda w: w)
+    return table
 
 
 def hf_deepseek_params(checkpoint: LlamaTensors, config: ModelConfig) -> nnx.State:
-    """A dense DeepSeek-V2's tensors (`checkpoint`, under their HF names) in mqa's layout:
-    the inverse of `deepseek_tensors`. A tensor with no place here is a ConvertError."""
-    h, d, m, f, v = config.num_heads, config.head_dim, config.d_model, config.mlp_dim, config.vocab_size
-    c, e, r = config.kv_latent_dim, config.q_latent_dim, config.rope_head_dim
-    n = config.qk_nope_dim or d
-    attention = {  # ours -> (HF name in self_attn, its shape [out, in])
-        "kv_a_proj_with_mqa": (c + r, m), "kv_a_layernorm": (c,), "kv_b_proj": (h * (n + d), c),
-        "o_proj": (m, h * d),
-        **({"q_a_proj": (e, m), "q_a_layernorm": (e,), "q_b_proj": (h * (n + r), e)} if e
-           else {"q_proj": (h * (n + r), m)})}
-    mlp = {"gate_proj": (f, m), "up_proj": (f, m), "down_proj": (m, f)}
-    per_layer = {**{f"self_attn.{k}.weight": s for k, s in attention.items()},
-                 **{f"mlp.{k}.weight": s for k, s in mlp.items()},
-                 "input_layernorm.weight": (m,), "post_attention_layernorm.weight": (m,)}
-    known = {f"model.layers.{i}.{name}" for i in range(config.num_layers) for name in per_layer}
-    known |= {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    unknown = sorted(name for name in checkpoint.names() - known if not name.endswith("inv_freq"))
-    if unknown:
-        raise ConvertError(f"tensor {unknown[0]!r} ({len(unknown)} unexpected in all) has no place "
-                           "in a dense DeepSeek-V2; this converter does not handle that variant")
+    """A dense DeepSeek-V2's tensors (`checkpoint`, under their HF names) in mqa's layout;
+    a tensor with no place in it is a ConvertError."""
+    return hf_params(checkpoint, config, deepseek_layer_tensors(config), "a dense DeepSeek-V2")
 
-    layers = []
-    for i in range(config.num_layers):
-        w = {name: checkpoint.get(f"model.layers.{i}.{name}", shape) for name, shape in per_layer.items()}
-        queries = w["self_attn.q_b_proj.weight" if e else "self_attn.q_proj.weight"].T.reshape(-1, h, n + r)
-        kv_a = w["self_attn.kv_a_proj_with_mqa.weight"].T                     # [m, c + r]
-        kv_b = w["self_attn.kv_b_proj.weight"].T.reshape(c, h, n + d)
-        layer = {"attention.q": queries[..., :n], "attention.q_rope": halves(queries[..., n:]),
-                 "attention.kv_down": kv_a[:, :c], "attention.k_rope": halves(kv_a[:, c:]),
-                 "attention.kv_norm.scale": w["self_attn.kv_a_layernorm.weight"],
-                 "attention.k_up": kv_b[..., :n], "attention.v_up": kv_b[..., n:],
-                 "attention.out": w["self_attn.o_proj.weight"].T.reshape(h, d, m),
-                 "attention_norm.scale": w["input_layernorm.weight"],
-                 "mlp_norm.scale": w["post_attention_layernorm.weight"],
-                 "mlp.gate": w["mlp.gate_proj.weight"].T, "mlp.up": w["mlp.up_proj.weight"].T,
-                 "mlp.down": w["mlp.down_proj.weight"].T}
-        if e:
-            layer["attention.q_down"] = w["self_attn.q_a_proj.weight"].T
-            layer["attention.q_norm.scale"] = w["self_attn.q_a_layernorm.weight"]
-        layers.append(layer)
-    arrays = {f"blocks.{name}": np.stack([layer[name] for layer in layers]) for name in layers[0]}
-    arrays["embed"] = checkpoint.get("model.embed_tokens.weight", (v, m))
-    arrays["final_norm.scale"] = checkpoint.get("model.norm.weight", (m,))
-    if not config.tie_embeddings:
-        arrays["unembed"] = checkpoint.get("lm_head.weight", (v, m)).T
-    return params_from_names(config, arrays)
+
+def deepseek_tensors(params: nnx.State, config: ModelConfig) -> dict[str, np.ndarray]:
+    """mqa's parameters -> {Hugging Face DeepSeek-V2 name: float32 array [out, in]}: the
+    inverse of `hf_deepseek_params`. Each pair in `JOINED` goes out as one tensor, per head
+    the first's numbers then the second's (rotary ones interleaved); the rest as Llama's."""
+    table = deepseek_layer_tensors(config)
+    joined = set(JOINED) | set(JOINED.values())
+    tensors = hf_tensors(params, config, {k: v for k, v in table.items() if k not in joined})
+    arrays = {name: np.asarray(value, np.float32) for name, value in params_by_name(params).items()}
+    for first, second in JOINED.items():
+        suffix, shape, _ = table[first]
+        rotary = second in ("blocks.attention.q_rope", "blocks.attention.k_rope")
+        for i in range(config.num_layers):
+            tail = interleaved(arrays[second][i]) if rotary else arrays[second][i]
+            both = np.concatenate([arrays[first][i], tail], axis=-1)   # [in, (heads,) first + second]
+            tensors[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(both.reshape(shape[::-1]).T)
+    return tensors

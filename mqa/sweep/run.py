@@ -90,11 +90,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         declared, asked = ([pair for pair in pairs if set(pair) <= kept] for pairs in (declared, asked))
     baseline = baseline_configuration(plan, baseline, config)
     tuning = tuning_lib.tuning_options(config, tune, tune_seeds, declared=not sweep)
-    twins, tuning_twins = full_plan, None  # where a point's training twin may be (`training_twin`)
+    twins = full_plan  # where a point's training twin may be (`training_twin`): any configuration's
     if tuning is not None:
         tuning_lib.check_tuning(tuning, fields, full_plan)
-        runs = tuning_lib.tuning_runs(plan, tuning)  # every value validated too
-        tuning_twins = [run.point for run in tuning_lib.tuning_runs(full_plan, tuning)]
+        every_run = tuning_lib.tuning_runs(full_plan, tuning)  # every value validated too
+        rank = {name: i for i, name in enumerate(configurations(plan))}
+        runs = sorted((run for run in every_run if run.configuration in rank),
+                      key=lambda run: rank[run.configuration])  # in --only's order
         twins = [tuning_lib.reporting_point(point, tuning, value)
                  for point in full_plan for value in tuning.values]
     record = record_lib.record_dir(config)
@@ -102,7 +104,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     chosen: dict[str, Any] = {}
     if tuning is not None:
         chosen = tune_configurations(runs, tuning, workdir,
-                                     record and record / tuning_lib.TUNING_DIR, tuning_twins)
+                                     [run.point for run in every_run],
+                                     record and record / tuning_lib.TUNING_DIR)
         plan = [tuning_lib.reporting_point(point, tuning, chosen[point.configuration])
                 for point in plan]
     order = training_order(plan)
@@ -133,15 +136,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
 
 def tune_configurations(runs: list[tuning_lib.TuningRun], tuning: tuning_lib.Tuning,
-                        workdir: pathlib.Path, record: pathlib.Path | None = None,
-                        twins: list[Point] | None = None) -> dict[str, Any]:
+                        workdir: pathlib.Path, twins: list[Point],
+                        record: pathlib.Path | None = None) -> dict[str, Any]:
     """Trains (or skips, when finished or recorded in `record`) every tuning run in
     WORKDIR/tuning/, seed-major, writes tuning.csv and tuning.png, and returns
-    {configuration: chosen value}. twins: the tuning runs a run's training twin may be
-    among (default: `runs`')."""
+    {configuration: chosen value}. twins: the tuning runs (of the whole sweep, not only
+    `runs`) a run's training twin may be among."""
     tuning_dir = workdir_lib.prepare_workdir(workdir / tuning_lib.TUNING_DIR)
     others = [run.point for run in runs]
-    twins = others if twins is None else twins
     order = [next(run for run in runs if run.point is point) for point in training_order(others)]
     print(f"tuning {tuning.field} over {', '.join(map(str, tuning.values))} with seeds "
           f"{', '.join(map(str, tuning.seeds))}: {len(runs)} runs in {tuning_dir}", flush=True)
