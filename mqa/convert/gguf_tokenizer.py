@@ -94,13 +94,19 @@ def _byte_level(metadata: dict, notes: list[str]) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-def _sentencepiece(metadata: dict) -> tokenizers.Tokenizer:
+def _byte_fallback_bpe(metadata: dict) -> tokenizers.Tokenizer:
+    """SentencePiece-style BPE: unknown pieces fused, bytes spelled <0x..> when no token has
+    them; the pre-tokenizer and decoder are the caller's."""
     tokens = metadata["tokenizer.ggml.tokens"]
     vocab = {token: i for i, token in enumerate(tokens)}
     unk = metadata.get("tokenizer.ggml.unknown_token_id")
-    tokenizer = tokenizers.Tokenizer(models.BPE(
+    return tokenizers.Tokenizer(models.BPE(
         vocab, _merges(metadata, vocab), dropout=None, fuse_unk=True, byte_fallback=True,
         unk_token=tokens[unk] if unk is not None and unk < len(tokens) else None))
+
+
+def _sentencepiece(metadata: dict) -> tokenizers.Tokenizer:
+    tokenizer = _byte_fallback_bpe(metadata)
     prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
@@ -119,12 +125,7 @@ def _gemma_spelling(metadata: dict) -> dict:
 
 
 def _gemma(metadata: dict) -> tokenizers.Tokenizer:
-    tokens = metadata["tokenizer.ggml.tokens"]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    unk = metadata.get("tokenizer.ggml.unknown_token_id")
-    tokenizer = tokenizers.Tokenizer(models.BPE(
-        vocab, _merges(metadata, vocab), dropout=None, fuse_unk=True, byte_fallback=True,
-        unk_token=tokens[unk] if unk is not None and unk < len(tokens) else None))
+    tokenizer = _byte_fallback_bpe(metadata)
     tokenizer.normalizer = normalizers.Replace(" ", "▁")
     tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
