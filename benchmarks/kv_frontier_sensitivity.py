@@ -10,7 +10,12 @@ config's contrasts) is the seed-paired test-half difference over the reporting s
 the family is Holm-corrected together, as the sweep does; a test whose runs at the chosen
 rates are not all recorded yet counts in the family with p = 1 (so the family keeps its
 size) and shows no difference. Beside each, the primary analysis's (one tuning seed) from
-the same records. Writes comparisons.csv and comparisons.md to --out and prints the table.
+the same records, and a plan for what would resolve it: seeds_for_0.01, the reporting seeds
+at which a true difference of PLANNED nats (about the size of those between arms here)
+would be resolved with 80% power, at this test's seed-paired sd and level 0.05 / m for the
+m tests of the family (what Holm's correction asks of the smallest p; exact, from the
+noncentral t: `mqa.statistics.seeds_for_power`). Writes comparisons.csv and comparisons.md
+to --out and prints the table.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from mqa.sweep.points import (Point, compared_pairs, configurations, declared_co
 # pending: this test's two-seed analysis is not complete (an arm's tuning seeds or its
 # reporting runs at the chosen rate are not all recorded yet)
 COLUMNS = ["configuration", "against", "rate", "against_rate", "pending", "n", "diff", "ci95", "p",
-           "p_holm", "resolved", "primary_diff", "primary_p_holm", "primary_resolved"]
+           "p_holm", "resolved", "primary_diff", "primary_p_holm", "primary_resolved", "seeds_for_0.01"]
+PLANNED = 0.01  # nats: the true difference seeds_for_0.01 plans for
+POWER = 0.8
 
 
 def load_records(folder: pathlib.Path) -> dict[str, dict]:
@@ -74,7 +81,9 @@ def compare(records, plan, tuning, pairs, values) -> list[dict]:
         paired = statistics.paired_difference(mine, theirs) if mine and theirs else None
         rows.append({"configuration": arm, "against": against, "rate": values[arm], "against_rate": values[against],
                      "n": paired and paired["n"], "diff": paired and paired["mean"],
-                     "ci95": paired and paired["ci95"], "p": paired["p"] if paired else 1.0})
+                     "ci95": paired and paired["ci95"], "p": paired["p"] if paired else 1.0,
+                     "seeds_for_0.01": paired and statistics.seeds_for_power(
+                         PLANNED, paired["sd"], statistics.ALPHA / len(pairs), POWER)})
     for row, adjusted in zip(rows, statistics.holm([row["p"] for row in rows])):
         row["p_holm"], row["resolved"] = adjusted, row["diff"] is not None and adjusted < statistics.ALPHA
     return rows

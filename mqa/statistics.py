@@ -98,3 +98,33 @@ def seeds_for_half_width(sd: float, half_width: float, confidence: float = CONFI
     while n < 100_000 and float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n) > half_width:
         n += 1
     return n
+
+
+def paired_t_power(difference: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """The chance that a two-sided paired t-test at level alpha over n seeds resolves a true
+    mean difference `difference` when the seed-paired differences have standard deviation
+    `sd`: exact, from the noncentral t distribution (noncentrality difference / (sd /
+    sqrt(n)) on n - 1 degrees of freedom)."""
+    df, noncentrality = n - 1, abs(difference) * math.sqrt(n) / sd
+    critical = float(scipy.stats.t.ppf(1 - alpha / 2, df))
+    return float(scipy.stats.nct.sf(critical, df, noncentrality)
+                 + scipy.stats.nct.cdf(-critical, df, noncentrality))
+
+
+def seeds_for_power(difference: float, sd: float, alpha: float = ALPHA, power: float = 0.8,
+                    most: int = 100_000) -> int | None:
+    """The fewest seeds n >= 2 at which a paired t-test at level alpha resolves a true
+    difference `difference` (seed-paired sd `sd`) with at least `power`; None when not even
+    `most` do (a zero difference). For a family of m tests, alpha / m bounds what Holm's
+    correction asks of the first one."""
+    if difference == 0:
+        return None
+    low, high = 2, 2
+    while paired_t_power(difference, sd, high, alpha) < power:
+        if high >= most:
+            return None
+        low, high = high, min(most, high * 2)
+    while low < high:  # power grows with n: the first n that reaches it
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if paired_t_power(difference, sd, middle, alpha) < power else (low, middle)
+    return low

@@ -74,6 +74,12 @@ def test_two_seed_rates_and_the_declared_family(tmp_path, capsys):
         assert row["diff"] == pytest.approx(np.mean(mine - theirs)) and row["n"] == 4
         assert row["ci95"] == pytest.approx((high - low) / 2) and row["p"] == pytest.approx(expected.pvalue)
         p_values.append(expected.pvalue)
+        # seeds for 80% power against a true 0.01 nats at level 0.05 / 3, from the noncentral t
+        sd, n = np.std(mine - theirs, ddof=1), row["seeds_for_0.01"]
+        power = [scipy.stats.nct.sf(scipy.stats.t.ppf(1 - 0.05 / 6, k - 1), k - 1, 0.01 * np.sqrt(k) / sd)
+                 + scipy.stats.nct.cdf(-scipy.stats.t.ppf(1 - 0.05 / 6, k - 1), k - 1, 0.01 * np.sqrt(k) / sd)
+                 for k in (n - 1, n)]
+        assert power[0] < 0.8 <= power[1]
     order = np.argsort(p_values)  # Holm, written out: the k-th smallest times (m - k), running max
     adjusted, running = [0.0] * 3, 0.0
     for k, index in enumerate(order):

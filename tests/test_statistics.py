@@ -115,3 +115,32 @@ def test_holm_never_lowers_a_p_and_is_below_bonferroni():
         assert raw <= adj <= min(1.0, 12 * raw) + 1e-15
     order = np.argsort(p)
     assert all(np.diff(np.array(adjusted)[order]) >= 0)  # monotone in the raw p
+
+
+@pytest.mark.parametrize("difference, sd, n, alpha", [(0.01, 0.02, 11, 0.05), (0.015, 0.02, 6, 0.05),
+                                                      (-0.012, 0.011, 16, 0.05 / 18)])
+def test_paired_t_power_is_the_rate_at_which_simulated_paired_tests_resolve(difference, sd, n, alpha):
+    # Independent reference: many simulated experiments of n seed-paired differences drawn
+    # around the true difference, each tested with scipy's paired t-test.
+    rng = np.random.default_rng(7)
+    trials = 20_000
+    baseline = rng.normal(1.6, 0.05, size=(trials, n))
+    other = baseline + rng.normal(difference, sd, size=(trials, n))
+    resolved = scipy.stats.ttest_rel(other, baseline, axis=1).pvalue < alpha
+    simulated = resolved.mean()
+    assert abs(stats.paired_t_power(difference, sd, n, alpha) - simulated) < 4 * math.sqrt(
+        simulated * (1 - simulated) / trials) + 1e-3
+
+
+def test_seeds_for_power_is_the_first_seed_count_that_reaches_the_power():
+    n = stats.seeds_for_power(0.0124, 0.0109, alpha=0.05 / 18)
+    assert stats.paired_t_power(0.0124, 0.0109, n, 0.05 / 18) >= 0.8
+    assert stats.paired_t_power(0.0124, 0.0109, n - 1, 0.05 / 18) < 0.8
+    # The normal approximation ((z_{1-alpha/2} + z_power) sd / difference)^2 knows the sd
+    # exactly, so it needs no more seeds than the t-test, and a few fewer at small n.
+    for difference in (0.0124, 0.0062, 0.002):
+        z = scipy.stats.norm.ppf(1 - 0.05 / 36) + scipy.stats.norm.ppf(0.8)
+        normal = math.ceil((z * 0.0109 / difference) ** 2)
+        assert normal <= stats.seeds_for_power(difference, 0.0109, alpha=0.05 / 18) <= normal + 6
+    assert stats.seeds_for_power(0.0, 0.01) is None
+    assert stats.seeds_for_power(0.0001, 0.05, most=1000) is None
