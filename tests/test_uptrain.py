@@ -183,7 +183,7 @@ def test_rope_commuting_rotations_commute_and_are_recovered(rope_dim):
     r = commuting_rotation(rng, 16, rope_dim)
     x = rng.normal(size=(1, 5, 1, 16))
     positions = np.arange(5)
-    rotate = lambda a: np.asarray(apply_partial_rope(a, positions, 10000.0, rope_dim), np.float64)  # noqa: E731
+    rotate = lambda a: np.asarray(apply_partial_rope(np.float32(a), positions, 10000.0, rope_dim), np.float64)  # noqa: E731
     np.testing.assert_allclose(rotate(x @ r), rotate(x) @ r, atol=1e-5)
     source = rng.normal(size=(200, 16))
     np.testing.assert_allclose(rope_commuting_rotation(source, source @ r, rope_dim), r, atol=1e-10)
