@@ -15,7 +15,9 @@ at which a true difference of PLANNED nats (about the size of those between arms
 would be resolved with 80% power, at this test's seed-paired sd and level 0.05 / m for the
 m tests of the family (what Holm's correction asks of the smallest p; exact, from the
 noncentral t: `mqa.statistics.seeds_for_power`). Writes comparisons.csv and comparisons.md
-to --out and prints the table.
+to --out and prints the table; and rates.csv and rates.md, each arm's rate by its first
+tuning seed and by all of them, and where the two differ and both rates' reporting runs are
+recorded, what the move did to its test-half loss (seed-paired: two-seed rate minus first).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from mqa.sweep.points import (Point, compared_pairs, configurations, declared_co
 # reporting runs at the chosen rate are not all recorded yet)
 COLUMNS = ["configuration", "against", "rate", "against_rate", "pending", "n", "diff", "ci95", "p",
            "p_holm", "resolved", "primary_diff", "primary_p_holm", "primary_resolved", "seeds_for_0.01"]
+RATE_COLUMNS = ["configuration", "first_seed_rate", "two_seed_rate", "pending", "n", "change",
+                "change_ci95", "change_p"]
 PLANNED = 0.01  # nats: the true difference seeds_for_0.01 plans for
 POWER = 0.8
 
@@ -89,7 +93,21 @@ def compare(records, plan, tuning, pairs, values) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def rate_rows(records, plan, tuning, values, first, pending) -> list[dict]:
+    """A row per configuration: its rate by the first tuning seed and by all, and where they
+    differ, the seed-paired test-half difference between its reporting runs at the two."""
+    rows = []
+    for name in configurations(plan):
+        new, old = (reporting_losses(records, plan, tuning, name, v) for v in (values[name], first[name]))
+        paired = statistics.paired_difference(new, old) if values[name] != first[name] and new and old else None
+        rows.append({"configuration": name, "first_seed_rate": first[name], "two_seed_rate": values[name],
+                     "pending": name in pending, "n": paired and paired["n"],
+                     "change": paired and paired["mean"], "change_ci95": paired and paired["ci95"],
+                     "change_p": paired and paired["p"]})
+    return rows
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
     """The table, differences to 4 decimals, p-values to 3 significant figures."""
     def cell(value, kind):
         if value is None:
@@ -97,9 +115,10 @@ def markdown(rows: list[dict]) -> str:
         if isinstance(value, bool):
             return "yes" if value else "no"
         return format(value, {"diff": "+.4f", "ci95": ".4f", "p": ".3g"}[kind]) if kind else str(value)
-    kinds = {"diff": "diff", "primary_diff": "diff", "ci95": "ci95", "p": "p", "p_holm": "p", "primary_p_holm": "p"}
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row.get(c), kinds.get(c)) for c in COLUMNS) + " |" for row in rows]
+    kinds = {"diff": "diff", "primary_diff": "diff", "change": "diff", "ci95": "ci95", "change_ci95": "ci95",
+             "p": "p", "p_holm": "p", "primary_p_holm": "p", "change_p": "p"}
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c), kinds.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -127,9 +146,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    primary_resolved=primary["resolved"])
     args.out.mkdir(parents=True, exist_ok=True)
     results.write_csv(rows, COLUMNS, args.out / "comparisons.csv")
-    table = markdown(rows)
+    table = markdown(rows, COLUMNS)
     (args.out / "comparisons.md").write_text(table + "\n")
     print(table)
+    rates = rate_rows(records, plan, tuning, values, first, pending)
+    results.write_csv(rates, RATE_COLUMNS, args.out / "rates.csv")
+    (args.out / "rates.md").write_text(markdown(rates, RATE_COLUMNS) + "\n")
     return rows
 
 

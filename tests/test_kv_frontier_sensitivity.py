@@ -93,6 +93,14 @@ def test_two_seed_rates_and_the_declared_family(tmp_path, capsys):
     written = list(csv.DictReader((tmp_path / "out" / "comparisons.csv").open()))
     assert [w["configuration"] for w in written] == ["B", "C", "B"]
     assert (tmp_path / "out" / "comparisons.md").read_text().count("\n") == 5
+    # the rates: only A moved, and its move is scored on its reporting seeds at both rates
+    rates = {r["configuration"]: r for r in csv.DictReader((tmp_path / "out" / "rates.csv").open())}
+    assert [(r["first_seed_rate"], r["two_seed_rate"], r["pending"]) for r in rates.values()] == [
+        ("0.001", "0.002", "False"), ("0.001", "0.001", "True"), ("0.002", "0.002", "False")]
+    moved = scipy.stats.ttest_rel(test[("A", 0.002)], test[("A", 0.001)])
+    assert float(rates["A"]["change"]) == pytest.approx(np.mean(test[("A", 0.002)] - test[("A", 0.001)]))
+    assert float(rates["A"]["change_p"]) == pytest.approx(moved.pvalue)
+    assert rates["B"]["change"] == rates["C"]["change"] == ""
 
     # C's reporting runs at 0.002 gone: C - A and B - C are pending, kept in the family at p = 1
     for seed in range(4):
