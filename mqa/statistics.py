@@ -15,6 +15,10 @@ sorted as p_(1) <= ... <= p_(m), the i-th becomes max over j <= i of min(1, (m -
 p_(j)). Calling a comparison *resolved* when its adjusted p is below ALPHA keeps the
 chance of calling any of the m resolved, when none of the differences is real, at most
 ALPHA, whatever the dependence between them.
+
+For planning the next experiment rather than reading this one: `seeds_for_half_width`
+(seeds for an interval this narrow) and `seeds_for_power` (seeds at which a paired t-test
+resolves a given true difference with a given probability, exact from the noncentral t).
 """
 
 from __future__ import annotations
