@@ -346,6 +346,7 @@ def distill(workdir: pathlib.Path, source: pathlib.Path, name: str, args) -> pat
                         seq_len=args.train_seq_len, learning_rate=args.learning_rate,
                         warmup_steps=max(1, args.steps // 10), log_every=5,
                         eval_every=args.steps, eval_batches=4)
+    config.model.remat = config.model.remat or args.remat
     config.checkpoint.update(every=5, keep=1)
     trainer.train(validate(config), run)
     return run
@@ -402,6 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--train_seq_len", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--remat", action="store_true",
+                        help="--distill: recompute each block's activations in the backward pass "
+                             "(model.remat: the same numbers in less memory, for long windows)")
     parser.add_argument("--decode", action="store_true", help="time cached decoding instead")
     parser.add_argument("--decode_batch", type=int, default=1)
     parser.add_argument("--decode_contexts", default=f"2048,{8192 - DECODE_STEPS}",

@@ -74,9 +74,11 @@ def test_zero_shot_stage_at_toy_size(tmp_path):
     # Distillation: the aligned conversion trained towards the original, then scored, also
     # through int8 and int4 caches; its KL to the original falls.
     retrofit.main(["--workdir", str(tmp_path / "work"), "--source", str(source), "--windows", "3",
-                   "--seq_len", "64", "--out", str(out), "--distill", "GQA-1 aligned", "--steps", "8",
+                   "--seq_len", "64", "--out", str(out), "--distill", "GQA-1 aligned", "--steps", "8", "--remat",
                    "--batch_size", "4", "--train_seq_len", "32", "--learning_rate", "1e-3"])
     distilled = {r["conversion"]: r for r in csv.DictReader((out / "distilled.csv").open())}
+    saved = json.loads((tmp_path / "work" / "distilled" / "GQA-1_aligned" / "config.json").read_text())
+    assert saved["model"]["remat"] is True  # --remat: recomputed activations
     assert sorted(distilled) == ["GQA-1 aligned, distilled", "GQA-1 aligned, distilled, int4 cache",
                                  "GQA-1 aligned, distilled, int8 cache"]
     row = distilled["GQA-1 aligned, distilled"]
