@@ -99,8 +99,6 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "missing"])
-# orbax's reads of the truncated file fail in coroutines it then drops ("exception ignored")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_checkpoint_is_named_and_the_previous_one_used(trained, tmp_path, how, capfd):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
