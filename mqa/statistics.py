@@ -120,9 +120,11 @@ def seeds_for_power(difference: float, sd: float, alpha: float = ALPHA, power: f
     """The fewest seeds n >= 2 at which a paired t-test at level alpha resolves a true
     difference `difference` (seed-paired sd `sd`) with at least `power`; None when not even
     `most` do (a zero difference). For a family of m tests, alpha / m bounds what Holm's
-    correction asks of the first one."""
+    correction asks of the first one. A zero sd resolves any nonzero difference: 2."""
     if difference == 0:
         return None
+    if sd == 0:
+        return 2
     low, high = 2, 2
     while paired_t_power(difference, sd, high, alpha) < power:
         if high >= most:

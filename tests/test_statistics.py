@@ -143,4 +143,5 @@ def test_seeds_for_power_is_the_first_seed_count_that_reaches_the_power():
         normal = math.ceil((z * 0.0109 / difference) ** 2)
         assert normal <= stats.seeds_for_power(difference, 0.0109, alpha=0.05 / 18) <= normal + 6
     assert stats.seeds_for_power(0.0, 0.01) is None
+    assert stats.seeds_for_power(0.01, 0.0) == 2  # identical runs but for a constant shift
     assert stats.seeds_for_power(0.0001, 0.05, most=1000) is None
