@@ -31,7 +31,10 @@ into distilled_windows.jsonl and benchmarks/results/retrofit/distilled.{csv,json
 the recovered fraction 1 - KL_after / KL_zero-shot. The control arm, the unconverted model
 given the same training, is the original itself: distilling a model towards itself has no
 gradient (KL's gradient vanishes where the distributions agree; tested), so with the KL
-alone nothing is adapted to the domain and no adaptation is counted as recovery.
+alone nothing is adapted to the domain and no adaptation is counted as recovery. --seed S
+(default 0) trains a rerun on another order of the training windows into
+WORKDIR/distilled/<name>_seedS, its rows named "<name>, distilled, seed S"; with two seeds
+of a conversion scored, distilled_seeds.{csv,json,md} has their window-paired difference.
 
   python benchmarks/retrofit.py --workdir=runs/retrofit_gemma3 --frontier gemma3 \
       --source runs/gemma3_270m --out benchmarks/results/retrofit_gemma3 --windows 8
@@ -53,6 +56,7 @@ import argparse
 import functools
 import json
 import pathlib
+import re
 import sys
 from typing import Callable
 
@@ -332,18 +336,38 @@ def plot(table: list[dict], path: pathlib.Path, model: str = "SmolLM2-135M") -> 
     fig.savefig(path, dpi=120)
 
 
+def distilled_dir(workdir: pathlib.Path, name: str, seed: int) -> pathlib.Path:
+    """Where conversion `name` is distilled with training-data seed `seed` (0: the first run's
+    name, distilled/NAME; others distilled/NAME_seedS)."""
+    return workdir / "distilled" / (name.replace(" ", "_") + (f"_seed{seed}" if seed else ""))
+
+
+DISTILLED_LABEL = re.compile(r"(?P<base>.+?), distilled(?:, seed (?P<seed>\d+))?(?:, (?P<dtype>\w+) cache)?")
+
+
+def distilled_label(name: str, seed: int, dtype: str | None = None) -> str:
+    """A distilled model's row name: "NAME, distilled[, seed S][, DTYPE cache]" (seed 0 unnamed)."""
+    return f"{name}, distilled" + (f", seed {seed}" if seed else "") + (f", {dtype} cache" if dtype else "")
+
+
+def parse_distilled_label(label: str) -> tuple[str, int, str]:
+    """distilled_label's inverse: (conversion name, seed, cache dtype or "")."""
+    match = DISTILLED_LABEL.fullmatch(label)
+    return match["base"], int(match["seed"] or 0), match["dtype"] or ""
+
+
 def distill(workdir: pathlib.Path, source: pathlib.Path, name: str, args) -> pathlib.Path:
     """Trains conversion `name` towards the original (resumes a run already started);
     returns its workdir."""
     from mqa import trainer
     from mqa.config import validate
     converted = workdir / name.replace(" ", "_")
-    run = workdir / "distilled" / name.replace(" ", "_")
+    run = distilled_dir(workdir, name, args.seed)
     config = read_config(converted)
     config.data.update(path=str(pathlib.Path(args.text).resolve()), tokenizer="init_from")
     config.train.update(init_from=str(converted.resolve()), distill_from=str(source.resolve()),
                         distill_weight=1.0, steps=args.steps, batch_size=args.batch_size,
-                        seq_len=args.train_seq_len, learning_rate=args.learning_rate,
+                        seq_len=args.train_seq_len, learning_rate=args.learning_rate, seed=args.seed,
                         warmup_steps=max(1, args.steps // 10), log_every=5,
                         eval_every=args.steps, eval_batches=4)
     config.model.remat = config.model.remat or args.remat
@@ -403,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--train_seq_len", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="--distill: the training data's order (train.seed); a seed other than "
+                             "0 trains a second run into WORKDIR/distilled/NAME_seedS")
     parser.add_argument("--remat", action="store_true",
                         help="--distill: recompute each block's activations in the backward pass "
                              "(model.remat: the same numbers in less memory, for long windows)")
@@ -482,11 +509,11 @@ def main_distill(args) -> None:
                  f"stage first; valid: {', '.join(CONVERSIONS)}")
     run = distill(workdir, source, name, args)
     original = load_model(source)
-    loaders = {"original": lambda: original, f"{name}, distilled": functools.partial(load_model, run)}
+    loaders = {"original": lambda: original, distilled_label(name, args.seed): functools.partial(load_model, run)}
     for dtype in ("int8", "int4"):
         try:
             load_model(run, overrides={"model.kv_cache_dtype": dtype})
-            loaders[f"{name}, distilled, {dtype} cache"] = functools.partial(
+            loaders[distilled_label(name, args.seed, dtype)] = functools.partial(
                 load_model, run, overrides={"model.kv_cache_dtype": dtype})
         except ConfigError as error:  # int4: grouped attention without windows only
             print(f"not scored through an {dtype} cache: {error}")
@@ -495,26 +522,25 @@ def main_distill(args) -> None:
     rows = score(loaders, [n for n in loaders if n != "original"], windows, out / "distilled_windows.jsonl")
     zero = load_rows(out / "zero_shot_windows.jsonl", windows.shape[1])
     published = out / "distilled.json"  # rows of runs this machine no longer holds are kept
+    run_of = lambda label: distilled_dir(workdir, *parse_distilled_label(label)[:2])  # noqa: E731
     table = [r for r in (json.loads(published.read_text())["rows"] if published.is_file() else [])
-             if not (workdir / "distilled" / r["conversion"].partition(", distilled")[0]
-                     .replace(" ", "_")).is_dir()]
+             if not run_of(r["conversion"]).is_dir()]
     for label in sorted({n for n, _ in rows if n != "original"}):
-        base, _, rest = label.partition(", distilled")
-        if not (workdir / "distilled" / base.replace(" ", "_")).is_dir():
+        base, seed, dtype = parse_distilled_label(label)
+        run_dir = run_of(label)
+        if not run_dir.is_dir():
             continue
-        dtype = rest.removeprefix(", ").removesuffix(" cache")
         before_name = f"{base} + {dtype}" if dtype else base  # its zero-shot counterpart
         scored = [w for w in range(len(windows)) if (label, w) in rows]
         after = np.array([rows[(label, w)]["kl"] for w in scored])
         before = np.array([zero[(before_name, w)]["kl"] for w in scored if (before_name, w) in zero])
         gap = np.array([rows[(label, w)]["nll"] - rows[("original", w)]["nll"] for w in scored])
-        run_dir = workdir / "distilled" / base.replace(" ", "_")
         config = load_model(run_dir, overrides={"model.kv_cache_dtype": dtype}).model_config if dtype \
             else load_model(run_dir).model_config
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         trained = read_config(run_dir).train
         table.append(dict(
-            conversion=label, windows=len(scored), steps=last["step"],
+            conversion=label, seed=seed, windows=len(scored), steps=last["step"],
             tokens=last["step"] * trained.batch_size * trained.seq_len, learning_rate=trained.learning_rate,
             cache_fraction=round(accounting.kv_cache_bytes(config, 1, args.seq_len)
                                  / accounting.kv_cache_bytes(original.model_config, 1, args.seq_len), 4),
@@ -535,6 +561,42 @@ def main_distill(args) -> None:
         f"{table[0]['control_loss']:.4f}); gap: mean and 95% t-interval of the per-window difference.",
         windows=args.windows, seq_len=args.seq_len, learning_rate=args.learning_rate,
         train_seq_len=args.train_seq_len, batch_size=args.batch_size)
+    between = seed_differences(rows, len(windows))
+    if between:
+        publish(out, "distilled_seeds", between, {
+            "conversion": "{conversion}", "seeds": "{seed} - {baseline_seed}",
+            "KL difference": "{kl_mean:+.4f} ± {kl_ci95:.4f}", "p (KL)": "{kl_p:.2g}",
+            "loss difference": "{loss_mean:+.4f} ± {loss_ci95:.4f}", "p (loss)": "{loss_p:.2g}"},
+            intro="Two distillations of the same conversion that differ only in the training data's "
+            "order (train.seed): the later seed's KL and loss minus the first's, paired by held-out "
+            "window (mean, 95% t-interval, paired t-test). The interval is over windows: it says how "
+            "precisely the two runs were scored, and the difference itself is one draw of how far a "
+            "rerun moves.", windows=len(windows))
+
+
+def seed_differences(rows: dict, windows: int) -> list[dict]:
+    """For each conversion distilled with more than one seed (without a quantized cache):
+    each later seed's KL and loss minus the lowest seed's, paired by window."""
+    seeds: dict[str, list[int]] = {}
+    for label in sorted({n for n, _ in rows if n != "original"}):
+        base, seed, dtype = parse_distilled_label(label)
+        if not dtype:
+            seeds.setdefault(base, []).append(seed)
+    found = []
+    for base, runs in seeds.items():
+        first, *later = sorted(runs)
+        for seed in later:
+            a, b = distilled_label(base, seed), distilled_label(base, first)
+            scored = [w for w in range(windows) if (a, w) in rows and (b, w) in rows]
+            if len(scored) < 2:
+                continue
+            row = dict(conversion=base, seed=seed, baseline_seed=first, windows=len(scored))
+            for metric, key in (("kl", "kl"), ("loss", "nll")):
+                by_window = lambda name: {w: rows[(name, w)][key] for w in scored}  # noqa: E731
+                found_metric = statistics.paired_difference(by_window(a), by_window(b))
+                row.update({f"{metric}_{k}": found_metric[k] for k in ("mean", "ci95", "p")})
+            found.append(row)
+    return found
 
 
 def main_decode(args) -> None:

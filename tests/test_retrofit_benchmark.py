@@ -86,6 +86,22 @@ def test_zero_shot_stage_at_toy_size(tmp_path):
     assert float(row["kl_distilled"]) < float(row["kl_zero_shot"]) and 0 < float(row["recovered"]) <= 1
     assert int(row["tokens"]) == 8 * 4 * 32
 
+    # A rerun on another order of the training windows (--seed 1): its own run and rows, and
+    # the two runs' window-paired difference, which equals the difference of their means.
+    retrofit.main(["--workdir", str(tmp_path / "work"), "--source", str(source), "--windows", "3",
+                   "--seq_len", "64", "--out", str(out), "--distill", "GQA-1 aligned", "--steps", "8",
+                   "--batch_size", "4", "--train_seq_len", "32", "--learning_rate", "1e-3", "--seed", "1"])
+    rerun = json.loads((tmp_path / "work" / "distilled" / "GQA-1_aligned_seed1" / "config.json").read_text())
+    assert rerun["train"]["seed"] == 1 and saved["train"]["seed"] == 0
+    distilled = {r["conversion"]: r for r in csv.DictReader((out / "distilled.csv").open())}
+    assert "GQA-1 aligned, distilled, seed 1, int8 cache" in distilled and len(distilled) == 6
+    second = distilled["GQA-1 aligned, distilled, seed 1"]
+    assert float(second["kl_distilled"]) != float(row["kl_distilled"])  # other batches, another model
+    [between] = list(csv.DictReader((out / "distilled_seeds.csv").open()))
+    assert (between["conversion"], between["seed"], between["baseline_seed"]) == ("GQA-1 aligned", "1", "0")
+    assert float(between["kl_mean"]) == pytest.approx(
+        float(second["kl_distilled"]) - float(row["kl_distilled"]), rel=1e-6, abs=1e-9)
+
 
 @pytest.mark.slow
 def test_gemma3_frontier_at_toy_size(tmp_path):
