@@ -32,9 +32,10 @@ the recovered fraction 1 - KL_after / KL_zero-shot. The control arm, the unconve
 given the same training, is the original itself: distilling a model towards itself has no
 gradient (KL's gradient vanishes where the distributions agree; tested), so with the KL
 alone nothing is adapted to the domain and no adaptation is counted as recovery. --seed S
-(default 0) trains a rerun on another order of the training windows into
-WORKDIR/distilled/<name>_seedS, its rows named "<name>, distilled, seed S"; with two seeds
-of a conversion scored, distilled_seeds.{csv,json,md} has their window-paired difference.
+trains a rerun on another order of the training windows, and --steps other than 50 a
+longer or shorter one, each into a run of its own (WORKDIR/distilled/<name>_<N>steps_seedS,
+rows "<name>, distilled, N steps, seed S", each part only where it differs from 50 steps
+and seed 0); distilled_runs.{csv,json,md} pairs each such run with the first by window.
 
   python benchmarks/retrofit.py --workdir=runs/retrofit_gemma3 --frontier gemma3 \
       --source runs/gemma3_270m --out benchmarks/results/retrofit_gemma3 --windows 8
@@ -336,24 +337,32 @@ def plot(table: list[dict], path: pathlib.Path, model: str = "SmolLM2-135M") -> 
     fig.savefig(path, dpi=120)
 
 
-def distilled_dir(workdir: pathlib.Path, name: str, seed: int) -> pathlib.Path:
-    """Where conversion `name` is distilled with training-data seed `seed` (0: the first run's
-    name, distilled/NAME; others distilled/NAME_seedS)."""
-    return workdir / "distilled" / (name.replace(" ", "_") + (f"_seed{seed}" if seed else ""))
+DISTILL_STEPS = 50  # --steps' default: runs of another length carry theirs in their names
 
 
-DISTILLED_LABEL = re.compile(r"(?P<base>.+?), distilled(?:, seed (?P<seed>\d+))?(?:, (?P<dtype>\w+) cache)?")
+def distilled_dir(workdir: pathlib.Path, name: str, seed: int = 0, steps: int = DISTILL_STEPS) -> pathlib.Path:
+    """Where conversion `name` is distilled for `steps` steps with training-data seed `seed`:
+    distilled/NAME, with _{steps}steps and _seed{seed} appended where they differ from the
+    first runs' (DISTILL_STEPS, seed 0)."""
+    return workdir / "distilled" / (name.replace(" ", "_") + (f"_{steps}steps" if steps != DISTILL_STEPS else "")
+                                    + (f"_seed{seed}" if seed else ""))
 
 
-def distilled_label(name: str, seed: int, dtype: str | None = None) -> str:
-    """A distilled model's row name: "NAME, distilled[, seed S][, DTYPE cache]" (seed 0 unnamed)."""
-    return f"{name}, distilled" + (f", seed {seed}" if seed else "") + (f", {dtype} cache" if dtype else "")
+DISTILLED_LABEL = re.compile(r"(?P<base>.+?), distilled(?:, (?P<steps>\d+) steps)?(?:, seed (?P<seed>\d+))?"
+                             r"(?:, (?P<dtype>\w+) cache)?")
 
 
-def parse_distilled_label(label: str) -> tuple[str, int, str]:
-    """distilled_label's inverse: (conversion name, seed, cache dtype or "")."""
+def distilled_label(name: str, seed: int = 0, steps: int = DISTILL_STEPS, dtype: str | None = None) -> str:
+    """A distilled model's row name, "NAME, distilled[, N steps][, seed S][, DTYPE cache]"
+    (steps and seed named where they differ from DISTILL_STEPS and 0)."""
+    return (f"{name}, distilled" + (f", {steps} steps" if steps != DISTILL_STEPS else "")
+            + (f", seed {seed}" if seed else "") + (f", {dtype} cache" if dtype else ""))
+
+
+def parse_distilled_label(label: str) -> tuple[str, int, int, str]:
+    """distilled_label's inverse: (conversion name, seed, steps, cache dtype or "")."""
     match = DISTILLED_LABEL.fullmatch(label)
-    return match["base"], int(match["seed"] or 0), match["dtype"] or ""
+    return match["base"], int(match["seed"] or 0), int(match["steps"] or DISTILL_STEPS), match["dtype"] or ""
 
 
 def distill(workdir: pathlib.Path, source: pathlib.Path, name: str, args) -> pathlib.Path:
@@ -362,7 +371,7 @@ def distill(workdir: pathlib.Path, source: pathlib.Path, name: str, args) -> pat
     from mqa import trainer
     from mqa.config import validate
     converted = workdir / name.replace(" ", "_")
-    run = distilled_dir(workdir, name, args.seed)
+    run = distilled_dir(workdir, name, args.seed, args.steps)
     config = read_config(converted)
     config.data.update(path=str(pathlib.Path(args.text).resolve()), tokenizer="init_from")
     config.train.update(init_from=str(converted.resolve()), distill_from=str(source.resolve()),
@@ -423,13 +432,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="which model's conversions (gemma3 needs --source)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--distill", help="a conversion to distil towards the original, then score")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=DISTILL_STEPS,
+                        help=f"--distill: training steps (a run of other than {DISTILL_STEPS} is named with its length)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--train_seq_len", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0,
                         help="--distill: the training data's order (train.seed); a seed other than "
-                             "0 trains a second run into WORKDIR/distilled/NAME_seedS")
+                             "0 trains another run, named with its seed")
     parser.add_argument("--remat", action="store_true",
                         help="--distill: recompute each block's activations in the backward pass "
                              "(model.remat: the same numbers in less memory, for long windows)")
@@ -509,11 +519,12 @@ def main_distill(args) -> None:
                  f"stage first; valid: {', '.join(CONVERSIONS)}")
     run = distill(workdir, source, name, args)
     original = load_model(source)
-    loaders = {"original": lambda: original, distilled_label(name, args.seed): functools.partial(load_model, run)}
+    loaders = {"original": lambda: original,
+               distilled_label(name, args.seed, args.steps): functools.partial(load_model, run)}
     for dtype in ("int8", "int4"):
         try:
             load_model(run, overrides={"model.kv_cache_dtype": dtype})
-            loaders[distilled_label(name, args.seed, dtype)] = functools.partial(
+            loaders[distilled_label(name, args.seed, args.steps, dtype)] = functools.partial(
                 load_model, run, overrides={"model.kv_cache_dtype": dtype})
         except ConfigError as error:  # int4: grouped attention without windows only
             print(f"not scored through an {dtype} cache: {error}")
@@ -522,11 +533,11 @@ def main_distill(args) -> None:
     rows = score(loaders, [n for n in loaders if n != "original"], windows, out / "distilled_windows.jsonl")
     zero = load_rows(out / "zero_shot_windows.jsonl", windows.shape[1])
     published = out / "distilled.json"  # rows of runs this machine no longer holds are kept
-    run_of = lambda label: distilled_dir(workdir, *parse_distilled_label(label)[:2])  # noqa: E731
+    run_of = lambda label: distilled_dir(workdir, *parse_distilled_label(label)[:3])  # noqa: E731
     table = [r for r in (json.loads(published.read_text())["rows"] if published.is_file() else [])
              if not run_of(r["conversion"]).is_dir()]
     for label in sorted({n for n, _ in rows if n != "original"}):
-        base, seed, dtype = parse_distilled_label(label)
+        base, seed, _, dtype = parse_distilled_label(label)
         run_dir = run_of(label)
         if not run_dir.is_dir():
             continue
@@ -561,40 +572,42 @@ def main_distill(args) -> None:
         f"{table[0]['control_loss']:.4f}); gap: mean and 95% t-interval of the per-window difference.",
         windows=args.windows, seq_len=args.seq_len, learning_rate=args.learning_rate,
         train_seq_len=args.train_seq_len, batch_size=args.batch_size)
-    between = seed_differences(rows, len(windows))
+    between = run_differences(rows, len(windows))
     if between:
-        publish(out, "distilled_seeds", between, {
-            "conversion": "{conversion}", "seeds": "{seed} - {baseline_seed}",
-            "KL difference": "{kl_mean:+.4f} ± {kl_ci95:.4f}", "p (KL)": "{kl_p:.2g}",
-            "loss difference": "{loss_mean:+.4f} ± {loss_ci95:.4f}", "p (loss)": "{loss_p:.2g}"},
-            intro="Two distillations of the same conversion that differ only in the training data's "
-            "order (train.seed): the later seed's KL and loss minus the first's, paired by held-out "
-            "window (mean, 95% t-interval, paired t-test). The interval is over windows: it says how "
-            "precisely the two runs were scored, and the difference itself is one draw of how far a "
-            "rerun moves.", windows=len(windows))
+        publish(out, "distilled_runs", between, {
+            "difference": "{run} - {baseline}",
+            "KL": "{kl_mean:+.4f} ± {kl_ci95:.4f}", "p (KL)": "{kl_p:.2g}",
+            "loss": "{loss_mean:+.4f} ± {loss_ci95:.4f}", "p (loss)": "{loss_p:.2g}"},
+            intro="Distillations of one conversion that differ in the training data's order "
+            "(train.seed) or length (steps), each against the first run (seed 0, "
+            f"{DISTILL_STEPS} steps): KL and loss differences paired by held-out window (mean, "
+            "95% t-interval, paired t-test). The intervals are over windows: they say how "
+            "precisely the runs were scored; how far a rerun moves is what the seeds' "
+            "difference measures.", windows=len(windows))
 
 
-def seed_differences(rows: dict, windows: int) -> list[dict]:
-    """For each conversion distilled with more than one seed (without a quantized cache):
-    each later seed's KL and loss minus the lowest seed's, paired by window."""
-    seeds: dict[str, list[int]] = {}
+def run_differences(rows: dict, windows: int) -> list[dict]:
+    """For each conversion distilled more than once (rows without a quantized cache): every
+    other run's KL and loss minus the first run's (seed 0, DISTILL_STEPS; else the lowest),
+    paired by window."""
+    runs: dict[str, list[tuple[int, int]]] = {}
     for label in sorted({n for n, _ in rows if n != "original"}):
-        base, seed, dtype = parse_distilled_label(label)
+        base, seed, steps, dtype = parse_distilled_label(label)
         if not dtype:
-            seeds.setdefault(base, []).append(seed)
+            runs.setdefault(base, []).append((seed, steps))
     found = []
-    for base, runs in seeds.items():
-        first, *later = sorted(runs)
-        for seed in later:
-            a, b = distilled_label(base, seed), distilled_label(base, first)
+    for base, keys in runs.items():
+        first = (0, DISTILL_STEPS) if (0, DISTILL_STEPS) in keys else min(keys)
+        for key in sorted(set(keys) - {first}):
+            a, b = distilled_label(base, *key), distilled_label(base, *first)
             scored = [w for w in range(windows) if (a, w) in rows and (b, w) in rows]
             if len(scored) < 2:
                 continue
-            row = dict(conversion=base, seed=seed, baseline_seed=first, windows=len(scored))
-            for metric, key in (("kl", "kl"), ("loss", "nll")):
-                by_window = lambda name: {w: rows[(name, w)][key] for w in scored}  # noqa: E731
-                found_metric = statistics.paired_difference(by_window(a), by_window(b))
-                row.update({f"{metric}_{k}": found_metric[k] for k in ("mean", "ci95", "p")})
+            row = dict(conversion=base, run=a, baseline=b, seed=key[0], steps=key[1], windows=len(scored))
+            for metric, column in (("kl", "kl"), ("loss", "nll")):
+                by_window = lambda name: {w: rows[(name, w)][column] for w in scored}  # noqa: E731
+                difference = statistics.paired_difference(by_window(a), by_window(b))
+                row.update({f"{metric}_{k}": difference[k] for k in ("mean", "ci95", "p")})
             found.append(row)
     return found
 

@@ -77,11 +77,12 @@ def test_zero_shot_stage_at_toy_size(tmp_path):
                    "--seq_len", "64", "--out", str(out), "--distill", "GQA-1 aligned", "--steps", "8", "--remat",
                    "--batch_size", "4", "--train_seq_len", "32", "--learning_rate", "1e-3"])
     distilled = {r["conversion"]: r for r in csv.DictReader((out / "distilled.csv").open())}
-    saved = json.loads((tmp_path / "work" / "distilled" / "GQA-1_aligned" / "config.json").read_text())
+    # a run of other than 50 steps (the first runs' length) carries its length in its name
+    saved = json.loads((tmp_path / "work" / "distilled" / "GQA-1_aligned_8steps" / "config.json").read_text())
     assert saved["model"]["remat"] is True  # --remat: recomputed activations
-    assert sorted(distilled) == ["GQA-1 aligned, distilled", "GQA-1 aligned, distilled, int4 cache",
-                                 "GQA-1 aligned, distilled, int8 cache"]
-    row = distilled["GQA-1 aligned, distilled"]
+    assert sorted(distilled) == ["GQA-1 aligned, distilled, 8 steps", "GQA-1 aligned, distilled, 8 steps, int4 cache",
+                                 "GQA-1 aligned, distilled, 8 steps, int8 cache"]
+    row = distilled["GQA-1 aligned, distilled, 8 steps"]
     assert float(row["kl_zero_shot"]) == pytest.approx(float(rows["GQA-1 aligned"]["kl"]))
     assert float(row["kl_distilled"]) < float(row["kl_zero_shot"]) and 0 < float(row["recovered"]) <= 1
     assert int(row["tokens"]) == 8 * 4 * 32
@@ -91,14 +92,15 @@ def test_zero_shot_stage_at_toy_size(tmp_path):
     retrofit.main(["--workdir", str(tmp_path / "work"), "--source", str(source), "--windows", "3",
                    "--seq_len", "64", "--out", str(out), "--distill", "GQA-1 aligned", "--steps", "8",
                    "--batch_size", "4", "--train_seq_len", "32", "--learning_rate", "1e-3", "--seed", "1"])
-    rerun = json.loads((tmp_path / "work" / "distilled" / "GQA-1_aligned_seed1" / "config.json").read_text())
+    rerun = json.loads((tmp_path / "work" / "distilled" / "GQA-1_aligned_8steps_seed1" / "config.json").read_text())
     assert rerun["train"]["seed"] == 1 and saved["train"]["seed"] == 0
     distilled = {r["conversion"]: r for r in csv.DictReader((out / "distilled.csv").open())}
-    assert "GQA-1 aligned, distilled, seed 1, int8 cache" in distilled and len(distilled) == 6
-    second = distilled["GQA-1 aligned, distilled, seed 1"]
+    assert "GQA-1 aligned, distilled, 8 steps, seed 1, int8 cache" in distilled and len(distilled) == 6
+    second = distilled["GQA-1 aligned, distilled, 8 steps, seed 1"]
     assert float(second["kl_distilled"]) != float(row["kl_distilled"])  # other batches, another model
-    [between] = list(csv.DictReader((out / "distilled_seeds.csv").open()))
-    assert (between["conversion"], between["seed"], between["baseline_seed"]) == ("GQA-1 aligned", "1", "0")
+    [between] = list(csv.DictReader((out / "distilled_runs.csv").open()))
+    assert (between["run"], between["baseline"]) == ("GQA-1 aligned, distilled, 8 steps, seed 1",
+                                                     "GQA-1 aligned, distilled, 8 steps")
     assert float(between["kl_mean"]) == pytest.approx(
         float(second["kl_distilled"]) - float(row["kl_distilled"]), rel=1e-6, abs=1e-9)
 
