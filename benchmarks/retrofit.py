@@ -224,11 +224,23 @@ def logits_fn(model: LoadedModel):
 
 
 @jax.jit
+def per_position(reference: jax.Array, converted: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Logits [t, vocab] of the original and a conversion, targets [t - 1] -> (KL(original ||
+    converted) at each position [t], NLL of each target under the conversion [t - 1])."""
+    return distillation_kl(reference, converted), cross_entropy(converted[:-1], targets)
+
+
 def compare(reference: jax.Array, converted: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Logits [t, vocab] of the original and a conversion, targets [t - 1] -> (mean
-    KL(original || converted) per position, mean NLL of the targets under the conversion)."""
-    return (jnp.mean(distillation_kl(reference, converted)),
-            jnp.mean(cross_entropy(converted[:-1], targets)))
+    """`per_position`'s means: (mean KL per position, mean NLL of the targets)."""
+    kl, nll = per_position(reference, converted, targets)
+    return jnp.mean(kl), jnp.mean(nll)
+
+
+def bucket_means(values: np.ndarray, bucket: int, length: int) -> list[float]:
+    """Means of `values` (a window's per-position scores, up to `length` of them) over
+    positions [0, bucket), [bucket, 2 bucket), ... of a window of `length` positions."""
+    return [float(np.mean(values[start:start + bucket])) for start in range(0, length, bucket)
+            if len(values[start:start + bucket])]
 
 
 def load_rows(path: pathlib.Path, window_tokens: int | None = None) -> dict[tuple[str, int], dict]:
@@ -389,11 +401,13 @@ MODELS_PER_PASS = 6  # conversions held in memory at once (SmolLM2 in float32: 5
 
 
 def score(loaders: dict[str, Callable[[], LoadedModel]], names: list[str], windows: np.ndarray,
-          rows_path: pathlib.Path) -> dict:
+          rows_path: pathlib.Path, bucket: int | None = None) -> dict:
     """Per window: KL(original || each model) and each model's loss, appended to rows_path
     as computed and read back from it on a re-run. loaders: name -> a function loading that
     model ("original" among them); the models are loaded MODELS_PER_PASS at a time, each pass
-    over every window with the original's distributions computed again."""
+    over every window with the original's distributions computed again. With `bucket`, each
+    row also holds both by position: kl_by_bucket, nll_by_bucket (`bucket_means`; the NLL of
+    the token after each position, so the last bucket has one position fewer)."""
     rows = load_rows(rows_path, windows.shape[1])
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     missing = lambda name: [w for w in range(len(windows)) if (name, w) not in rows]  # noqa: E731
@@ -409,9 +423,13 @@ def score(loaders: dict[str, Callable[[], LoadedModel]], names: list[str], windo
             reference = reference_fn(window[None])
             for name in todo:
                 converted = reference if name == "original" else functions[name](window[None])
-                kl, nll = compare(reference, converted, jnp.asarray(window[1:]))
+                kl, nll = (np.asarray(x, np.float64) for x in per_position(reference, converted,
+                                                                           jnp.asarray(window[1:])))
                 rows[(name, w)] = row = dict(name=name, window=w, window_tokens=window.shape[0],
-                                             kl=float(kl), nll=float(nll))
+                                             kl=float(kl.mean()), nll=float(nll.mean()))
+                if bucket:
+                    row.update(bucket=bucket, kl_by_bucket=bucket_means(kl, bucket, len(window)),
+                               nll_by_bucket=bucket_means(nll, bucket, len(window)))
                 with rows_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             print(f"window {w + 1}/{len(windows)}: " + ", ".join(

@@ -143,3 +143,40 @@ def test_a_source_that_is_not_a_workdir_is_a_one_line_error(tmp_path, stage):
         retrofit.main([*stage, "--workdir", str(tmp_path / "work"), "--source", str(tmp_path)])
     assert str(refused.value) == (f"error: --source: {str(tmp_path.resolve())!r} is not a workdir "
                                   "(no config.json) or a checkpoint in one")
+
+
+@pytest.mark.slow
+def test_kl_by_position_is_zero_where_the_window_sees_everything(tmp_path):
+    """benchmarks/retrofit_positions.py: a window of 148 + 4 sinks sees all the original sees
+    at positions below 152, so its KL there is zero, and beyond it is not; the buckets
+    average to the zero-shot table's KL; the second model's column is its paired difference
+    from the first; and a bucket that does not divide the windows is refused in one line."""
+    from benchmarks import retrofit_positions
+    source = tiny_workdir(tmp_path / "source", "model.max_seq_len=256", tokenizer="byte")
+    work, out = tmp_path / "work", tmp_path / "out"
+    window, merged = "window 152 + 4 sinks + 1 in 10 global", "GQA-1 aligned"
+    common = ["--workdir", str(work), "--source", str(source), "--windows", "3", "--seq_len", "256",
+              "--out", str(out)]
+    retrofit.main([*common, "--only", f"{window},{merged}"])
+    retrofit_positions.main([*common, "--models", window, merged, "--bucket", "32"])
+    table = list(csv.DictReader((out / "positions.csv").open()))
+    kl = {(r["model"], int(r["first_position"])): float(r["kl"]) for r in table}
+    assert sorted(p for m, p in kl if m == window) == list(range(0, 256, 32))
+    assert all(kl[(window, p)] < 1e-6 for p in range(0, 128, 32))  # positions 0-127 < 152
+    assert all(kl[(window, p)] > 1e-4 for p in (160, 192, 224))    # every position past the window
+    zero_shot = {r["conversion"]: float(r["kl"]) for r in csv.DictReader((out / "zero_shot.csv").open())}
+    for model in (window, merged):
+        assert np.mean([kl[(model, p)] for p in range(0, 256, 32)]) == pytest.approx(zero_shot[model], rel=1e-5)
+    windows = [json.loads(line) for line in (out / "positions_windows.jsonl").read_text().splitlines()]
+    for row in (r for r in table if r["model"] == merged):
+        b = int(row["first_position"]) // 32
+        by_window = {w["window"]: w["kl_by_bucket"][b] for w in windows if w["name"] == merged}
+        first = {w["window"]: w["kl_by_bucket"][b] for w in windows if w["name"] == window}
+        assert float(row["kl_diff"]) == pytest.approx(np.mean([by_window[w] - first[w] for w in range(3)]))
+    assert (out / "positions.png").is_file()
+    with pytest.raises(SystemExit) as refused:
+        retrofit_positions.main([*common, "--models", window, "--bucket", "48"])
+    assert str(refused.value) == "error: --bucket=48: a positive divisor of --seq_len=256"
+    with pytest.raises(SystemExit) as refused:
+        retrofit_positions.main([*common, "--models", "window 341 + 4 sinks"])
+    assert "no such model in" in str(refused.value)

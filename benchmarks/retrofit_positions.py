@@ -1,0 +1,143 @@
+"""Where along the context a retrofitted cache loses: KL(original || model) by position.
+
+  python benchmarks/retrofit_positions.py --workdir=runs/retrofit_w2048 \\
+      --models "window 341 + 4 sinks" "window 341 + 4 sinks, distilled" \\
+      --out benchmarks/results/retrofit_w2048
+
+scores each model on the held-out windows `benchmarks/retrofit.py` scores (--windows of
+--seq_len tokens from the start of --text's held-out tail) against the original (WORKDIR's
+source, or --source) and averages KL(original || model) and the model's loss over buckets
+of --bucket consecutive positions. A model is named as in retrofit.py's tables: a zero-shot
+conversion in WORKDIR by its name ("window 341 + 4 sinks"), a distilled run by its row name
+("window 341 + 4 sinks, distilled, seed 1"). Per window and bucket into
+positions_windows.jsonl (resumable: a re-run scores only what is missing), then
+positions.{csv,json,md}: per model and bucket the mean over windows with its 95% t-interval,
+and each model's difference from the first, paired by window (its interval and p-value);
+and positions.png, KL against position.
+
+A window of W positions with S attention sinks sees everything the original sees at the
+first W + S positions, so a window conversion's KL is zero there: what it loses lies past
+them, and the plot shows how it grows with distance and how much of it distillation takes
+back at each distance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import retrofit  # noqa: E402
+from mqa import statistics  # noqa: E402
+from mqa.loading import load_model  # noqa: E402
+
+OUT = retrofit.OUT
+
+
+def model_path(workdir: pathlib.Path, name: str) -> pathlib.Path:
+    """A model's workdir from its name in retrofit.py's tables (one line's exit if none)."""
+    if ", distilled" in name:
+        base, seed, steps, dtype = retrofit.parse_distilled_label(name)
+        if dtype:
+            sys.exit(f"error: --models {name!r}: score the run without its quantized cache")
+        path = retrofit.distilled_dir(workdir, base, seed, steps)
+    else:
+        path = workdir / name.replace(" ", "_")
+    if not (path / "config.json").is_file():
+        sys.exit(f"error: --models {name!r}: no such model in {workdir} ({path} holds none); "
+                 f"run benchmarks/retrofit.py for it first")
+    return path
+
+
+def by_bucket(rows: dict, names: list[str], windows: int) -> list[dict]:
+    """Per model and bucket: mean KL and loss over the windows with 95% t-intervals, and the
+    window-paired KL difference from names[0]."""
+    table = []
+    for name in names:
+        scored = [w for w in range(windows) if (name, w) in rows]
+        kl = np.array([rows[(name, w)]["kl_by_bucket"] for w in scored])  # [windows, buckets]
+        nll = np.array([rows[(name, w)]["nll_by_bucket"] for w in scored])
+        bucket = rows[(name, scored[0])]["bucket"]
+        for b in range(kl.shape[1]):
+            row = dict(model=name, first_position=b * bucket, last_position=(b + 1) * bucket - 1,
+                       windows=len(scored), kl=float(kl[:, b].mean()),
+                       kl_ci95=statistics.interval_half_width(kl[:, b]) or 0.0,
+                       loss=float(nll[:, b].mean()), loss_ci95=statistics.interval_half_width(nll[:, b]) or 0.0)
+            if name != names[0]:
+                ours = {w: rows[(name, w)]["kl_by_bucket"][b] for w in scored}
+                first = {w: rows[(names[0], w)]["kl_by_bucket"][b] for w in range(windows) if (names[0], w) in rows}
+                difference = statistics.paired_difference(ours, first)
+                row.update(kl_diff=difference["mean"], kl_diff_ci95=difference["ci95"], kl_diff_p=difference["p"])
+            table.append(row)
+    return table
+
+
+def plot(table: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in dict.fromkeys(r["model"] for r in table):
+        rows = [r for r in table if r["model"] == name]
+        middle = [(r["first_position"] + r["last_position"] + 1) / 2 for r in rows]
+        ax.errorbar(middle, [r["kl"] for r in rows], yerr=[r["kl_ci95"] for r in rows],
+                    marker="o", capsize=3, label=name)
+    ax.set_xlabel("position in the window (bucket middle)")
+    ax.set_ylabel("KL(original || model), nats/token")
+    ax.set_title("Where the retrofitted cache loses (mean over held-out windows, 95% interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/retrofit")
+    parser.add_argument("--source", help="the original's workdir (default: WORKDIR's SmolLM2)")
+    parser.add_argument("--models", nargs="+", required=True,
+                        help="models as retrofit.py's tables name them; differences are from the first")
+    parser.add_argument("--text", default=str(retrofit.TEXT))
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--bucket", type=int, default=256, help="positions averaged together")
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args(argv)
+    if args.bucket < 1 or args.seq_len % args.bucket:
+        sys.exit(f"error: --bucket={args.bucket}: a positive divisor of --seq_len={args.seq_len}")
+    workdir = pathlib.Path(args.workdir)
+    paths = {name: model_path(workdir, name) for name in args.models}
+    source = retrofit.source_workdir(workdir, args.source)
+    original = load_model(source)
+    loaders = {"original": lambda: original}
+    loaders.update({name: functools.partial(load_model, path) for name, path in paths.items()})
+    windows = retrofit.heldout_windows(original, pathlib.Path(args.text), args.windows, args.seq_len)
+    out = pathlib.Path(args.out)
+    rows_path = out / "positions_windows.jsonl"
+    other = {row.get("bucket") for row in retrofit.load_rows(rows_path, args.seq_len).values()} - {args.bucket}
+    if other:
+        sys.exit(f"error: --bucket={args.bucket}: {rows_path} holds scores by buckets of {other.pop()} "
+                 "positions; pass that --bucket, or another --out")
+    rows = retrofit.score(loaders, args.models, windows, rows_path, bucket=args.bucket)
+    table = by_bucket(rows, args.models, len(windows))
+    for row in table:  # the difference column as the table prints it
+        row["kl_diff_text"] = (f"{row['kl_diff']:+.4f} ± {row['kl_diff_ci95']:.4f} (p {row['kl_diff_p']:.2g})"
+                               if "kl_diff" in row else "")
+    retrofit.publish(out, "positions", table, {
+        "model": "{model}", "positions": "{first_position}-{last_position}",
+        "KL": "{kl:.4f} ± {kl_ci95:.4f}", "loss": "{loss:.4f} ± {loss_ci95:.4f}",
+        "KL - first": "{kl_diff_text}"},
+        intro=f"KL(original || model) and loss by position, mean over {len(windows)} held-out windows of "
+        f"{args.seq_len} tokens with a 95% t-interval; the last column: the KL difference from the first "
+        f"model, {args.models[0]!r}, paired by window (p: paired t-test, uncorrected).",
+        windows=len(windows), seq_len=args.seq_len, bucket=args.bucket, text=pathlib.Path(args.text).name,
+        source=str(source))
+    plot(table, out / "positions.png")
+
+
+if __name__ == "__main__":
+    main()
