@@ -7,13 +7,13 @@
 scores each model on the held-out windows `benchmarks/retrofit.py` scores (--windows of
 --seq_len tokens from the start of --text's held-out tail) against the original (WORKDIR's
 source, or --source) and averages KL(original || model) and the model's loss over buckets
-of --bucket consecutive positions. A model is named as in retrofit.py's tables: a zero-shot
-conversion in WORKDIR by its name ("window 341 + 4 sinks"), a distilled run by its row name
-("window 341 + 4 sinks, distilled, seed 1"). Per window and bucket into
+of --bucket consecutive positions. A model is named as in retrofit.py's tables: "original", a
+zero-shot conversion in WORKDIR by its name ("window 341 + 4 sinks"), a distilled run by its
+row name ("window 341 + 4 sinks, distilled, seed 1"). Per window and bucket into
 positions_windows.jsonl (resumable: a re-run scores only what is missing), then
 positions.{csv,json,md}: per model and bucket the mean over windows with its 95% t-interval,
-and each model's difference from the first, paired by window (its interval and p-value);
-and positions.png, KL against position.
+and each model's KL and loss differences from the first, paired by window (intervals and
+p-values); and positions.png: KL, and loss less the first model's, against position.
 
 A window of W positions with S attention sinks sees everything the original sees at the
 first W + S positions, so a window conversion's KL is zero there: what it loses lies past
@@ -38,8 +38,11 @@ from mqa.loading import load_model  # noqa: E402
 OUT = retrofit.OUT
 
 
-def model_path(workdir: pathlib.Path, name: str) -> pathlib.Path:
-    """A model's workdir from its name in retrofit.py's tables (one line's exit if none)."""
+def model_path(workdir: pathlib.Path, name: str, source: pathlib.Path) -> pathlib.Path:
+    """A model's workdir from its name in retrofit.py's tables ("original": `source`; one
+    line's exit if none)."""
+    if name == "original":
+        return source
     if ", distilled" in name:
         base, seed, steps, dtype = retrofit.parse_distilled_label(name)
         if dtype:
@@ -55,7 +58,7 @@ def model_path(workdir: pathlib.Path, name: str) -> pathlib.Path:
 
 def by_bucket(rows: dict, names: list[str], windows: int) -> list[dict]:
     """Per model and bucket: mean KL and loss over the windows with 95% t-intervals, and the
-    window-paired KL difference from names[0]."""
+    window-paired KL and loss differences from names[0]."""
     table = []
     for name in names:
         scored = [w for w in range(windows) if (name, w) in rows]
@@ -67,11 +70,14 @@ def by_bucket(rows: dict, names: list[str], windows: int) -> list[dict]:
                        windows=len(scored), kl=float(kl[:, b].mean()),
                        kl_ci95=statistics.interval_half_width(kl[:, b]) or 0.0,
                        loss=float(nll[:, b].mean()), loss_ci95=statistics.interval_half_width(nll[:, b]) or 0.0)
-            if name != names[0]:
-                ours = {w: rows[(name, w)]["kl_by_bucket"][b] for w in scored}
-                first = {w: rows[(names[0], w)]["kl_by_bucket"][b] for w in range(windows) if (names[0], w) in rows}
+            for metric in ("kl", "nll") if name != names[0] else ():
+                ours = {w: rows[(name, w)][f"{metric}_by_bucket"][b] for w in scored}
+                first = {w: rows[(names[0], w)][f"{metric}_by_bucket"][b] for w in range(windows)
+                         if (names[0], w) in rows}
                 difference = statistics.paired_difference(ours, first)
-                row.update(kl_diff=difference["mean"], kl_diff_ci95=difference["ci95"], kl_diff_p=difference["p"])
+                label = "kl" if metric == "kl" else "loss"
+                row.update({f"{label}_diff": difference["mean"], f"{label}_diff_ci95": difference["ci95"],
+                            f"{label}_diff_p": difference["p"]})
             table.append(row)
     return table
 
@@ -80,17 +86,24 @@ def plot(table: list[dict], path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name in dict.fromkeys(r["model"] for r in table):
+    fig, (kl_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 5))
+    names = list(dict.fromkeys(r["model"] for r in table))
+    for i, name in enumerate(names):
         rows = [r for r in table if r["model"] == name]
         middle = [(r["first_position"] + r["last_position"] + 1) / 2 for r in rows]
-        ax.errorbar(middle, [r["kl"] for r in rows], yerr=[r["kl_ci95"] for r in rows],
-                    marker="o", capsize=3, label=name)
-    ax.set_xlabel("position in the window (bucket middle)")
-    ax.set_ylabel("KL(original || model), nats/token")
-    ax.set_title("Where the retrofitted cache loses (mean over held-out windows, 95% interval)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        kl_ax.errorbar(middle, [r["kl"] for r in rows], yerr=[r["kl_ci95"] for r in rows],
+                       marker="o", capsize=3, label=name, color=f"C{i}")
+        if i:
+            loss_ax.errorbar(middle, [r["loss_diff"] for r in rows], yerr=[r["loss_diff_ci95"] for r in rows],
+                             marker="o", capsize=3, label=name, color=f"C{i}")
+    loss_ax.axhline(0, color="C0", lw=1)
+    kl_ax.set_ylabel("KL(original || model), nats/token")
+    loss_ax.set_ylabel(f"loss - {names[0]}'s, nats/token (paired by window)")
+    for ax in (kl_ax, loss_ax):
+        ax.set_xlabel("position in the window (bucket middle)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("By position: mean over held-out windows, 95% intervals")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -110,11 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.bucket < 1 or args.seq_len % args.bucket:
         sys.exit(f"error: --bucket={args.bucket}: a positive divisor of --seq_len={args.seq_len}")
     workdir = pathlib.Path(args.workdir)
-    paths = {name: model_path(workdir, name) for name in args.models}
     source = retrofit.source_workdir(workdir, args.source)
+    paths = {name: model_path(workdir, name, source) for name in args.models}
     original = load_model(source)
     loaders = {"original": lambda: original}
-    loaders.update({name: functools.partial(load_model, path) for name, path in paths.items()})
+    loaders.update({name: functools.partial(load_model, path) for name, path in paths.items() if name != "original"})
     windows = retrofit.heldout_windows(original, pathlib.Path(args.text), args.windows, args.seq_len)
     out = pathlib.Path(args.out)
     rows_path = out / "positions_windows.jsonl"
@@ -124,15 +137,16 @@ def main(argv: list[str] | None = None) -> None:
                  "positions; pass that --bucket, or another --out")
     rows = retrofit.score(loaders, args.models, windows, rows_path, bucket=args.bucket)
     table = by_bucket(rows, args.models, len(windows))
-    for row in table:  # the difference column as the table prints it
-        row["kl_diff_text"] = (f"{row['kl_diff']:+.4f} ± {row['kl_diff_ci95']:.4f} (p {row['kl_diff_p']:.2g})"
-                               if "kl_diff" in row else "")
+    for row in table:  # the difference columns as the table prints them
+        for label in ("kl", "loss"):
+            row[f"{label}_diff_text"] = (f"{row[f'{label}_diff']:+.4f} ± {row[f'{label}_diff_ci95']:.4f} "
+                                         f"(p {row[f'{label}_diff_p']:.2g})" if f"{label}_diff" in row else "")
     retrofit.publish(out, "positions", table, {
         "model": "{model}", "positions": "{first_position}-{last_position}",
         "KL": "{kl:.4f} ± {kl_ci95:.4f}", "loss": "{loss:.4f} ± {loss_ci95:.4f}",
-        "KL - first": "{kl_diff_text}"},
+        "KL - first": "{kl_diff_text}", "loss - first": "{loss_diff_text}"},
         intro=f"KL(original || model) and loss by position, mean over {len(windows)} held-out windows of "
-        f"{args.seq_len} tokens with a 95% t-interval; the last column: the KL difference from the first "
+        f"{args.seq_len} tokens with a 95% t-interval; the last two columns: the differences from the first "
         f"model, {args.models[0]!r}, paired by window (p: paired t-test, uncorrected).",
         windows=len(windows), seq_len=args.seq_len, bucket=args.bucket, text=pathlib.Path(args.text).name,
         source=str(source))

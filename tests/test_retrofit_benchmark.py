@@ -173,7 +173,16 @@ def test_kl_by_position_is_zero_where_the_window_sees_everything(tmp_path):
         by_window = {w["window"]: w["kl_by_bucket"][b] for w in windows if w["name"] == merged}
         first = {w["window"]: w["kl_by_bucket"][b] for w in windows if w["name"] == window}
         assert float(row["kl_diff"]) == pytest.approx(np.mean([by_window[w] - first[w] for w in range(3)]))
+        loss = {w["window"]: w["nll_by_bucket"][b] - o["nll_by_bucket"][b] for w in windows for o in windows
+                if w["name"] == merged and o["name"] == window and o["window"] == w["window"]}
+        assert float(row["loss_diff"]) == pytest.approx(np.mean(list(loss.values())))
     assert (out / "positions.png").is_file()
+    # the original by name: KL zero, its loss the window's where the window sees everything
+    retrofit_positions.main([*common, "--models", "original", window, "--bucket", "32"])
+    table = list(csv.DictReader((out / "positions.csv").open()))
+    assert all(float(r["kl"]) == 0 for r in table if r["model"] == "original")
+    assert all(abs(float(r["loss_diff"])) < 1e-5 for r in table
+               if r["model"] == window and int(r["last_position"]) < 152)
     with pytest.raises(SystemExit) as refused:
         retrofit_positions.main([*common, "--models", window, "--bucket", "48"])
     assert str(refused.value) == "error: --bucket=48: a positive divisor of --seq_len=256"
