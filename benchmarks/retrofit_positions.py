@@ -11,9 +11,10 @@ of --bucket consecutive positions. A model is named as in retrofit.py's tables: 
 zero-shot conversion in WORKDIR by its name ("window 341 + 4 sinks"), a distilled run by its
 row name ("window 341 + 4 sinks, distilled, seed 1"). Per window and bucket into
 positions_windows.jsonl (resumable: a re-run scores only what is missing), then
-positions.{csv,json,md}: per model and bucket the mean over windows with its 95% t-interval,
-and each model's KL and loss differences from the first, paired by window (intervals and
-p-values); and positions.png: KL, and loss less the first model's, against position.
+positions.{csv,json,md} (or --table's name): per model and bucket, and over all positions,
+the mean over windows with its 95% t-interval, and each model's KL and loss differences
+from the first, paired by window (intervals and p-values); and positions.png: KL, and
+loss less the first model's, against position.
 
 A window of W positions with S attention sinks sees everything the original sees at the
 first W + S positions, so a window conversion's KL is zero there: what it loses lies past
@@ -57,23 +58,29 @@ def model_path(workdir: pathlib.Path, name: str, source: pathlib.Path) -> pathli
 
 
 def by_bucket(rows: dict, names: list[str], windows: int) -> list[dict]:
-    """Per model and bucket: mean KL and loss over the windows with 95% t-intervals, and the
-    window-paired KL and loss differences from names[0]."""
+    """Per model, a row per bucket and one over all positions (`span` "all"): mean KL and
+    loss over the windows with 95% t-intervals, and the window-paired KL and loss
+    differences from names[0]."""
+    def scores(name: str, w: int, metric: str) -> list[float]:  # the buckets', then the window's
+        return [*rows[(name, w)][f"{metric}_by_bucket"], rows[(name, w)][metric]]
+
     table = []
     for name in names:
         scored = [w for w in range(windows) if (name, w) in rows]
-        kl = np.array([rows[(name, w)]["kl_by_bucket"] for w in scored])  # [windows, buckets]
-        nll = np.array([rows[(name, w)]["nll_by_bucket"] for w in scored])
+        kl = np.array([scores(name, w, "kl") for w in scored])  # [windows, buckets + 1]
+        nll = np.array([scores(name, w, "nll") for w in scored])
         bucket = rows[(name, scored[0])]["bucket"]
-        for b in range(kl.shape[1]):
-            row = dict(model=name, first_position=b * bucket, last_position=(b + 1) * bucket - 1,
+        buckets = kl.shape[1] - 1
+        for b in range(buckets + 1):
+            span = "bucket" if b < buckets else "all"
+            row = dict(model=name, span=span, first_position=b * bucket if b < buckets else 0,
+                       last_position=(b + 1) * bucket - 1 if b < buckets else buckets * bucket - 1,
                        windows=len(scored), kl=float(kl[:, b].mean()),
                        kl_ci95=statistics.interval_half_width(kl[:, b]) or 0.0,
                        loss=float(nll[:, b].mean()), loss_ci95=statistics.interval_half_width(nll[:, b]) or 0.0)
             for metric in ("kl", "nll") if name != names[0] else ():
-                ours = {w: rows[(name, w)][f"{metric}_by_bucket"][b] for w in scored}
-                first = {w: rows[(names[0], w)][f"{metric}_by_bucket"][b] for w in range(windows)
-                         if (names[0], w) in rows}
+                ours = {w: scores(name, w, metric)[b] for w in scored}
+                first = {w: scores(names[0], w, metric)[b] for w in range(windows) if (names[0], w) in rows}
                 difference = statistics.paired_difference(ours, first)
                 label = "kl" if metric == "kl" else "loss"
                 row.update({f"{label}_diff": difference["mean"], f"{label}_diff_ci95": difference["ci95"],
@@ -89,7 +96,7 @@ def plot(table: list[dict], path: pathlib.Path) -> None:
     fig, (kl_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 5))
     names = list(dict.fromkeys(r["model"] for r in table))
     for i, name in enumerate(names):
-        rows = [r for r in table if r["model"] == name]
+        rows = [r for r in table if r["model"] == name and r["span"] == "bucket"]
         middle = [(r["first_position"] + r["last_position"] + 1) / 2 for r in rows]
         kl_ax.errorbar(middle, [r["kl"] for r in rows], yerr=[r["kl_ci95"] for r in rows],
                        marker="o", capsize=3, label=name, color=f"C{i}")
@@ -119,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--bucket", type=int, default=256, help="positions averaged together")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--table", default="positions",
+                        help="the results' name: TABLE.{csv,json,md,png} (the scores file is shared)")
     args = parser.parse_args(argv)
     if args.bucket < 1 or args.seq_len % args.bucket:
         sys.exit(f"error: --bucket={args.bucket}: a positive divisor of --seq_len={args.seq_len}")
@@ -137,12 +146,13 @@ def main(argv: list[str] | None = None) -> None:
                  "positions; pass that --bucket, or another --out")
     rows = retrofit.score(loaders, args.models, windows, rows_path, bucket=args.bucket)
     table = by_bucket(rows, args.models, len(windows))
-    for row in table:  # the difference columns as the table prints them
+    for row in table:  # the columns as the table prints them
+        row["positions"] = "all" if row["span"] == "all" else f"{row['first_position']}-{row['last_position']}"
         for label in ("kl", "loss"):
             row[f"{label}_diff_text"] = (f"{row[f'{label}_diff']:+.4f} ± {row[f'{label}_diff_ci95']:.4f} "
                                          f"(p {row[f'{label}_diff_p']:.2g})" if f"{label}_diff" in row else "")
-    retrofit.publish(out, "positions", table, {
-        "model": "{model}", "positions": "{first_position}-{last_position}",
+    retrofit.publish(out, args.table, table, {
+        "model": "{model}", "positions": "{positions}",
         "KL": "{kl:.4f} ± {kl_ci95:.4f}", "loss": "{loss:.4f} ± {loss_ci95:.4f}",
         "KL - first": "{kl_diff_text}", "loss - first": "{loss_diff_text}"},
         intro=f"KL(original || model) and loss by position, mean over {len(windows)} held-out windows of "
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         f"model, {args.models[0]!r}, paired by window (p: paired t-test, uncorrected).",
         windows=len(windows), seq_len=args.seq_len, bucket=args.bucket, text=pathlib.Path(args.text).name,
         source=str(source))
-    plot(table, out / "positions.png")
+    plot(table, out / f"{args.table}.png")
 
 
 if __name__ == "__main__":

@@ -160,6 +160,8 @@ def test_kl_by_position_is_zero_where_the_window_sees_everything(tmp_path):
     retrofit.main([*common, "--only", f"{window},{merged}"])
     retrofit_positions.main([*common, "--models", window, merged, "--bucket", "32"])
     table = list(csv.DictReader((out / "positions.csv").open()))
+    overall = {r["model"]: r for r in table if r["span"] == "all"}
+    table = [r for r in table if r["span"] == "bucket"]
     kl = {(r["model"], int(r["first_position"])): float(r["kl"]) for r in table}
     assert sorted(p for m, p in kl if m == window) == list(range(0, 256, 32))
     assert all(kl[(window, p)] < 1e-6 for p in range(0, 128, 32))  # positions 0-127 < 152
@@ -167,6 +169,8 @@ def test_kl_by_position_is_zero_where_the_window_sees_everything(tmp_path):
     zero_shot = {r["conversion"]: float(r["kl"]) for r in csv.DictReader((out / "zero_shot.csv").open())}
     for model in (window, merged):
         assert np.mean([kl[(model, p)] for p in range(0, 256, 32)]) == pytest.approx(zero_shot[model], rel=1e-5)
+        assert float(overall[model]["kl"]) == pytest.approx(zero_shot[model], rel=1e-5)
+    assert float(overall[merged]["kl_diff"]) == pytest.approx(zero_shot[merged] - zero_shot[window], rel=1e-5)
     windows = [json.loads(line) for line in (out / "positions_windows.jsonl").read_text().splitlines()]
     for row in (r for r in table if r["model"] == merged):
         b = int(row["first_position"]) // 32
@@ -178,8 +182,9 @@ def test_kl_by_position_is_zero_where_the_window_sees_everything(tmp_path):
         assert float(row["loss_diff"]) == pytest.approx(np.mean(list(loss.values())))
     assert (out / "positions.png").is_file()
     # the original by name: KL zero, its loss the window's where the window sees everything
-    retrofit_positions.main([*common, "--models", "original", window, "--bucket", "32"])
-    table = list(csv.DictReader((out / "positions.csv").open()))
+    retrofit_positions.main([*common, "--models", "original", window, "--bucket", "32", "--table", "by_original"])
+    table = list(csv.DictReader((out / "by_original.csv").open()))
+    assert (out / "by_original.png").is_file() and (out / "positions.csv").is_file()
     assert all(float(r["kl"]) == 0 for r in table if r["model"] == "original")
     assert all(abs(float(r["loss_diff"])) < 1e-5 for r in table
                if r["model"] == window and int(r["last_position"]) < 152)
