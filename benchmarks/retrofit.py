@@ -31,9 +31,9 @@ into distilled_windows.jsonl and benchmarks/results/retrofit/distilled.{csv,json
 the recovered fraction 1 - KL_after / KL_zero-shot. The control arm, the unconverted model
 given the same training, is the original itself: distilling a model towards itself has no
 gradient (KL's gradient vanishes where the distributions agree; tested). Recovery is
-counted in KL to the original, which adapting to the text's domain cannot lower; the loss
-can gain from it even with the KL alone (the teacher's predictions carry what it read in
-context: benchmarks/retrofit_positions.py, docs/retrofit.md). --seed S
+counted in KL to the original, a measure of fidelity; the loss can also gain from adapting
+to the text's domain, even with the KL alone (the teacher's predictions carry what it read
+in context: benchmarks/retrofit_positions.py, docs/retrofit.md). --seed S
 trains a rerun on another order of the training windows, and --steps other than 50 a
 longer or shorter one, each into a run of its own (WORKDIR/distilled/<name>_<N>steps_seedS,
 rows "<name>, distilled, N steps, seed S", each part only where it differs from 50 steps
