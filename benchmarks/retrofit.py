@@ -232,12 +232,6 @@ def per_position(reference: jax.Array, converted: jax.Array, targets: jax.Array)
     return distillation_kl(reference, converted), cross_entropy(converted[:-1], targets)
 
 
-def compare(reference: jax.Array, converted: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`per_position`'s means: (mean KL per position, mean NLL of the targets)."""
-    kl, nll = per_position(reference, converted, targets)
-    return jnp.mean(kl), jnp.mean(nll)
-
-
 def bucket_means(values: np.ndarray, bucket: int, length: int) -> list[float]:
     """Means of `values` (a window's per-position scores, up to `length` of them) over
     positions [0, bucket), [bucket, 2 bucket), ... of a window of `length` positions."""

@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.bucket < 1 or args.seq_len % args.bucket:
         sys.exit(f"error: --bucket={args.bucket}: a positive divisor of --seq_len={args.seq_len}")
+    out = pathlib.Path(args.out)
+    rows_path = out / "positions_windows.jsonl"
+    other = {row.get("bucket") for row in retrofit.load_rows(rows_path, args.seq_len).values()} - {args.bucket}
+    if other:
+        sys.exit(f"error: --bucket={args.bucket}: {rows_path} holds scores by buckets of {other.pop()} "
+                 "positions; pass that --bucket, or another --out")
     workdir = pathlib.Path(args.workdir)
     source = retrofit.source_workdir(workdir, args.source)
     paths = {name: model_path(workdir, name, source) for name in args.models}
@@ -138,12 +144,6 @@ def main(argv: list[str] | None = None) -> None:
     loaders = {"original": lambda: original}
     loaders.update({name: functools.partial(load_model, path) for name, path in paths.items() if name != "original"})
     windows = retrofit.heldout_windows(original, pathlib.Path(args.text), args.windows, args.seq_len)
-    out = pathlib.Path(args.out)
-    rows_path = out / "positions_windows.jsonl"
-    other = {row.get("bucket") for row in retrofit.load_rows(rows_path, args.seq_len).values()} - {args.bucket}
-    if other:
-        sys.exit(f"error: --bucket={args.bucket}: {rows_path} holds scores by buckets of {other.pop()} "
-                 "positions; pass that --bucket, or another --out")
     rows = retrofit.score(loaders, args.models, windows, rows_path, bucket=args.bucket)
     table = by_bucket(rows, args.models, len(windows))
     for row in table:  # the columns as the table prints them

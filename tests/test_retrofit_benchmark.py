@@ -25,10 +25,10 @@ def test_kl_and_loss_match_float64():
     targets = rng.integers(0, 11, size=5)
     log = lambda x: x - np.log(np.exp(x).sum(-1, keepdims=True))  # noqa: E731
     p, q = log(reference), log(converted)
-    kl, nll = retrofit.compare(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32),
-                               jnp.asarray(targets))
-    assert float(kl) == pytest.approx(np.mean((np.exp(p) * (p - q)).sum(-1)), rel=1e-5)
-    assert float(nll) == pytest.approx(-np.mean(q[np.arange(5), targets]), rel=1e-5)
+    kl, nll = retrofit.per_position(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32),
+                                    jnp.asarray(targets))
+    np.testing.assert_allclose(kl, (np.exp(p) * (p - q)).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(nll, -q[np.arange(5), targets], rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -191,6 +191,9 @@ def test_kl_by_position_is_zero_where_the_window_sees_everything(tmp_path):
     with pytest.raises(SystemExit) as refused:
         retrofit_positions.main([*common, "--models", window, "--bucket", "48"])
     assert str(refused.value) == "error: --bucket=48: a positive divisor of --seq_len=256"
+    with pytest.raises(SystemExit) as refused:  # the scores file holds buckets of 32
+        retrofit_positions.main([*common, "--models", window, "--bucket", "64"])
+    assert str(refused.value).startswith("error: --bucket=64: ") and "buckets of 32 positions" in str(refused.value)
     with pytest.raises(SystemExit) as refused:
-        retrofit_positions.main([*common, "--models", "window 341 + 4 sinks"])
+        retrofit_positions.main([*common, "--models", "window 341 + 4 sinks", "--bucket", "32"])
     assert "no such model in" in str(refused.value)
